@@ -1,0 +1,113 @@
+"""Shared plumbing: cache directory, logging, device autodetect, distributed init/teardown, atomic writes."""
+import logging
+import os
+import sys
+import tempfile
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("nanochat")
+
+
+def setup_logging(level=logging.INFO):
+    if not logger.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        logger.addHandler(h)
+    logger.setLevel(level)
+    return logger
+
+
+def get_base_dir():
+    """The one cache directory every stage reads from and writes to ($NANOCHAT_BASE_DIR)."""
+    base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")
+    os.makedirs(base, exist_ok=True)
+    return base
+
+
+def autodetect_device_type():
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def get_dist_info():
+    """(is_ddp, rank, local_rank, world_size) from torchrun's environment. Never assumes local == global rank."""
+    if all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")):
+        return True, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    return False, 0, 0, 1
+
+
+def is_ddp():
+    return dist.is_available() and dist.is_initialized()
+
+
+def print0(*args, **kwargs):
+    """print on global rank 0 only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def compute_init(device_type=None, seed=42):
+    """Pick the device, seed RNGs, init torch.distributed when launched by torchrun.
+    Returns (ddp, rank, local_rank, world_size, device)."""
+    device_type = device_type or autodetect_device_type()
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device-type cuda requested but CUDA is not available; use --device-type cpu")
+    torch.manual_seed(seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    ddp, rank, local_rank, world_size = get_dist_info()
+    if ddp:
+        if device_type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            device = torch.device(device_type)
+            dist.init_process_group(backend="gloo")
+        dist.barrier()
+    else:
+        device = torch.device(device_type)
+    return ddp, rank, local_rank, world_size, device
+
+
+def compute_cleanup():
+    if is_ddp():
+        dist.destroy_process_group()
+
+
+@contextmanager
+def atomic_write(path, mode="wb"):
+    """Write to a temp file in the same directory, fsync, then rename: a kill never leaves a half file."""
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_torch_save(obj, path):
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def format_eta(seconds):
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
