@@ -1,0 +1,474 @@
+"""
+Run untrusted Python written by the model (tool calls, HumanEval solutions + tests).
+
+Two entry points:
+
+- `execute_code(code)` runs arbitrary code in a fresh `python -I -S -B` child
+  process (this very file, run as a script) with:
+    * a wall-clock timeout; on expiry the child's whole process group is killed;
+    * rlimits: address space (RLIMIT_AS; a MemoryError is reported as
+      `memory_exceeded`), CPU seconds (backstop), file size, no core dumps,
+      and no new processes (RLIMIT_NPROC, which the kernel ignores for root);
+    * in-process guards installed before the code runs: process creation
+      (fork, exec*, spawn*, posix_spawn, system, popen, subprocess, pty,
+      multiprocessing), signalling other processes, raising rlimits, sockets
+      and ctypes all raise PermissionError/ImportError;
+    * a fresh temp dir as cwd, HOME and TMPDIR, deleted afterwards; opening a
+      file for writing, creating, deleting, renaming, linking or changing the
+      metadata of anything outside it raises PermissionError. Reads are allowed.
+  Only the standard library is importable (-S skips site-packages). stdout and
+  stderr are captured and truncated to `MAX_OUTPUT_BYTES` each.
+
+  This is a best-effort guard against accidents and a sloppy or reward-hacking
+  model, NOT a security boundary like a container, VM or seccomp filter. The
+  guards are Python-level wrappers, so they do not stop code that digs the
+  original functions or types back out of the interpreter (closures, gc,
+  `type(open(f).raw)`), code that forges its own result on the status pipe,
+  C code making syscalls itself (sqlite3 writing its files), or use of what is
+  left open: reading any file, filling the temp dir up to the size limit,
+  hogging a core until the timeout. Run truly hostile code in a container.
+
+- `use_calculator(expr)` is the fast path for the chat engine's calculator:
+  a tiny `ast`-based evaluator, no subprocess (see its docstring for exactly
+  what it accepts).
+"""
+
+import ast
+import math
+import os
+import re
+import sys
+import errno
+import signal
+import tempfile
+import threading
+import subprocess
+from dataclasses import dataclass
+
+MAX_OUTPUT_BYTES = 64 * 1024      # per stream; the rest is read and dropped
+MAX_FILE_BYTES = 64 * 2**20       # largest file the code may write in its temp dir
+_TRUNCATED = "\n...[output truncated]"
+
+
+@dataclass
+class ExecutionResult:
+    success: bool
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+    timed_out: bool = False
+    memory_exceeded: bool = False
+
+    def __repr__(self):
+        def short(s, n=200):
+            return s if s is None or len(s) <= n else s[:n] + "..."
+        parts = [f"success={self.success}"]
+        if self.timed_out:
+            parts.append("timed_out=True")
+        if self.memory_exceeded:
+            parts.append("memory_exceeded=True")
+        if self.error is not None:
+            parts.append(f"error={short(self.error)!r}")
+        parts.append(f"stdout={short(self.stdout)!r}")
+        if self.stderr:
+            parts.append(f"stderr={short(self.stderr)!r}")
+        return f"ExecutionResult({', '.join(parts)})"
+
+
+# -----------------------------------------------------------------------------
+# Parent side
+
+def _read_capped(stream, sink, limit):
+    """Read a pipe to EOF keeping at most `limit` bytes, so a print loop can't eat our memory."""
+    with stream:
+        while data := stream.read1(65536):
+            if len(sink["kept"]) < limit:
+                sink["kept"] += data[:limit - len(sink["kept"])]
+            sink["total"] += len(data)
+
+
+def _decode(sink):
+    text = sink["kept"].decode("utf-8", errors="replace")
+    return text + _TRUNCATED if sink["total"] > len(sink["kept"]) else text
+
+
+def _kill_group(pgid):
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 2**20) -> ExecutionResult:
+    """Run `code` in a sandboxed child process; never raises for anything the code does."""
+    sandbox = tempfile.mkdtemp(prefix="nanochat-exec-")
+    status_r, status_w = os.pipe()  # the child reports how the code ended here, apart from its stdout/stderr
+    env = {"PATH": "/usr/bin:/bin", "HOME": sandbox, "TMPDIR": sandbox, "LANG": "C.UTF-8"}
+    cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__),
+           "--child", str(status_w), str(timeout), str(int(max_memory_bytes))]
+    proc = None
+    try:
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=sandbox, env=env, pass_fds=(status_w,),
+            start_new_session=True,  # own process group, so a timeout kills everything it started
+        )
+        os.close(status_w)
+        status_w = None
+        out, err = {"kept": b"", "total": 0}, {"kept": b"", "total": 0}
+        readers = [threading.Thread(target=_read_capped, args=(stream, sink, MAX_OUTPUT_BYTES), daemon=True)
+                   for stream, sink in ((proc.stdout, out), (proc.stderr, err))]
+        for t in readers:
+            t.start()
+        try:
+            proc.stdin.write(code.encode("utf-8", errors="surrogatepass"))
+            proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass  # the child died before reading its code; its exit status tells why
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        _kill_group(proc.pid)  # on timeout, and anything left behind after a normal exit
+        proc.wait()
+        for t in readers:
+            t.join(timeout=2.0)
+        status = _read_status(status_r)
+        return _make_result(status, proc.returncode, _decode(out), _decode(err), timed_out, timeout)
+    except Exception as e:  # failing to start the child etc.: report, don't crash the caller
+        if proc is not None and proc.poll() is None:
+            _kill_group(proc.pid)
+            proc.wait()
+        return ExecutionResult(success=False, error=f"sandbox failure: {type(e).__name__}: {e}")
+    finally:
+        for fd in (status_r, status_w):
+            if fd is not None:
+                os.close(fd)
+        if proc is not None:  # (stdout/stderr are closed by their reader threads)
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        _rmtree_force(sandbox)
+
+
+def _read_status(fd):
+    """Whatever the child wrote to the status pipe (non-blocking: a stray holder of the write end can't hang us)."""
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            data += chunk
+            if len(data) > MAX_OUTPUT_BYTES:
+                break
+    except BlockingIOError:
+        pass
+    return data.decode("utf-8", errors="replace")
+
+
+def _make_result(status, returncode, stdout, stderr, timed_out, timeout):
+    if timed_out:
+        return ExecutionResult(False, stdout, stderr, f"timed out after {timeout:g} seconds", timed_out=True)
+    kind, _, message = status.partition("\n")
+    if kind == "ok":
+        return ExecutionResult(True, stdout, stderr)
+    if kind in ("error", "memory"):
+        return ExecutionResult(False, stdout, stderr, message, memory_exceeded=(kind == "memory"))
+    # No status: the child died (signal, os._exit, interpreter crash) before it could report.
+    if returncode is not None and returncode < 0:
+        if -returncode == signal.SIGXCPU:
+            return ExecutionResult(False, stdout, stderr, "CPU time limit exceeded", timed_out=True)
+        try:
+            error = f"killed by signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            error = f"killed by signal {-returncode}"
+    else:
+        error = f"exited with code {returncode} without finishing"
+    memory = "MemoryError" in stderr or "Cannot allocate memory" in stderr
+    return ExecutionResult(False, stdout, stderr, error, memory_exceeded=memory)
+
+
+def _rmtree_force(path):
+    import shutil
+    def onerror(func, p, exc_info):  # the code may have chmod-ed things inside; make them deletable and retry
+        try:
+            os.chmod(os.path.dirname(p), 0o700)
+            os.chmod(p, 0o700)
+            func(p)
+        except OSError:
+            pass
+    shutil.rmtree(path, onerror=onerror)
+
+
+# -----------------------------------------------------------------------------
+# Child side (this file run as `python -I -S -B execution.py --child ...`)
+
+def _set_limits(timeout, max_memory_bytes):
+    import resource
+    cpu = max(1, math.ceil(timeout)) + 1
+    limits = [
+        (resource.RLIMIT_AS, max_memory_bytes),   # allocations beyond this fail -> MemoryError
+        (resource.RLIMIT_CPU, cpu),               # backstop in case the parent's timer fails
+        (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),  # don't fill the disk from the temp dir
+        (resource.RLIMIT_CORE, 0),
+        (resource.RLIMIT_NPROC, 0),               # no new processes (not enforced for root)
+    ]
+    for which, value in limits:
+        try:
+            resource.setrlimit(which, (value, value))
+        except (ValueError, OSError):
+            pass
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write raises OSError instead of killing us
+
+
+def _install_guards(sandbox):
+    """Replace the dangerous parts of os/posix/_io/_socket etc. with versions that refuse."""
+    import io, _io, posix, builtins, resource, _posixsubprocess, _socket
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise PermissionError(errno.EPERM, f"{what} is disabled in the sandbox")
+        refused.__name__ = what
+        return refused
+
+    def patch(modules, name, value):
+        for mod in modules:
+            if hasattr(mod, name):
+                setattr(mod, name, value)
+
+    # No new processes and no signalling other ones. Patching the low-level functions covers
+    # subprocess (_posixsubprocess.fork_exec, os.posix_spawn), multiprocessing and pty too.
+    for name in ("fork", "forkpty", "system", "popen", "kill", "killpg",
+                 "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
+                 "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe",
+                 "posix_spawn", "posix_spawnp"):
+        patch((os, posix), name, refuse(f"os.{name}"))
+    patch((signal,), "pidfd_send_signal", refuse("signal.pidfd_send_signal"))
+    _posixsubprocess.fork_exec = subprocess._fork_exec = refuse("subprocess")  # subprocess keeps its own reference
+    subprocess.Popen._execute_child = refuse("subprocess")
+    patch((resource,), "setrlimit", refuse("resource.setrlimit"))
+    patch((resource,), "prlimit", refuse("resource.prlimit"))
+
+    # No network. socket.py (not imported yet under -I -S) subclasses _socket.socket and calls
+    # _socket.socket.__init__, which is where the OS socket is created; refuse there unless it
+    # only wraps an existing fd (socketpair, which asyncio's event loop needs, is local-only).
+    real_socket = _socket.socket
+    class NoSocket(real_socket):
+        __slots__ = ()  # socket.socket adds its own __weakref__ slot
+        def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
+            if fileno is None:
+                raise PermissionError(errno.EPERM, "network access is disabled in the sandbox")
+            real_socket.__init__(self, family, type, proto, fileno)
+    _socket.socket = _socket.SocketType = NoSocket
+    if "socket" in sys.modules:
+        sys.modules["socket"].socket = NoSocket
+    # ctypes would reach libc directly and undo all of the above.
+    sys.modules["ctypes"] = sys.modules["_ctypes"] = None
+
+    # Files: writes only inside the sandbox dir.
+    realpath, readlink, getcwd = os.path.realpath, os.readlink, os.getcwd
+
+    def resolve(path, dir_fd=None):
+        if isinstance(path, int):  # an fd: find what it refers to
+            return readlink(f"/proc/self/fd/{path}")
+        path = os.fsdecode(os.fspath(path))
+        base = readlink(f"/proc/self/fd/{dir_fd}") if dir_fd is not None else getcwd()
+        return realpath(os.path.join(base, path))
+
+    def check(path, dir_fd=None):
+        try:
+            real = resolve(path, dir_fd)
+        except (OSError, TypeError, ValueError):
+            real = None
+        if real is None or (real != sandbox and not real.startswith(sandbox + os.sep)):
+            raise PermissionError(errno.EACCES, "writing outside the sandbox dir is not allowed", str(path))
+
+    def writes(mode):
+        return isinstance(mode, str) and any(c in mode for c in "wax+")
+
+    original_open = _io.open
+    def guarded_open(file, mode="r", *args, **kwargs):
+        if not isinstance(file, int) and writes(mode):  # an existing fd grants nothing new
+            check(file)
+        return original_open(file, mode, *args, **kwargs)
+    patch((builtins, io, _io), "open", guarded_open)
+
+    class GuardedFileIO(_io.FileIO):
+        def __init__(self, file, mode="r", *args, **kwargs):
+            if not isinstance(file, int) and writes(mode):
+                check(file)
+            super().__init__(file, mode, *args, **kwargs)
+    patch((io, _io), "FileIO", GuardedFileIO)
+
+    original_os_open = posix.open
+    write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
+    def guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
+        if flags & write_flags:
+            check(path, dir_fd)
+        return original_os_open(path, flags, mode, dir_fd=dir_fd)
+    patch((os, posix), "open", guarded_os_open)
+
+    def guard_paths(name, *params):
+        """Wrap os.<name> so that each path argument, given as (position, keyword, its dir_fd keyword),
+        must lie inside the sandbox."""
+        original = getattr(posix, name, None)
+        if original is None:
+            return
+        def guarded(*args, **kwargs):
+            for pos, arg_name, fd_name in params:
+                value = args[pos] if pos < len(args) else kwargs.get(arg_name)
+                if value is not None:
+                    check(value, kwargs.get(fd_name))
+            return original(*args, **kwargs)
+        guarded.__name__ = name
+        patch((os, posix), name, guarded)
+
+    for name in ("remove", "unlink", "rmdir", "mkdir", "mkfifo", "mknod", "chmod", "chown", "lchown",
+                 "lchmod", "chflags", "lchflags", "truncate", "utime", "setxattr", "removexattr", "chroot"):
+        guard_paths(name, (0, "path", "dir_fd"))
+    for name in ("fchmod", "fchown"):
+        guard_paths(name, (0, "fd", None))
+    for name in ("rename", "replace", "link"):
+        guard_paths(name, (0, "src", "src_dir_fd"), (1, "dst", "dst_dir_fd"))
+    guard_paths("symlink", (1, "dst", "dir_fd"))  # the link must be inside; writes through it are checked on open
+
+
+def _child_main(status_fd, timeout, max_memory_bytes):
+    import builtins, linecache
+    status = os.fdopen(status_fd, "w", encoding="utf-8")
+    code = sys.stdin.buffer.read().decode("utf-8", errors="surrogatepass")
+    sys.stdin.close()
+    sys.stdin = open(os.devnull)  # input() gets EOF
+    for stream in (sys.stdout, sys.stderr):  # flush per line so a timed-out run still shows its output
+        stream.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)
+
+    sandbox = os.path.realpath(os.getcwd())
+    _set_limits(timeout, max_memory_bytes)
+    _install_guards(sandbox)
+
+    filename = "<sandbox>"
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)  # source lines in tracebacks
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        exec(compile(code, filename, "exec"), namespace)
+        outcome = "ok\n"
+    except MemoryError:
+        namespace.clear()  # free what the code allocated so we can still report
+        outcome = "memory\nMemoryError: memory limit exceeded"
+    except SystemExit as e:
+        outcome = "ok\n" if e.code in (None, 0) else f"error\nSystemExit: {e.code}"
+    except BaseException as e:
+        import traceback
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # skip our own frame
+        outcome = "error\n" + "".join(traceback.format_exception_only(type(e), e)).strip()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        pass
+    status.write(outcome)
+    status.close()
+
+
+# -----------------------------------------------------------------------------
+# Calculator fast path (no subprocess)
+
+_MAX_EXPR_CHARS = 1000
+_MAX_INT_BITS = 10_000  # ~3000 digits: big enough for any calculator use, small enough to be instant
+
+_BINOPS = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: a / b,
+    ast.FloorDiv: lambda a, b: a // b,
+    ast.Mod: lambda a, b: a % b,
+    ast.Pow: lambda a, b: a ** b,
+}
+
+
+class _Rejected(Exception):
+    pass
+
+
+def _number(value):
+    """Reject values that are too big, complex or not finite, so the next operation stays cheap."""
+    if type(value) not in (int, float):  # e.g. (-8) ** 0.5 is complex
+        raise _Rejected
+    if isinstance(value, int) and value.bit_length() > _MAX_INT_BITS:
+        raise _Rejected
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Rejected
+    return value
+
+
+def _eval_arith(node):
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):  # not bool, complex or str
+        return _number(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
+        value = _eval_arith(node.operand)
+        return _number(-value if isinstance(node.op, ast.USub) else value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINOPS:
+        left, right = _eval_arith(node.left), _eval_arith(node.right)
+        if isinstance(node.op, ast.Pow):
+            # Estimate the size first so 9**9**9 is refused instead of computed.
+            if abs(right) > _MAX_INT_BITS:
+                raise _Rejected
+            if isinstance(left, int) and isinstance(right, int) and left.bit_length() * abs(right) > _MAX_INT_BITS:
+                raise _Rejected
+        return _number(_BINOPS[type(node.op)](left, right))
+    raise _Rejected
+
+
+def _is_str(node):
+    return isinstance(node, ast.Constant) and isinstance(node.value, str)
+
+
+def _format(value):
+    # An integral float prints as an int (48/2 -> "24") to match how calculator results
+    # are written in the training data (e.g. GSM8K's <<48/2=24>>).
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def use_calculator(expr: str) -> str | None:
+    """
+    Evaluate a calculator expression safely in-process; None if it isn't one we accept.
+
+    Accepted, and nothing else:
+      1. Arithmetic: int and float literals (`3`, `2.5`, `1e3`, `1_000`; a comma used as a
+         thousands separator, as in `1,234`, is removed first), parentheses, unary `+ -`,
+         binary `+ - * / // % **`. No names, calls, attribute access, comparisons, bitwise
+         operators, strings or other literals. Every intermediate int is limited to 10,000 bits
+         (`**` is checked before computing, so `9**9**9` returns None); non-finite floats,
+         division by zero and overflow give None.
+      2. Letter counting, as used by the SpellingBee task: `'<string>'.count('<string>')`
+         (either quote style, a single positional argument) and `len('<string>')`.
+    Expressions longer than 1000 characters give None. The result is the value as str(),
+    except that a float with an integral value is shown as an int ("6/3" -> "2").
+    """
+    if not isinstance(expr, str) or len(expr) > _MAX_EXPR_CHARS:
+        return None
+    try:
+        tree = ast.parse(expr.strip(), mode="eval").body
+    except Exception:  # SyntaxError, and also ValueError/RecursionError/MemoryError on weird input
+        tree = None
+    # String forms are matched on the original text (commas inside literals must survive).
+    if isinstance(tree, ast.Call) and len(tree.args) == 1 and not tree.keywords and _is_str(tree.args[0]):
+        func, arg = tree.func, tree.args[0].value
+        if isinstance(func, ast.Attribute) and func.attr == "count" and _is_str(func.value):
+            return str(func.value.value.count(arg))
+        if isinstance(func, ast.Name) and func.id == "len":
+            return str(len(arg))
+        return None
+    try:
+        tree = ast.parse(re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", expr.strip()), mode="eval").body
+        return _format(_eval_arith(tree))
+    except Exception:  # _Rejected, SyntaxError, ZeroDivisionError, OverflowError, RecursionError...
+        return None
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
+    _child_main(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))

@@ -1,0 +1,80 @@
+"""CustomJSON: your own conversations from a JSONL file.
+
+Each non-empty line is either a list of messages or an object {"messages": [...], ...}. A message is
+{"role": "system"|"user"|"assistant", "content": ...}: an optional system message first, then user
+and assistant alternating, starting with the user and ending with the assistant. Content is a string;
+the assistant's may also be a list of parts {"type": "text"|"python"|"python_output", "text": str}.
+Every error names the file and line.
+"""
+import json
+
+from tasks.common import Task
+
+_PART_TYPES = ("text", "python", "python_output")
+
+
+def validate_messages(messages):
+    """Raise ValueError (without location) if `messages` is not a valid conversation."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("expected a non-empty list of messages")
+    start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
+    if len(messages) - start < 2:
+        raise ValueError("a conversation needs at least a user and an assistant message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"message {i} must be an object with 'role' and 'content'")
+        if i >= start:
+            expected = "user" if (i - start) % 2 == 0 else "assistant"
+            if m["role"] != expected:
+                raise ValueError(f"message {i} has role {m['role']!r}, expected {expected!r} "
+                                 "(optional system first, then user/assistant alternating)")
+        content = m["content"]
+        if m["role"] == "assistant" and isinstance(content, list):
+            for j, p in enumerate(content):
+                if not isinstance(p, dict) or p.get("type") not in _PART_TYPES or not isinstance(p.get("text"), str):
+                    raise ValueError(f"message {i} part {j} must be {{'type': one of {_PART_TYPES}, 'text': str}}")
+        elif not isinstance(content, str):
+            raise ValueError(f"message {i} content must be a string")
+    if messages[-1]["role"] != "assistant":
+        raise ValueError("the last message must be from the assistant")
+
+
+def load_jsonl(path):
+    conversations = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            conv = obj if isinstance(obj, dict) else {"messages": obj}
+            try:
+                if isinstance(obj, dict) and "messages" not in obj:
+                    raise ValueError("object has no 'messages' key")
+                validate_messages(conv["messages"])
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
+            conversations.append(conv)
+    if not conversations:
+        raise ValueError(f"{path}: no conversations")
+    return conversations
+
+
+class CustomJSON(Task):
+
+    def __init__(self, filepath, **kwargs):
+        super().__init__(**kwargs)
+        self.filepath = filepath
+        self.conversations = load_jsonl(filepath)
+
+    @property
+    def eval_type(self):
+        return "generative"
+
+    def num_examples(self):
+        return len(self.conversations)
+
+    def get_example(self, index):
+        return self.conversations[index]
