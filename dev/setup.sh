@@ -42,13 +42,18 @@ fi
 # throwaway CARGO_HOME (kept inside .venv, never in the repo) whose config replaces crates-io.
 if ! curl -sS --max-time 5 -o /dev/null https://index.crates.io/config.json 2>/dev/null; then
   echo "[setup] crates.io unreachable: using Debian's packaged crates (/usr/share/cargo/registry)"
-  if [ ! -d /usr/share/cargo/registry/pyo3-0.17.3 ] && [ ! -d /usr/share/cargo/registry/pyo3-ffi-0.17.3 ]; then
+  have_crates() {
+    for c in pyo3-0.17 fancy-regex-0.7 rayon-1 ahash-0.7 smallvec-1; do
+      compgen -G "/usr/share/cargo/registry/$c.*" >/dev/null || return 1
+    done
+  }
+  if ! have_crates; then
     if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
       apt-get update -qq && apt-get install -y -qq librust-pyo3-dev librust-fancy-regex-dev \
-        librust-rayon-dev librust-ahash-dev librust-indexmap-dev >/dev/null
+        librust-rayon-dev librust-ahash-dev librust-smallvec-dev >/dev/null
     else
       echo "error: offline and Debian's Rust crates are missing. Install them (as root):" >&2
-      echo "  apt-get install librust-pyo3-dev librust-fancy-regex-dev librust-rayon-dev librust-ahash-dev librust-indexmap-dev" >&2
+      echo "  apt-get install librust-pyo3-dev librust-fancy-regex-dev librust-rayon-dev librust-ahash-dev librust-smallvec-dev" >&2
       exit 1
     fi
   fi

@@ -49,7 +49,12 @@ class Tokenizer:
             raise ValueError(f"vocab_size={vocab_size} is too small: need >= {min_vocab} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=pattern)
-        return cls({bytes(b): r for b, r in trainer.get_mergeable_ranks()}, trainer.get_pattern())
+        # Two merges can in principle spell the same bytes ("a"+"bc", "ab"+"c"); keep the first and
+        # renumber so ranks stay contiguous (the vocab is then that much smaller).
+        ranks = {}
+        for b, _ in sorted(trainer.get_mergeable_ranks(), key=lambda br: br[1]):
+            ranks.setdefault(bytes(b), len(ranks))
+        return cls(ranks, trainer.get_pattern())
 
     @classmethod
     def byte_level(cls):
