@@ -1,0 +1,323 @@
+"""The GPT model.
+
+Design (SPEC §6):
+- token embedding, untied from the lm_head
+- rotary position embeddings (no learned positions)
+- QK-norm: parameter-free RMSNorm on q and k
+- parameter-free RMSNorm (F.rms_norm) on the embedding output, before attention, before the MLP
+  and before the lm_head; no norm has weights, no Linear has a bias
+- ReLU^2 MLP of width 4 * n_embd
+- grouped-query attention (n_kv_head divides n_head; n_kv_head=1 is multi-query attention)
+- logit soft-capping: softcap * tanh(logits / softcap), computed in fp32
+- the two output projections of each block (attn.c_proj, mlp.c_proj) start at zero, so every block
+  is the identity at init and the loss starts at ~ln(vocab_size)
+
+Build it on the meta device, then `model.to_empty(device=d); model.init_weights()` (what the
+training scripts do), or construct it directly on CPU (it then initialises itself).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from nanochat.adamw import DistAdamW
+from nanochat.muon import DistMuon, Muon
+
+try:  # flash attention is optional: only used on CUDA with bf16/fp16 activations
+    from flash_attn import flash_attn_func
+except Exception:  # ImportError, or a broken CUDA install
+    flash_attn_func = None
+
+# F.scaled_dot_product_attention grew `enable_gqa` in torch 2.5; older versions repeat the kv heads.
+_SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 1024
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 6  # query heads
+    n_kv_head: int = 6  # key/value heads (GQA); must divide n_head
+    n_embd: int = 768
+    softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
+
+
+def norm(x):
+    """Parameter-free RMSNorm over the last dimension."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def apply_rotary_emb(x, cos, sin):
+    """Rotate pairs (x[..., i], x[..., i + D/2]) by position-dependent angles. x: (B, T, H, D)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16 under autocast
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of every layer for incremental decoding.
+
+    Storage: one tensor of shape (num_layers, 2, batch_size, num_heads, seq_len, head_dim) (heads before
+    time, the layout SDPA reads). `pos` counts the tokens already stored; the model reads it to offset
+    the rotary angles and the causal mask, and it advances after the last layer has inserted.
+    The tensor is allocated on the first insert (or `prefill`) with the keys' device/dtype unless
+    device/dtype are given, and grows if a sequence runs past `seq_len`.
+    """
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device=None, dtype=None):
+        self.batch_size, self.num_heads, self.head_dim, self.num_layers = batch_size, num_heads, head_dim, num_layers
+        self.seq_len = seq_len
+        self.pos = 0
+        self.kv = None
+        if device is not None and dtype is not None:
+            self._allocate(seq_len, device, dtype)
+
+    def _allocate(self, seq_len, device, dtype):
+        shape = (self.num_layers, 2, self.batch_size, self.num_heads, seq_len, self.head_dim)
+        self.kv = torch.empty(shape, device=device, dtype=dtype)
+        self.seq_len = seq_len
+
+    def _ensure_capacity(self, needed, device, dtype):
+        if self.kv is None:
+            self._allocate(max(needed, self.seq_len), device, dtype)
+        elif needed > self.kv.size(4):
+            old = self.kv
+            self._allocate(((needed + 255) // 256) * 256, old.device, old.dtype)
+            self.kv[..., : self.pos, :] = old[..., : self.pos, :]
+
+    def reset(self):
+        self.pos = 0
+
+    def get_pos(self):
+        return self.pos
+
+    def insert_kv(self, layer_idx, k, v):
+        """Store k, v (B, H_kv, T, D) at positions [pos, pos+T) of this layer and return views of
+        everything cached so far for this layer: (keys, values), each (B, H_kv, pos+T, D)."""
+        T = k.size(2)
+        end = self.pos + T
+        self._ensure_capacity(end, k.device, k.dtype)
+        self.kv[layer_idx, 0, :, :, self.pos:end] = k
+        self.kv[layer_idx, 1, :, :, self.pos:end] = v
+        keys, values = self.kv[layer_idx, 0, :, :, :end], self.kv[layer_idx, 1, :, :, :end]
+        if layer_idx == self.num_layers - 1:
+            self.pos = end
+        return keys, values
+
+    def prefill(self, other):
+        """Copy another cache's contents (and position) into this one. `other` may have batch size 1
+        (broadcast into every row, e.g. one prompt prefilled once, then N samples) or the same batch size."""
+        assert (other.num_layers, other.num_heads, other.head_dim) == (self.num_layers, self.num_heads, self.head_dim)
+        assert other.batch_size in (1, self.batch_size), "can only broadcast a batch-1 cache or copy an equal batch"
+        assert other.kv is not None or other.pos == 0
+        self.pos = 0
+        if other.kv is None:
+            return
+        self._ensure_capacity(other.pos, other.kv.device, other.kv.dtype)
+        self.kv[..., : other.pos, :] = other.kv[..., : other.pos, :]
+        self.pos = other.pos
+
+
+def attention(q, k, v, q_pos):
+    """Causal attention of queries at absolute positions [q_pos, q_pos+Tq) to keys at [0, Tk), Tk = q_pos+Tq.
+    q: (B, H, Tq, D), k/v: (B, H_kv, Tk, D). Returns (B, H, Tq, D)."""
+    Tq, Tk = q.size(2), k.size(2)
+    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        # flash-attn takes (B, T, H, D), handles GQA itself, and aligns the causal mask bottom-right,
+        # which is exactly "a chunk attends to the cached prefix + causally within itself".
+        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return y.transpose(1, 2)
+    kwargs = {}
+    if k.size(1) != q.size(1):
+        if _SDPA_HAS_GQA:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.size(1) // k.size(1)
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if Tq == Tk:  # training, or a prefill into an empty cache
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
+    if Tq == 1:  # one decode step sees the whole cache
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    # chunk after a cached prefix: SDPA's is_causal would align top-left, so build the mask explicitly
+    mask = torch.arange(Tk, device=q.device)[None, :] <= (q_pos + torch.arange(Tq, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0 and config.n_head % config.n_kv_head == 0
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        B, T, C = x.shape
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        # Order: rotary, then QK-norm. A rotary rotation preserves each vector's RMS, so the two orders
+        # give the same result mathematically; norming last guarantees unit-RMS inputs to the dot product.
+        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q_pos = 0
+        if kv_cache is not None:
+            q_pos = kv_cache.get_pos()
+            k, v = kv_cache.insert_kv(self.layer_idx, k, v)
+        y = attention(q, k, v, q_pos)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, kv_cache=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache)
+        return x + self.mlp(norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Rotary tables cover 10x the training length so generation can run past it. Non-persistent:
+        # they are recomputed by init_weights (after to_empty) and never stored in checkpoints.
+        self.rotary_len = config.sequence_len * 10
+        cos, sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        if self.lm_head.weight.device.type != "meta":
+            self.init_weights()
+
+    def _rotary_tables(self, seq_len, device, base=10000.0):
+        head_dim = self.config.n_embd // self.config.n_head
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+        angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+        return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
+
+    @torch.no_grad()
+    def init_weights(self):
+        """(Re)initialise every parameter and the rotary buffers in place (works after to_empty)."""
+        nn.init.normal_(self.transformer.wte.weight, std=1.0)  # RMSNorm follows, so the scale is free
+        nn.init.normal_(self.lm_head.weight, std=0.001)  # near-zero logits: loss starts at ~ln(vocab)
+        for block in self.transformer.h:
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+                nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        cos, sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
+        self.cos, self.sin = cos, sin
+
+    def get_device(self):
+        return self.transformer.wte.weight.device
+
+    def num_params(self):
+        """All parameters, embedding table included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def estimate_flops(self):
+        """Training FLOPs per token (forward + backward), the convention used for MFU.
+
+        6 * N, N = parameters of every matmul (all of them except the embedding table, which is a lookup;
+        the lm_head counts): forward 2 FLOPs per multiply-add, backward twice that.
+        Plus attention scores and weighted values: per layer and token, q.k over seq_len keys and p.v over
+        seq_len values = 2 * 2 * n_embd * seq_len forward, x3 for forward + backward, i.e.
+        12 * n_layer * n_embd * seq_len. It is not halved for causality, and it uses n_head * head_dim =
+        n_embd (GQA shares k/v projections but not the score computation). Norms, rotary, activations,
+        softcap and the softmax are not counted.
+        """
+        c = self.config
+        n_matmul = self.num_params() - self.transformer.wte.weight.numel()
+        return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.sequence_len
+
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+        """[AdamW for the embedding + lm_head, Muon for every 2-D block matrix]. The AdamW learning rates
+        are scaled by (n_embd/768)^-0.5. Under torch.distributed the sharded variants are used; they
+        also average gradients across ranks (no DDP wrapper needed). Each group records `initial_lr`
+        for LR schedules."""
+        matrix_params = [p for p in self.transformer.h.parameters() if p.requires_grad]
+        assert all(p.ndim == 2 for p in matrix_params)
+        scale = (self.config.n_embd / 768) ** -0.5
+        adam_groups = [
+            dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
+            dict(params=[self.transformer.wte.weight], lr=embedding_lr * scale),
+        ]
+        adam_kwargs = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        if dist.is_available() and dist.is_initialized():
+            adamw, muon = DistAdamW(adam_groups, **adam_kwargs), DistMuon(matrix_params, lr=matrix_lr, momentum=0.95)
+        else:
+            fused = self.get_device().type == "cuda"
+            adamw = torch.optim.AdamW(adam_groups, **adam_kwargs, fused=fused)
+            muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+        optimizers = [adamw, muon]
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["initial_lr"] = group["lr"]
+        return optimizers
+
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+        """idx: (B, T) token ids. Returns fp32 logits (B, T, V) when targets is None, else the
+        cross-entropy (targets == -1 ignored): a scalar for "mean"/"sum", per-token losses of shape
+        (B, T) for "none" (0 at ignored positions). With kv_cache, idx continues the cached sequence."""
+        B, T = idx.shape
+        t0 = 0 if kv_cache is None else kv_cache.get_pos()
+        assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"
+        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        x = norm(self.transformer.wte(idx))
+        for block in self.transformer.h:
+            x = block(x, cos, sin, kv_cache)
+        logits = self.lm_head(norm(x)).float()
+        if self.config.softcap:
+            logits = self.config.softcap * torch.tanh(logits / self.config.softcap)
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                               reduction=loss_reduction)
+        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    @torch.no_grad()
+    def generate(self, tokens, max_tokens, temperature=1.0, top_k=None, seed=42):
+        """Simple single-sequence sampler with a KV cache: yields max_tokens new token ids.
+        (The Engine in engine.py does batched sampling and tool use.)"""
+        device = self.get_device()
+        rng = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
+        c = self.config
+        cache = KVCache(1, c.n_kv_head, len(tokens) + max_tokens, c.n_embd // c.n_head, c.n_layer)
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        for _ in range(max_tokens):
+            logits = self.forward(ids, kv_cache=cache)[:, -1, :]
+            if top_k is not None:
+                v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+                logits[logits < v[:, [-1]]] = -float("inf")
+            if temperature > 0:
+                ids = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
+            else:
+                ids = logits.argmax(dim=-1, keepdim=True)
+            yield ids.item()

@@ -1,0 +1,111 @@
+"""Muon: SGD-momentum whose update is orthogonalised by a Newton-Schulz iteration, for 2-D weights.
+
+Muon is the single-process optimizer; DistMuon splits the Newton-Schulz work across ranks and also
+averages the gradients (so the training loop needs no DDP wrapper).
+"""
+import torch
+import torch.distributed as dist
+from torch.optim import Optimizer
+
+# Quintic iteration X <- a X + b (X X^T) X + c (X X^T)^2 X. These widely used coefficients make the
+# small singular values grow as fast as possible; the price is that the iteration does not converge to
+# exactly 1 but oscillates in roughly [0.7, 1.2], which Muon does not mind.
+NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+@torch.no_grad()
+def zeropower_via_newtonschulz5(G, steps=5):
+    """Approximate U V^T for G = U S V^T (the nearest semi-orthogonal matrix), G of shape (..., m, n).
+    bf16 on CUDA (the iteration is robust to it), fp32 elsewhere. Returns G's dtype."""
+    assert G.ndim >= 2
+    a, b, c = NS_COEFFS
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:  # iterate on the wide orientation: the Gram matrix X X^T is then the smaller one
+        X = X.mT
+    # Scale so the spectral norm is <= 1 (the Frobenius norm bounds it), inside the iteration's basin.
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * (A @ A)) @ X
+    if tall:
+        X = X.mT
+    return X.to(G.dtype)
+
+
+def muon_update(p, grad, state, lr, momentum, nesterov, ns_steps):
+    """One Muon step for one parameter (in place). Momentum is an EMA of the gradients."""
+    if "momentum_buffer" not in state:
+        state["momentum_buffer"] = torch.zeros_like(grad)
+    buf = state["momentum_buffer"]
+    buf.lerp_(grad, 1 - momentum)
+    g = grad.lerp(buf, momentum) if nesterov else buf
+    update = zeropower_via_newtonschulz5(g, steps=ns_steps)
+    # Orthogonal updates have unit singular values whatever the shape; for tall matrices (more outputs
+    # than inputs) scale up by sqrt(rows/cols) so the per-element RMS of the update matches wide ones.
+    scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
+    p.add_(update, alpha=-lr * scale)
+
+
+class Muon(Optimizer):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            assert all(p.ndim >= 2 for p in group["params"]), "Muon is for matrices"
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                muon_update(p, p.grad, self.state[p], group["lr"], group["momentum"], group["nesterov"],
+                            group["ns_steps"])
+
+
+class DistMuon(Optimizer):
+    """Muon across ranks. Parameters are grouped by shape; within a group, consecutive runs of
+    world_size parameters are handled together: one reduce-scatter averages their gradients and hands
+    parameter i of the run to rank i, which alone keeps its momentum and runs Newton-Schulz; one
+    all-gather then gives every rank all updated parameters. The result equals single-process Muon on
+    the rank-averaged gradient. Every rank must pass the same parameters in the same order."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+        params = list(params)
+        assert all(p.ndim >= 2 for p in params), "Muon is for matrices"
+        shapes = sorted({tuple(p.shape) for p in params})  # same order on every rank
+        groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self):
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # 1) launch every reduce-scatter first so communication overlaps the Newton-Schulz work below
+        runs = []
+        for group in self.param_groups:
+            params = group["params"]
+            for base in range(0, len(params), world):
+                run = params[base:base + world]
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in run]
+                grads += [torch.zeros_like(run[0])] * (world - len(run))  # pad the last run
+                mine = torch.empty_like(run[0])
+                work = dist.reduce_scatter(mine, grads, op=dist.ReduceOp.SUM, async_op=True)
+                runs.append((group, run, mine, work))
+        # 2) update the parameter this rank owns in each run, then share it
+        gathers = []
+        for group, run, grad, work in runs:
+            work.wait()
+            if rank < len(run):
+                p = run[rank]
+                grad.div_(world)
+                muon_update(p, grad, self.state[p], group["lr"], group["momentum"], group["nesterov"],
+                            group["ns_steps"])
+                src = p
+            else:
+                src = torch.zeros_like(run[0])  # padding slot: nobody reads it
+            outputs = list(run) + [torch.empty_like(run[0]) for _ in range(world - len(run))]
+            gathers.append(dist.all_gather(outputs, src, async_op=True))
+        for work in gathers:
+            work.wait()
