@@ -1,0 +1,185 @@
+"""Saving and loading checkpoints (SPEC §2).
+
+<base>/{base,mid,chatsft,chatrl}_checkpoints/<tag>/
+    model_<step:06d>.pt             model state dict (rank 0)
+    optim_<step:06d>_rank<r>.pt     whatever rank r needs to resume (optimizer states, RNG, ...)
+    meta_<step:06d>.json            model config, step, metrics, loader state, user config (rank 0)
+
+Every file is written to a temp name and renamed. The meta file is written last, after all ranks
+have written their shards, so a checkpoint exists exactly when its meta file does: a run killed
+mid-save leaves at worst some orphan model/optim files that nothing reads.
+"""
+import glob
+import json
+import os
+import re
+import shutil
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import atomic_torch_save, atomic_write, get_base_dir
+
+# load_model's source -> directory under the base dir, and the stage that writes it
+SOURCES = {
+    "base": ("base_checkpoints", "scripts.base_train"),
+    "mid": ("mid_checkpoints", "scripts.mid_train"),
+    "sft": ("chatsft_checkpoints", "scripts.chat_sft"),
+    "rl": ("chatrl_checkpoints", "scripts.chat_rl"),
+}
+
+
+def model_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"model_{step:06d}.pt")
+
+
+def meta_path(checkpoint_dir, step):
+    return os.path.join(checkpoint_dir, f"meta_{step:06d}.json")
+
+
+def optim_path(checkpoint_dir, step, rank):
+    return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
+
+
+def _json_default(obj):
+    """Let meta hold tensors and numpy scalars (metrics often are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"meta value of type {type(obj).__name__} is not JSON serialisable")
+
+
+def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, rank=0, keep_last=None):
+    """Write one checkpoint. When distributed, EVERY rank must call this (there is a barrier inside):
+    rank 0 writes the model and meta, each rank its own optimizer shard (skipped if optimizer_states
+    is None). keep_last=k deletes all but the newest k complete checkpoints afterwards."""
+    os.makedirs(checkpoint_dir, exist_ok=True)
+    if optimizer_states is not None:
+        atomic_torch_save(optimizer_states, optim_path(checkpoint_dir, step, rank))
+    if rank == 0:
+        atomic_torch_save(model_state, model_path(checkpoint_dir, step))
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # every shard is on disk before meta declares the checkpoint complete
+    if rank == 0:
+        with atomic_write(meta_path(checkpoint_dir, step), "w") as f:
+            json.dump(meta, f, indent=2, default=_json_default)
+        if keep_last:
+            prune_checkpoints(checkpoint_dir, keep_last)
+
+
+def start_fresh(checkpoint_dir):
+    """A new (not resumed) run of a tag replaces the old one: move earlier checkpoints to <tag>.prev
+    (one generation kept) so a stale later step can never be mistaken for this run's latest.
+    Call on rank 0 before the first save."""
+    if not complete_steps(checkpoint_dir) and not glob.glob(os.path.join(checkpoint_dir, "*.pt")):
+        return None
+    prev = checkpoint_dir.rstrip("/") + ".prev"
+    if os.path.isdir(prev):
+        shutil.rmtree(prev)
+    os.replace(checkpoint_dir, prev)
+    return prev
+
+
+def complete_steps(checkpoint_dir):
+    """Sorted steps that have both a meta and a model file."""
+    steps = []
+    for p in glob.glob(os.path.join(checkpoint_dir, "meta_*.json")):
+        m = re.fullmatch(r"meta_(\d+)\.json", os.path.basename(p))
+        if m and os.path.exists(model_path(checkpoint_dir, int(m.group(1)))):
+            steps.append(int(m.group(1)))
+    return sorted(steps)
+
+
+def find_last_step(checkpoint_dir):
+    steps = complete_steps(checkpoint_dir)
+    if not steps:
+        raise FileNotFoundError(f"no complete checkpoint (model_*.pt + meta_*.json) in {checkpoint_dir}")
+    return steps[-1]
+
+
+def prune_checkpoints(checkpoint_dir, keep_last):
+    """Delete every complete checkpoint but the newest keep_last. Meta goes first, so a prune that is
+    interrupted leaves an incomplete (ignored) checkpoint, never a broken one."""
+    for step in complete_steps(checkpoint_dir)[:-keep_last]:
+        os.remove(meta_path(checkpoint_dir, step))
+        for p in [model_path(checkpoint_dir, step)] + glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")):
+            if os.path.exists(p):
+                os.remove(p)
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """-> (model_state, optim_states or None, meta). optim_states is what this rank saved."""
+    mpath = meta_path(checkpoint_dir, step)
+    if not os.path.exists(mpath):
+        raise FileNotFoundError(f"checkpoint step {step} in {checkpoint_dir} is missing or incomplete (no {os.path.basename(mpath)})")
+    with open(mpath) as f:
+        meta = json.load(f)
+    model_state = torch.load(model_path(checkpoint_dir, step), map_location=device, weights_only=True)
+    optim_states = None
+    if load_optimizer:
+        opath = optim_path(checkpoint_dir, step, rank)
+        if not os.path.exists(opath):
+            raise FileNotFoundError(f"no optimizer shard {opath} (was the run saved with a different number of ranks?)")
+        optim_states = torch.load(opath, map_location=device, weights_only=True)
+    return model_state, optim_states, meta
+
+
+def find_largest_model(checkpoints_dir):
+    """The tag with the largest depth (d20 beats d4); tags not named d<N> count only if nothing else exists
+    (then the most recently written one wins). Only tags holding a complete checkpoint are considered."""
+    tags = [t for t in sorted(os.listdir(checkpoints_dir)) if os.path.isdir(os.path.join(checkpoints_dir, t))
+            and complete_steps(os.path.join(checkpoints_dir, t))] if os.path.isdir(checkpoints_dir) else []
+    if not tags:
+        raise FileNotFoundError(f"no complete checkpoints under {checkpoints_dir}")
+    depth_tags = [(int(m.group(1)), t) for t in tags if (m := re.fullmatch(r"d(\d+)", t))]
+    if depth_tags:
+        return max(depth_tags)[1]
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
+
+
+def build_model(checkpoint_dir, step, device, phase):
+    """Rebuild the GPT saved at checkpoint_dir/step. phase: "train" or "eval". -> (model, tokenizer, meta)."""
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import get_tokenizer
+    if phase not in ("train", "eval"):
+        raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
+    device = torch.device(device)
+    model_state, _, meta = load_checkpoint(checkpoint_dir, step, device)
+    # torch.compile prefixes parameter names; bf16 weights are upcast where bf16 compute is slow/absent
+    model_state = {k.removeprefix("_orig_mod."): v for k, v in model_state.items()}
+    if device.type != "cuda":
+        model_state = {k: v.float() if v.dtype == torch.bfloat16 else v for k, v in model_state.items()}
+    config = GPTConfig(**meta["model_config"])
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()  # fills the non-persistent rotary buffers; parameters are replaced below
+    model.load_state_dict(model_state, strict=True, assign=True)
+    model.train() if phase == "train" else model.eval()
+    tokenizer = get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise ValueError(f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {config.vocab_size}: "
+                         "the tokenizer in the base dir is not the one this model was trained with")
+    return model, tokenizer, meta
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """Load the model of a stage: source in {"base", "mid", "sft", "rl"}; the largest tag and the
+    latest step unless given. -> (model, tokenizer, meta)."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown checkpoint source {source!r}; expected one of {sorted(SOURCES)}")
+    dirname, script = SOURCES[source]
+    checkpoints_dir = os.path.join(get_base_dir(), dirname)
+    try:
+        if model_tag is None:
+            model_tag = find_largest_model(checkpoints_dir)
+        checkpoint_dir = os.path.join(checkpoints_dir, model_tag)
+        if step is None:
+            step = find_last_step(checkpoint_dir)
+        elif step not in complete_steps(checkpoint_dir):
+            raise FileNotFoundError(f"no complete checkpoint for step {step} in {checkpoint_dir}")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}. No {source} model to load: run `python -m {script}` first "
+                                f"(or check NANOCHAT_BASE_DIR / --model-tag / --step)") from None
+    return build_model(checkpoint_dir, step, device, phase)

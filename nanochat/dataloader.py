@@ -1,0 +1,124 @@
+"""Distributed tokenizing data loader for pretraining.
+
+Streams the parquet shards of one split, tokenizes documents in parallel batches, prefixes each with
+<|bos|> and packs them into B rows of T+1 tokens: inputs = row[:-1], targets = row[1:].
+Every row starts with <|bos|>: a row that begins in the middle of a document gets a <|bos|> before
+the continuation, so the model never sees a context that starts mid-text without the marker, and no
+text is thrown away.
+
+Sharding: the split's row groups are numbered globally (shard by shard, row group by row group) and
+rank r of W reads row groups r, r+W, r+2W, ... so ranks never see the same text.
+
+Exact resume: with every batch the loader yields its position *after* that batch:
+    {"epoch": e, "rg": i, "doc": d, "tok": k}
+meaning "the next window starts at token k of document d of the i-th row group of this rank, in
+pass e over the data". Passing that dict back as resume_state re-reads the row group, re-tokenizes
+from document d and skips k tokens, so the following batches are identical to an uninterrupted run
+(tokenization is deterministic).
+"""
+from collections import deque
+
+import pyarrow.parquet as pq
+import torch
+
+from nanochat.common import get_dist_info, print0
+
+
+def split_files(split):
+    """Parquet paths of a split: every shard but the last is train, the last one is val."""
+    from nanochat.dataset import list_parquet_files
+    files = list_parquet_files()
+    if len(files) < 2:
+        raise FileNotFoundError(f"need at least 2 parquet shards (train + val), found {len(files)}: "
+                                "build them with `python -m nanochat.dataset` first")
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    return files[:-1] if split == "train" else files[-1:]
+
+
+def rank_row_groups(files, rank, world_size):
+    """This rank's (path, row_group) pairs, in reading order."""
+    pairs = []
+    for path in files:
+        n = pq.ParquetFile(path).num_row_groups
+        pairs.extend((path, i) for i in range(n))
+    mine = pairs[rank::world_size]
+    if not mine:
+        # Fewer row groups than ranks (a tiny val shard on many GPUs): share rather than starve.
+        print0(f"warning: only {len(pairs)} row groups for {world_size} ranks; some ranks read the same data")
+        mine = [pairs[rank % len(pairs)]]
+    return mine
+
+
+def _documents(row_groups, tokenizer, start, threads, batch_size):
+    """Yield (epoch, rg, doc, tokens) forever, from position `start`; tokens include the leading bos.
+    The first document yielded is already cut to begin at start["tok"]."""
+    bos = tokenizer.get_bos_token_id()
+    epoch, rg, doc, tok = start["epoch"], start["rg"], start["doc"], start["tok"]
+    while True:
+        path, rg_index = row_groups[rg]
+        texts = pq.ParquetFile(path).read_row_group(rg_index, columns=["text"]).column("text").to_pylist()
+        for b in range(doc, len(texts), batch_size):
+            batch = tokenizer.encode(texts[b:b + batch_size], prepend=bos, num_threads=threads)
+            for j, ids in enumerate(batch):
+                if tok:  # resuming mid-document
+                    ids, tok = ids[tok:], 0
+                yield epoch, rg, b + j, ids
+        doc = 0
+        rg += 1
+        if rg == len(row_groups):
+            rg, epoch = 0, epoch + 1
+
+
+def tokenizing_distributed_data_loader(B, T, split, tokenizer=None, device="cpu", resume_state=None,
+                                       tokenizer_threads=4, tokenizer_batch_size=128):
+    """Yield (inputs, targets, state) forever: inputs/targets (B, T) int64 on device, state the position
+    after this batch (see the module docstring). Loops over the split in epochs."""
+    if tokenizer is None:
+        from nanochat.tokenizer import get_tokenizer
+        tokenizer = get_tokenizer()
+    device = torch.device(device)
+    _, rank, _, world_size = get_dist_info()
+    row_groups = rank_row_groups(split_files(split), rank, world_size)
+    start = dict(resume_state) if resume_state else {"epoch": 0, "rg": 0, "doc": 0, "tok": 0}
+    if start["rg"] >= len(row_groups):
+        raise ValueError(f"resume state {start} does not fit this rank's {len(row_groups)} row groups "
+                         "(different data or world size?)")
+
+    docs = _documents(row_groups, tokenizer, start, tokenizer_threads, tokenizer_batch_size)
+    bos = tokenizer.get_bos_token_id()
+    # [epoch, rg, doc, tokens, offset, skipped]: documents not fully consumed yet; `skipped` counts the
+    # tokens cut off the front when resuming into this document, so skipped + offset is the position.
+    pending = deque()
+    use_pinned = device.type == "cuda"
+
+    def head():
+        if not pending:
+            pending.append([*next(docs), 0, 0])
+            e, r, d = pending[0][:3]
+            if (e, r, d) == (start["epoch"], start["rg"], start["doc"]):
+                pending[0][5] = start["tok"]
+        return pending[0]
+
+    while True:
+        rows = []
+        for _ in range(B):
+            item = head()
+            row = [] if item[4] + item[5] == 0 else [bos]  # mid-document: restate the bos
+            while len(row) < T + 1:
+                item = head()
+                ids, off = item[3], item[4]
+                take = min(T + 1 - len(row), len(ids) - off)
+                row.extend(ids[off:off + take])
+                item[4] = off + take
+                if item[4] == len(ids):
+                    pending.popleft()
+            rows.append(row)
+        e, r, d, _, off, skipped = head()
+        state = {"epoch": e, "rg": r, "doc": d, "tok": skipped + off}
+
+        buf = torch.tensor(rows, dtype=torch.long)
+        if use_pinned:
+            buf = buf.pin_memory()
+        buf = buf.to(device, non_blocking=use_pinned)
+        yield buf[:, :-1], buf[:, 1:], state

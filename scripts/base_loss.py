@@ -1,0 +1,85 @@
+"""Evaluate the base model: train and val bits per byte, plus a few greedy completions.
+
+    python -m scripts.base_loss
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_loss -- --split-tokens 10485760
+"""
+import argparse
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.checkpoint_manager import load_model
+from nanochat.common import compute_cleanup, compute_init, print0
+from nanochat.dataloader import tokenizing_distributed_data_loader
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes
+
+PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+
+
+def parse_args(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:
+        argv = argv[1:]
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the largest model)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--device-batch-size", type=int, default=32)
+    p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split (all ranks)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per greedy sample")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None)
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+    B, T = args.device_batch_size, model.config.sequence_len
+    tokens_per_step = B * T * world_size
+    steps = max(1, args.split_tokens // tokens_per_step)
+    print0(f"base model step {meta['step']} | {steps} steps x {tokens_per_step:,} tokens per split")
+    token_bytes = get_token_bytes(device)
+
+    bpb = {}
+    for split in ("train", "val"):
+        loader = tokenizing_distributed_data_loader(B, T, split, tokenizer, device)
+        with autocast_ctx:
+            bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        print0(f"{split} bpb: {bpb[split]:.4f}")
+
+    samples = []
+    if rank == 0:
+        for prompt in PROMPTS:
+            ids = tokenizer.encode(prompt, prepend="<|bos|>")
+            with autocast_ctx:
+                new = list(model.generate(ids, args.max_new_tokens, temperature=0))
+            samples.append(prompt + tokenizer.decode(new))
+            print0(f"  sample: {samples[-1]!r}")
+        from nanochat.report import get_report
+        get_report().log(section="Base model loss", stage="BASE",
+                         summary={"train bpb": bpb["train"], "val bpb": bpb["val"]}, data=[
+                             {"model step": meta["step"], "tokens per split": steps * tokens_per_step,
+                              "train bpb": bpb["train"], "val bpb": bpb["val"]},
+                             "Samples (greedy):\n\n" + "\n".join(f"- `{s!r}`" for s in samples),
+                         ])
+    compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

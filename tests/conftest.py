@@ -1,0 +1,116 @@
+"""Shared test fixtures: a tiny base dir (parquet shards + byte-level tokenizer) and a tiny GPT.
+
+Everything is made locally and cheaply; nothing is downloaded.
+
+    tiny_base_dir    (session) a read-only base dir: base_data/ (3 shards x 4 row groups; the last
+                     shard is validation) and tokenizer/ (byte-level, 265 ids)
+    base_dir         (function) a fresh, writable base dir sharing tiny_base_dir's data and tokenizer
+                     (symlinks), with NANOCHAT_BASE_DIR pointing at it; checkpoints/report go here
+    write_shards     a function write_shards(data_dir, shards) writing shards[i][j] = list of texts of
+                     row group j of shard_0000i.parquet
+    make_docs        a function make_docs(n, seed) -> n deterministic English-like documents
+    make_base_dir    a function make_base_dir(root, shards, tokenizer=None): base_data/ + tokenizer/ at root
+    byte_tokenizer   (session) Tokenizer.byte_level()
+    tiny_config / tiny_model   a 1-layer, 64-wide GPT over the byte-level vocab, sequence_len 64
+"""
+import os
+import random
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+_WORDS = ("the a one every some cat dog bird fish child teacher river city garden house tree sun moon "
+          "runs sees finds eats likes makes takes gives sits walks big small red green old new happy quiet "
+          "fast slow near over under with and but then because today always").split()
+
+
+def make_docs(n, seed=0, min_words=20, max_words=80):
+    """n deterministic documents of simple sentences: structured enough that a tiny model learns a bit."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        words, sentence = [], []
+        for _ in range(rng.randint(min_words, max_words)):
+            sentence.append(rng.choice(_WORDS))
+            if len(sentence) >= rng.randint(4, 10):
+                words.append(" ".join(sentence).capitalize() + ".")
+                sentence = []
+        if sentence:
+            words.append(" ".join(sentence).capitalize() + ".")
+        docs.append(" ".join(words))
+    return docs
+
+
+def write_shards(data_dir, shards):
+    """shards: list (one per shard) of lists (one per row group) of lists of texts."""
+    os.makedirs(data_dir, exist_ok=True)
+    for i, row_groups in enumerate(shards):
+        path = os.path.join(data_dir, f"shard_{i:05d}.parquet")
+        schema = pa.schema([("text", pa.string()), ("source", pa.string())])
+        with pq.ParquetWriter(path, schema) as w:
+            for texts in row_groups:
+                w.write_table(pa.table({"text": texts, "source": ["test"] * len(texts)}, schema=schema))
+    return data_dir
+
+
+def make_base_dir(root, shards, tokenizer=None):
+    """A base dir at root with base_data/ from `shards` and a saved tokenizer (byte-level by default)."""
+    from nanochat.tokenizer import Tokenizer
+    write_shards(os.path.join(root, "base_data"), shards)
+    (tokenizer or Tokenizer.byte_level()).save(os.path.join(root, "tokenizer"))
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_base")
+    docs = iter(make_docs(3 * 4 * 16, seed=1234))
+    shards = [[[next(docs) for _ in range(16)] for _ in range(4)] for _ in range(3)]
+    return make_base_dir(root, shards)
+
+
+@pytest.fixture
+def base_dir(tiny_base_dir, tmp_path, monkeypatch):
+    root = tmp_path / "base"
+    root.mkdir()
+    for name in ("base_data", "tokenizer"):
+        os.symlink(os.path.join(tiny_base_dir, name), root / name)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(root))
+    return str(root)
+
+
+@pytest.fixture(name="write_shards")
+def write_shards_fixture():
+    return write_shards
+
+
+@pytest.fixture(name="make_base_dir")
+def make_base_dir_fixture():
+    return make_base_dir
+
+
+@pytest.fixture(name="make_docs")
+def make_docs_fixture():
+    return make_docs
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    from nanochat.tokenizer import Tokenizer
+    return Tokenizer.byte_level()
+
+
+@pytest.fixture
+def tiny_config(byte_tokenizer):
+    from nanochat.gpt import GPTConfig
+    return GPTConfig(sequence_len=64, vocab_size=byte_tokenizer.get_vocab_size(), n_layer=1, n_head=1,
+                     n_kv_head=1, n_embd=64)
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from nanochat.gpt import GPT
+    torch.manual_seed(0)
+    return GPT(tiny_config)
