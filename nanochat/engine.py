@@ -1,0 +1,238 @@
+"""Inference: batched sampling with a KV cache, calculator tool use, and UTF-8-safe streaming (SPEC §7).
+
+    engine = Engine(model, tokenizer)
+    for column, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
+        ...  # column[i] = the next token of row i, masks[i] = 1 if sampled, 0 if forced/padding
+    results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
+
+How a call runs:
+1. The prompt is run through the model once, with batch size 1, into a KV cache.
+2. That cache is copied (`KVCache.prefill`) into a cache with one row per sample, and every row starts
+   from the prompt's last logits.
+3. Each step samples one token per row (greedy argmax at temperature 0, otherwise softmax(logits / T),
+   optionally restricted to the top k, drawn with a seeded torch.Generator so results are reproducible),
+   yields the column, and feeds it back through the model as a (num_samples, 1) batch.
+
+Tool use, per row: when the model writes <|python_start|>, the tokens up to <|python_end|> are decoded
+and passed to `use_calculator`. If it gives a result, the row is forced to continue with
+<|output_start|> + encode(result) + <|output_end|>, one token per step, each with mask 0; the model's
+own sample for those steps is discarded, but the forced tokens are fed back through the model like any
+other token, so it reads the result. If the calculator returns None nothing is forced.
+
+Stopping, per row: a row finishes on <|assistant_end|> or <|bos|>. The stop token itself is yielded
+(with the mask of how it was produced). After that, until every row has finished, a finished row yields
+its stop token again as padding, always with mask 0. The whole generation ends when every row has
+finished, after max_tokens steps, or when prompt + generated tokens fill the model's context
+(model.config.sequence_len) - whichever comes first.
+"""
+import codecs
+import operator
+from collections import deque
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.execution import use_calculator
+from nanochat.gpt import KVCache
+
+
+def sample_next_token(logits, generator=None, temperature=1.0, top_k=None):
+    """logits (B, V) -> next ids (B,). temperature 0 = argmax; top_k None/0 = no restriction."""
+    if temperature == 0.0:
+        return logits.argmax(dim=-1)
+    logits = logits.float()
+    if top_k:
+        k = min(top_k, logits.size(-1))
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class _Row:
+    """Tool-use and stopping state of one sample."""
+    __slots__ = ("forced", "in_python", "expr_tokens", "done", "stop_token")
+
+    def __init__(self):
+        self.forced = deque()  # tokens the tool forces into this row, fed one per step
+        self.in_python = False  # inside <|python_start|> ... <|python_end|>
+        self.expr_tokens = []
+        self.done = False
+        self.stop_token = None
+
+
+class Engine:
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        S = tokenizer.encode_special
+        self.bos = tokenizer.get_bos_token_id()
+        self.assistant_end = S("<|assistant_end|>")
+        self.python_start, self.python_end = S("<|python_start|>"), S("<|python_end|>")
+        self.output_start, self.output_end = S("<|output_start|>"), S("<|output_end|>")
+        self.stop_tokens = {self.assistant_end, self.bos}
+
+    def _device(self):
+        get_device = getattr(self.model, "get_device", None)
+        return get_device() if callable(get_device) else next(self.model.parameters()).device
+
+    def _new_cache(self, batch_size, seq_len):
+        c = self.model.config
+        return KVCache(batch_size=batch_size, num_heads=c.n_kv_head, seq_len=seq_len,
+                       head_dim=c.n_embd // c.n_head, num_layers=c.n_layer)
+
+    def _validate(self, tokens, num_samples, max_tokens, temperature, top_k):
+        if isinstance(tokens, torch.Tensor):
+            if tokens.dim() != 1:
+                raise ValueError(f"prompt must be a 1-D sequence of token ids, got a tensor of shape {tuple(tokens.shape)}")
+            tokens = tokens.tolist()
+        if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__"):
+            raise ValueError(f"prompt must be a list of token ids, got {type(tokens).__name__}")
+        try:
+            tokens = [operator.index(t) for t in tokens]
+        except TypeError:
+            raise ValueError("prompt must contain only integer token ids") from None
+        if not tokens:
+            raise ValueError("prompt is empty: give at least one token (e.g. <|bos|>)")
+        vocab = self.model.config.vocab_size
+        bad = [t for t in tokens if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+        ctx = self.model.config.sequence_len
+        if len(tokens) >= ctx:
+            raise ValueError(f"prompt has {len(tokens)} tokens but the model's context is {ctx}: "
+                             f"it must be at most {ctx - 1} tokens to leave room for one new token")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
+            raise ValueError(f"max_tokens must be None or an integer >= 0, got {max_tokens!r}")
+        try:
+            temperature = float(temperature)
+        except (TypeError, ValueError):
+            raise ValueError(f"temperature must be a number >= 0, got {temperature!r}") from None
+        if not temperature >= 0.0 or temperature == float("inf"):  # also rejects NaN
+            raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"top_k must be None or an integer >= 0 (0 or None = no top-k), got {top_k!r}")
+        return tokens, temperature
+
+    def _advance(self, row, token):
+        """Update a row's tool-use / stop state after it emitted `token`."""
+        if token in self.stop_tokens:
+            row.done, row.stop_token = True, token
+        elif token == self.python_start:
+            row.in_python, row.expr_tokens = True, []
+        elif token == self.python_end and row.in_python:
+            row.in_python = False
+            result = use_calculator(self.tokenizer.decode(row.expr_tokens))
+            if result is not None:
+                row.forced.append(self.output_start)
+                row.forced.extend(self.tokenizer.encode(result))
+                row.forced.append(self.output_end)
+        elif row.in_python:
+            row.expr_tokens.append(token)
+
+    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
+        """Return a generator of (token_column, token_masks) per step: lists of num_samples ints (see the
+        module docstring). Arguments are checked here, before anything runs: bad ones raise ValueError."""
+        tokens, temperature = self._validate(tokens, num_samples, max_tokens, temperature, top_k)
+        return self._generate(tokens, num_samples, max_tokens, temperature, top_k, seed)
+
+    @torch.no_grad()  # on a generator function torch toggles grad mode around each resume only
+    def _generate(self, tokens, num_samples, max_tokens, temperature, top_k, seed):
+        device = self._device()
+        ctx = self.model.config.sequence_len
+        budget = ctx - len(tokens)  # steps until prompt + generated tokens fill the context
+        if max_tokens is not None:
+            budget = min(budget, max_tokens)
+        if budget == 0:
+            return
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed)
+
+        # 1) prefill the prompt once, batch 1
+        prefill_cache = self._new_cache(1, len(tokens))
+        ids = torch.tensor([tokens], dtype=torch.long, device=device)
+        logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]  # (1, V)
+        # 2) clone it into one row per sample; the decode cache holds everything this call can feed
+        cache = self._new_cache(num_samples, len(tokens) + budget)
+        cache.prefill(prefill_cache)
+        del prefill_cache
+        logits = logits.expand(num_samples, -1).contiguous()
+
+        rows = [_Row() for _ in range(num_samples)]
+        for step in range(budget):
+            sampled = sample_next_token(logits, generator, temperature, top_k).tolist()
+            column, masks = [], []
+            for row, tok in zip(rows, sampled):
+                if row.done:
+                    column.append(row.stop_token)
+                    masks.append(0)
+                    continue
+                if row.forced:
+                    tok, mask = row.forced.popleft(), 0
+                else:
+                    mask = 1
+                column.append(tok)
+                masks.append(mask)
+                self._advance(row, tok)
+            yield column, masks
+            if step == budget - 1 or all(row.done for row in rows):
+                return
+            # 3) feed the column back: one token per row
+            ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
+            logits = self.model(ids, kv_cache=cache)[:, -1, :]
+
+    def generate_batch(self, tokens, num_samples=1, **kwargs):
+        """Run `generate` to the end. Returns (results, masks): per row, the generated tokens (prompt not
+        included) up to but EXCLUDING the stop token (<|assistant_end|> / <|bos|>), and their masks
+        (1 sampled, 0 forced by the tool). Rows cut off by max_tokens or the context have no stop token."""
+        results = [[] for _ in range(num_samples)]
+        masks = [[] for _ in range(num_samples)]
+        done = [False] * num_samples
+        for column, column_masks in self.generate(tokens, num_samples=num_samples, **kwargs):
+            for i, (tok, m) in enumerate(zip(column, column_masks)):
+                if done[i]:
+                    continue
+                if tok in self.stop_tokens:
+                    done[i] = True
+                else:
+                    results[i].append(tok)
+                    masks[i].append(m)
+        return results, masks
+
+
+def _token_bytes(tokenizer, token_id):
+    enc = getattr(tokenizer, "enc", None)  # tiktoken Encoding: exact bytes, special tokens included
+    if enc is not None:
+        return enc.decode_single_token_bytes(token_id)
+    return tokenizer.decode([token_id]).encode("utf-8")
+
+
+class StreamDecoder:
+    """Incremental UTF-8-safe decoding of a token stream.
+
+    push(token_id) returns only the text completed by that token: bytes of a multi-byte character that
+    is split across tokens are held back until the character is complete (never a U+FFFD mid-stream).
+    Byte sequences that can never become valid UTF-8 are replaced by U+FFFD as soon as that is certain.
+    flush() returns whatever is still held back (an incomplete tail becomes U+FFFD) and resets.
+    Concatenating every push() and the final flush() equals tokenizer.decode(all ids).
+    Special tokens decode to their names (e.g. "<|python_start|>"); filter them before pushing if unwanted.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token_id):
+        return self._decoder.decode(_token_bytes(self.tokenizer, token_id))
+
+    def flush(self):
+        text = self._decoder.decode(b"", final=True)
+        self._decoder.reset()
+        return text
+
+    def reset(self):
+        self._decoder.reset()

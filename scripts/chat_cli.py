@@ -1,0 +1,211 @@
+"""Chat with a trained model in the terminal.
+
+    python -m scripts.chat_cli                      # the SFT model, interactive
+    python -m scripts.chat_cli -i mid -p "Hi!"      # one prompt to the midtrained model, then exit
+    python -m scripts.chat_cli -i rl -t 0.8 -k 40 --max-tokens 256
+
+Interactive commands: `quit` / `exit` (or Ctrl-D) to leave, `clear` to start a new conversation.
+Replies stream as they are generated; calculator calls show as [python: 2+3 → 5].
+"""
+import argparse
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from nanochat.engine import Engine, StreamDecoder
+
+
+class ContextFullError(ValueError):
+    """The conversation no longer fits in the model's context."""
+
+
+def render_prompt(engine, tokenizer, conversation):
+    """The prompt ids for the next assistant reply; ContextFullError if they leave no room to answer."""
+    prompt = tokenizer.render_for_completion(conversation)
+    ctx = engine.model.config.sequence_len
+    if len(prompt) >= ctx:
+        raise ContextFullError(f"the conversation is {len(prompt)} tokens but the model's context is {ctx}")
+    return prompt
+
+
+def chat_turn(engine, tokenizer, conversation, temperature=0.6, top_k=50, max_tokens=512, seed=42, out=None):
+    """Generate the assistant's reply to `conversation` (a list of messages ending with the user's),
+    streaming it to `out` (a text stream, default stdout). Returns the reply's content in the format
+    render_conversation takes: a str, or a list of {"type": "text"|"python"|"python_output", "text"}
+    parts when the reply used the calculator. The caller appends it to the conversation.
+    Raises ContextFullError when the conversation leaves no room in the model's context."""
+    out = sys.stdout if out is None else out
+    S = tokenizer.encode_special
+    python_start, python_end = S("<|python_start|>"), S("<|python_end|>")
+    output_start, output_end = S("<|output_start|>"), S("<|output_end|>")
+    stop_tokens = {S("<|assistant_end|>"), tokenizer.get_bos_token_id()}
+
+    prompt = render_prompt(engine, tokenizer, conversation)
+    ctx = engine.model.config.sequence_len
+
+    parts = []  # [type, text] pairs of the reply
+    mode = "text"  # which part the next tokens belong to: text / python / python_output
+    buf = []  # token ids of the current python or python_output part
+    pending_call = None  # an expression whose output (or lack of one) isn't known yet
+    decoder = StreamDecoder(tokenizer)
+
+    def write(s):
+        if s:
+            out.write(s)
+            out.flush()
+
+    def add_text(s):
+        if not s:
+            return
+        if parts and parts[-1][0] == "text":
+            parts[-1][1] += s
+        else:
+            parts.append(["text", s])
+        write(s)
+
+    def show_call(expr, result):
+        write(f"[python: {expr.strip()} → {result if result is not None else 'no result'}]")
+
+    stopped = False
+    n = 0
+    for column, _ in engine.generate(prompt, num_samples=1, max_tokens=max_tokens, temperature=temperature,
+                                     top_k=top_k, seed=seed):
+        tok = column[0]
+        n += 1
+        if pending_call is not None and mode == "text" and tok != output_start:
+            show_call(pending_call, None)  # the calculator gave nothing: no output follows the call
+            pending_call = None
+        if tok in stop_tokens:
+            stopped = True
+            break
+        if tok == python_start:
+            add_text(decoder.flush())
+            mode, buf = "python", []
+        elif tok == python_end and mode == "python":
+            expr = tokenizer.decode(buf)
+            parts.append(["python", expr])
+            mode, pending_call = "text", expr
+        elif tok == output_start and mode == "text":
+            add_text(decoder.flush())
+            mode, buf = "python_output", []
+        elif tok == output_end and mode == "python_output":
+            result = tokenizer.decode(buf)
+            parts.append(["python_output", result])
+            if pending_call is not None:
+                show_call(pending_call, result)
+                pending_call = None
+            mode = "text"
+        elif mode == "text":
+            add_text(decoder.push(tok))
+        else:
+            buf.append(tok)
+    if pending_call is not None:
+        show_call(pending_call, None)
+    add_text(decoder.flush())
+    if mode != "text" and buf:  # cut off inside a tool call: keep what was written as text
+        add_text(tokenizer.decode(buf))
+    if not stopped:
+        if len(prompt) + n >= ctx:
+            write("\n[stopped: the model's context is full; type 'clear' to start over]")
+        else:
+            write(f"\n[stopped: reached --max-tokens {max_tokens}]")
+    write("\n")
+
+    if all(kind == "text" for kind, _ in parts):
+        return "".join(text for _, text in parts)
+    return [{"type": kind, "text": text} for kind, text in parts]
+
+
+def chat_loop(engine, tokenizer, temperature=0.6, top_k=50, max_tokens=512, seed=42, input_fn=input, out=None):
+    """The interactive loop: read a line, answer it, keep the history. Returns when the user quits."""
+    out = sys.stdout if out is None else out
+    conversation = []
+    turn = 0
+    out.write("nanochat — type 'quit' or 'exit' to leave, 'clear' to start a new conversation\n")
+    while True:
+        try:
+            line = input_fn("\nUser: ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text.lower() in ("quit", "exit"):
+            return
+        if text.lower() == "clear":
+            conversation = []
+            out.write("(conversation cleared)\n")
+            continue
+        conversation.append({"role": "user", "content": line})
+        try:
+            render_prompt(engine, tokenizer, conversation)
+            out.write("\nAssistant: ")
+            out.flush()
+            reply = chat_turn(engine, tokenizer, conversation, temperature=temperature, top_k=top_k,
+                              max_tokens=max_tokens, seed=seed + turn, out=out)
+        except ContextFullError as e:
+            conversation.pop()
+            out.write(f"[{e}: message not sent; type 'clear' to start a new conversation]\n")
+            continue
+        except KeyboardInterrupt:  # Ctrl-C stops this reply, not the program
+            conversation.pop()
+            out.write("\n[interrupted]\n")
+            continue
+        conversation.append({"role": "assistant", "content": reply})
+        turn += 1
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's model")
+    p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest model)")
+    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
+    p.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy")
+    p.add_argument("-k", "--top-k", type=int, default=50, help="0 = no top-k")
+    p.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    args = p.parse_args(argv)
+    if args.temperature < 0:
+        p.error("--temperature must be >= 0")
+    if args.top_k < 0:
+        p.error("--top-k must be >= 0")
+    if args.max_tokens < 1:
+        p.error("--max-tokens must be >= 1")
+    if args.prompt is not None and not args.prompt.strip():
+        p.error("-p/--prompt is empty")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from nanochat.checkpoint_manager import load_model
+    from nanochat.common import compute_init
+    _, _, _, _, device = compute_init(args.device_type or None)
+    try:
+        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    engine = Engine(model, tokenizer)
+    kw = dict(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens, seed=args.seed)
+    with autocast:
+        if args.prompt is not None:
+            try:
+                chat_turn(engine, tokenizer, [{"role": "user", "content": args.prompt}], **kw)
+            except ContextFullError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            return 0
+        print(f"loaded the {args.source} model (step {meta.get('step', '?')}) on {device}", file=sys.stderr)
+        chat_loop(engine, tokenizer, **kw)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
