@@ -21,10 +21,20 @@ if [ -z "${NANOCHAT_PROFILE:-}" ]; then
   ngpu=$( (nvidia-smi -L 2>/dev/null || true) | grep -c "^GPU" || true)
   if [ "$ngpu" -ge 8 ]; then NANOCHAT_PROFILE=gpu8; elif [ "$ngpu" -ge 1 ]; then NANOCHAT_PROFILE=gpu1; else NANOCHAT_PROFILE=cpu; fi
 fi
+# Same code under every profile; only these flags differ.
 case "$NANOCHAT_PROFILE" in
-  gpu8) NPROC=8; DATA=online;  SHARDS=240; VOCAB=65536; TOK_CHARS=2000000000 ;;
-  gpu1) NPROC=1; DATA=online;  SHARDS=240; VOCAB=65536; TOK_CHARS=2000000000 ;;
-  cpu)  NPROC=1; DATA=offline; SHARDS=0;   VOCAB=4096;  TOK_CHARS=50000000 ;;
+  gpu8|gpu1)
+    NPROC=${NANOCHAT_PROFILE#gpu}; DATA=online; SHARDS=240; VOCAB=65536; TOK_CHARS=2000000000
+    # depth 20 at Chinchilla 20 tokens/param; gpu1 gets the same total batch by accumulation
+    BASE_TRAIN="--depth=20 --device-batch-size=32 --total-batch-size=524288"
+    BASE_LOSS="--split-tokens=10485760"
+    BASE_EVAL="--max-per-task=-1" ;;
+  cpu)
+    NPROC=1; DATA=offline; SHARDS=0; VOCAB=4096; TOK_CHARS=50000000
+    # a tiny model for a fixed number of steps: 20 tokens/param would take hours on 2 cores
+    BASE_TRAIN="--depth=4 --max-seq-len=512 --device-batch-size=8 --total-batch-size=8192 --num-iterations=${CPU_BASE_STEPS:-600} --eval-every=100 --eval-tokens=65536 --sample-every=300 --save-every=100 --keep-last=2"
+    BASE_LOSS="--split-tokens=131072 --device-batch-size=8"
+    BASE_EVAL="--max-per-task=100" ;;
   *) echo "unknown NANOCHAT_PROFILE=$NANOCHAT_PROFILE (expected gpu8, gpu1 or cpu)" >&2; exit 1 ;;
 esac
 DATA="${NANOCHAT_DATA:-$DATA}"
@@ -34,6 +44,11 @@ echo "profile: $NANOCHAT_PROFILE (ranks: $NPROC, data: $DATA, base dir: $NANOCHA
 # run a stage on all ranks: torchrun when there are several, plain python otherwise
 launch() {
   if [ "$NPROC" -gt 1 ]; then torchrun --standalone --nproc_per_node="$NPROC" -m "$@"; else python -m "$@"; fi
+}
+# NANOCHAT_RESUME=1 bash speedrun.sh continues a killed run: training stages resume from their last
+# checkpoint (a stage that had finished just re-saves). Otherwise each stage starts fresh.
+resume_flag() {
+  if [ "${NANOCHAT_RESUME:-0}" = 1 ] && ls "$NANOCHAT_BASE_DIR/$1_checkpoints"/*/meta_*.json >/dev/null 2>&1; then echo "--resume"; fi
 }
 STAGE=0
 stage() {
@@ -65,6 +80,11 @@ if [ -n "$DATA_PID" ]; then
   echo "waiting for the shard download to finish (log: $NANOCHAT_BASE_DIR/download.log)"
   wait "$DATA_PID"
 fi
+
+# --- base model -----------------------------------------------------------------------------
+stage "base model training" launch scripts.base_train -- $BASE_TRAIN --run="$WANDB_RUN" $(resume_flag base)
+stage "base model loss" launch scripts.base_loss -- $BASE_LOSS
+stage "base model evaluation (CORE)" launch scripts.base_eval -- $BASE_EVAL
 
 stage "report" python -m nanochat.report generate
 echo "done: $(pwd)/report.md"
