@@ -32,9 +32,9 @@ case "$NANOCHAT_PROFILE" in
   cpu)
     NPROC=1; DATA=offline; SHARDS=0; VOCAB=4096; TOK_CHARS=50000000
     # a tiny model for a fixed number of steps: 20 tokens/param would take hours on 2 cores
-    BASE_TRAIN="--depth=4 --max-seq-len=512 --device-batch-size=8 --total-batch-size=8192 --num-iterations=${CPU_BASE_STEPS:-600} --eval-every=100 --eval-tokens=65536 --sample-every=300 --save-every=100 --keep-last=2"
-    BASE_LOSS="--split-tokens=131072 --device-batch-size=8"
-    BASE_EVAL="--max-per-task=100" ;;
+    BASE_TRAIN="--depth=4 --max-seq-len=512 --device-batch-size=8 --total-batch-size=8192 --num-iterations=${CPU_BASE_STEPS:-200} --eval-every=50 --eval-tokens=65536 --sample-every=100 --save-every=50 --keep-last=2"
+    BASE_LOSS="--split-tokens=65536 --device-batch-size=8"
+    BASE_EVAL="--max-per-task=50" ;;
   *) echo "unknown NANOCHAT_PROFILE=$NANOCHAT_PROFILE (expected gpu8, gpu1 or cpu)" >&2; exit 1 ;;
 esac
 DATA="${NANOCHAT_DATA:-$DATA}"

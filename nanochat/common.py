@@ -42,6 +42,13 @@ def get_dist_info():
     return False, 0, 0, 1
 
 
+def script_argv(argv=None):
+    """A stage's command-line arguments without the `--` that `torchrun ... -m scripts.X -- --flags`
+    passes on (argparse would read everything after it as positionals)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return argv[1:] if argv[:1] == ["--"] else argv
+
+
 def is_ddp():
     return dist.is_available() and dist.is_initialized()
 

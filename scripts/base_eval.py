@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, find_last_step, load_model
-from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import script_argv, atomic_write, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_eval import TASKS, evaluate_core
 
 
@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--max-per-task", type=int, default=-1, help="evaluate at most N items per task (-1: all)")
     p.add_argument("--tasks", default="", help=f"comma-separated subset of: {','.join(TASKS)}")
     p.add_argument("--device-type", default=None, help="cuda|cpu|mps (default: autodetect)")
-    return p.parse_args(argv)
+    return p.parse_args(script_argv(argv))
 
 
 def results_table(results):

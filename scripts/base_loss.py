@@ -4,13 +4,12 @@
     torchrun --standalone --nproc_per_node=8 -m scripts.base_loss -- --split-tokens 10485760
 """
 import argparse
-import sys
 from contextlib import nullcontext
 
 import torch
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import compute_cleanup, compute_init, print0
+from nanochat.common import script_argv, compute_cleanup, compute_init, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
@@ -27,9 +26,6 @@ PROMPTS = [
 
 
 def parse_args(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the largest model)")
@@ -38,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split (all ranks)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per greedy sample")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    return p.parse_args(argv)
+    return p.parse_args(script_argv(argv))
 
 
 def main(argv=None):

@@ -13,9 +13,7 @@ step, RNG) and gives the same losses as a run that was never interrupted.
 import argparse
 import dataclasses
 import json
-import math
 import os
-import sys
 import time
 from contextlib import nullcontext
 
@@ -23,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import start_fresh, find_last_step, load_checkpoint, save_checkpoint
-from nanochat.common import compute_cleanup, compute_init, format_eta, get_base_dir, print0
+from nanochat.common import script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
@@ -40,9 +38,6 @@ SAMPLE_PROMPTS = [
 
 
 def parse_args(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--"]:  # `torchrun ... -m scripts.base_train -- --flags` passes the separator on
-        argv = argv[1:]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="dummy", help="wandb run name; wandb is used only when set and not 'dummy'")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
@@ -82,7 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--loss-file", default="", help="rank 0 appends {step, loss, lrm} JSON lines here (full precision)")
     p.add_argument("--stop-after", type=int, default=-1, help="debug: save a checkpoint after this many steps and "
                    "exit as if killed (continue with --resume)")
-    return p.parse_args(argv)
+    return p.parse_args(script_argv(argv))
 
 
 def model_config(depth, seq_len, vocab_size):
@@ -113,17 +108,21 @@ def muon_momentum(step):
     return (1 - frac) * 0.85 + frac * 0.95
 
 
-def measure_peak_flops(device, dtype, n=1024, iters=6):
-    """A rough per-device peak for MFU on CPU: the best of a few n x n matmuls."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm up
-    best = float("inf")
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+def measure_peak_flops(device, dtype, sizes=(1024, 2048), seconds=0.5):
+    """A per-device peak for MFU on CPU: the fastest single square matmul seen in ~`seconds` of trials
+    at each size. Taking the best of many trials keeps a moment of contention from lowering the peak
+    (which would inflate MFU)."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm up
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from contextlib import nullcontext
 
 import torch
 
+from nanochat.common import script_argv
 from nanochat.engine import Engine, StreamDecoder
 
 
@@ -168,7 +169,7 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    args = p.parse_args(argv)
+    args = p.parse_args(script_argv(argv))
     if args.temperature < 0:
         p.error("--temperature must be >= 0")
     if args.top_k < 0:

@@ -8,6 +8,7 @@ import collections
 import pyarrow.parquet as pq
 import tiktoken
 
+from nanochat.common import script_argv
 from nanochat.dataset import SOURCE_KIND, list_parquet_files
 from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
@@ -48,7 +49,7 @@ def texts_by_kind(max_chars_per_kind):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--max-chars-per-kind", type=int, default=200_000)
-    args = p.parse_args(argv)
+    args = p.parse_args(script_argv(argv))
 
     texts = {**texts_by_kind(args.max_chars_per_kind), **FIXED_SAMPLES}
     ours = get_tokenizer()

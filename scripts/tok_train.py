@@ -3,10 +3,9 @@
     python -m scripts.tok_train --vocab-size 65536 --max-chars 2000000000
 """
 import argparse
-import os
 import time
 
-from nanochat.common import get_base_dir
+from nanochat.common import script_argv
 from nanochat.dataset import parquets_iter_batched
 from nanochat.report import get_report
 from nanochat.tokenizer import Tokenizer, get_tokenizer_dir
@@ -29,7 +28,7 @@ def main(argv=None):
     p.add_argument("--max-chars", type=int, default=2_000_000_000, help="characters of training text to use")
     p.add_argument("--doc-cap", type=int, default=10_000, help="max characters taken from any one document")
     p.add_argument("--vocab-size", type=int, default=65536, help="final vocab size, special tokens included")
-    args = p.parse_args(argv)
+    args = p.parse_args(script_argv(argv))
     print(f"training tokenizer: vocab_size={args.vocab_size:,} max_chars={args.max_chars:,} doc_cap={args.doc_cap:,}")
 
     chars = 0
