@@ -20,11 +20,13 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import start_fresh, find_last_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import find_last_step, load_checkpoint, start_fresh
 from nanochat.common import script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.training import (check_resume, gather_objects, lr_multiplier, restore_training_state,
+                               save_training_checkpoint, set_lrs)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 GPU_PEAK_FLOPS = 989e12  # bf16 dense, per H100-class GPU: the reference for MFU on CUDA
@@ -91,23 +93,6 @@ def model_config(depth, seq_len, vocab_size):
                      n_kv_head=n_head, n_embd=n_embd)
 
 
-def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
-    """Linear warmup, constant, then linear warmdown to final_lr_frac."""
-    warmup = round(warmup_ratio * num_iterations)
-    warmdown = round(warmdown_ratio * num_iterations)
-    if step < warmup:
-        return (step + 1) / warmup
-    if step <= num_iterations - warmdown:
-        return 1.0
-    progress = (num_iterations - step) / warmdown
-    return progress + (1 - progress) * final_lr_frac
-
-
-def muon_momentum(step):
-    frac = min(step / 300, 1.0)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
 def measure_peak_flops(device, dtype, sizes=(1024, 2048), seconds=0.5):
     """A per-device peak for MFU on CPU: the fastest single square matmul seen in ~`seconds` of trials
     at each size. Taking the best of many trials keeps a moment of contention from lowering the peak
@@ -134,14 +119,6 @@ def sample_greedy(model, tokenizer, prompts, max_tokens, autocast_ctx):
             new = list(model.generate(ids, max_tokens, temperature=0))
         out.append(prompt + tokenizer.decode(new))
     return out
-
-
-def gather_objects(obj, world_size):
-    if world_size == 1:
-        return [obj]
-    objs = [None] * world_size
-    dist.all_gather_object(objs, obj)
-    return objs
 
 
 def save_loss_plot(history, val_history, path_fn):
@@ -227,7 +204,6 @@ def main(argv=None):
     for opt in optimizers:
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
-    muon = optimizers[1]
 
     # --- resume ------------------------------------------------------------------------------
     model_tag = args.model_tag or f"d{args.depth}"
@@ -238,19 +214,13 @@ def main(argv=None):
     if args.resume:
         start_step = find_last_step(checkpoint_dir)
         model_state, rank_state, meta = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True, rank=rank)
-        same = {"world_size": world_size, "device_batch_size": B, "max_seq_len": T, "total_batch_size": args.total_batch_size}
-        diff = {k: (meta.get(k), v) for k, v in same.items() if meta.get(k) != v}
-        if diff:
-            raise SystemExit(f"cannot resume exactly: the checkpoint was made with different settings {diff} (saved, now)")
+        check_resume(meta, {"world_size": world_size, "device_batch_size": B, "max_seq_len": T,
+                            "total_batch_size": args.total_batch_size})
         if meta["num_iterations"] != num_iterations:
             print0(f"warning: the checkpoint planned {meta['num_iterations']} steps, this run {num_iterations}: "
                    "the LR schedule changes from here on")
         orig_model.load_state_dict(model_state)
-        for opt, state in zip(optimizers, rank_state["optimizers"]):
-            opt.load_state_dict(state)
-        torch.set_rng_state(rank_state["rng"]["cpu"].cpu())
-        if device_type == "cuda" and "cuda" in rank_state["rng"]:
-            torch.cuda.set_rng_state(rank_state["rng"]["cuda"].cpu())
+        restore_training_state(optimizers, rank_state)
         loader_state = meta["loader_states"][rank]
         loop.update(meta["loop_state"])
         del model_state, rank_state
@@ -307,9 +277,6 @@ def main(argv=None):
         stop_here = step == args.stop_after
         periodic = args.save_every > 0 and step % args.save_every == 0 and step > 0
         if last_step or stop_here or (periodic and not resumed_here):
-            rng = {"cpu": torch.get_rng_state()}
-            if device_type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
             meta = {
                 "step": step,
                 "model_config": dataclasses.asdict(config),
@@ -320,10 +287,7 @@ def main(argv=None):
                 "loader_states": gather_objects(loader_pos, world_size),  # one per rank
                 "loop_state": loop,
             }
-            save_checkpoint(checkpoint_dir, step, orig_model.state_dict(),
-                            {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}, meta,
-                            rank=rank, keep_last=args.keep_last if args.keep_last > 0 else None)
-            print0(f"saved checkpoint {checkpoint_dir} step {step}")
+            save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, rank, args.keep_last)
         if last_step or stop_here:
             break
 
@@ -339,11 +303,7 @@ def main(argv=None):
             loader_pos = after
             x, y, after = next(train_loader)  # prefetch while the device works
         lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in muon.param_groups:
-            group["momentum"] = muon_momentum(step)
+        set_lrs(optimizers, step, lrm)
         for opt in optimizers:
             opt.step()
         model.zero_grad(set_to_none=True)

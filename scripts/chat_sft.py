@@ -28,11 +28,12 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import save_checkpoint, start_fresh
+from nanochat.checkpoint_manager import start_fresh
 from nanochat.common import script_argv, compute_cleanup, compute_init, format_eta, print0
-from scripts.base_train import gather_objects, lr_multiplier
-from scripts.mid_train import (add_common_args, build_tasks, check_resume, describe_tasks, load_start_model,
-                               make_optimizers, mixture_spec, set_lrs, setup_dtype, split_mixture)
+from nanochat.training import (check_resume, gather_objects, lr_multiplier, restore_training_state,
+                               save_training_checkpoint, set_lrs)
+from scripts.mid_train import (add_common_args, build_tasks, describe_tasks, load_start_model, make_optimizers,
+                               mixture_spec, setup_dtype, split_mixture)
 
 SFT_DEFAULT = "arc,gsm8k,spellingbee,simplespelling,chitchat,chatterbot"
 MC_EVAL_DEFAULT = "arc-easy,mmlu"
@@ -266,11 +267,7 @@ def main(argv=None):
                                    "num_train_conversations": len(train_set)})
         if resume_meta["num_iterations"] != num_iterations:
             print0(f"warning: the checkpoint planned {resume_meta['num_iterations']} steps, this run {num_iterations}")
-        for opt, state in zip(optimizers, rank_state["optimizers"]):
-            opt.load_state_dict(state)
-        torch.set_rng_state(rank_state["rng"]["cpu"].cpu())
-        if device_type == "cuda" and "cuda" in rank_state["rng"]:
-            torch.cuda.set_rng_state(rank_state["rng"]["cuda"].cpu())
+        restore_training_state(optimizers, rank_state)
         loop.update(resume_meta["loop_state"])
         print0(f"resumed from {checkpoint_dir} at step {start_step}")
     elif master:
@@ -312,9 +309,6 @@ def main(argv=None):
         stop_here = step == args.stop_after
         periodic = args.save_every > 0 and step % args.save_every == 0 and step > 0
         if last_step or stop_here or (periodic and not resumed_here):
-            rng = {"cpu": torch.get_rng_state()}
-            if device_type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
             meta = {
                 "step": step,
                 "model_config": dataclasses.asdict(config),
@@ -327,10 +321,7 @@ def main(argv=None):
                 "loader_states": gather_objects({"step": step}, world_size),  # the data order depends only on the step
                 "loop_state": loop,
             }
-            save_checkpoint(checkpoint_dir, step, orig_model.state_dict(),
-                            {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}, meta,
-                            rank=rank, keep_last=args.keep_last if args.keep_last > 0 else None)
-            print0(f"saved checkpoint {checkpoint_dir} step {step}")
+            save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, rank, args.keep_last)
         if last_step or stop_here:
             break
 

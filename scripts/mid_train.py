@@ -36,11 +36,12 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint,
-                                         load_model, save_checkpoint, start_fresh)
+                                         load_model, start_fresh)
 from nanochat.common import script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
-from scripts.base_train import gather_objects, lr_multiplier, muon_momentum
+from nanochat.training import (check_resume, gather_objects, lr_multiplier, restore_training_state,
+                               save_training_checkpoint, set_lrs)
 
 GPU_PEAK_FLOPS = 989e12
 MID_DEFAULT = "chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling"
@@ -288,20 +289,6 @@ def load_start_model(args, source, out_dirname, device, rank):
     return model, tokenizer, tag, checkpoint_dir, 0, None, None
 
 
-def check_resume(meta, same):
-    diff = {k: (meta.get(k), v) for k, v in same.items() if meta.get(k) != v}
-    if diff:
-        raise SystemExit(f"cannot resume exactly: the checkpoint was made with different settings {diff} (saved, now)")
-
-
-def set_lrs(optimizers, step, lrm):
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] * lrm
-    for group in optimizers[1].param_groups:
-        group["momentum"] = muon_momentum(step)
-
-
 def make_optimizers(model, args):
     f = args.init_lr_frac
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * f, embedding_lr=args.embedding_lr * f,
@@ -375,11 +362,7 @@ def main(argv=None):
                                    "num_train_conversations": len(train_set)})
         if resume_meta["num_iterations"] != num_iterations:
             print0(f"warning: the checkpoint planned {resume_meta['num_iterations']} steps, this run {num_iterations}")
-        for opt, state in zip(optimizers, rank_state["optimizers"]):
-            opt.load_state_dict(state)
-        torch.set_rng_state(rank_state["rng"]["cpu"].cpu())
-        if device_type == "cuda" and "cuda" in rank_state["rng"]:
-            torch.cuda.set_rng_state(rank_state["rng"]["cuda"].cpu())
+        restore_training_state(optimizers, rank_state)
         loader_state = resume_meta["loader_states"][rank]
         loop.update(resume_meta["loop_state"])
         print0(f"resumed from {checkpoint_dir} at step {start_step}")
@@ -418,9 +401,6 @@ def main(argv=None):
         stop_here = step == args.stop_after
         periodic = args.save_every > 0 and step % args.save_every == 0 and step > 0
         if last_step or stop_here or (periodic and not resumed_here):
-            rng = {"cpu": torch.get_rng_state()}
-            if device_type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state()
             meta = {
                 "step": step,
                 "model_config": dataclasses.asdict(config),
@@ -432,10 +412,7 @@ def main(argv=None):
                 "loader_states": gather_objects(loader_pos, world_size),
                 "loop_state": loop,
             }
-            save_checkpoint(checkpoint_dir, step, orig_model.state_dict(),
-                            {"optimizers": [opt.state_dict() for opt in optimizers], "rng": rng}, meta,
-                            rank=rank, keep_last=args.keep_last if args.keep_last > 0 else None)
-            print0(f"saved checkpoint {checkpoint_dir} step {step}")
+            save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, rank, args.keep_last)
         if last_step or stop_here:
             break
 

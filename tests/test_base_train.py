@@ -113,7 +113,8 @@ def test_bad_total_batch_size_is_a_clear_error(base_dir):
 
 
 def test_depth_dial():
-    from scripts.base_train import lr_multiplier, model_config
+    from nanochat.training import lr_multiplier
+    from scripts.base_train import model_config
     for depth in range(1, 33):
         c = model_config(depth, 128, 300)
         head_dim = c.n_embd // c.n_head
