@@ -15,7 +15,6 @@ Design (SPEC §6):
 Build it on the meta device, then `model.to_empty(device=d); model.init_weights()` (what the
 training scripts do), or construct it directly on CPU (it then initialises itself).
 """
-import math
 from dataclasses import dataclass
 
 import torch
