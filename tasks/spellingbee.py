@@ -94,8 +94,9 @@ def spelling_bee_example(word, letter, rng):
             "word": word, "letter": letter, "answer": str(count)}
 
 
-class SpellingBee(Task):
-    """`size` letter-counting questions over the split's words; example i is fixed by (seed, split, i)."""
+class _WordTask(Task):
+    """`size` generated questions over the split's words; example i is fixed by (name, seed, split, i)."""
+    name = ""
 
     def __init__(self, size=1000, split="train", seed=0, **kwargs):
         super().__init__(**kwargs)
@@ -109,8 +110,16 @@ class SpellingBee(Task):
     def num_examples(self):
         return self.size
 
+    def _rng(self, index):
+        return random.Random(f"{self.name}/{self.seed}/{self.split}/{index}")
+
+
+class SpellingBee(_WordTask):
+    """Letter-counting questions: spell the word, count, check with the python tool."""
+    name = "spellingbee"
+
     def get_example(self, index):
-        rng = random.Random(f"spellingbee/{self.seed}/{self.split}/{index}")
+        rng = self._rng(index)
         word = rng.choice(self.words)
         # mostly a letter of the word; sometimes any letter (often a count of 0)
         letter = rng.choice(word) if rng.random() < 0.85 else rng.choice("abcdefghijklmnopqrstuvwxyz")
@@ -127,23 +136,12 @@ _SPELL_QUESTIONS = ["Spell the word {w}.", "How do you spell {w}?", "spell {w}",
                     "Can you spell \"{w}\" for me?"]
 
 
-class SimpleSpelling(Task):
-    """`size` "spell the word" requests; the reply is the word's letters joined by '-'."""
-
-    def __init__(self, size=1000, split="train", seed=0, **kwargs):
-        super().__init__(**kwargs)
-        self.size, self.split, self.seed = size, split, seed
-        self.words = split_words(split)
-
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return self.size
+class SimpleSpelling(_WordTask):
+    """"Spell the word" requests; the reply is the word's letters joined by '-'."""
+    name = "simplespelling"
 
     def get_example(self, index):
-        rng = random.Random(f"simplespelling/{self.seed}/{self.split}/{index}")
+        rng = self._rng(index)
         word = rng.choice(self.words)
         return {"messages": [{"role": "user", "content": rng.choice(_SPELL_QUESTIONS).format(w=word)},
                              {"role": "assistant", "content": "-".join(word)}],
