@@ -70,8 +70,7 @@ def _grads(shapes, rank, step):
 
 def _worker(rank, init_file):
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=WORLD)
-    try:
-        for name, shapes, dist_cls, ref_cls, kwargs in [
+    for name, shapes, dist_cls, ref_cls, kwargs in [
             ("muon", SHAPES_MUON, DistMuon, Muon, dict(lr=0.05, momentum=0.9)),
             ("adamw", SHAPES_ADAM, DistAdamW, torch.optim.AdamW,
              # eps comparable to the gradients' scale, so a wrongly scaled (summed, not averaged)
@@ -99,8 +98,10 @@ def _worker(rank, init_file):
                 other = [torch.empty_like(a) for _ in range(WORLD)]
                 dist.all_gather(other, a.detach())
                 assert torch.equal(other[0], other[1]), name
-    finally:
-        dist.destroy_process_group()
+    # Every check has passed. Under heavy load gloo sometimes aborts in its own teardown
+    # ("terminate called without an active exception"), after the work is done; leave without it.
+    dist.barrier()
+    os._exit(0)
 
 
 def test_distributed_optimizers_match_single_process():
