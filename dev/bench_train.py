@@ -1,9 +1,10 @@
 """Training-step throughput benchmark: tokens/s, achieved FLOP/s and MFU per depth (not a test).
 
 One "step" = grad_accum x (forward + backward) on batch_size x seq_len tokens, then both optimizer
-steps (AdamW + Muon), exactly as base_train does it. Model FLOPs come from GPT.estimate_flops();
-the peak is a large square matmul timed in the same run, in the dtype the matmuls run in
-(fp32 for --dtype fp32, bf16 for --dtype bf16 autocast), so MFU never credits bf16 against an fp32 peak.
+steps (AdamW + Muon), as base_train does it. Model FLOPs come from GPT.estimate_flops(); the peak is
+the best large square matmul timed in the same run, in the dtype the matmuls run in (fp32 -- TF32 on
+CUDA -- for --dtype fp32, bf16 for bf16 autocast), so MFU never credits bf16 against an fp32 peak; the
+"MFU vs fp32 peak" column is printed too. Results and the CPU findings: dev/notes_train.md.
 
     python -m dev.bench_train                                   # CPU defaults (the fastest found)
     python -m dev.bench_train --dtype fp32 --compile 0          # the plain eager fp32 baseline
@@ -87,9 +88,10 @@ def bench_one(depth, dtype, compile_, args, device):
     # best of N: contention only ever slows a step down, so the fastest step is the cleanest measurement
     best = min(runs, key=lambda r: r["step_s"])
     tokens = args.batch_size * args.seq_len * args.grad_accum
-    return dict(params=model.num_params(), tok_s=tokens / best["step_s"], flops=model.estimate_flops() * tokens / best["step_s"],
-                step_s=best["step_s"], opt_frac=best["opt_s"] / best["step_s"], first_loss=warm[0]["loss"],
-                last_loss=runs[-1]["loss"], warmup_s=warmup_s, util=best["util"] if device.type == "cpu" else float("nan"))
+    return dict(params=model.num_params(), tok_s=tokens / best["step_s"], step_s=best["step_s"],
+                flops=model.estimate_flops() * tokens / best["step_s"], opt_frac=best["opt_s"] / best["step_s"],
+                first_loss=warm[0]["loss"], last_loss=runs[-1]["loss"], warmup_s=warmup_s,
+                util=best["util"] if device.type == "cpu" else float("nan"))
 
 
 def main():
@@ -99,14 +101,14 @@ def main():
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--dtype", default=None, help="fp32 | bf16 (autocast). Default: the best for the device")
     p.add_argument("--compile", type=int, default=None, help="torch.compile the model. Default: best for device")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode, e.g. max-autotune")
     p.add_argument("--variants", default=None, help="comma list of dtype[+compile], overrides --dtype/--compile")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--iters", type=int, default=4)
     args = p.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -114,7 +116,9 @@ def main():
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    best_default = "bf16+compile"  # measured best on both the 2-core CPU and GPUs, see dev/notes_train.md
+    # Measured best on the 2-core dev CPU (AVX512_BF16), and the usual choice on GPUs. On a CPU without
+    # native bf16, pass --dtype fp32 (see dev/notes_train.md).
+    best_default = "bf16+compile"
     if args.variants:
         variants = args.variants.split(",")
     else:
