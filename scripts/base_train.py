@@ -201,9 +201,6 @@ def main(argv=None):
 
     optimizers = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                              matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group.setdefault("initial_lr", group["lr"])
 
     # --- resume ------------------------------------------------------------------------------
     model_tag = args.model_tag or f"d{args.depth}"

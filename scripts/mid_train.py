@@ -293,10 +293,7 @@ def make_optimizers(model, args):
     f = args.init_lr_frac
     optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * f, embedding_lr=args.embedding_lr * f,
                                         matrix_lr=args.matrix_lr * f, weight_decay=args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["initial_lr"] = group["lr"]
-    return optimizers
+    return optimizers  # setup_optimizers records each group's initial_lr
 
 
 def main(argv=None):
