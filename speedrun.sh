@@ -28,13 +28,22 @@ case "$NANOCHAT_PROFILE" in
     # depth 20 at Chinchilla 20 tokens/param; gpu1 gets the same total batch by accumulation
     BASE_TRAIN="--depth=20 --device-batch-size=32 --total-batch-size=524288"
     BASE_LOSS="--split-tokens=10485760"
-    BASE_EVAL="--max-per-task=-1" ;;
+    BASE_EVAL="--max-per-task=-1"
+    MID_TRAIN="--device-batch-size=32 --total-batch-size=524288"
+    CHAT_SFT="--device-batch-size=4 --examples-per-step=32"
+    CHAT_RL="--device-batch-size=8"
+    CHAT_EVAL="" ;;
   cpu)
     NPROC=1; DATA=offline; SHARDS=0; VOCAB=4096; TOK_CHARS=50000000
     # a tiny model for a fixed number of steps: 20 tokens/param would take hours on 2 cores
     BASE_TRAIN="--depth=4 --max-seq-len=512 --device-batch-size=8 --total-batch-size=8192 --num-iterations=${CPU_BASE_STEPS:-200} --eval-every=50 --eval-tokens=65536 --sample-every=100 --save-every=50 --keep-last=2"
     BASE_LOSS="--split-tokens=65536 --device-batch-size=8"
-    BASE_EVAL="--max-per-task=50" ;;
+    BASE_EVAL="--max-per-task=50"
+    # chat stages: a few minutes each; the mixtures are capped so rendering them stays cheap
+    MID_TRAIN="--max-seq-len=512 --device-batch-size=8 --total-batch-size=8192 --num-iterations=${CPU_MID_STEPS:-100} --max-per-task=1000 --mc-per-task=1000 --val-examples=200 --eval-every=50 --eval-tokens=16384"
+    CHAT_SFT="--max-seq-len=512 --device-batch-size=4 --examples-per-step=8 --num-iterations=${CPU_SFT_STEPS:-150} --max-per-task=400 --val-examples=100 --eval-every=50 --eval-mc-every=75 --eval-mc-examples=100"
+    CHAT_RL="--num-steps=${CPU_RL_STEPS:-30} --prompts-per-step=4 --num-samples=8 --max-new-tokens=128 --eval-every=-1 --eval-problems=32 --eval-samples=4 --save-every=-1"
+    CHAT_EVAL="--max-problems=128 --max-new-tokens=128" ;;
   *) echo "unknown NANOCHAT_PROFILE=$NANOCHAT_PROFILE (expected gpu8, gpu1 or cpu)" >&2; exit 1 ;;
 esac
 DATA="${NANOCHAT_DATA:-$DATA}"
@@ -86,5 +95,14 @@ stage "base model training" launch scripts.base_train -- $BASE_TRAIN --run="$WAN
 stage "base model loss" launch scripts.base_loss -- $BASE_LOSS
 stage "base model evaluation (CORE)" launch scripts.base_eval -- $BASE_EVAL
 
+# --- chat model -----------------------------------------------------------------------------
+stage "midtraining" launch scripts.mid_train -- $MID_TRAIN --run="$WANDB_RUN" $(resume_flag mid)
+stage "chat evaluation (mid)" launch scripts.chat_eval -- -i mid $CHAT_EVAL
+stage "supervised finetuning" launch scripts.chat_sft -- $CHAT_SFT --run="$WANDB_RUN" $(resume_flag chatsft)
+stage "chat evaluation (sft)" launch scripts.chat_eval -- -i sft $CHAT_EVAL
+stage "reinforcement learning" launch scripts.chat_rl -- $CHAT_RL
+stage "chat evaluation (rl)" launch scripts.chat_eval -- -i rl $CHAT_EVAL
+
 stage "report" python -m nanochat.report generate
 echo "done: $(pwd)/report.md"
+echo "talk to your model: python -m scripts.chat_cli   (or in a browser: python -m scripts.chat_web)"

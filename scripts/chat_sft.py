@@ -376,9 +376,8 @@ def main(argv=None):
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val loss: {loop['min_val_loss']:.4f}")
     if master and finished:
         from nanochat.report import get_report
-        summary = {"val loss": loop["val_loss"]}
-        summary.update({f"{k} acc": v for k, v in loop["mc_acc"].items()})
-        get_report().log(section="Chat SFT", stage="SFT", summary=summary, data=[
+        # the summary column comes from chat_eval, which scores these tasks on more examples
+        get_report().log(section="Chat SFT", stage="SFT", data=[
             user_config,
             {
                 "Source": f"{args.source} {model_tag}",

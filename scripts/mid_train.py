@@ -458,7 +458,8 @@ def main(argv=None):
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val bpb: {loop['min_val_bpb']:.4f}")
     if master and finished:
         from nanochat.report import get_report
-        get_report().log(section="Midtraining", stage="MID", summary={"val bpb": loop["val_bpb"]}, data=[
+        # no summary metric: val bpb on chat data is not comparable with the base row; chat_eval fills MID
+        get_report().log(section="Midtraining", stage="MID", data=[
             user_config,
             {
                 "Mixture": spec,
