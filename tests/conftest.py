@@ -12,6 +12,8 @@ Everything is made locally and cheaply; nothing is downloaded.
     make_base_dir    a function make_base_dir(root, shards, tokenizer=None): base_data/ + tokenizer/ at root
     byte_tokenizer   (session) Tokenizer.byte_level()
     tiny_config / tiny_model   a 1-layer, 64-wide GPT over the byte-level vocab, sequence_len 64
+    echo_chat_model  (session) the EchoChatModel class: a scripted chat model with a known reply and tool call
+    serve_app        (session) `with serve_app(app) as url:` runs an ASGI app with uvicorn on a loopback port
 """
 import os
 import random
@@ -114,3 +116,87 @@ def tiny_model(tiny_config):
     from nanochat.gpt import GPT
     torch.manual_seed(0)
     return GPT(tiny_config)
+
+
+# --- serving (tests/test_chat_web.py, tests/test_browser.py) -------------------------------------
+
+class EchoChatModel(torch.nn.Module):
+    """A stand-in chat model for serving tests, used through the real Engine. Its reply to a conversation
+    is "You said: <last user message>", a calculator call 6*7 (the engine forces the output, 42), " ok",
+    then <|assistant_end|>. `delay` seconds per forward make streaming slow enough to watch; `calls`
+    counts forwards. It remembers the sequence being generated, so it serves one request at a time
+    (as a worker does)."""
+
+    def __init__(self, tokenizer, delay=0.0, seq_len=1024):
+        super().__init__()
+        from nanochat.gpt import GPTConfig
+        self.tokenizer, self.delay = tokenizer, delay
+        self.config = GPTConfig(sequence_len=seq_len, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1,
+                                n_kv_head=1, n_embd=8)
+        self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # gives the model a device
+        self.calls = 0
+        self.script, self.step = [], 0
+
+    def get_device(self):
+        return self.anchor.device
+
+    def reply_tokens(self, user_text):
+        tok, S = self.tokenizer, self.tokenizer.encode_special
+        return (tok.encode("You said: " + user_text) + [S("<|python_start|>")] + tok.encode("6*7")
+                + [S("<|python_end|>"), S("<|output_start|>")] + tok.encode("42") + [S("<|output_end|>")]
+                + tok.encode(" ok") + [S("<|assistant_end|>")])
+
+    def forward(self, idx, kv_cache=None):
+        import time
+        self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        S = self.tokenizer.encode_special
+        if idx.size(1) > 1:  # the engine's prefill: a new prompt
+            ids = idx[0].tolist()
+            start = len(ids) - ids[::-1].index(S("<|user_start|>"))
+            self.script, self.step = self.reply_tokens(self.tokenizer.decode(ids[start:ids.index(S("<|user_end|>"), start)])), 0
+        else:
+            self.step += 1
+        nxt = self.script[self.step] if self.step < len(self.script) else S("<|assistant_end|>")
+        logits = torch.full((idx.size(0), idx.size(1), self.config.vocab_size), -30.0)
+        logits[:, -1, nxt] = 30.0
+        return logits
+
+
+@pytest.fixture(name="echo_chat_model", scope="session")
+def echo_chat_model_fixture():
+    return EchoChatModel
+
+
+@pytest.fixture(scope="session")
+def serve_app():
+    """A context manager: `with serve_app(app) as url:` serves an ASGI app with uvicorn on a free loopback
+    port in a background thread, and stops it on exit."""
+    import socket
+    import threading
+    import time
+    from contextlib import contextmanager
+
+    import uvicorn
+
+    @contextmanager
+    def serve(app):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        deadline = time.monotonic() + 60
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.01)
+        try:
+            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        finally:
+            server.should_exit = True
+            thread.join(10)
+            sock.close()
+
+    return serve
