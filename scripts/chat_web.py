@@ -84,6 +84,8 @@ class Limits:
     max_top_k: int = 200
     max_max_tokens: int = 4096
     max_body_bytes: int = 1 << 20
+    max_learn_items: int = 256  # facts + conversations in one POST /learn
+    max_learn_steps: int = 2000
 
 
 @dataclass
@@ -119,6 +121,7 @@ class PageMessage(_Body):
 
 class PageRequest(_Body):
     messages: list[PageMessage]
+    adapter: str | None = None  # a learned adapter's name, "none" for the base model; default: the active one
     temperature: float | None = None
     top_k: int | None = None
     max_tokens: int | None = None
@@ -151,6 +154,20 @@ class OpenAIRequest(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = None
+    adapter: str | None = None  # nanochat's own field (openai client: extra_body={"adapter": ...})
+
+
+class Fact(_Body):
+    question: str
+    answer: str
+
+
+class LearnRequest(_Body):
+    adapter: str
+    facts: list[Fact] = []
+    conversations: list[list[PageMessage]] = []
+    steps: int = 150
+    replace: bool = False
 
 
 # The model's tool markers, as they appear in OpenAI message content.
@@ -338,6 +355,7 @@ class Job:
     temperature: float
     top_k: int
     seed: int = field(default_factory=lambda: random.randrange(2 ** 31))
+    adapter: str | None = None  # LoRA adapter to generate with (None: the base weights)
 
 
 def usage(prompt_tokens, completion_tokens):
@@ -357,6 +375,7 @@ class Worker:
         self.device = next(model.parameters()).device
         init = (lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"nanochat-worker{index}", initializer=init)
+        self.lora = None  # a nanochat.lora.LoRA when live learning is on (set by LiveLearning)
         self.busy = False
         self.requests = 0
         self.tokens = 0
@@ -374,6 +393,8 @@ class Worker:
         parser = ReplyParser(self.tokenizer)
         n, finish = 0, "length"  # length = max_tokens or the model's context ran out
         try:
+            if self.lora is not None:
+                self.lora.activate(job.adapter)  # a pointer swap; raises KeyError if it was deleted meanwhile
             with self.autocast():
                 steps = self.engine.generate(job.prompt, num_samples=1, max_tokens=job.max_tokens,
                                              temperature=job.temperature, top_k=job.top_k or None, seed=job.seed)
@@ -567,11 +588,13 @@ def sse(obj):
     return format_sse_event(data_str=json.dumps(obj))
 
 
-def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up=True):
-    """The FastAPI app serving `workers` (a list of Worker over replicas of one model and tokenizer)."""
+def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up=True, learn=None):
+    """The FastAPI app serving `workers` (a list of Worker over replicas of one model and tokenizer).
+    learn: None (no live learning) or a function pool -> nanochat.live.LiveLearning."""
     limits = limits or Limits()
     defaults = defaults or Defaults()
     pool = WorkerPool(workers)
+    live = learn(pool) if learn else None
     tokenizer = workers[0].tokenizer
     context = workers[0].model.config.sequence_len
     created = int(time.time())
@@ -580,14 +603,19 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 
     @asynccontextmanager
     async def lifespan(app):
+        if live:
+            live.load_saved()  # before any request: the workers are idle
         if warm_up:
             await pool.on_each_worker(Worker.warm_up)
         yield
+        if live:
+            live.shutdown()
         pool.shutdown()
 
     app = FastAPI(title="nanochat", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.state.pool = pool
+    app.state.live = live
 
     @app.exception_handler(RequestError)
     async def on_request_error(request, exc):
@@ -601,7 +629,17 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
     async def on_http_error(request, exc):
         return error_response(exc.status_code, str(exc.detail))
 
-    def make_job(messages, temperature, top_k, max_tokens, seed):
+    def adapter_for(name):
+        if live is None:
+            if name not in (None, "none"):
+                raise RequestError("this server has no adapters (live learning is off)", "adapter")
+            return None
+        try:
+            return live.resolve(name)
+        except KeyError:
+            raise RequestError(f"no adapter {name!r}; GET /adapters lists them", "adapter", status=404) from None
+
+    def make_job(messages, temperature, top_k, max_tokens, seed, adapter=None):
         check_messages(messages, limits)
         check_sampling(temperature, top_k, max_tokens, seed, limits)
         prompt = tokenizer.render_for_completion(messages)
@@ -611,7 +649,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                                "messages")
         job = Job(prompt=prompt, max_tokens=max_tokens or defaults.max_tokens,
                   temperature=defaults.temperature if temperature is None else temperature,
-                  top_k=defaults.top_k if top_k is None else top_k)
+                  top_k=defaults.top_k if top_k is None else top_k, adapter=adapter_for(adapter))
         if seed is not None:
             job.seed = seed
         return job
@@ -637,7 +675,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
     @app.post("/chat/completions")
     async def page_completion(body: PageRequest):
         messages = [m.model_dump() for m in body.messages]
-        job = make_job(messages, body.temperature, body.top_k, body.max_tokens, body.seed)
+        job = make_job(messages, body.temperature, body.top_k, body.max_tokens, body.seed, body.adapter)
 
         async def events():
             async with aclosing(pool.run(job)) as stream:
@@ -659,7 +697,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
             text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
             messages.append({"role": m.role, "content": openai_text_as_parts(text) if m.role == "assistant" else text})
         max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
-        job = make_job(messages, body.temperature, body.top_k, max_tokens, body.seed)
+        job = make_job(messages, body.temperature, body.top_k, max_tokens, body.seed, body.adapter)
         cid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
@@ -709,6 +747,99 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                         return Response(status_code=499)
         return error_response(500, "generation ended without a result", kind="server_error")
 
+    # --- live learning (SPEC §8): adapters trained in the background, chosen per request ------------
+    def need_live():
+        if live is None:
+            raise RequestError("live learning is off on this server (started with --no-learn)", status=404)
+        return live
+
+    def learn_examples(body):
+        """The request's facts and conversations -> conversations to train on, or RequestError."""
+        from nanochat.live import facts_to_conversations
+        n = len(body.facts) + len(body.conversations)
+        if n == 0:
+            raise RequestError("nothing to learn: send \"facts\": [{\"question\", \"answer\"}, ...] and/or "
+                               "\"conversations\": [[messages], ...]", "facts")
+        if n > limits.max_learn_items:
+            raise RequestError(f"{n} facts and conversations; the limit is {limits.max_learn_items} per request "
+                               "(--max-learn-items)", "facts")
+        for i, f in enumerate(body.facts):
+            for key in ("question", "answer"):
+                text = getattr(f, key)
+                if not text.strip():
+                    raise RequestError(f"facts[{i}].{key} is empty", f"facts[{i}].{key}")
+                if len(text) > limits.max_message_chars:
+                    raise RequestError(f"facts[{i}].{key} is {len(text)} characters; the limit is "
+                                       f"{limits.max_message_chars} (--max-message-chars)", f"facts[{i}].{key}")
+        convs = facts_to_conversations([f.model_dump() for f in body.facts])
+        for i, c in enumerate(body.conversations):
+            messages = [m.model_dump() for m in c]
+            if not messages or messages[-1]["role"] != "assistant":
+                raise RequestError(f"conversations[{i}] must end with the assistant's message: that is what is "
+                                   "learned", f"conversations[{i}]")
+            try:
+                check_messages(messages[:-1], limits)  # the prompt: roles, sizes, ends with the user
+            except RequestError as e:
+                raise RequestError(f"conversations[{i}]: {e.message}", f"conversations[{i}]") from None
+            if content_chars(messages[-1]["content"]) > limits.max_message_chars:
+                raise RequestError(f"conversations[{i}]: the reply is longer than {limits.max_message_chars} "
+                                   "characters (--max-message-chars)", f"conversations[{i}]")
+            convs.append(messages)
+        for i, c in enumerate(convs):
+            n_tokens = len(tokenizer.render_conversation(c, max_tokens=10 ** 9)[0])
+            if n_tokens > context:
+                raise RequestError(f"example {i} is {n_tokens} tokens; the model's context is {context}",
+                                   "conversations")
+        return convs
+
+    @app.post("/learn", status_code=202)
+    async def learn(body: LearnRequest):
+        lv = need_live()
+        if not 1 <= body.steps <= limits.max_learn_steps:
+            raise RequestError(f"steps must be between 1 and {limits.max_learn_steps} (--max-learn-steps); "
+                               f"got {body.steps}", "steps")
+        convs = learn_examples(body)
+        try:
+            job = lv.submit(body.adapter, convs, body.steps, replace=body.replace)
+        except ValueError as e:
+            raise RequestError(str(e), "adapter") from None
+        except FileExistsError as e:
+            raise RequestError(str(e), "adapter", status=409) from None
+        return {"job": job.id, "adapter": job.adapter, "status": job.status, "steps": job.steps,
+                "examples": job.examples, "url": f"/learn/{job.id}"}
+
+    @app.get("/learn/{job_id}")
+    async def learn_status(job_id: str):
+        job = need_live().jobs.get(job_id)
+        if job is None:
+            raise RequestError(f"no learning job {job_id!r}", status=404)
+        return job.view()
+
+    @app.get("/adapters")
+    async def adapters():
+        return need_live().describe()
+
+    @app.post("/adapters/{name}/activate")
+    async def activate(name: str):
+        lv = need_live()
+        t0 = time.perf_counter()
+        try:
+            lv.set_default(None if name == "none" else name)
+        except KeyError:
+            raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
+        return {"active": lv.default, "switch_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    @app.delete("/adapters/{name}")
+    async def delete(name: str):
+        lv = need_live()
+        if lv.busy_with(name):
+            raise RequestError(f"a job is training adapter {name!r}; delete it after the job ends", status=409)
+        try:
+            await lv.delete(name)
+        except KeyError:
+            raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
+        return {"deleted": name, "active": lv.default}
+
     return app
 
 
@@ -732,6 +863,29 @@ def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None):
     return workers, meta
 
 
+def general_chats(n_replay=512, n_eval=32):
+    """Offline human chats (tasks/conversations.py): train-split ones to replay while an adapter learns,
+    test-split ones to measure what it costs. ([], []) with a warning when they can't be read."""
+    try:
+        from tasks.conversations import ChatterBot, ChitChat
+        replay = [ex["messages"] for task in (ChitChat("train"), ChatterBot("train"))
+                  for ex in (task[i] for i in range(min(len(task), n_replay // 2)))]
+        held = ChitChat("test")
+        return replay, [held[i]["messages"] for i in range(min(len(held), n_eval))]
+    except (OSError, ValueError, ImportError) as e:
+        logger.warning("no general chat data for replay (%s): adapters will learn without it", e)
+        return [], []
+
+
+def make_live_learning(workers, root):
+    """pool -> LiveLearning: adapters under root, trained on a private copy of the served weights."""
+    import copy
+    from nanochat.live import LiveLearning
+    trainer = copy.deepcopy(workers[0].model)  # taken before the workers get their LoRA hooks
+    replay, general = general_chats()
+    return lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, replay, general)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's model")
@@ -741,6 +895,8 @@ def parse_args(argv=None):
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--adapters-dir", default="", help="where learned adapters live (default: $NANOCHAT_BASE_DIR/adapters)")
+    p.add_argument("--no-learn", action="store_true", help="serve without live learning (no /learn, no adapters)")
     d, lim = Defaults(), Limits()
     p.add_argument("-t", "--temperature", type=float, default=d.temperature, help="default temperature (0 = greedy)")
     p.add_argument("-k", "--top-k", type=int, default=d.top_k, help="default top-k (0 = none)")
@@ -767,7 +923,11 @@ def main(argv=None):
     model_id = f"nanochat-{args.source}-{args.model_tag or 'd%d' % workers[0].model.config.n_layer}"
     limits = Limits(**{name: getattr(args, name) for name in vars(Limits())})
     defaults = Defaults(args.temperature, args.top_k, args.max_tokens)
-    app = create_app(workers, model_id, limits, defaults)
+    learn = None
+    if not args.no_learn:
+        from nanochat.lora import adapters_dir
+        learn = make_live_learning(workers, args.adapters_dir or adapters_dir())
+    app = create_app(workers, model_id, limits, defaults, learn=learn)
     devices = ", ".join(str(w.device) for w in workers)
     print(f"serving {model_id} (step {meta.get('step', '?')}) on {devices}: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)

@@ -1,0 +1,216 @@
+"""Live learning for chat_web: teach the served model new facts as LoRA adapters, while it keeps chatting
+(SPEC §8).
+
+    live = LiveLearning(pool, trainer_model, tokenizer, root, replay=general_chats)
+    job = live.submit("facts", conversations, steps=150)     # trains in a background thread
+    live.jobs[job.id].status                                 # queued, running, done, failed
+    live.resolve(None) / live.resolve("facts")                # the adapter a chat request uses
+
+Why a separate trainer model: training runs on a private replica of the served weights, so requests keep
+being answered by the workers while a job trains; only the finished adapter reaches the workers, loaded
+between two requests (WorkerPool.on_each_worker), where activating it is a pointer swap per request.
+Jobs run one at a time, in order; later ones wait.
+
+Why replay: a LoRA trained on five facts alone also learns "every answer is one of these five facts".
+Each batch mixes in general chat conversations (`replay`, a quarter of the rows), and a few held-out
+ones (`general_eval`) measure what the adapter costs: general loss with the adapter vs the base model is
+in the job's metrics and in adapter.json.
+
+Nothing half-done survives: an adapter is saved with save_adapter (temp dir + rename) only after its job
+has trained, and a failed or cancelled job leaves no directory behind. Saved adapters are reloaded when
+the server starts; the default adapter (POST /adapters/{name}/activate) is kept in <root>/.active.json.
+"""
+import asyncio
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from nanochat.common import atomic_write
+from nanochat.continual import autocast_for, mean_loss, train_adapter
+from nanochat.lora import AdapterBaseMismatch, LoRA, delete_adapter, list_adapters, load_adapter, save_adapter, \
+    validate_name
+
+logger = logging.getLogger("nanochat.live")
+RESERVED = ("none",)  # "none" means the base model in every endpoint that takes an adapter name
+
+
+def facts_to_conversations(facts):
+    """[{"question", "answer"}] -> one user/assistant exchange each."""
+    return [[{"role": "user", "content": f["question"]}, {"role": "assistant", "content": f["answer"]}] for f in facts]
+
+
+@dataclass
+class LearnJob:
+    id: str
+    adapter: str
+    steps: int
+    examples: int
+    status: str = "queued"  # queued -> running -> done | failed
+    step: int = 0
+    loss: float | None = None
+    eta_seconds: float | None = None
+    error: str | None = None
+    metrics: dict = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    def view(self):
+        return asdict(self)
+
+
+class LiveLearning:
+    def __init__(self, pool, trainer_model, tokenizer, root, replay=(), general_eval=(), rank=8, alpha=16.0,
+                 lr=1e-2, batch_size=8):
+        self.pool, self.tokenizer, self.root = pool, tokenizer, root
+        self.replay, self.general_eval = list(replay), list(general_eval)
+        self.hparams = {"rank": rank, "alpha": alpha, "lr": lr, "batch_size": batch_size}
+        self.trainer = LoRA(trainer_model)
+        for w in pool.workers:
+            w.lora = LoRA(w.model)
+        self.base_hash = self.trainer.base_hash
+        self.jobs = {}
+        self._ids = itertools.count(1)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="nanochat-learn")
+        self._lock = threading.Lock()  # guards self.jobs between the loop and the job thread
+        self.default = None  # the adapter requests get when they don't name one (None: the base model)
+        self.skipped = {}  # name -> why a saved adapter was not loaded
+
+    # --- adapters -------------------------------------------------------------------------
+    def names(self):
+        return list(self.pool.workers[0].lora.adapters)
+
+    def path(self, name):
+        return os.path.join(self.root, name)
+
+    def load_saved(self):
+        """Load every adapter saved under root into every worker (call before serving: no request runs).
+        Adapters trained on other weights are skipped with the reason kept in self.skipped."""
+        for meta in list_adapters(self.root):
+            name = meta["name"]
+            try:
+                for w in self.pool.workers:
+                    load_adapter(w.lora, self.path(name), replace=True)
+            except (AdapterBaseMismatch, ValueError, KeyError, OSError) as e:
+                for w in self.pool.workers:
+                    if name in w.lora.adapters:
+                        w.lora.remove(name)
+                self.skipped[name] = str(e)
+                logger.warning("adapter %s not loaded: %s", name, e)
+        saved = self._read_default()
+        self.default = saved if saved in self.names() else None
+        return self.names()
+
+    def _read_default(self):
+        try:
+            with open(os.path.join(self.root, ".active.json")) as f:
+                return json.load(f).get("active")
+        except (OSError, ValueError):
+            return None
+
+    def set_default(self, name):
+        """name None: the base model. Raises KeyError for an adapter that isn't loaded."""
+        if name is not None and name not in self.names():
+            raise KeyError(name)
+        os.makedirs(self.root, exist_ok=True)
+        with atomic_write(os.path.join(self.root, ".active.json"), "w") as f:
+            json.dump({"active": name}, f)
+        self.default = name
+
+    def resolve(self, requested):
+        """The adapter a chat request runs with: its own choice ("none" = the base), else the default."""
+        if requested is None:
+            return self.default
+        if requested in RESERVED:
+            return None
+        if requested not in self.names():
+            raise KeyError(requested)
+        return requested
+
+    def describe(self):
+        metas = {m["name"]: m for m in list_adapters(self.root)}
+        out = []
+        for name in self.names():
+            m = metas.get(name, {})
+            out.append({k: m.get(k) for k in ("name", "task", "rank", "alpha", "trainable_params", "bytes", "created",
+                                               "metrics")} | {"name": name, "active": name == self.default})
+        return {"active": self.default, "adapters": out, "skipped": self.skipped}
+
+    async def delete(self, name):
+        if name not in self.names():
+            raise KeyError(name)
+        await self.pool.on_each_worker(lambda w: w.lora.remove(name))
+        if os.path.isdir(self.path(name)):
+            delete_adapter(self.path(name))
+        if self.default == name:
+            self.set_default(None)
+
+    # --- jobs -----------------------------------------------------------------------------
+    def busy_with(self, name):
+        with self._lock:
+            return any(j.adapter == name and j.status in ("queued", "running") for j in self.jobs.values())
+
+    def submit(self, name, conversations, steps, replace=False):
+        """Queue a job that trains adapter `name` on `conversations`. Raises ValueError for a bad name and
+        FileExistsError when the name is taken (without replace) or being trained."""
+        validate_name(name)
+        if name in RESERVED:
+            raise ValueError(f"{name!r} is reserved (it means the base model); choose another adapter name")
+        if self.busy_with(name):
+            raise FileExistsError(f"a job is already training adapter {name!r}; wait for it (GET /learn/<job>)")
+        if name in self.names() and not replace:
+            raise FileExistsError(f"adapter {name!r} exists; send \"replace\": true to retrain it, or pick a new name")
+        job = LearnJob(id=f"learn-{next(self._ids)}-{int(time.time())}", adapter=name, steps=steps,
+                       examples=len(conversations))
+        with self._lock:
+            self.jobs[job.id] = job
+        loop = asyncio.get_running_loop()
+        self._executor.submit(self._run, job, conversations, loop)
+        return job
+
+    def _run(self, job, conversations, loop):
+        job.status = "running"
+        lora = self.trainer
+        t0 = time.time()
+
+        def progress(info):
+            job.step, job.loss, job.eta_seconds = info["step"], info["loss"], info.get("eta_s")
+
+        try:
+            ad = train_adapter(lora.model, self.tokenizer, conversations, self.replay, steps=job.steps, name=job.adapter,
+                               lora=lora, replace=True, task="live", progress=progress, **self.hparams)
+            metrics = dict(ad.info["metrics"])
+            if self.general_eval:
+                model = lora.model
+                rows = [self.tokenizer.render_conversation(c, max_tokens=model.config.sequence_len + 1)
+                        for c in self.general_eval]
+                pad, ctx = self.tokenizer.get_bos_token_id(), autocast_for(model.get_device())
+                base = mean_loss(model, rows, pad, ctx)  # nothing is active on the trainer between jobs
+                lora.activate(job.adapter)
+                try:
+                    adapted = mean_loss(model, rows, pad, ctx)
+                finally:
+                    lora.activate(None)
+                metrics |= {"general_loss_base": base, "general_loss_adapter": adapted,
+                            "general_loss_change": (adapted - base) / base}
+            save_adapter(lora, job.adapter, self.path(job.adapter), task="live", metrics=metrics)
+            lora.remove(job.adapter)  # the trainer only ever holds the adapter it is training
+            # hand it to every worker between two requests
+            asyncio.run_coroutine_threadsafe(self.pool.on_each_worker(
+                lambda w: load_adapter(w.lora, self.path(job.adapter), replace=True)), loop).result()
+            job.metrics = metrics | {"seconds": round(time.time() - t0, 2)}
+            job.status = "done"
+        except Exception as e:  # noqa: BLE001 - any failure ends the job, never the server
+            logger.exception("learn job %s failed", job.id)
+            if job.adapter in lora.adapters:
+                lora.remove(job.adapter)
+            job.error, job.status = f"{type(e).__name__}: {e}", "failed"
+        finally:
+            job.finished = time.time()
+
+    def shutdown(self):
+        self._executor.shutdown(wait=False, cancel_futures=True)

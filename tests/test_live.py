@@ -1,0 +1,248 @@
+"""Live learning in chat_web (SPEC §8): POST /learn trains a LoRA adapter in the background from a few
+facts, with replay of general chat; adapters persist and come back after a restart; requests choose an
+adapter; bad input is refused without corrupting anything; a failed job leaves nothing behind.
+
+The model is a tiny GPT first trained on template "general chat" conversations, so that what an adapter
+costs on general chat (held-out conversations) is measured on a model that has something to lose."""
+import dataclasses
+import os
+import random
+import string
+import time
+from types import SimpleNamespace
+
+import httpx
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.live import LiveLearning
+from scripts.chat_web import Defaults, create_app, load_workers
+
+FACTS = [
+    ("Who captains the ship Zephyr?", "Captain Mira Oduya."),
+    ("What is the capital of Velmora?", "The capital is Quillon."),
+    ("What colour is a glimberry?", "A glimberry is teal."),
+    ("When was the Orrin bridge built?", "It was built in 1742."),
+    ("What does Professor Haskel teach?", "He teaches tidal poetry."),
+]
+NAMES = ["Ann", "Bo", "Cy", "Dee", "Eli", "Fay", "Gus", "Hal", "Ivy", "Jo", "Kai", "Lu"]
+
+
+def general_chat(rng):
+    """A template chat: a little arithmetic, greetings and echoing, all learnable by a tiny model. Echoing
+    random text covers every printable character, so the byte-level head can write any answer (LoRA leaves
+    the head frozen: a byte never seen in training would stay unreachable)."""
+    kind = rng.randrange(4)
+    if kind == 3:
+        text = "".join(rng.choice(string.ascii_letters + string.digits + " .,?!'") for _ in range(rng.randint(4, 16)))
+        return [{"role": "user", "content": f"Repeat: {text}"}, {"role": "assistant", "content": text}]
+    if kind == 0:
+        a, b = rng.randrange(10), rng.randrange(10)
+        return [{"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"{a} plus {b} is {a + b}."}]
+    name = rng.choice(NAMES)
+    if kind == 1:
+        return [{"role": "user", "content": f"Hi, I am {name}."}, {"role": "assistant", "content": f"Hello {name}!"}]
+    return [{"role": "user", "content": f"Say {name} twice."}, {"role": "assistant", "content": f"{name} {name}"}]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Serving and a learning job share the process: with 2 intra-op threads each on 2 cores they
+    oversubscribe the CPU many times over."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def chat_dir(one_thread, tiny_base_dir, tmp_path_factory):
+    """A base dir with a tiny SFT checkpoint trained on general_chat, plus replay/held-out chats."""
+    from nanochat.tokenizer import Tokenizer
+    root = tmp_path_factory.mktemp("live") / "base"
+    root.mkdir()
+    os.symlink(os.path.join(tiny_base_dir, "tokenizer"), root / "tokenizer")
+    tok = Tokenizer.byte_level()
+    config = GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=1, n_kv_head=1, n_embd=64)
+    torch.manual_seed(0)
+    model = GPT(config)
+    model.init_weights()
+    rng = random.Random(0)
+    train = [general_chat(rng) for _ in range(400)]
+    held_out = [general_chat(rng) for _ in range(32)]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(300):
+        rows = [tok.render_conversation(c, max_tokens=129) for c in rng.sample(train, 16)]
+        L = max(len(ids) for ids, _ in rows)
+        x = torch.full((16, L - 1), tok.get_bos_token_id())
+        y = torch.full((16, L - 1), -1)
+        for r, (ids, mask) in enumerate(rows):
+            x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
+            y[r, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
+        loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    save_checkpoint(str(root / "chatsft_checkpoints" / "d2"), 300, model.state_dict(), None,
+                    {"step": 300, "model_config": dataclasses.asdict(config)})
+    return SimpleNamespace(root=str(root), replay=train, held_out=held_out, final_loss=loss.item())
+
+
+@pytest.fixture
+def server(chat_dir, serve_app, tmp_path, monkeypatch):
+    """start(adapters_root) -> a context manager serving the checkpoint with live learning, greedy replies."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", chat_dir.root)
+
+    def start(root):
+        import copy
+        workers, _ = load_workers("sft", "cpu")
+        trainer = copy.deepcopy(workers[0].model)
+        learn = lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, chat_dir.replay, chat_dir.held_out)
+        app = create_app(workers, "nanochat-live", defaults=Defaults(temperature=0.0, top_k=50, max_tokens=40),
+                         learn=learn)
+        return serve_app(app)
+
+    return start
+
+
+def chat(url, question, adapter=None, expect=200):
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": 40, "temperature": 0.0}
+    if adapter is not None:
+        body["adapter"] = adapter
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == expect, r.text
+    return r.json()["choices"][0]["message"]["content"] if expect == 200 else r.json()["error"]["message"]
+
+
+def wait_job(url, job_id, timeout=300, during=None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{url}/learn/{job_id}").json()
+        if job["status"] in ("done", "failed"):
+            return job
+        if during:
+            during(job)
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not finish in {timeout}s")
+
+
+def test_fixture_model_learned_general_chat(chat_dir):
+    assert chat_dir.final_loss < 1.2  # the tiny model really is a "general chat" model (echoing random text is most of the rest)
+
+
+def test_teach_facts_restart_and_recall(server, tmp_path):
+    root = str(tmp_path / "adapters")
+    facts = [{"question": q, "answer": a} for q, a in FACTS]
+    with server(root) as url:
+        before = [chat(url, q) for q, _ in FACTS]
+        r = httpx.post(url + "/learn", json={"adapter": "facts", "facts": facts, "steps": 200})
+        assert r.status_code == 202, r.text
+        job_id = r.json()["job"]
+        served_while_training = []
+
+        def during(job):  # chat traffic keeps flowing while the adapter trains
+            if job["status"] == "running" and len(served_while_training) < 3:
+                served_while_training.append(chat(url, "What is 2 plus 3?"))
+
+        job = wait_job(url, job_id, during=during)
+        assert job["status"] == "done", job
+        assert served_while_training, "no chat request was served while the job was running"
+        m = job["metrics"]
+        assert m["loss_after"] < 0.5 * m["loss_before"]
+        assert m["general_loss_change"] < 0.05, m  # general chat costs less than 5%
+        listing = httpx.get(url + "/adapters").json()
+        assert [a["name"] for a in listing["adapters"]] == ["facts"] and listing["active"] is None
+        assert listing["adapters"][0]["trainable_params"] > 0 and listing["adapters"][0]["bytes"] > 0
+    assert sorted(os.listdir(root)) == ["facts"]  # nothing else: no temp dirs left
+
+    with server(root) as url:  # a restart: the adapter is loaded from disk
+        assert [a["name"] for a in httpx.get(url + "/adapters").json()["adapters"]] == ["facts"]
+        answers = [chat(url, q, adapter="facts") for q, _ in FACTS]
+        recalled = sum(a in ans for (_, a), ans in zip(FACTS, answers))
+        assert recalled >= 4, list(zip(FACTS, answers))
+        assert sum(a in ans for (_, a), ans in zip(FACTS, before)) == 0  # the base model never knew them
+        assert chat(url, FACTS[0][0], adapter="none") == before[0]  # "none": the base weights, unchanged
+        # the default adapter: activate it, and requests that name none use it; it survives a restart too
+        r = httpx.post(url + "/adapters/facts/activate")
+        assert r.status_code == 200 and r.json()["active"] == "facts"
+        assert chat(url, FACTS[1][0]) == answers[1]
+    with server(root) as url:
+        assert httpx.get(url + "/adapters").json()["active"] == "facts"
+        assert chat(url, FACTS[1][0]) == answers[1]
+        assert httpx.post(url + "/adapters/none/activate").json()["active"] is None
+        assert chat(url, FACTS[0][0]) == before[0]
+
+
+def test_bad_input_is_refused_and_nothing_changes(server, tmp_path):
+    root = str(tmp_path / "adapters")
+    with server(root) as url:
+        r = httpx.post(url + "/learn", json={"adapter": "keep", "facts": [{"question": "Q?", "answer": "A."}],
+                                             "steps": 5})
+        assert wait_job(url, r.json()["job"])["status"] == "done"
+        snapshot = sorted(os.listdir(root)), httpx.get(url + "/adapters").json()
+
+        def refused(method, path, status, needle, **kw):
+            r = httpx.request(method, url + path, timeout=60, **kw)
+            assert r.status_code == status, (path, kw.get("json"), r.text)
+            assert needle in r.json()["error"]["message"], r.text
+
+        fact = {"question": "Q?", "answer": "A."}
+        refused("POST", "/learn", 400, "nothing to learn", json={"adapter": "x", "facts": []})
+        refused("POST", "/learn", 400, "nothing to learn", json={"adapter": "x"})
+        refused("POST", "/learn", 400, "missing field 'facts[0].answer'", json={"adapter": "x", "facts": [{"question": "Q"}]})
+        refused("POST", "/learn", 400, "facts[0].question", json={"adapter": "x", "facts": [{"question": 3, "answer": "A"}]})
+        refused("POST", "/learn", 400, "facts[0].answer is empty", json={"adapter": "x", "facts": [{"question": "Q", "answer": " "}]})
+        refused("POST", "/learn", 400, "unknown field 'facts[0].source'",
+                json={"adapter": "x", "facts": [{**fact, "source": "web"}]})
+        refused("POST", "/learn", 400, "must end with the assistant",
+                json={"adapter": "x", "conversations": [[{"role": "user", "content": "hi"}]]})
+        refused("POST", "/learn", 400, "bad adapter name", json={"adapter": "../etc", "facts": [fact]})
+        refused("POST", "/learn", 400, "reserved", json={"adapter": "none", "facts": [fact]})
+        refused("POST", "/learn", 400, "steps must be between 1", json={"adapter": "x", "facts": [fact], "steps": 0})
+        refused("POST", "/learn", 400, "--max-learn-items", json={"adapter": "x", "facts": [fact] * 300})
+        refused("POST", "/learn", 409, "exists", json={"adapter": "keep", "facts": [fact]})
+        refused("POST", "/learn", 400, "malformed JSON", content=b'{"adapter": "x", "facts": [',
+                headers={"content-type": "application/json"})
+        big = {"adapter": "x", "facts": [{"question": "q" * 1000, "answer": "a"}] * 10_000}  # ~10 MB
+        refused("POST", "/learn", 413, "--max-body-bytes", json=big)
+        refused("GET", "/learn/learn-404", 404, "no learning job")
+        refused("POST", "/adapters/ghost/activate", 404, "no adapter 'ghost'")
+        refused("DELETE", "/adapters/ghost", 404, "no adapter 'ghost'")
+        refused("POST", "/v1/chat/completions", 404, "no adapter 'ghost'",
+                json={"messages": [{"role": "user", "content": "hi"}], "adapter": "ghost"})
+        assert (sorted(os.listdir(root)), httpx.get(url + "/adapters").json()) == snapshot
+        # delete, then the deleted adapter can't be activated or used, and is gone from disk
+        assert httpx.delete(url + "/adapters/keep").json() == {"deleted": "keep", "active": None}
+        refused("POST", "/adapters/keep/activate", 404, "no adapter 'keep'")
+        refused("POST", "/chat/completions", 404, "no adapter 'keep'",
+                json={"messages": [{"role": "user", "content": "hi"}], "adapter": "keep"})
+        assert os.listdir(root) == [] and httpx.get(url + "/adapters").json()["adapters"] == []
+        assert chat(url, "What is 1 plus 1?")  # still serving
+
+
+@pytest.mark.parametrize("where", ["training", "saving"])
+def test_failed_job_leaves_no_adapter(server, tmp_path, monkeypatch, where):
+    import nanochat.live
+    import safetensors.torch
+    if where == "training":
+        def boom(*a, **k):
+            raise RuntimeError("boom")
+        monkeypatch.setattr(nanochat.live, "train_adapter", boom)
+    else:  # the disk fails half way through writing the adapter
+        def half_write(tensors, path, metadata=None):
+            with open(path, "wb") as f:
+                f.write(b"partial")
+            raise OSError("disk full")
+        monkeypatch.setattr(safetensors.torch, "save_file", half_write)
+    root = str(tmp_path / "adapters")
+    with server(root) as url:
+        r = httpx.post(url + "/learn", json={"adapter": "doomed", "facts": [{"question": "Q?", "answer": "A."}],
+                                             "steps": 3})
+        job = wait_job(url, r.json()["job"])
+        assert job["status"] == "failed" and ("boom" in job["error"] or "disk full" in job["error"]), job
+        assert httpx.get(url + "/adapters").json()["adapters"] == []
+        assert not os.path.exists(root) or os.listdir(root) == []  # not even a temp directory
+        assert chat(url, "What is 1 plus 1?")
