@@ -106,3 +106,4 @@ stage "chat evaluation (rl)" launch scripts.chat_eval -- -i rl $CHAT_EVAL
 stage "report" python -m nanochat.report generate
 echo "done: $(pwd)/report.md"
 echo "talk to your model: python -m scripts.chat_cli   (or in a browser: python -m scripts.chat_web)"
+echo "keep it learning: bash run_continual.sh"
