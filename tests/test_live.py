@@ -246,3 +246,36 @@ def test_failed_job_leaves_no_adapter(server, tmp_path, monkeypatch, where):
         assert httpx.get(url + "/adapters").json()["adapters"] == []
         assert not os.path.exists(root) or os.listdir(root) == []  # not even a temp directory
         assert chat(url, "What is 1 plus 1?")
+
+
+def test_page_picks_a_learned_adapter(server, tmp_path):
+    """In Debian's headless Chromium: the settings list the learned adapter, and choosing it changes the reply."""
+    import shutil
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    question, answer = FACTS[2]
+    with server(str(tmp_path / "adapters")) as url:
+        r = httpx.post(url + "/learn", json={"adapter": "facts", "steps": 200,
+                                             "facts": [{"question": q, "answer": a} for q, a in FACTS]})
+        assert wait_job(url, r.json()["job"])["status"] == "done"
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, headless=True)
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                page.click("#settings summary")
+                page.wait_for_selector("#adapter option[value='facts']", state="attached")
+                replies = {}
+                for choice in ("facts", "none"):
+                    page.click("#new-chat")
+                    page.select_option("#adapter", choice)
+                    page.fill("#input", question)
+                    page.press("#input", "Enter")
+                    page.wait_for_function("document.querySelector('.msg.assistant:last-of-type')?.dataset.state"
+                                           " === 'done'", timeout=30_000)
+                    replies[choice] = page.locator(".msg.assistant").last.inner_text()
+            finally:
+                browser.close()
+    assert answer in replies["facts"] and answer not in replies["none"], replies
