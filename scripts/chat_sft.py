@@ -32,8 +32,8 @@ from nanochat.checkpoint_manager import start_fresh
 from nanochat.common import script_argv, compute_cleanup, compute_init, format_eta, print0
 from nanochat.training import (check_resume, gather_objects, lr_multiplier, restore_training_state,
                                save_training_checkpoint, set_lrs)
-from scripts.mid_train import (add_common_args, build_tasks, describe_tasks, load_start_model, make_optimizers,
-                               mixture_spec, setup_dtype, split_mixture)
+from scripts.mid_train import add_common_args, load_start_model, make_optimizers, setup_dtype
+from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
 SFT_DEFAULT = "arc,gsm8k,spellingbee,simplespelling,chitchat,chatterbot"
 MC_EVAL_DEFAULT = "arc-easy,mmlu"

@@ -1,0 +1,105 @@
+"""Chat training mixtures for mid_train and chat_sft: a spec like "chitchat,mc,gsm8k*2,custom:me.jsonl"
+becomes Task objects, split once into train and validation."""
+
+# per-stage sizes of the generated tasks and the seeds that make SFT see different examples than mid
+_STAGE_SIZES = {
+    "mid": {"gsm8k": 10000, "spellingbee": 10000, "simplespelling": 5000, "seed": 0},
+    "sft": {"gsm8k": 4000, "spellingbee": 1500, "simplespelling": 1000, "seed": 1},
+}
+TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "smoltalk")
+
+
+def parse_mixture(spec):
+    """'a,b*2,custom:/x.jsonl' -> [('a', 1), ('b', 2), ('custom:/x.jsonl', 1)]; unknown names fail here."""
+    entries = []
+    for raw in spec.split(","):
+        raw = raw.strip()
+        if not raw:
+            continue
+        name, repeat = raw, 1
+        head, sep, tail = raw.rpartition("*")
+        if sep and tail.isdigit():
+            name, repeat = head, int(tail)
+        if repeat < 1:
+            raise ValueError(f"mixture entry {raw!r}: repeat must be >= 1")
+        if not name.startswith("custom:") and name not in TASK_NAMES:
+            raise ValueError(f"unknown mixture entry {name!r}; expected one of {TASK_NAMES} or custom:PATH")
+        if name.startswith("custom:") and not name[len("custom:"):]:
+            raise ValueError(f"mixture entry {raw!r}: custom: needs a file path")
+        entries.append((name, repeat))
+    if not entries:
+        raise ValueError(f"empty mixture {spec!r}")
+    return entries
+
+
+def build_tasks(spec, stage, max_per_task=-1, mc_per_task=-1):
+    """The list of Task objects of a mixture spec (repeats listed repeatedly). max_per_task > 0 caps
+    every task to its first max_per_task examples."""
+    sizes = _STAGE_SIZES[stage]
+    seed = sizes["seed"]
+    cap = max_per_task if max_per_task and max_per_task > 0 else None
+
+    def one(name):
+        if name.startswith("custom:"):
+            from tasks.customjson import CustomJSON
+            return [CustomJSON(name[len("custom:"):], stop=cap)]
+        if name == "chitchat":
+            from tasks.conversations import ChitChat
+            return [ChitChat("train", stop=cap)]
+        if name == "chatterbot":
+            from tasks.conversations import ChatterBot
+            return [ChatterBot("train", stop=cap)]
+        if name == "mc":
+            from tasks.mc_train import mc_train_tasks
+            caps = [c for c in (cap, mc_per_task if mc_per_task and mc_per_task > 0 else None) if c]
+            return mc_train_tasks(max_per_task=min(caps) if caps else None)
+        if name == "arc":
+            from tasks.arc import ARC
+            return [ARC(subset, "train", stop=cap) for subset in ("ARC-Easy", "ARC-Challenge")]
+        if name == "gsm8k":
+            from tasks.gsm8k import GSM8KSynthetic
+            return [GSM8KSynthetic(size=sizes["gsm8k"], seed=seed, stop=cap)]
+        if name == "spellingbee":
+            from tasks.spellingbee import SpellingBee
+            return [SpellingBee(size=sizes["spellingbee"], split="train", seed=seed, stop=cap)]
+        if name == "simplespelling":
+            from tasks.spellingbee import SimpleSpelling
+            return [SimpleSpelling(size=sizes["simplespelling"], split="train", seed=seed, stop=cap)]
+        if name == "smoltalk":
+            from tasks.smoltalk import SmolTalk
+            return [SmolTalk("train", stop=cap)]
+        raise ValueError(name)
+
+    tasks = []
+    for name, repeat in parse_mixture(spec):
+        built = one(name)
+        tasks.extend(built * repeat)
+    return tasks
+
+
+def mixture_spec(args, default):
+    spec = args.mixture or default
+    if not args.mixture and getattr(args, "online", False):
+        spec += ",smoltalk"
+    if args.identity_file:
+        spec += f",custom:{args.identity_file}"
+    return spec
+
+
+def split_mixture(tasks, val_examples, seed=42):
+    """(train, val): one seeded shuffle of all examples; the first val_examples (at most a tenth of
+    the mixture, at least one) are held out for validation, the rest are for training."""
+    from tasks.common import TaskMixture
+    n = len(TaskMixture(tasks, seed=seed))
+    if n < 2:
+        raise ValueError(f"the mixture has {n} conversation(s); need at least 2 (train + val)")
+    n_val = max(1, min(val_examples, n // 10))
+    return TaskMixture(tasks, seed=seed, start=n_val), TaskMixture(tasks, seed=seed, stop=n_val)
+
+
+def describe_tasks(tasks):
+    counts = {}
+    for t in tasks:
+        name = type(t).__name__ + (f"({t.name})" if hasattr(t, "name") else "")
+        counts[name] = counts.get(name, 0) + len(t)
+    return counts
