@@ -18,7 +18,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_torch_save, atomic_write, get_base_dir
+from nanochat.common import atomic_torch_save, atomic_write, get_base_dir, json_default
 
 # load_model's source -> directory under the base dir, and the stage that writes it
 SOURCES = {
@@ -41,15 +41,6 @@ def optim_path(checkpoint_dir, step, rank):
     return os.path.join(checkpoint_dir, f"optim_{step:06d}_rank{rank}.pt")
 
 
-def _json_default(obj):
-    """Let meta hold tensors and numpy scalars (metrics often are)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"meta value of type {type(obj).__name__} is not JSON serialisable")
-
-
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, rank=0, keep_last=None):
     """Write one checkpoint. When distributed, EVERY rank must call this (there is a barrier inside):
     rank 0 writes the model and meta, each rank its own optimizer shard (skipped if optimizer_states
@@ -63,7 +54,7 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, r
         dist.barrier()  # every shard is on disk before meta declares the checkpoint complete
     if rank == 0:
         with atomic_write(meta_path(checkpoint_dir, step), "w") as f:
-            json.dump(meta, f, indent=2, default=_json_default)
+            json.dump(meta, f, indent=2, default=json_default)
         if keep_last:
             prune_checkpoints(checkpoint_dir, keep_last)
 

@@ -113,6 +113,15 @@ def atomic_torch_save(obj, path):
         torch.save(obj, f)
 
 
+def json_default(obj):
+    """json.dump(..., default=json_default): metadata may hold tensors and numpy scalars (metrics often are)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(f"value of type {type(obj).__name__} is not JSON serialisable")
+
+
 def format_eta(seconds):
     seconds = max(0, int(seconds))
     h, rem = divmod(seconds, 3600)

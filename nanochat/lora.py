@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import get_base_dir
+from nanochat.common import get_base_dir, json_default
 
 DEFAULT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 FORMAT = "nanochat-lora"
@@ -350,7 +350,7 @@ def save_adapter(lora, name, directory, task=None, metrics=None):
     try:
         save_file(tensors, os.path.join(tmp, "adapter.safetensors"), metadata={"format": "pt", "name": name})
         with open(os.path.join(tmp, "adapter.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=_json_default)
+            json.dump(meta, f, indent=2, default=json_default)
         for fn in ("adapter.safetensors", "adapter.json"):
             with open(os.path.join(tmp, fn), "rb") as f:
                 os.fsync(f.fileno())
@@ -367,14 +367,6 @@ def save_adapter(lora, name, directory, task=None, metrics=None):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
-
-
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
 
 
 def read_adapter_meta(directory):
