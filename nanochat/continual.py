@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanochat.common import format_eta, print0
-from tasks.continual import collate
+from nanochat.training import collate
 
 STRATEGIES = ("naive", "replay", "ewc", "lora", "ssr")
 

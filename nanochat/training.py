@@ -7,6 +7,24 @@ from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.common import print0
 
 
+def collate(rows, pad_id, device="cpu", T=None, pad_to=None):
+    """rows: (ids, mask) pairs from render_conversation, cut to T+1 tokens when T is given. Inputs are
+    ids[:-1], targets ids[1:] where mask[1:] is 1 and -1 elsewhere; rows are right-padded (inputs with
+    pad_id, targets with -1) to the longest row, or to pad_to. -> (inputs, targets) (n, L) int64 on device."""
+    if T is not None:
+        rows = [(ids[:T + 1], mask[:T + 1]) for ids, mask in rows]
+    L = pad_to or max(1, max(len(ids) - 1 for ids, _ in rows))
+    x = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), L), -1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        if n <= 0:
+            continue
+        x[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
+        y[i, :n] = torch.where(torch.tensor(mask[1:]) == 1, torch.tensor(ids[1:], dtype=torch.long), -1)
+    return x.to(device), y.to(device)
+
+
 def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
     """Linear warmup, constant, then linear warmdown to final_lr_frac."""
     warmup = round(warmup_ratio * num_iterations)

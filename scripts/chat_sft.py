@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import start_fresh
 from nanochat.common import script_argv, compute_cleanup, compute_init, format_eta, print0
-from nanochat.training import (check_resume, gather_objects, lr_multiplier, restore_training_state,
+from nanochat.training import (check_resume, collate, gather_objects, lr_multiplier, restore_training_state,
                                save_training_checkpoint, set_lrs)
 from scripts.mid_train import add_common_args, load_start_model, make_optimizers, setup_dtype
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
@@ -59,24 +59,6 @@ def parse_args(argv=None):
 
 # ------------------------------------------------------------------------------------------------
 # batches
-
-
-def collate(rendered, T, pad_id, pad_to=None, device="cpu"):
-    """rendered: list of (ids, mask) from render_conversation. Each is cut to T+1 tokens; inputs are
-    ids[:-1], targets ids[1:] where mask[1:] is 1 and -1 elsewhere; rows are padded (inputs with
-    pad_id, targets with -1) to the longest row, or to pad_to. -> (inputs, targets) (n, L) int64."""
-    rows = [(ids[:T + 1], mask[:T + 1]) for ids, mask in rendered]
-    L = pad_to or max(1, max(len(ids) - 1 for ids, _ in rows))
-    x = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), L), -1, dtype=torch.long)
-    for i, (ids, mask) in enumerate(rows):
-        n = len(ids) - 1
-        if n <= 0:
-            continue
-        x[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
-        tgt = torch.tensor(ids[1:], dtype=torch.long)
-        y[i, :n] = torch.where(torch.tensor(mask[1:]) == 1, tgt, -1)
-    return x.to(device), y.to(device)
 
 
 def epoch_order(n, epoch, seed=1234):
@@ -120,7 +102,7 @@ def micro_batches(train_set, tokenizer, step, args, rank, world_size, grad_accum
     batches = []
     for m in range(grad_accum_steps):
         rendered = [tokenizer.render_conversation(train_set[i], max_tokens=T + 1) for i in idx[m * B:(m + 1) * B]]
-        batches.append(collate(rendered, T, pad_id, pad_to, device))
+        batches.append(collate(rendered, pad_id, device, T=T, pad_to=pad_to))
     return batches
 
 
@@ -143,7 +125,7 @@ def evaluate_loss(model, tokenizer, conversations, B, T, device, autocast_ctx, r
     total, count = 0.0, 0
     for b in range(0, len(mine), B):
         rendered = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in mine[b:b + B]]
-        x, y = collate(rendered, T, pad_id, device=device)
+        x, y = collate(rendered, pad_id, device, T=T)
         with autocast_ctx:
             total += model(x, y, loss_reduction="sum").item()
         count += int((y >= 0).sum().item())

@@ -44,6 +44,8 @@ from contextlib import nullcontext
 
 import torch
 
+from nanochat.training import collate
+
 SEQUENCES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sequences")
 CHAT_TASKS = ("arc-easy", "arc-challenge", "gsm8k", "spellingbee", "simplespelling")
 
@@ -84,25 +86,6 @@ def load_sequence_spec(name_or_path):
     spec.setdefault("name", os.path.splitext(os.path.basename(path))[0])
     spec["_dir"] = os.path.dirname(os.path.abspath(path))
     return spec
-
-
-# ---------------------------------------------------------------------------------------------
-# batches
-
-def collate(rows, pad_id, device="cpu"):
-    """rows: (ids, mask) pairs. Inputs ids[:-1], targets ids[1:] where mask[1:] is 1, else -1;
-    right-padded to the longest row. -> (x, y) int64 on device."""
-    L = max(1, max(len(ids) - 1 for ids, _ in rows))
-    x = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), L), -1, dtype=torch.long)
-    for r, (ids, mask) in enumerate(rows):
-        n = len(ids) - 1
-        if n <= 0:
-            continue
-        x[r, :n] = torch.tensor(ids[:-1], dtype=torch.long)
-        tgt = torch.tensor(ids[1:], dtype=torch.long)
-        y[r, :n] = torch.where(torch.tensor(mask[1:], dtype=torch.bool), tgt, -1)
-    return x.to(device), y.to(device)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -138,11 +138,11 @@ def trained(tiny_base_dir, tmp_path_factory):
 
 
 def test_collate_targets_only_where_mask_is_one(byte_tokenizer):
-    from scripts.chat_sft import collate
+    from nanochat.training import collate
     convs = make_conversations(3)
     rendered = [byte_tokenizer.render_conversation(c) for c in convs]
     T, pad = 40, byte_tokenizer.get_bos_token_id()
-    x, y = collate(rendered, T, pad)
+    x, y = collate(rendered, pad, T=T)
     L = min(T, max(len(ids) for ids, _ in rendered) - 1)
     assert x.shape == y.shape == (3, L)
     for i, (ids, mask) in enumerate(rendered):
@@ -157,18 +157,18 @@ def test_collate_targets_only_where_mask_is_one(byte_tokenizer):
     # python outputs are never targets
     ids, mask = byte_tokenizer.render_conversation(convs[1])
     out_start = byte_tokenizer.encode_special("<|output_start|>")
-    _, y1 = collate([(ids, mask)], 1000, pad)
+    _, y1 = collate([(ids, mask)], pad, T=1000)
     assert out_start in ids and out_start not in y1.tolist()[0]
     # pad_to gives static shapes
-    x2, y2 = collate(rendered, T, pad, pad_to=T)
+    x2, y2 = collate(rendered, pad, T=T, pad_to=T)
     assert x2.shape == (3, T) and torch.equal(y2[:, :L], y)
 
 
 def test_sft_loss_ignores_unmasked_tokens(byte_tokenizer, tiny_model):
     """Changing prompt tokens' targets can't change the loss: only masked positions count."""
-    from scripts.chat_sft import collate
+    from nanochat.training import collate
     ids, mask = byte_tokenizer.render_conversation(make_conversations(3)[2])
-    x, y = collate([(ids, mask)], 63, byte_tokenizer.get_bos_token_id())
+    x, y = collate([(ids, mask)], byte_tokenizer.get_bos_token_id(), T=63)
     per_tok = tiny_model(x, y, loss_reduction="none")
     assert (per_tok[y == -1] == 0).all() and (per_tok[y >= 0] > 0).all()
     manual = torch.nn.functional.cross_entropy(tiny_model(x)[y >= 0], y[y >= 0])

@@ -13,7 +13,8 @@ from nanochat.continual import (ContinualConfig, ReservoirBuffer, continual_metr
                                 sample_continuations, train_adapter, train_loop)
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
-from tasks.continual import build_sequence, chunk_docs, collate, load_sequence_spec
+from nanochat.training import collate
+from tasks.continual import build_sequence, chunk_docs, load_sequence_spec
 
 SEQ_LEN = 48
 

@@ -18,6 +18,7 @@ import torch
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.live import LiveLearning
+from nanochat.training import collate
 from scripts.chat_web import Defaults, create_app, load_workers
 
 FACTS = [
@@ -76,13 +77,7 @@ def chat_dir(one_thread, tiny_base_dir, tmp_path_factory):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     for step in range(300):
         rows = [tok.render_conversation(c, max_tokens=129) for c in rng.sample(train, 16)]
-        L = max(len(ids) for ids, _ in rows)
-        x = torch.full((16, L - 1), tok.get_bos_token_id())
-        y = torch.full((16, L - 1), -1)
-        for r, (ids, mask) in enumerate(rows):
-            x[r, :len(ids) - 1] = torch.tensor(ids[:-1])
-            y[r, :len(ids) - 1] = torch.tensor([t if m else -1 for t, m in zip(ids[1:], mask[1:])])
-        loss = model(x, y)
+        loss = model(*collate(rows, tok.get_bos_token_id()))
         opt.zero_grad()
         loss.backward()
         opt.step()
