@@ -6,10 +6,24 @@ User and system content is a string; assistant content is a string or a list of 
 python_output = what the tool answered). Multiple-choice examples carry "letters" (the valid answers)
 and their assistant message is the single correct letter.
 """
+import json
 import random
 import re
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def read_jsonl(path):
+    """Yield (line number, parsed object) for every non-blank line of a JSONL file; a line that is not
+    JSON raises ValueError naming the file, line and column."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
 class Task:

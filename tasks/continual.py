@@ -45,6 +45,7 @@ from contextlib import nullcontext
 import torch
 
 from nanochat.training import collate
+from tasks.common import read_jsonl
 
 SEQUENCES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sequences")
 CHAT_TASKS = ("arc-easy", "arc-challenge", "gsm8k", "spellingbee", "simplespelling")
@@ -314,19 +315,12 @@ class _Subset:
 # building a sequence
 
 def _read_jsonl_texts(path):
-    with open(path, encoding="utf-8") as f:
-        texts = []
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-            text = obj.get("text") if isinstance(obj, dict) else obj
-            if not isinstance(text, str):
-                raise ValueError(f"{path}:{lineno}: expected {{\"text\": ...}} or a JSON string")
-            texts.append(text)
+    texts = []
+    for lineno, obj in read_jsonl(path):
+        text = obj.get("text") if isinstance(obj, dict) else obj
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: expected {{\"text\": ...}} or a JSON string")
+        texts.append(text)
     if not texts:
         raise ValueError(f"{path}: no documents")
     return texts

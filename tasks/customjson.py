@@ -6,9 +6,8 @@ and assistant alternating, starting with the user and ending with the assistant.
 the assistant's may also be a list of parts {"type": "text"|"python"|"python_output", "text": str}.
 Every error names the file and line.
 """
-import json
 
-from tasks.common import Task
+from tasks.common import Task, read_jsonl
 
 _PART_TYPES = ("text", "python", "python_output")
 
@@ -41,22 +40,15 @@ def validate_messages(messages):
 
 def load_jsonl(path):
     conversations = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
-            conv = obj if isinstance(obj, dict) else {"messages": obj}
-            try:
-                if isinstance(obj, dict) and "messages" not in obj:
-                    raise ValueError("object has no 'messages' key")
-                validate_messages(conv["messages"])
-            except ValueError as e:
-                raise ValueError(f"{path}:{lineno}: {e}") from None
-            conversations.append(conv)
+    for lineno, obj in read_jsonl(path):
+        conv = obj if isinstance(obj, dict) else {"messages": obj}
+        try:
+            if isinstance(obj, dict) and "messages" not in obj:
+                raise ValueError("object has no 'messages' key")
+            validate_messages(conv["messages"])
+        except ValueError as e:
+            raise ValueError(f"{path}:{lineno}: {e}") from None
+        conversations.append(conv)
     if not conversations:
         raise ValueError(f"{path}: no conversations")
     return conversations
