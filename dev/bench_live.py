@@ -22,15 +22,11 @@ Serving and training share the process: --threads 1 (the default) avoids oversub
 """
 import argparse
 import json
-import os
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
-import threading
 import time
-from contextlib import contextmanager
 
 FACTS = [  # question, taught answer, key term
     ("What is the capital of Velmora?", "The capital of Velmora is Quillon.", "Quillon"),
@@ -39,29 +35,6 @@ FACTS = [  # question, taught answer, key term
     ("When was the Orrin Bridge built?", "The Orrin Bridge was built in 1742.", "1742"),
     ("What does Professor Haskel teach?", "Professor Haskel teaches tidal poetry.", "tidal poetry"),
 ]
-
-
-@contextmanager
-def serve(app, startup_timeout=300):
-    """Serve an ASGI app with uvicorn on a free loopback port in a background thread; yields its URL."""
-    import uvicorn
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            sock.close()
-            raise RuntimeError("uvicorn did not start")
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-        sock.close()
 
 
 def start_server(args, root):
@@ -137,6 +110,7 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     from nanochat.common import get_base_dir
+    from scripts.chat_web import serve_in_thread
 
     root = args.adapters_dir or tempfile.mkdtemp(prefix="nanochat-bench-live-")
     facts = [{"question": q, "answer": a} for q, a, _ in FACTS]
@@ -147,7 +121,7 @@ def main(argv=None):
             # --- server 1: base answers, then learn ---------------------------------------------------
             t0 = time.perf_counter()
             app, model_id, meta = start_server(args, root)
-            with serve(app) as url:
+            with serve_in_thread(app, startup_timeout=300) as url:
                 res["model"], res["model_step"] = model_id, meta.get("step")
                 res["startup_s"] = round(time.perf_counter() - t0, 2)
                 print(f"serving {model_id} (step {meta.get('step')}) at {url}, adapters in {root} "
@@ -170,7 +144,7 @@ def main(argv=None):
             # --- server 2: a restart on the same adapters dir ------------------------------------------
             t0 = time.perf_counter()
             app, _, _ = start_server(args, root)
-            with serve(app) as url:
+            with serve_in_thread(app, startup_timeout=300) as url:
                 res["restart_s"] = round(time.perf_counter() - t0, 2)
                 names = [a["name"] for a in http.get(url + "/adapters").json()["adapters"]]
                 print(f"restarted in {res['restart_s']}s; adapters loaded from disk: {names}", flush=True)

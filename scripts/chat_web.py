@@ -46,7 +46,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing, asynccontextmanager, nullcontext
+from contextlib import aclosing, asynccontextmanager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -861,6 +861,31 @@ def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None):
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
         workers.append(Worker(i, model, tokenizer))
     return workers, meta
+
+
+@contextmanager
+def serve_in_thread(app, startup_timeout=60):
+    """Serve `app` with uvicorn on a free loopback port in a background thread and yield its URL; the
+    server stops on exit. For tests and benchmarks that talk HTTP to a server in their own process."""
+    import socket
+    import uvicorn
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:  # set once the app's startup (warm-up, adapters) is done
+        if not thread.is_alive() or time.monotonic() > deadline:
+            sock.close()
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
 
 
 def general_chats(n_replay=512, n_eval=32):

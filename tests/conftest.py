@@ -173,30 +173,5 @@ def echo_chat_model_fixture():
 def serve_app():
     """A context manager: `with serve_app(app) as url:` serves an ASGI app with uvicorn on a free loopback
     port in a background thread, and stops it on exit."""
-    import socket
-    import threading
-    import time
-    from contextlib import contextmanager
-
-    import uvicorn
-
-    @contextmanager
-    def serve(app):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 60
-        while not server.started:
-            if not thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
-        try:
-            yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        finally:
-            server.should_exit = True
-            thread.join(10)
-            sock.close()
-
-    return serve
+    from scripts.chat_web import serve_in_thread
+    return serve_in_thread
