@@ -3,7 +3,7 @@ import logging
 import os
 import sys
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.distributed as dist
@@ -111,6 +111,15 @@ def atomic_write(path, mode="wb"):
 def atomic_torch_save(obj, path):
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
+
+
+def autocast_dtype(dtype, device_type):
+    """--dtype auto|float32|bfloat16 -> (dtype name, autocast context manager). auto: bf16 autocast on CUDA
+    GPUs that support it, fp32 elsewhere (bf16 matmuls are slow or missing on most CPUs and on MPS)."""
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    return dtype, ctx
 
 
 def json_default(obj):

@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanochat.common import format_eta, print0
+from nanochat.common import autocast_dtype, format_eta, print0
 from nanochat.training import collate
 
 STRATEGIES = ("naive", "replay", "ewc", "lora", "ssr")
@@ -86,10 +86,8 @@ class ContinualConfig:
 
 def autocast_for(device):
     """bf16 autocast on CUDA where supported (as the training stages do), plain fp32 elsewhere."""
-    device = torch.device(device)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return lambda: torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
-    return nullcontext
+    device_type = torch.device(device).type
+    return lambda: autocast_dtype("auto", device_type)[1]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,12 +4,9 @@
     torchrun --standalone --nproc_per_node=8 -m scripts.base_loss -- --split-tokens 10485760
 """
 import argparse
-from contextlib import nullcontext
-
-import torch
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import script_argv, compute_cleanup, compute_init, print0
+from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
@@ -40,10 +37,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None)
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    dtype, autocast_ctx = autocast_dtype(args.dtype, device.type)
 
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
     B, T = args.device_batch_size, model.config.sequence_len

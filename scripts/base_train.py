@@ -15,13 +15,12 @@ import dataclasses
 import json
 import os
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, start_fresh
-from nanochat.common import script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
+from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
@@ -151,10 +150,7 @@ def main(argv=None):
     master = rank == 0
     device_type = device.type
 
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast_ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    dtype, autocast_ctx = autocast_dtype(args.dtype, device_type)
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
 
     wandb_run = None

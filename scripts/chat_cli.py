@@ -9,11 +9,8 @@ Replies stream as they are generated; calculator calls show as [python: 2+3 → 
 """
 import argparse
 import sys
-from contextlib import nullcontext
 
-import torch
-
-from nanochat.common import script_argv
+from nanochat.common import autocast_dtype, script_argv
 from nanochat.engine import Engine, StreamDecoder
 
 
@@ -191,8 +188,7 @@ def main(argv=None):
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    _, autocast = autocast_dtype("auto", device.type)
     engine = Engine(model, tokenizer)
     kw = dict(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens, seed=args.seed)
     with autocast:

@@ -29,7 +29,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.common import script_argv, compute_cleanup, compute_init, print0
+from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, print0
 from tasks.common import Task, extract_final_number, normalize_number, parse_letter, response_text
 
 STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL"}
@@ -244,10 +244,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None)
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    dtype, autocast_ctx = autocast_dtype(args.dtype, device.type)
 
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine

@@ -30,7 +30,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.common import script_argv, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, get_base_dir, print0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,10 +221,7 @@ def main(argv=None):
     user_config = vars(args).copy()
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None, seed=42 + args.seed)
     master = rank == 0
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast_ctx = torch.amp.autocast(device_type=device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    dtype, autocast_ctx = autocast_dtype(args.dtype, device.type)
     if args.prompts_per_step % world_size:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of ranks ({world_size})")
     k_eval = args.eval_samples or args.num_samples

@@ -46,7 +46,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import aclosing, asynccontextmanager, contextmanager, nullcontext
+from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -60,7 +60,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
-from nanochat.common import script_argv
+from nanochat.common import autocast_dtype, script_argv
 from nanochat.engine import Engine, StreamDecoder
 from nanochat.tokenizer import _validate_messages
 
@@ -382,9 +382,7 @@ class Worker:
         self.busy_seconds = 0.0
 
     def autocast(self):
-        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
-        return nullcontext()
+        return autocast_dtype("auto", self.device.type)[1]
 
     def run(self, job, emit, cancelled):
         """Generate job's reply on this worker's thread, passing each event to emit(). Checks `cancelled`

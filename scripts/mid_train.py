@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -37,7 +36,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint,
                                          load_model, start_fresh)
-from nanochat.common import script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
+from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (check_resume, gather_objects, lr_multiplier, restore_training_state,
@@ -151,14 +150,6 @@ def parse_args(argv=None):
     return p.parse_args(script_argv(argv))
 
 
-def setup_dtype(args, device_type):
-    dtype = args.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    return dtype, ctx
-
-
 def load_start_model(args, source, out_dirname, device, rank):
     """The model to train: from the source stage, or (--resume) from this stage's latest checkpoint.
     -> (model, tokenizer, tag, checkpoint_dir, start_step, rank_state, meta_or_None)."""
@@ -196,7 +187,7 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None)
     master = rank == 0
     device_type = device.type
-    dtype, autocast_ctx = setup_dtype(args, device_type)
+    dtype, autocast_ctx = autocast_dtype(args.dtype, device_type)
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
 
     wandb_run = None
