@@ -12,6 +12,7 @@ Everything is made locally and cheaply; nothing is downloaded.
     make_base_dir    a function make_base_dir(root, shards, tokenizer=None): base_data/ + tokenizer/ at root
     byte_tokenizer   (session) Tokenizer.byte_level()
     tiny_config / tiny_model   a 1-layer, 64-wide GPT over the byte-level vocab, sequence_len 64
+    one_thread       (module) torch.set_num_threads(1) for the module; use with pytest.mark.usefixtures
     echo_chat_model  (session) the EchoChatModel class: a scripted chat model with a known reply and tool call
     serve_app        (session) `with serve_app(app) as url:` runs an ASGI app with uvicorn on a loopback port
 """
@@ -96,6 +97,16 @@ def make_base_dir_fixture():
 @pytest.fixture(name="make_docs")
 def make_docs_fixture():
     return make_docs
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model tests: more only add contention, and on a shared
+    2-core machine two OpenMP threads per process stall at every barrier (steps ran ~30x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

@@ -19,14 +19,7 @@ from tasks.continual import build_sequence, chunk_docs, load_sequence_spec
 SEQ_LEN = 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is as fast, and it cannot stall at OpenMP barriers when other
-    processes keep the cores busy (that made steps 30x slower on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------

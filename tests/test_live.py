@@ -49,14 +49,7 @@ def general_chat(rng):
     return [{"role": "user", "content": f"Say {name} twice."}, {"role": "assistant", "content": f"{name} {name}"}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Serving and a learning job share the process: with 2 intra-op threads each on 2 cores they
-    oversubscribe the CPU many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
