@@ -61,11 +61,15 @@ def gather_objects(obj, world_size):
     return objs
 
 
-def check_resume(meta, same):
-    """Resuming exactly needs the same batch layout as the run that saved the checkpoint."""
+def check_resume(meta, same, num_iterations):
+    """Resuming exactly needs the same batch layout as the run that saved the checkpoint; a different
+    number of steps is allowed (the LR schedule then changes from here on) but said."""
     diff = {k: (meta.get(k), v) for k, v in same.items() if meta.get(k) != v}
     if diff:
         raise SystemExit(f"cannot resume exactly: the checkpoint was made with different settings {diff} (saved, now)")
+    if meta["num_iterations"] != num_iterations:
+        print0(f"warning: the checkpoint planned {meta['num_iterations']} steps, this run {num_iterations}: "
+               "the LR schedule changes from here on")
 
 
 def save_training_checkpoint(checkpoint_dir, step, model, optimizers, meta, rank, keep_last=-1):

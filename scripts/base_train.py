@@ -208,10 +208,7 @@ def main(argv=None):
         start_step = find_last_step(checkpoint_dir)
         model_state, rank_state, meta = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True, rank=rank)
         check_resume(meta, {"world_size": world_size, "device_batch_size": B, "max_seq_len": T,
-                            "total_batch_size": args.total_batch_size})
-        if meta["num_iterations"] != num_iterations:
-            print0(f"warning: the checkpoint planned {meta['num_iterations']} steps, this run {num_iterations}: "
-                   "the LR schedule changes from here on")
+                            "total_batch_size": args.total_batch_size}, num_iterations)
         orig_model.load_state_dict(model_state)
         restore_training_state(optimizers, rank_state)
         loader_state = meta["loader_states"][rank]

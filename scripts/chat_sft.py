@@ -246,9 +246,7 @@ def main(argv=None):
     if args.resume:
         check_resume(resume_meta, {"world_size": world_size, "device_batch_size": B, "max_seq_len": T,
                                    "examples_per_step": args.examples_per_step, "mixture": spec,
-                                   "num_train_conversations": len(train_set)})
-        if resume_meta["num_iterations"] != num_iterations:
-            print0(f"warning: the checkpoint planned {resume_meta['num_iterations']} steps, this run {num_iterations}")
+                                   "num_train_conversations": len(train_set)}, num_iterations)
         restore_training_state(optimizers, rank_state)
         loop.update(resume_meta["loop_state"])
         print0(f"resumed from {checkpoint_dir} at step {start_step}")

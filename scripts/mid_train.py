@@ -241,9 +241,7 @@ def main(argv=None):
     if args.resume:
         check_resume(resume_meta, {"world_size": world_size, "device_batch_size": B, "max_seq_len": T,
                                    "total_batch_size": args.total_batch_size, "mixture": spec,
-                                   "num_train_conversations": len(train_set)})
-        if resume_meta["num_iterations"] != num_iterations:
-            print0(f"warning: the checkpoint planned {resume_meta['num_iterations']} steps, this run {num_iterations}")
+                                   "num_train_conversations": len(train_set)}, num_iterations)
         restore_training_state(optimizers, rank_state)
         loader_state = resume_meta["loader_states"][rank]
         loop.update(resume_meta["loop_state"])
