@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Continual learning (SPEC §8): starting from the chat model, learn a sequence of tasks with each of the
+# Continual learning: starting from the chat model, learn a sequence of tasks with each of the
 # five strategies (naive, replay, ewc, lora, ssr), then write the report's "Continual learning" section
 # (R matrices, comparison table, heat map) and regenerate report.md. Run it after speedrun.sh.
 #

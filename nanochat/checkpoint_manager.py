@@ -1,4 +1,4 @@
-"""Saving and loading checkpoints (SPEC §2).
+"""Saving and loading checkpoints.
 
 <base>/{base,mid,chatsft,chatrl}_checkpoints/<tag>/
     model_<step:06d>.pt             model state dict (rank 0)

@@ -113,13 +113,47 @@ def atomic_torch_save(obj, path):
         torch.save(obj, f)
 
 
-def autocast_dtype(dtype, device_type):
-    """--dtype auto|float32|bfloat16 -> (dtype name, autocast context manager). auto: bf16 autocast on CUDA
-    GPUs that support it, fp32 elsewhere (bf16 matmuls are slow or missing on most CPUs and on MPS)."""
-    if dtype == "auto":
-        dtype = "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    ctx = torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
-    return dtype, ctx
+def resolve_dtype(flag, device_type):
+    """--dtype auto|float32|bfloat16 -> "bfloat16" or "float32". auto: bf16 on CUDA GPUs that support it,
+    fp32 elsewhere (bf16 matmuls are slow or missing on most CPUs and on MPS)."""
+    if flag == "auto":
+        return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    return flag
+
+
+def autocast(dtype, device_type):
+    """A fresh autocast context for a resolved dtype name: bf16 autocast, or nothing for fp32.
+    Call it at every `with` (one context object must not be entered twice at once)."""
+    if dtype == "bfloat16":
+        return torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def all_reduce(values, device, op="sum"):
+    """Reduce a number or a list of numbers across ranks (sum, min or max); a no-op in one process.
+    -> the same shape back (float or list of floats)."""
+    single = not isinstance(values, (list, tuple))
+    if is_ddp():
+        t = torch.tensor([values] if single else list(values), dtype=torch.float64 if device.type != "mps"
+                         else torch.float32, device=device)
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
+        values = t.tolist()
+        return values[0] if single else values
+    return values if single else list(values)
+
+
+# bf16 dense peak FLOP/s per device, for MFU; the first name fragment found in the device name wins
+GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200", 989e12), ("B200", 2250e12),
+                  ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("A6000", 155e12),
+                  ("4090", 165e12), ("3090", 71e12), ("A10", 125e12), ("L4", 121e12), ("T4", 65e12), ("V100", 125e12)]
+
+
+def gpu_peak_flops(device_name):
+    """The bf16 peak of a GPU by its name (torch.cuda.get_device_name), or None when it is not in the table."""
+    for fragment, flops in GPU_PEAK_FLOPS:
+        if fragment in device_name:
+            return flops
+    return None
 
 
 def json_default(obj):

@@ -1,4 +1,4 @@
-"""Continual learning: one training loop, five strategies, and the metrics (SPEC §8).
+"""Continual learning: one training loop, five strategies, and the metrics.
 
 A sequence of tasks (tasks/continual.py) is learned one task at a time. After task i every task j is
 evaluated, giving R[i][j]; base[j] is the starting model's score on task j.
@@ -51,7 +51,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanochat.common import autocast_dtype, format_eta, print0
+from nanochat.common import autocast, format_eta, print0, resolve_dtype
 from nanochat.training import collate
 
 STRATEGIES = ("naive", "replay", "ewc", "lora", "ssr")
@@ -87,7 +87,7 @@ class ContinualConfig:
 def autocast_for(device):
     """bf16 autocast on CUDA where supported (as the training stages do), plain fp32 elsewhere."""
     device_type = torch.device(device).type
-    return lambda: autocast_dtype("auto", device_type)[1]
+    return lambda: autocast(resolve_dtype("auto", device_type), device_type)
 
 
 # ---------------------------------------------------------------------------------------------

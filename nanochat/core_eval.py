@@ -1,4 +1,4 @@
-"""CORE-style in-context evaluation of a base model (SPEC §6, `scripts/base_eval.py`).
+"""CORE-style in-context evaluation of a base model (`scripts/base_eval.py`).
 
 A base model is scored on ten classic tasks without any fine-tuning: each item is turned into one or
 more (context, continuation) text pairs, optionally preceded by a few solved examples of the same task,

@@ -1,4 +1,4 @@
-"""Inference: batched sampling with a KV cache, calculator tool use, and UTF-8-safe streaming (SPEC §7).
+"""Inference: batched sampling with a KV cache, calculator tool use, and UTF-8-safe streaming.
 
     engine = Engine(model, tokenizer)
     for column, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):

@@ -1,6 +1,6 @@
 """The GPT model.
 
-Design (SPEC §6):
+Design:
 - token embedding, untied from the lm_head
 - rotary position embeddings (no learned positions)
 - QK-norm: parameter-free RMSNorm on q and k

@@ -1,5 +1,4 @@
-"""Live learning for chat_web: teach the served model new facts as LoRA adapters, while it keeps chatting
-(SPEC §8).
+"""Live learning for chat_web: teach the served model new facts as LoRA adapters, while it keeps chatting.
 
     live = LiveLearning(pool, trainer_model, tokenizer, root, replay=general_chats)
     job = live.submit("facts", conversations, steps=150)     # trains in a background thread

@@ -1,4 +1,4 @@
-"""LoRA adapters on the GPT's block matrices (SPEC §8).
+"""LoRA adapters on the GPT's block matrices.
 
     lora = LoRA(model)                          # hooks every target Linear, freezes the base
     lora.add("facts", rank=8, alpha=16)         # A random, B zero: the model is unchanged

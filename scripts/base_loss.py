@@ -6,7 +6,7 @@
 import argparse
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, print0
+from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
@@ -37,7 +37,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None)
-    dtype, autocast_ctx = autocast_dtype(args.dtype, device.type)
+    dtype = resolve_dtype(args.dtype, device.type)
+    autocast_ctx = autocast(dtype, device.type)
 
     model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
     B, T = args.device_batch_size, model.config.sequence_len

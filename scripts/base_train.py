@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint, start_fresh
-from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
+from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
@@ -150,7 +150,8 @@ def main(argv=None):
     master = rank == 0
     device_type = device.type
 
-    dtype, autocast_ctx = autocast_dtype(args.dtype, device_type)
+    dtype = resolve_dtype(args.dtype, device_type)
+    autocast_ctx = autocast(dtype, device_type)
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
 
     wandb_run = None

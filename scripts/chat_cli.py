@@ -10,7 +10,7 @@ Replies stream as they are generated; calculator calls show as [python: 2+3 → 
 import argparse
 import sys
 
-from nanochat.common import autocast_dtype, script_argv
+from nanochat.common import autocast, resolve_dtype, script_argv
 from nanochat.engine import Engine, StreamDecoder
 
 
@@ -188,10 +188,10 @@ def main(argv=None):
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    _, autocast = autocast_dtype("auto", device.type)
+    autocast_ctx = autocast(resolve_dtype("auto", device.type), device.type)
     engine = Engine(model, tokenizer)
     kw = dict(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens, seed=args.seed)
-    with autocast:
+    with autocast_ctx:
         if args.prompt is not None:
             try:
                 chat_turn(engine, tokenizer, [{"role": "user", "content": args.prompt}], **kw)

@@ -29,7 +29,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, print0
+from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, print0
 from tasks.common import Task, extract_final_number, normalize_number, parse_letter, response_text
 
 STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL"}
@@ -244,7 +244,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None)
-    dtype, autocast_ctx = autocast_dtype(args.dtype, device.type)
+    dtype = resolve_dtype(args.dtype, device.type)
+    autocast_ctx = autocast(dtype, device.type)
 
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine

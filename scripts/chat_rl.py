@@ -30,7 +30,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, get_base_dir, print0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +221,8 @@ def main(argv=None):
     user_config = vars(args).copy()
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None, seed=42 + args.seed)
     master = rank == 0
-    dtype, autocast_ctx = autocast_dtype(args.dtype, device.type)
+    dtype = resolve_dtype(args.dtype, device.type)
+    autocast_ctx = autocast(dtype, device.type)
     if args.prompts_per_step % world_size:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of ranks ({world_size})")
     k_eval = args.eval_samples or args.num_samples

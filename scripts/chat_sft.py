@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import start_fresh
-from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, format_eta, print0
+from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, format_eta, print0
 from nanochat.training import (check_resume, collate, gather_objects, lr_multiplier, restore_training_state,
                                save_training_checkpoint, set_lrs)
 from scripts.mid_train import add_common_args, load_start_model, make_optimizers
@@ -198,7 +198,8 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None)
     master = rank == 0
     device_type = device.type
-    dtype, autocast_ctx = autocast_dtype(args.dtype, device_type)
+    dtype = resolve_dtype(args.dtype, device_type)
+    autocast_ctx = autocast(dtype, device_type)
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
 
     wandb_run = None

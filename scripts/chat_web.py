@@ -1,4 +1,4 @@
-"""Serve a chat model over HTTP: a chat page and an OpenAI-compatible API (SPEC §7).
+"""Serve a chat model over HTTP: a chat page and an OpenAI-compatible API.
 
     python -m scripts.chat_web                          # the SFT model on http://127.0.0.1:8000
     python -m scripts.chat_web -i rl --num-gpus 8 --host 0.0.0.0 --port 8000
@@ -60,7 +60,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
-from nanochat.common import autocast_dtype, script_argv
+from nanochat.common import autocast, resolve_dtype, script_argv
 from nanochat.engine import Engine, StreamDecoder
 from nanochat.tokenizer import _validate_messages
 
@@ -382,7 +382,7 @@ class Worker:
         self.busy_seconds = 0.0
 
     def autocast(self):
-        return autocast_dtype("auto", self.device.type)[1]
+        return autocast(resolve_dtype("auto", self.device.type), self.device.type)
 
     def run(self, job, emit, cancelled):
         """Generate job's reply on this worker's thread, passing each event to emit(). Checks `cancelled`
@@ -745,7 +745,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                         return Response(status_code=499)
         return error_response(500, "generation ended without a result", kind="server_error")
 
-    # --- live learning (SPEC §8): adapters trained in the background, chosen per request ------------
+    # --- live learning: adapters trained in the background, chosen per request ------------
     def need_live():
         if live is None:
             raise RequestError("live learning is off on this server (started with --no-learn)", status=404)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint,
                                          load_model, start_fresh)
-from nanochat.common import autocast_dtype, script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
+from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (check_resume, gather_objects, lr_multiplier, restore_training_state,
@@ -187,7 +187,8 @@ def main(argv=None):
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None)
     master = rank == 0
     device_type = device.type
-    dtype, autocast_ctx = autocast_dtype(args.dtype, device_type)
+    dtype = resolve_dtype(args.dtype, device_type)
+    autocast_ctx = autocast(dtype, device_type)
     use_compile = args.compile == "on" or (args.compile == "auto" and device_type == "cuda")
 
     wandb_run = None

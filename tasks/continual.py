@@ -1,4 +1,4 @@
-"""Task sequences for continual learning (SPEC §8).
+"""Task sequences for continual learning.
 
 A sequence is a small JSON file; the shipped ones live in tasks/sequences/ and are named by file
 stem (`lm-domains`, `chat-tasks`), any other path works too:

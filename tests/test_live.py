@@ -1,4 +1,4 @@
-"""Live learning in chat_web (SPEC §8): POST /learn trains a LoRA adapter in the background from a few
+"""Live learning in chat_web: POST /learn trains a LoRA adapter in the background from a few
 facts, with replay of general chat; adapters persist and come back after a restart; requests choose an
 adapter; bad input is refused without corrupting anything; a failed job leaves nothing behind.
 
