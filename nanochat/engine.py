@@ -36,8 +36,10 @@ from nanochat.execution import use_calculator
 from nanochat.gpt import KVCache
 
 
-def sample_next_token(logits, generator=None, temperature=1.0, top_k=None):
-    """logits (B, V) -> next ids (B,). temperature 0 = argmax; top_k None/0 = no restriction."""
+def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, top_p=None):
+    """logits (B, V) -> next ids (B,). temperature 0 = argmax; top_k None/0 = no restriction; top_p None/1 =
+    no nucleus restriction, else only the most likely tokens whose probabilities (after temperature) add up
+    to top_p are kept (the most likely one always)."""
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     logits = logits.float()
@@ -46,11 +48,16 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=None):
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits / temperature, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already reaches top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-class _Row:
-    """Tool-use and stopping state of one sample."""
+class RowState:
+    """Tool-use and stopping state of one generated sequence (Engine.advance updates it)."""
     __slots__ = ("forced", "in_python", "expr_tokens", "done", "stop_token")
 
     def __init__(self):
@@ -72,7 +79,7 @@ class Engine:
         self.output_start, self.output_end = S("<|output_start|>"), S("<|output_end|>")
         self.stop_tokens = {self.assistant_end, self.bos}
 
-    def _device(self):
+    def device(self):
         get_device = getattr(self.model, "get_device", None)
         return get_device() if callable(get_device) else next(self.model.parameters()).device
 
@@ -81,7 +88,8 @@ class Engine:
         return KVCache(batch_size=batch_size, num_heads=c.n_kv_head, seq_len=seq_len,
                        head_dim=c.n_embd // c.n_head, num_layers=c.n_layer)
 
-    def _validate(self, tokens, num_samples, max_tokens, temperature, top_k):
+    def validate(self, tokens, num_samples, max_tokens, temperature, top_k):
+        """Check generate's arguments (bad ones raise ValueError). -> (prompt as a list of ints, float temperature)."""
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() != 1:
                 raise ValueError(f"prompt must be a 1-D sequence of token ids, got a tensor of shape {tuple(tokens.shape)}")
@@ -116,8 +124,9 @@ class Engine:
             raise ValueError(f"top_k must be None or an integer >= 0 (0 or None = no top-k), got {top_k!r}")
         return tokens, temperature
 
-    def _advance(self, row, token):
-        """Update a row's tool-use / stop state after it emitted `token`."""
+    def advance(self, row, token):
+        """Update a row's tool-use / stop state (a RowState) after it emitted `token`: a stop token ends it;
+        a finished calculator call queues its result in row.forced."""
         if token in self.stop_tokens:
             row.done, row.stop_token = True, token
         elif token == self.python_start:
@@ -135,12 +144,12 @@ class Engine:
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Return a generator of (token_column, token_masks) per step: lists of num_samples ints (see the
         module docstring). Arguments are checked here, before anything runs: bad ones raise ValueError."""
-        tokens, temperature = self._validate(tokens, num_samples, max_tokens, temperature, top_k)
+        tokens, temperature = self.validate(tokens, num_samples, max_tokens, temperature, top_k)
         return self._generate(tokens, num_samples, max_tokens, temperature, top_k, seed)
 
     @torch.no_grad()  # on a generator function torch toggles grad mode around each resume only
     def _generate(self, tokens, num_samples, max_tokens, temperature, top_k, seed):
-        device = self._device()
+        device = self.device()
         ctx = self.model.config.sequence_len
         budget = ctx - len(tokens)  # steps until prompt + generated tokens fill the context
         if max_tokens is not None:
@@ -162,7 +171,7 @@ class Engine:
         del prefill_cache
         logits = logits.expand(num_samples, -1).contiguous()
 
-        rows = [_Row() for _ in range(num_samples)]
+        rows = [RowState() for _ in range(num_samples)]
         for step in range(budget):
             sampled = sample_next_token(logits, generator, temperature, top_k).tolist()
             column, masks = [], []
@@ -177,7 +186,7 @@ class Engine:
                     mask = 1
                 column.append(tok)
                 masks.append(mask)
-                self._advance(row, tok)
+                self.advance(row, tok)
             yield column, masks
             if step == budget - 1 or all(row.done for row in rows):
                 return

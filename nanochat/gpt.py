@@ -122,11 +122,89 @@ class KVCache:
         self.pos = other.pos
 
 
-def attention(q, k, v, q_pos):
+class RaggedKVCache:
+    """Keys and values of many independent sequences ("slots") of different lengths, for continuous batching.
+
+    Storage: (num_layers, 2, num_slots, num_heads, capacity, head_dim), allocated on the first insert with the
+    keys' device/dtype and grown along time when a slot needs more. `lengths[s]` counts the tokens slot s holds.
+    A forward runs over some of the slots: `model(ids, kv_cache=cache.rows(slots, counts))`, where row i of
+    ids (n, T) continues slot slots[i] with counts[i] real tokens, right-padded to T. Each row gets its own
+    rotary positions and a mask so it attends only to its own slot: its cached prefix, then causally within
+    the chunk. Padding is written but never attended to (it lies past the row's length) and is overwritten
+    by the row's next tokens. After the last layer each slot's length grows by its count.
+    """
+
+    def __init__(self, num_slots, num_heads, head_dim, num_layers, seq_len=256):
+        self.num_slots, self.num_heads, self.head_dim, self.num_layers = num_slots, num_heads, head_dim, num_layers
+        self.seq_len = seq_len  # initial capacity along time
+        self.lengths = [0] * num_slots
+        self.kv = None
+
+    def _ensure_capacity(self, needed, device, dtype):
+        if self.kv is not None and needed <= self.kv.size(4):
+            return
+        size = max(self.seq_len, ((needed + 255) // 256) * 256)
+        shape = (self.num_layers, 2, self.num_slots, self.num_heads, size, self.head_dim)
+        new = torch.zeros(shape, device=device, dtype=dtype)
+        if self.kv is not None:
+            new[..., : self.kv.size(4), :] = self.kv
+        self.kv = new
+
+    def reset(self, slot):
+        """Forget slot's tokens (the slot is reused by another sequence)."""
+        self.lengths[slot] = 0
+
+    def rows(self, slots, counts):
+        """The view a forward over these slots uses (see the class docstring)."""
+        assert len(slots) == len(counts) and len(set(slots)) == len(slots), "each slot at most once per forward"
+        return _RaggedRows(self, list(slots), list(counts))
+
+
+class _RaggedRows:
+    """One forward's view of a RaggedKVCache: which slots the batch rows continue and how many real tokens each
+    brings. The model asks `positions(T, device)` first (rotary angles); attention then reads `mask`."""
+
+    def __init__(self, cache, slots, counts):
+        self.cache, self.slots, self.counts = cache, slots, counts
+        self.mask = None
+
+    def get_pos(self):
+        return None  # no single position: see positions()
+
+    def positions(self, T, device):
+        """(n, T) absolute positions of the input tokens; also builds the (n, 1, T, Tk) attention mask."""
+        starts = torch.tensor([self.cache.lengths[s] for s in self.slots], device=device)
+        self.times = starts[:, None] + torch.arange(T, device=device)[None, :]
+        self.Tk = max(self.cache.lengths[s] for s in self.slots) + T
+        self.mask = torch.arange(self.Tk, device=device)[None, None, None, :] <= self.times[:, None, :, None]
+        self.index = torch.tensor(self.slots, device=device)
+        # a run of consecutive slots is read as a view (no copy); anything else is gathered
+        first = self.slots[0]
+        self.span = slice(first, first + len(self.slots)) if self.slots == list(range(first, first + len(self.slots))) else None
+        return self.times
+
+    def insert_kv(self, layer_idx, k, v):
+        """Write k, v (n, H_kv, T, D) at each row's positions; return (keys, values), each (n, H_kv, Tk, D)."""
+        cache = self.cache
+        cache._ensure_capacity(self.Tk, k.device, k.dtype)
+        rows = self.index[:, None]
+        out = []
+        for i, x in enumerate((k, v)):
+            store = cache.kv[layer_idx, i]  # (slots, H, capacity, D)
+            store[rows, :, self.times] = x.transpose(1, 2).to(store.dtype)  # advanced index -> (n, T, H, D)
+            out.append(store[self.span, :, : self.Tk] if self.span is not None else store[self.index, :, : self.Tk])
+        if layer_idx == cache.num_layers - 1:
+            for s, c in zip(self.slots, self.counts):
+                cache.lengths[s] += c
+        return out[0], out[1]
+
+
+def attention(q, k, v, q_pos, mask=None):
     """Causal attention of queries at absolute positions [q_pos, q_pos+Tq) to keys at [0, Tk), Tk = q_pos+Tq.
+    With `mask` (B, 1, Tq, Tk; True = attend) the mask alone decides, as rows of a ragged batch need.
     q: (B, H, Tq, D), k/v: (B, H_kv, Tk, D). Returns (B, H, Tq, D)."""
     Tq, Tk = q.size(2), k.size(2)
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    if mask is None and flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         # flash-attn takes (B, T, H, D), handles GQA itself, and aligns the causal mask bottom-right,
         # which is exactly "a chunk attends to the cached prefix + causally within itself".
         y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
@@ -138,6 +216,8 @@ def attention(q, k, v, q_pos):
         else:
             rep = q.size(1) // k.size(1)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, **kwargs)
     if Tq == Tk:  # training, or a prefill into an empty cache
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, **kwargs)
     if Tq == 1:  # one decode step sees the whole cache
@@ -168,11 +248,12 @@ class CausalSelfAttention(nn.Module):
         # give the same result mathematically; norming last guarantees unit-RMS inputs to the dot product.
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-        q_pos = 0
+        q_pos, mask = 0, None
         if kv_cache is not None:
             q_pos = kv_cache.get_pos()
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        y = attention(q, k, v, q_pos)
+            mask = getattr(kv_cache, "mask", None)  # a ragged batch: every row has its own length
+        y = attention(q, k, v, q_pos, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -286,9 +367,14 @@ class GPT(nn.Module):
         cross-entropy (targets == -1 ignored): a scalar for "mean"/"sum", per-token losses of shape
         (B, T) for "none" (0 at ignored positions). With kv_cache, idx continues the cached sequence."""
         B, T = idx.shape
-        t0 = 0 if kv_cache is None else kv_cache.get_pos()
-        assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"
-        cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
+        if isinstance(kv_cache, _RaggedRows):  # each row continues its own sequence: its own rotary angles
+            times = kv_cache.positions(T, idx.device)
+            assert int(times.max()) < self.rotary_len, f"sequence length exceeds the rotary table ({self.rotary_len})"
+            cos, sin = self.cos[0, times], self.sin[0, times]  # (B, T, 1, D/2)
+        else:
+            t0 = 0 if kv_cache is None else kv_cache.get_pos()
+            assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"
+            cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
         x = norm(self.transformer.wte(idx))
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)

@@ -156,6 +156,7 @@ class LoRA:
         self.merged = None  # name of the adapter folded into the weights, or None
         self._saved_weights = None
         self._enabled = True
+        self._row_groups = None  # per-row mode (per_row): [(adapter, row index tensor)], else None
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -164,6 +165,8 @@ class LoRA:
 
     def _hook(self, key):
         def hook(module, inputs, output):
+            if self._row_groups is not None and self._enabled:
+                return self._per_row_delta(key, inputs[0], output)
             if not self._enabled or self.active is None or self.merged is not None:
                 return None
             ad = self.adapters[self.active]
@@ -172,6 +175,40 @@ class LoRA:
                 return None
             return output + ad.delta(i, inputs[0]).to(output.dtype)
         return hook
+
+    def _per_row_delta(self, key, x, output):
+        groups = [(ad, rows) for ad, rows in self._row_groups if key in ad.index]
+        if not groups:
+            return None
+        if len(groups) == 1 and groups[0][1] is None:  # one adapter for the whole batch: as activate() does
+            ad = groups[0][0]
+            return output + ad.delta(ad.index[key], x).to(output.dtype)
+        out = output.clone()
+        for ad, rows in groups:
+            out.index_add_(0, rows, ad.delta(ad.index[key], x.index_select(0, rows)).to(out.dtype))
+        return out
+
+    @contextmanager
+    def per_row(self, adapters):
+        """Inside the block, row r of each forward's batch gets the update of adapters[r] (an Adapter
+        object, e.g. lora.adapters[name], or None for the base weights), whatever is active: requests
+        for different adapters share one batch. Rows are grouped by adapter, one low-rank product per
+        group; the base weights are untouched. Adapter objects, not names, so one that is replaced or
+        removed meanwhile keeps serving the rows that hold it."""
+        if self.merged is not None:
+            raise RuntimeError(f"adapter {self.merged!r} is merged into the weights; unmerge() before per-row use")
+        by_id = {}
+        for r, ad in enumerate(adapters):
+            if ad is not None:
+                by_id.setdefault(id(ad), (ad, []))[1].append(r)
+        device = self.model.get_device()
+        groups = [(ad, None if len(rows) == len(adapters) else torch.tensor(rows, device=device))
+                  for ad, rows in by_id.values()]
+        self._row_groups = groups
+        try:
+            yield
+        finally:
+            self._row_groups = None
 
     def close(self):
         """Remove the hooks, restore the base weights and the parameters' requires_grad flags."""

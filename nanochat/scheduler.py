@@ -1,0 +1,358 @@
+"""Continuous batching for one model replica: every active request decodes in one forward per step; it knows
+token ids only (no HTTP, no chat template, no text: servers and the CLI render prompts and parse replies).
+
+    sched = Scheduler(model, tokenizer, lora=lora)        # lora: optional, for per-request adapters
+    handle = sched.submit(Request(prompt_ids, max_tokens=64, temperature=0.0), on_event)
+    sched.run_until_idle()                                # synchronous; or sched.start() for a thread
+    handle.cancel()                                       # leaves at the next step
+
+How a step runs (Scheduler.step):
+1. Functions queued with call() run (e.g. loading an adapter): between two steps no forward is in flight.
+2. Waiting requests get a free slot of the ragged KV cache (gpt.RaggedKVCache), up to max_batch at once.
+   Cancelled ones leave: waiting or running, their slot is freed at once.
+3. Prefill: rows whose prompt is not fully in the cache feed their next chunk, several rows in one forward,
+   at most `prefill_tokens` tokens (rows x padded length) per step, so a long prompt is spread over
+   several steps and never freezes the others for more than one chunk. A row whose prompt is complete
+   samples its first token from the prompt's last logits.
+4. Decode: every row with a token to feed runs in one (rows, 1) forward; each row samples its next token.
+
+Each row has its own sampling settings and torch.Generator (seeded by its request), so its tokens do not
+depend on what else is in the batch: sampled exactly as Engine.generate samples one sequence (a sample is
+drawn every step, and the calculator's forced tokens replace it), greedy rows equal Engine's greedy rows.
+Per row too: tool state (engine.RowState: calculator calls and their forced output), stop tokens
+(<|assistant_end|>, <|bos|>), max_tokens and the model's context; presence/frequency penalties over the
+tokens it generated; and optionally logprobs (of the model's own distribution, before penalties and
+temperature) with the top alternatives. With a nanochat.lora.LoRA, a request may name an Adapter object:
+each row's low-rank update applies to its own rows only (LoRA.per_row), and because the row holds the
+object, an adapter replaced while it runs keeps serving it; requests that start later get the new one.
+
+Events reach `on_event(Event)` on the scheduler's thread, one per token; the last one carries `finish`:
+stop | length | cancelled | error (a cancel or error may come without a token).
+"""
+import heapq
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from nanochat.common import autocast, resolve_dtype
+from nanochat.engine import Engine, RowState, sample_next_token
+from nanochat.gpt import RaggedKVCache
+
+logger = logging.getLogger("nanochat.scheduler")
+
+
+@dataclass
+class Request:
+    """What to generate: prompt ids and how to sample them."""
+    prompt: list
+    max_tokens: int | None = None  # None: until a stop token or the model's context
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 42
+    presence_penalty: float = 0.0  # subtracted from the logit of every token the row generated already
+    frequency_penalty: float = 0.0  # subtracted once per earlier occurrence
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
+    adapter: object = None  # a nanochat.lora.Adapter for this request, or None: the base weights
+
+
+@dataclass
+class Event:
+    """One appended token of a request (token None only on a cancel/error finish)."""
+    token: int | None
+    sampled: bool = True  # False: forced by the calculator tool
+    logprob: float | None = None
+    top_logprobs: list | None = None  # [(token, logprob)], most likely first
+    finish: str | None = None  # on the request's last event: stop | length | cancelled | error
+    error: str | None = None
+
+
+class Handle:
+    """A submitted request. cancel() is safe from any thread; the row leaves at the next step."""
+
+    def __init__(self, request, on_event):
+        self.request, self.on_event = request, on_event
+        self.cancelled = False
+        self.finish = None  # set when the last event has been sent
+        self.tokens = 0
+        self.submitted = time.perf_counter()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Row:
+    """A request holding a slot of the KV cache."""
+
+    def __init__(self, handle, slot, budget, device):
+        req = handle.request
+        self.handle, self.req, self.slot, self.budget = handle, req, slot, budget
+        self.prefilled = 0  # prompt tokens already in the cache
+        self.last = None  # the token to feed at the next decode step
+        self.state = RowState()
+        self.generator = None
+        if req.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(req.seed)
+        self.penalized = bool(req.presence_penalty or req.frequency_penalty)
+        self.counts = None  # per-token counts of generated tokens (penalties only), allocated on first use
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, max_batch=64, prefill_tokens=512, lora=None, dtype="auto"):
+        if max_batch < 1 or prefill_tokens < 1:
+            raise ValueError(f"need max_batch >= 1 and prefill_tokens >= 1, got {max_batch} and {prefill_tokens}")
+        self.model, self.tokenizer, self.lora = model, tokenizer, lora
+        self.engine = Engine(model, tokenizer)  # validation, stop tokens, tool use
+        self.device = self.engine.device()
+        self.dtype = resolve_dtype(dtype, self.device.type)
+        c = model.config
+        self.context = c.sequence_len
+        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.cache = RaggedKVCache(max_batch, c.n_kv_head, c.n_embd // c.n_head, c.n_layer,
+                                   seq_len=min(256, c.sequence_len))
+        self._free = list(range(max_batch))  # a heap: the lowest free slot first keeps rows contiguous
+        self.rows = []  # _Row, in admission order; touched only by the scheduler's thread
+        self._waiting = deque()  # handles without a slot yet
+        self._calls = deque()  # (fn, Future) to run between steps
+        self._lock = threading.Condition()
+        self._thread, self._stopping = None, False
+        self.steps = self.tokens_out = self.prefill_tokens_in = 0
+        self.last_batch = 0  # rows in the last decode forward
+
+    # --- submitting -------------------------------------------------------------------------
+    def submit(self, request, on_event):
+        """Queue a request; its events go to on_event (called on the scheduler's thread). Bad arguments
+        raise ValueError here, before anything runs."""
+        prompt, temperature = self.engine.validate(request.prompt, 1, request.max_tokens, request.temperature,
+                                                   request.top_k)
+        if request.top_p is not None and not 0.0 < request.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {request.top_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(request, name) <= 2.0:
+                raise ValueError(f"{name} must be between -2 and 2, got {getattr(request, name)!r}")
+        if request.logprobs is not None and not 0 <= request.logprobs <= 20:
+            raise ValueError(f"logprobs (the number of alternatives) must be between 0 and 20, got {request.logprobs!r}")
+        if request.adapter is not None and self.lora is None:
+            raise ValueError("this scheduler has no LoRA attached, so a request cannot use an adapter")
+        request.prompt, request.temperature = prompt, temperature
+        handle = Handle(request, on_event)
+        with self._lock:
+            self._waiting.append(handle)
+            self._lock.notify()
+        return handle
+
+    def call(self, fn):
+        """Run fn() on the scheduler's thread between two steps (no forward in flight); -> a Future of its
+        result. The way to change weights or adapters of a running replica."""
+        fut = Future()
+        with self._lock:
+            self._calls.append((fn, fut))
+            self._lock.notify()
+        if self._thread is None:  # synchronous use: run it now
+            self._run_calls()
+        return fut
+
+    def queue_length(self):
+        return len(self._waiting)
+
+    def active(self):
+        return len(self.rows)
+
+    def pending(self):
+        return bool(self.rows or self._waiting or self._calls)
+
+    # --- running ------------------------------------------------------------------------------
+    def run_until_idle(self):
+        while self.pending():
+            self.step()
+
+    def start(self, name="nanochat-scheduler"):
+        """Run steps on a background thread whenever there is work (on CUDA the thread sets its device)."""
+        assert self._thread is None, "already started"
+
+        def loop():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            while True:
+                with self._lock:
+                    while not self._stopping and not self.pending():
+                        self._lock.wait()
+                    if self._stopping:
+                        return
+                self.step()
+
+        self._thread = threading.Thread(target=loop, name=name, daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout=10):
+        """Stop the thread; requests still running or waiting finish as cancelled."""
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        for row in list(self.rows):
+            self._finish(row.handle, Event(None, finish="cancelled"))
+        self.rows = []
+        while self._waiting:
+            self._finish(self._waiting.popleft(), Event(None, finish="cancelled"))
+
+    @torch.no_grad()
+    def step(self):
+        """One round: queued calls, admissions, one prefill forward, one decode forward. -> pending()."""
+        self._run_calls()
+        self._admit()
+        prefilling = [r for r in self.rows if r.prefilled < len(r.req.prompt)]
+        if prefilling:
+            self._prefill(prefilling)
+        decoding = sorted((r for r in self.rows if r.last is not None), key=lambda r: r.slot)
+        if decoding:
+            self.last_batch = len(decoding)
+            logits = self._forward(decoding, [[r.last] for r in decoding])
+            if logits is not None:
+                self._sample(decoding, logits[:, 0])
+        self.steps += 1
+        return self.pending()
+
+    def _run_calls(self):
+        while True:
+            with self._lock:
+                if not self._calls:
+                    return
+                fn, fut = self._calls.popleft()
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                    fut.set_exception(e)
+
+    def _admit(self):
+        for row in [r for r in self.rows if r.handle.cancelled]:
+            self._release(row, Event(None, finish="cancelled"))
+        with self._lock:
+            admitted = []
+            while self._waiting and (self._free or self._waiting[0].cancelled):
+                handle = self._waiting.popleft()
+                admitted.append((handle, None if handle.cancelled else heapq.heappop(self._free)))
+        for handle, slot in admitted:
+            if slot is None:
+                self._finish(handle, Event(None, finish="cancelled"))
+                continue
+            req = handle.request
+            budget = self.context - len(req.prompt)
+            if req.max_tokens is not None:
+                budget = min(budget, req.max_tokens)
+            row = _Row(handle, slot, budget, self.device)
+            self.cache.reset(slot)
+            if budget == 0:
+                heapq.heappush(self._free, slot)
+                self._finish(handle, Event(None, finish="length"))
+                continue
+            self.rows.append(row)
+
+    def _prefill(self, rows):
+        """One forward of prompt chunks: the first row's next chunk sets the padded length T; later rows
+        join while rows x T stays within prefill_tokens."""
+        T = min(self.prefill_tokens, len(rows[0].req.prompt) - rows[0].prefilled)
+        batch = []
+        for r in rows:
+            if batch and (len(batch) + 1) * T > self.prefill_tokens:
+                break
+            batch.append(r)
+        chunks = [r.req.prompt[r.prefilled: r.prefilled + T] for r in batch]
+        logits = self._forward(batch, chunks)
+        if logits is None:
+            return
+        self.prefill_tokens_in += sum(len(c) for c in chunks)
+        done, last = [], []
+        for i, (r, c) in enumerate(zip(batch, chunks)):
+            r.prefilled += len(c)
+            if r.prefilled == len(r.req.prompt):
+                done.append(r)
+                last.append(logits[i, len(c) - 1])
+        if done:
+            self._sample(done, torch.stack(last))
+
+    def _forward(self, rows, inputs):
+        """Run the model over rows (each continuing its slot with its list of input ids, right-padded).
+        -> logits (n, T, V), or None after failing every row (the error goes to each request)."""
+        T = max(len(x) for x in inputs)
+        ids = torch.zeros((len(rows), T), dtype=torch.long)
+        for i, x in enumerate(inputs):
+            ids[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+        view = self.cache.rows([r.slot for r in rows], [len(x) for x in inputs])
+        adapters = [r.req.adapter for r in rows]
+        per_row = self.lora.per_row(adapters) if self.lora is not None else nullcontext()
+        try:
+            with per_row, autocast(self.dtype, self.device.type):
+                return self.model(ids.to(self.device), kv_cache=view)
+        except Exception as e:  # noqa: BLE001 - one bad forward fails its rows, never the scheduler
+            logger.exception("forward failed for %d rows", len(rows))
+            for r in rows:
+                self._release(r, Event(None, finish="error", error=f"{type(e).__name__}: {e}"))
+            return None
+
+    def _sample(self, rows, logits):
+        """logits (n, V) fp32, row i's next-token logits -> each row's next token, events, finishes."""
+        greedy = logits.argmax(dim=-1).tolist()
+        for i, r in enumerate(rows):
+            req = r.req
+            lg = logits[i:i + 1]
+            if r.penalized and r.counts is not None:
+                lg = lg - req.presence_penalty * (r.counts > 0) - req.frequency_penalty * r.counts
+            if req.temperature == 0.0 and not r.penalized:
+                tok = greedy[i]
+            else:
+                tok = int(sample_next_token(lg, r.generator, req.temperature, req.top_k or None, req.top_p)[0])
+            sampled = not r.state.forced
+            if not sampled:
+                tok = r.state.forced.popleft()
+            event = Event(tok, sampled)
+            if req.logprobs is not None:
+                lp = F.log_softmax(logits[i].float(), dim=-1)
+                event.logprob = float(lp[tok])
+                if req.logprobs:
+                    values, ids = lp.topk(min(req.logprobs, lp.size(0)))
+                    event.top_logprobs = list(zip(ids.tolist(), values.tolist()))
+            if r.penalized:
+                if r.counts is None:
+                    r.counts = torch.zeros(logits.size(-1), device=logits.device)
+                r.counts[tok] += 1
+            r.handle.tokens += 1
+            self.tokens_out += 1
+            self.engine.advance(r.state, tok)
+            if r.state.done:
+                event.finish = "stop"
+            elif r.handle.tokens >= r.budget:
+                event.finish = "length"
+            if event.finish:
+                self._release(r, event)
+            else:
+                r.last = tok
+                self._emit(r.handle, event)
+
+    def _emit(self, handle, event):
+        try:
+            handle.on_event(event)
+        except Exception:  # noqa: BLE001 - a broken consumer loses its request, not the batch
+            logger.exception("on_event failed; cancelling its request")
+            handle.cancel()
+
+    def _finish(self, handle, event):
+        handle.finish = event.finish
+        self._emit(handle, event)
+
+    def _release(self, row, event):
+        """The row leaves: its slot is free for the next request, its last event is sent."""
+        self.rows.remove(row)
+        self.cache.reset(row.slot)
+        heapq.heappush(self._free, row.slot)
+        self._finish(row.handle, event)
