@@ -304,40 +304,49 @@ class Scheduler:
         """logits (n, V) fp32, row i's next-token logits -> each row's next token, events, finishes."""
         greedy = logits.argmax(dim=-1).tolist()
         for i, r in enumerate(rows):
-            req = r.req
-            lg = logits[i:i + 1]
-            if r.penalized and r.counts is not None:
-                lg = lg - req.presence_penalty * (r.counts > 0) - req.frequency_penalty * r.counts
-            if req.temperature == 0.0 and not r.penalized:
-                tok = greedy[i]
-            else:
-                tok = int(sample_next_token(lg, r.generator, req.temperature, req.top_k or None, req.top_p)[0])
-            sampled = not r.state.forced
-            if not sampled:
-                tok = r.state.forced.popleft()
-            event = Event(tok, sampled)
-            if req.logprobs is not None:
-                lp = F.log_softmax(logits[i].float(), dim=-1)
-                event.logprob = float(lp[tok])
-                if req.logprobs:
-                    values, ids = lp.topk(min(req.logprobs, lp.size(0)))
-                    event.top_logprobs = list(zip(ids.tolist(), values.tolist()))
-            if r.penalized:
-                if r.counts is None:
-                    r.counts = torch.zeros(logits.size(-1), device=logits.device)
-                r.counts[tok] += 1
-            r.handle.tokens += 1
-            self.tokens_out += 1
-            self.engine.advance(r.state, tok)
-            if r.state.done:
-                event.finish = "stop"
-            elif r.handle.tokens >= r.budget:
-                event.finish = "length"
-            if event.finish:
-                self._release(r, event)
-            else:
-                r.last = tok
-                self._emit(r.handle, event)
+            try:
+                self._sample_row(r, logits[i], greedy[i])
+            except Exception as e:  # noqa: BLE001 - e.g. a tool failing on what the model wrote: this row only
+                logger.exception("sampling failed for a row")
+                if r in self.rows:
+                    self._release(r, Event(None, finish="error", error=f"{type(e).__name__}: {e}"))
+
+    def _sample_row(self, r, logits, greedy):
+        """One row's next token from its logits (V,): sampling, forced tool output, logprobs, finish."""
+        req = r.req
+        lg = logits[None]
+        if r.penalized and r.counts is not None:
+            lg = lg - req.presence_penalty * (r.counts > 0) - req.frequency_penalty * r.counts
+        if req.temperature == 0.0 and not r.penalized:
+            tok = greedy
+        else:
+            tok = int(sample_next_token(lg, r.generator, req.temperature, req.top_k or None, req.top_p)[0])
+        sampled = not r.state.forced
+        if not sampled:
+            tok = r.state.forced.popleft()
+        event = Event(tok, sampled)
+        if req.logprobs is not None:
+            lp = F.log_softmax(logits.float(), dim=-1)
+            event.logprob = float(lp[tok])
+            if req.logprobs:
+                values, ids = lp.topk(min(req.logprobs, lp.size(0)))
+                event.top_logprobs = list(zip(ids.tolist(), values.tolist()))
+        if r.penalized:
+            if r.counts is None:
+                r.counts = torch.zeros(logits.size(-1), device=logits.device)
+            r.counts[tok] += 1
+        r.handle.tokens += 1
+        self.tokens_out += 1
+        self.engine.advance(r.state, tok)
+        if r.state.done:
+            event.finish = "stop"
+        elif r.handle.tokens >= r.budget:
+            event.finish = "length"
+        if event.finish:
+            self._release(r, event)
+        else:
+            r.last = tok
+            self._emit(r.handle, event)
 
     def _emit(self, handle, event):
         try:

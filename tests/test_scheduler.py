@@ -353,3 +353,45 @@ def test_background_thread_serves_concurrent_submitters():
     finally:
         sched.stop()
     assert hung.finish in ("cancelled", "length")
+
+
+def test_a_failing_row_ends_with_error_and_the_batch_goes_on():
+    model = make_gpt()
+    prompts = prompts_of([5, 8], seed=10, end="?")
+    sched = Scheduler(model, TOK)
+    advance, bad = sched.engine.advance, [None]
+
+    def flaky(row, tok):  # stands in for a tool that blows up on what one request's model wrote
+        if row is bad[0]:
+            raise RuntimeError("tool exploded")
+        advance(row, tok)
+
+    sched.engine.advance = flaky
+    ok, broken = Collector(), Collector()
+    sched.submit(Request(prompts[0], max_tokens=10, temperature=0.0), ok)
+    sched.submit(Request(prompts[1], max_tokens=10, temperature=0.0), broken)
+    sched.step()  # both prefilled; no failure yet
+    bad[0] = sched.rows[1].state
+    sched.run_until_idle()
+    assert broken.finish == "error" and "tool exploded" in broken.events[-1].error
+    assert ok.tokens == alone(model, prompts[0], max_tokens=10, temperature=0.0)
+
+
+def test_lora_per_row_forward_equals_each_adapter_active():
+    model = make_gpt(seed=11)
+    lora = make_lora(model)
+    x = torch.randint(0, 256, (3, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = []
+        for i, name in enumerate(("a", None, "b")):
+            lora.activate(name)
+            want.append(model(x[i:i + 1])[0])
+        lora.activate("b")  # per-row mode ignores the active adapter
+        with lora.per_row([lora.adapters["a"], None, lora.adapters["b"]]):
+            got = model(x)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        lora.merge()
+        with pytest.raises(RuntimeError, match="unmerge"):
+            with lora.per_row([None, None, None]):
+                pass
