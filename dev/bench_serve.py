@@ -13,6 +13,18 @@ route, with stream_options.include_usage), and times every request from the clie
               at a time, so with c clients most requests wait for others)
   decode tok/s  (completion tokens - 1) / (last chunk - first content chunk), per request
   total tok/s   all completion tokens / wall time of the level (the server's throughput)
+
+In-process mode (`--engine`, no HTTP, no checkpoint needed): the same clients (threads, --requests each)
+talk straight to a model replica, "before" = one request at a time through Engine.generate in FIFO order
+(what chat_web's worker did), "after" = nanochat.scheduler.Scheduler (continuous batching). The model is a
+randomly initialised GPT of the given depth (--depth 4 = the cpu profile's d4 shape, vocab 4096, context
+512) over a 4096-token BPE trained on the Python standard library's source (a few seconds); random weights
+sample near-uniformly, so replies run to --max-tokens like long answers do. With --adapters K, K random
+LoRA adapters are spread over the clients (request i of client c uses adapter (c + i) % K), compared with
+every client on one adapter.
+
+    python -m dev.bench_serve --engine --depth 4 --concurrency 1,4,16,64 --max-tokens 128
+    python -m dev.bench_serve --engine --depth 4 --adapters 4 --modes after
 """
 import argparse
 import asyncio
@@ -22,6 +34,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -93,6 +106,159 @@ def pct(values, q):
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
+# --- in-process mode -----------------------------------------------------------------------------
+
+def bench_tokenizer(vocab_size=4096):
+    """A BPE trained on the standard library's Python source: real-looking merges, no download."""
+    import glob
+    import sysconfig
+    from nanochat.tokenizer import Tokenizer
+    texts, n = [], 0
+    for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            texts.append(f.read())
+        n += len(texts[-1])
+        if n > 3_000_000:
+            break
+    return Tokenizer.train_from_iterator(iter(texts), vocab_size)
+
+
+def bench_model(depth, tokenizer, seq_len=512):
+    """A randomly initialised GPT with the depth dial's shape (width 64 * depth, heads of 128)."""
+    import torch
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    width = 64 * depth
+    heads = max(1, width // 128)
+    cfg = GPTConfig(sequence_len=seq_len, vocab_size=tokenizer.get_vocab_size(), n_layer=depth, n_head=heads,
+                    n_kv_head=heads, n_embd=width)
+    return GPT(cfg).eval()
+
+
+class Sequential:
+    """Before: one request at a time, FIFO, on one thread, through Engine.generate (with the request's
+    adapter activated for it, as chat_web's worker did)."""
+
+    def __init__(self, model, tokenizer, lora=None):
+        import queue
+        from nanochat.engine import Engine
+        self.engine, self.lora, self.jobs = Engine(model, tokenizer), lora, queue.Queue()
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self):
+        import torch
+        while True:
+            req, on_token = self.jobs.get()
+            if self.lora is not None:
+                self.lora.activate(req["adapter"])
+            with torch.no_grad():
+                for column, _ in self.engine.generate(req["prompt"], max_tokens=req["max_tokens"],
+                                                      temperature=req["temperature"], top_k=req["top_k"], seed=req["seed"]):
+                    on_token(column[0] in self.engine.stop_tokens)
+            on_token(True)
+
+    def submit(self, req, on_token):
+        self.jobs.put((req, on_token))
+
+
+class Batched:
+    """After: the continuous-batching scheduler on its own thread."""
+
+    def __init__(self, model, tokenizer, lora=None):
+        from nanochat.scheduler import Scheduler
+        self.sched, self.lora = Scheduler(model, tokenizer, lora=lora), lora
+        self.sched.start()
+
+    def submit(self, req, on_token):
+        from nanochat.scheduler import Request
+        adapter = self.lora.adapters[req["adapter"]] if req["adapter"] else None
+        self.sched.submit(Request(req["prompt"], max_tokens=req["max_tokens"], temperature=req["temperature"],
+                                  top_k=req["top_k"], seed=req["seed"], adapter=adapter),
+                          lambda e: on_token(e.finish is not None))
+
+
+def run_engine_level(server, prompts, clients, args, adapters):
+    """clients threads, each sending args.requests requests in turn. -> (per-request records, wall seconds)"""
+    records = []
+
+    def client(c):
+        for i in range(args.requests):
+            done, times = threading.Event(), []
+
+            def on_token(last):
+                times.append(time.perf_counter())
+                if last:
+                    done.set()
+
+            req = {"prompt": prompts[(c + i) % len(prompts)], "max_tokens": args.max_tokens, "top_k": args.top_k,
+                   "temperature": args.temperature, "seed": 1000 * c + i,
+                   "adapter": adapters[(c + i) % len(adapters)] if adapters else None}
+            t0 = time.perf_counter()
+            server.submit(req, on_token)
+            done.wait()
+            records.append({"t0": t0, "times": times})
+
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return records, time.perf_counter() - t0
+
+
+def summarize(records, wall):
+    ttft = [(r["times"][0] - r["t0"]) * 1000 for r in records if r["times"]]
+    gaps = [(b - a) * 1000 for r in records for a, b in zip(r["times"], r["times"][1:])]
+    tokens = sum(len(r["times"]) for r in records)
+    return {"requests": len(records), "tok_s": tokens / wall, "tokens": tokens / max(1, len(records)),
+            "ttft50": statistics.median(ttft), "ttft99": pct(ttft, 0.99),
+            "itl50": statistics.median(gaps) if gaps else float("nan"), "itl99": pct(gaps, 0.99) if gaps else float("nan")}
+
+
+def engine_main(args):
+    import torch
+    from nanochat.lora import LoRA
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    tokenizer = bench_tokenizer()
+    model = bench_model(args.depth, tokenizer)
+    prompts = [tokenizer.render_for_completion([{"role": "user", "content": p}]) for p in PROMPTS]
+    lora, names = None, []
+    if args.adapters:
+        lora = LoRA(model)
+        for k in range(args.adapters):
+            ad = lora.add(f"ad{k}", rank=8, alpha=16, seed=k)
+            with torch.no_grad():
+                for b in ad.B:
+                    b.normal_(0, 0.02)
+            names.append(f"ad{k}")
+    setups = [("", [])] if not names else [("1 adapter", names[:1]), (f"{len(names)} adapters", names)]
+    print(f"d{args.depth}: {model.num_params() / 1e6:.1f}M params, vocab {tokenizer.get_vocab_size()}, "
+          f"torch threads {torch.get_num_threads()}, setup {time.perf_counter() - t0:.1f}s; max_tokens "
+          f"{args.max_tokens}, temperature {args.temperature}, top_k {args.top_k}, {args.requests} request(s) "
+          f"per client", file=sys.stderr)
+    rows = []
+    for mode in args.modes.split(","):
+        for label, adapters in setups:
+            server = (Sequential if mode == "before" else Batched)(model, tokenizer, lora)
+            run_engine_level(server, prompts, 1, argparse.Namespace(**{**vars(args), "requests": 1, "max_tokens": 4}),
+                             adapters)  # warm-up
+            for clients in [int(c) for c in args.concurrency.split(",")]:
+                r = summarize(*run_engine_level(server, prompts, clients, args, adapters))
+                rows.append((mode, label, clients, r))
+                print(f"{mode} {label} {clients}: {r}", file=sys.stderr, flush=True)
+            if mode == "after":
+                server.sched.stop()
+    print(f"\n| mode | adapters | clients | requests | tokens/request | aggregate tok/s | TTFT p50 ms | TTFT p99 ms "
+          f"| inter-token p50 ms | inter-token p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for mode, label, clients, r in rows:
+        print(f"| {mode} | {label or '-'} | {clients} | {r['requests']} | {r['tokens']:.0f} | {r['tok_s']:.0f} | "
+              f"{r['ttft50']:.0f} | {r['ttft99']:.0f} | {r['itl50']:.1f} | {r['itl99']:.1f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--source", default="auto", choices=["auto", "base", "mid", "sft", "rl"],
@@ -106,7 +272,14 @@ def main():
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--engine", action="store_true", help="in-process mode: no HTTP, a random model (see above)")
+    p.add_argument("--depth", type=int, default=4, help="--engine: depth of the random model")
+    p.add_argument("--adapters", type=int, default=0, help="--engine: spread this many LoRA adapters over clients")
+    p.add_argument("--threads", type=int, default=0, help="--engine: torch threads (default: torch's choice)")
+    p.add_argument("--modes", default="before,after", help="--engine: before (sequential), after (batched)")
     args = p.parse_args()
+    if args.engine:
+        return engine_main(args)
 
     proc = None
     url = args.url

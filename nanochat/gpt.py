@@ -169,30 +169,40 @@ class _RaggedRows:
         self.mask = None
 
     def get_pos(self):
-        return None  # no single position: see positions()
+        return self.start  # the rows' common start position, or None when they differ (see positions)
 
     def positions(self, T, device):
-        """(n, T) absolute positions of the input tokens; also builds the (n, 1, T, Tk) attention mask."""
-        starts = torch.tensor([self.cache.lengths[s] for s in self.slots], device=device)
-        self.times = starts[:, None] + torch.arange(T, device=device)[None, :]
-        self.Tk = max(self.cache.lengths[s] for s in self.slots) + T
-        self.mask = torch.arange(self.Tk, device=device)[None, None, None, :] <= self.times[:, None, :, None]
-        self.index = torch.tensor(self.slots, device=device)
-        # a run of consecutive slots is read as a view (no copy); anything else is gathered
+        """The input tokens' absolute positions: an int when every row starts at the same position (then
+        attention runs as for one sequence, no mask), else an (n, T) tensor, and `mask` (n, 1, T, Tk)."""
+        starts = [self.cache.lengths[s] for s in self.slots]
+        self.T, self.Tk = T, max(starts) + T
         first = self.slots[0]
-        self.span = slice(first, first + len(self.slots)) if self.slots == list(range(first, first + len(self.slots))) else None
+        # a run of consecutive slots is read and written as a view (no copy); anything else is gathered
+        consecutive = self.slots == list(range(first, first + len(self.slots)))
+        self.span = slice(first, first + len(self.slots)) if consecutive else None
+        self.index = None if consecutive else torch.tensor(self.slots, device=device)
+        if len(set(starts)) == 1:
+            self.start, self.mask, self.times = starts[0], None, None
+            return self.start
+        self.start = None
+        self.times = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)[None, :]
+        self.mask = torch.arange(self.Tk, device=device)[None, None, None, :] <= self.times[:, None, :, None]
         return self.times
 
     def insert_kv(self, layer_idx, k, v):
         """Write k, v (n, H_kv, T, D) at each row's positions; return (keys, values), each (n, H_kv, Tk, D)."""
         cache = self.cache
         cache._ensure_capacity(self.Tk, k.device, k.dtype)
-        rows = self.index[:, None]
+        rows = self.span if self.span is not None else self.index
         out = []
         for i, x in enumerate((k, v)):
             store = cache.kv[layer_idx, i]  # (slots, H, capacity, D)
-            store[rows, :, self.times] = x.transpose(1, 2).to(store.dtype)  # advanced index -> (n, T, H, D)
-            out.append(store[self.span, :, : self.Tk] if self.span is not None else store[self.index, :, : self.Tk])
+            if self.times is None:
+                store[rows, :, self.start:self.Tk] = x.to(store.dtype)
+            else:
+                r = rows if self.span is None else torch.arange(rows.start, rows.stop, device=x.device)
+                store[r[:, None], :, self.times] = x.transpose(1, 2).to(store.dtype)  # -> (n, T, H, D)
+            out.append(store[rows, :, : self.Tk])
         if layer_idx == cache.num_layers - 1:
             for s, c in zip(self.slots, self.counts):
                 cache.lengths[s] += c
@@ -367,12 +377,14 @@ class GPT(nn.Module):
         cross-entropy (targets == -1 ignored): a scalar for "mean"/"sum", per-token losses of shape
         (B, T) for "none" (0 at ignored positions). With kv_cache, idx continues the cached sequence."""
         B, T = idx.shape
-        if isinstance(kv_cache, _RaggedRows):  # each row continues its own sequence: its own rotary angles
-            times = kv_cache.positions(T, idx.device)
-            assert int(times.max()) < self.rotary_len, f"sequence length exceeds the rotary table ({self.rotary_len})"
-            cos, sin = self.cos[0, times], self.sin[0, times]  # (B, T, 1, D/2)
+        if isinstance(kv_cache, _RaggedRows):  # each row continues its own sequence
+            t0 = kv_cache.positions(T, idx.device)  # an int when every row is at the same position
         else:
             t0 = 0 if kv_cache is None else kv_cache.get_pos()
+        if isinstance(t0, torch.Tensor):  # rows at different positions: each its own rotary angles
+            assert int(t0.max()) < self.rotary_len, f"sequence length exceeds the rotary table ({self.rotary_len})"
+            cos, sin = self.cos[0, t0], self.sin[0, t0]  # (B, T, 1, D/2)
+        else:
             assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"
             cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
         x = norm(self.transformer.wte(idx))
