@@ -213,7 +213,8 @@ class Engine:
         return results, masks
 
 
-def _token_bytes(tokenizer, token_id):
+def token_bytes(tokenizer, token_id):
+    """The exact bytes of one token (special tokens: their names)."""
     enc = getattr(tokenizer, "enc", None)  # tiktoken Encoding: exact bytes, special tokens included
     if enc is not None:
         return enc.decode_single_token_bytes(token_id)
@@ -236,7 +237,7 @@ class StreamDecoder:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def push(self, token_id):
-        return self._decoder.decode(_token_bytes(self.tokenizer, token_id))
+        return self._decoder.decode(token_bytes(self.tokenizer, token_id))
 
     def flush(self):
         text = self._decoder.decode(b"", final=True)
@@ -245,3 +246,57 @@ class StreamDecoder:
 
     def reset(self):
         self._decoder.reset()
+
+
+# The model's tool markers: a calculator call is <|python_start|>expr<|python_end|>, its forced result
+# <|output_start|>value<|output_end|>. Part kinds are those render_conversation takes.
+TOOL_MARKERS = {"python": ("<|python_start|>", "<|python_end|>"),
+                "python_output": ("<|output_start|>", "<|output_end|>")}
+
+
+class ReplyParser:
+    """An assistant reply's token stream -> parts, as they complete: {"type": "text", "text"} deltas (UTF-8
+    safe), and for a calculator call the whole expression ({"type": "python"}) and then its output
+    ({"type": "python_output"}). The one reader of tool calls for the CLI and the server. A tool part
+    left unfinished (cut off, or interrupted by a new call) comes out as text with its opening marker,
+    so the events always add up to everything the model wrote. Feed it no stop tokens."""
+
+    def __init__(self, tokenizer):
+        S = tokenizer.encode_special
+        self.tokenizer = tokenizer
+        self.python_start, self.python_end = S("<|python_start|>"), S("<|python_end|>")
+        self.output_start, self.output_end = S("<|output_start|>"), S("<|output_end|>")
+        self.decoder = StreamDecoder(tokenizer)
+        self.mode = "text"  # which part the next tokens belong to: text / python / python_output
+        self.buf = []  # token ids of the current python or python_output part
+
+    def _text(self, s):
+        return [{"type": "text", "text": s}] if s else []
+
+    def _flush(self):
+        """Close the current part: held-back text bytes, or an unfinished tool part as text."""
+        if self.mode == "text":
+            return self._text(self.decoder.flush())
+        return self._text(TOOL_MARKERS[self.mode][0] + self.tokenizer.decode(self.buf))
+
+    def push(self, tok):
+        """One token -> a list of zero or more events."""
+        if tok == self.python_start or (tok == self.output_start and self.mode == "text"):
+            events = self._flush()
+            self.mode, self.buf = ("python" if tok == self.python_start else "python_output"), []
+            return events
+        if (tok == self.python_end and self.mode == "python") or (tok == self.output_end and self.mode == "python_output"):
+            event = {"type": self.mode, "text": self.tokenizer.decode(self.buf)}
+            self.mode = "text"
+            return [event]
+        if self.mode == "text":
+            return self._text(self.decoder.push(tok))
+        self.buf.append(tok)
+        return []
+
+    def finish(self):
+        """The end of the reply: whatever is still held back."""
+        events = self._flush()
+        self.mode = "text"
+        return events
+

@@ -82,6 +82,7 @@ class Handle:
         self.cancelled = False
         self.finish = None  # set when the last event has been sent
         self.tokens = 0
+        self.slot = None  # the KV-cache slot once admitted
         self.submitted = time.perf_counter()
 
     def cancel(self):
@@ -126,6 +127,7 @@ class Scheduler:
         self._thread, self._stopping = None, False
         self.steps = self.tokens_out = self.prefill_tokens_in = 0
         self.last_batch = 0  # rows in the last decode forward
+        self.busy_seconds = 0.0  # time spent in steps that ran a forward
 
     # --- submitting -------------------------------------------------------------------------
     def submit(self, request, on_event):
@@ -162,6 +164,15 @@ class Scheduler:
 
     def queue_length(self):
         return len(self._waiting)
+
+    def position(self, handle):
+        """1-based place of a waiting request among those that cannot get a slot at the next step; 0 when
+        it will be (or was) admitted."""
+        with self._lock:
+            for i, h in enumerate(self._waiting):
+                if h is handle:
+                    return max(0, i + 1 - len(self._free))
+        return 0
 
     def active(self):
         return len(self.rows)
@@ -208,6 +219,7 @@ class Scheduler:
     @torch.no_grad()
     def step(self):
         """One round: queued calls, admissions, one prefill forward, one decode forward. -> pending()."""
+        t0 = time.perf_counter()
         self._run_calls()
         self._admit()
         prefilling = [r for r in self.rows if r.prefilled < len(r.req.prompt)]
@@ -220,6 +232,8 @@ class Scheduler:
             if logits is not None:
                 self._sample(decoding, logits[:, 0])
         self.steps += 1
+        if prefilling or decoding:
+            self.busy_seconds += time.perf_counter() - t0
         return self.pending()
 
     def _run_calls(self):
@@ -251,6 +265,7 @@ class Scheduler:
             if req.max_tokens is not None:
                 budget = min(budget, req.max_tokens)
             row = _Row(handle, slot, budget, self.device)
+            handle.slot = slot
             self.cache.reset(slot)
             if budget == 0:
                 heapq.heappush(self._free, slot)

@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from nanochat.common import autocast, resolve_dtype, script_argv
-from nanochat.engine import Engine, StreamDecoder
+from nanochat.engine import Engine, ReplyParser
 
 
 class ContextFullError(ValueError):
@@ -34,36 +34,35 @@ def chat_turn(engine, tokenizer, conversation, temperature=0.6, top_k=50, max_to
     parts when the reply used the calculator. The caller appends it to the conversation.
     Raises ContextFullError when the conversation leaves no room in the model's context."""
     out = sys.stdout if out is None else out
-    S = tokenizer.encode_special
-    python_start, python_end = S("<|python_start|>"), S("<|python_end|>")
-    output_start, output_end = S("<|output_start|>"), S("<|output_end|>")
-    stop_tokens = {S("<|assistant_end|>"), tokenizer.get_bos_token_id()}
-
     prompt = render_prompt(engine, tokenizer, conversation)
     ctx = engine.model.config.sequence_len
-
+    parser = ReplyParser(tokenizer)
     parts = []  # [type, text] pairs of the reply
-    mode = "text"  # which part the next tokens belong to: text / python / python_output
-    buf = []  # token ids of the current python or python_output part
     pending_call = None  # an expression whose output (or lack of one) isn't known yet
-    decoder = StreamDecoder(tokenizer)
 
     def write(s):
         if s:
             out.write(s)
             out.flush()
 
-    def add_text(s):
-        if not s:
-            return
-        if parts and parts[-1][0] == "text":
-            parts[-1][1] += s
-        else:
-            parts.append(["text", s])
-        write(s)
-
-    def show_call(expr, result):
-        write(f"[python: {expr.strip()} → {result if result is not None else 'no result'}]")
+    def show(events):
+        nonlocal pending_call
+        for e in events:
+            kind, text = e["type"], e["text"]
+            if pending_call is not None and kind != "python_output":
+                write(f"[python: {pending_call.strip()} → no result]")  # the calculator gave nothing
+                pending_call = None
+            if kind == "python_output" and pending_call is not None:
+                write(f"[python: {pending_call.strip()} → {text}]")
+                pending_call = None
+            elif kind == "python":
+                pending_call = text
+            elif kind == "text":
+                write(text)
+            if kind == "text" and parts and parts[-1][0] == "text":
+                parts[-1][1] += text
+            else:
+                parts.append([kind, text])
 
     stopped = False
     n = 0
@@ -71,38 +70,13 @@ def chat_turn(engine, tokenizer, conversation, temperature=0.6, top_k=50, max_to
                                      top_k=top_k, seed=seed):
         tok = column[0]
         n += 1
-        if pending_call is not None and mode == "text" and tok != output_start:
-            show_call(pending_call, None)  # the calculator gave nothing: no output follows the call
-            pending_call = None
-        if tok in stop_tokens:
+        if tok in engine.stop_tokens:
             stopped = True
             break
-        if tok == python_start:
-            add_text(decoder.flush())
-            mode, buf = "python", []
-        elif tok == python_end and mode == "python":
-            expr = tokenizer.decode(buf)
-            parts.append(["python", expr])
-            mode, pending_call = "text", expr
-        elif tok == output_start and mode == "text":
-            add_text(decoder.flush())
-            mode, buf = "python_output", []
-        elif tok == output_end and mode == "python_output":
-            result = tokenizer.decode(buf)
-            parts.append(["python_output", result])
-            if pending_call is not None:
-                show_call(pending_call, result)
-                pending_call = None
-            mode = "text"
-        elif mode == "text":
-            add_text(decoder.push(tok))
-        else:
-            buf.append(tok)
-    if pending_call is not None:
-        show_call(pending_call, None)
-    add_text(decoder.flush())
-    if mode != "text" and buf:  # cut off inside a tool call: keep what was written as text
-        add_text(tokenizer.decode(buf))
+        show(parser.push(tok))
+    show(parser.finish())
+    show([{"type": "text", "text": ""}])  # a call still waiting for its output gets none
+    parts = [p for p in parts if p[1] or p[0] != "text"]
     if not stopped:
         if len(prompt) + n >= ctx:
             write("\n[stopped: the model's context is full; type 'clear' to start over]")

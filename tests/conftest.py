@@ -135,8 +135,8 @@ class EchoChatModel(torch.nn.Module):
     """A stand-in chat model for serving tests, used through the real Engine. Its reply to a conversation
     is "You said: <last user message>", a calculator call 6*7 (the engine forces the output, 42), " ok",
     then <|assistant_end|>. `delay` seconds per forward make streaming slow enough to watch; `calls`
-    counts forwards. It remembers the sequence being generated, so it serves one request at a time
-    (as a worker does)."""
+    counts forwards. Under the scheduler it keeps one reply per KV-cache slot, so it serves a batch;
+    under the Engine one sequence at a time. `step` is the reply position of the row it saw last."""
 
     def __init__(self, tokenizer, delay=0.0, seq_len=1024):
         super().__init__()
@@ -147,6 +147,7 @@ class EchoChatModel(torch.nn.Module):
         self.anchor = torch.nn.Parameter(torch.zeros(1), requires_grad=False)  # gives the model a device
         self.calls = 0
         self.script, self.step = [], 0
+        self.scripts, self.steps = {}, {}  # per KV-cache slot, when batched by the scheduler
 
     def get_device(self):
         return self.anchor.device
@@ -157,21 +158,42 @@ class EchoChatModel(torch.nn.Module):
                 + [S("<|python_end|>"), S("<|output_start|>")] + tok.encode("42") + [S("<|output_end|>")]
                 + tok.encode(" ok") + [S("<|assistant_end|>")])
 
+    def _script_for(self, ids):
+        S = self.tokenizer.encode_special
+        start = len(ids) - ids[::-1].index(S("<|user_start|>"))
+        return self.reply_tokens(self.tokenizer.decode(ids[start:ids.index(S("<|user_end|>"), start)]))
+
     def forward(self, idx, kv_cache=None):
         import time
         self.calls += 1
         if self.delay:
             time.sleep(self.delay)
         S = self.tokenizer.encode_special
-        if idx.size(1) > 1:  # the engine's prefill: a new prompt
-            ids = idx[0].tolist()
-            start = len(ids) - ids[::-1].index(S("<|user_start|>"))
-            self.script, self.step = self.reply_tokens(self.tokenizer.decode(ids[start:ids.index(S("<|user_end|>"), start)])), 0
-        else:
-            self.step += 1
-        nxt = self.script[self.step] if self.step < len(self.script) else S("<|assistant_end|>")
-        logits = torch.full((idx.size(0), idx.size(1), self.config.vocab_size), -30.0)
-        logits[:, -1, nxt] = 30.0
+        n, T = idx.shape
+        logits = torch.full((n, T, self.config.vocab_size), -30.0)
+        slots = getattr(kv_cache, "slots", None)
+        if slots is None:  # the Engine: one sequence, prefill then one token per step
+            if T > 1:
+                self.script, self.step = self._script_for(idx[0].tolist()), 0
+            else:
+                self.step += 1
+            nxt = self.script[self.step] if self.step < len(self.script) else S("<|assistant_end|>")
+            logits[:, -1, nxt] = 30.0
+            return logits
+        # the scheduler: rows continue their own slots of a ragged cache; keep its lengths right
+        new = [kv_cache.cache.lengths[s] == 0 for s in slots]
+        kv_cache.positions(T, idx.device)
+        empty = torch.zeros(n, 1, T, 8)
+        kv_cache.insert_kv(0, empty, empty)
+        for i, (slot, count) in enumerate(zip(slots, kv_cache.counts)):
+            if new[i]:  # a prompt (the tests' prompts fit in one prefill chunk)
+                self.scripts[slot], self.steps[slot] = self._script_for(idx[i, :count].tolist()), 0
+            else:
+                self.steps[slot] += 1
+            self.step = self.steps[slot]
+            script = self.scripts[slot]
+            nxt = script[self.step] if self.step < len(script) else S("<|assistant_end|>")
+            logits[i, count - 1, nxt] = 30.0
         return logits
 
 

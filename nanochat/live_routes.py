@@ -1,0 +1,123 @@
+"""The live-learning routes of the server (POST /learn, GET /learn/{job}, GET /adapters, POST
+/adapters/{name}/activate, DELETE /adapters/{name}) as a FastAPI router over a nanochat.live.LiveLearning;
+the learning itself (jobs, adapters on disk and on the replicas) is live.py's."""
+import time
+
+from fastapi import APIRouter
+
+from nanochat.live import facts_to_conversations
+from nanochat.openai_api import PageMessage, RequestError, StrictBody, check_messages, content_chars
+
+
+class Fact(StrictBody):
+    question: str
+    answer: str
+
+
+class LearnRequest(StrictBody):
+    adapter: str
+    facts: list[Fact] = []
+    conversations: list[list[PageMessage]] = []
+    steps: int = 150
+    replace: bool = False
+
+
+def live_router(live, tokenizer, context, limits):
+    """The routes for `live` (None: live learning is off, and every route answers 404 saying so).
+    context: the model's context in tokens (longer examples are refused); limits: openai_api.Limits."""
+    router = APIRouter()
+
+    def need_live():
+        if live is None:
+            raise RequestError("live learning is off on this server (started with --no-learn)", status=404)
+        return live
+
+    def learn_examples(body):
+        """The request's facts and conversations -> conversations to train on, or RequestError."""
+        n = len(body.facts) + len(body.conversations)
+        if n == 0:
+            raise RequestError("nothing to learn: send \"facts\": [{\"question\", \"answer\"}, ...] and/or "
+                               "\"conversations\": [[messages], ...]", "facts")
+        if n > limits.max_learn_items:
+            raise RequestError(f"{n} facts and conversations; the limit is {limits.max_learn_items} per request "
+                               "(--max-learn-items)", "facts")
+        for i, f in enumerate(body.facts):
+            for key in ("question", "answer"):
+                text = getattr(f, key)
+                if not text.strip():
+                    raise RequestError(f"facts[{i}].{key} is empty", f"facts[{i}].{key}")
+                if len(text) > limits.max_message_chars:
+                    raise RequestError(f"facts[{i}].{key} is {len(text)} characters; the limit is "
+                                       f"{limits.max_message_chars} (--max-message-chars)", f"facts[{i}].{key}")
+        convs = facts_to_conversations([f.model_dump() for f in body.facts])
+        for i, c in enumerate(body.conversations):
+            messages = [m.model_dump() for m in c]
+            if not messages or messages[-1]["role"] != "assistant":
+                raise RequestError(f"conversations[{i}] must end with the assistant's message: that is what is "
+                                   "learned", f"conversations[{i}]")
+            try:
+                check_messages(messages[:-1], limits)  # the prompt: roles, sizes, ends with the user
+            except RequestError as e:
+                raise RequestError(f"conversations[{i}]: {e.message}", f"conversations[{i}]") from None
+            if content_chars(messages[-1]["content"]) > limits.max_message_chars:
+                raise RequestError(f"conversations[{i}]: the reply is longer than {limits.max_message_chars} "
+                                   "characters (--max-message-chars)", f"conversations[{i}]")
+            convs.append(messages)
+        for i, c in enumerate(convs):
+            n_tokens = len(tokenizer.render_conversation(c, max_tokens=10 ** 9)[0])
+            if n_tokens > context:
+                raise RequestError(f"example {i} is {n_tokens} tokens; the model's context is {context}",
+                                   "conversations")
+        return convs
+
+    @router.post("/learn", status_code=202)
+    async def learn(body: LearnRequest):
+        lv = need_live()
+        if not 1 <= body.steps <= limits.max_learn_steps:
+            raise RequestError(f"steps must be between 1 and {limits.max_learn_steps} (--max-learn-steps); "
+                               f"got {body.steps}", "steps")
+        convs = learn_examples(body)
+        try:
+            job = lv.submit(body.adapter, convs, body.steps, replace=body.replace)
+        except ValueError as e:
+            raise RequestError(str(e), "adapter") from None
+        except FileExistsError as e:
+            raise RequestError(str(e), "adapter", status=409) from None
+        return {"job": job.id, "adapter": job.adapter, "status": job.status, "steps": job.steps,
+                "examples": job.examples, "url": f"/learn/{job.id}"}
+
+    @router.get("/learn/{job_id}")
+    async def learn_status(job_id: str):
+        job = need_live().jobs.get(job_id)
+        if job is None:
+            raise RequestError(f"no learning job {job_id!r}", status=404)
+        return job.view()
+
+    @router.get("/adapters")
+    async def adapters():
+        return need_live().describe()
+
+    @router.post("/adapters/{name}/activate")
+    async def activate(name: str):
+        lv = need_live()
+        t0 = time.perf_counter()
+        try:
+            lv.set_default(None if name == "none" else name)
+        except KeyError:
+            raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
+        return {"active": lv.default, "switch_ms": round((time.perf_counter() - t0) * 1000, 3)}
+
+    @router.delete("/adapters/{name}")
+    async def delete(name: str):
+        lv = need_live()
+        if lv.busy_with(name):
+            raise RequestError(f"a job is training adapter {name!r}; delete it after the job ends", status=409)
+        try:
+            await lv.delete(name)
+        except KeyError:
+            raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
+        return {"deleted": name, "active": lv.default}
+
+    return app
+
+    return router

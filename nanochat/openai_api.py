@@ -1,0 +1,311 @@
+"""The HTTP surface's requests and replies: OpenAI-compatible and page request bodies, input limits, the
+translation between OpenAI content and the model's conversation parts, and the shared HTTP pieces (error
+shape, body-size limit, SSE responses). It knows nothing of models or scheduling.
+
+OpenAI compatibility decisions
+    Unknown fields are refused with 400, so a client never silently loses a setting it relies on.
+    Calculator calls run on the server; in OpenAI content they appear with the model's own markers,
+    "<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>", and assistant messages sent back are
+    split on those markers again, so a conversation re-renders to exactly the tokens the model saw.
+    usage.completion_tokens counts every token appended after the prompt: sampled, forced tool output,
+    and the closing <|assistant_end|>.
+"""
+import json
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.sse import format_sse_event
+from pydantic import BaseModel, ConfigDict
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanochat.engine import TOOL_MARKERS
+from nanochat.tokenizer import _validate_messages
+
+
+# --------------------------------------------------------------------------------------------
+# limits and request bodies
+
+@dataclass
+class Limits:
+    """Per-request input limits; each has a command-line flag of the same name (--max-messages, ...)."""
+    max_messages: int = 500
+    max_message_chars: int = 8000
+    max_total_chars: int = 32000
+    max_temperature: float = 2.0
+    max_top_k: int = 200
+    max_max_tokens: int = 4096
+    max_body_bytes: int = 1 << 20
+    max_learn_items: int = 256  # facts + conversations in one POST /learn
+    max_learn_steps: int = 2000
+    max_n: int = 8  # choices per request (n)
+    max_stop: int = 4  # stop strings per request, as OpenAI
+    max_stop_chars: int = 64  # characters per stop string
+
+
+@dataclass
+class Defaults:
+    """Sampling settings for requests that don't give their own."""
+    temperature: float = 0.6
+    top_k: int = 50
+    max_tokens: int = 512
+
+
+class RequestError(Exception):
+    """A request we refuse; the message says what is wrong and, for a limit, which one."""
+
+    def __init__(self, message, param=None, status=400):
+        super().__init__(message)
+        self.message, self.param, self.status = message, param, status
+
+
+class StrictBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # unknown fields are refused, not silently ignored
+
+
+class Part(StrictBody):
+    """A piece of an assistant message as the page keeps it (the format render_conversation takes)."""
+    type: Literal["text", "python", "python_output"]
+    text: str
+
+
+class PageMessage(StrictBody):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[Part]
+
+
+class PageRequest(StrictBody):
+    messages: list[PageMessage]
+    adapter: str | None = None  # a learned adapter's name, "none" for the base model; default: the active one
+    temperature: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    seed: int | None = None
+
+
+class TextPart(StrictBody):
+    type: Literal["text"]
+    text: str
+
+
+class OpenAIMessage(StrictBody):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+
+class StreamOptions(StrictBody):
+    include_usage: bool = False
+
+
+class OpenAIRequest(StrictBody):
+    model: str | None = None
+    messages: list[OpenAIMessage]
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    adapter: str | None = None  # nanochat's own field (openai client: extra_body={"adapter": ...})
+
+
+class CompletionRequest(StrictBody):
+    """POST /v1/completions: plain text in, its continuation out (base models too)."""
+    model: str | None = None
+    prompt: str | list[str]
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    max_tokens: int | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    logprobs: int | None = None  # the legacy API: how many alternatives per token (0: only the chosen one)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    adapter: str | None = None
+
+
+
+
+# The model's tool markers appear as such in OpenAI message content (see the module docstring).
+_TOOL_SPLIT = re.compile("(" + "|".join(re.escape(a) + ".*?" + re.escape(b) for a, b in TOOL_MARKERS.values()) + ")",
+                         re.DOTALL)
+
+
+def part_as_openai_text(kind, text):
+    if kind == "text":
+        return text
+    start, end = TOOL_MARKERS[kind]
+    return start + text + end
+
+
+def openai_text_as_parts(text):
+    """An assistant's OpenAI content -> the str or list of parts render_conversation takes."""
+    pieces = [p for p in _TOOL_SPLIT.split(text) if p]
+    if not any(p.startswith(start) for p in pieces for start, _ in TOOL_MARKERS.values()):
+        return text
+    parts = []
+    for p in pieces:
+        for kind, (start, end) in TOOL_MARKERS.items():
+            if p.startswith(start) and p.endswith(end):
+                parts.append({"type": kind, "text": p[len(start):-len(end)]})
+                break
+        else:
+            parts.append({"type": "text", "text": p})
+    return parts
+
+
+def content_chars(content):
+    return len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
+
+
+def check_messages(messages, limits):
+    """messages: [{"role", "content"}] with content a str or a list of part dicts. Raises RequestError."""
+    if not messages:
+        raise RequestError("messages is empty: send at least one user message", "messages")
+    if len(messages) > limits.max_messages:
+        raise RequestError(f"{len(messages)} messages in one request; the limit is {limits.max_messages} "
+                           "messages per request (--max-messages)", "messages")
+    total = 0
+    for i, msg in enumerate(messages):
+        n = content_chars(msg["content"])
+        if n > limits.max_message_chars:
+            raise RequestError(f"message {i} is {n} characters long; the limit is {limits.max_message_chars} "
+                               "characters per message (--max-message-chars)", f"messages[{i}].content")
+        total += n
+    if total > limits.max_total_chars:
+        raise RequestError(f"the messages are {total} characters in total; the limit is {limits.max_total_chars} "
+                           "characters per request (--max-total-chars)", "messages")
+    try:
+        _validate_messages(messages)  # roles: optional system first, then user/assistant alternating
+    except ValueError as e:
+        raise RequestError(str(e), "messages") from None
+    if messages[-1]["role"] != "user":
+        raise RequestError("the last message must be the user's: the reply to it is what gets generated", "messages")
+
+
+def check_sampling(temperature, top_k, max_tokens, seed, limits):
+    # `not a <= x <= b` (rather than `x < a or x > b`) also refuses NaN
+    if temperature is not None and not 0.0 <= temperature <= limits.max_temperature:
+        raise RequestError(f"temperature must be between 0 and {limits.max_temperature} (--max-temperature); "
+                           f"got {temperature}", "temperature")
+    if top_k is not None and not 0 <= top_k <= limits.max_top_k:
+        raise RequestError(f"top_k must be between 0 (no top-k) and {limits.max_top_k} (--max-top-k); got {top_k}",
+                           "top_k")
+    if max_tokens is not None and not 1 <= max_tokens <= limits.max_max_tokens:
+        raise RequestError(f"max_tokens must be between 1 and {limits.max_max_tokens} (--max-max-tokens); "
+                           f"got {max_tokens}", "max_tokens")
+    if seed is not None and not 0 <= seed < 2 ** 63:
+        raise RequestError(f"seed must be between 0 and 2**63 - 1; got {seed}", "seed")
+
+
+def check_openai_options(body, limits):
+    """The OpenAI-only fields of a chat or text completion request -> (n, stop strings). Raises RequestError."""
+    n = 1 if body.n is None else body.n
+    if not 1 <= n <= limits.max_n:
+        raise RequestError(f"n must be between 1 and {limits.max_n} (--max-n); got {n}", "n")
+    if body.top_p is not None and not 0.0 < body.top_p <= 1.0:
+        raise RequestError(f"top_p must be in (0, 1]; got {body.top_p}", "top_p")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(body, name)
+        if value is not None and not -2.0 <= value <= 2.0:
+            raise RequestError(f"{name} must be between -2 and 2; got {value}", name)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > limits.max_stop:
+        raise RequestError(f"stop has {len(stop)} strings; the limit is {limits.max_stop}", "stop")
+    for s in stop:
+        if not 1 <= len(s) <= limits.max_stop_chars:
+            raise RequestError(f"each stop string must be 1 to {limits.max_stop_chars} characters; got {len(s)}", "stop")
+    return n, stop
+
+
+def describe_validation_errors(errors):
+    """pydantic's errors for a request body -> one readable sentence per problem."""
+    out = []
+    for err in errors[:3]:
+        where = ""
+        for x in err.get("loc", ())[1:]:  # the first is "body"
+            where += f"[{x}]" if isinstance(x, int) else (f".{x}" if where else str(x))
+        kind = err.get("type")
+        if kind == "json_invalid":
+            out.append(f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
+        elif kind == "extra_forbidden":
+            out.append(f"unknown field {where!r}")
+        elif kind == "missing":
+            out.append(f"missing field {where!r}" if where else "missing JSON body")
+        else:
+            out.append(f"{where}: {err.get('msg')}" if where else str(err.get("msg")))
+    if len(errors) > 3:
+        out.append(f"and {len(errors) - 3} more problems")
+    return "; ".join(out)
+
+
+def error_response(status, message, param=None, kind="invalid_request_error"):
+    # OpenAI's error shape: the openai client raises with this message, and the page shows it
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+
+
+class BodySizeLimit:
+    """ASGI middleware: refuse a request body over max_bytes with 413 and a message naming the limit;
+    by its Content-Length before reading anything, and while reading one sent without a length."""
+
+    def __init__(self, app, max_bytes):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self, size):
+        return f"request body is {size} bytes; the limit is {self.max_bytes} bytes (--max-body-bytes)"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await error_response(413, self._too_large(declared))(scope, receive, send)
+        received = 0
+
+        async def counting_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:  # handled by the app's HTTPException handler
+                    raise StarletteHTTPException(413, self._too_large(f"over {self.max_bytes}"))
+            return message
+
+        await self.app(scope, counting_receive, send)
+
+
+
+class EventStream(StreamingResponse):
+    """A text/event-stream response that closes its event generator however the response ends. Starlette
+    cancels it when the client disconnects, or (ASGI >= 2.4 servers) the next send fails; closing it
+    is what stops the worker, so it must not wait for garbage collection."""
+    media_type = "text/event-stream"
+
+    def __init__(self, events):
+        super().__init__(events, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def sse(obj):
+    # ASCII-only JSON: no client's line splitting can break an event (U+2028 and friends stay escaped)
+    return format_sse_event(data_str=json.dumps(obj))
+
