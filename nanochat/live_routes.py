@@ -118,6 +118,4 @@ def live_router(live, tokenizer, context, limits):
             raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
         return {"deleted": name, "active": lv.default}
 
-    return app
-
     return router

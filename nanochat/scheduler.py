@@ -126,7 +126,7 @@ class Scheduler:
         self._lock = threading.Condition()
         self._thread, self._stopping = None, False
         self.steps = self.tokens_out = self.prefill_tokens_in = 0
-        self.last_batch = 0  # rows in the last decode forward
+        self.last_batch = self.peak_batch = 0  # rows in the last / the largest decode forward
         self.busy_seconds = 0.0  # time spent in steps that ran a forward
 
     # --- submitting -------------------------------------------------------------------------
@@ -228,6 +228,7 @@ class Scheduler:
         decoding = sorted((r for r in self.rows if r.last is not None), key=lambda r: r.slot)
         if decoding:
             self.last_batch = len(decoding)
+            self.peak_batch = max(self.peak_batch, self.last_batch)
             logits = self._forward(decoding, [[r.last] for r in decoding])
             if logits is not None:
                 self._sample(decoding, logits[:, 0])

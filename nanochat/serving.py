@@ -82,6 +82,8 @@ class Worker:
     """One model replica and the scheduler that batches every request given to it."""
 
     def __init__(self, index, model, tokenizer, max_batch=64, prefill_tokens=512):
+        """max_batch: most requests decoded together (more wait); prefill_tokens: most prompt tokens
+        prefilled per step (a longer prompt is spread over several steps)."""
         self.index = index
         self.model, self.tokenizer = model, tokenizer
         self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, prefill_tokens=prefill_tokens)
@@ -117,7 +119,8 @@ class Worker:
         busy = self.scheduler.busy_seconds
         return {"id": self.index, "device": str(self.device), "busy": self.busy, "requests": self.requests,
                 "active": self.scheduler.active(), "queue_depth": self.scheduler.queue_length(),
-                "batch_size": self.scheduler.last_batch, "tokens": self.tokens, "busy_seconds": round(busy, 3),
+                "batch_size": self.scheduler.last_batch,
+                "peak_batch_size": self.scheduler.peak_batch, "tokens": self.tokens, "busy_seconds": round(busy, 3),
                 "tokens_per_second": round(self.tokens / busy, 2) if busy else None}
 
 

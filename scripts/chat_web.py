@@ -227,6 +227,8 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         obj = "chat.completion" if kind == "chat" else "text_completion"
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         want_logprobs = jobs[0].logprobs is not None
+        # replies name the served model, or the adapter that `model` selected
+        reply_model = body.model if live is not None and body.model in live.names() else model_id
         offsets = [0] * n  # legacy logprobs: text offset of each choice's next token
 
         def choice(i, text=None, finish=None, entries=None, delta=None):
@@ -236,8 +238,10 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                     c["logprobs"] = {"content": entries}
                 else:
                     c["logprobs"], offsets[i] = legacy_logprobs(entries, offsets[i])
-            if kind == "chat":
-                c["delta" if delta else "message"] = {"role": "assistant", "content": text} if not delta else delta
+            if kind == "chat" and delta is not None:  # a stream chunk
+                c["delta"] = delta
+            elif kind == "chat":
+                c["message"] = {"role": "assistant", "content": text}
             else:
                 c["text"] = text or ""
             return c
@@ -245,7 +249,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         if body.stream:
             def chunk(choices, usage=None):
                 out = {"id": cid, "object": obj + (".chunk" if kind == "chat" else ""), "created": now,
-                       "model": body.model or model_id, "choices": choices}
+                       "model": reply_model, "choices": choices}
                 if include_usage:
                     out["usage"] = usage  # as OpenAI: null on every chunk but the last
                 return out
@@ -294,7 +298,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                         return Response(status_code=499)
         if not all(usages):
             return error_response(500, "generation ended without a result", kind="server_error")
-        return {"id": cid, "object": obj, "created": now, "model": body.model or model_id,
+        return {"id": cid, "object": obj, "created": now, "model": reply_model,
                 "choices": [choice(i, "".join(pieces[i]), finishes[i], entries[i]) for i in range(n)],
                 "usage": sum_usage(usages)}
 
