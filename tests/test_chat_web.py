@@ -503,3 +503,116 @@ def test_reply_parser_events_add_up_to_what_the_model_wrote(byte_tokenizer):
     events = [e for t in tokens for e in parser.push(t)] + parser.finish()
     assert events == [{"type": "python", "text": "2+3"}, {"type": "python_output", "text": "5"},
                       {"type": "text", "text": "<|python_start|>4*"}]
+
+
+# ---------------------------------------------------------------------------------------------
+# the OpenAI surface: n, stop, logprobs, top_p, penalties, usage, /v1/completions, adapters by model, /metrics
+
+def test_openai_n_choices_are_seeded_rows(gpt):
+    kw = dict(model="m", messages=USER, temperature=1.0, max_tokens=12)
+    both = gpt.client.chat.completions.create(n=2, seed=5, **kw)
+    one = [gpt.client.chat.completions.create(seed=s, **kw).choices[0].message.content for s in (5, 6)]
+    assert [c.index for c in both.choices] == [0, 1]
+    assert [c.message.content for c in both.choices] == one
+    assert both.usage.completion_tokens == sum(
+        gpt.client.chat.completions.create(seed=s, **kw).usage.completion_tokens for s in (5, 6))
+    chunks = list(gpt.client.chat.completions.create(n=2, seed=5, stream=True, stream_options={"include_usage": True}, **kw))
+    streamed = ["", ""]
+    for c in chunks:
+        for ch in c.choices:
+            streamed[ch.index] += ch.delta.content or ""
+    assert streamed == one
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == both.usage.completion_tokens
+
+
+def test_openai_stop_strings(echo):
+    # the echo reply is "You said: <msg><|python_start|>6*7..."; a stop string ends it where it begins
+    for stop in (["said"], ["zzz", ": hel"]):
+        resp = echo.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}], stop=stop)
+        assert resp.choices[0].message.content == ("You " if stop == ["said"] else "You said")
+        assert resp.choices[0].finish_reason == "stop"
+        chunks = list(echo.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}],
+                                                          stop=stop, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == resp.choices[0].message.content
+        assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_openai_logprobs_top_p_and_penalties(gpt):
+    prompt, tokens, stopped = reference(gpt, USER, 10)
+    resp = gpt.client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=10, logprobs=True,
+                                              top_logprobs=3)
+    entries = resp.choices[0].logprobs.content
+    assert len(entries) == len(tokens) - stopped  # every token but the stop token
+    for e, tok in zip(entries, tokens):
+        assert bytes(e.bytes) == gpt.tokenizer.enc.decode_single_token_bytes(tok)
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == pytest.approx(e.logprob)  # greedy: the best
+        assert e.logprob <= 0
+    plain = gpt.client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=10)
+    assert plain.choices[0].logprobs is None
+    nucleus = gpt.client.chat.completions.create(model="m", messages=USER, temperature=1.5, top_p=1e-6, seed=1,
+                                                 max_tokens=10)
+    assert nucleus.choices[0].message.content == plain.choices[0].message.content  # only the best token is left
+    penalized = gpt.client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=10,
+                                                   frequency_penalty=2.0, presence_penalty=1.0)
+    assert penalized.choices[0].finish_reason in ("stop", "length")
+
+
+def test_openai_text_completions(gpt):
+    tok = gpt.tokenizer
+    prompt = [tok.get_bos_token_id()] + tok.encode("The cat")
+    engine = Engine(gpt.worker.model, tok)
+    want = [col[0] for col, _ in engine.generate(prompt, max_tokens=8, temperature=0.0)]
+    stopped = want[-1] in engine.stop_tokens
+    resp = gpt.client.completions.create(model="m", prompt="The cat", max_tokens=8, temperature=0, logprobs=2)
+    choice = resp.choices[0]
+    assert resp.object == "text_completion" and choice.text == tok.decode(want[:-1] if stopped else want)
+    assert resp.usage.prompt_tokens == len(prompt) and resp.usage.completion_tokens == len(want)
+    assert len(choice.logprobs.tokens) == len(want) - stopped
+    assert all(1 <= len(t) <= 2 for t in choice.logprobs.top_logprobs)  # keyed by text: two tokens may share one
+    assert choice.logprobs.text_offset[0] == 0
+    chunks = list(gpt.client.completions.create(model="m", prompt="The cat", max_tokens=8, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    with pytest.raises(openai.BadRequestError, match="one prompt"):
+        gpt.client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
+
+
+def test_adapter_chosen_by_model_and_metrics(sft_dir, serve_app, tmp_path):
+    import copy
+    from nanochat.live import LiveLearning
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", sft_dir)
+        workers, _ = load_workers("sft", "cpu")
+    trainer = copy.deepcopy(workers[0].model)
+    app = create_app(workers, "nanochat-test", defaults=Defaults(temperature=0.0, top_k=50, max_tokens=16),
+                     learn=lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, str(tmp_path)))
+    lora = workers[0].lora
+    ad = lora.add("facts", rank=4, alpha=8)
+    with torch.no_grad():
+        for p in ad.B:
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    with serve_app(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["nanochat-test", "facts"]
+        by_model = client.chat.completions.create(model="facts", messages=USER)
+        by_field = client.chat.completions.create(model="nanochat-test", messages=USER, extra_body={"adapter": "facts"})
+        base = client.chat.completions.create(model="nanochat-test", messages=USER)
+        assert by_model.model == "facts" and base.model == "nanochat-test"
+        assert by_model.choices[0].message.content == by_field.choices[0].message.content
+        assert by_model.choices[0].message.content != base.choices[0].message.content
+        lora.activate("facts")  # the same adapter alone, through the engine
+        prompt = workers[0].tokenizer.render_for_completion(USER)
+        want = [col[0] for col, _ in Engine(workers[0].model, workers[0].tokenizer).generate(
+            prompt, max_tokens=16, temperature=0.0)]
+        lora.activate(None)
+        assert by_model.usage.completion_tokens == len(want)
+        with pytest.raises(openai.BadRequestError, match="give one"):
+            client.chat.completions.create(model="facts", messages=USER, extra_body={"adapter": "none"})
+        text = httpx.get(url + "/metrics").text
+    samples = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+               if line and not line.startswith("#")}
+    assert samples['nanochat_requests_total{finish_reason="length"}'] + \
+        samples.get('nanochat_requests_total{finish_reason="stop"}', 0) == 3
+    assert samples["nanochat_generated_tokens_total"] == sum(
+        r.usage.completion_tokens for r in (by_model, by_field, base))
+    assert samples["nanochat_time_to_first_token_seconds_count"] == 3
+    assert samples["nanochat_queue_length"] == 0 and "nanochat_batch_size" in samples
