@@ -154,8 +154,8 @@ class Sequential:
             with torch.no_grad():
                 for column, _ in self.engine.generate(req["prompt"], max_tokens=req["max_tokens"],
                                                       temperature=req["temperature"], top_k=req["top_k"], seed=req["seed"]):
-                    on_token(column[0] in self.engine.stop_tokens)
-            on_token(True)
+                    on_token(False)
+            on_token(None)  # the end (no token)
 
     def submit(self, req, on_token):
         self.jobs.put((req, on_token))
@@ -185,9 +185,10 @@ def run_engine_level(server, prompts, clients, args, adapters):
         for i in range(args.requests):
             done, times = threading.Event(), []
 
-            def on_token(last):
-                times.append(time.perf_counter())
-                if last:
+            def on_token(last):  # last: True = the final token, None = the end without a token
+                if last is not None:
+                    times.append(time.perf_counter())
+                if last is not False:
                     done.set()
 
             req = {"prompt": prompts[(c + i) % len(prompts)], "max_tokens": args.max_tokens, "top_k": args.top_k,

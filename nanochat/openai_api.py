@@ -232,6 +232,26 @@ def check_openai_options(body, limits):
     return n, stop
 
 
+def sum_usage(usages):
+    """Usage of n choices of one prompt: the prompt counted once, completions summed (as OpenAI)."""
+    prompt = usages[0]["prompt_tokens"]
+    completion = sum(u["completion_tokens"] for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def legacy_logprobs(entries, offset=0):
+    """Chat-shaped logprob entries -> the legacy completions shape (tokens, token_logprobs, top_logprobs,
+    text_offset)."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for e in entries:
+        out["tokens"].append(e["token"])
+        out["token_logprobs"].append(e["logprob"])
+        out["top_logprobs"].append({t["token"]: t["logprob"] for t in e["top_logprobs"]})
+        out["text_offset"].append(offset)
+        offset += len(e["token"])
+    return out, offset
+
+
 def describe_validation_errors(errors):
     """pydantic's errors for a request body -> one readable sentence per problem."""
     out = []

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import random
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import torch
@@ -258,6 +259,34 @@ class WorkerPool:
             return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
         return {**one(event.token, event.logprob),
                 "top_logprobs": [one(t, lp) for t, lp in (event.top_logprobs or [])]}
+
+    async def run_many(self, jobs):
+        """The events of several jobs (the n choices of one request) as (index, event), as they come; closing
+        it cancels every job. All choices go to one replica, so they are rows of one batch."""
+        worker = self._pick()
+        queue = asyncio.Queue()
+
+        async def pump(i, job):
+            try:
+                async with aclosing(self.run(job, worker)) as stream:
+                    async for event in stream:
+                        await queue.put((i, event))
+            finally:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
+        try:
+            remaining = len(jobs)
+            while remaining:
+                i, event = await queue.get()
+                if event is None:
+                    remaining -= 1
+                else:
+                    yield i, event
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def on_each_worker(self, fn):
         """Run fn(worker) on every worker's scheduler thread between two steps (no forward in flight);

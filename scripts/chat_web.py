@@ -44,62 +44,13 @@ from nanochat.engine import ReplyParser  # noqa: F401 - re-exported for callers 
 from nanochat.live_routes import live_router
 from nanochat.openai_api import (BodySizeLimit, CompletionRequest, Defaults, EventStream, Limits, OpenAIRequest,
                                  PageRequest, RequestError, check_messages, check_openai_options, check_sampling,
-                                 describe_validation_errors, error_response, openai_text_as_parts,
-                                 part_as_openai_text, sse)
+                                 describe_validation_errors, error_response, legacy_logprobs,
+                                 openai_text_as_parts, part_as_openai_text, sse, sum_usage)
 from nanochat.serving import Job, PoolMetrics, Worker, WorkerPool, load_workers  # noqa: F401 - re-exported
 
 logger = logging.getLogger("nanochat.chat_web")
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(nanochat.__file__)), "ui.html")
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks whether its client is still there
-
-
-async def merged(pool, jobs):
-    """The events of several jobs (the n choices of one request) as (index, event), as they come; closing
-    it cancels every job. All choices go to one replica, so they are rows of one batch."""
-    worker = pool._pick()
-    queue = asyncio.Queue()
-
-    async def pump(i, job):
-        try:
-            async with aclosing(pool.run(job, worker)) as stream:
-                async for event in stream:
-                    await queue.put((i, event))
-        finally:
-            queue.put_nowait((i, None))
-
-    tasks = [asyncio.create_task(pump(i, job)) for i, job in enumerate(jobs)]
-    try:
-        remaining = len(jobs)
-        while remaining:
-            i, event = await queue.get()
-            if event is None:
-                remaining -= 1
-            else:
-                yield i, event
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def sum_usage(usages):
-    """Usage of n choices of one prompt: the prompt counted once, completions summed (as OpenAI)."""
-    prompt = usages[0]["prompt_tokens"]
-    completion = sum(u["completion_tokens"] for u in usages)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def legacy_logprobs(entries, offset=0):
-    """Chat-shaped logprob entries -> the legacy completions shape (tokens, token_logprobs, top_logprobs,
-    text_offset)."""
-    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for e in entries:
-        out["tokens"].append(e["token"])
-        out["token_logprobs"].append(e["logprob"])
-        out["top_logprobs"].append({t["token"]: t["logprob"] for t in e["top_logprobs"]})
-        out["text_offset"].append(offset)
-        offset += len(e["token"])
-    return out, offset
 
 
 def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up=True, learn=None):
@@ -258,7 +209,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                 if kind == "chat":
                     yield sse(chunk([choice(i, delta={"role": "assistant", "content": ""}) for i in range(n)]))
                 usages = [None] * n
-                async with aclosing(merged(pool, jobs)) as stream:
+                async with aclosing(pool.run_many(jobs)) as stream:
                     async for i, event in stream:
                         t = event["type"]
                         if t == "queued":  # a comment: keeps the connection alive, clients ignore it
@@ -282,7 +233,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 
         pieces, entries, finishes, usages = [[] for _ in jobs], [[] for _ in jobs], [None] * n, [None] * n
         last_check = time.monotonic()
-        async with aclosing(merged(pool, jobs)) as stream:
+        async with aclosing(pool.run_many(jobs)) as stream:
             async for i, event in stream:
                 t = event["type"]
                 entries[i].extend(event.get("logprobs") or [])
