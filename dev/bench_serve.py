@@ -1,16 +1,16 @@
-"""Serving benchmark: time to first token and tokens/s of scripts.chat_web at 1 and 8 concurrent clients
+"""Serving benchmark: time to first token and tokens/s of scripts.chat_web at 1, 4, 16 and 64 concurrent clients
 (not a test). Results and notes: dev/notes_serve.md. Goal: time to first token < 500 ms at one client on CPU.
 
     python -m dev.bench_serve                          # starts the server on the best checkpoint there is
-    python -m dev.bench_serve -i base --device-type cpu --concurrency 1,8 --requests 4 --max-tokens 64
+    python -m dev.bench_serve -i base --device-type cpu --concurrency 1,4,16,64 --requests 1 --max-tokens 128
     python -m dev.bench_serve --url http://127.0.0.1:8000   # measure a server that is already running
 
 It starts `python -m scripts.chat_web` as its own process (so the clients don't share its interpreter),
 waits for /health, sends one warm-up request, then for each concurrency level c runs c clients at once,
 each sending --requests streaming requests one after another to POST /v1/chat/completions (the OpenAI
 route, with stream_options.include_usage), and times every request from the client's side:
-  TTFT        request sent -> first chunk with content (queueing included: one worker serves one request
-              at a time, so with c clients most requests wait for others)
+  TTFT        request sent -> first chunk with content (queueing included: a request waits only when its
+              replica's batch is full, --max-batch)
   decode tok/s  (completion tokens - 1) / (last chunk - first content chunk), per request
   total tok/s   all completion tokens / wall time of the level (the server's throughput)
 
@@ -71,7 +71,7 @@ async def one_request(http, prompt, args, seed):
             "temperature": args.temperature, "top_k": args.top_k, "seed": seed}
     t0 = time.perf_counter()
     first = last = None
-    tokens = 0
+    tokens, gaps = 0, []
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
@@ -83,9 +83,12 @@ async def one_request(http, prompt, args, seed):
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
-                last = time.perf_counter()
+                now = time.perf_counter()
+                if last is not None:
+                    gaps.append((now - last) * 1000)
+                last = now
                 first = first or last
-    return {"ttft": None if first is None else first - t0, "tokens": tokens,
+    return {"ttft": None if first is None else first - t0, "tokens": tokens, "gaps": gaps,
             "decode_tps": (tokens - 1) / (last - first) if first is not None and last > first else None}
 
 
@@ -268,9 +271,9 @@ def main():
     p.add_argument("--device-type", default="", help="passed to chat_web (default: autodetect)")
     p.add_argument("--num-gpus", type=int, default=1)
     p.add_argument("--url", default=None, help="benchmark this running server instead of starting one")
-    p.add_argument("--concurrency", default="1,8", help="comma-separated client counts")
-    p.add_argument("--requests", type=int, default=4, help="requests per client at each level")
-    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated client counts")
+    p.add_argument("--requests", type=int, default=1, help="requests per client at each level")
+    p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-k", type=int, default=50)
     p.add_argument("--engine", action="store_true", help="in-process mode: no HTTP, a random model (see above)")
@@ -312,8 +315,10 @@ def main():
             ttfts = [r["ttft"] * 1000 for r in results if r["ttft"] is not None]
             decode = [r["decode_tps"] for r in results if r["decode_tps"] is not None]
             tokens = sum(r["tokens"] for r in results)
-            rows.append((clients, len(results), statistics.median(ttfts), pct(ttfts, 0.9), max(ttfts),
-                         statistics.mean(decode) if decode else float("nan"), tokens / len(results), tokens / wall))
+            gaps = [g for r in results for g in r["gaps"]] or [float("nan")]
+            rows.append((clients, len(results), statistics.median(ttfts), pct(ttfts, 0.99), max(ttfts),
+                         statistics.mean(decode) if decode else float("nan"), tokens / len(results), tokens / wall,
+                         statistics.median(gaps), pct(gaps, 0.99)))
         stats = httpx.get(url + "/stats").json()
     finally:
         if proc is not None:
@@ -323,10 +328,11 @@ def main():
     print(f"\nmodel {health['model']}, {health['workers']} worker(s) on {stats['workers'][0]['device']}; "
           f"max_tokens {args.max_tokens}, temperature {args.temperature}, top_k {args.top_k}, "
           f"{args.requests} requests per client\n")
-    print("| clients | requests | TTFT p50 ms | TTFT p90 ms | TTFT max ms | decode tok/s per request | tokens/request | total tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for c, n, p50, p90, mx, dec, tpr, tot in rows:
-        print(f"| {c} | {n} | {p50:.0f} | {p90:.0f} | {mx:.0f} | {dec:.1f} | {tpr:.1f} | {tot:.1f} |")
+    print("| clients | requests | TTFT p50 ms | TTFT p99 ms | TTFT max ms | decode tok/s per request | tokens/request "
+          "| total tok/s | inter-chunk p50 ms | inter-chunk p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for c, n, p50, p99, mx, dec, tpr, tot, g50, g99 in rows:
+        print(f"| {c} | {n} | {p50:.0f} | {p99:.0f} | {mx:.0f} | {dec:.1f} | {tpr:.1f} | {tot:.1f} | {g50:.1f} | {g99:.1f} |")
     one = [r for r in rows if r[0] == 1]
     if one:
         print(f"\ngoal: TTFT < 500 ms at 1 client: p50 {one[0][2]:.0f} ms -> {'met' if one[0][2] < 500 else 'NOT met'}")

@@ -382,7 +382,7 @@ class GPT(nn.Module):
         else:
             t0 = 0 if kv_cache is None else kv_cache.get_pos()
         if isinstance(t0, torch.Tensor):  # rows at different positions: each its own rotary angles
-            assert int(t0.max()) < self.rotary_len, f"sequence length exceeds the rotary table ({self.rotary_len})"
+            assert kv_cache.Tk <= self.rotary_len, f"sequence length exceeds the rotary table ({self.rotary_len})"
             cos, sin = self.cos[0, t0], self.sin[0, t0]  # (B, T, 1, D/2)
         else:
             assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"

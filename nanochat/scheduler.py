@@ -226,8 +226,8 @@ class Scheduler:
         if prefilling:
             self._prefill(prefilling)
         decoding = sorted((r for r in self.rows if r.last is not None), key=lambda r: r.slot)
+        self.last_batch = len(decoding)
         if decoding:
-            self.last_batch = len(decoding)
             self.peak_batch = max(self.peak_batch, self.last_batch)
             logits = self._forward(decoding, [[r.last] for r in decoding])
             if logits is not None:
