@@ -17,7 +17,7 @@ stem (`lm-domains`, `chat-tasks`), any other path works too:
 
 Language-modelling tasks ("lm") are text domains; the metric is bits per byte on held-out text
 (lower is better). "sources"/"kinds" select documents of the pretraining shards by their `source`
-column (kinds via nanochat.dataset.SOURCE_KIND): training text from the train shards, held-out text
+column (kinds via nanochat.offline.sources.SOURCE_KIND): training text from the train shards, held-out text
 from the validation shard, so the two never overlap. "jsonl" reads {"text": ...} lines; without
 "eval_jsonl" every 10th document is held out.
 
@@ -348,7 +348,7 @@ def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_exa
                    max_new_tokens=64, route_prefix=64, data_dir=None, autocast_ctx=None):
     """CLTasks for a sequence spec (load_sequence_spec). n_train: training rows (lm) or conversations
     (chat) per task; n_eval_rows: held-out rows per lm task; n_eval_examples: held-out chat items."""
-    from nanochat.dataset import SOURCE_KIND
+    from nanochat.offline.sources import SOURCE_KIND
     if isinstance(spec, str):
         spec = load_sequence_spec(spec)
     base = spec.get("_dir", ".")
