@@ -19,7 +19,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import find_last_step, load_checkpoint, start_fresh
+from nanochat.checkpoint_manager import find_last_step, load_checkpoint, remove_stale_temp, start_fresh
 from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, GPTConfig
@@ -216,6 +216,8 @@ def main(argv=None):
         loop.update(meta["loop_state"])
         del model_state, rank_state
         print0(f"resumed from {checkpoint_dir} at step {start_step}")
+        if rank == 0 and remove_stale_temp(checkpoint_dir):  # before this run's first save
+            print0("removed temp files a killed save had left in the checkpoint directory")
     elif rank == 0:
         prev = start_fresh(checkpoint_dir)
         if prev:

@@ -28,7 +28,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import start_fresh
+from nanochat.checkpoint_manager import remove_stale_temp, start_fresh
 from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, format_eta, print0
 from nanochat.training import (check_resume, collate, gather_objects, lr_multiplier, restore_training_state,
                                save_training_checkpoint, set_lrs)
@@ -251,6 +251,8 @@ def main(argv=None):
         restore_training_state(optimizers, rank_state)
         loop.update(resume_meta["loop_state"])
         print0(f"resumed from {checkpoint_dir} at step {start_step}")
+        if rank == 0 and remove_stale_temp(checkpoint_dir):  # before this run's first save
+            print0("removed temp files a killed save had left in the checkpoint directory")
     elif master:
         prev = start_fresh(checkpoint_dir)
         if prev:

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint,
-                                         load_model, start_fresh)
+                                         load_model, remove_stale_temp, start_fresh)
 from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, format_eta, get_base_dir, print0
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
@@ -247,6 +247,8 @@ def main(argv=None):
         loader_state = resume_meta["loader_states"][rank]
         loop.update(resume_meta["loop_state"])
         print0(f"resumed from {checkpoint_dir} at step {start_step}")
+        if rank == 0 and remove_stale_temp(checkpoint_dir):  # before this run's first save
+            print0("removed temp files a killed save had left in the checkpoint directory")
     elif master:
         prev = start_fresh(checkpoint_dir)
         if prev:
