@@ -9,6 +9,18 @@ ROOT=$(pwd)
 VENV="$ROOT/.venv"
 EXTRAS="${NANOCHAT_EXTRAS-dev}"
 
+# Generated code (HumanEval checks, tool calls) runs inside bubblewrap's namespaces; without bwrap it is
+# refused unless --unsafe-exec is given. A system package, so it is checked even when .venv is current.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing bubblewrap (the sandbox for generated code)"
+    { apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; } >/dev/null
+  else
+    echo "[setup] warning: bubblewrap (bwrap) is missing: generated code will not be run without --unsafe-exec." >&2
+    echo "  install it as root: apt-get install bubblewrap (Fedora: dnf install bubblewrap)" >&2
+  fi
+fi
+
 # Everything that changes what gets built/installed goes into the stamp.
 stamp_now() {
   { cat pyproject.toml rustbpe/Cargo.toml rustbpe/src/*.rs; echo "$EXTRAS"; } | sha256sum | cut -d' ' -f1

@@ -369,14 +369,42 @@ def save_adapter(lora, name, directory, task=None, metrics=None):
     return meta
 
 
+MAX_RANK = 1024  # far above any useful adapter; a bigger rank in adapter.json is corruption, not a choice
+
+
 def read_adapter_meta(directory):
+    """adapter.json of the adapter at `directory`, checked field by field: raises FileNotFoundError when
+    there is none and ValueError naming the first bad field (a hand-edited or corrupt file must not
+    reach LoRA.add or torch with, say, a rank of -3 or a list for a dict)."""
     path = os.path.join(directory, "adapter.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter at {directory} (missing adapter.json)")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} adapter (format {meta.get('format')!r})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} adapter")
+
+    def bad(field, want):
+        return ValueError(f"{path}: {field} must be {want}, got {meta.get(field)!r}"[:300])
+
+    if not isinstance(meta.get("name"), str) or not _NAME_RE.fullmatch(meta["name"]):
+        raise bad("name", "an adapter name")
+    rank = meta.get("rank")
+    if type(rank) is not int or not 1 <= rank <= MAX_RANK:
+        raise bad("rank", f"an integer from 1 to {MAX_RANK}")
+    alpha = meta.get("alpha")
+    if type(alpha) not in (int, float) or not 0 < alpha < 1e6:
+        raise bad("alpha", "a positive number")
+    for field in ("targets", "modules"):
+        if not isinstance(meta.get(field), list) or not all(isinstance(x, str) for x in meta[field]):
+            raise bad(field, "a list of module names")
+    if not isinstance(meta.get("base_hash"), str):
+        raise bad("base_hash", "a string")
+    if not isinstance(meta.get("metrics", {}), dict):
+        raise bad("metrics", "an object")
     return meta
 
 
@@ -398,7 +426,10 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     missing = [k for k in meta["modules"] if k not in lora.modules]
     if missing:
         raise ValueError(f"adapter {meta['name']!r} targets modules this model does not hook: {missing[:4]}")
-    tensors = load_file(os.path.join(directory, "adapter.safetensors"), device=str(lora.model.get_device()))
+    try:  # a truncated or garbage file: safetensors raises its own error type, or OSError
+        tensors = load_file(os.path.join(directory, "adapter.safetensors"), device=str(lora.model.get_device()))
+    except Exception as e:  # noqa: BLE001 - whatever the file is, the answer is "this adapter is unusable"
+        raise ValueError(f"adapter {meta['name']!r}: adapter.safetensors is unreadable ({type(e).__name__}: {e})") from None
     ad = lora.add(name, rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"])
     if ad.modules_ != meta["modules"]:
         lora.remove(name)
@@ -406,10 +437,11 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     with torch.no_grad():
         for k, i in ad.index.items():
             for kind, params in (("lora_A", ad.A), ("lora_B", ad.B)):
-                t = tensors[f"{k}.{kind}"]
-                if t.shape != params[i].shape:
+                t = tensors.get(f"{k}.{kind}")
+                if t is None or t.shape != params[i].shape:
                     lora.remove(name)
-                    raise ValueError(f"adapter {meta['name']!r}: {k}.{kind} has shape {tuple(t.shape)}, "
+                    have = "is missing" if t is None else f"has shape {tuple(t.shape)}"
+                    raise ValueError(f"adapter {meta['name']!r}: {k}.{kind} {have}, "
                                      f"this model needs {tuple(params[i].shape)}")
                 params[i].copy_(t)
     ad.centroid = tensors.get("router.centroid")
@@ -421,8 +453,10 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     return name
 
 
-def list_adapters(root=None):
-    """The adapter.json of every saved adapter under root (default $NANOCHAT_BASE_DIR/adapters)."""
+def list_adapters(root=None, errors=None):
+    """The adapter.json of every saved adapter under root (default $NANOCHAT_BASE_DIR/adapters).
+    Directories whose adapter.json is missing or bad are left out; pass a dict as `errors` to get
+    {directory name: why} for them."""
     root = root or adapters_dir()
     if not os.path.isdir(root):
         return []
@@ -432,9 +466,32 @@ def list_adapters(root=None):
             continue  # temp or old directories of an unfinished save
         try:
             out.append(read_adapter_meta(os.path.join(root, d)))
-        except (FileNotFoundError, ValueError, json.JSONDecodeError):
-            continue
+        except (OSError, ValueError) as e:
+            if errors is not None:
+                errors[d] = str(e)
     return out
+
+
+def remove_stale_temp(root):
+    """Delete what an interrupted save or delete left under root (.<name>.*.tmp / .old / .deleted-*
+    directories, .<file>.*.tmp files): call when nothing is saving there. -> the names removed."""
+    if not os.path.isdir(root):
+        return []
+    stale = re.compile(r"\..+(\.tmp|\.old|\.deleted-\d+)$")
+    removed = []
+    for d in sorted(os.listdir(root)):
+        m = re.fullmatch(r"\.(.+)\.[^.]+\.old", d)
+        if m and os.path.isdir(os.path.join(root, d)) and not os.path.exists(os.path.join(root, m.group(1))):
+            os.replace(os.path.join(root, d), os.path.join(root, m.group(1)))  # a replace cut short: keep the old one
+            continue
+        if stale.fullmatch(d):
+            p = os.path.join(root, d)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.remove(p)
+            removed.append(d)
+    return sorted(removed)
 
 
 def delete_adapter(directory):

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint, load_model,
-                                         save_checkpoint, start_fresh)
+                                         remove_stale_temp, save_checkpoint, start_fresh)
 from nanochat.common import (all_reduce, autocast, compute_init, format_eta, get_base_dir, gpu_peak_flops, print0,
                              resolve_dtype)
 
@@ -150,6 +150,8 @@ def resume_or_start_fresh(resume, checkpoint_dir, optimizers, loop, run, rank_st
         restore_training_state(optimizers, rank_state)
         loop.update(meta["loop_state"])
         print0(f"resumed from {checkpoint_dir} at step {meta['step']}")
+        if run.master and remove_stale_temp(checkpoint_dir):  # before this run's first save
+            print0("removed temp files a killed save had left in the checkpoint directory")
         return meta["loader_states"][run.rank]
     if run.master:
         prev = start_fresh(checkpoint_dir)

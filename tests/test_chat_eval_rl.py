@@ -344,3 +344,15 @@ def test_two_ranks(sft_base):
                "--device-type", "cpu"], nproc=2)
     from nanochat.checkpoint_manager import complete_steps
     assert complete_steps(os.path.join(base, "chatrl_checkpoints", "d1")) == [1]
+
+
+def test_chat_eval_refuses_humaneval_without_a_sandbox(monkeypatch, capsys):
+    from nanochat import sandbox
+    from scripts.chat_eval import check_code_execution
+    monkeypatch.setattr(sandbox, "_isolation", (False, "bubblewrap is not installed"))
+    monkeypatch.setenv(sandbox.UNSAFE_ENV, "0")  # (recorded, so restored after)
+    with pytest.raises(SystemExit, match="--unsafe-exec"):
+        check_code_execution(unsafe_exec=False)
+    check_code_execution(unsafe_exec=True)  # opted in: goes on, and says what that means
+    assert "Python-level guards only" in capsys.readouterr().out
+    assert os.environ[sandbox.UNSAFE_ENV] == "1"
