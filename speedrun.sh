@@ -47,6 +47,8 @@ case "$NANOCHAT_PROFILE" in
   *) echo "unknown NANOCHAT_PROFILE=$NANOCHAT_PROFILE (expected gpu8, gpu1 or cpu)" >&2; exit 1 ;;
 esac
 DATA="${NANOCHAT_DATA:-$DATA}"
+# online data: the real CORE (DCLM bundle) and nanochat's chat recipe (SmolTalk, MMLU, GSM8K train)
+ONLINE=""; [ "$DATA" = online ] && ONLINE="--online"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 echo "profile: $NANOCHAT_PROFILE (ranks: $NPROC, data: $DATA, base dir: $NANOCHAT_BASE_DIR)"
 
@@ -93,14 +95,14 @@ fi
 # --- base model -----------------------------------------------------------------------------
 stage "base model training" launch scripts.base_train -- $BASE_TRAIN --run="$WANDB_RUN" $(resume_flag base)
 stage "base model loss" launch scripts.base_loss -- $BASE_LOSS
-stage "base model evaluation (CORE)" launch scripts.base_eval -- $BASE_EVAL
+stage "base model evaluation (CORE)" launch scripts.base_eval -- $BASE_EVAL $ONLINE
 
 # --- chat model -----------------------------------------------------------------------------
-stage "midtraining" launch scripts.mid_train -- $MID_TRAIN --run="$WANDB_RUN" $(resume_flag mid)
+stage "midtraining" launch scripts.mid_train -- $MID_TRAIN $ONLINE --run="$WANDB_RUN" $(resume_flag mid)
 stage "chat evaluation (mid)" launch scripts.chat_eval -- -i mid $CHAT_EVAL
-stage "supervised finetuning" launch scripts.chat_sft -- $CHAT_SFT --run="$WANDB_RUN" $(resume_flag chatsft)
+stage "supervised finetuning" launch scripts.chat_sft -- $CHAT_SFT $ONLINE --run="$WANDB_RUN" $(resume_flag chatsft)
 stage "chat evaluation (sft)" launch scripts.chat_eval -- -i sft $CHAT_EVAL
-stage "reinforcement learning" launch scripts.chat_rl -- $CHAT_RL
+stage "reinforcement learning" launch scripts.chat_rl -- $CHAT_RL $ONLINE
 stage "chat evaluation (rl)" launch scripts.chat_eval -- -i rl $CHAT_EVAL
 
 stage "report" python -m nanochat.report generate

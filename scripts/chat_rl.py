@@ -245,8 +245,9 @@ def main(argv=None):
         from tasks.customjson import JSONLTask
         train_task = eval_task = JSONLTask(args.task_file)
     else:
-        from tasks.gsm8k import GSM8K, GSM8KSynthetic
-        train_task = GSM8K(split="train") if args.online else GSM8KSynthetic(size=args.train_size, seed=args.seed)
+        from tasks.gsm8k import GSM8K
+        from tasks.mixtures import rl_train_task
+        train_task = rl_train_task(args.online, args.train_size, args.seed)
         eval_task = GSM8K(split="test")  # evaluation only: never trained on
     print0(f"source: {args.source}/{tag} | train problems: {len(train_task):,} | eval problems: "
            f"{min(args.eval_problems, len(eval_task))} | pass@{k_eval}")

@@ -11,7 +11,7 @@ sum over its supervised tokens divided by their number across all micro-batches 
 every supervised token weighs the same however the conversations are batched.
 
 Data (--mixture, same syntax as mid_train): default arc,gsm8k,spellingbee,simplespelling,chitchat,
-chatterbot (+ --identity-file). A held-out slice (--val-examples) gives the validation loss.
+chatterbot (--online: ARC, GSM8K, SmolTalk) (+ --identity-file). A held-out slice (--val-examples) gives the validation loss.
 Multiple-choice accuracy (--eval-mc, default ARC-Easy and MMLU validation slices; custom:PATH for a
 JSONL of conversations with "letters") is read off the logits of the answer letters after
 <|assistant_start|>.
@@ -41,6 +41,7 @@ def parse_args(argv=None):
     add_training_args(p)
     add_finetune_args(p)
     p.add_argument("--source", default="mid", choices=["mid", "base"], help="which stage's model to finetune")
+    p.add_argument("--online", action="store_true", help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
     p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step (all ranks)")
     p.add_argument("--num-epochs", type=int, default=1, help="epochs over the mixture when --num-iterations is -1")
     p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (and at the end); <=0: end only")
@@ -198,7 +199,7 @@ def main(argv=None):
            f"dtype: {run.dtype}")
 
     # --- data --------------------------------------------------------------------------------------
-    spec = mixture_spec(args, SFT_DEFAULT)
+    spec = mixture_spec(args, SFT_DEFAULT, "sft")
     tasks = build_tasks(spec, "sft", args.max_per_task)
     train_set, val_set = split_mixture(tasks, args.val_examples)
     val_convs = list(val_set)

@@ -17,7 +17,7 @@ Data (--mixture, comma separated; `name*k` repeats an entry k times):
     spellingbee, simplespelling   letter counting / spelling
     smoltalk               SmolTalk (needs the network)
     custom:PATH            conversations from a JSONL file (tasks.customjson)
-The default is chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling (+ smoltalk with --online),
+The default is chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling (--online: SmolTalk, MMLU, GSM8K),
 plus --identity-file when given. A held-out slice of the shuffled mixture (--val-examples
 conversations) is never trained on and gives the validation bpb.
 
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p)
     add_finetune_args(p)
-    p.add_argument("--online", action="store_true", help="add SmolTalk (downloads from the hub) to the default mixture")
+    p.add_argument("--online", action="store_true", help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
     p.add_argument("--mc-per-task", type=int, default=3000, help="cap on each multiple-choice train split")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (all ranks)")
     p.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (and at the end); <=0: end only")
@@ -74,7 +74,7 @@ def main(argv=None):
 
     # --- data --------------------------------------------------------------------------------------
     t0 = time.time()
-    spec = mixture_spec(args, MID_DEFAULT)
+    spec = mixture_spec(args, MID_DEFAULT, "mid")
     tasks = build_tasks(spec, "mid", args.max_per_task, args.mc_per_task)
     train_set, val_set = split_mixture(tasks, args.val_examples)
     for name, n in describe_tasks(tasks).items():
