@@ -29,7 +29,7 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, print0
+from nanochat.common import all_reduce, autocast, compute_cleanup, compute_init, print0, resolve_dtype, script_argv
 from tasks.common import Task, extract_final_number, normalize_number, parse_letter, response_text
 
 STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL"}
@@ -115,15 +115,6 @@ def _rank_indices(n, max_problems, rank, world_size):
     return list(range(rank, n, world_size))
 
 
-def _all_reduce(values, device):
-    """Sum a list of numbers over ranks (no-op when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
-
-
 def _fit_prompt(ids, limit):
     """Keep the last `limit` tokens of a prompt that is too long for the model (the question's end and
     the <|assistant_start|> are what matter most)."""
@@ -168,7 +159,7 @@ def run_categorical_eval(task, model, tokenizer, batch_size=8, max_problems=None
             correct += int(task.evaluate(conv, predicted))
             total += 1
             chance += 1.0 / len(letters)
-    correct, total, chance = _all_reduce([correct, total, chance], device)
+    correct, total, chance = all_reduce([correct, total, chance], torch.device(device))
     return {"accuracy": correct / total if total else 0.0, "correct": int(correct), "total": int(total),
             "chance": chance / total if total else 0.0}
 
@@ -180,13 +171,13 @@ def run_generative_eval(task, model, tokenizer, engine, num_samples=1, max_new_t
     -> {"accuracy", "correct", "total", "chance": 0.0}, summed over ranks when distributed."""
     autocast_ctx = autocast_ctx or nullcontext()
     device = device or next(model.parameters()).device
-    ctx = model.config.sequence_len
+    context_len = model.config.sequence_len
     indices = _rank_indices(len(task), max_problems, rank, world_size)
     correct, total = 0, 0
     for i in indices:
         conv = task[i]
         # leave room for the reply (at least half the context) if the prompt is too long
-        prompt = _fit_prompt(tokenizer.render_for_completion(conv), max(ctx // 2, ctx - max_new_tokens))
+        prompt = _fit_prompt(tokenizer.render_for_completion(conv), max(context_len // 2, context_len - max_new_tokens))
         with autocast_ctx:
             results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
                                                temperature=temperature, top_k=top_k, seed=seed + i)
@@ -198,7 +189,7 @@ def run_generative_eval(task, model, tokenizer, engine, num_samples=1, max_new_t
             print(f"\r[rank {rank}] {correct}/{total} ({100 * correct / total:.1f}%)", end="", flush=True)
     if verbose and indices:
         print()
-    correct, total = _all_reduce([correct, total], device)
+    correct, total = all_reduce([correct, total], torch.device(device))
     return {"accuracy": correct / total if total else 0.0, "correct": int(correct), "total": int(total), "chance": 0.0}
 
 

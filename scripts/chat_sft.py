@@ -28,7 +28,7 @@ import torch
 
 from nanochat.common import all_reduce, compute_cleanup, print0, script_argv
 from nanochat.training import (StepLog, add_finetune_args, add_training_args, checkpoint_meta, collate, eval_due,
-                               init_wandb, load_start_model, make_optimizers, optimizer_step, peak_flops_per_device,
+                               init_wandb, load_start_model, make_optimizers, optimizer_step,
                                resume_or_start_fresh, save_due, save_training_checkpoint, start_run)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
@@ -234,9 +234,8 @@ def main(argv=None):
         model = torch.compile(model, dynamic=False)
 
     log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, orig_model.estimate_flops(),
-                  peak_flops_per_device(args.peak_flops, run))
-    step = start_step
-    while True:
+                  args.peak_flops)
+    for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
         resumed_here = args.resume and step == start_step
 
@@ -260,7 +259,7 @@ def main(argv=None):
                                    mixture=spec, num_train_conversations=len(train_set))
             save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, run.rank, args.keep_last)
         if last_step or step == args.stop_after:
-            break
+            break  # step stays: == num_iterations only when training finished
 
         # --- one optimizer step ------------------------------------------------------------------
         t0 = time.time()
@@ -280,8 +279,7 @@ def main(argv=None):
             (loss * scale).backward()
         lrm = optimizer_step(model, optimizers, step, num_iterations, args)
         loss_value = all_reduce(train_loss.item(), run.device) / max(1, supervised)
-        log.step(step, loss_value, lrm, time.time() - t0, processed, tokens=supervised)
-        step += 1
+        log.step(step, loss_value, lrm, time.time() - t0, processed, {"tokens": supervised})
 
     log.close()
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val loss: {loop['min_val_loss']:.4f}")

@@ -252,7 +252,7 @@ def test_rl_steps_increase_reward_probability(cfg, byte_tokenizer):
     before = p_even()
     for step in range(6):
         data = rollout(task, range(len(task)), engine, T, num_samples=8, max_new_tokens=2, temperature=1.0,
-                       top_k=None, seed=100 * step, ctx=cfg.sequence_len)
+                       top_k=None, seed=100 * step, context_len=cfg.sequence_len)
         train_on_rollout(model, data, "cpu", 16, T.encode_special("<|assistant_end|>"))
         for opt in optimizers:
             opt.step()
