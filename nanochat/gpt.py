@@ -25,11 +25,6 @@ import torch.nn.functional as F
 from nanochat.adamw import DistAdamW
 from nanochat.muon import DistMuon, Muon
 
-try:  # flash attention is optional: only used on CUDA with bf16/fp16 activations
-    from flash_attn import flash_attn_func
-except Exception:  # ImportError, or a broken CUDA install
-    flash_attn_func = None
-
 # F.scaled_dot_product_attention grew `enable_gqa` in torch 2.5; older versions repeat the kv heads.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -126,11 +121,8 @@ def attention(q, k, v, q_pos):
     """Causal attention of queries at absolute positions [q_pos, q_pos+Tq) to keys at [0, Tk), Tk = q_pos+Tq.
     q: (B, H, Tq, D), k/v: (B, H_kv, Tk, D). Returns (B, H, Tq, D)."""
     Tq, Tk = q.size(2), k.size(2)
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        # flash-attn takes (B, T, H, D), handles GQA itself, and aligns the causal mask bottom-right,
-        # which is exactly "a chunk attends to the cached prefix + causally within itself".
-        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return y.transpose(1, 2)
+    # SDPA only: on CUDA it runs its own flash kernel, and unlike the flash-attn package it needs no build
+    # and does not break torch.compile's graph at every layer.
     kwargs = {}
     if k.size(1) != q.size(1):
         if _SDPA_HAS_GQA:
