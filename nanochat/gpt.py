@@ -198,6 +198,10 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Under autocast, carry the residual stream in the autocast dtype (bf16) instead of the embedding's
+        # fp32: half the saved activations, which a d20 model at batch 32 x 2048 needs to fit in 80 GB.
+        # None = on CUDA only; CPU runs keep fp32 sums (exact comparisons, and bf16 adds are slow there).
+        self.residual_in_autocast_dtype = None
         # Rotary tables cover 10x the training length so generation can run past it. Non-persistent:
         # they are recomputed by init_weights (after to_empty) and never stored in checkpoints.
         self.rotary_len = config.sequence_len * 10
@@ -281,7 +285,11 @@ class GPT(nn.Module):
         t0 = 0 if kv_cache is None else kv_cache.get_pos()
         assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"
         cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
-        x = norm(self.transformer.wte(idx))
+        x = self.transformer.wte(idx)
+        cast = self.residual_in_autocast_dtype
+        if (x.is_cuda if cast is None else cast) and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         logits = self.lm_head(norm(x)).float()

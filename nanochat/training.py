@@ -372,6 +372,16 @@ def collate(rows, pad_id, device="cpu", T=None, pad_to=None):
     return x.to(device), y.to(device)
 
 
+def length_bucket(n, cap, smallest=256):
+    """The padded length for a batch whose longest row is n tokens: the smallest of smallest, 2*smallest, ...
+    that holds it, capped at cap. Under torch.compile a few static shapes recompile a few times, while padding
+    every row to cap wastes most FLOPs on conversations of a few hundred tokens."""
+    length = smallest
+    while length < n:
+        length *= 2
+    return min(length, cap)
+
+
 def gather_objects(obj, world_size):
     """One picklable object per rank, on every rank (e.g. each rank's data loader position)."""
     if world_size == 1:

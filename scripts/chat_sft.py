@@ -28,7 +28,7 @@ import torch
 
 from nanochat.common import all_reduce, compute_cleanup, print0, script_argv
 from nanochat.training import (StepLog, add_finetune_args, add_training_args, checkpoint_meta, collate, eval_due,
-                               init_wandb, load_start_model, make_optimizers, optimizer_step,
+                               init_wandb, length_bucket, load_start_model, make_optimizers, optimizer_step,
                                resume_or_start_fresh, save_due, save_training_checkpoint, start_run)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
@@ -91,15 +91,17 @@ def step_examples(step, examples_per_step, n, rank, world_size):
     return [_orders(n, g // n)[g % n] for g in range(first, first + share)]
 
 
-def micro_batches(train_set, tokenizer, step, args, rank, world_size, grad_accum_steps, T, pad_to, device):
-    """The step's grad_accum_steps (inputs, targets) batches for this rank."""
+def micro_batches(train_set, tokenizer, step, args, rank, world_size, grad_accum_steps, T, bucketed, device):
+    """The step's grad_accum_steps (inputs, targets) batches for this rank, padded to the longest row, or with
+    bucketed (for torch.compile's static shapes) to the length bucket that holds it."""
     idx = step_examples(step, args.examples_per_step, len(train_set), rank, world_size)
     pad_id = tokenizer.get_bos_token_id()
     B = args.device_batch_size
     batches = []
     for m in range(grad_accum_steps):
         rendered = [tokenizer.render_conversation(train_set[i], max_tokens=T + 1) for i in idx[m * B:(m + 1) * B]]
-        batches.append(collate(rendered, pad_id, device, T=T, pad_to=pad_to))
+        longest = max(min(len(ids), T + 1) - 1 for ids, _ in rendered)
+        batches.append(collate(rendered, pad_id, device, T=T, pad_to=length_bucket(longest, T) if bucketed else None))
     return batches
 
 
@@ -220,7 +222,6 @@ def main(argv=None):
     print0(f"batch: {B} conversations x {run.world_size} ranks x {grad_accum_steps} accumulation = "
            f"{args.examples_per_step} per step | steps: {num_iterations:,} "
            f"({num_iterations * args.examples_per_step / len(train_set):.2f} epochs)")
-    pad_to = T if run.compile else None  # static shapes for torch.compile
 
     # --- start fresh or resume -----------------------------------------------------------------------
     optimizers = make_optimizers(model, args, args.init_lr_frac)
@@ -264,7 +265,7 @@ def main(argv=None):
         # --- one optimizer step ------------------------------------------------------------------
         t0 = time.time()
         batches = micro_batches(train_set, tokenizer, step, args, run.rank, run.world_size, grad_accum_steps, T,
-                                pad_to, run.device)
+                                run.compile, run.device)
         # every supervised token of the step (all micro-batches, all ranks) weighs the same
         supervised, processed = all_reduce([sum(int((y >= 0).sum().item()) for _, y in batches),
                                             sum(x.numel() for x, _ in batches)], run.device)

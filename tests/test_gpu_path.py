@@ -40,3 +40,59 @@ def test_wandb_run_without_wandb_installed_warns_and_continues(monkeypatch, caps
     assert "not installed" in out and "training continues" in out
     assert init_wandb(run, "dummy", "nanochat", {}) is None  # not asked: silent
     assert capsys.readouterr().out == ""
+
+
+def block_input_dtypes(model, idx):
+    seen = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype)) for b in model.transformer.h]
+    with torch.amp.autocast(device_type="cpu", dtype=torch.bfloat16):
+        loss = model(idx, idx)
+    for h in hooks:
+        h.remove()
+    return seen, loss
+
+
+def test_residual_stream_is_bf16_under_cuda_style_settings(tiny_model):
+    model, config = tiny_model, tiny_model.config
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    assert model.residual_in_autocast_dtype is None  # default: only on CUDA, so fp32 here
+    seen, ref = block_input_dtypes(model, idx)
+    assert seen and set(seen) == {torch.float32}
+    model.residual_in_autocast_dtype = True  # what CUDA does by default
+    try:
+        seen, loss = block_input_dtypes(model, idx)
+    finally:
+        model.residual_in_autocast_dtype = None
+    assert set(seen) == {torch.bfloat16} and len(seen) == config.n_layer
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05  # same model, bf16 rounding only
+
+
+def test_length_buckets():
+    from nanochat.training import length_bucket
+    assert [length_bucket(n, 2048) for n in (1, 256, 257, 600, 1024, 1500, 2048)] == [256, 256, 512, 1024, 1024, 2048, 2048]
+    assert length_bucket(300, 400) == 400 and length_bucket(10, 64) == 64  # capped at max-seq-len
+
+
+def test_bucketed_sft_padding_gives_the_unpadded_loss(byte_tokenizer, tiny_model):
+    """Padding sits after every real token (causal attention never looks ahead) and its targets are -1,
+    so padding a batch to its length bucket changes neither the summed loss nor the supervised tokens."""
+    from nanochat.training import collate, length_bucket
+    convs = [{"messages": [{"role": "user", "content": "hi " * k}, {"role": "assistant", "content": "yo " * (k + 1)}]}
+             for k in (1, 4, 9)]
+    rows = [byte_tokenizer.render_conversation(c, max_tokens=tiny_model.config.sequence_len + 1) for c in convs]
+    T = tiny_model.config.sequence_len
+    x0, y0 = collate(rows, 0, T=T)
+    x1, y1 = collate(rows, 0, T=T, pad_to=length_bucket(x0.size(1), T, smallest=16))
+    assert x1.size(1) > x0.size(1) and (y1 >= 0).sum() == (y0 >= 0).sum()
+    import copy
+    model = copy.deepcopy(tiny_model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():  # zero-initialised projections would hide any leak from the padding
+            p.add_(torch.randn_like(p) * 0.05)
+        a, b = model(x0, y0, loss_reduction="sum"), model(x1, y1, loss_reduction="sum")
+        leaky = x1.clone()
+        leaky[:, x0.size(1):] = 7  # other padding tokens: still the same loss
+        c = model(leaky, y1, loss_reduction="sum")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
