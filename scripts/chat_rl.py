@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
-from nanochat.training import StepLog, make_optimizers, start_run
+from nanochat.training import (StepLog, checkpoint_meta, make_optimizers, resume_or_start_fresh,
+                               save_training_checkpoint, start_run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +212,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-problems", type=int, default=100, help="held-out GSM8K test problems for pass@k")
     p.add_argument("--eval-samples", type=int, default=0, help="k for pass@k (default: --num-samples)")
     p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (and at the end); <=0: end only")
+    p.add_argument("--keep-last", type=int, default=-1, help="keep only the newest N checkpoints; -1: keep all")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag's RL run")
+    p.add_argument("--stop-after", type=int, default=-1, help="debug: save a checkpoint after this many steps and "
+                   "exit as if killed (continue with --resume)")
     return p.parse_args(script_argv(argv))
 
 
@@ -223,7 +228,7 @@ def main(argv=None):
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of ranks ({world_size})")
     k_eval = args.eval_samples or args.num_samples
 
-    from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model, save_checkpoint, start_fresh
+    from nanochat.checkpoint_manager import SOURCES, find_largest_model, find_last_step, load_checkpoint, load_model
     from nanochat.engine import Engine
     tag = args.model_tag
     if tag is None:
@@ -248,12 +253,20 @@ def main(argv=None):
            f"{min(args.eval_problems, len(eval_task))} | pass@{k_eval}")
 
     optimizers = make_optimizers(model, args, args.init_lr_frac)
-
     checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", tag)
-    if run.master:
-        prev = start_fresh(checkpoint_dir)
-        if prev:
-            print0(f"earlier checkpoints of {tag} moved to {prev}")
+    start_step, rank_state, resume_meta = 0, None, None
+    if args.resume:
+        start_step = find_last_step(checkpoint_dir)
+        model_state, rank_state, resume_meta = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True,
+                                                               rank=rank)
+        model.load_state_dict(model_state)
+        del model_state
+    loop = {"eval_history": [], "reward_history": []}
+    same = {"world_size": world_size, "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
+            "source": {"stage": args.source, "tag": tag, "step": meta.get("step")}}
+    resume_or_start_fresh(args.resume, checkpoint_dir, optimizers, loop, run, rank_state, resume_meta, same,
+                          args.num_steps)  # the problems and sampling seeds depend only on the step
+    eval_history, reward_history = loop["eval_history"], loop["reward_history"]
 
     def run_eval(step):
         model.eval()
@@ -263,17 +276,17 @@ def main(argv=None):
         log.eval(step, {"pass@1": p1, f"pass@{k_eval}": pk})
         return p1, pk
 
-    def save(step, p1):
-        m = {"step": step, "model_config": meta["model_config"], "user_config": user_config,
-             "source": {"stage": args.source, "tag": tag, "step": meta.get("step")}, "pass@1": p1}
-        save_checkpoint(checkpoint_dir, step, model.state_dict(), None, m, rank=rank)
-        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+    def save(step):
+        m = checkpoint_meta(step, model, user_config, run, args.num_steps, {"step": step}, loop,
+                            source=same["source"], prompts_per_step=args.prompts_per_step,
+                            num_samples=args.num_samples, **{"pass@1": eval_history[-1][1]})
+        save_training_checkpoint(checkpoint_dir, step, model, optimizers, m, rank, args.keep_last)
 
-    log = StepLog(run, args.num_steps, 0, {})
-    eval_history = [(0,) + run_eval(0)]
-    reward_history = []
+    log = StepLog(run, args.num_steps, start_step, loop)
+    if not args.resume:
+        eval_history.append([0, *run_eval(0)])
     per_rank = args.prompts_per_step // world_size
-    for step in range(args.num_steps):
+    for step in range(start_step, args.num_steps):
         t0 = time.time()
         base = step * args.prompts_per_step
         indices = [(base + j) % len(train_task) for j in range(rank, args.prompts_per_step, world_size)]
@@ -295,23 +308,26 @@ def main(argv=None):
 
         rewards, rows, sampled = all_reduce([sum(data["rewards"]), len(data["rewards"]),
                                              sum(len(c) for c in data["completions"])], device)
-        reward_history.append((step, rewards / rows))
+        reward_history.append([step, rewards / rows])
         # tok/s counts the sampled tokens: generation, not the training pass, sets an RL step's pace
         log.step(step, all_reduce(loss, device) / world_size, lrm, time.time() - t0, sampled,
                  {"mean reward": rewards / rows, "mean length": sampled / rows})
 
         done = step + 1
         if args.eval_every > 0 and done % args.eval_every == 0 and done != args.num_steps:
-            eval_history.append((done,) + run_eval(done))
-        if args.save_every > 0 and done % args.save_every == 0 and done != args.num_steps:
-            save(done, eval_history[-1][1])
-
-    if eval_history[-1][0] != args.num_steps:
-        eval_history.append((args.num_steps,) + run_eval(args.num_steps))
-    save(args.num_steps, eval_history[-1][1])
+            eval_history.append([done, *run_eval(done)])
+        if done == args.stop_after or (args.save_every > 0 and done % args.save_every == 0 and done != args.num_steps):
+            save(done)
+        if done == args.stop_after:
+            break
+    else:  # not stopped early: the final evaluation and checkpoint
+        if eval_history[-1][0] != args.num_steps:
+            eval_history.append([args.num_steps, *run_eval(args.num_steps)])
+        save(args.num_steps)
+    finished = eval_history[-1][0] == args.num_steps
 
     log.close()
-    if run.master:
+    if run.master and finished:
         from nanochat.report import get_report
         report = get_report()
         plot = save_reward_plot(reward_history, report.save_plot)

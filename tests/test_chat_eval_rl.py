@@ -344,3 +344,23 @@ def test_two_ranks(sft_base):
                "--device-type", "cpu"], nproc=2)
     from nanochat.checkpoint_manager import complete_steps
     assert complete_steps(os.path.join(base, "chatrl_checkpoints", "d1")) == [1]
+
+
+def test_chat_rl_kill_and_resume_matches_uninterrupted(sft_base):
+    from nanochat.checkpoint_manager import complete_steps, model_path
+    base, math_file, _ = sft_base
+    flags = ["scripts.chat_rl", "--task-file", math_file, "--num-steps", "3", "--prompts-per-step", "2",
+             "--num-samples", "4", "--max-new-tokens", "6", "--eval-every", "-1", "--eval-problems", "2",
+             "--eval-samples", "2", "--save-every", "-1", "--device-type", "cpu", "--init-lr-frac", "1.0",
+             "--model-tag", "d1"]
+    ckpt = os.path.join(base, "chatrl_checkpoints", "d1")
+    run(base, flags)
+    want = torch.load(model_path(ckpt, 3), weights_only=True)
+    run(base, flags + ["--stop-after", "1"])  # a new run (the one above moves aside), "killed" after step 1
+    assert complete_steps(ckpt) == [1]
+    out = run(base, flags + ["--resume"]).stdout
+    assert "resumed from" in out and complete_steps(ckpt) == [1, 3]
+    got = torch.load(model_path(ckpt, 3), weights_only=True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert os.path.exists(os.path.join(base, "report", "chat-rl.json"))
