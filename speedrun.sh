@@ -26,11 +26,12 @@ case "$NANOCHAT_PROFILE" in
   gpu8|gpu1)
     NPROC=${NANOCHAT_PROFILE#gpu}; DATA=online; SHARDS=240; VOCAB=65536; TOK_CHARS=2000000000
     # depth 20 at Chinchilla 20 tokens/param; gpu1 gets the same total batch by accumulation
-    BASE_TRAIN="--depth=20 --device-batch-size=32 --total-batch-size=524288"
+    # periodic checkpoints (the last two kept) give NANOCHAT_RESUME=1 something to resume after a crash
+    BASE_TRAIN="--depth=20 --device-batch-size=32 --total-batch-size=524288 --save-every=1000 --keep-last=2"
     BASE_LOSS="--split-tokens=10485760"
     BASE_EVAL="--max-per-task=-1"
-    MID_TRAIN="--device-batch-size=32 --total-batch-size=524288"
-    CHAT_SFT="--device-batch-size=4 --examples-per-step=32"
+    MID_TRAIN="--device-batch-size=32 --total-batch-size=524288 --save-every=200 --keep-last=2"
+    CHAT_SFT="--device-batch-size=4 --examples-per-step=32 --save-every=200 --keep-last=2"
     CHAT_RL="--device-batch-size=8"
     CHAT_EVAL="" ;;
   cpu)

@@ -2,7 +2,7 @@
 # Idempotent environment setup: .venv + nanochat installed editable (maturin builds rustbpe).
 # Used by speedrun.sh, run_continual.sh and .ci/run. A second run with nothing changed takes seconds.
 #   NANOCHAT_EXTRAS   pip extras to install (default "dev": pytest, hypothesis, openai client, playwright)
-#   TORCH_SPEC        torch requirement (default: the pinned CPU build when no NVIDIA GPU, else "torch>=2.2")
+#   TORCH_SPEC        torch requirement (default: the pinned CPU build when no NVIDIA GPU, else "torch>=2.4")
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
@@ -37,7 +37,7 @@ PY="$VENV/bin/python"
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if [ -z "${TORCH_SPEC:-}" ]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then TORCH_SPEC="torch>=2.2"
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then TORCH_SPEC="torch>=2.4"
     else TORCH_SPEC="torch==2.13.0"; fi   # on the offline dev/CI machines this resolves to a local CPU wheel
   fi
   echo "[setup] installing $TORCH_SPEC"

@@ -36,7 +36,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulation_steps, add_finetune_args,
                                add_training_args, checkpoint_meta, eval_due, init_wandb, load_start_model,
-                               make_optimizers, optimizer_step, peak_flops_per_device, resume_or_start_fresh, save_due,
+                               make_optimizers, optimizer_step, resume_or_start_fresh, save_due,
                                save_training_checkpoint, start_run)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
@@ -111,9 +111,8 @@ def main(argv=None):
     train_data = Prefetch(packed_loader(train_stream, train_starts, B, T, bos, run.device, resume_state=loader_state),
                           loader_state)
     log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, orig_model.estimate_flops(),
-                  peak_flops_per_device(args.peak_flops, run))
-    step = start_step
-    while True:
+                  args.peak_flops)
+    for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
         resumed_here = args.resume and step == start_step
 
@@ -133,13 +132,12 @@ def main(argv=None):
                                    num_train_conversations=len(train_set))
             save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, run.rank, args.keep_last)
         if last_step or step == args.stop_after:
-            break
+            break  # step stays: == num_iterations only when training finished
 
         t0 = time.time()
         loss = accumulate_packed(model, train_data, grad_accum_steps, run)
         lrm = optimizer_step(model, optimizers, step, num_iterations, args)
         log.step(step, loss, lrm, time.time() - t0, args.total_batch_size)
-        step += 1
 
     log.close()
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val bpb: {loop['min_val_bpb']:.4f}")
