@@ -280,6 +280,51 @@ def describe_validation_errors(errors):
     return "; ".join(out)
 
 
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: OpenAI's error shape."""
+    error: _ErrorDetail
+
+
+_STATUS_WHY = {400: "invalid request (what is wrong is in error.message)", 401: "missing or wrong API key",
+               403: "the admin key is needed", 404: "no such adapter / job, or live learning is off",
+               405: "method not allowed", 409: "conflicts with an adapter or job", 413: "request body too large",
+               429: "too many learning jobs queued (see Retry-After)"}
+SSE = {"text/event-stream": {"schema": {"description": "server-sent events: one JSON object per data line"}}}
+
+
+def documented_errors(*codes):
+    """OpenAPI `responses` for the error statuses an endpoint can answer (the document lists exactly
+    what the server sends: 400 for bad input, never FastAPI's default 422)."""
+    return {c: {"model": ErrorBody, "description": _STATUS_WHY[c]} for c in codes}
+
+
+def without_422(app):
+    """Replace app.openapi by one that drops FastAPI's automatic 422 responses: validation errors are
+    answered with 400 (on_validation_error), which each route documents itself."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for ops in doc["paths"].values():
+                for op in ops.values():
+                    op["responses"].pop("422", None)
+                    if op.pop("x-sse-only", False):  # FastAPI adds application/json to every 200
+                        op["responses"]["200"]["content"].pop("application/json", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+    app.openapi = openapi
+
+
 def error_response(status, message, param=None, kind="invalid_request_error"):
     # OpenAI's error shape: the openai client raises with this message, and the page shows it
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
@@ -757,6 +802,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
     app = FastAPI(title="nanochat", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
     app.add_middleware(ApiKeyAuth, api_key=api_key, admin_key=admin_key)  # added last: runs first
+    without_422(app)
     app.state.pool = pool
     app.state.live = live
 
@@ -770,7 +816,9 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request, exc):
-        return error_response(exc.status_code, str(exc.detail))
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. 405's Allow
+        return response
 
     def adapter_for(name):
         if live is None:
@@ -807,16 +855,17 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         return {"status": "ok", "model": model_id, "workers": len(pool.workers),
                 "idle_workers": sum(not w.busy for w in pool.workers), "queue_depth": pool.queue_depth()}
 
-    @app.get("/stats")
+    @app.get("/stats", responses=documented_errors(401))
     async def stats():
         return {"model": model_id, **pool.stats()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented_errors(401))
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                              "owned_by": "nanochat"}]}
 
-    @app.post("/chat/completions")
+    @app.post("/chat/completions", responses={200: {"content": SSE}} | documented_errors(400, 401, 404, 413),
+              openapi_extra={"x-sse-only": True})
     async def page_completion(body: PageRequest):
         messages = [m.model_dump() for m in body.messages]
         job = make_job(messages, body.temperature, body.top_k, body.max_tokens, body.seed, body.adapter)
@@ -828,7 +877,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 
         return EventStream(events())
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={200: {"content": SSE}} | documented_errors(400, 401, 404, 413))
     async def openai_completion(body: OpenAIRequest, request: Request):
         if body.n not in (None, 1):
             raise RequestError(f"n must be 1: one reply per request (got {body.n})", "n")
@@ -938,7 +987,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                                    "conversations")
         return convs
 
-    @app.post("/learn", status_code=202)
+    @app.post("/learn", status_code=202, responses=documented_errors(400, 401, 403, 404, 409, 413, 429))
     async def learn(body: LearnRequest):
         lv = need_live()
         if not 1 <= body.steps <= limits.max_learn_steps:
@@ -959,18 +1008,18 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         return {"job": job.id, "adapter": job.adapter, "status": job.status, "steps": job.steps,
                 "examples": job.examples, "url": f"/learn/{job.id}"}
 
-    @app.get("/learn/{job_id}")
+    @app.get("/learn/{job_id}", responses=documented_errors(401, 403, 404))
     async def learn_status(job_id: str):
         job = need_live().job(job_id)
         if job is None:
             raise RequestError(f"no learning job {job_id!r}", status=404)
         return job.view()
 
-    @app.get("/adapters")
+    @app.get("/adapters", responses=documented_errors(401, 404))
     async def adapters():
         return need_live().describe()
 
-    @app.post("/adapters/{name}/activate")
+    @app.post("/adapters/{name}/activate", responses=documented_errors(401, 403, 404))
     async def activate(name: str):
         lv = need_live()
         t0 = time.perf_counter()
@@ -980,7 +1029,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
             raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
         return {"active": lv.default, "switch_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
-    @app.delete("/adapters/{name}")
+    @app.delete("/adapters/{name}", responses=documented_errors(401, 403, 404, 409))
     async def delete(name: str):
         lv = need_live()
         if lv.busy_with(name):

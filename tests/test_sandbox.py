@@ -178,3 +178,17 @@ def test_refused_without_isolation_unless_opted_in(monkeypatch):
 def test_seccomp_filter_is_well_formed():
     prog = sandbox.seccomp_filter()
     assert len(prog) % 8 == 0 and 8 < len(prog) // 8 < 4096  # whole instructions, within the kernel's limit
+
+
+def test_only_tmp_is_writable():
+    code = ("for d in ['/', '/usr', '/usr/lib', '/dev', '/dev/shm', '/opt/nanochat', '/proc/self', '/tmp']:\n"
+            "    try:\n"
+            "        posix.close(posix.open(d.rstrip('/') + '/x', posix.O_WRONLY | posix.O_CREAT))\n"
+            "        print(d, 'written')\n"
+            "    except OSError as e:\n"
+            "        print(d, e.strerror)\n")
+    r = run(code)
+    assert r.completed, r
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "/tmp written"
+    assert all(not line.endswith("written") for line in lines[:-1]), lines

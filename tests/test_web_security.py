@@ -299,3 +299,12 @@ def test_slow_clients_are_cut_off(byte_tokenizer, echo_chat_model):
             s.close()
             assert closed and time.monotonic() - t0 < 3
         assert httpx.get(url + "/health").status_code == 200  # a normal client still gets in
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole API, fuzzed (dev/fuzz_web.py runs the same for longer)
+
+def test_schemathesis_finds_no_server_errors_and_the_document_matches():
+    pytest.importorskip("schemathesis", reason="schemathesis is a dev dependency (pip install -e '.[dev]')")
+    from dev.fuzz_web import main as fuzz
+    assert fuzz(["--max-time", "15", "--max-examples", "5"]) == 0
