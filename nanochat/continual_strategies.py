@@ -248,6 +248,7 @@ class EWC(Strategy):
 
 class LoRAStrategy(Strategy):
     name = "lora"
+    prefix = ""  # of adapter names: strategies that share an adapter_dir must not overwrite each other
 
     def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
         super().__init__(model, tokenizer, cfg, tasks, dtype)
@@ -263,7 +264,7 @@ class LoRAStrategy(Strategy):
         return self.cfg.lora_lr
 
     def before_task(self, i, task):
-        name = f"task{i}-{task.name}"
+        name = f"{self.prefix}task{i}-{task.name}"
         ad = self.lora.add(name, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, seed=self.cfg.seed + i,
                            info={"task": task.name})
         self.names.append(name)
@@ -305,7 +306,7 @@ class LoRAStrategy(Strategy):
             from nanochat.lora import save_adapter
             task = self.tasks[i]
             save_adapter(self.lora, self.names[i], os.path.join(self.adapter_dir, self.names[i]), task=task.name,
-                         metrics={task.metric: rows["lora"][i]})
+                         metrics={task.metric: rows[self.name][i]})
 
     def added(self):
         ads = [self.lora.adapters[n] for n in self.names]
@@ -321,6 +322,7 @@ class LoRAStrategy(Strategy):
 class MergeStrategy(LoRAStrategy):
     """One adapter per task on the frozen base (as lora), served as the merge of all adapters so far."""
     name = "merge"
+    prefix = "merge-"
 
     def after_task(self, i, task):
         self.lora.activate(None)
@@ -345,11 +347,14 @@ class OLoRA(LoRAStrategy):
     """O-LoRA: each task's adapter trains on top of the earlier (frozen) ones, penalised for overlapping
     their subspaces; all adapters stay active together, so there is no task id, no router, no data kept."""
     name = "olora"
+    prefix = "olora-"
 
     def before_task(self, i, task):
         super().before_task(i, task)
         for n in self.names[:-1]:
             self.lora.freeze(n)
+        self.lora.adapters[self.names[-1]].info["provenance"] = {
+            "stacked_on": [{"name": n, "weight": 1.0} for n in self.names[:-1]]}
         self.lora.activate(self.names)
 
     def after_task(self, i, task):
