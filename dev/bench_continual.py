@@ -299,6 +299,17 @@ def bench_quant(args, device):
     print(f"| fp32 | {sizes['fp_bytes']:,} | {total_fp:,} | {tps_fp:,.0f} |")
     print(f"| int8 | {sizes['int8_bytes']:,} ({sizes['fp_bytes'] / sizes['int8_bytes']:.2f}x less) | {total_q:,} "
           f"({total_fp / total_q:.2f}x less) | {tps_q:,.0f} ({100 * (tps_q / tps_fp - 1):+.0f}%) |")
+    # the same at the speedrun's size, from shapes only (a meta-device model allocates nothing)
+    from scripts.base_train import model_config
+    with torch.device("meta"):
+        big = GPT(model_config(20, 2048, 65536))
+    blocks = sum(m.weight.numel() for m in big.transformer.h.modules() if isinstance(m, torch.nn.Linear))
+    rest = sum(p.numel() for p in big.parameters()) - blocks
+    rows = sum(m.weight.size(0) for m in big.transformer.h.modules() if isinstance(m, torch.nn.Linear))
+    for name, b in (("fp32", 4), ("bf16", 2)):  # the rest (embedding, lm_head) stays in the base's dtype
+        full, q = b * (blocks + rest), blocks + 4 * rows + b * rest
+        print(f"d20 (n_embd 1280, vocab 65536), parameters only, {name} base: {full / 2**20:,.0f} MiB, with int8 "
+              f"blocks {q / 2**20:,.0f} MiB ({full / q:.2f}x less)")
 
     # one new domain, learned as an adapter on each base with the same seed, data and steps
     n = args.synthetic or 4
