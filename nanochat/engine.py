@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from nanochat.execution import use_calculator
 from nanochat.gpt import KVCache
 
+MIN_TEMPERATURE = 1e-6  # below this, logits / T overflows float32 (NaN probabilities): sample greedily instead
+
 
 def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, top_p=None):
     """logits (B, V) -> next ids (B,). temperature 0 = argmax; top_k None/0 = no restriction; top_p None/1 =
@@ -106,10 +108,10 @@ class Engine:
         bad = [t for t in tokens if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        ctx = self.model.config.sequence_len
-        if len(tokens) >= ctx:
-            raise ValueError(f"prompt has {len(tokens)} tokens but the model's context is {ctx}: "
-                             f"it must be at most {ctx - 1} tokens to leave room for one new token")
+        context_len = self.model.config.sequence_len
+        if len(tokens) >= context_len:
+            raise ValueError(f"prompt has {len(tokens)} tokens but the model's context is {context_len}: "
+                             f"it must be at most {context_len - 1} tokens to leave room for one new token")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
@@ -120,6 +122,8 @@ class Engine:
             raise ValueError(f"temperature must be a number >= 0, got {temperature!r}") from None
         if not temperature >= 0.0 or temperature == float("inf"):  # also rejects NaN
             raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if temperature < MIN_TEMPERATURE:
+            temperature = 0.0
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
             raise ValueError(f"top_k must be None or an integer >= 0 (0 or None = no top-k), got {top_k!r}")
         return tokens, temperature
@@ -150,8 +154,8 @@ class Engine:
     @torch.no_grad()  # on a generator function torch toggles grad mode around each resume only
     def _generate(self, tokens, num_samples, max_tokens, temperature, top_k, seed):
         device = self.device()
-        ctx = self.model.config.sequence_len
-        budget = ctx - len(tokens)  # steps until prompt + generated tokens fill the context
+        context_len = self.model.config.sequence_len
+        budget = context_len - len(tokens)  # steps until prompt + generated tokens fill the context
         if max_tokens is not None:
             budget = min(budget, max_tokens)
         if budget == 0:

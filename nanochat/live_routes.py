@@ -5,8 +5,9 @@ import time
 
 from fastapi import APIRouter
 
-from nanochat.live import facts_to_conversations
-from nanochat.openai_api import PageMessage, RequestError, StrictBody, check_messages, content_chars
+from nanochat.live import AdapterLimit, JobQueueFull, facts_to_conversations
+from nanochat.openai_api import PageMessage, RequestError, StrictBody, check_messages, content_chars, error_response
+from nanochat.web_security import documented_errors
 
 
 class Fact(StrictBody):
@@ -70,7 +71,7 @@ def live_router(live, tokenizer, context, limits):
                                    "conversations")
         return convs
 
-    @router.post("/learn", status_code=202)
+    @router.post("/learn", status_code=202, responses=documented_errors(400, 401, 403, 404, 409, 413, 429))
     async def learn(body: LearnRequest):
         lv = need_live()
         if not 1 <= body.steps <= limits.max_learn_steps:
@@ -81,23 +82,27 @@ def live_router(live, tokenizer, context, limits):
             job = lv.submit(body.adapter, convs, body.steps, replace=body.replace)
         except ValueError as e:
             raise RequestError(str(e), "adapter") from None
-        except FileExistsError as e:
+        except (FileExistsError, AdapterLimit) as e:
             raise RequestError(str(e), "adapter", status=409) from None
+        except JobQueueFull as e:
+            response = error_response(429, str(e))
+            response.headers["Retry-After"] = str(e.retry_after)
+            return response
         return {"job": job.id, "adapter": job.adapter, "status": job.status, "steps": job.steps,
                 "examples": job.examples, "url": f"/learn/{job.id}"}
 
-    @router.get("/learn/{job_id}")
+    @router.get("/learn/{job_id}", responses=documented_errors(401, 403, 404))
     async def learn_status(job_id: str):
-        job = need_live().jobs.get(job_id)
+        job = need_live().job(job_id)
         if job is None:
             raise RequestError(f"no learning job {job_id!r}", status=404)
         return job.view()
 
-    @router.get("/adapters")
+    @router.get("/adapters", responses=documented_errors(401, 404))
     async def adapters():
         return need_live().describe()
 
-    @router.post("/adapters/{name}/activate")
+    @router.post("/adapters/{name}/activate", responses=documented_errors(401, 403, 404))
     async def activate(name: str):
         lv = need_live()
         t0 = time.perf_counter()
@@ -107,7 +112,7 @@ def live_router(live, tokenizer, context, limits):
             raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
         return {"active": lv.default, "switch_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
-    @router.delete("/adapters/{name}")
+    @router.delete("/adapters/{name}", responses=documented_errors(401, 403, 404, 409))
     async def delete(name: str):
         lv = need_live()
         if lv.busy_with(name):

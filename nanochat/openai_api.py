@@ -22,7 +22,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.engine import TOOL_MARKERS
-from nanochat.tokenizer import _validate_messages
+from nanochat.tokenizer import validate_messages
 
 
 # --------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ from nanochat.tokenizer import _validate_messages
 
 @dataclass
 class Limits:
-    """Per-request input limits; each has a command-line flag of the same name (--max-messages, ...)."""
+    """Input limits; each has a command-line flag of the same name (--max-messages, ...)."""
     max_messages: int = 500
     max_message_chars: int = 8000
     max_total_chars: int = 32000
@@ -40,6 +40,11 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_learn_items: int = 256  # facts + conversations in one POST /learn
     max_learn_steps: int = 2000
+    max_learn_jobs: int = 8  # queued or running; more get 429 with Retry-After
+    max_adapters: int = 64
+    max_adapter_bytes: int = 1 << 30  # all adapters on disk together
+    job_ttl: float = 3600.0  # seconds a finished /learn job stays visible at /learn/{id}
+    request_timeout: float = 30.0  # seconds for a request's headers and body to arrive
     max_n: int = 8  # choices per request (n)
     max_stop: int = 4  # stop strings per request, as OpenAI
     max_stop_chars: int = 64  # characters per stop string
@@ -190,7 +195,7 @@ def check_messages(messages, limits):
         raise RequestError(f"the messages are {total} characters in total; the limit is {limits.max_total_chars} "
                            "characters per request (--max-total-chars)", "messages")
     try:
-        _validate_messages(messages)  # roles: optional system first, then user/assistant alternating
+        validate_messages(messages)  # roles: optional system first, then user/assistant alternating
     except ValueError as e:
         raise RequestError(str(e), "messages") from None
     if messages[-1]["role"] != "user":

@@ -135,6 +135,7 @@ class WorkerPool:
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}
         self.started_at = time.time()
         self.observer = observer or (lambda kind, **values: None)
+        self.leases = None  # nanochat.live.LiveLearning when adapters exist: held while a request uses one
         self._started = False
 
     def start(self):
@@ -153,12 +154,26 @@ class WorkerPool:
         """Async generator of one job's events (see the module docstring). Closing it early cancels the job.
         worker: the replica to use (default: the least loaded)."""
         loop = asyncio.get_running_loop()
-        worker = worker or self._pick()
+        # a lease from admission to the end: deleting the adapter waits for this request
+        leased = job.adapter is not None and self.leases is not None
+        if leased and not self.leases.acquire(job.adapter):  # deleted between admission and now
+            yield {"type": "error", "status": 404,
+                   "message": f"adapter {job.adapter!r} was deleted; GET /adapters lists them"}
+            return
+        try:
+            async with aclosing(self._run(job, worker or self._pick(), loop)) as stream:
+                async for event in stream:
+                    yield event
+        finally:
+            if leased:
+                self.leases.release(job.adapter)
+
+    async def _run(self, job, worker, loop):
         lora = worker.lora
         adapter = None
         if job.adapter is not None:
             if lora is None or job.adapter not in lora.adapters:
-                yield {"type": "error", "message": f"adapter {job.adapter!r} is not loaded"}
+                yield {"type": "error", "status": 404, "message": f"adapter {job.adapter!r} is not loaded"}
                 return
             adapter = lora.adapters[job.adapter]  # this version serves the whole request
         events = asyncio.Queue()

@@ -21,9 +21,9 @@ class ContextFullError(ValueError):
 def render_prompt(engine, tokenizer, conversation):
     """The prompt ids for the next assistant reply; ContextFullError if they leave no room to answer."""
     prompt = tokenizer.render_for_completion(conversation)
-    ctx = engine.model.config.sequence_len
-    if len(prompt) >= ctx:
-        raise ContextFullError(f"the conversation is {len(prompt)} tokens but the model's context is {ctx}")
+    context_len = engine.model.config.sequence_len
+    if len(prompt) >= context_len:
+        raise ContextFullError(f"the conversation is {len(prompt)} tokens but the model's context is {context_len}")
     return prompt
 
 
@@ -35,7 +35,7 @@ def chat_turn(engine, tokenizer, conversation, temperature=0.6, top_k=50, max_to
     Raises ContextFullError when the conversation leaves no room in the model's context."""
     out = sys.stdout if out is None else out
     prompt = render_prompt(engine, tokenizer, conversation)
-    ctx = engine.model.config.sequence_len
+    context_len = engine.model.config.sequence_len
     parser = ReplyParser(tokenizer)
     parts = []  # [type, text] pairs of the reply
     pending_call = None  # an expression whose output (or lack of one) isn't known yet
@@ -78,7 +78,7 @@ def chat_turn(engine, tokenizer, conversation, temperature=0.6, top_k=50, max_to
     show([{"type": "text", "text": ""}])  # a call still waiting for its output gets none
     parts = [p for p in parts if p[1] or p[0] != "text"]
     if not stopped:
-        if len(prompt) + n >= ctx:
+        if len(prompt) + n >= context_len:
             write("\n[stopped: the model's context is full; type 'clear' to start over]")
         else:
             write(f"\n[stopped: reached --max-tokens {max_tokens}]")

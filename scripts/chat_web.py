@@ -21,9 +21,17 @@ Endpoints
 
 Every replica decodes all of its requests as one batch (requests join and leave at token boundaries;
 rows may use different adapters). A request waits only when its replica already holds --max-batch.
+
+Security (nanochat/web_security.py)
+    --api-key KEY (or NANOCHAT_API_KEY): every endpoint but GET /health and the page itself (GET /) needs
+    "Authorization: Bearer KEY" (what the OpenAI client sends); the page asks for the key in its settings
+    when the server answers 401, and keeps it in the browser's localStorage. --admin-key KEY (or
+    NANOCHAT_ADMIN_KEY) is then needed for /learn and for changing adapters (activate, delete); without
+    one, the API key is enough. Without any key the server listens on loopback only; another --host then
+    needs --insecure. A request (headers and body) must arrive within --request-timeout seconds of its
+    first byte, or the connection is closed.
 """
 import argparse
-import asyncio
 import logging
 import os
 import sys
@@ -34,12 +42,13 @@ from contextlib import aclosing, asynccontextmanager, contextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from fastapi.sse import format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import nanochat
 from nanochat.common import script_argv
+from nanochat.engine import MIN_TEMPERATURE
 from nanochat.engine import ReplyParser  # noqa: F401 - re-exported for callers of the old location
 from nanochat.live_routes import live_router
 from nanochat.openai_api import (BodySizeLimit, CompletionRequest, Defaults, EventStream, Limits, OpenAIRequest,
@@ -47,21 +56,28 @@ from nanochat.openai_api import (BodySizeLimit, CompletionRequest, Defaults, Eve
                                  describe_validation_errors, error_response, legacy_logprobs,
                                  openai_text_as_parts, part_as_openai_text, sse, sum_usage)
 from nanochat.serving import Job, PoolMetrics, Worker, WorkerPool, load_workers  # noqa: F401 - re-exported
+from nanochat.web_security import (SSE, ApiKeyAuth, check_exposure, documented_errors,
+                                   guarded_protocol, without_422)
 
 logger = logging.getLogger("nanochat.chat_web")
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(nanochat.__file__)), "ui.html")
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks whether its client is still there
 
 
-def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up=True, learn=None):
+def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up=True, learn=None,
+               api_key=None, admin_key=None):
     """The FastAPI app serving `workers` (a list of Worker over replicas of one model and tokenizer).
-    learn: None (no live learning) or a function pool -> nanochat.live.LiveLearning."""
+    learn: None (no live learning) or a function pool -> nanochat.live.LiveLearning.
+    api_key / admin_key: see web_security.ApiKeyAuth (None: open)."""
     limits = limits or Limits()
     defaults = defaults or Defaults()
     metrics = PoolMetrics()
     pool = WorkerPool(workers, observer=metrics)
     metrics.attach(pool)
     live = learn(pool) if learn else None
+    if live:
+        live.max_jobs, live.job_ttl = limits.max_learn_jobs, limits.job_ttl
+        live.max_adapters, live.max_adapter_bytes = limits.max_adapters, limits.max_adapter_bytes
     tokenizer = workers[0].tokenizer
     context = workers[0].model.config.sequence_len
     created = int(time.time())
@@ -82,6 +98,8 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 
     app = FastAPI(title="nanochat", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, api_key=api_key, admin_key=admin_key)  # added last: runs first
+    without_422(app)
     app.state.pool = pool
     app.state.live = live
 
@@ -95,7 +113,9 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request, exc):
-        return error_response(exc.status_code, str(exc.detail))
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. 405's Allow
+        return response
 
     def adapter_for(name, model=None):
         """The adapter a request runs with: `model` naming a loaded adapter selects it (vLLM's way), as
@@ -118,8 +138,9 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         if len(prompt) >= context:
             raise RequestError(f"the prompt is {len(prompt)} tokens but the model's context is {context} tokens, "
                                "with room needed for the reply: start a new conversation or shorten it", "messages")
+        temperature = defaults.temperature if temperature is None else temperature
         job = Job(prompt=prompt, max_tokens=max_tokens or defaults.max_tokens,
-                  temperature=defaults.temperature if temperature is None else temperature,
+                  temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
                   top_k=defaults.top_k if top_k is None else top_k, adapter=adapter_for(adapter, model),
                   **{k: v for k, v in extra.items() if v is not None})
         if seed is not None:
@@ -140,16 +161,16 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         return {"status": "ok", "model": model_id, "workers": len(pool.workers),
                 "idle_workers": sum(not w.busy for w in pool.workers), "queue_depth": pool.queue_depth()}
 
-    @app.get("/stats")
+    @app.get("/stats", responses=documented_errors(401))
     async def stats():
         return {"model": model_id, **pool.stats()}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses=documented_errors(401))  # Prometheus text
     async def prometheus_metrics():
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented_errors(401))
     async def models():
         data = [{"id": model_id, "object": "model", "created": created, "owned_by": "nanochat"}]
         for name in (live.names() if live else []):
@@ -157,7 +178,8 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                          "parent": model_id, "root": model_id})
         return {"object": "list", "data": data}
 
-    @app.post("/chat/completions")
+    @app.post("/chat/completions", responses={200: {"content": SSE}} | documented_errors(400, 401, 404, 413),
+              openapi_extra={"x-sse-only": True})
     async def page_completion(body: PageRequest):
         messages = [m.model_dump() for m in body.messages]
         (job,) = make_jobs(chat_prompt(messages), body.temperature, body.top_k, body.max_tokens, body.seed,
@@ -242,7 +264,9 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                 elif t == "done":
                     finishes[i], usages[i] = event["finish_reason"], event["usage"]
                 elif t == "error":
-                    return error_response(500, event["message"], kind="server_error")
+                    status = event.get("status", 500)
+                    return error_response(status, event["message"],
+                                          kind="server_error" if status >= 500 else "invalid_request_error")
                 if time.monotonic() - last_check > DISCONNECT_CHECK_S:
                     last_check = time.monotonic()
                     if await request.is_disconnected():  # nobody to answer: free the rows
@@ -253,7 +277,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                 "choices": [choice(i, "".join(pieces[i]), finishes[i], entries[i]) for i in range(n)],
                 "usage": sum_usage(usages)}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={200: {"content": SSE}} | documented_errors(400, 401, 404, 413))
     async def openai_chat(body: OpenAIRequest, request: Request):
         n, stop = check_openai_options(body, limits)
         if body.max_tokens is not None and body.max_completion_tokens is not None:
@@ -273,7 +297,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                          logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         return await respond(jobs, body, request, "chat")
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses={200: {"content": SSE}} | documented_errors(400, 401, 404, 413))
     async def openai_text(body: CompletionRequest, request: Request):
         n, stop = check_openai_options(body, limits)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
@@ -298,14 +322,15 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 # command line
 
 @contextmanager
-def serve_in_thread(app, startup_timeout=60):
+def serve_in_thread(app, startup_timeout=60, request_timeout=Limits.request_timeout):
     """Serve `app` with uvicorn on a free loopback port in a background thread and yield its URL; the
     server stops on exit. For tests and benchmarks that talk HTTP to a server in their own process."""
     import socket
     import uvicorn
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
+                                           http=guarded_protocol(request_timeout)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
@@ -357,6 +382,11 @@ def parse_args(argv=None):
     p.add_argument("--adapters-dir", default="", help="where learned adapters live (default: $NANOCHAT_BASE_DIR/adapters)")
     p.add_argument("--no-learn", action="store_true", help="serve without live learning (no /learn, no adapters)")
     p.add_argument("--max-batch", type=int, default=64, help="most requests one replica decodes together")
+    p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY", ""),
+                   help="require 'Authorization: Bearer KEY' (default $NANOCHAT_API_KEY; none: loopback only)")
+    p.add_argument("--admin-key", default=os.environ.get("NANOCHAT_ADMIN_KEY", ""),
+                   help="key for /learn and adapter changes (default $NANOCHAT_ADMIN_KEY; none: the API key)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
     d, lim = Defaults(), Limits()
     p.add_argument("-t", "--temperature", type=float, default=d.temperature, help="default temperature (0 = greedy)")
     p.add_argument("-k", "--top-k", type=int, default=d.top_k, help="default top-k (0 = none)")
@@ -374,6 +404,11 @@ def main(argv=None):
     import uvicorn
     from nanochat.common import autodetect_device_type, setup_logging
     setup_logging()
+    try:
+        exposure = check_exposure(args.host, args.api_key, args.insecure)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     device_type = args.device_type or autodetect_device_type()
     try:
         workers, meta = load_workers(args.source, device_type, args.num_gpus, args.model_tag, args.step,
@@ -388,11 +423,13 @@ def main(argv=None):
     if not args.no_learn:
         from nanochat.lora import adapters_dir
         learn = make_live_learning(workers, args.adapters_dir or adapters_dir())
-    app = create_app(workers, model_id, limits, defaults, learn=learn)
+    app = create_app(workers, model_id, limits, defaults, learn=learn, api_key=args.api_key or None,
+                     admin_key=args.admin_key or None)
     devices = ", ".join(str(w.device) for w in workers)
     print(f"serving {model_id} (step {meta.get('step', '?')}) on {devices}: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    print(exposure, file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=guarded_protocol(args.request_timeout))
     return 0
 
 

@@ -395,3 +395,21 @@ def test_lora_per_row_forward_equals_each_adapter_active():
         with pytest.raises(RuntimeError, match="unmerge"):
             with lora.per_row([None, None, None]):
                 pass
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-7])
+def test_tiny_temperatures_are_greedy(temperature):
+    # logits / 1e-300 overflow float32 to inf and softmax gives NaN: tiny temperatures must mean greedy,
+    # in the scheduler (with and without penalties) as in Engine.generate
+    model = make_gpt()
+    prompt = prompts_of([9], seed=3)[0]
+    greedy = alone(model, prompt, max_tokens=12, temperature=0.0)
+    assert alone(model, prompt, max_tokens=12, temperature=temperature) == greedy
+    sched = Scheduler(model, TOK)
+    plain, penalized, reference = Collector(), Collector(), Collector()
+    sched.submit(Request(prompt, max_tokens=12, temperature=temperature, seed=1), plain)
+    sched.submit(Request(prompt, max_tokens=12, temperature=temperature, frequency_penalty=0.5, seed=1), penalized)
+    sched.submit(Request(prompt, max_tokens=12, temperature=0.0, frequency_penalty=0.5), reference)
+    sched.run_until_idle()
+    assert plain.tokens == greedy and plain.finish in ("stop", "length")
+    assert penalized.tokens == reference.tokens and penalized.finish in ("stop", "length")
