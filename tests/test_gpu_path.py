@@ -96,3 +96,50 @@ def test_bucketed_sft_padding_gives_the_unpadded_loss(byte_tokenizer, tiny_model
         c = model(leaky, y1, loss_reduction="sum")
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
+
+
+def test_device_batch_auto_halves_on_out_of_memory(capsys):
+    from nanochat.training import Run, device_batch_flag, fit_device_batch
+    run = Run(False, 0, 1, torch.device("cpu"), "float32", False)
+    tried = []
+
+    def probe(b):  # pretends only 6 rows fit
+        tried.append(b)
+        if b > 6:
+            raise torch.OutOfMemoryError("CUDA out of memory (pretend)")
+    assert fit_device_batch(probe, 32, run) == 4 and tried == [32, 16, 8, 4]
+    assert "device batch 8 runs out of memory, trying 4" in capsys.readouterr().out
+
+    def never(b):
+        raise torch.OutOfMemoryError("pretend")
+    with pytest.raises(torch.OutOfMemoryError):
+        fit_device_batch(never, 4, run)
+    assert device_batch_flag("auto") == "auto" and device_batch_flag("12") == 12
+    for bad in ("0", "-3", "big"):
+        with pytest.raises(Exception, match="positive whole number or auto"):
+            device_batch_flag(bad)
+
+
+def test_device_batch_auto_keeps_the_total_batch(tiny_model):
+    """On a device with room, auto takes the largest power of two whose micro-batch fits in the total batch."""
+    import argparse
+    from nanochat.training import Run, accumulation_steps, resolve_device_batch
+    run = Run(False, 0, 1, torch.device("cpu"), "float32", False)
+    args = argparse.Namespace(device_batch_size="auto", total_batch_size=256)
+    B = resolve_device_batch(args, tiny_model, 32, run)
+    assert B == 8 and accumulation_steps(256, B, 32, 1) == 1
+    assert all(p.grad is None for p in tiny_model.parameters())  # the probe leaves no gradients behind
+    args.device_batch_size = 2
+    assert resolve_device_batch(args, tiny_model, 32, run) == 2
+
+
+def test_resharded_data_positions():
+    from nanochat.reshard import reshard_row_group_positions, reshard_stream_positions
+    # 2 ranks, rank 0 next at its row group 3 (global 6), rank 1 at 3 (global 7): one rank starts at global 6
+    two = [{"epoch": 0, "rg": 3, "doc": 5, "tok": 9}, {"epoch": 0, "rg": 3, "doc": 0, "tok": 0}]
+    assert reshard_row_group_positions(two, 1) == [{"epoch": 0, "rg": 6, "doc": 0, "tok": 0}]
+    # 1 rank at global 7 -> 2 ranks: rank 0 reads 0, 2, 4, 6, 8 (next: 8 = its 4th), rank 1 reads 1, 3, 5, 7
+    one = [{"epoch": 1, "rg": 7, "doc": 2, "tok": 1}]
+    assert [p["rg"] for p in reshard_row_group_positions(one, 2)] == [4, 3]
+    assert reshard_stream_positions([{"epoch": 0, "pos": 100}, {"epoch": 0, "pos": 120}], 1) == [{"epoch": 0, "pos": 200}]
+    assert reshard_stream_positions([{"epoch": 2, "pos": 100}], 4) == [{"epoch": 2, "pos": 25}] * 4
