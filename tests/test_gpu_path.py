@@ -143,3 +143,21 @@ def test_resharded_data_positions():
     assert [p["rg"] for p in reshard_row_group_positions(one, 2)] == [4, 3]
     assert reshard_stream_positions([{"epoch": 0, "pos": 100}, {"epoch": 0, "pos": 120}], 1) == [{"epoch": 0, "pos": 200}]
     assert reshard_stream_positions([{"epoch": 2, "pos": 100}], 4) == [{"epoch": 2, "pos": 25}] * 4
+
+
+def test_base_eval_prepares_data_before_the_process_group(monkeypatch, base_dir):
+    """Preparing inside the distributed stage left the other ranks in an NCCL barrier for the whole download."""
+    from scripts import base_eval
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def compute_init(*a, **k):
+        calls.append("compute_init")
+        raise Stop
+    monkeypatch.setattr(base_eval, "prepare_core_data", lambda tasks: calls.append(("prepare", tasks)))
+    monkeypatch.setattr(base_eval, "compute_init", compute_init)
+    with pytest.raises(Stop):
+        base_eval.main(["--tasks", "arc_easy,copa", "--device-type", "cpu"])
+    assert calls == [("prepare", ["arc_easy", "copa"]), "compute_init"]
