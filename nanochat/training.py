@@ -25,8 +25,10 @@ def add_training_args(p):
     p.add_argument("--run", default="dummy", help="wandb run name; wandb is used only when set and not 'dummy'")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype; auto = bfloat16 on CUDA with bf16 support, else float32")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on for CUDA)")
+                   help="autocast dtype; auto = bfloat16 on CUDA with bf16 support and on CPUs with native bf16 "
+                   "(AVX512-BF16/AMX), else float32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile (auto: on for CUDA and CPU, off for MPS)")
     p.add_argument("--model-tag", default="", help="checkpoint tag to save under (and, after pretraining, to load; "
                    "default: d<depth> for base_train, else the largest model of the source stage)")
     p.add_argument("--device-batch-size", type=device_batch_flag, default=32, help="sequences per forward/backward "
@@ -83,11 +85,30 @@ class Run:
         return autocast(self.dtype, self.device.type)
 
 
+def native_bf16_cpu(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU multiplies bf16 in hardware (the avx512_bf16 or amx_bf16 flags of Linux's cpuinfo)."""
+    try:
+        with open(cpuinfo) as f:
+            return bool({"avx512_bf16", "amx_bf16"} & set(f.read().split()))
+    except OSError:  # not Linux: assume not
+        return False
+
+
+def resolve_numerics(dtype, compile, device_type, native_bf16=False):
+    """--dtype and --compile for a training stage. auto picks what measured fastest: bf16 autocast + compile on
+    CUDA, and on CPUs with native bf16; fp32 + compile on other CPUs; no compile on MPS.
+    -> (dtype name, use_compile)."""
+    if dtype == "auto" and device_type == "cpu":
+        dtype = "bfloat16" if native_bf16 else "float32"
+    use_compile = compile == "on" or (compile == "auto" and device_type in ("cuda", "cpu"))
+    return resolve_dtype(dtype, device_type), use_compile
+
+
 def start_run(device_type="", dtype="auto", compile="off", seed=42):
-    """compute_init plus the resolved --dtype and --compile (auto: compile on CUDA)."""
+    """compute_init plus the resolved --dtype and --compile (see resolve_numerics)."""
     ddp, rank, _, world_size, device = compute_init(device_type or None, seed=seed)
-    use_compile = compile == "on" or (compile == "auto" and device.type == "cuda")
-    return Run(ddp, rank, world_size, device, resolve_dtype(dtype, device.type), use_compile)
+    dtype, use_compile = resolve_numerics(dtype, compile, device.type, device.type == "cpu" and native_bf16_cpu())
+    return Run(ddp, rank, world_size, device, dtype, use_compile)
 
 
 def init_wandb(run, name, project, config):
@@ -387,10 +408,12 @@ class StepLog:
             mfu = f" | mfu {self.mfu:.2f}%"
         avg_dt = self.run_time / self.timed_steps if self.timed_steps else dt
         eta = format_eta(avg_dt * (self.num_iterations - step - 1))
+        # the first steps of a compiled run are mostly compilation: say so rather than show a slow dt
+        warm = " | compile warm-up" if self.run.compile and step - self.start_step < self.untimed_steps else ""
         more = "".join(f" | {k} {v:,}" if isinstance(v, int) else f" | {k} {v:.4f}" for k, v in extra.items())
         print0(f"step {step:05d}/{self.num_iterations:05d} ({100 * (step + 1) / self.num_iterations:.1f}%) | "
                f"loss {smooth:.6f} | lrm {lrm:.3f} | dt {dt * 1000:.1f}ms | tok/s {self.tok_per_sec:,.0f}{mfu}"
-               f"{more} | eta {eta}")
+               f"{more} | eta {eta}{warm}")
         if self.loss_file:
             self.loss_file.write(json.dumps({"step": step, "loss": loss, "lrm": lrm, **extra}) + "\n")
             self.loss_file.flush()

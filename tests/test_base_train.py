@@ -15,7 +15,7 @@ from nanochat.checkpoint_manager import complete_steps, load_checkpoint, model_p
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--depth", "1", "--max-seq-len", "64", "--device-batch-size", "2", "--total-batch-size", "256",
         "--num-iterations", "8", "--eval-every", "4", "--eval-tokens", "256", "--warmdown-ratio", "0.5",
-        "--peak-flops", "1e11"]
+        "--peak-flops", "1e11", "--dtype", "float32", "--compile", "off"]
 RTOL = 1e-4  # fp32 throughout; in practice the losses agree bit for bit
 
 
@@ -137,7 +137,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, make_docs, make_ba
     base = make_base_dir(tmp_path / "base", [[[next(docs)] for _ in range(8)] for _ in range(2)] + [[[next(docs)] for _ in range(2)]])
     flags = ["--depth", "2", "--max-seq-len", str(T), "--device-batch-size", str(B), "--total-batch-size", str(2 * B * T),
              "--num-iterations", "6", "--eval-every", "-1", "--eval-tokens", str(2 * B * T), "--sample-every", "-1",
-             "--warmdown-ratio", "0.5", "--peak-flops", "1e11"]
+             "--warmdown-ratio", "0.5", "--peak-flops", "1e11", "--dtype", "float32", "--compile", "off"]
     one, two = os.path.join(base, "one.jsonl"), os.path.join(base, "two.jsonl")
     run(base, ["scripts.base_train", *flags, "--model-tag", "one", "--loss-file", one])
     two_args = ["scripts.base_train", *flags, "--model-tag", "two", "--loss-file", two]

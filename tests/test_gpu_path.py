@@ -161,3 +161,25 @@ def test_base_eval_prepares_data_before_the_process_group(monkeypatch, base_dir)
     with pytest.raises(Stop):
         base_eval.main(["--tasks", "arc_easy,copa", "--device-type", "cpu"])
     assert calls == [("prepare", ["arc_easy", "copa"]), "compute_init"]
+
+
+def test_auto_numerics_follow_the_hardware(tmp_path):
+    from nanochat.training import native_bf16_cpu, resolve_numerics
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    plain.write_text("processor : 0\nflags\t\t: fpu sse2 avx2\n")
+    assert native_bf16_cpu(str(amx)) and not native_bf16_cpu(str(plain))
+    assert not native_bf16_cpu(str(tmp_path / "missing"))
+    assert resolve_numerics("auto", "auto", "cpu", native_bf16=True) == ("bfloat16", True)
+    assert resolve_numerics("auto", "auto", "cpu", native_bf16=False) == ("float32", True)
+    assert resolve_numerics("float32", "off", "cpu", native_bf16=True) == ("float32", False)
+    assert resolve_numerics("auto", "auto", "mps") == ("float32", False)
+
+
+def test_progress_line_marks_compile_warm_up(capsys):
+    from nanochat.training import Run, StepLog
+    log = StepLog(Run(False, 0, 1, torch.device("cpu"), "float32", True), 10, 0, {})
+    for step in range(4):
+        log.step(step, 2.0, 1.0, 0.5, 1000)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert [("compile warm-up" in line) for line in lines] == [True, True, True, False]
