@@ -62,7 +62,7 @@ class ContinualConfig:
     merge_method: str = "linear"  # merge: linear, ties or dare (nanochat/lora_merge.py)
     merge_density: float = 0.5  # merge: fraction of each delta ties/dare keep
     merge_weight: float = 0.0  # merge: every task's adapter enters the merge times this; 0: 1 / #adapters (their mean)
-    olora_lambda: float = 1e4  # olora: weight of the orthogonality penalty (1 barely constrains: see the notes)
+    olora_lambda: float = 1e6  # olora: weight of the orthogonality penalty (smaller barely constrains: see the notes)
     router: bool = True  # lora: also score with the centroid router (task id unknown)
     router_rows: int = 64  # training rows per task for its centroid
     seed: int = 0
