@@ -1,4 +1,5 @@
-"""Continual learning: learn a sequence of tasks with each strategy and record the R matrices.
+"""Learn a sequence of tasks with each continual-learning strategy and save the R matrices, one JSON file per
+strategy; turning them into the report section is scripts/continual_eval.py's job.
 
     python -m scripts.continual_train                                # sft model, lm-domains, all strategies
     python -m scripts.continual_train -i base --strategies naive,lora --steps 20
