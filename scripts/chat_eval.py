@@ -32,7 +32,7 @@ import torch.distributed as dist
 from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, print0
 from tasks.common import Task, extract_final_number, normalize_number, parse_letter, response_text
 
-STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL"}
+STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL", "dpo": "DPO"}
 
 
 # ---------------------------------------------------------------------------------------------
