@@ -344,3 +344,29 @@ def test_chat_dpo_rejects_a_bad_pairs_file(dpo_base, tmp_path):
     bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     p = run(base, FLAGS + ["--pairs", str(bad)], ok=False)
     assert p.returncode != 0 and "bad.jsonl:1: missing 'rejected'" in p.stderr
+
+
+def test_chat_dpo_two_ranks(dpo_base):
+    """torchrun with 2 (gloo) ranks: the reference scoring is split over the ranks and gathered back in
+    pair order, and training runs and saves."""
+    from nanochat.checkpoint_manager import complete_steps, load_model
+    from nanochat.tokenizer import get_tokenizer
+    base, pairs_file, _ = dpo_base
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.chat_dpo",
+           "--"] + FLAGS[1:] + ["--pairs", pairs_file, "--eval-problems", "0", "--num-iterations", "2"]
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
+    ckpt = os.path.join(base, "chatdpo_checkpoints", "d1")
+    assert complete_steps(ckpt) == [2]
+    cached = read_pairs(os.path.join(ckpt, "pairs.jsonl"))
+    assert [c["prompt"] for c in cached] == [make_pair(i)["prompt"] for i in range(20)]
+    os.environ["NANOCHAT_BASE_DIR"] = base
+    try:
+        sft, _, _ = load_model("sft", "cpu", "eval")
+        tok = get_tokenizer()
+    finally:
+        del os.environ["NANOCHAT_BASE_DIR"]
+    refs = reference_logprobs(sft, [render_pair(tok, c, 65) for c in cached], tok.get_bos_token_id(), "cpu", 8)
+    assert [c["ref_chosen"] for c in cached] == pytest.approx([r[0] for r in refs], abs=1e-4)
+    assert [c["ref_rejected"] for c in cached] == pytest.approx([r[1] for r in refs], abs=1e-4)
