@@ -20,8 +20,8 @@ import time
 
 import torch
 
-from nanochat.common import compute_init
-from nanochat.continual import ContinualConfig, autocast_for, evaluate_tasks, run_strategy
+from nanochat.common import compute_init, resolve_dtype
+from nanochat.continual import ContinualConfig, evaluate_tasks, run_strategy
 
 
 def _ms(fn, repeat=20):
@@ -126,18 +126,18 @@ def bench_sweep(args, device):
         setattr(base_cfg, k, _cast(getattr(base_cfg, k), v))
     param, values = args.sweep.split("=", 1)
     values = [_cast(getattr(base_cfg, param), v) for v in values.split(",")]
-    autocast_ctx = autocast_for(device)
+    dtype = resolve_dtype("auto", device.type)
     tasks = build_sequence(spec, tok, args.seq_len, base_cfg.steps * base_cfg.batch_size, n_eval_rows=args.eval_rows,
-                           autocast_ctx=autocast_ctx)
+                           dtype=dtype)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base = evaluate_tasks(model, tasks)
-    naive = run_strategy(model, tok, tasks, "naive", base_cfg, base=base, autocast_ctx=autocast_ctx)["matrices"]["naive"]
+    naive = run_strategy(model, tok, tasks, "naive", base_cfg, base=base, dtype=dtype)["matrices"]["naive"]
     print(f"\nnaive: forgetting {naive['forgetting']:.4f} | LA {naive['LA']:.4f} | ACC {naive['ACC']:.4f}")
     rows = []
     for v in values:
         cfg = ContinualConfig(**{**vars(base_cfg), param: v})
         model.load_state_dict(initial)
-        r = run_strategy(model, tok, tasks, args.strategy, cfg, base=base, autocast_ctx=autocast_ctx)
+        r = run_strategy(model, tok, tasks, args.strategy, cfg, base=base, dtype=dtype)
         m = r["matrices"][args.strategy]
         rows.append((v, m["forgetting"], 100 * (1 - m["forgetting"] / naive["forgetting"]), m["LA"],
                      m["LA"] - naive["LA"], m["ACC"], r["wall_seconds"]))

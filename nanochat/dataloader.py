@@ -1,6 +1,7 @@
-"""Distributed tokenizing data loader for pretraining.
+"""Data loaders that cut token streams into B rows of T+1 tokens: pretraining documents from the parquet shards,
+and rendered conversations for midtraining. They know nothing of models or optimizers.
 
-Streams the parquet shards of one split, tokenizes documents in parallel batches, prefixes each with
+Pretraining: streams the parquet shards of one split, tokenizes documents in parallel batches, prefixes each with
 <|bos|> and packs them into B rows of T+1 tokens: inputs = row[:-1], targets = row[1:].
 Every row starts with <|bos|>: a row that begins in the middle of a document gets a <|bos|> before
 the continuation, so the model never sees a context that starts mid-text without the marker, and no
@@ -18,6 +19,7 @@ from document d and skips k tokens, so the following batches are identical to an
 """
 from collections import deque
 
+import numpy as np
 import pyarrow.parquet as pq
 import torch
 
@@ -90,7 +92,6 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer=None, device="cpu"
     # [epoch, rg, doc, tokens, offset, skipped]: documents not fully consumed yet; `skipped` counts the
     # tokens cut off the front when resuming into this document, so skipped + offset is the position.
     pending = deque()
-    use_pinned = device.type == "cuda"
 
     def head():
         if not pending:
@@ -117,8 +118,55 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer=None, device="cpu"
         e, r, d, _, off, skipped = head()
         state = {"epoch": e, "rg": r, "doc": d, "tok": skipped + off}
 
-        buf = torch.tensor(rows, dtype=torch.long)
-        if use_pinned:
-            buf = buf.pin_memory()
-        buf = buf.to(device, non_blocking=use_pinned)
-        yield buf[:, :-1], buf[:, 1:], state
+        yield (*_to_device(torch.tensor(rows, dtype=torch.long), device), state)
+
+
+def _to_device(rows, device):
+    """(B, T+1) rows -> (inputs, targets) on device; through pinned memory on CUDA so the copy is async."""
+    use_pinned = device.type == "cuda"
+    if use_pinned:
+        rows = rows.pin_memory()
+    rows = rows.to(device, non_blocking=use_pinned)
+    return rows[:, :-1], rows[:, 1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# conversations (midtraining)
+
+
+def render_stream(task, tokenizer, rank=0, world_size=1):
+    """Render this rank's conversations (rank, rank+W, ...) into one token stream.
+    -> (stream int32 array, starts bool array: True where a conversation begins)."""
+    chunks, lengths = [], []
+    for i in range(rank, len(task), world_size):
+        ids, _ = tokenizer.render_conversation(task[i], max_tokens=10**9)
+        chunks.append(np.asarray(ids, dtype=np.int32))
+        lengths.append(len(ids))
+    if not chunks:
+        raise ValueError(f"rank {rank} of {world_size} has no conversations ({len(task)} in all)")
+    stream = np.concatenate(chunks)
+    starts = np.zeros(len(stream), dtype=bool)
+    starts[np.cumsum([0] + lengths[:-1])] = True
+    return stream, starts
+
+
+def packed_loader(stream, starts, B, T, bos, device="cpu", resume_state=None):
+    """Yield (inputs, targets, state) forever: B rows of T+1 tokens cut from the stream in order
+    (wrapping around at the end = a new epoch). A row starting mid-conversation begins with a
+    restated <|bos|>. state = {"epoch", "pos"} is the position after the batch (pass it back to resume)."""
+    device = torch.device(device)
+    n = len(stream)
+    state = dict(resume_state) if resume_state else {"epoch": 0, "pos": 0}
+    epoch, pos = state["epoch"], state["pos"]
+    while True:
+        rows = np.empty((B, T + 1), dtype=np.int64)
+        for b in range(B):
+            if starts[pos]:
+                rows[b] = np.take(stream, np.arange(pos, pos + T + 1), mode="wrap")
+                pos += T + 1
+            else:
+                rows[b, 0] = bos
+                rows[b, 1:] = np.take(stream, np.arange(pos, pos + T), mode="wrap")
+                pos += T
+            epoch, pos = epoch + pos // n, pos % n
+        yield (*_to_device(torch.from_numpy(rows), device), {"epoch": epoch, "pos": pos})

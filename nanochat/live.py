@@ -1,4 +1,5 @@
-"""Live learning for chat_web: teach the served model new facts as LoRA adapters, while it keeps chatting.
+"""Live learning for chat_web: teach the served model new facts as LoRA adapters while it keeps chatting;
+this module runs the jobs and keeps the adapter files, nanochat/lora_train.py does the training.
 
     live = LiveLearning(pool, trainer_model, tokenizer, root, replay=general_chats)
     job = live.submit("facts", conversations, steps=150)     # trains in a background thread
@@ -29,10 +30,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from nanochat.common import atomic_write
-from nanochat.continual import autocast_for, mean_loss, train_adapter
+from nanochat.common import atomic_write, resolve_dtype
 from nanochat.lora import AdapterBaseMismatch, LoRA, delete_adapter, list_adapters, load_adapter, save_adapter, \
     validate_name
+from nanochat.lora_train import mean_loss, train_adapter
 
 logger = logging.getLogger("nanochat.live")
 RESERVED = ("none",)  # "none" means the base model in every endpoint that takes an adapter name
@@ -187,11 +188,11 @@ class LiveLearning:
                 model = lora.model
                 rows = [self.tokenizer.render_conversation(c, max_tokens=model.config.sequence_len + 1)
                         for c in self.general_eval]
-                pad, ctx = self.tokenizer.get_bos_token_id(), autocast_for(model.get_device())
-                base = mean_loss(model, rows, pad, ctx)  # nothing is active on the trainer between jobs
+                pad, dtype = self.tokenizer.get_bos_token_id(), resolve_dtype("auto", model.get_device().type)
+                base = mean_loss(model, rows, pad, dtype)  # nothing is active on the trainer between jobs
                 lora.activate(job.adapter)
                 try:
-                    adapted = mean_loss(model, rows, pad, ctx)
+                    adapted = mean_loss(model, rows, pad, dtype)
                 finally:
                     lora.activate(None)
                 metrics |= {"general_loss_base": base, "general_loss_adapter": adapted,

@@ -1,4 +1,5 @@
-"""BPE tokenizer: trained by rustbpe, encoded by tiktoken, plus the chat format.
+"""BPE tokenizer (trained by rustbpe, encoded by tiktoken) and the chat format that turns conversations into
+token ids and loss masks; it knows nothing about models.
 
 Vocabulary = 256 byte tokens + merges + the special tokens below (specials take the last ids).
 """
@@ -134,7 +135,7 @@ class Tokenizer:
         """Conversation -> (ids, mask). mask[i] = 1 where the model is trained to produce token i:
         the assistant's text, its tool calls and <|assistant_end|>. Prompts, tool outputs and the
         framing tokens around them are 0. System prompts are folded into the first user message."""
-        messages = _validate_messages(conversation)
+        messages = validate_messages(conversation)
         if messages[0]["role"] == "system":
             messages = copy.deepcopy(messages)
             messages[1]["content"] = messages[0]["content"] + "\n\n" + messages[1]["content"]
@@ -189,7 +190,7 @@ class Tokenizer:
         return "|".join(f"{green if m else grey}{self.id_to_token(i)}{reset}" for i, m in zip(ids, mask))
 
 
-def _validate_messages(conversation):
+def validate_messages(conversation):
     """Check a conversation's structure; every error says what is wrong and where."""
     if isinstance(conversation, dict):
         if "messages" not in conversation:

@@ -1,28 +1,174 @@
-"""Plumbing shared by the training stages (base_train, mid_train, chat_sft): LR/momentum schedules,
-resume checks, and checkpoints that carry optimizer and RNG state so a resumed run is exact."""
+"""The skeleton every training stage shares (base_train, mid_train, chat_sft, chat_rl): flags, start-up, start
+fresh or resume, LR schedule, the step log and checkpoints. It knows nothing of a stage's data or its loss."""
+import dataclasses
+import json
+import os
+import time
+
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.common import print0
+from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint, load_model,
+                                         save_checkpoint, start_fresh)
+from nanochat.common import (all_reduce, autocast, compute_init, format_eta, get_base_dir, gpu_peak_flops, print0,
+                             resolve_dtype)
+
+# ------------------------------------------------------------------------------------------------
+# flags
 
 
-def collate(rows, pad_id, device="cpu", T=None, pad_to=None):
-    """rows: (ids, mask) pairs from render_conversation, cut to T+1 tokens when T is given. Inputs are
-    ids[:-1], targets ids[1:] where mask[1:] is 1 and -1 elsewhere; rows are right-padded (inputs with
-    pad_id, targets with -1) to the longest row, or to pad_to. -> (inputs, targets) (n, L) int64 on device."""
-    if T is not None:
-        rows = [(ids[:T + 1], mask[:T + 1]) for ids, mask in rows]
-    L = pad_to or max(1, max(len(ids) - 1 for ids, _ in rows))
-    x = torch.full((len(rows), L), pad_id, dtype=torch.long)
-    y = torch.full((len(rows), L), -1, dtype=torch.long)
-    for i, (ids, mask) in enumerate(rows):
-        n = len(ids) - 1
-        if n <= 0:
-            continue
-        x[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
-        y[i, :n] = torch.where(torch.tensor(mask[1:]) == 1, torch.tensor(ids[1:], dtype=torch.long), -1)
-    return x.to(device), y.to(device)
+def add_training_args(p):
+    """The flags of every stage that trains with the LR schedule below; a stage adds its own and changes
+    defaults with p.set_defaults."""
+    p.add_argument("--run", default="dummy", help="wandb run name; wandb is used only when set and not 'dummy'")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="autocast dtype; auto = bfloat16 on CUDA with bf16 support, else float32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on for CUDA)")
+    p.add_argument("--model-tag", default="", help="checkpoint tag to save under (and, after pretraining, to load; "
+                   "default: d<depth> for base_train, else the largest model of the source stage)")
+    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward/backward per rank")
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from the data or the horizon)")
+    p.add_argument("--embedding-lr", type=float, default=0.2)
+    p.add_argument("--unembedding-lr", type=float, default=0.004)
+    p.add_argument("--matrix-lr", type=float, default=0.02)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--warmdown-ratio", type=float, default=0.2)
+    p.add_argument("--final-lr-frac", type=float, default=0.0)
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps; -1: only at the end")
+    p.add_argument("--keep-last", type=int, default=-1, help="keep only the newest N checkpoints; -1: keep all")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of --model-tag")
+    p.add_argument("--peak-flops", type=float, default=-1, help="per-device peak FLOP/s for MFU (default: the "
+                   "GPU's bf16 peak by name on CUDA, a measured matmul on CPU)")
+    p.add_argument("--loss-file", default="", help="rank 0 appends {step, loss, lrm} JSON lines here (full precision)")
+    p.add_argument("--stop-after", type=int, default=-1, help="debug: save a checkpoint after this many steps and "
+                   "exit as if killed (continue with --resume)")
+
+
+def add_finetune_args(p):
+    """The flags of the stages that continue a trained model on a conversation mixture (mid_train, chat_sft)."""
+    p.add_argument("--step", type=int, default=-1, help="step of the model to load (default: latest)")
+    p.add_argument("--mixture", default="", help="comma-separated training tasks (see the module docstring)")
+    p.add_argument("--identity-file", default="", help="JSONL of identity conversations added to the mixture")
+    p.add_argument("--max-per-task", type=int, default=-1, help="cap examples per task (-1: no cap)")
+    p.add_argument("--val-examples", type=int, default=500, help="conversations held out for validation "
+                   "(at most a tenth of the mixture)")
+    p.add_argument("--init-lr-frac", type=float, default=1.0, help="LRs are the base LRs times this")
+
+
+# ------------------------------------------------------------------------------------------------
+# start-up
+
+
+@dataclasses.dataclass
+class Run:
+    """What one training process runs on: its rank, device and numerics."""
+    ddp: bool
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: str  # "bfloat16" or "float32"
+    compile: bool
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        return autocast(self.dtype, self.device.type)
+
+
+def start_run(device_type="", dtype="auto", compile="off", seed=42):
+    """compute_init plus the resolved --dtype and --compile (auto: compile on CUDA)."""
+    ddp, rank, _, world_size, device = compute_init(device_type or None, seed=seed)
+    use_compile = compile == "on" or (compile == "auto" and device.type == "cuda")
+    return Run(ddp, rank, world_size, device, resolve_dtype(dtype, device.type), use_compile)
+
+
+def init_wandb(run, name, project, config):
+    """A wandb run on rank 0 when --run names one (not 'dummy'), else None. Without the wandb package the
+    training goes on unlogged and says so: a missing extra must not end a run hours in."""
+    if not run.master or not name or name == "dummy":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        print0(f"warning: --run {name} asks for wandb but the package is not installed (pip install wandb); "
+               "training continues without it")
+        return None
+    return wandb.init(project=project, name=name, config=config)
+
+
+def make_optimizers(model, args, lr_frac=1.0):
+    """[AdamW, Muon] from the LR flags, every LR times lr_frac (each group records its initial_lr)."""
+    return model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_frac, embedding_lr=args.embedding_lr * lr_frac,
+                                  matrix_lr=args.matrix_lr * lr_frac, weight_decay=args.weight_decay)
+
+
+def load_start_model(args, source, out_dirname, device, rank):
+    """The model a later stage trains: the source stage's (--model-tag, --step), or with --resume this stage's
+    latest checkpoint. -> (model, tokenizer, tag, checkpoint_dir, start_step, rank_state, meta_or_None)."""
+    src_dir = os.path.join(get_base_dir(), {"base": "base_checkpoints", "mid": "mid_checkpoints"}[source])
+    tag = args.model_tag
+    out_root = os.path.join(get_base_dir(), out_dirname)
+    if args.resume:
+        tag = tag or find_largest_model(out_root)
+        checkpoint_dir = os.path.join(out_root, tag)
+        start_step = find_last_step(checkpoint_dir)
+        model, tokenizer, meta = build_model(checkpoint_dir, start_step, device, "train")
+        _, rank_state, _ = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True, rank=rank)
+        return model, tokenizer, tag, checkpoint_dir, start_step, rank_state, meta
+    if not tag:
+        try:
+            tag = find_largest_model(src_dir)
+        except FileNotFoundError:
+            pass  # load_model below gives the helpful error
+    model, tokenizer, _ = load_model(source, device, "train", model_tag=tag or None,
+                                     step=args.step if args.step >= 0 else None)
+    return model, tokenizer, tag, os.path.join(out_root, tag), 0, None, None
+
+
+def check_resume(meta, same, num_iterations):
+    """Resuming exactly needs the same batch layout as the run that saved the checkpoint; a different
+    number of steps is allowed (the LR schedule then changes from here on) but said."""
+    diff = {k: (meta.get(k), v) for k, v in same.items() if meta.get(k) != v}
+    if diff:
+        raise SystemExit(f"cannot resume exactly: the checkpoint was made with different settings {diff} (saved, now)")
+    if meta["num_iterations"] != num_iterations:
+        print0(f"warning: the checkpoint planned {meta['num_iterations']} steps, this run {num_iterations}: "
+               "the LR schedule changes from here on")
+
+
+def resume_or_start_fresh(resume, checkpoint_dir, optimizers, loop, run, rank_state=None, meta=None, same=None,
+                          num_iterations=None):
+    """With --resume: check the settings `same` against the checkpoint's meta, restore optimizers, RNG and
+    the loop state. Without: move earlier checkpoints of the tag aside. -> this rank's data position or None."""
+    if resume:
+        check_resume(meta, same, num_iterations)
+        restore_training_state(optimizers, rank_state)
+        loop.update(meta["loop_state"])
+        print0(f"resumed from {checkpoint_dir} at step {meta['step']}")
+        return meta["loader_states"][run.rank]
+    if run.master:
+        prev = start_fresh(checkpoint_dir)
+        if prev:
+            print0(f"new run of {checkpoint_dir}: earlier checkpoints moved to {prev} (use --resume to continue them)")
+    return None
+
+
+def accumulation_steps(total_batch_size, B, T, world_size):
+    """Micro-batches per optimizer step for a total batch in tokens."""
+    tokens_per_fwdbwd = B * T * world_size
+    if total_batch_size % tokens_per_fwdbwd:
+        raise SystemExit(f"--total-batch-size {total_batch_size} must be a multiple of device_batch_size x "
+                         f"max_seq_len x world_size = {B} x {T} x {world_size} = {tokens_per_fwdbwd}")
+    return total_batch_size // tokens_per_fwdbwd
+
+
+# ------------------------------------------------------------------------------------------------
+# the step
 
 
 def lr_multiplier(step, num_iterations, warmup_ratio, warmdown_ratio, final_lr_frac):
@@ -52,6 +198,175 @@ def set_lrs(optimizers, step, lrm):
         group["momentum"] = muon_momentum(step)
 
 
+def optimizer_step(model, optimizers, step, num_iterations, args):
+    """Set the step's LRs from the schedule flags, step every optimizer, clear the gradients. -> the LR multiplier."""
+    lrm = lr_multiplier(step, num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+    set_lrs(optimizers, step, lrm)
+    for opt in optimizers:
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return lrm
+
+
+class Prefetch:
+    """Keeps the next batch of a loader yielding (inputs, targets, position after the batch) in hand, so the host
+    prepares it while the device works, and knows the position a checkpoint must resume from: where the batch
+    in hand starts."""
+
+    def __init__(self, loader, position=None):
+        self.loader, self.position = loader, position
+        self.x, self.y, self.after = next(loader)
+
+    def advance(self):
+        self.position = self.after
+        self.x, self.y, self.after = next(self.loader)
+
+
+def accumulate_packed(model, data, grad_accum_steps, run):
+    """Forward/backward over grad_accum_steps full-row micro-batches of `data` (a Prefetch).
+    -> the step's mean loss over micro-batches and ranks."""
+    train_loss = torch.zeros((), device=run.device)
+    for _ in range(grad_accum_steps):
+        with run.autocast():
+            loss = model(data.x, data.y)
+        train_loss += loss.detach()
+        # each rank averages over its micro-batches; the optimizers average over ranks
+        (loss / grad_accum_steps).backward()
+        data.advance()  # the next batch is read while the device works
+    return all_reduce(train_loss.item() / grad_accum_steps, run.device) / run.world_size
+
+
+def eval_due(step, every, last_step, resumed_here):
+    """Evaluate at step 0, every `every` steps and at the end, but not again at the step a run resumed at
+    (the interrupted run did it)."""
+    return (last_step or (every > 0 and step % every == 0)) and not (resumed_here and not last_step)
+
+
+def save_due(step, every, last_step, stop_after, resumed_here):
+    return last_step or step == stop_after or (every > 0 and step > 0 and step % every == 0 and not resumed_here)
+
+
+# ------------------------------------------------------------------------------------------------
+# the step log
+
+
+def measure_peak_flops(device, dtype, sizes=(1024, 2048), seconds=0.5):
+    """A per-device peak for MFU where no table knows the device: the fastest single square matmul seen in
+    ~`seconds` of trials at each size. The best of many trials keeps a moment of contention from lowering the
+    peak (which would inflate MFU)."""
+    best = 0.0
+    for n in sizes:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        a @ b  # warm up
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
+    return best
+
+
+def peak_flops_per_device(flag, run):
+    """--peak-flops when given; on CUDA the GPU's bf16 peak by name (None, said in the log, for a GPU the table
+    lacks: then no MFU); elsewhere a measured matmul."""
+    if flag > 0:
+        peak = flag
+    elif run.device.type == "cuda":
+        name = torch.cuda.get_device_name(run.device)
+        peak = gpu_peak_flops(name)
+        if peak is None:
+            print0(f"peak FLOP/s of {name!r} unknown: no MFU in the log (pass --peak-flops to get it)")
+            return None
+    else:
+        peak = measure_peak_flops(run.device, torch.bfloat16 if run.dtype == "bfloat16" else torch.float32)
+    print0(f"peak FLOP/s per device for MFU: {peak:.3e}")
+    return peak
+
+
+class StepLog:
+    """One progress line per step (EMA-smoothed loss, LR multiplier, step time, tok/s, MFU, ETA); rank 0 also
+    appends the raw loss to --loss-file and logs to wandb. The running numbers live in `loop`, the dict a
+    checkpoint carries, so a resumed run continues the same curve and training time."""
+    ema_beta = 0.9
+    untimed_steps = 3  # a process's first steps include compilation and warm-up: kept out of time and ETA
+
+    def __init__(self, run, num_iterations, start_step, loop, loss_file="", wandb_run=None, flops_per_token=0,
+                 peak_flops=None):
+        self.run, self.num_iterations, self.start_step, self.loop = run, num_iterations, start_step, loop
+        loop.setdefault("smooth_train_loss", 0.0)
+        loop.setdefault("total_training_time", 0.0)
+        self.loss_file = open(loss_file, "a") if run.master and loss_file else None
+        self.wandb_run = wandb_run
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.run_time, self.timed_steps = 0.0, 0  # this process only, for the ETA
+        self.tok_per_sec = self.mfu = 0.0  # of the last step, for the report
+
+    def step(self, step, loss, lrm, dt, processed_tokens, **extra):
+        """Log optimizer step `step`: its loss (mean over ranks), dt seconds, the tokens all ranks processed;
+        `extra` numbers go to the line, the loss file and wandb. -> the smoothed loss."""
+        loop, beta = self.loop, self.ema_beta
+        loop["smooth_train_loss"] = beta * loop["smooth_train_loss"] + (1 - beta) * loss
+        smooth = loop["smooth_train_loss"] / (1 - beta ** (step + 1))
+        if step - self.start_step >= self.untimed_steps:
+            loop["total_training_time"] += dt
+            self.run_time += dt
+            self.timed_steps += 1
+        self.tok_per_sec = processed_tokens / dt
+        mfu = ""
+        if self.peak_flops:
+            self.mfu = 100 * self.flops_per_token * self.tok_per_sec / (self.peak_flops * self.run.world_size)
+            mfu = f" | mfu {self.mfu:.2f}%"
+        avg_dt = self.run_time / self.timed_steps if self.timed_steps else dt
+        eta = format_eta(avg_dt * (self.num_iterations - step - 1))
+        more = "".join(f" | {k} {v:,}" if isinstance(v, int) else f" | {k} {v:.4f}" for k, v in extra.items())
+        print0(f"step {step:05d}/{self.num_iterations:05d} ({100 * (step + 1) / self.num_iterations:.1f}%) | "
+               f"loss {smooth:.6f} | lrm {lrm:.3f} | dt {dt * 1000:.1f}ms | tok/s {self.tok_per_sec:,.0f}{mfu}"
+               f"{more} | eta {eta}")
+        if self.loss_file:
+            self.loss_file.write(json.dumps({"step": step, "loss": loss, "lrm": lrm, **extra}) + "\n")
+            self.loss_file.flush()
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, "train/loss": smooth, "train/lrm": lrm, "train/dt": dt,
+                                "train/tok_per_sec": self.tok_per_sec, "train/mfu": self.mfu,
+                                **{f"train/{k}": v for k, v in extra.items()}})
+        return smooth
+
+    def eval(self, step, metrics):
+        """Log evaluation results {name: value} at `step`."""
+        print0(f"step {step:05d} | " + " | ".join(f"{k}: {v:.4f}" for k, v in metrics.items()))
+        if self.wandb_run:
+            self.wandb_run.log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+
+    def close(self):
+        if self.loss_file:
+            self.loss_file.close()
+        if self.wandb_run:
+            self.wandb_run.finish()
+
+
+# ------------------------------------------------------------------------------------------------
+# batches and checkpoints
+
+
+def collate(rows, pad_id, device="cpu", T=None, pad_to=None):
+    """rows: (ids, mask) pairs from render_conversation, cut to T+1 tokens when T is given. Inputs are
+    ids[:-1], targets ids[1:] where mask[1:] is 1 and -1 elsewhere; rows are right-padded (inputs with
+    pad_id, targets with -1) to the longest row, or to pad_to. -> (inputs, targets) (n, L) int64 on device."""
+    if T is not None:
+        rows = [(ids[:T + 1], mask[:T + 1]) for ids, mask in rows]
+    L = pad_to or max(1, max(len(ids) - 1 for ids, _ in rows))
+    x = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), L), -1, dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        n = len(ids) - 1
+        if n <= 0:
+            continue
+        x[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
+        y[i, :n] = torch.where(torch.tensor(mask[1:]) == 1, torch.tensor(ids[1:], dtype=torch.long), -1)
+    return x.to(device), y.to(device)
+
+
 def gather_objects(obj, world_size):
     """One picklable object per rank, on every rank (e.g. each rank's data loader position)."""
     if world_size == 1:
@@ -61,15 +376,12 @@ def gather_objects(obj, world_size):
     return objs
 
 
-def check_resume(meta, same, num_iterations):
-    """Resuming exactly needs the same batch layout as the run that saved the checkpoint; a different
-    number of steps is allowed (the LR schedule then changes from here on) but said."""
-    diff = {k: (meta.get(k), v) for k, v in same.items() if meta.get(k) != v}
-    if diff:
-        raise SystemExit(f"cannot resume exactly: the checkpoint was made with different settings {diff} (saved, now)")
-    if meta["num_iterations"] != num_iterations:
-        print0(f"warning: the checkpoint planned {meta['num_iterations']} steps, this run {num_iterations}: "
-               "the LR schedule changes from here on")
+def checkpoint_meta(step, model, user_config, run, num_iterations, loader_position, loop, **extra):
+    """The meta of a training checkpoint: what resuming needs (batch layout, every rank's data position, the
+    loop state) and what later stages read (model_config); `extra` holds the stage's own."""
+    return {"step": step, "model_config": dataclasses.asdict(model.config), "user_config": user_config,
+            "world_size": run.world_size, "num_iterations": num_iterations,
+            "loader_states": gather_objects(loader_position, run.world_size), "loop_state": loop, **extra}
 
 
 def save_training_checkpoint(checkpoint_dir, step, model, optimizers, meta, rank, keep_last=-1):

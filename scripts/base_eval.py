@@ -17,7 +17,8 @@ import torch
 
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, find_last_step, load_model
 from nanochat.common import script_argv, atomic_write, compute_cleanup, compute_init, get_base_dir, print0
-from nanochat.core_eval import TASKS, evaluate_core
+from nanochat.core_data import TASKS
+from nanochat.core_eval import evaluate_core
 
 
 def parse_args(argv=None):

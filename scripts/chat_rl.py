@@ -242,7 +242,7 @@ def main(argv=None):
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 
     if args.task_file:
-        from scripts.chat_eval import JSONLTask
+        from tasks.customjson import JSONLTask
         train_task = eval_task = JSONLTask(args.task_file)
     else:
         from tasks.gsm8k import GSM8K, GSM8KSynthetic

@@ -62,7 +62,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import nanochat
 from nanochat.common import autocast, resolve_dtype, script_argv
 from nanochat.engine import Engine, StreamDecoder
-from nanochat.tokenizer import _validate_messages
+from nanochat.tokenizer import validate_messages as _validate_messages  # public now; the alias keeps this file's uses
 
 logger = logging.getLogger("nanochat.chat_web")
 

@@ -19,8 +19,8 @@ import os
 import time
 
 
-from nanochat.common import atomic_write, compute_init, get_base_dir, print0, script_argv
-from nanochat.continual import STRATEGIES, ContinualConfig, autocast_for, evaluate_tasks, run_strategy
+from nanochat.common import atomic_write, compute_init, get_base_dir, print0, resolve_dtype, script_argv
+from nanochat.continual import STRATEGIES, ContinualConfig, evaluate_tasks, run_strategy
 
 
 def parse_args(argv=None):
@@ -70,12 +70,12 @@ def main(argv=None):
     model, tokenizer, meta = load_model(args.source, device, "train", model_tag=args.model_tag, step=args.step)
     if args.seq_len + 1 > model.config.sequence_len:
         raise SystemExit(f"--seq-len {args.seq_len} + 1 exceeds the model's context ({model.config.sequence_len})")
-    autocast_ctx = autocast_for(device)
+    dtype = resolve_dtype("auto", device.type)
     n_train = args.train_rows if args.train_rows > 0 else cfg.steps * cfg.batch_size
     t0 = time.time()
     tasks = build_sequence(spec, tokenizer, args.seq_len, n_train, n_eval_rows=args.eval_rows,
                            n_eval_examples=args.eval_examples, max_new_tokens=args.max_new_tokens,
-                           route_prefix=args.route_prefix, autocast_ctx=autocast_ctx)
+                           route_prefix=args.route_prefix, dtype=dtype)
     print0(f"sequence {spec['name']}: " + ", ".join(f"{t.name} ({len(t.train_rows)} train / {len(t.eval_items)} eval)"
                                                    for t in tasks) + f" | built in {time.time() - t0:.1f}s")
     settings = {"source": args.source, "model_tag": args.model_tag, "step": meta.get("step"), "sequence": spec["name"],
@@ -111,7 +111,7 @@ def main(argv=None):
         model.load_state_dict(initial)
         print0(f"=== {strategy} ===")
         adapter_dir = os.path.join(out_dir, "adapters") if args.save_adapters else None
-        result = run_strategy(model, tokenizer, tasks, strategy, cfg, base=base, autocast_ctx=autocast_ctx,
+        result = run_strategy(model, tokenizer, tasks, strategy, cfg, base=base, dtype=dtype,
                               adapter_dir=adapter_dir)
         result["settings"] = settings
         result["sequence"] = spec["name"]

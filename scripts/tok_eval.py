@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import tiktoken
 
 from nanochat.common import script_argv
-from nanochat.dataset import SOURCE_KIND, list_parquet_files
+from nanochat.dataset import list_parquet_files
+from nanochat.offline.sources import SOURCE_KIND
 from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
 

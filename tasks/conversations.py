@@ -15,6 +15,7 @@ import json
 import os
 import zlib
 
+from nanochat import packages
 from tasks import fetch
 from tasks.common import Task
 
@@ -80,8 +81,8 @@ class ChitChat(_ChatTask):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.conversations = fetch.load_with_fallback(
-            "ChitChat", [(fetch.pkg_name(fetch.CHITCHAT), lambda: parse_chitchat(
-                fetch.pypi_files(*fetch.CHITCHAT, "chitchat_dataset/dataset.json"), split))])
+            "ChitChat", [(fetch.CHITCHAT.spec, lambda: parse_chitchat(
+                packages.fetch_path(fetch.CHITCHAT, "chitchat_dataset/dataset.json"), split))])
 
 
 def parse_chatterbot(folder, split="all"):
@@ -110,5 +111,5 @@ class ChatterBot(_ChatTask):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.conversations = fetch.load_with_fallback(
-            "ChatterBot", [(fetch.pkg_name(fetch.CHATTERBOT), lambda: parse_chatterbot(
-                fetch.pypi_files(*fetch.CHATTERBOT, "chatterbot_corpus/data/english"), split))])
+            "ChatterBot", [(fetch.CHATTERBOT.spec, lambda: parse_chatterbot(
+                packages.fetch_path(fetch.CHATTERBOT, "chatterbot_corpus/data/english"), split))])

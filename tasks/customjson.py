@@ -1,4 +1,5 @@
-"""CustomJSON: your own conversations from a JSONL file.
+"""CustomJSON and JSONLTask: your own conversations from a JSONL file, to train on or to evaluate;
+this module reads and checks the file, it does not tokenize.
 
 Each non-empty line is either a list of messages or an object {"messages": [...], ...}. A message is
 {"role": "system"|"user"|"assistant", "content": ...}: an optional system message first, then user
@@ -7,7 +8,7 @@ the assistant's may also be a list of parts {"type": "text"|"python"|"python_out
 Every error names the file and line.
 """
 
-from tasks.common import Task, read_jsonl
+from tasks.common import Task, extract_final_number, normalize_number, parse_letter, read_jsonl, response_text
 
 _PART_TYPES = ("text", "python", "python_output")
 
@@ -70,3 +71,39 @@ class CustomJSON(Task):
 
     def get_example(self, index):
         return self.conversations[index]
+
+
+class JSONLTask(Task):
+    """Conversations from a JSONL file (the format above), with an evaluate(): items carrying
+    "letters" are multiple choice (answer = the last assistant message's letter); the others are
+    generative, scored by exact final number when the item has "answer", else by exact reply text."""
+
+    def __init__(self, filepath, **kwargs):
+        super().__init__(**kwargs)
+        self.filepath = filepath
+        self.conversations = load_jsonl(filepath)
+        kinds = {"letters" in c for c in self.conversations}
+        if len(kinds) > 1:
+            raise ValueError(f"{filepath}: mixes multiple-choice items (with 'letters') and generative ones")
+        self._categorical = kinds.pop()
+
+    @property
+    def eval_type(self):
+        return "categorical" if self._categorical else "generative"
+
+    def num_examples(self):
+        return len(self.conversations)
+
+    def get_example(self, index):
+        return self.conversations[index]
+
+    def evaluate(self, conversation, assistant_response):
+        reference = conversation["messages"][-1]["content"]
+        if self._categorical:
+            return int(parse_letter(assistant_response, conversation["letters"]) == reference)
+        if "answer" in conversation:
+            pred = extract_final_number(assistant_response)
+            return int(pred is not None and pred == normalize_number(str(conversation["answer"])))
+        return int(response_text(assistant_response).strip() == response_text(reference).strip())
+
+    reward = evaluate

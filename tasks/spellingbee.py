@@ -11,6 +11,7 @@ import random
 import re
 import zlib
 
+from nanochat import packages
 from tasks import fetch
 from tasks.common import Task, extract_final_number, response_text
 
@@ -31,7 +32,7 @@ def load_words():
         for path in _SYSTEM_LISTS:
             if os.path.exists(path):
                 return _read_words(path)
-        return _read_words(fetch.debian_files("wamerican", "usr/share/dict/american-english"))
+        return _read_words(packages.fetch_path(fetch.WAMERICAN, "usr/share/dict/american-english"))
 
     def other():
         for path in _FALLBACK_LISTS:

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from scripts.chat_eval import chatcore, run_categorical_eval, run_generative_eval
+from tasks.evaluate import chatcore, run_categorical_eval, run_generative_eval
 from scripts.chat_rl import (build_rl_batch, group_advantages, policy_gradient_loss, rollout, sample_completions,
                              train_on_rollout)
 from tasks.common import MultipleChoiceTask, Task, extract_final_number, mc_conversation

