@@ -20,19 +20,17 @@ pass@1 on the first --eval-problems GSM8K test problems (the same measure as cha
 and after. Checkpoints (with optimizer and RNG state, for an exact --resume) go to chatdpo_checkpoints/<tag>/.
 """
 import argparse
-import dataclasses
 import hashlib
-import json
 import os
 import time
 
 import torch
 
-from nanochat.common import (all_reduce, autocast, compute_cleanup, compute_init, format_eta, get_base_dir, print0,
-                             resolve_dtype, script_argv)
+from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
 from nanochat.dpo import LOSSES, pair_logprobs, preference_loss, reference_logprobs, render_pair
-from nanochat.training import (check_resume, gather_objects, lr_multiplier, restore_training_state,
-                               save_training_checkpoint, set_lrs)
+from nanochat.training import (StepLog, add_training_args, checkpoint_meta, eval_due, gather_objects, init_wandb,
+                               load_start_model, make_optimizers, optimizer_step, peak_flops_per_device,
+                               resume_or_start_fresh, save_due, save_training_checkpoint, start_run)
 from scripts.chat_rl import evaluate_pass_at_k
 from scripts.chat_sft import step_examples
 from tasks.preference import PROBLEM_SETS, problem_tasks, read_pairs, sample_pairs, write_pairs
@@ -40,11 +38,10 @@ from tasks.preference import PROBLEM_SETS, problem_tasks, read_pairs, sample_pai
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_args(p)
     p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model to start from (and the reference)")
-    p.add_argument("--model-tag", default=None, help="tag of the source model (default: the largest); also the output tag")
-    p.add_argument("--step", type=int, default=None, help="step of the source model (default: latest)")
-    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--step", type=int, default=-1, help="step of the source model (default: latest)")
+    p.add_argument("--init-lr-frac", type=float, default=0.05, help="all LRs are scaled by this (then decay to 0)")
     # pairs
     p.add_argument("--pairs", default="", help="JSONL of {prompt, chosen, rejected} pairs to train on instead of sampling")
     p.add_argument("--problems", default="gsm8k-synthetic,spellingbee", help=f"problem sets to sample pairs from: {', '.join(PROBLEM_SETS)}")
@@ -58,29 +55,18 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=50)
-    # optimization
+    # the loss and the batch
     p.add_argument("--loss", default="sigmoid", choices=LOSSES, help="sigmoid = DPO, ipo = IPO")
     p.add_argument("--beta", type=float, default=0.1, help="strength of the pull towards the reference")
     p.add_argument("--pairs-per-step", type=int, default=16, help="pairs per optimizer step, all ranks together")
-    p.add_argument("--device-batch-size", type=int, default=4, help="pairs per forward/backward (2x rows)")
-    p.add_argument("--max-seq-len", type=int, default=0, help="tokens per prompt + reply (default: the model's context)")
     p.add_argument("--num-epochs", type=int, default=1, help="epochs over the pairs when --num-iterations is -1")
-    p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from the pairs and --num-epochs)")
-    p.add_argument("--embedding-lr", type=float, default=0.2)
-    p.add_argument("--unembedding-lr", type=float, default=0.004)
-    p.add_argument("--matrix-lr", type=float, default=0.02)
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--init-lr-frac", type=float, default=0.05, help="all LRs are scaled by this (then decay to 0)")
-    # evaluation and checkpoints
+    # evaluation
     p.add_argument("--val-pairs", type=int, default=32, help="pairs held out for the validation margin (at most a tenth)")
     p.add_argument("--eval-every", type=int, default=-1, help="validation margin and pass@k every N steps; <=0: before/after only")
     p.add_argument("--eval-problems", type=int, default=100, help="GSM8K test problems for pass@k (0: none)")
     p.add_argument("--eval-samples", type=int, default=4, help="k for pass@k")
-    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (and at the end); <=0: end only")
-    p.add_argument("--keep-last", type=int, default=-1, help="keep only the newest N checkpoints; -1: keep all")
-    p.add_argument("--resume", action="store_true", help="continue the last run of --model-tag (pairs are not sampled again)")
-    p.add_argument("--stop-after", type=int, default=-1, help="debug: save after this many steps and exit as if killed")
-    p.add_argument("--loss-file", default="", help="rank 0 appends {step, loss, margin, lrm} JSON lines here")
+    # --device-batch-size counts pairs (2 rows each); --max-seq-len 0 = the model's context; LR decays linearly to 0
+    p.set_defaults(device_batch_size=4, max_seq_len=0, warmdown_ratio=1.0)
     return p.parse_args(script_argv(argv))
 
 
@@ -89,7 +75,7 @@ def file_sha(path):
         return hashlib.sha256(f.read()).hexdigest()[:16]
 
 
-def make_pairs(args, model, tokenizer, engine, T, rank, world_size, device, dtype):
+def make_pairs(args, model, tokenizer, engine, T, run):
     """Sample (or read) the pairs and score them with the reference (the model as loaded). Every rank
     returns all pairs, in an order that does not depend on the number of ranks."""
     stats = None
@@ -101,19 +87,19 @@ def make_pairs(args, model, tokenizer, engine, T, rank, world_size, device, dtyp
         print0(f"pairs: {len(pairs):,} from {args.pairs}")
     else:
         if args.task_file:
-            from scripts.chat_eval import JSONLTask
+            from tasks.customjson import JSONLTask
             task = JSONLTask(args.task_file)
         else:
             task = problem_tasks(["gsm8k"] if args.online else args.problems.split(","), args.train_size, args.seed)
         n = min(args.num_problems, len(task))
         t0 = time.time()
         model.eval()
-        with autocast(dtype, device.type):
-            mine, stats = sample_pairs(task, range(rank, n, world_size), engine, tokenizer, args.num_samples,
+        with run.autocast():
+            mine, stats = sample_pairs(task, range(run.rank, n, run.world_size), engine, tokenizer, args.num_samples,
                                        args.max_new_tokens, args.temperature, args.top_k, 1_000_003 * (args.seed + 1),
                                        args.pairs_per_problem)
-        pairs = sorted((p for part in gather_objects(mine, world_size) for p in part), key=lambda p: p["problem"])
-        stats = {k: sum(s[k] for s in gather_objects(stats, world_size)) for k in stats}
+        pairs = sorted((p for part in gather_objects(mine, run.world_size) for p in part), key=lambda p: p["problem"])
+        stats = {k: sum(s[k] for s in gather_objects(stats, run.world_size)) for k in stats}
         stats["mean_reward"] = stats["reward_sum"] / max(1, stats["samples"])
         stats["sampling_s"] = time.time() - t0
         print0(f"pairs: {len(pairs):,} from {n} problems x {args.num_samples} samples | mean reward "
@@ -123,11 +109,11 @@ def make_pairs(args, model, tokenizer, engine, T, rank, world_size, device, dtyp
             raise SystemExit("no pairs: every problem had all or none of its samples correct. Sample more problems "
                              "(--num-problems), more replies (--num-samples), or give --pairs FILE")
     pad_id = tokenizer.get_bos_token_id()
-    rendered = [render_pair(tokenizer, pairs[i], T + 1) for i in range(rank, len(pairs), world_size)]
-    refs = reference_logprobs(model, rendered, pad_id, device, args.device_batch_size, dtype)
-    refs = gather_objects(refs, world_size)
+    rendered = [render_pair(tokenizer, pairs[i], T + 1) for i in range(run.rank, len(pairs), run.world_size)]
+    refs = reference_logprobs(model, rendered, pad_id, run.device, args.device_batch_size, run.dtype)
+    refs = gather_objects(refs, run.world_size)
     for i, p in enumerate(pairs):
-        p["ref_chosen"], p["ref_rejected"] = refs[i % world_size][i // world_size]
+        p["ref_chosen"], p["ref_rejected"] = refs[i % run.world_size][i // run.world_size]
         p["ref_max_tokens"] = T + 1
     return pairs, stats
 
@@ -153,82 +139,81 @@ def save_margin_plot(history, path_fn):
     return path
 
 
-def pair_metrics(model, tokenizer, pairs, T, beta, kind, B, device, dtype):
-    """Sums over pairs (this rank's share is the caller's business): loss, margin, correct order, chosen and
-    rejected rewards, count; grad-free."""
-    sums = [0.0] * 6
-    with torch.no_grad():
-        for b in range(0, len(pairs), B):
-            chunk = pairs[b:b + B]
-            with autocast(dtype, device.type):
-                pc, pr = pair_logprobs(model, [render_pair(tokenizer, p, T + 1) for p in chunk],
-                                       tokenizer.get_bos_token_id(), device)
-            loss, cr, rr = preference_loss(pc, pr, *refs_of(chunk, device), beta, kind)
-            for j, v in enumerate([loss.sum(), (cr - rr).sum(), (cr > rr).sum(), cr.sum(), rr.sum(), len(chunk)]):
-                sums[j] += float(v)
+def pairs_pass(model, tokenizer, pairs, T, args, run, train):
+    """Loss and implicit rewards over `pairs` (this rank's share), --device-batch-size pairs per forward; with
+    train=True the loss, averaged over the pairs, is backpropagated. -> sums over the pairs of [loss, margin,
+    chosen ranked first, chosen reward, rejected reward, count, tokens processed]."""
+    sums = [0.0] * 7
+    for b in range(0, len(pairs), args.device_batch_size):
+        chunk = pairs[b:b + args.device_batch_size]
+        rendered = [render_pair(tokenizer, p, T + 1) for p in chunk]
+        with torch.set_grad_enabled(train), run.autocast():
+            pc, pr = pair_logprobs(model, rendered, tokenizer.get_bos_token_id(), run.device)
+        ref_c = torch.tensor([p["ref_chosen"] for p in chunk], dtype=torch.float32, device=run.device)
+        ref_r = torch.tensor([p["ref_rejected"] for p in chunk], dtype=torch.float32, device=run.device)
+        loss, cr, rr = preference_loss(pc, pr, ref_c, ref_r, args.beta, args.loss)
+        if train:
+            (loss.sum() / len(pairs)).backward()  # the mean over this rank's pairs; the optimizers average over ranks
+        tokens = 2 * len(chunk) * max(len(ids) - 1 for side in rendered for ids, _ in side)
+        for j, v in enumerate([loss.sum(), (cr - rr).sum(), (cr > rr).sum(), cr.sum(), rr.sum(), len(chunk), tokens]):
+            sums[j] += float(v)
     return sums
-
-
-def refs_of(pairs, device):
-    return (torch.tensor([p["ref_chosen"] for p in pairs], dtype=torch.float32, device=device),
-            torch.tensor([p["ref_rejected"] for p in pairs], dtype=torch.float32, device=device))
 
 
 def main(argv=None):
     args = parse_args(argv)
     user_config = vars(args).copy()
-    ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None, seed=42 + args.seed)
-    master = rank == 0
-    dtype = resolve_dtype(args.dtype, device.type)
-    if args.pairs_per_step % world_size:
-        raise SystemExit(f"--pairs-per-step {args.pairs_per_step} must be a multiple of the number of ranks ({world_size})")
+    run = start_run(args.device_type, args.dtype, "off", seed=42 + args.seed)  # pair lengths vary: no compile
+    if args.pairs_per_step % run.world_size:
+        raise SystemExit(f"--pairs-per-step {args.pairs_per_step} must be a multiple of the number of ranks ({run.world_size})")
+    wandb_run = init_wandb(run, args.run, "nanochat-dpo", user_config)
 
-    from nanochat.checkpoint_manager import (SOURCES, build_model, complete_steps, find_largest_model, load_checkpoint,
-                                             load_model, start_fresh)
+    # --- the model: the source stage's, or this stage's latest checkpoint --------------------------------
+    from nanochat.checkpoint_manager import SOURCES, complete_steps, find_largest_model
     from nanochat.engine import Engine
+    src_dir = os.path.join(get_base_dir(), SOURCES[args.source][0])
     tag = args.model_tag
-    if tag is None:
+    if not tag:
         try:
-            tag = find_largest_model(os.path.join(get_base_dir(), SOURCES[args.source][0]))
+            tag = find_largest_model(src_dir)  # the output keeps the source's tag
         except FileNotFoundError as e:
             raise SystemExit(f"{e}. No {args.source} model to start from: run `python -m {SOURCES[args.source][1]}` "
                              "first (or pick another --source)") from None
     checkpoint_dir = os.path.join(get_base_dir(), SOURCES["dpo"][0], tag)
     pairs_path = os.path.join(checkpoint_dir, "pairs.jsonl")
-    steps_saved = complete_steps(checkpoint_dir)
-    start_step, rank_state, resume_meta = 0, None, None
-    if args.resume and steps_saved:
-        start_step = steps_saved[-1]
-        model, tokenizer, resume_meta = build_model(checkpoint_dir, start_step, device, "train")
-        _, rank_state, _ = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True, rank=rank)
+    # --resume continues the last checkpoint; killed before the first one, it still reuses the scored pairs
+    resume = args.resume and bool(complete_steps(checkpoint_dir))
+    if args.resume and not resume and not os.path.exists(pairs_path):
+        raise SystemExit(f"--resume: nothing to resume in {checkpoint_dir} (no checkpoint, no pairs); run without --resume")
+    model, tokenizer, tag, checkpoint_dir, start_step, rank_state, resume_meta = load_start_model(
+        argparse.Namespace(**{**vars(args), "resume": resume, "model_tag": tag}), args.source, SOURCES["dpo"][0],
+        run.device, run.rank)
+    if resume:
         source_meta = resume_meta["source"]
     else:
-        if args.resume and not os.path.exists(pairs_path):
-            raise SystemExit(f"--resume: nothing to resume in {checkpoint_dir} (no checkpoint, no pairs); run without --resume")
-        model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=tag, step=args.step)
-        source_meta = {"stage": args.source, "tag": tag, "step": meta.get("step")}
-        if master and not args.resume:
-            prev = start_fresh(checkpoint_dir)
-            if prev:
-                print0(f"earlier checkpoints of {tag} moved to {prev}")
+        source_meta = {"stage": args.source, "tag": tag,
+                       "step": args.step if args.step >= 0 else complete_steps(os.path.join(src_dir, tag))[-1]}
     config = model.config
     T = args.max_seq_len or config.sequence_len
     engine = Engine(model, tokenizer)
+    optimizers = make_optimizers(model, args, args.init_lr_frac)
     print0(f"model: {source_meta['stage']}/{tag} step {source_meta['step']} | {config.n_layer} layers | "
-           f"{model.num_params():,} parameters | dtype {dtype} | loss {args.loss} beta {args.beta}")
+           f"{model.num_params():,} parameters | dtype {run.dtype} | loss {args.loss} beta {args.beta}")
+    if not args.resume:
+        resume_or_start_fresh(False, checkpoint_dir, optimizers, {}, run)  # earlier checkpoints (and pairs) aside
 
-    # --- pairs, scored once by the reference -----------------------------------------------------------
-    sample_stats = resume_meta["sample_stats"] if resume_meta else None
-    if args.resume and os.path.exists(pairs_path):
+    # --- pairs, scored once by the reference (the model as loaded, before any step) ---------------------
+    sample_stats = resume_meta["sample_stats"] if resume else None
+    if args.resume:
         pairs = read_pairs(pairs_path)
         if any(p.get("ref_max_tokens") != T + 1 for p in pairs):
             raise SystemExit(f"{pairs_path} was scored with a different --max-seq-len; resume with the same one")
-        print0(f"resumed pairs: {len(pairs):,} from {pairs_path} (reference log-probs cached)")
+        print0(f"pairs: {len(pairs):,} from {pairs_path} (reference log-probs cached)")
     else:
-        pairs, sample_stats = make_pairs(args, model, tokenizer, engine, T, rank, world_size, device, dtype)
-        if master:
+        pairs, sample_stats = make_pairs(args, model, tokenizer, engine, T, run)
+        if run.master:
             write_pairs(pairs_path, pairs)
-        if ddp:
+        if run.ddp:
             torch.distributed.barrier()
     pairs_sha = file_sha(pairs_path)
     n_val = min(args.val_pairs, len(pairs) // 10) if args.val_pairs > 0 else 0
@@ -237,127 +222,84 @@ def main(argv=None):
         max(1, args.num_epochs * len(train_pairs) // args.pairs_per_step)
     print0(f"train pairs: {len(train_pairs):,} | val pairs: {n_val} | steps: {num_iterations} x {args.pairs_per_step} "
            f"pairs ({num_iterations * args.pairs_per_step / len(train_pairs):.2f} epochs)")
-
     if args.task_file:
-        from scripts.chat_eval import JSONLTask
+        from tasks.customjson import JSONLTask
         eval_task = JSONLTask(args.task_file)
     else:
         from tasks.gsm8k import GSM8K
         eval_task = GSM8K(split="test") if args.eval_problems > 0 else None
 
-    f = args.init_lr_frac
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr * f, embedding_lr=args.embedding_lr * f,
-                                        matrix_lr=args.matrix_lr * f, weight_decay=args.weight_decay)
-    loop = {"history": [], "evals": [], "total_training_time": 0.0}
-    if rank_state is not None:
-        check_resume(resume_meta, {"world_size": world_size, "pairs_per_step": args.pairs_per_step,
-                                   "device_batch_size": args.device_batch_size, "max_seq_len": T,
-                                   "pairs_sha": pairs_sha, "loss": args.loss, "beta": args.beta}, num_iterations)
-        restore_training_state(optimizers, rank_state)
-        loop = resume_meta["loop_state"]
-        print0(f"resumed from {checkpoint_dir} at step {start_step}")
+    loop = {"history": [], "evals": []}
+    if resume:
+        resume_or_start_fresh(True, checkpoint_dir, optimizers, loop, run, rank_state, resume_meta,
+                              {"world_size": run.world_size, "pairs_per_step": args.pairs_per_step,
+                               "device_batch_size": args.device_batch_size, "max_seq_len": T, "pairs_sha": pairs_sha,
+                               "loss": args.loss, "beta": args.beta}, num_iterations)
+    log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, model.estimate_flops(),
+                  peak_flops_per_device(args.peak_flops, run))
+    k = args.eval_samples
 
     def evaluate(step):
         model.eval()
-        s = all_reduce(pair_metrics(model, tokenizer, val_pairs[rank::world_size], T, args.beta, args.loss,
-                                    args.device_batch_size, device, dtype), device)
-        p1 = pk = None
+        s = all_reduce(pairs_pass(model, tokenizer, val_pairs[run.rank::run.world_size], T, args, run, False), run.device)
+        e = {"step": step, "val margin": s[1] / max(1, s[5]), "val accuracy": s[2] / max(1, s[5])}
         if eval_task is not None and args.eval_problems > 0:
-            p1, pk = evaluate_pass_at_k(eval_task, args.eval_problems, engine, tokenizer, args.eval_samples,
-                                        args.max_new_tokens, 1.0, args.top_k, config.sequence_len, rank, world_size,
-                                        device, autocast(dtype, device.type), seed=10_000)
+            e["pass@1"], e[f"pass@{k}"] = evaluate_pass_at_k(
+                eval_task, args.eval_problems, engine, tokenizer, k, args.max_new_tokens, 1.0, args.top_k,
+                config.sequence_len, run.rank, run.world_size, run.device, run.autocast(), seed=10_000)
         model.train()
-        n = max(1, s[5])
-        e = {"step": step, "val_margin": s[1] / n, "val_accuracy": s[2] / n, "pass@1": p1, f"pass@{args.eval_samples}": pk}
-        print0(f"step {step:05d} | val margin {e['val_margin']:+.4f} | val accuracy {e['val_accuracy']:.3f}"
-               + (f" | pass@1 {p1:.4f} | pass@{args.eval_samples} {pk:.4f}" if p1 is not None else ""))
+        log.eval(step, {name: v for name, v in e.items() if name != "step"})
         return e
 
-    loss_file = open(args.loss_file, "a") if master and args.loss_file else None
-    step, run_time, timed_steps = start_step, 0.0, 0
+    step = start_step
     while True:
         last_step = step == num_iterations
-        resumed_here = rank_state is not None and step == start_step
-        if not resumed_here and (step == 0 or last_step or (args.eval_every > 0 and step % args.eval_every == 0)):
+        resumed_here = resume and step == start_step
+        if (step == 0 and not resumed_here) or eval_due(step, args.eval_every, last_step, resumed_here):
             loop["evals"].append(evaluate(step))
-        stop_here = step == args.stop_after
-        if last_step or stop_here or (args.save_every > 0 and step % args.save_every == 0 and step > 0 and not resumed_here):
-            meta = {"step": step, "model_config": dataclasses.asdict(config), "user_config": user_config,
-                    "source": source_meta, "world_size": world_size, "pairs_per_step": args.pairs_per_step,
-                    "device_batch_size": args.device_batch_size, "max_seq_len": T, "num_iterations": num_iterations,
-                    "pairs_sha": pairs_sha, "num_pairs": len(pairs), "loss": args.loss, "beta": args.beta,
-                    "sample_stats": sample_stats, "loader_states": gather_objects({"step": step}, world_size),
-                    "loop_state": loop, "pass@1": loop["evals"][-1]["pass@1"] if loop["evals"] else None}
-            save_training_checkpoint(checkpoint_dir, step, model, optimizers, meta, rank, args.keep_last)
-        if last_step or stop_here:
+        if save_due(step, args.save_every, last_step, args.stop_after, resumed_here):
+            meta = checkpoint_meta(step, model, user_config, run, num_iterations, {"step": step}, loop,
+                                   source=source_meta, pairs_per_step=args.pairs_per_step,
+                                   device_batch_size=args.device_batch_size, max_seq_len=T, pairs_sha=pairs_sha,
+                                   num_pairs=len(pairs), loss=args.loss, beta=args.beta, sample_stats=sample_stats,
+                                   **{"pass@1": loop["evals"][-1].get("pass@1")})
+            save_training_checkpoint(checkpoint_dir, step, model, optimizers, meta, run.rank, args.keep_last)
+        if last_step or step == args.stop_after:
             break
 
-        # --- one optimizer step over this rank's share of the step's pairs -----------------------------
+        # --- one optimizer step over this rank's share of the step's pairs (the order depends only on the step)
         t0 = time.time()
-        mine = [train_pairs[i] for i in step_examples(step, args.pairs_per_step, len(train_pairs), rank, world_size)]
-        sums = [0.0] * 6
-        for b in range(0, len(mine), args.device_batch_size):
-            chunk = mine[b:b + args.device_batch_size]
-            with autocast(dtype, device.type):
-                pc, pr = pair_logprobs(model, [render_pair(tokenizer, p, T + 1) for p in chunk],
-                                       tokenizer.get_bos_token_id(), device)
-            loss, cr, rr = preference_loss(pc, pr, *refs_of(chunk, device), args.beta, args.loss)
-            # mean over this rank's pairs; the optimizers average the gradients over ranks
-            (loss.sum() / len(mine)).backward()
-            for j, v in enumerate([loss.sum(), (cr - rr).sum(), (cr > rr).sum(), cr.sum(), rr.sum(), len(chunk)]):
-                sums[j] += float(v)
-        lrm = lr_multiplier(step, num_iterations, 0.0, 1.0, 0.0)
-        set_lrs(optimizers, step, lrm)
-        for opt in optimizers:
-            opt.step()
-        model.zero_grad(set_to_none=True)
-        s = all_reduce(sums, device)
+        mine = [train_pairs[i] for i in step_examples(step, args.pairs_per_step, len(train_pairs), run.rank,
+                                                      run.world_size)]
+        s = all_reduce(pairs_pass(model, tokenizer, mine, T, args, run, True), run.device)
+        lrm = optimizer_step(model, optimizers, step, num_iterations, args)
         n = s[5]
-        h = {"step": step, "loss": s[0] / n, "margin": s[1] / n, "accuracy": s[2] / n, "chosen": s[3] / n,
-             "rejected": s[4] / n, "lrm": lrm}
-        loop["history"].append(h)
-        dt = time.time() - t0
-        if step - start_step >= 1:
-            loop["total_training_time"] += dt
-            run_time += dt
-            timed_steps += 1
-        eta = format_eta((run_time / timed_steps if timed_steps else dt) * (num_iterations - step - 1))
-        print0(f"step {step:05d}/{num_iterations:05d} ({100 * (step + 1) / num_iterations:.1f}%) | loss {h['loss']:.5f} "
-               f"| margin {h['margin']:+.4f} | acc {h['accuracy']:.3f} | chosen {h['chosen']:+.4f} | rejected "
-               f"{h['rejected']:+.4f} | lrm {lrm:.3f} | dt {dt * 1000:.0f}ms | eta {eta}")
-        if loss_file:
-            loss_file.write(json.dumps(h) + "\n")
-            loss_file.flush()
+        h = {"margin": s[1] / n, "accuracy": s[2] / n, "chosen": s[3] / n, "rejected": s[4] / n}
+        loop["history"].append({"step": step, **h})
+        log.step(step, s[0] / n, lrm, time.time() - t0, int(s[6]), **h)
         step += 1
+    log.close()
 
-    if loss_file:
-        loss_file.close()
-    if master and step == num_iterations:
+    if run.master and step == num_iterations:
         from nanochat.report import get_report
         report = get_report()
         plot = save_margin_plot(loop["history"], report.save_plot)
         before, after = loop["evals"][0], loop["evals"][-1]
-        k = args.eval_samples
-        summary = {"GSM8K pass@1": after["pass@1"]} if after["pass@1"] is not None else {}
-        report.log(section="Chat DPO", stage="DPO", summary=summary, data=[
-            user_config,
-            {
-                "Source": f"{source_meta['stage']}/{tag} step {source_meta['step']}",
-                "Pairs": f"{len(pairs)} ({args.pairs or 'sampled'}; train {len(train_pairs)}, val {n_val})",
-                **({"Sampling": f"{sample_stats['problems']} problems x {args.num_samples}: mean reward "
-                                f"{sample_stats['mean_reward']:.3f}, dropped {sample_stats['all_correct']} all correct / "
-                                f"{sample_stats['none_correct']} none correct, {sample_stats['sampling_s']:.0f}s"}
-                   if sample_stats else {}),
-                "Loss": f"{args.loss}, beta {args.beta}", "Steps": num_iterations,
-                "Val margin before": before["val_margin"], "Val margin after": after["val_margin"],
-                "Val reward accuracy after": after["val_accuracy"],
-                "pass@1 before": before["pass@1"], "pass@1 after": after["pass@1"],
-                f"pass@{k} before": before[f"pass@{k}"], f"pass@{k} after": after[f"pass@{k}"],
-                "Train margin per step": " ".join(f"{h['margin']:.3f}" for h in loop["history"]),
-                "Total training time (min)": loop["total_training_time"] / 60,
-            },
-        ], images=[("Implicit rewards and reward accuracy per step", plot)])
-    if ddp:
+        report.log(section="Chat DPO", stage="DPO", summary={"GSM8K pass@1": after["pass@1"]} if "pass@1" in after else {},
+                   data=[user_config, {
+                       "Source": f"{source_meta['stage']}/{tag} step {source_meta['step']}",
+                       "Pairs": f"{len(pairs)} (train {len(train_pairs)}, val {n_val})",
+                       **({"Sampling": f"{sample_stats['problems']} problems x {args.num_samples}: mean reward "
+                                       f"{sample_stats['mean_reward']:.3f}, dropped {sample_stats['all_correct']} all "
+                                       f"correct / {sample_stats['none_correct']} none correct, "
+                                       f"{sample_stats['sampling_s']:.0f}s"} if sample_stats else {}),
+                       "Loss": f"{args.loss}, beta {args.beta}", "Steps": num_iterations,
+                       **{f"{name} before": v for name, v in before.items() if name != "step"},
+                       **{f"{name} after": v for name, v in after.items() if name != "step"},
+                       "Train margin per step": " ".join(f"{h['margin']:.3f}" for h in loop["history"]),
+                       "Total training time (min)": loop["total_training_time"] / 60,
+                   }], images=[("Implicit rewards and reward accuracy per step", plot)])
+    if run.ddp:
         torch.distributed.barrier()  # nobody tears gloo down while another rank still works
     compute_cleanup()
     return loop
