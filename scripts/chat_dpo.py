@@ -39,13 +39,17 @@ from tasks.preference import PROBLEM_SETS, problem_tasks, read_pairs, sample_pai
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p)
-    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="model to start from (and the reference)")
+    p.add_argument("--source", default="sft", choices=["base", "mid", "sft", "rl"],
+                   help="model to start from (and the reference)")
     p.add_argument("--step", type=int, default=-1, help="step of the source model (default: latest)")
     p.add_argument("--init-lr-frac", type=float, default=0.05, help="all LRs are scaled by this (then decay to 0)")
     # pairs
-    p.add_argument("--pairs", default="", help="JSONL of {prompt, chosen, rejected} pairs to train on instead of sampling")
-    p.add_argument("--problems", default="gsm8k-synthetic,spellingbee", help=f"problem sets to sample pairs from: {', '.join(PROBLEM_SETS)}")
-    p.add_argument("--online", action="store_true", help="sample pairs on the GSM8K train split (hub): same as --problems gsm8k")
+    p.add_argument("--pairs", default="", help="JSONL of {prompt, chosen, rejected} pairs to train on instead of "
+                   "sampling")
+    p.add_argument("--problems", default="gsm8k-synthetic,spellingbee",
+                   help=f"problem sets to sample pairs from: {', '.join(PROBLEM_SETS)}")
+    p.add_argument("--online", action="store_true", help="sample pairs on the GSM8K train split (hub): same as "
+                   "--problems gsm8k")
     p.add_argument("--num-problems", type=int, default=512, help="problems to sample (all ranks together)")
     p.add_argument("--train-size", type=int, default=100_000, help="size of the generated problem sets")
     p.add_argument("--seed", type=int, default=0)
@@ -61,8 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--pairs-per-step", type=int, default=16, help="pairs per optimizer step, all ranks together")
     p.add_argument("--num-epochs", type=int, default=1, help="epochs over the pairs when --num-iterations is -1")
     # evaluation
-    p.add_argument("--val-pairs", type=int, default=32, help="pairs held out for the validation margin (at most a tenth)")
-    p.add_argument("--eval-every", type=int, default=-1, help="validation margin and pass@k every N steps; <=0: before/after only")
+    p.add_argument("--val-pairs", type=int, default=32, help="pairs held out for the validation margin (at most a "
+                   "tenth)")
+    p.add_argument("--eval-every", type=int, default=-1, help="validation margin and pass@k every N steps; <=0: "
+                   "before/after only")
     p.add_argument("--eval-problems", type=int, default=100, help="GSM8K test problems for pass@k (0: none)")
     p.add_argument("--eval-samples", type=int, default=4, help="k for pass@k")
     # --device-batch-size counts pairs (2 rows each); --max-seq-len 0 = the model's context; LR decays linearly to 0
@@ -165,7 +171,8 @@ def main(argv=None):
     user_config = vars(args).copy()
     run = start_run(args.device_type, args.dtype, "off", seed=42 + args.seed)  # pair lengths vary: no compile
     if args.pairs_per_step % run.world_size:
-        raise SystemExit(f"--pairs-per-step {args.pairs_per_step} must be a multiple of the number of ranks ({run.world_size})")
+        raise SystemExit(f"--pairs-per-step {args.pairs_per_step} must be a multiple of the number of ranks "
+                         f"({run.world_size})")
     wandb_run = init_wandb(run, args.run, "nanochat-dpo", user_config)
 
     # --- the model: the source stage's, or this stage's latest checkpoint --------------------------------
@@ -184,7 +191,8 @@ def main(argv=None):
     # --resume continues the last checkpoint; killed before the first one, it still reuses the scored pairs
     resume = args.resume and bool(complete_steps(checkpoint_dir))
     if args.resume and not resume and not os.path.exists(pairs_path):
-        raise SystemExit(f"--resume: nothing to resume in {checkpoint_dir} (no checkpoint, no pairs); run without --resume")
+        raise SystemExit(f"--resume: nothing to resume in {checkpoint_dir} (no checkpoint, no pairs); run without "
+                         "--resume")
     model, tokenizer, tag, checkpoint_dir, start_step, rank_state, resume_meta = load_start_model(
         argparse.Namespace(**{**vars(args), "resume": resume, "model_tag": tag}), args.source, SOURCES["dpo"][0],
         run.device, run.rank)
@@ -241,7 +249,8 @@ def main(argv=None):
 
     def evaluate(step):
         model.eval()
-        s = all_reduce(pairs_pass(model, tokenizer, val_pairs[run.rank::run.world_size], T, args, run, False), run.device)
+        s = all_reduce(pairs_pass(model, tokenizer, val_pairs[run.rank::run.world_size], T, args, run, False),
+                       run.device)
         e = {"step": step, "val margin": s[1] / max(1, s[5]), "val accuracy": s[2] / max(1, s[5])}
         if eval_task is not None and args.eval_problems > 0:
             e["pass@1"], e[f"pass@{k}"] = evaluate_pass_at_k(
@@ -285,8 +294,8 @@ def main(argv=None):
         report = get_report()
         plot = save_margin_plot(loop["history"], report.save_plot)
         before, after = loop["evals"][0], loop["evals"][-1]
-        report.log(section="Chat DPO", stage="DPO", summary={"GSM8K pass@1": after["pass@1"]} if "pass@1" in after else {},
-                   data=[user_config, {
+        summary = {"GSM8K pass@1": after["pass@1"]} if "pass@1" in after else {}
+        report.log(section="Chat DPO", stage="DPO", summary=summary, data=[user_config, {
                        "Source": f"{source_meta['stage']}/{tag} step {source_meta['step']}",
                        "Pairs": f"{len(pairs)} (train {len(train_pairs)}, val {n_val})",
                        **({"Sampling": f"{sample_stats['problems']} problems x {args.num_samples}: mean reward "
