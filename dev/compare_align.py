@@ -59,7 +59,8 @@ def run(module, *args, log):
         start = f.tell()
     t0 = time.time()
     with open(log, "a") as f:
-        p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, stdout=f, stderr=subprocess.STDOUT,
+        p = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=ROOT, stdout=f,
+                           stderr=subprocess.STDOUT,
                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"))
     dt = time.time() - t0
     with open(log) as f:
@@ -213,7 +214,8 @@ def write_notes(args, state, n_problems):
         f"problems. ChatCORE and its GSM8K column: scripts.chat_eval (greedy), {args.chat_eval_problems} problems "
         "per task. Wall time: the stage's own run, sampling and its before/after evaluation included.",
         "",
-        f"| model | synthetic held-out pass@1 / pass@{k} | GSM8K test pass@1 / pass@{k} | ChatCORE | GSM8K (greedy) | wall time |",
+        f"| model | synthetic held-out pass@1 / pass@{k} | GSM8K test pass@1 / pass@{k} | ChatCORE | GSM8K (greedy) "
+        "| wall time |",
         "|---|---|---|---|---|---|",
         *rows,
         "",

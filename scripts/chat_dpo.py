@@ -115,7 +115,12 @@ def make_pairs(args, model, tokenizer, engine, T, run):
             raise SystemExit("no pairs: every problem had all or none of its samples correct. Sample more problems "
                              "(--num-problems), more replies (--num-samples), or give --pairs FILE")
     pad_id = tokenizer.get_bos_token_id()
-    rendered = [render_pair(tokenizer, pairs[i], T + 1) for i in range(run.rank, len(pairs), run.world_size)]
+    rendered = []
+    for i in range(run.rank, len(pairs), run.world_size):
+        try:
+            rendered.append(render_pair(tokenizer, pairs[i], T + 1))
+        except ValueError as e:
+            raise SystemExit(f"pair {i + 1}: {e} (--max-seq-len {T}); shorten it or drop it") from None
     refs = reference_logprobs(model, rendered, pad_id, run.device, args.device_batch_size, run.dtype)
     refs = gather_objects(refs, run.world_size)
     for i, p in enumerate(pairs):

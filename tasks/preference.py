@@ -67,7 +67,8 @@ def sample_pairs(task, indices, engine, tokenizer, num_samples, max_new_tokens, 
     stats = {"problems": 0, "samples": 0, "reward_sum": 0.0, "all_correct": 0, "none_correct": 0, "too_long": 0}
     for idx in indices:
         conv = task[idx]
-        prompt = [m for m in conv["messages"][:-1]] if conv["messages"][-1]["role"] == "assistant" else conv["messages"]
+        messages = conv["messages"]
+        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else list(messages)  # drop the reference reply
         ids = tokenizer.render_for_completion({"messages": prompt})
         budget = min(max_new_tokens, ctx - len(ids))
         stats["problems"] += 1
@@ -107,7 +108,8 @@ def _reply(value, where, side):
 def validate_pair(obj, where="pair"):
     """Check one pair and return it normalized (replies as content). Errors say what is wrong and where."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected', got {type(obj).__name__}")
+        raise ValueError(f"{where}: expected an object with 'prompt', 'chosen' and 'rejected', "
+                         f"got {type(obj).__name__}")
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in obj]
     if missing:
         raise ValueError(f"{where}: missing {', '.join(repr(k) for k in missing)} "

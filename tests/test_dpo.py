@@ -344,6 +344,8 @@ def test_chat_dpo_rejects_a_bad_pairs_file(dpo_base, tmp_path):
     bad.write_text(json.dumps({"prompt": "q", "chosen": "a"}) + "\n")
     p = run(base, FLAGS + ["--pairs", str(bad)], ok=False)
     assert p.returncode != 0 and "bad.jsonl:1: missing 'rejected'" in p.stderr
+    p = run(base, FLAGS + ["--pairs", dpo_base[1], "--max-seq-len", "8"], ok=False)
+    assert p.returncode != 0 and "pair 1: a reply of" in p.stderr and "does not fit in 9 tokens" in p.stderr
 
 
 def test_chat_dpo_two_ranks(dpo_base):
