@@ -29,8 +29,8 @@ import torch
 from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
 from nanochat.dpo import LOSSES, pair_logprobs, preference_loss, reference_logprobs, render_pair
 from nanochat.training import (StepLog, add_training_args, checkpoint_meta, eval_due, gather_objects, init_wandb,
-                               load_start_model, make_optimizers, optimizer_step, peak_flops_per_device,
-                               resume_or_start_fresh, save_due, save_training_checkpoint, start_run)
+                               load_start_model, make_optimizers, optimizer_step, resume_or_start_fresh, save_due,
+                               save_training_checkpoint, start_run)
 from scripts.chat_rl import evaluate_pass_at_k
 from scripts.chat_sft import step_examples
 from tasks.preference import PROBLEM_SETS, problem_tasks, read_pairs, sample_pairs, write_pairs
@@ -249,7 +249,7 @@ def main(argv=None):
                                "device_batch_size": args.device_batch_size, "max_seq_len": T, "pairs_sha": pairs_sha,
                                "loss": args.loss, "beta": args.beta}, num_iterations)
     log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, model.estimate_flops(),
-                  peak_flops_per_device(args.peak_flops, run))
+                  args.peak_flops)
     k = args.eval_samples
 
     def evaluate(step):
@@ -290,7 +290,7 @@ def main(argv=None):
         n = s[5]
         h = {"margin": s[1] / n, "accuracy": s[2] / n, "chosen": s[3] / n, "rejected": s[4] / n}
         loop["history"].append({"step": step, **h})
-        log.step(step, s[0] / n, lrm, time.time() - t0, int(s[6]), **h)
+        log.step(step, s[0] / n, lrm, time.time() - t0, int(s[6]), h)
         step += 1
     log.close()
 

@@ -87,7 +87,20 @@ def parse_args(argv=None):
     p.add_argument("-s", "--step", type=int, default=None)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--unsafe-exec", action="store_true",
+                   help="run HumanEval's generated code even without the bubblewrap sandbox (Python-level guards only)")
     return p.parse_args(script_argv(argv))
+
+
+def check_code_execution(unsafe_exec):
+    """HumanEval runs the model's code: say once how it is contained, and stop before any work when it can't be."""
+    from nanochat import sandbox
+    if unsafe_exec:
+        sandbox.allow_unsafe_exec()
+    policy, message = sandbox.exec_policy()
+    print0(f"HumanEval: {message}")
+    if policy == "refuse":
+        raise SystemExit(f"HumanEval: {message}")
 
 
 def main(argv=None):
@@ -110,6 +123,8 @@ def main(argv=None):
         if unknown:
             raise SystemExit(f"unknown task(s) {unknown}; choose from {ALL_TASKS} or 'all'")
         tasks = {n: factories[n] for n in names}
+        if "HumanEval" in tasks:
+            check_code_execution(args.unsafe_exec)
 
     results = {}
     for name, make in tasks.items():
