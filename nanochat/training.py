@@ -1,5 +1,5 @@
-"""The skeleton every training stage shares (base_train, mid_train, chat_sft, chat_rl): flags, start-up, start
-fresh or resume, LR schedule, the step log and checkpoints. It knows nothing of a stage's data or its loss."""
+"""The skeleton every training stage shares (base_train, mid_train, chat_sft, chat_rl, chat_dpo): flags, start-up,
+start fresh or resume, LR schedule, the step log and checkpoints. It knows nothing of a stage's data or its loss."""
 import argparse
 import dataclasses
 import json
@@ -9,8 +9,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_model, optim_path,
-                                         remove_stale_temp, save_checkpoint, start_fresh)
+from nanochat.checkpoint_manager import (SOURCES, build_model, find_largest_model, find_last_step, load_checkpoint,
+                                         load_model, optim_path, remove_stale_temp, save_checkpoint, start_fresh)
 from nanochat.common import (all_reduce, autocast, compute_init, format_eta, get_base_dir, gpu_peak_flops, print0,
                              resolve_dtype)
 from nanochat.reshard import full_optimizer_states, load_resharded
@@ -134,7 +134,7 @@ def make_optimizers(model, args, lr_frac=1.0):
 def load_start_model(args, source, out_dirname, run):
     """The model a later stage trains: the source stage's (--model-tag, --step), or with --resume this stage's
     latest checkpoint. -> (model, tokenizer, tag, checkpoint_dir, start_step, rank_state, meta_or_None)."""
-    src_dir = os.path.join(get_base_dir(), {"base": "base_checkpoints", "mid": "mid_checkpoints"}[source])
+    src_dir = os.path.join(get_base_dir(), SOURCES[source][0])
     tag = args.model_tag
     out_root = os.path.join(get_base_dir(), out_dirname)
     if args.resume:

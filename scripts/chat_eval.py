@@ -23,7 +23,7 @@ from nanochat.common import resolve_dtype, script_argv, compute_cleanup, compute
 from tasks.customjson import JSONLTask
 from tasks.evaluate import centered, chatcore, run_eval
 
-STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL"}
+STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL", "dpo": "DPO"}
 
 
 # ---------------------------------------------------------------------------------------------
