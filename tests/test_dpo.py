@@ -268,7 +268,7 @@ def dpo_base(base_dir, byte_tokenizer, tmp_path):
 
 FLAGS = ["scripts.chat_dpo", "--device-type", "cpu", "--num-iterations", "6", "--pairs-per-step", "4",
          "--device-batch-size", "2", "--val-pairs", "2", "--eval-problems", "2", "--eval-samples", "2",
-         "--max-new-tokens", "4", "--init-lr-frac", "1.0", "--beta", "0.5"]
+         "--max-new-tokens", "4", "--init-lr-frac", "1.0", "--beta", "0.5", "--dtype", "float32", "--compile", "off"]
 
 
 def test_chat_dpo_end_to_end_reference_frozen_and_eval(dpo_base):
