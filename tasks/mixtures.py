@@ -3,10 +3,10 @@ becomes Task objects, split once into train and validation."""
 
 # per-stage sizes of the generated tasks and the seeds that make SFT see different examples than mid
 _STAGE_SIZES = {
-    "mid": {"gsm8k": 10000, "spellingbee": 10000, "simplespelling": 5000, "seed": 0},
-    "sft": {"gsm8k": 4000, "spellingbee": 1500, "simplespelling": 1000, "seed": 1},
+    "mid": {"gsm8k": 10000, "spellingbee": 10000, "simplespelling": 5000, "tools": 6000, "seed": 0},
+    "sft": {"gsm8k": 4000, "spellingbee": 1500, "simplespelling": 1000, "tools": 1500, "seed": 1},
 }
-TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "smoltalk")
+TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "tools", "smoltalk")
 
 
 def parse_mixture(spec):
@@ -65,6 +65,9 @@ def build_tasks(spec, stage, max_per_task=-1, mc_per_task=-1):
         if name == "simplespelling":
             from tasks.spellingbee import SimpleSpelling
             return [SimpleSpelling(size=sizes["simplespelling"], split="train", seed=seed, stop=cap)]
+        if name == "tools":
+            from tasks.tools import ToolUse
+            return [ToolUse(size=sizes["tools"], seed=seed, stop=cap)]
         if name == "smoltalk":
             from tasks.smoltalk import SmolTalk
             return [SmolTalk("train", stop=cap)]

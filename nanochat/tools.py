@@ -1,0 +1,179 @@
+"""The tools the assistant can call while it writes a reply (calculator, python REPL, search) and how a
+call's text picks one; it knows nothing of models or tokens (the engine feeds it decoded call text).
+
+Chat format (no new special tokens; the existing python/output tokens carry every tool):
+
+    <|python_start|>CALL<|python_end|><|output_start|>RESULT<|output_end|>
+
+CALL is read like this (leading whitespace ignored):
+  - `python:` then the code (on the same line or the next ones)  -> the `python` tool, a stateful REPL
+  - `search:` then the query                                   -> the `search` tool, BM25 over a local index
+  - anything else                                              -> the `calculator` (arithmetic, 'ab'.count('a'),
+                                                                  len('abc')), the fast path, no subprocess
+A tool answers a string, forced back between <|output_start|> and <|output_end|>, or None: nothing is
+forced and the model goes on writing (what the calculator does with text it does not accept, and what
+every tool that is switched off does). python and search always answer text, errors included, written
+so the model can read them ("NameError: name 'x' is not defined", "search: no passage matches ...").
+
+Registry and state: `ToolRegistry` says which tools exist and their limits; `registry.session()` makes
+the per-conversation state (one per engine row): a `ToolSession` is a callable `str -> str | None`.
+
+The python REPL keeps state by replaying: every cell that ran without error is kept, and a new call
+runs, in one fresh sandboxed process (nanochat.execution.execute_code), the kept cells with their output
+thrown away and then the new cell. So variables, functions and imports survive across calls; side
+effects are redone and randomness is drawn again on each replay (seed it). This needs nothing from the
+sandbox beyond "run this code", keeps no process alive between calls and cannot leak one conversation's
+state into another; its cost grows with the history, which the limits below bound.
+"""
+from dataclasses import dataclass
+
+from nanochat.execution import execute_code, use_calculator
+
+TOOL_NAMES = ("calculator", "python", "search")
+
+
+def parse_call(text):
+    """A call's text -> (tool name, argument). 'python: x=1' -> ('python', 'x=1'); '2+3' -> ('calculator', '2+3')."""
+    stripped = text.lstrip()
+    for name in ("python", "search"):
+        prefix = name + ":"
+        if stripped.startswith(prefix):
+            arg = stripped[len(prefix):]
+            # `python:\ncode` and `python: code` both work; keep the code's own indentation otherwise
+            arg = arg[1:] if arg.startswith((" ", "\n")) else arg
+            return name, arg.strip("\n") if name == "python" else arg.strip()
+    return "calculator", text
+
+
+def trim(text, max_chars):
+    """Cut text to max_chars, saying so at the end (the model must see that something is missing)."""
+    if len(text) <= max_chars:
+        return text
+    marker = "\n...[truncated]"
+    return text[:max(0, max_chars - len(marker))] + marker
+
+
+# ---------------------------------------------------------------------------------------------
+# python: a REPL over the sandbox
+
+# Runs inside the sandbox. The model's cells share one namespace (_g), apart from the driver's names.
+_DRIVER = r'''
+import ast as _ast, io as _io, sys as _sys
+def _run(_cells, _new):
+    _g = {"__name__": "__main__", "__builtins__": __builtins__}
+    _out, _sys.stdout = _sys.stdout, _io.StringIO()
+    try:
+        for _c in _cells:
+            exec(compile(_c, "<history>", "exec"), _g)
+    except BaseException as _e:
+        _sys.stdout = _out
+        raise RuntimeError("the REPL could not rebuild its state from earlier calls (" + type(_e).__name__ +
+                           ": " + str(_e) + "); start a new conversation") from None
+    _sys.stdout = _out
+    _tree = _ast.parse(_new, "<python>")
+    _last = None
+    if _tree.body and isinstance(_tree.body[-1], _ast.Expr):
+        _last = _ast.Expression(_tree.body.pop().value)
+    exec(compile(_tree, "<python>", "exec"), _g)
+    if _last is not None:
+        _v = eval(compile(_last, "<python>", "eval"), _g)
+        if _v is not None:
+            print(repr(_v))
+_run(CELLS, NEW)
+'''
+
+
+@dataclass
+class PythonLimits:
+    timeout: float = 5.0                 # seconds per call, replay of the history included
+    max_memory_bytes: int = 256 * 2**20
+    max_output_chars: int = 1000         # what the model reads back; the rest is cut with a marker
+    max_code_chars: int = 4000           # one cell
+    max_history_chars: int = 20000       # all kept cells together: bounds the replay cost
+
+
+class PythonREPL:
+    """One conversation's REPL: __call__(code) -> what the model reads (stdout, then the repr of the last
+    expression if it is not None; or the error). Cells that fail are not kept."""
+
+    def __init__(self, limits=None):
+        self.limits = limits or PythonLimits()
+        self.cells = []
+
+    def __call__(self, code):
+        lim = self.limits
+        if not code.strip():
+            return "Error: empty python call; write code after 'python:'"
+        if len(code) > lim.max_code_chars:
+            return f"Error: the code is {len(code)} characters; the limit is {lim.max_code_chars}. Split it into smaller calls."
+        if sum(map(len, self.cells)) + len(code) > lim.max_history_chars:
+            return (f"Error: this conversation's python history passed {lim.max_history_chars} characters; "
+                    "the REPL keeps no more state. Start a new conversation.")
+        try:
+            compile(code, "<python>", "exec")
+        except SyntaxError as e:  # reported without starting a process
+            return trim(f"SyntaxError: {e.msg} (line {e.lineno})", lim.max_output_chars)
+        except (ValueError, RecursionError, MemoryError) as e:
+            return f"Error: could not compile the code ({type(e).__name__})"
+        program = _DRIVER.replace("CELLS, NEW", f"{self.cells!r}, {code!r}")
+        result = execute_code(program, timeout=lim.timeout, max_memory_bytes=lim.max_memory_bytes)
+        out = result.stdout
+        if result.success:
+            self.cells.append(code)
+            return trim(out.rstrip("\n"), lim.max_output_chars)
+        if result.timed_out:
+            error = f"TimeoutError: the code ran longer than {lim.timeout:g} seconds"
+        elif result.memory_exceeded:
+            error = f"MemoryError: the code used more than {lim.max_memory_bytes // 2**20} MiB"
+        else:
+            error = (result.error or "the code failed").strip()
+        return trim((out if out.endswith("\n") or not out else out + "\n") + error, lim.max_output_chars)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry and per-conversation sessions
+
+class ToolSession:
+    """The tools of one conversation: __call__(call text) -> output or None. `calls` records
+    (tool, argument, output) of every call, for the CLI and the web server to show."""
+
+    def __init__(self, tools):
+        self.tools = tools  # name -> callable(str) -> str | None (only the tools that are on)
+        self.calls = []
+
+    def __call__(self, text):
+        name, arg = parse_call(text)
+        tool = self.tools.get(name)
+        output = tool(arg) if tool is not None else None
+        self.calls.append((name, arg, output))
+        return output
+
+
+class ToolRegistry:
+    """Which tools are on, with their limits. calculator: no state, no limits beyond its own (see
+    use_calculator). python: a PythonREPL per session, with `python_limits`. search: `searcher`
+    (a nanochat.search.Searcher, or any callable query -> str) when given, else off."""
+
+    def __init__(self, calculator=True, python=True, searcher=None, python_limits=None):
+        self.calculator = calculator
+        self.python = python
+        self.searcher = searcher
+        self.python_limits = python_limits or PythonLimits()
+
+    @property
+    def names(self):
+        on = {"calculator": self.calculator, "python": self.python, "search": self.searcher is not None}
+        return [n for n in TOOL_NAMES if on[n]]
+
+    def session(self):
+        tools = {}
+        if self.calculator:
+            tools["calculator"] = use_calculator
+        if self.python:
+            tools["python"] = PythonREPL(self.python_limits)
+        if self.searcher is not None:
+            tools["search"] = self.searcher
+        return ToolSession(tools)
+
+
+NO_TOOLS = ToolRegistry(calculator=False, python=False)
