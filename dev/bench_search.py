@@ -54,9 +54,12 @@ def load_passages(n, seed=0):
     if not words:
         words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(50000)]
     rng.shuffle(words)
-    weights = [1.0 / (r + 1) for r in range(len(words))]  # Zipf: a few very common words, a long tail
+    cum, total = [], 0.0
+    for r in range(len(words)):  # Zipf: a few very common words, a long tail
+        total += 1.0 / (r + 1)
+        cum.append(total)
     while len(passages) < n:
-        passages.append(" ".join(rng.choices(words, weights, k=rng.randint(40, 90))) + ".")
+        passages.append(" ".join(rng.choices(words, cum_weights=cum, k=rng.randint(40, 90))) + ".")
     return passages, source
 
 

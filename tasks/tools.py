@@ -242,18 +242,21 @@ class ToolsEval(Task):
     """Held-out problems, per_group of each group (math: calculator arithmetic, python: text/list/date
     problems, facts: invented facts only the index holds). Generative; exact answer after '####'."""
 
-    def __init__(self, per_group=24, seed=12345, **kwargs):
+    def __init__(self, per_group=24, seed=12345, group=None, **kwargs):
         super().__init__(**kwargs)
+        if group is not None and group not in GROUPS:
+            raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
         self.problems = []
         rng = random.Random(seed)
-        for kind in KINDS:
+        for kind, name in zip(KINDS, GROUPS):
             seen = set()
             while len(seen) < per_group:
-                group, q, parts, answer = _problem(rng, kind, "test")
+                _, q, parts, answer = _problem(rng, kind, "test")
                 if q in seen or (kind != "search" and not _held_out(q)):
                     continue
                 seen.add(q)
-                self.problems.append(_conversation(group, q, parts, answer))
+                if group is None or name == group:  # all groups are drawn, so each one's problems never change
+                    self.problems.append(_conversation(name, q, parts, answer))
 
     @property
     def eval_type(self):

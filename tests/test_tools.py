@@ -251,20 +251,26 @@ def test_engine_search_tool(tmp_path):
                     "Its capital is Tarsk. It was founded in 1742.<|output_end|>Tarsk")
 
 
+def context_gpt(seq_len=128):
+    """A small GPT whose output depends on its whole context (zero-init projections would make it read
+    only the current token)."""
+    torch.manual_seed(5)
+    gpt = GPT(GPTConfig(sequence_len=seq_len, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=128))
+    with torch.no_grad():
+        for block in gpt.transformer.h:
+            nn.init.normal_(block.attn.c_proj.weight, std=0.1)
+            nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
+        nn.init.normal_(gpt.lm_head.weight, std=0.1)
+    return gpt.eval()
+
+
 class RiggedGPT(nn.Module):
     """A real GPT whose choice is overridden on the tokens of `script` (token -> next: the call's characters
     must be distinct), so it makes one tool call; what it writes afterwards is its own and depends on everything in its KV cache."""
 
     def __init__(self, script):
         super().__init__()
-        torch.manual_seed(5)
-        self.gpt = GPT(GPTConfig(sequence_len=128, vocab_size=V, n_layer=2, n_head=4, n_kv_head=2, n_embd=128))
-        with torch.no_grad():
-            for block in self.gpt.transformer.h:
-                nn.init.normal_(block.attn.c_proj.weight, std=0.1)
-                nn.init.normal_(block.mlp.c_proj.weight, std=0.05)
-            nn.init.normal_(self.gpt.lm_head.weight, std=0.1)
-        self.gpt.eval()
+        self.gpt = context_gpt()
         self.script, self.config = script, self.gpt.config
 
     def get_device(self):
@@ -294,3 +300,45 @@ def test_forced_tool_output_is_in_the_kv_cache():
         for tok in rows[0][len(ids) + len(expected_forced):]:
             assert int(model(torch.tensor([seq]))[0, -1].argmax()) == tok
             seq.append(tok)
+
+
+# --- chat_eval -a tools, RAG bpb -----------------------------------------------------------------
+
+def test_rag_bpb_uses_the_passages(byte_tokenizer):
+    from nanochat.loss_eval import rag_bpb
+    tiny_model = context_gpt(seq_len=64)
+    token_bytes = byte_tokenizer.token_bytes()
+    docs = ["The quick brown fox jumps over the lazy dog. " * 4, "too short"]
+    seen = []
+    same = rag_bpb(tiny_model, byte_tokenizer, docs, lambda q: seen.append(q) or "", token_bytes, prefix_tokens=20, target_tokens=30)
+    assert same["documents"] == 1 and seen == [docs[0][:20]]
+    other = rag_bpb(tiny_model, byte_tokenizer, docs, lambda q: "zebra " * 5, token_bytes, prefix_tokens=20, target_tokens=30)
+    assert other["bpb_without"] == pytest.approx(same["bpb_without"]) and other["bpb_with"] != same["bpb_with"]
+    with pytest.raises(ValueError, match="no document"):
+        rag_bpb(tiny_model, byte_tokenizer, ["short"], lambda q: "", token_bytes)
+
+
+def test_chat_eval_tools_end_to_end(base_dir, byte_tokenizer):
+    import dataclasses
+    import subprocess
+    import sys
+    from nanochat.checkpoint_manager import save_checkpoint
+    from scripts.build_index import main as build
+    cfg = GPTConfig(sequence_len=256, vocab_size=V, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
+    torch.manual_seed(0)
+    save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d1"), 5, GPT(cfg).state_dict(), None,
+                    {"step": 5, "model_config": dataclasses.asdict(cfg)})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-a", "tools", "-x", "2", "-m", "4", "--rag-docs", "3",
+           "--device-type", "cpu"]
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "no search index" in p.stderr + p.stdout
+    build(["--shards", "--facts"])
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for line in ("tools/math (on): ", "tools/facts (off): ", "group     tools on  tools off", "RAG bpb on 3 held-out documents"):
+        assert line in p.stdout
+    with open(os.path.join(base_dir, "report", "chat-evaluation-sft.json")) as f:
+        rep = json.load(f)
+    assert set(rep["summary"]) == {"Tools (on)", "Tools (off)"}
