@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Continual learning: starting from the chat model, learn a sequence of tasks with each of the
-# five strategies (naive, replay, ewc, lora, ssr), then write the report's "Continual learning" section
+# seven strategies (naive, replay, ewc, lora, ssr, merge, olora), then write the report's "Continual learning" section
 # (R matrices, comparison table, heat map) and regenerate report.md. Run it after speedrun.sh.
 #
 #   bash run_continual.sh                      # sft model, the profile's default sequence(s)
@@ -11,7 +11,7 @@
 #
 # The profile (NANOCHAT_PROFILE=gpu8|gpu1|cpu, else picked from the hardware as in speedrun.sh) sets the
 # sizes and the default sequences. cpu: lm-domains, 40 steps x 4 rows x 256 tokens per task, about
-# 9 minutes for all five strategies on 2 cores. GPU: lm-domains and chat-tasks, 200 steps x 16 rows.
+# 13 minutes for all seven strategies on 2 cores. GPU: lm-domains and chat-tasks, 200 steps x 16 rows.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 export NANOCHAT_BASE_DIR="${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}"
@@ -20,7 +20,7 @@ if [ -f .venv/bin/activate ]; then source .venv/bin/activate; fi
 
 SOURCE=sft
 SEQUENCES=""
-STRATEGIES=naive,replay,ewc,lora,ssr
+STRATEGIES=naive,replay,ewc,lora,ssr,merge,olora
 while getopts "i:s:t:h" opt; do
   case "$opt" in
     i) SOURCE="$OPTARG" ;;

@@ -26,11 +26,12 @@ case "$NANOCHAT_PROFILE" in
   gpu8|gpu1)
     NPROC=${NANOCHAT_PROFILE#gpu}; DATA=online; SHARDS=240; VOCAB=65536; TOK_CHARS=2000000000
     # depth 20 at Chinchilla 20 tokens/param; gpu1 gets the same total batch by accumulation
-    BASE_TRAIN="--depth=20 --device-batch-size=32 --total-batch-size=524288"
+    # periodic checkpoints (the last two kept) give NANOCHAT_RESUME=1 something to resume after a crash
+    BASE_TRAIN="--depth=20 --device-batch-size=32 --total-batch-size=524288 --save-every=1000 --keep-last=2"
     BASE_LOSS="--split-tokens=10485760"
     BASE_EVAL="--max-per-task=-1"
-    MID_TRAIN="--device-batch-size=32 --total-batch-size=524288"
-    CHAT_SFT="--device-batch-size=4 --examples-per-step=32"
+    MID_TRAIN="--device-batch-size=32 --total-batch-size=524288 --save-every=200 --keep-last=2"
+    CHAT_SFT="--device-batch-size=4 --examples-per-step=32 --save-every=200 --keep-last=2"
     CHAT_RL="--device-batch-size=8"
     CHAT_EVAL="" ;;
   cpu)
@@ -47,6 +48,8 @@ case "$NANOCHAT_PROFILE" in
   *) echo "unknown NANOCHAT_PROFILE=$NANOCHAT_PROFILE (expected gpu8, gpu1 or cpu)" >&2; exit 1 ;;
 esac
 DATA="${NANOCHAT_DATA:-$DATA}"
+# online data: the real CORE (DCLM bundle) and nanochat's chat recipe (SmolTalk, MMLU, GSM8K train)
+ONLINE=""; [ "$DATA" = online ] && ONLINE="--online"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 echo "profile: $NANOCHAT_PROFILE (ranks: $NPROC, data: $DATA, base dir: $NANOCHAT_BASE_DIR)"
 
@@ -93,14 +96,14 @@ fi
 # --- base model -----------------------------------------------------------------------------
 stage "base model training" launch scripts.base_train -- $BASE_TRAIN --run="$WANDB_RUN" $(resume_flag base)
 stage "base model loss" launch scripts.base_loss -- $BASE_LOSS
-stage "base model evaluation (CORE)" launch scripts.base_eval -- $BASE_EVAL
+stage "base model evaluation (CORE)" launch scripts.base_eval -- $BASE_EVAL $ONLINE
 
 # --- chat model -----------------------------------------------------------------------------
-stage "midtraining" launch scripts.mid_train -- $MID_TRAIN --run="$WANDB_RUN" $(resume_flag mid)
+stage "midtraining" launch scripts.mid_train -- $MID_TRAIN $ONLINE --run="$WANDB_RUN" $(resume_flag mid)
 stage "chat evaluation (mid)" launch scripts.chat_eval -- -i mid $CHAT_EVAL
-stage "supervised finetuning" launch scripts.chat_sft -- $CHAT_SFT --run="$WANDB_RUN" $(resume_flag chatsft)
+stage "supervised finetuning" launch scripts.chat_sft -- $CHAT_SFT $ONLINE --run="$WANDB_RUN" $(resume_flag chatsft)
 stage "chat evaluation (sft)" launch scripts.chat_eval -- -i sft $CHAT_EVAL
-stage "reinforcement learning" launch scripts.chat_rl -- $CHAT_RL
+stage "reinforcement learning" launch scripts.chat_rl -- $CHAT_RL $ONLINE
 stage "chat evaluation (rl)" launch scripts.chat_eval -- -i rl $CHAT_EVAL
 
 stage "report" python -m nanochat.report generate

@@ -9,11 +9,25 @@
         naive once, then the strategy once per value: forgetting, the cut relative to naive, new-task
         performance (LA) and time, on the default LM sequence (or --sequence).
 
+    python -m dev.bench_continual table [--synthetic 4 | -i sft --sequence lm-domains] [--steps 40]
+        every strategy (naive, replay, ewc, lora + router, ssr, merge, olora) on one sequence: ACC, LA,
+        BWT, forgetting, the cut relative to naive, added bytes, wall time. --synthetic N builds N text
+        domains with disjoint letter sets and a small model pretrained on all of them in-process (no
+        checkpoint needed); otherwise the -i checkpoint and --sequence are used.
+
+    python -m dev.bench_continual stack [--random-depth 4]
+        serving cost of adapter stacks: forward tokens/s with 0, 1, 2 and 5 rank-8 adapters active.
+
+    python -m dev.bench_continual quant [--depth 2]
+        int8 weight-only base (nanochat/quant.py) vs the fp32 base: weight memory, forward tokens/s, and
+        the new-task bpb of the same adapter (same seed, data, steps) trained on each base.
+
 Use OMP_NUM_THREADS=1 on a machine that other jobs keep busy: two OpenMP threads that share two
 busy cores stall at every barrier and a d4 step gets several times slower.
 """
 import argparse
 import os
+import random
 import statistics
 import tempfile
 import time
@@ -21,7 +35,7 @@ import time
 import torch
 
 from nanochat.common import compute_init, resolve_dtype
-from nanochat.continual import ContinualConfig, evaluate_tasks, run_strategy
+from nanochat.continual import STRATEGIES, ContinualConfig, evaluate_tasks, run_strategy, train_loop
 
 
 def _ms(fn, repeat=20):
@@ -149,9 +163,189 @@ def bench_sweep(args, device):
         print(f"| {v:g} | {f:.4f} | {cut:.0f} | {la:.4f} | {dla:+.4f} | {acc:.4f} | {wall:.0f} |")
 
 
+# ---------------------------------------------------------------------------------------------
+# a self-contained setup: synthetic text domains and a small model that saw a little of each
+
+def synthetic_docs(k, n, n_docs, seed):
+    """Documents of domain k of n: words over its own letters, its own separator and ending."""
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    own = letters[k::n]
+    vocab_rng, rng = random.Random(f"{k}/{n}"), random.Random(seed)
+    vocab = ["".join(vocab_rng.choice(own) for _ in range(vocab_rng.randint(2, 6))) for _ in range(32)]
+    sep, end = " -_/=+~:"[k % 8], ".!?;,*#@"[k % 8]
+    return [sep.join(rng.choice(vocab) for _ in range(120)) + end for _ in range(n_docs)]
+
+
+def synthetic_setup(n_domains, depth, seq_len, n_train, n_eval, pretrain_steps, device, dtype):
+    """(tokenizer, tasks, model): byte-level domains; the model is pretrained briefly on all of them."""
+    from nanochat.continual_strategies import Strategy
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.tokenizer import Tokenizer
+    from tasks.continual import LMTask
+    tok = Tokenizer.byte_level()
+    tasks = []
+    for k in range(n_domains):
+        docs = synthetic_docs(k, n_domains, 40, seed=k)
+        tasks.append(LMTask(f"dom{k}", tok, docs[:32], docs[32:], seq_len, n_train, n_eval, batch_size=16, dtype=dtype))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(GPTConfig(sequence_len=2 * seq_len, vocab_size=tok.get_vocab_size(), n_layer=depth, n_head=2,
+                              n_kv_head=2, n_embd=64 * depth))
+    rows = [r for t in tasks for r in t.train_rows[:n_train // 4]]
+    cfg = ContinualConfig(steps=pretrain_steps, batch_size=16, lr=3e-3, log_every=10**9)
+    train_loop(model, rows, Strategy(model, tok, cfg, [], dtype))
+    return tok, tasks, model
+
+
+def bench_table(args, device):
+    dtype = resolve_dtype("auto", device.type)
+    if args.synthetic:
+        tok, tasks, model = synthetic_setup(args.synthetic, args.depth, args.seq_len, args.steps * args.batch_size,
+                                            args.eval_rows, args.pretrain_steps, device, dtype)
+        what = f"synthetic {args.synthetic} domains, d{args.depth} byte-level model pretrained {args.pretrain_steps} steps"
+    else:
+        from nanochat.checkpoint_manager import load_model
+        from tasks.continual import build_sequence, load_sequence_spec
+        model, tok, _ = load_model(args.source, device, "train", model_tag=args.model_tag)
+        tasks = build_sequence(load_sequence_spec(args.sequence), tok, args.seq_len, args.steps * args.batch_size,
+                               n_eval_rows=args.eval_rows, dtype=dtype)
+        what = f"{args.source} checkpoint, sequence {args.sequence}"
+    cfg = ContinualConfig(steps=args.steps, batch_size=args.batch_size, log_every=10**9)
+    for kv in filter(None, args.set.split(",")):
+        k, v = kv.split("=", 1)
+        setattr(cfg, k, _cast(getattr(cfg, k), v))
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    base = evaluate_tasks(model, tasks)
+    rows = []
+    for strategy in args.strategies.split(","):
+        model.load_state_dict(initial)
+        r = run_strategy(model, tok, tasks, strategy, cfg, base=base, dtype=dtype)
+        for name, m in r["matrices"].items():
+            rows.append((name, m, r["added_bytes"], r["wall_seconds"]))
+    naive = next((m for name, m, _, _ in rows if name == "naive"), None)
+    print(f"\n{what}; {len(tasks)} tasks, {args.steps} steps x {args.batch_size} rows x {args.seq_len} tokens per task "
+          f"({tasks[0].metric}, lower is better)")
+    print("| strategy | ACC | LA | BWT | forgetting | cut vs naive | added bytes | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, m, added, wall in rows:
+        cut = f"{100 * (1 - m['forgetting'] / naive['forgetting']):.0f}%" if naive and name != "naive" else "-"
+        print(f"| {name} | {m['ACC']:.4f} | {m['LA']:.4f} | {m['BWT']:+.4f} | {m['forgetting']:.4f} | {cut} | "
+              f"{added:,} | {wall:.0f} |")
+
+
+def _random_model(depth, device, seq_len=256):
+    from nanochat.gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=4096, n_layer=depth, n_head=max(1, depth // 2),
+                              n_kv_head=max(1, depth // 2), n_embd=64 * depth))
+    model.eval()
+    return model
+
+
+def _tok_per_sec(model, x, repeat):
+    """Forward tokens/s from the fastest of `repeat` passes: on a machine other jobs share, the minimum is
+    the least disturbed measurement."""
+    with torch.no_grad():
+        model(x)  # warm up
+        best = float("inf")
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            model(x)
+            best = min(best, time.perf_counter() - t0)
+    return x.numel() / best
+
+
+def bench_stack(args, device):
+    from nanochat.lora import LoRA
+    model = _random_model(args.random_depth or 4, device)
+    x = torch.randint(0, model.config.vocab_size, (4, 256), device=device)
+    lora = LoRA(model)
+    names = [f"a{k}" for k in range(5)]
+    for k, n in enumerate(names):
+        lora.add(n, rank=8, alpha=16, seed=k)
+    print(f"model d{model.config.n_layer} n_embd {model.config.n_embd}, {model.num_params():,} parameters, "
+          f"forward of 4x256 tokens, rank-8 adapters on all six block matrices, device {device}")
+    configs = [(f"{k}", names[:k] or None, False) for k in (0, 1, 2, 5)] + [("5, merged into the weights", names, True)]
+    best = [float("inf")] * len(configs)
+    with torch.no_grad():
+        for _ in range(args.repeat):  # round-robin, so that load from other jobs hits every setting alike
+            for c, (_, stack, merge) in enumerate(configs):
+                lora.activate(stack, merge=merge)
+                t0 = time.perf_counter()
+                model(x)
+                best[c] = min(best[c], time.perf_counter() - t0)
+    print("| active adapters | tokens/s | vs base |")
+    print("|---|---|---|")
+    for (label, _, _), t in zip(configs, best):
+        print(f"| {label} | {x.numel() / t:,.0f} | {100 * (best[0] / t - 1):+.1f}% |")
+
+def bench_quant(args, device):
+    from nanochat.gpt import GPT
+    from nanochat.lora import LoRA
+    from nanochat.lora_train import AdapterRecipe
+    from nanochat.quant import quantize_blocks, weight_bytes
+    from tasks.continual import LMTask
+    dtype = resolve_dtype("auto", device.type)
+    # speed and memory on a random model of --random-depth, quality on the pretrained synthetic model
+    model = _random_model(args.random_depth or 4, device)
+    x = torch.randint(0, model.config.vocab_size, (4, 256), device=device)
+    total_fp, tps_fp = weight_bytes(model), _tok_per_sec(model, x, args.repeat)
+    sizes = quantize_blocks(model)
+    total_q, tps_q = weight_bytes(model), _tok_per_sec(model, x, args.repeat)
+    print(f"random d{model.config.n_layer} model, forward of 4x256 tokens, device {device}")
+    print("| base | block Linear weights | all weights | tokens/s |")
+    print("|---|---|---|---|")
+    print(f"| fp32 | {sizes['fp_bytes']:,} | {total_fp:,} | {tps_fp:,.0f} |")
+    print(f"| int8 | {sizes['int8_bytes']:,} ({sizes['fp_bytes'] / sizes['int8_bytes']:.2f}x less) | {total_q:,} "
+          f"({total_fp / total_q:.2f}x less) | {tps_q:,.0f} ({100 * (tps_q / tps_fp - 1):+.0f}%) |")
+    # the same at the speedrun's size, from shapes only (a meta-device model allocates nothing)
+    from scripts.base_train import model_config
+    with torch.device("meta"):
+        big = GPT(model_config(20, 2048, 65536))
+    blocks = sum(m.weight.numel() for m in big.transformer.h.modules() if isinstance(m, torch.nn.Linear))
+    rest = sum(p.numel() for p in big.parameters()) - blocks
+    rows = sum(m.weight.size(0) for m in big.transformer.h.modules() if isinstance(m, torch.nn.Linear))
+    for name, b in (("fp32", 4), ("bf16", 2)):  # the rest (embedding, lm_head) stays in the base's dtype
+        full, q = b * (blocks + rest), blocks + 4 * rows + b * rest
+        print(f"d20 (n_embd 1280, vocab 65536), parameters only, {name} base: {full / 2**20:,.0f} MiB, with int8 "
+              f"blocks {q / 2**20:,.0f} MiB ({full / q:.2f}x less)")
+
+    # one new domain, learned as an adapter on each base with the same seed, data and steps
+    n = args.synthetic or 4
+    tok, tasks, model = synthetic_setup(n, args.depth, args.seq_len, args.steps * args.batch_size, args.eval_rows,
+                                        args.pretrain_steps, device, dtype)
+    new_docs = synthetic_docs(n, n + 1, 40, seed=99)  # a letter set none of the pretraining domains used alone
+    new = LMTask("new", tok, new_docs[:32], new_docs[32:], args.seq_len, args.steps * args.batch_size, args.eval_rows,
+                 batch_size=16, dtype=dtype)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    cfg = ContinualConfig(steps=args.steps, batch_size=args.batch_size, log_every=10**9)
+    print(f"\nadapter (rank {cfg.lora_rank}, lr {cfg.lora_lr}, {args.steps} steps) on a new domain, d{args.depth} "
+          f"synthetic model (bpb on held-out text of the new domain)")
+    print("| base | before | after | adapter train s |")
+    print("|---|---|---|---|")
+    results = {}
+    for kind in ("fp32", "int8"):
+        with torch.device(device):
+            model = GPT(model.config)
+        model.load_state_dict(state)
+        if kind == "int8":
+            quantize_blocks(model)
+        lora = LoRA(model)
+        ad = lora.add("new", rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=0)
+        lora.activate("new")
+        before = new.evaluate(model)
+        t0 = time.perf_counter()
+        train_loop(model, new.train_rows, AdapterRecipe(model, tok, cfg, ad, [], dtype), seed=0)
+        seconds = time.perf_counter() - t0
+        results[kind] = new.evaluate(model)
+        print(f"| {kind} | {before:.4f} | {results[kind]:.4f} | {seconds:.1f} |")
+    print(f"int8 adapter bpb vs fp32: {100 * (results['int8'] / results['fp32'] - 1):+.2f}%")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["lora", "sweep"])
+    p.add_argument("what", choices=["lora", "sweep", "table", "stack", "quant"])
     p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"])
     p.add_argument("-g", "--model-tag", default=None)
     p.add_argument("--device-type", default="")
@@ -163,10 +357,16 @@ def main():
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--eval-rows", type=int, default=32)
-    p.add_argument("--random-depth", type=int, default=0, help="lora: time a random model of this depth instead")
+    p.add_argument("--random-depth", type=int, default=0, help="lora/stack/quant: time a random model of this depth")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="table: which strategies")
+    p.add_argument("--synthetic", type=int, default=0, help="table/quant: N synthetic domains and an in-process model")
+    p.add_argument("--depth", type=int, default=2, help="synthetic model depth (n_embd = 64 x depth)")
+    p.add_argument("--pretrain-steps", type=int, default=150, help="synthetic model: steps on all domains first")
+    p.add_argument("--repeat", type=int, default=10, help="stack/quant: forward passes timed (median)")
     args = p.parse_args()
     _, _, _, _, device = compute_init(args.device_type or None)
-    bench_lora(args, device) if args.what == "lora" else bench_sweep(args, device)
+    {"lora": bench_lora, "sweep": bench_sweep, "table": bench_table, "stack": bench_stack,
+     "quant": bench_quant}[args.what](args, device)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,24 @@
 # Idempotent environment setup: .venv + nanochat installed editable (maturin builds rustbpe).
 # Used by speedrun.sh, run_continual.sh and .ci/run. A second run with nothing changed takes seconds.
 #   NANOCHAT_EXTRAS   pip extras to install (default "dev": pytest, hypothesis, openai client, playwright)
-#   TORCH_SPEC        torch requirement (default: the pinned CPU build when no NVIDIA GPU, else "torch>=2.2")
+#   TORCH_SPEC        torch requirement (default: the pinned CPU build when no NVIDIA GPU, else "torch>=2.4")
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
 EXTRAS="${NANOCHAT_EXTRAS-dev}"
+
+# Generated code (HumanEval checks, tool calls) runs inside bubblewrap's namespaces; without bwrap it is
+# refused unless --unsafe-exec is given. A system package, so it is checked even when .venv is current.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "[setup] installing bubblewrap (the sandbox for generated code)"
+    { apt-get install -y -qq bubblewrap || { apt-get update -qq && apt-get install -y -qq bubblewrap; }; } >/dev/null
+  else
+    echo "[setup] warning: bubblewrap (bwrap) is missing: generated code will not be run without --unsafe-exec." >&2
+    echo "  install it as root: apt-get install bubblewrap (Fedora: dnf install bubblewrap)" >&2
+  fi
+fi
 
 # Everything that changes what gets built/installed goes into the stamp.
 stamp_now() {
@@ -25,7 +37,7 @@ PY="$VENV/bin/python"
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   if [ -z "${TORCH_SPEC:-}" ]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then TORCH_SPEC="torch>=2.2"
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then TORCH_SPEC="torch>=2.4"
     else TORCH_SPEC="torch==2.13.0"; fi   # on the offline dev/CI machines this resolves to a local CPU wheel
   fi
   echo "[setup] installing $TORCH_SPEC"

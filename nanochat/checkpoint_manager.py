@@ -59,10 +59,23 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states, meta, r
             prune_checkpoints(checkpoint_dir, keep_last)
 
 
+def remove_stale_temp(checkpoint_dir):
+    """Delete the hidden .<file>.*.tmp files a killed save leaves behind (gigabytes each at full size).
+    Call only from the run that owns the directory, before its first save (start or resume): another
+    process writing checkpoints into the same directory right now would lose its file. -> names removed."""
+    removed = []
+    for p in glob.glob(os.path.join(glob.escape(checkpoint_dir), ".*.tmp")):
+        if os.path.isfile(p):
+            os.remove(p)
+            removed.append(os.path.basename(p))
+    return sorted(removed)
+
+
 def start_fresh(checkpoint_dir):
     """A new (not resumed) run of a tag replaces the old one: move earlier checkpoints to <tag>.prev
     (one generation kept) so a stale later step can never be mistaken for this run's latest.
     Call on rank 0 before the first save."""
+    remove_stale_temp(checkpoint_dir)
     if not complete_steps(checkpoint_dir) and not glob.glob(os.path.join(checkpoint_dir, "*.pt")):
         return None
     prev = checkpoint_dir.rstrip("/") + ".prev"

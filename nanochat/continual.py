@@ -4,7 +4,7 @@ and turn the scores into metrics; the strategies themselves are in nanochat/cont
 A sequence of tasks (tasks/continual.py) is learned one task at a time. After task i every task j is
 evaluated, giving R[i][j]; base[j] is the starting model's score on task j.
 
-The strategies (naive, replay, ewc, lora, ssr) are described in nanochat/continual_strategies.py.
+The strategies (naive, replay, ewc, lora, ssr, merge, olora) are described in nanochat/continual_strategies.py.
 
 Metrics and their signs. The metric is bits per byte for language-modelling sequences (lower is
 better) and accuracy for chat sequences (higher is better). All numbers are in the metric's own
@@ -59,6 +59,10 @@ class ContinualConfig:
     ssr_len: int = 128  # pseudo-sample length in tokens (prompt included); sampling cost grows with it
     ssr_temperature: float = 1.0
     ssr_top_k: int = 0  # 0: sample from the full distribution (rehearses what the model knows)
+    merge_method: str = "linear"  # merge: linear, ties or dare (nanochat/lora_merge.py)
+    merge_density: float = 0.5  # merge: fraction of each delta ties/dare keep
+    merge_weight: float = 1.0  # merge: every task's adapter enters the merge times this
+    olora_lambda: float = 1.0  # olora: weight of the orthogonality penalty
     router: bool = True  # lora: also score with the centroid router (task id unknown)
     router_rows: int = 64  # training rows per task for its centroid
     seed: int = 0

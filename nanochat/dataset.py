@@ -136,19 +136,17 @@ def _expected_size(r):
     return int(n) if n is not None else None
 
 
-def download_shard(index, data_dir=None, base_url=None, retries=5, backoff=2.0, timeout=(5, 60)):
-    """Download one shard into data_dir; returns the path, or None after `retries` failed attempts.
+def download_file(url, path, verify, retries=5, backoff=2.0, timeout=(5, 60)):
+    """Download url to path; returns the path, or None after `retries` failed attempts.
 
-    Complete files are skipped. Bytes land in `<name>.part`; a later attempt continues it with a
-    Range request. The part is renamed into place only when its parquet footer reads."""
+    A complete file is skipped. Bytes land in `<path>.part`; a later attempt continues it with a
+    Range request. The part is renamed into place only when verify(part) says it is whole."""
     import requests
-    data_dir = data_dir or get_data_dir()
-    os.makedirs(data_dir, exist_ok=True)
-    path = os.path.join(data_dir, shard_name(index))
+    name = os.path.basename(path)
     if os.path.exists(path):
         return path  # only verified files are ever renamed to this name
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     part = path + ".part"
-    url = shard_url(index, base_url)
     for attempt in range(1, retries + 1):
         try:
             have = os.path.getsize(part) if os.path.exists(part) else 0
@@ -156,7 +154,7 @@ def download_shard(index, data_dir=None, base_url=None, retries=5, backoff=2.0, 
             with requests.get(url, headers=headers, stream=True, timeout=timeout) as r:
                 if not (r.status_code == 416 and have):  # 416: the part already holds everything
                     if 400 <= r.status_code < 500 and r.status_code not in (408, 429):
-                        logger.error(f"{shard_name(index)}: HTTP {r.status_code} from {url}, not retrying")
+                        logger.error(f"{name}: HTTP {r.status_code} from {url}, not retrying")
                         return None
                     r.raise_for_status()
                     resumed = have > 0 and r.status_code == 206
@@ -167,20 +165,26 @@ def download_shard(index, data_dir=None, base_url=None, retries=5, backoff=2.0, 
                     size = os.path.getsize(part)
                     if expected is not None and size != expected:
                         raise IOError(f"got {size} of {expected} bytes")  # keep the part: resume next time
-            if not verify_parquet(part):
+            if not verify(part):
                 os.remove(part)
-                raise IOError("downloaded file is not a readable parquet file; deleted it")
+                raise IOError("the downloaded file failed verification; deleted it")
             os.replace(part, path)
-            logger.info(f"{shard_name(index)}: done ({os.path.getsize(path) / 1e6:.1f} MB)")
+            logger.info(f"{name}: done ({os.path.getsize(path) / 1e6:.1f} MB)")
             return path
         except (requests.RequestException, OSError) as e:
             wait = backoff * 2 ** (attempt - 1)
             if attempt == retries:
-                logger.error(f"{shard_name(index)}: failed after {retries} attempts: {e}")
+                logger.error(f"{name}: failed after {retries} attempts: {e}")
                 return None
-            logger.warning(f"{shard_name(index)}: attempt {attempt}/{retries} failed ({e}); retrying in {wait:.1f}s")
+            logger.warning(f"{name}: attempt {attempt}/{retries} failed ({e}); retrying in {wait:.1f}s")
             time.sleep(wait)
     return None
+
+
+def download_shard(index, data_dir=None, base_url=None, retries=5, backoff=2.0, timeout=(5, 60)):
+    """Download one shard into data_dir (resumable, parquet footer checked); the path, or None."""
+    path = os.path.join(data_dir or get_data_dir(), shard_name(index))
+    return download_file(shard_url(index, base_url), path, verify_parquet, retries, backoff, timeout)
 
 
 def download(num_files=-1, workers=4, base_url=None, data_dir=None, retries=5, backoff=2.0):

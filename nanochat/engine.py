@@ -105,10 +105,10 @@ class Engine:
         bad = [t for t in tokens if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
-        ctx = self.model.config.sequence_len
-        if len(tokens) >= ctx:
-            raise ValueError(f"prompt has {len(tokens)} tokens but the model's context is {ctx}: "
-                             f"it must be at most {ctx - 1} tokens to leave room for one new token")
+        context_len = self.model.config.sequence_len
+        if len(tokens) >= context_len:
+            raise ValueError(f"prompt has {len(tokens)} tokens but the model's context is {context_len}: "
+                             f"it must be at most {context_len - 1} tokens to leave room for one new token")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
@@ -148,8 +148,8 @@ class Engine:
     @torch.no_grad()  # on a generator function torch toggles grad mode around each resume only
     def _generate(self, tokens, num_samples, max_tokens, temperature, top_k, seed):
         device = self._device()
-        ctx = self.model.config.sequence_len
-        budget = ctx - len(tokens)  # steps until prompt + generated tokens fill the context
+        context_len = self.model.config.sequence_len
+        budget = context_len - len(tokens)  # steps until prompt + generated tokens fill the context
         if max_tokens is not None:
             budget = min(budget, max_tokens)
         if budget == 0:

@@ -1,36 +1,32 @@
 """
-Run untrusted Python written by the model (tool calls, HumanEval solutions + tests).
+Run untrusted Python written by the model (tool calls, HumanEval solutions + tests); knows nothing of models or tasks.
 
 Two entry points:
 
-- `execute_code(code)` runs arbitrary code in a fresh `python -I -S -B` child
-  process (this very file, run as a script) with:
-    * a wall-clock timeout; on expiry the child's whole process group is killed;
-    * rlimits: address space (RLIMIT_AS; a MemoryError is reported as
-      `memory_exceeded`), CPU seconds (backstop), file size, no core dumps,
-      and no new processes (RLIMIT_NPROC, which the kernel ignores for root);
-    * in-process guards installed before the code runs: process creation
-      (fork, exec*, spawn*, posix_spawn, system, popen, subprocess, pty,
-      multiprocessing), signalling other processes, raising rlimits, sockets
-      and ctypes all raise PermissionError/ImportError;
-    * a fresh temp dir as cwd, HOME and TMPDIR, deleted afterwards; opening a
-      file for writing, creating, deleting, renaming, linking or changing the
-      metadata of anything outside it raises PermissionError. Reads are allowed.
-  Only the standard library is importable (-S skips site-packages). stdout and
-  stderr are captured and truncated to `MAX_OUTPUT_BYTES` each.
+- `execute_code(code)` runs arbitrary code in a fresh `python -I -S -B` child process (this very file,
+  run as a script). Two layers:
+    1. The boundary (nanochat.sandbox): bubblewrap namespaces, a read-only root without the project,
+       /etc or anyone's home, no network, a size-capped private /tmp (the only writable place: it
+       bounds the total bytes written), uid 65534, and a seccomp filter against new processes. If
+       that is not available, the code is refused unless the user passed --unsafe-exec (or set
+       NANOCHAT_UNSAFE_EXEC=1); then it runs with layer 2 only, in a temp dir that is deleted afterwards.
+    2. Python-level guards in the child: rlimits on memory (RLIMIT_AS; a MemoryError is reported
+       as `memory_exceeded`), CPU seconds, file size and processes; process creation, signalling,
+       raising rlimits, sockets and ctypes refused; writes outside the working dir refused. These
+       catch accidents and give readable errors; the code can dig the originals back out of the
+       interpreter (re-importing posix, for one), which is why layer 1 exists.
+  A wall-clock timeout kills the child's whole process group (and with it the sandbox's pid
+  namespace). stdout/stderr are captured and truncated to `MAX_OUTPUT_BYTES` each.
 
-  This is a best-effort guard against accidents and a sloppy or reward-hacking
-  model, NOT a security boundary like a container, VM or seccomp filter. The
-  guards are Python-level wrappers, so they do not stop code that digs the
-  original functions or types back out of the interpreter (closures, gc,
-  `type(open(f).raw)`), code that forges its own result on the status pipe,
-  C code making syscalls itself (sqlite3 writing its files), or use of what is
-  left open: reading any file, filling the temp dir up to the size limit,
-  hogging a core until the timeout. Run truly hostile code in a container.
+  The verdict: the child writes how the code ended to a private status pipe, prefixed by a random
+  nonce the parent sent on stdin (read and dropped before the code runs). A status without the
+  nonce, extra bytes on the pipe, a SystemExit, os._exit or a killed child are never `completed`:
+  only code that ran to its last line is. Code that reads the nonce out of the runner's own frame
+  (sys._getframe(1).f_locals) could still forge it; it would have to do that on purpose, and the
+  boundary holds either way.
 
 - `use_calculator(expr)` is the fast path for the chat engine's calculator:
-  a tiny `ast`-based evaluator, no subprocess (see its docstring for exactly
-  what it accepts).
+  a tiny `ast`-based evaluator, no subprocess (see its docstring for exactly what it accepts).
 """
 
 import ast
@@ -39,6 +35,7 @@ import os
 import re
 import sys
 import errno
+import secrets
 import signal
 import tempfile
 import threading
@@ -46,7 +43,9 @@ import subprocess
 from dataclasses import dataclass
 
 MAX_OUTPUT_BYTES = 64 * 1024      # per stream; the rest is read and dropped
-MAX_FILE_BYTES = 64 * 2**20       # largest file the code may write in its temp dir
+MAX_FILE_BYTES = 64 * 2**20       # largest single file (RLIMIT_FSIZE)
+MAX_WRITE_BYTES = 64 * 2**20      # all files together: the size of the sandbox's /tmp
+MAX_THREADS = 16                  # tasks (processes + threads) the sandbox's uid may have, counted in its namespace
 _TRUNCATED = "\n...[output truncated]"
 
 
@@ -58,6 +57,7 @@ class ExecutionResult:
     error: str | None = None
     timed_out: bool = False
     memory_exceeded: bool = False
+    completed: bool = False  # the code ran to its last line (not sys.exit, not killed): what a verdict needs
 
     def __repr__(self):
         def short(s, n=200):
@@ -99,18 +99,45 @@ def _kill_group(pgid):
         pass
 
 
-def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 2**20) -> ExecutionResult:
-    """Run `code` in a sandboxed child process; never raises for anything the code does."""
-    sandbox = tempfile.mkdtemp(prefix="nanochat-exec-")
+_warned = set()
+
+
+def _warn_once(message):
+    if message not in _warned:
+        _warned.add(message)
+        print(f"[nanochat.execution] {message}", file=sys.stderr, flush=True)
+
+
+def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 2**20,
+                 max_write_bytes: int = MAX_WRITE_BYTES) -> ExecutionResult:
+    """Run `code` in the sandbox; never raises for anything the code does."""
+    from nanochat import sandbox
+    policy, message = sandbox.exec_policy()
+    if policy == "refuse":
+        _warn_once(message)
+        return ExecutionResult(success=False, error=f"not run: {message}")
+    if policy == "unsafe":
+        _warn_once(message)
+    nonce = secrets.token_hex(16)
     status_r, status_w = os.pipe()  # the child reports how the code ended here, apart from its stdout/stderr
-    env = {"PATH": "/usr/bin:/bin", "HOME": sandbox, "TMPDIR": sandbox, "LANG": "C.UTF-8"}
-    cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__),
-           "--child", str(status_w), str(timeout), str(int(max_memory_bytes))]
+    seccomp = None
+    workdir = None
+    child_args = ["--child", str(status_w), str(timeout), str(int(max_memory_bytes))]
+    if policy == "isolated":
+        seccomp = sandbox.seccomp_fd()
+        argv = [sandbox.python_executable(), "-I", "-S", "-B", sandbox.RUNNER_PATH] + child_args + [str(MAX_THREADS)]
+        cmd = sandbox.bwrap_command(argv, os.path.abspath(__file__), max_write_bytes, seccomp_fd=seccomp)
+        env, cwd = {"PATH": "/usr/bin:/bin"}, "/"
+    else:
+        workdir = tempfile.mkdtemp(prefix="nanochat-exec-")
+        cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__)] + child_args + ["0"]
+        env, cwd = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}, workdir
+    pass_fds = (status_w,) if seccomp is None else (status_w, seccomp)
     proc = None
     try:
         proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=sandbox, env=env, pass_fds=(status_w,),
+            cwd=cwd, env=env, pass_fds=pass_fds,
             start_new_session=True,  # own process group, so a timeout kills everything it started
         )
         os.close(status_w)
@@ -121,13 +148,13 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
         for t in readers:
             t.start()
         try:
-            proc.stdin.write(code.encode("utf-8", errors="surrogatepass"))
+            proc.stdin.write(nonce.encode() + b"\n" + code.encode("utf-8", errors="surrogatepass"))
             proc.stdin.close()
         except (BrokenPipeError, OSError):
             pass  # the child died before reading its code; its exit status tells why
         timed_out = False
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=timeout + (1.0 if policy == "isolated" else 0.0))  # + the sandbox's start-up
         except subprocess.TimeoutExpired:
             timed_out = True
         _kill_group(proc.pid)  # on timeout, and anything left behind after a normal exit
@@ -135,14 +162,14 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
         for t in readers:
             t.join(timeout=2.0)
         status = _read_status(status_r)
-        return _make_result(status, proc.returncode, _decode(out), _decode(err), timed_out, timeout)
+        return _make_result(status, nonce, proc.returncode, _decode(out), _decode(err), timed_out, timeout)
     except Exception as e:  # failing to start the child etc.: report, don't crash the caller
         if proc is not None and proc.poll() is None:
             _kill_group(proc.pid)
             proc.wait()
         return ExecutionResult(success=False, error=f"sandbox failure: {type(e).__name__}: {e}")
     finally:
-        for fd in (status_r, status_w):
+        for fd in (status_r, status_w, seccomp):
             if fd is not None:
                 os.close(fd)
         if proc is not None:  # (stdout/stderr are closed by their reader threads)
@@ -150,7 +177,8 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
                 proc.stdin.close()
             except OSError:
                 pass
-        _rmtree_force(sandbox)
+        if workdir is not None:
+            _rmtree_force(workdir)
 
 
 def _read_status(fd):
@@ -167,13 +195,20 @@ def _read_status(fd):
     return data.decode("utf-8", errors="replace")
 
 
-def _make_result(status, returncode, stdout, stderr, timed_out, timeout):
+def _make_result(status, nonce, returncode, stdout, stderr, timed_out, timeout):
     if timed_out:
         return ExecutionResult(False, stdout, stderr, f"timed out after {timeout:g} seconds", timed_out=True)
-    kind, _, message = status.partition("\n")
-    if kind == "ok":
-        return ExecutionResult(True, stdout, stderr)
-    if kind in ("error", "memory"):
+    if status:
+        head, _, rest = status.partition("\n")
+        kind, _, message = rest.partition("\n")
+        if head != nonce or kind not in ("ok", "exit", "error", "memory") or returncode != 0:
+            return ExecutionResult(False, stdout, stderr, "the status report was forged or garbled")
+        if kind == "ok":
+            return ExecutionResult(True, stdout, stderr, completed=True)
+        if kind == "exit" and message == "0":  # sys.exit(0): a fine way to end a script, but not a finished check
+            return ExecutionResult(True, stdout, stderr)
+        if kind == "exit":
+            return ExecutionResult(False, stdout, stderr, f"SystemExit: {message}")
         return ExecutionResult(False, stdout, stderr, message, memory_exceeded=(kind == "memory"))
     # No status: the child died (signal, os._exit, interpreter crash) before it could report.
     if returncode is not None and returncode < 0:
@@ -204,7 +239,7 @@ def _rmtree_force(path):
 # -----------------------------------------------------------------------------
 # Child side (this file run as `python -I -S -B execution.py --child ...`)
 
-def _set_limits(timeout, max_memory_bytes):
+def _set_limits(timeout, max_memory_bytes, max_tasks):
     import resource
     cpu = max(1, math.ceil(timeout)) + 1
     limits = [
@@ -212,7 +247,9 @@ def _set_limits(timeout, max_memory_bytes):
         (resource.RLIMIT_CPU, cpu),               # backstop in case the parent's timer fails
         (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),  # don't fill the disk from the temp dir
         (resource.RLIMIT_CORE, 0),
-        (resource.RLIMIT_NPROC, 0),               # no new processes (not enforced for root)
+        # Tasks of our uid: inside the sandbox they are counted in its own user namespace, so allow a
+        # few threads; unsandboxed, the count is the user's whole, so none (not enforced for root).
+        (resource.RLIMIT_NPROC, max_tasks),
     ]
     for which, value in limits:
         try:
@@ -249,6 +286,7 @@ def _install_guards(sandbox):
     subprocess.Popen._execute_child = refuse("subprocess")
     patch((resource,), "setrlimit", refuse("resource.setrlimit"))
     patch((resource,), "prlimit", refuse("resource.prlimit"))
+    sys._current_frames = refuse("sys._current_frames")  # the runner's frames are none of the code's business
 
     # No network. socket.py (not imported yet under -I -S) subclasses _socket.socket and calls
     # _socket.socket.__init__, which is where the OS socket is created; refuse there unless it
@@ -334,17 +372,18 @@ def _install_guards(sandbox):
     guard_paths("symlink", (1, "dst", "dir_fd"))  # the link must be inside; writes through it are checked on open
 
 
-def _child_main(status_fd, timeout, max_memory_bytes):
+def _child_main(status_fd, timeout, max_memory_bytes, max_tasks):
     import builtins, linecache
     status = os.fdopen(status_fd, "w", encoding="utf-8")
-    code = sys.stdin.buffer.read().decode("utf-8", errors="surrogatepass")
+    nonce, _, code = sys.stdin.buffer.read().partition(b"\n")
+    nonce, code = nonce.decode("ascii", errors="replace"), code.decode("utf-8", errors="surrogatepass")
     sys.stdin.close()
     sys.stdin = open(os.devnull)  # input() gets EOF
     for stream in (sys.stdout, sys.stderr):  # flush per line so a timed-out run still shows its output
         stream.reconfigure(encoding="utf-8", errors="backslashreplace", line_buffering=True)
 
     sandbox = os.path.realpath(os.getcwd())
-    _set_limits(timeout, max_memory_bytes)
+    _set_limits(timeout, max_memory_bytes, max_tasks)
     _install_guards(sandbox)
 
     filename = "<sandbox>"
@@ -357,7 +396,7 @@ def _child_main(status_fd, timeout, max_memory_bytes):
         namespace.clear()  # free what the code allocated so we can still report
         outcome = "memory\nMemoryError: memory limit exceeded"
     except SystemExit as e:
-        outcome = "ok\n" if e.code in (None, 0) else f"error\nSystemExit: {e.code}"
+        outcome = "exit\n0" if e.code in (None, 0) else f"exit\n{e.code}"
     except BaseException as e:
         import traceback
         traceback.print_exception(type(e), e, e.__traceback__.tb_next)  # skip our own frame
@@ -367,8 +406,9 @@ def _child_main(status_fd, timeout, max_memory_bytes):
         sys.stderr.flush()
     except Exception:
         pass
-    status.write(outcome)
+    status.write(f"{nonce}\n{outcome}")
     status.close()
+    os._exit(0)  # done: threads the code left running don't get to hold the call up until the timeout
 
 
 # -----------------------------------------------------------------------------
@@ -471,4 +511,4 @@ def use_calculator(expr: str) -> str | None:
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    _child_main(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))
+    _child_main(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))

@@ -25,11 +25,6 @@ import torch.nn.functional as F
 from nanochat.adamw import DistAdamW
 from nanochat.muon import DistMuon, Muon
 
-try:  # flash attention is optional: only used on CUDA with bf16/fp16 activations
-    from flash_attn import flash_attn_func
-except Exception:  # ImportError, or a broken CUDA install
-    flash_attn_func = None
-
 # F.scaled_dot_product_attention grew `enable_gqa` in torch 2.5; older versions repeat the kv heads.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
@@ -126,11 +121,8 @@ def attention(q, k, v, q_pos):
     """Causal attention of queries at absolute positions [q_pos, q_pos+Tq) to keys at [0, Tk), Tk = q_pos+Tq.
     q: (B, H, Tq, D), k/v: (B, H_kv, Tk, D). Returns (B, H, Tq, D)."""
     Tq, Tk = q.size(2), k.size(2)
-    if flash_attn_func is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        # flash-attn takes (B, T, H, D), handles GQA itself, and aligns the causal mask bottom-right,
-        # which is exactly "a chunk attends to the cached prefix + causally within itself".
-        y = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-        return y.transpose(1, 2)
+    # SDPA only: on CUDA it runs its own flash kernel, and unlike the flash-attn package it needs no build
+    # and does not break torch.compile's graph at every layer.
     kwargs = {}
     if k.size(1) != q.size(1):
         if _SDPA_HAS_GQA:
@@ -206,6 +198,10 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Under autocast, carry the residual stream in the autocast dtype (bf16) instead of the embedding's
+        # fp32: half the saved activations, which a d20 model at batch 32 x 2048 needs to fit in 80 GB.
+        # None = on CUDA only; CPU runs keep fp32 sums (exact comparisons, and bf16 adds are slow there).
+        self.residual_in_autocast_dtype = None
         # Rotary tables cover 10x the training length so generation can run past it. Non-persistent:
         # they are recomputed by init_weights (after to_empty) and never stored in checkpoints.
         self.rotary_len = config.sequence_len * 10
@@ -289,7 +285,11 @@ class GPT(nn.Module):
         t0 = 0 if kv_cache is None else kv_cache.get_pos()
         assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"
         cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
-        x = norm(self.transformer.wte(idx))
+        x = self.transformer.wte(idx)
+        cast = self.residual_in_autocast_dtype
+        if (x.is_cuda if cast is None else cast) and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         logits = self.lm_head(norm(x)).float()

@@ -18,7 +18,16 @@ in the job's metrics and in adapter.json.
 
 Nothing half-done survives: an adapter is saved with save_adapter (temp dir + rename) only after its job
 has trained, and a failed or cancelled job leaves no directory behind. Saved adapters are reloaded when
-the server starts; the default adapter (POST /adapters/{name}/activate) is kept in <root>/.active.json.
+the server starts (temp leftovers of a killed save are removed first; a corrupt adapter is skipped with a
+warning and listed as unusable, never stops the start); the default adapter (POST
+/adapters/{name}/activate) is kept in <root>/.active.json.
+
+Bounds: at most `max_jobs` jobs queued or running (more get JobQueueFull, which chat_web answers with 429
+and Retry-After), finished job records are forgotten after `job_ttl` seconds, and a new adapter is refused
+(AdapterLimit) past `max_adapters` adapters or `max_adapter_bytes` bytes of them on disk.
+
+Deleting an adapter that requests were admitted with waits for them: from the DELETE on, new requests
+naming it get 404, and the ones already holding a lease (WorkerPool.run takes one) finish with it.
 """
 import asyncio
 import itertools
@@ -31,12 +40,24 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from nanochat.common import atomic_write, resolve_dtype
-from nanochat.lora import AdapterBaseMismatch, LoRA, delete_adapter, list_adapters, load_adapter, save_adapter, \
+from nanochat.lora import LoRA, delete_adapter, list_adapters, load_adapter, remove_stale_temp, save_adapter, \
     validate_name
 from nanochat.lora_train import mean_loss, train_adapter
 
 logger = logging.getLogger("nanochat.live")
 RESERVED = ("none",)  # "none" means the base model in every endpoint that takes an adapter name
+
+
+class JobQueueFull(Exception):
+    """Too many learning jobs waiting; retry_after: seconds until a slot is likely free."""
+
+    def __init__(self, message, retry_after):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class AdapterLimit(Exception):
+    """A new adapter would pass the server's limit on their number or total size."""
 
 
 def facts_to_conversations(facts):
@@ -65,7 +86,7 @@ class LearnJob:
 
 class LiveLearning:
     def __init__(self, pool, trainer_model, tokenizer, root, replay=(), general_eval=(), rank=8, alpha=16.0,
-                 lr=1e-2, batch_size=8):
+                 lr=1e-2, batch_size=8, max_jobs=8, job_ttl=3600.0, max_adapters=64, max_adapter_bytes=2 ** 30):
         self.pool, self.tokenizer, self.root = pool, tokenizer, root
         self.replay, self.general_eval = list(replay), list(general_eval)
         self.hparams = {"rank": rank, "alpha": alpha, "lr": lr, "batch_size": batch_size}
@@ -79,6 +100,11 @@ class LiveLearning:
         self._lock = threading.Lock()  # guards self.jobs between the loop and the job thread
         self.default = None  # the adapter requests get when they don't name one (None: the base model)
         self.skipped = {}  # name -> why a saved adapter was not loaded
+        self.max_jobs, self.job_ttl = max_jobs, job_ttl
+        self.max_adapters, self.max_adapter_bytes = max_adapters, max_adapter_bytes
+        self._leases = {}  # adapter -> requests admitted with it and not finished (event-loop side only)
+        self._deleting = set()
+        pool.leases = self
 
     # --- adapters -------------------------------------------------------------------------
     def names(self):
@@ -89,32 +115,50 @@ class LiveLearning:
 
     def load_saved(self):
         """Load every adapter saved under root into every worker (call before serving: no request runs).
-        Adapters trained on other weights are skipped with the reason kept in self.skipped."""
-        for meta in list_adapters(self.root):
+        Whatever makes one unusable (other base weights, corrupt files, bad adapter.json) skips it, with
+        the reason kept in self.skipped: a bad file must never stop the server from starting."""
+        removed = remove_stale_temp(self.root)
+        if removed:
+            logger.warning("removed %d leftovers of interrupted adapter saves under %s: %s", len(removed), self.root,
+                           removed[:5])
+        errors = {}
+        for meta in list_adapters(self.root, errors):
             name = meta["name"]
             try:
+                if name in self.names():
+                    raise ValueError(f"another directory already holds an adapter named {name!r}")
                 for w in self.pool.workers:
                     load_adapter(w.lora, self.path(name), replace=True)
-            except (AdapterBaseMismatch, ValueError, KeyError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - see the docstring
                 for w in self.pool.workers:
                     if name in w.lora.adapters:
                         w.lora.remove(name)
-                self.skipped[name] = str(e)
+                self.skipped[name] = f"{type(e).__name__}: {e}"
                 logger.warning("adapter %s not loaded: %s", name, e)
+        for name, why in errors.items():
+            self.skipped[name] = why
+            logger.warning("adapter directory %s not loaded: %s", name, why)
         saved = self._read_default()
         self.default = saved if saved in self.names() else None
         return self.names()
 
     def _read_default(self):
         try:
-            with open(os.path.join(self.root, ".active.json")) as f:
-                return json.load(f).get("active")
-        except (OSError, ValueError):
+            with open(os.path.join(self.root, ".active.json"), encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
             return None
+        except (OSError, ValueError) as e:
+            logger.warning(".active.json unreadable (%s): serving the base model by default", e)
+            return None
+        if not isinstance(data, dict) or not isinstance(data.get("active"), (str, type(None))):
+            logger.warning(".active.json should be {\"active\": name or null}: serving the base model by default")
+            return None
+        return data["active"]
 
     def set_default(self, name):
         """name None: the base model. Raises KeyError for an adapter that isn't loaded."""
-        if name is not None and name not in self.names():
+        if name is not None and (name not in self.names() or name in self._deleting):
             raise KeyError(name)
         os.makedirs(self.root, exist_ok=True)
         with atomic_write(os.path.join(self.root, ".active.json"), "w") as f:
@@ -127,9 +171,21 @@ class LiveLearning:
             return self.default
         if requested in RESERVED:
             return None
-        if requested not in self.names():
+        if requested not in self.names() or requested in self._deleting:
             raise KeyError(requested)
         return requested
+
+    def acquire(self, name):
+        """A request starts running with adapter `name`: False if it is gone or being deleted."""
+        if name not in self.names() or name in self._deleting:
+            return False
+        self._leases[name] = self._leases.get(name, 0) + 1
+        return True
+
+    def release(self, name):
+        self._leases[name] -= 1
+        if not self._leases[name]:
+            del self._leases[name]
 
     def describe(self):
         metas = {m["name"]: m for m in list_adapters(self.root)}
@@ -138,18 +194,64 @@ class LiveLearning:
             m = metas.get(name, {})
             out.append({k: m.get(k) for k in ("name", "task", "rank", "alpha", "trainable_params", "bytes", "created",
                                                "metrics")} | {"name": name, "active": name == self.default})
-        return {"active": self.default, "adapters": out, "skipped": self.skipped}
+        unusable = [{"name": name, "error": why} for name, why in sorted(self.skipped.items())]
+        return {"active": self.default, "adapters": out, "unusable": unusable}
 
     async def delete(self, name):
-        if name not in self.names():
+        """Refuse new requests for `name` at once, wait for those admitted with it, then remove it."""
+        if name not in self.names() or name in self._deleting:
             raise KeyError(name)
-        await self.pool.on_each_worker(lambda w: w.lora.remove(name))
-        if os.path.isdir(self.path(name)):
-            delete_adapter(self.path(name))
-        if self.default == name:
-            self.set_default(None)
+        self._deleting.add(name)
+        try:
+            if self.default == name:
+                self.set_default(None)
+            while self._leases.get(name):
+                await asyncio.sleep(0.02)
+            await self.pool.on_each_worker(lambda w: w.lora.remove(name))
+            if os.path.isdir(self.path(name)):
+                delete_adapter(self.path(name))
+        finally:
+            self._deleting.discard(name)
 
     # --- jobs -----------------------------------------------------------------------------
+    def prune_jobs(self):
+        """Forget finished jobs older than job_ttl seconds (their adapters stay)."""
+        cutoff = time.time() - self.job_ttl
+        with self._lock:
+            for job_id in [j.id for j in self.jobs.values() if j.finished is not None and j.finished < cutoff]:
+                del self.jobs[job_id]
+
+    def job(self, job_id):
+        self.prune_jobs()
+        with self._lock:
+            return self.jobs.get(job_id)
+
+    def _check_room(self, name):
+        """Raise JobQueueFull / AdapterLimit when a job for `name` must not be queued now."""
+        with self._lock:
+            pending = [j for j in self.jobs.values() if j.status in ("queued", "running")]
+        if len(pending) >= self.max_jobs:
+            running = [j for j in pending if j.status == "running" and j.eta_seconds]
+            retry = max(1, int(min((j.eta_seconds for j in running), default=30)))
+            raise JobQueueFull(f"{len(pending)} learning jobs are queued or running; the limit is {self.max_jobs}: "
+                               f"retry in about {retry} s", retry)
+        new_names = {j.adapter for j in pending} | {name}
+        count = len(set(self.names()) | new_names)
+        if name not in self.names() and count > self.max_adapters:
+            raise AdapterLimit(f"this server keeps at most {self.max_adapters} adapters: delete one first "
+                               "(DELETE /adapters/{name})")
+        sizes = {m["name"]: m.get("bytes") or 0 for m in list_adapters(self.root)}
+        one = self._adapter_bytes()
+        total = sum(v for k, v in sizes.items() if k not in new_names) + one * len(new_names)
+        if total > self.max_adapter_bytes:
+            raise AdapterLimit(f"adapters would take {total} bytes on disk; the limit is {self.max_adapter_bytes}: "
+                               "delete one first (DELETE /adapters/{name})")
+
+    def _adapter_bytes(self):
+        """Bytes one adapter of this server's rank takes (A and B of every target, fp32)."""
+        r = self.hparams["rank"]
+        return sum(4 * r * (m.weight.shape[0] + m.weight.shape[1]) for m in self.trainer.modules.values())
+
     def busy_with(self, name):
         with self._lock:
             return any(j.adapter == name and j.status in ("queued", "running") for j in self.jobs.values())
@@ -164,6 +266,10 @@ class LiveLearning:
             raise FileExistsError(f"a job is already training adapter {name!r}; wait for it (GET /learn/<job>)")
         if name in self.names() and not replace:
             raise FileExistsError(f"adapter {name!r} exists; send \"replace\": true to retrain it, or pick a new name")
+        if name in self._deleting:
+            raise FileExistsError(f"adapter {name!r} is being deleted; try again when it is gone")
+        self.prune_jobs()
+        self._check_room(name)
         job = LearnJob(id=f"learn-{next(self._ids)}-{int(time.time())}", adapter=name, steps=steps,
                        examples=len(conversations))
         with self._lock:

@@ -1,8 +1,10 @@
-"""LoRA adapters on the GPT's block matrices.
+"""LoRA adapters on the GPT's block matrices: creating, stacking, merging into the weights, saving and
+loading them; training them is nanochat/lora_train.py's job, combining them nanochat/lora_merge.py's.
 
     lora = LoRA(model)                          # hooks every target Linear, freezes the base
     lora.add("facts", rank=8, alpha=16)         # A random, B zero: the model is unchanged
-    lora.activate("facts")                      # O(1): the hooks read `lora.active`
+    lora.activate("facts")                      # O(1): the hooks read `lora.stack`
+    lora.activate(["domain", "facts"], weights=[1.0, 0.5])   # a stack: both apply, in order
     ... train lora.adapters["facts"].parameters() ...
     save_adapter(lora, "facts", adapter_path("facts"), task="facts", metrics={...})
     load_adapter(lora, adapter_path("facts"))   # refuses an adapter trained on another base
@@ -15,7 +17,12 @@ The extra term is added by a forward hook on each target module, so the GPT modu
 state_dict are untouched: checkpoints, the Engine and the KV cache work as before, and several
 adapters can stay resident with one active (switching is a pointer swap).
 
-merge() folds the active adapter into the weights (no extra matmuls at inference); it keeps a copy
+Stacking. The active set is a stack: an ordered list of (adapter, weight) pairs, and each target
+layer computes W x + sum_k w_k (alpha_k / r_k) B_k A_k x - the same as merging the adapters into W one
+after the other. A nested adapter is trained with a stack beneath it (frozen) and is only meaningful
+on top of that stack; its adapter.json records it ("provenance": {"stacked_on": [...]}).
+
+merge() folds the active stack into the weights (no extra matmuls at inference); it keeps a copy
 of the original weights, and unmerge() copies them back, so the base is restored bit for bit
 (subtracting B A again would leave rounding errors).
 
@@ -152,8 +159,8 @@ class LoRA:
                 self.modules[f"h.{i}.{t}"] = block.get_submodule(t)
         self.base_hash = model_state_hash(model)
         self.adapters = {}
-        self.active = None  # name of the adapter the hooks apply, or None (base model)
-        self.merged = None  # name of the adapter folded into the weights, or None
+        self.stack = ()  # ((name, weight), ...) the hooks apply, in order; () is the base model
+        self._merged_stack = None  # the stack folded into the weights, or None
         self._saved_weights = None
         self._enabled = True
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -164,18 +171,45 @@ class LoRA:
 
     def _hook(self, key):
         def hook(module, inputs, output):
-            if not self._enabled or self.active is None or self.merged is not None:
+            if not self._enabled or not self.stack or self._merged_stack is not None:
                 return None
-            ad = self.adapters[self.active]
-            i = ad.index.get(key)
-            if i is None:
-                return None
-            return output + ad.delta(i, inputs[0]).to(output.dtype)
+            return self.add_deltas(key, inputs[0], output, self.stack)
         return hook
+
+    def add_deltas(self, key, x, output, stack):
+        """output + the stack's terms for target module `key`: for each (name, weight) in order,
+        weight * (alpha / r) * B A x (an adapter that does not target this module adds nothing). The
+        hook calls it for the whole batch; applying a different stack to some rows is a call per group."""
+        for name, weight in stack:
+            ad = self.adapters[name]
+            i = ad.index.get(key)
+            if i is not None:
+                d = ad.delta(i, x)
+                output = output + (d if weight == 1.0 else d * weight).to(output.dtype)
+        return output
+
+    @staticmethod
+    def _names(stack):
+        """How `active` / `merged` report a stack: None, one name, or a list of names."""
+        if not stack:
+            return None
+        if len(stack) == 1 and stack[0][1] == 1.0:
+            return stack[0][0]
+        return [n for n, _ in stack]
+
+    @property
+    def active(self):
+        """None (the base model), the active adapter's name, or the list of names of a stack."""
+        return self._names(self.stack)
+
+    @property
+    def merged(self):
+        """What is folded into the weights, reported like `active` (None: nothing)."""
+        return self._names(self._merged_stack) if self._merged_stack is not None else None
 
     def close(self):
         """Remove the hooks, restore the base weights and the parameters' requires_grad flags."""
-        if self.merged is not None:
+        if self._merged_stack is not None:
             self.unmerge()
         for h in self._handles:
             h.remove()
@@ -207,21 +241,45 @@ class LoRA:
     def remove(self, name):
         if name not in self.adapters:
             raise KeyError(f"no adapter {name!r} (resident: {sorted(self.adapters)})")
-        if self.merged == name:
+        if self._merged_stack is not None and any(n == name for n, _ in self._merged_stack):
             self.unmerge()
-        if self.active == name:
-            self.active = None
+        self.stack = tuple((n, w) for n, w in self.stack if n != name)  # the rest of a stack stays
         del self.adapters[name]
 
-    def activate(self, name, merge=False):
-        """Make `name` the active adapter (None: the base model). O(1) unless merging."""
-        if name is not None and name not in self.adapters:
-            raise KeyError(f"no adapter {name!r} (resident: {sorted(self.adapters)})")
-        if self.merged is not None and self.merged != name:
+    def make_stack(self, names, weights=None):
+        """names (None, a name, or a list of names) and weights (default 1.0 each) -> ((name, weight), ...),
+        checked: every adapter resident, no name twice, one finite weight per name."""
+        if names is None:
+            if weights:
+                raise ValueError("weights given but no adapters")
+            return ()
+        names = [names] if isinstance(names, str) else list(names)
+        weights = [1.0] * len(names) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(names):
+            raise ValueError(f"{len(names)} adapters but {len(weights)} weights; give one weight per adapter")
+        if len(set(names)) != len(names):
+            raise ValueError(f"an adapter appears twice in the stack {names}")
+        missing = [n for n in names if n not in self.adapters]
+        if missing:
+            raise KeyError(f"no adapter {missing[0]!r} (resident: {sorted(self.adapters)})")
+        if not all(w == w and abs(w) != float("inf") for w in weights):
+            raise ValueError(f"stack weights must be finite numbers, got {weights}")
+        return tuple(zip(names, weights))
+
+    def activate(self, names, weights=None, merge=False):
+        """Make `names` active: None (the base model), one adapter name, or a list of names applied
+        together in that order, each times its weight (default 1.0). O(1) unless merging; merge=True
+        folds the stack into the weights (an unmerged one is unmerged first: the base comes back exactly)."""
+        stack = self.make_stack(names, weights)
+        if self._merged_stack is not None and self._merged_stack != stack:
             self.unmerge()
-        self.active = name
-        if merge and name is not None and self.merged != name:
+        self.stack = stack
+        if merge and stack and self._merged_stack != stack:
             self.merge()
+
+    def freeze(self, name, frozen=True):
+        """Stop (or restart) gradients into adapter `name`: what sits beneath a nested adapter is frozen."""
+        self.adapters[name].requires_grad_(not frozen)
 
     def deactivate(self):
         self.activate(None)
@@ -229,7 +287,7 @@ class LoRA:
     @contextmanager
     def base_only(self):
         """Run the base model inside the block, whatever is active or merged."""
-        merged = self.merged
+        merged = self._merged_stack
         if merged is not None:
             self.unmerge()
         self._enabled = False
@@ -242,27 +300,32 @@ class LoRA:
 
     @torch.no_grad()
     def merge(self):
-        """Fold the active adapter into the weights (keeping the originals for unmerge)."""
-        if self.active is None:
+        """Fold the active stack into the weights, one adapter after the other (keeping the originals
+        for unmerge)."""
+        if not self.stack:
             raise RuntimeError("no active adapter to merge")
-        if self.merged is not None:
-            raise RuntimeError(f"adapter {self.merged!r} is already merged")
-        ad = self.adapters[self.active]
-        self._saved_weights = {k: self.modules[k].weight.detach().clone() for k in ad.modules_}
-        for k, i in ad.index.items():
-            w = self.modules[k].weight
-            w.add_(ad.weight_delta(i).to(w.dtype))
-        self.merged = self.active
+        if self._merged_stack is not None:
+            raise RuntimeError(f"{self.merged!r} is already merged")
+        keys = {k for n, _ in self.stack for k in self.adapters[n].modules_}
+        if any(self.modules[k].weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) for k in keys):
+            raise RuntimeError("cannot merge into quantized base weights; serve the adapters unmerged (hooks)")
+        self._saved_weights = {k: self.modules[k].weight.detach().clone() for k in keys}
+        for name, weight in self.stack:
+            ad = self.adapters[name]
+            for k, i in ad.index.items():
+                w = self.modules[k].weight
+                w.add_((ad.weight_delta(i) * weight).to(w.dtype))
+        self._merged_stack = self.stack
 
     @torch.no_grad()
     def unmerge(self):
         """Copy the saved original weights back: the base is restored exactly."""
-        if self.merged is None:
+        if self._merged_stack is None:
             return
         for k, w in self._saved_weights.items():
             self.modules[k].weight.copy_(w)
         self._saved_weights = None
-        self.merged = None
+        self._merged_stack = None
 
     def trainable_parameters(self, name):
         return list(self.adapters[name].parameters())
@@ -342,6 +405,7 @@ def save_adapter(lora, name, directory, task=None, metrics=None):
         "task": ad.info.get("task"), "metrics": ad.info.get("metrics", {}), "created": ad.info.get("created") or _now(),
         "saved": _now(), "trainable_params": ad.num_params(), "bytes": ad.num_bytes(),
         "dtype": str(ad.A[0].dtype).removeprefix("torch."), "router": ad.centroid is not None,
+        "provenance": ad.info.get("provenance"),  # how a merged or nested adapter came about, else None
     }
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
@@ -369,14 +433,42 @@ def save_adapter(lora, name, directory, task=None, metrics=None):
     return meta
 
 
+MAX_RANK = 1024  # far above any useful adapter; a bigger rank in adapter.json is corruption, not a choice
+
+
 def read_adapter_meta(directory):
+    """adapter.json of the adapter at `directory`, checked field by field: raises FileNotFoundError when
+    there is none and ValueError naming the first bad field (a hand-edited or corrupt file must not
+    reach LoRA.add or torch with, say, a rank of -3 or a list for a dict)."""
     path = os.path.join(directory, "adapter.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no adapter at {directory} (missing adapter.json)")
-    with open(path) as f:
-        meta = json.load(f)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} adapter (format {meta.get('format')!r})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} adapter")
+
+    def bad(field, want):
+        return ValueError(f"{path}: {field} must be {want}, got {meta.get(field)!r}"[:300])
+
+    if not isinstance(meta.get("name"), str) or not _NAME_RE.fullmatch(meta["name"]):
+        raise bad("name", "an adapter name")
+    rank = meta.get("rank")
+    if type(rank) is not int or not 1 <= rank <= MAX_RANK:
+        raise bad("rank", f"an integer from 1 to {MAX_RANK}")
+    alpha = meta.get("alpha")
+    if type(alpha) not in (int, float) or not 0 < alpha < 1e6:
+        raise bad("alpha", "a positive number")
+    for field in ("targets", "modules"):
+        if not isinstance(meta.get(field), list) or not all(isinstance(x, str) for x in meta[field]):
+            raise bad(field, "a list of module names")
+    if not isinstance(meta.get("base_hash"), str):
+        raise bad("base_hash", "a string")
+    if not isinstance(meta.get("metrics", {}), dict):
+        raise bad("metrics", "an object")
     return meta
 
 
@@ -398,7 +490,10 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     missing = [k for k in meta["modules"] if k not in lora.modules]
     if missing:
         raise ValueError(f"adapter {meta['name']!r} targets modules this model does not hook: {missing[:4]}")
-    tensors = load_file(os.path.join(directory, "adapter.safetensors"), device=str(lora.model.get_device()))
+    try:  # a truncated or garbage file: safetensors raises its own error type, or OSError
+        tensors = load_file(os.path.join(directory, "adapter.safetensors"), device=str(lora.model.get_device()))
+    except Exception as e:  # noqa: BLE001 - whatever the file is, the answer is "this adapter is unusable"
+        raise ValueError(f"adapter {meta['name']!r}: adapter.safetensors is unreadable ({type(e).__name__}: {e})") from None
     ad = lora.add(name, rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"])
     if ad.modules_ != meta["modules"]:
         lora.remove(name)
@@ -406,23 +501,27 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     with torch.no_grad():
         for k, i in ad.index.items():
             for kind, params in (("lora_A", ad.A), ("lora_B", ad.B)):
-                t = tensors[f"{k}.{kind}"]
-                if t.shape != params[i].shape:
+                t = tensors.get(f"{k}.{kind}")
+                if t is None or t.shape != params[i].shape:
                     lora.remove(name)
-                    raise ValueError(f"adapter {meta['name']!r}: {k}.{kind} has shape {tuple(t.shape)}, "
+                    have = "is missing" if t is None else f"has shape {tuple(t.shape)}"
+                    raise ValueError(f"adapter {meta['name']!r}: {k}.{kind} {have}, "
                                      f"this model needs {tuple(params[i].shape)}")
                 params[i].copy_(t)
     ad.centroid = tensors.get("router.centroid")
     if ad.centroid is not None:
         ad.centroid = ad.centroid.cpu()
-    ad.info = {"task": meta.get("task"), "metrics": meta.get("metrics", {}), "created": meta.get("created")}
+    ad.info = {"task": meta.get("task"), "metrics": meta.get("metrics", {}), "created": meta.get("created"),
+               "provenance": meta.get("provenance")}
     if activate:
         lora.activate(name)
     return name
 
 
-def list_adapters(root=None):
-    """The adapter.json of every saved adapter under root (default $NANOCHAT_BASE_DIR/adapters)."""
+def list_adapters(root=None, errors=None):
+    """The adapter.json of every saved adapter under root (default $NANOCHAT_BASE_DIR/adapters).
+    Directories whose adapter.json is missing or bad are left out; pass a dict as `errors` to get
+    {directory name: why} for them."""
     root = root or adapters_dir()
     if not os.path.isdir(root):
         return []
@@ -432,9 +531,32 @@ def list_adapters(root=None):
             continue  # temp or old directories of an unfinished save
         try:
             out.append(read_adapter_meta(os.path.join(root, d)))
-        except (FileNotFoundError, ValueError, json.JSONDecodeError):
-            continue
+        except (OSError, ValueError) as e:
+            if errors is not None:
+                errors[d] = str(e)
     return out
+
+
+def remove_stale_temp(root):
+    """Delete what an interrupted save or delete left under root (.<name>.*.tmp / .old / .deleted-*
+    directories, .<file>.*.tmp files): call when nothing is saving there. -> the names removed."""
+    if not os.path.isdir(root):
+        return []
+    stale = re.compile(r"\..+(\.tmp|\.old|\.deleted-\d+)$")
+    removed = []
+    for d in sorted(os.listdir(root)):
+        m = re.fullmatch(r"\.(.+)\.[^.]+\.old", d)
+        if m and os.path.isdir(os.path.join(root, d)) and not os.path.exists(os.path.join(root, m.group(1))):
+            os.replace(os.path.join(root, d), os.path.join(root, m.group(1)))  # a replace cut short: keep the old one
+            continue
+        if stale.fullmatch(d):
+            p = os.path.join(root, d)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.remove(p)
+            removed.append(d)
+    return sorted(removed)
 
 
 def delete_adapter(directory):

@@ -30,13 +30,16 @@ class AdapterRecipe(Strategy):
 
 def train_adapter(model, tokenizer, conversations, replay_conversations=None, steps=50, name="adapter", lora=None,
                   rank=8, alpha=16.0, lr=1e-2, batch_size=4, replay_ratio=0.25, max_seq_len=None, seed=0,
-                  progress=None, should_stop=None, replace=False, task=None, dtype=None):
+                  progress=None, should_stop=None, replace=False, task=None, dtype=None, stack_under=None,
+                  stack_weights=None):
     """Train a new LoRA adapter `name` on `conversations` (tokenizer chat format), mixing in
     `replay_conversations` (e.g. general chat data) at `replay_ratio` of each batch so that the
     adapter does not drift away from everything else. Uses model._lora (attaching one when there is
     none: the base is then frozen). The model is trained in place: callers that serve requests from
-    the same model must not run inference meanwhile. The previously active adapter is active again
-    afterwards. progress(info) gets step, steps, loss, tok_per_sec, elapsed_s, eta_s; should_stop()
+    the same model must not run inference meanwhile. The previously active adapter (or stack) is active
+    again afterwards. stack_under: adapters that stay active (frozen, times stack_weights) beneath the new
+    one while it trains - a nested adapter, recorded in its provenance and meant to be served on top
+    of that same stack. progress(info) gets step, steps, loss, tok_per_sec, elapsed_s, eta_s; should_stop()
     -> True cancels (the adapter is then removed and None returned). dtype: "float32" or "bfloat16"
     (default: bf16 on CUDA where supported, fp32 elsewhere).
     Returns the Adapter (resident in the LoRA; persist it with nanochat.lora.save_adapter)."""
@@ -47,17 +50,26 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
     T = min(max_seq_len or model.config.sequence_len, model.config.sequence_len)
     rows = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in conversations]
     replay = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in (replay_conversations or [])]
+    under = lora.make_stack(stack_under, stack_weights)
+    if any(n == name for n, _ in under):
+        raise ValueError(f"adapter {name!r} cannot be trained on top of itself")
     if replace and name in lora.adapters:
         lora.remove(name)
-    previous = lora.active if lora.active != name else None
-    ad = lora.add(name, rank=rank, alpha=alpha, seed=seed, info={"task": task or name})
+    previous = lora.stack
+    info = {"task": task or name}
+    if under:
+        info["provenance"] = {"stacked_on": [{"name": n, "weight": w} for n, w in under]}
+    ad = lora.add(name, rank=rank, alpha=alpha, seed=seed, info=info)
     dtype = dtype or resolve_dtype("auto", model.get_device().type)
     cfg = ContinualConfig(steps=steps, batch_size=batch_size, lora_lr=lr, replay_ratio=replay_ratio,
                           warmup_steps=max(1, steps // 10), log_every=max(1, steps // 20), seed=seed)
     recipe = AdapterRecipe(model, tokenizer, cfg, ad, replay, dtype)
     pad = tokenizer.get_bos_token_id()
+    frozen = [n for n, _ in under if any(p.requires_grad for p in lora.adapters[n].parameters())]
     try:
-        lora.activate(name)
+        for n in frozen:
+            lora.freeze(n)
+        lora.activate([n for n, _ in under] + [name], [w for _, w in under] + [1.0])
         loss_before = mean_loss(model, rows, pad, dtype)
         with torch.enable_grad():
             stats = train_loop(model, rows, recipe, seed=seed, progress=progress, label=f"[adapter {name}] ",
@@ -72,7 +84,11 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
             lora.remove(name)
         raise
     finally:
-        lora.activate(previous if previous in lora.adapters else None)
+        for n in frozen:
+            if n in lora.adapters:
+                lora.freeze(n, False)
+        kept = [(n, w) for n, w in previous if n in lora.adapters]
+        lora.activate([n for n, _ in kept], [w for _, w in kept])
     ad.info["metrics"] = {"loss_before": loss_before, "loss_after": loss_after, "steps": stats["steps"],
                           "seconds": stats["seconds"], "conversations": len(rows), "replay_conversations": len(replay)}
     return ad

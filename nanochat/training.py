@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint, load_model,
-                                         save_checkpoint, start_fresh)
+                                         remove_stale_temp, save_checkpoint, start_fresh)
 from nanochat.common import (all_reduce, autocast, compute_init, format_eta, get_base_dir, gpu_peak_flops, print0,
                              resolve_dtype)
 
@@ -136,6 +136,9 @@ def check_resume(meta, same, num_iterations):
     diff = {k: (meta.get(k), v) for k, v in same.items() if meta.get(k) != v}
     if diff:
         raise SystemExit(f"cannot resume exactly: the checkpoint was made with different settings {diff} (saved, now)")
+    if meta["step"] > num_iterations:
+        raise SystemExit(f"the checkpoint is at step {meta['step']}, past this run's {num_iterations} steps: "
+                         "raise --num-iterations (or start afresh without --resume)")
     if meta["num_iterations"] != num_iterations:
         print0(f"warning: the checkpoint planned {meta['num_iterations']} steps, this run {num_iterations}: "
                "the LR schedule changes from here on")
@@ -150,6 +153,8 @@ def resume_or_start_fresh(resume, checkpoint_dir, optimizers, loop, run, rank_st
         restore_training_state(optimizers, rank_state)
         loop.update(meta["loop_state"])
         print0(f"resumed from {checkpoint_dir} at step {meta['step']}")
+        if run.master and remove_stale_temp(checkpoint_dir):  # before this run's first save
+            print0("removed temp files a killed save had left in the checkpoint directory")
         return meta["loader_states"][run.rank]
     if run.master:
         prev = start_fresh(checkpoint_dir)
@@ -292,20 +297,22 @@ class StepLog:
     untimed_steps = 3  # a process's first steps include compilation and warm-up: kept out of time and ETA
 
     def __init__(self, run, num_iterations, start_step, loop, loss_file="", wandb_run=None, flops_per_token=0,
-                 peak_flops=None):
+                 peak_flops=-1):
+        """flops_per_token=0: no MFU; peak_flops is the --peak-flops flag (<= 0: find it, see peak_flops_per_device)."""
         self.run, self.num_iterations, self.start_step, self.loop = run, num_iterations, start_step, loop
         loop.setdefault("smooth_train_loss", 0.0)
         loop.setdefault("total_training_time", 0.0)
         self.loss_file = open(loss_file, "a") if run.master and loss_file else None
         self.wandb_run = wandb_run
-        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.flops_per_token = flops_per_token
+        self.peak_flops = peak_flops_per_device(peak_flops, run) if flops_per_token else None
         self.run_time, self.timed_steps = 0.0, 0  # this process only, for the ETA
         self.tok_per_sec = self.mfu = 0.0  # of the last step, for the report
 
-    def step(self, step, loss, lrm, dt, processed_tokens, **extra):
+    def step(self, step, loss, lrm, dt, processed_tokens, extra=None):
         """Log optimizer step `step`: its loss (mean over ranks), dt seconds, the tokens all ranks processed;
         `extra` numbers go to the line, the loss file and wandb. -> the smoothed loss."""
-        loop, beta = self.loop, self.ema_beta
+        loop, beta, extra = self.loop, self.ema_beta, extra or {}
         loop["smooth_train_loss"] = beta * loop["smooth_train_loss"] + (1 - beta) * loss
         smooth = loop["smooth_train_loss"] / (1 - beta ** (step + 1))
         if step - self.start_step >= self.untimed_steps:
@@ -365,6 +372,16 @@ def collate(rows, pad_id, device="cpu", T=None, pad_to=None):
         x[i, :n] = torch.tensor(ids[:-1], dtype=torch.long)
         y[i, :n] = torch.where(torch.tensor(mask[1:]) == 1, torch.tensor(ids[1:], dtype=torch.long), -1)
     return x.to(device), y.to(device)
+
+
+def length_bucket(n, cap, smallest=256):
+    """The padded length for a batch whose longest row is n tokens: the smallest of smallest, 2*smallest, ...
+    that holds it, capped at cap. Under torch.compile a few static shapes recompile a few times, while padding
+    every row to cap wastes most FLOPs on conversations of a few hundred tokens."""
+    length = smallest
+    while length < n:
+        length *= 2
+    return min(length, cap)
 
 
 def gather_objects(obj, world_size):

@@ -25,7 +25,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulation_steps, add_training_args,
                                checkpoint_meta, eval_due, init_wandb, make_optimizers, optimizer_step,
-                               peak_flops_per_device, resume_or_start_fresh, save_due, save_training_checkpoint,
+                               resume_or_start_fresh, save_due, save_training_checkpoint,
                                start_run)
 
 SAMPLE_PROMPTS = [
@@ -153,10 +153,8 @@ def main(argv=None):
     train_data = Prefetch(tokenizing_distributed_data_loader(B, T, "train", tokenizer, run.device,
                                                              resume_state=loader_state), loader_state)
     eval_steps = max(1, args.eval_tokens // (B * T * run.world_size))
-    log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, flops_per_token,
-                  peak_flops_per_device(args.peak_flops, run))
-    step = start_step
-    while True:
+    log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, flops_per_token, args.peak_flops)
+    for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
         resumed_here = args.resume and step == start_step  # already evaluated/saved before the interruption
 
@@ -182,14 +180,13 @@ def main(argv=None):
                                    total_batch_size=args.total_batch_size)
             save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, run.rank, args.keep_last)
         if last_step or step == args.stop_after:
-            break
+            break  # step stays: == num_iterations only when training finished
 
         t0 = time.time()
         loss = accumulate_packed(model, train_data, grad_accum_steps, run)  # .item() inside waits for the device
         lrm = optimizer_step(model, optimizers, step, num_iterations, args)
         smooth = log.step(step, loss, lrm, time.time() - t0, args.total_batch_size)
         loop["history"].append([step, round(smooth, 5)])
-        step += 1
 
     # --- wrap up ----------------------------------------------------------------------------------
     log.close()

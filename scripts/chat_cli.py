@@ -21,9 +21,9 @@ class ContextFullError(ValueError):
 def render_prompt(engine, tokenizer, conversation):
     """The prompt ids for the next assistant reply; ContextFullError if they leave no room to answer."""
     prompt = tokenizer.render_for_completion(conversation)
-    ctx = engine.model.config.sequence_len
-    if len(prompt) >= ctx:
-        raise ContextFullError(f"the conversation is {len(prompt)} tokens but the model's context is {ctx}")
+    context_len = engine.model.config.sequence_len
+    if len(prompt) >= context_len:
+        raise ContextFullError(f"the conversation is {len(prompt)} tokens but the model's context is {context_len}")
     return prompt
 
 
@@ -40,7 +40,7 @@ def chat_turn(engine, tokenizer, conversation, temperature=0.6, top_k=50, max_to
     stop_tokens = {S("<|assistant_end|>"), tokenizer.get_bos_token_id()}
 
     prompt = render_prompt(engine, tokenizer, conversation)
-    ctx = engine.model.config.sequence_len
+    context_len = engine.model.config.sequence_len
 
     parts = []  # [type, text] pairs of the reply
     mode = "text"  # which part the next tokens belong to: text / python / python_output
@@ -104,7 +104,7 @@ def chat_turn(engine, tokenizer, conversation, temperature=0.6, top_k=50, max_to
     if mode != "text" and buf:  # cut off inside a tool call: keep what was written as text
         add_text(tokenizer.decode(buf))
     if not stopped:
-        if len(prompt) + n >= ctx:
+        if len(prompt) + n >= context_len:
             write("\n[stopped: the model's context is full; type 'clear' to start over]")
         else:
             write(f"\n[stopped: reached --max-tokens {max_tokens}]")

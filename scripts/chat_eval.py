@@ -95,7 +95,22 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--index", default="", help="tools: the search index (default <base>/search_index)")
     p.add_argument("--rag-docs", type=int, default=32, help="tools: held-out documents for the RAG bpb (0: skip)")
+    p.add_argument("--unsafe-exec", action="store_true",
+                   help="run HumanEval's and the python tool's generated code even without the bubblewrap sandbox "
+                        "(Python-level guards only)")
     return p.parse_args(script_argv(argv))
+
+
+def check_code_execution(unsafe_exec, what="HumanEval"):
+    """HumanEval and the python tool run the model's code: say once how it is contained, and stop before
+    any work when it can't be."""
+    from nanochat import sandbox
+    if unsafe_exec:
+        sandbox.allow_unsafe_exec()
+    policy, message = sandbox.exec_policy()
+    print0(f"{what}: {message}")
+    if policy == "refuse":
+        raise SystemExit(f"{what}: {message}")
 
 
 def main(argv=None):
@@ -124,6 +139,10 @@ def main(argv=None):
             if not os.path.exists(tools_index) and args.task_name == "all":
                 print0(f"tools: skipped, no search index at {tools_index} (python -m scripts.build_index --shards --facts)")
                 tools_index = None
+            if tools_index is not None:
+                check_code_execution(args.unsafe_exec, "tools (python)")
+        if "HumanEval" in tasks:
+            check_code_execution(args.unsafe_exec)
 
     results = {}
     for name, make in tasks.items():

@@ -30,7 +30,9 @@ from contextlib import nullcontext
 import torch
 import torch.distributed as dist
 
-from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
+from nanochat.training import (StepLog, checkpoint_meta, make_optimizers, resume_or_start_fresh,
+                               save_training_checkpoint, start_run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,7 +104,7 @@ def policy_gradient_loss(model, inputs, targets, advantages, num_tokens):
 
 # ---------------------------------------------------------------------------------------------
 
-def rollout(task, indices, engine, tokenizer, num_samples, max_new_tokens, temperature, top_k, seed, ctx,
+def rollout(task, indices, engine, tokenizer, num_samples, max_new_tokens, temperature, top_k, seed, context_len,
             normalize_std=False):
     """Sample and reward the problems `indices`. -> dict of per-row lists: prompts, completions, masks,
     rewards, advantages (rows grouped per problem)."""
@@ -110,10 +112,10 @@ def rollout(task, indices, engine, tokenizer, num_samples, max_new_tokens, tempe
     for idx in indices:
         conv = task[idx]
         prompt = tokenizer.render_for_completion(conv)
-        limit = max(ctx // 2, ctx - max_new_tokens)  # a prompt too long for the context keeps its end
+        limit = max(context_len // 2, context_len - max_new_tokens)  # a prompt too long for the context keeps its end
         if len(prompt) > limit:
             prompt = prompt[-limit:]
-        budget = min(max_new_tokens, ctx - len(prompt))
+        budget = min(max_new_tokens, context_len - len(prompt))
         comps, masks = sample_completions(engine, prompt, num_samples, budget, temperature, top_k, seed=seed + idx)
         rewards = [float(task.reward(conv, completion_text(tokenizer, c, engine.stop_tokens))) for c in comps]
         out["prompts"] += [prompt] * num_samples
@@ -143,7 +145,7 @@ def train_on_rollout(model, data, device, device_batch_size, pad_id, autocast_ct
     return total
 
 
-def evaluate_pass_at_k(task, num_problems, engine, tokenizer, k, max_new_tokens, temperature, top_k, ctx,
+def evaluate_pass_at_k(task, num_problems, engine, tokenizer, k, max_new_tokens, temperature, top_k, context_len,
                        rank=0, world_size=1, device="cpu", autocast_ctx=None, seed=10_000):
     """(pass@1, pass@k) on problems 0..num_problems-1 of task (split over ranks, summed)."""
     autocast_ctx = autocast_ctx or nullcontext()
@@ -151,15 +153,12 @@ def evaluate_pass_at_k(task, num_problems, engine, tokenizer, k, max_new_tokens,
     p1, pk, count = 0.0, 0.0, 0
     for idx in range(rank, n, world_size):
         with autocast_ctx:
-            data_ = rollout(task, [idx], engine, tokenizer, k, max_new_tokens, temperature, top_k, seed, ctx)
+            data_ = rollout(task, [idx], engine, tokenizer, k, max_new_tokens, temperature, top_k, seed, context_len)
         r = data_["rewards"]
         p1 += sum(r) / len(r)
         pk += float(max(r) > 0)
         count += 1
-    stats = torch.tensor([p1, pk, count], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-    p1, pk, count = stats.tolist()
+    p1, pk, count = all_reduce([p1, pk, count], torch.device(device))
     return (p1 / count, pk / count) if count else (0.0, 0.0)
 
 
@@ -213,21 +212,23 @@ def parse_args(argv=None):
     p.add_argument("--eval-problems", type=int, default=100, help="held-out GSM8K test problems for pass@k")
     p.add_argument("--eval-samples", type=int, default=0, help="k for pass@k (default: --num-samples)")
     p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (and at the end); <=0: end only")
+    p.add_argument("--keep-last", type=int, default=-1, help="keep only the newest N checkpoints; -1: keep all")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag's RL run")
+    p.add_argument("--stop-after", type=int, default=-1, help="debug: save a checkpoint after this many steps and "
+                   "exit as if killed (continue with --resume)")
     return p.parse_args(script_argv(argv))
 
 
 def main(argv=None):
     args = parse_args(argv)
     user_config = vars(args).copy()
-    ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None, seed=42 + args.seed)
-    master = rank == 0
-    dtype = resolve_dtype(args.dtype, device.type)
-    autocast_ctx = autocast(dtype, device.type)
+    run = start_run(args.device_type, args.dtype, seed=42 + args.seed)
+    rank, world_size, device = run.rank, run.world_size, run.device
     if args.prompts_per_step % world_size:
         raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number of ranks ({world_size})")
     k_eval = args.eval_samples or args.num_samples
 
-    from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model, save_checkpoint, start_fresh
+    from nanochat.checkpoint_manager import SOURCES, find_largest_model, find_last_step, load_checkpoint, load_model
     from nanochat.engine import Engine
     tag = args.model_tag
     if tag is None:
@@ -238,60 +239,66 @@ def main(argv=None):
                              "first (or pick another --source)") from None
     model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=tag, step=args.step)
     engine = Engine(model, tokenizer)
-    ctx = model.config.sequence_len
+    context_len = model.config.sequence_len
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 
     if args.task_file:
         from tasks.customjson import JSONLTask
         train_task = eval_task = JSONLTask(args.task_file)
     else:
-        from tasks.gsm8k import GSM8K, GSM8KSynthetic
-        train_task = GSM8K(split="train") if args.online else GSM8KSynthetic(size=args.train_size, seed=args.seed)
+        from tasks.gsm8k import GSM8K
+        from tasks.mixtures import rl_train_task
+        train_task = rl_train_task(args.online, args.train_size, args.seed)
         eval_task = GSM8K(split="test")  # evaluation only: never trained on
     print0(f"source: {args.source}/{tag} | train problems: {len(train_task):,} | eval problems: "
            f"{min(args.eval_problems, len(eval_task))} | pass@{k_eval}")
 
-    optimizers = model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
-                                        matrix_lr=args.matrix_lr, weight_decay=args.weight_decay)
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["lr"] = group["initial_lr"] = group["initial_lr"] * args.init_lr_frac
-
+    optimizers = make_optimizers(model, args, args.init_lr_frac)
     checkpoint_dir = os.path.join(get_base_dir(), "chatrl_checkpoints", tag)
-    if master:
-        prev = start_fresh(checkpoint_dir)
-        if prev:
-            print0(f"earlier checkpoints of {tag} moved to {prev}")
+    start_step, rank_state, resume_meta = 0, None, None
+    if args.resume:
+        start_step = find_last_step(checkpoint_dir)
+        model_state, rank_state, resume_meta = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True,
+                                                               rank=rank)
+        model.load_state_dict(model_state)
+        del model_state
+    loop = {"eval_history": [], "reward_history": []}
+    same = {"world_size": world_size, "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
+            "source": {"stage": args.source, "tag": tag, "step": meta.get("step")}}
+    resume_or_start_fresh(args.resume, checkpoint_dir, optimizers, loop, run, rank_state, resume_meta, same,
+                          args.num_steps)  # the problems and sampling seeds depend only on the step
+    eval_history, reward_history = loop["eval_history"], loop["reward_history"]
 
     def run_eval(step):
         model.eval()
         p1, pk = evaluate_pass_at_k(eval_task, args.eval_problems, engine, tokenizer, k_eval, args.max_new_tokens,
-                                    1.0, args.top_k, ctx, rank, world_size, device, autocast_ctx)
+                                    1.0, args.top_k, context_len, rank, world_size, device, run.autocast())
         model.train()
-        print0(f"step {step:05d} | eval pass@1 {p1:.4f} | pass@{k_eval} {pk:.4f}")
+        log.eval(step, {"pass@1": p1, f"pass@{k_eval}": pk})
         return p1, pk
 
-    def save(step, p1):
-        m = {"step": step, "model_config": meta["model_config"], "user_config": user_config,
-             "source": {"stage": args.source, "tag": tag, "step": meta.get("step")}, "pass@1": p1}
-        save_checkpoint(checkpoint_dir, step, model.state_dict(), None, m, rank=rank)
-        print0(f"saved checkpoint {checkpoint_dir} step {step}")
+    def save(step):
+        m = checkpoint_meta(step, model, user_config, run, args.num_steps, {"step": step}, loop,
+                            source=same["source"], prompts_per_step=args.prompts_per_step,
+                            num_samples=args.num_samples, **{"pass@1": eval_history[-1][1]})
+        save_training_checkpoint(checkpoint_dir, step, model, optimizers, m, rank, args.keep_last)
 
-    eval_history = [(0,) + run_eval(0)]
-    reward_history = []
+    log = StepLog(run, args.num_steps, start_step, loop)
+    if not args.resume:
+        eval_history.append([0, *run_eval(0)])
     per_rank = args.prompts_per_step // world_size
-    for step in range(args.num_steps):
+    for step in range(start_step, args.num_steps):
         t0 = time.time()
         base = step * args.prompts_per_step
         indices = [(base + j) % len(train_task) for j in range(rank, args.prompts_per_step, world_size)]
         assert len(indices) == per_rank
         model.eval()
-        with autocast_ctx:
+        with run.autocast():
             data = rollout(train_task, indices, engine, tokenizer, args.num_samples, args.max_new_tokens,
-                           args.temperature, args.top_k, seed=1_000_003 * (step + 1), ctx=ctx,
+                           args.temperature, args.top_k, seed=1_000_003 * (step + 1), context_len=context_len,
                            normalize_std=args.adv_std)
         model.train()
-        loss = train_on_rollout(model, data, device, args.device_batch_size, pad_id, autocast_ctx)
+        loss = train_on_rollout(model, data, device, args.device_batch_size, pad_id, run.autocast())
         lrm = 1.0 - step / args.num_steps
         for opt in optimizers:
             for group in opt.param_groups:
@@ -300,26 +307,28 @@ def main(argv=None):
             opt.step()
         model.zero_grad(set_to_none=True)
 
-        stats = torch.tensor([sum(data["rewards"]), len(data["rewards"]), sum(len(c) for c in data["completions"])],
-                             dtype=torch.float64, device=device)
-        if ddp:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM)
-        mean_reward, mean_len = stats[0].item() / stats[1].item(), stats[2].item() / stats[1].item()
-        reward_history.append((step, mean_reward))
-        print0(f"step {step:05d}/{args.num_steps:05d} | mean reward {mean_reward:.4f} | mean length {mean_len:.1f} "
-               f"| loss {loss:+.5f} | lrm {lrm:.3f} | dt {time.time() - t0:.1f}s")
+        rewards, rows, sampled = all_reduce([sum(data["rewards"]), len(data["rewards"]),
+                                             sum(len(c) for c in data["completions"])], device)
+        reward_history.append([step, rewards / rows])
+        # tok/s counts the sampled tokens: generation, not the training pass, sets an RL step's pace
+        log.step(step, all_reduce(loss, device) / world_size, lrm, time.time() - t0, sampled,
+                 {"mean reward": rewards / rows, "mean length": sampled / rows})
 
         done = step + 1
         if args.eval_every > 0 and done % args.eval_every == 0 and done != args.num_steps:
-            eval_history.append((done,) + run_eval(done))
-        if args.save_every > 0 and done % args.save_every == 0 and done != args.num_steps:
-            save(done, eval_history[-1][1])
+            eval_history.append([done, *run_eval(done)])
+        if done == args.stop_after or (args.save_every > 0 and done % args.save_every == 0 and done != args.num_steps):
+            save(done)
+        if done == args.stop_after:
+            break
+    else:  # not stopped early: the final evaluation and checkpoint
+        if eval_history[-1][0] != args.num_steps:
+            eval_history.append([args.num_steps, *run_eval(args.num_steps)])
+        save(args.num_steps)
+    finished = eval_history[-1][0] == args.num_steps
 
-    if eval_history[-1][0] != args.num_steps:
-        eval_history.append((args.num_steps,) + run_eval(args.num_steps))
-    save(args.num_steps, eval_history[-1][1])
-
-    if master:
+    log.close()
+    if run.master and finished:
         from nanochat.report import get_report
         report = get_report()
         plot = save_reward_plot(reward_history, report.save_plot)
@@ -335,7 +344,7 @@ def main(argv=None):
                 "Evaluations (step, pass@1, pass@k)": "; ".join(f"{s}: {a:.3f}, {b:.3f}" for s, a, b in eval_history),
             },
         ], images=[("Mean reward per step", plot)])
-    if ddp:
+    if run.ddp:
         dist.barrier()  # nobody tears gloo down while another rank still works (it can abort at exit)
     compute_cleanup()
     return eval_history, reward_history

@@ -11,7 +11,7 @@ sum over its supervised tokens divided by their number across all micro-batches 
 every supervised token weighs the same however the conversations are batched.
 
 Data (--mixture, same syntax as mid_train): default arc,gsm8k,spellingbee,simplespelling,tools,chitchat,
-chatterbot (+ --identity-file). A held-out slice (--val-examples) gives the validation loss.
+chatterbot (--online: ARC, GSM8K, SmolTalk, tools) (+ --identity-file). A held-out slice (--val-examples) gives the validation loss.
 Multiple-choice accuracy (--eval-mc, default ARC-Easy and MMLU validation slices; custom:PATH for a
 JSONL of conversations with "letters") is read off the logits of the answer letters after
 <|assistant_start|>.
@@ -28,7 +28,7 @@ import torch
 
 from nanochat.common import all_reduce, compute_cleanup, print0, script_argv
 from nanochat.training import (StepLog, add_finetune_args, add_training_args, checkpoint_meta, collate, eval_due,
-                               init_wandb, load_start_model, make_optimizers, optimizer_step, peak_flops_per_device,
+                               init_wandb, length_bucket, load_start_model, make_optimizers, optimizer_step,
                                resume_or_start_fresh, save_due, save_training_checkpoint, start_run)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
@@ -41,6 +41,7 @@ def parse_args(argv=None):
     add_training_args(p)
     add_finetune_args(p)
     p.add_argument("--source", default="mid", choices=["mid", "base"], help="which stage's model to finetune")
+    p.add_argument("--online", action="store_true", help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
     p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step (all ranks)")
     p.add_argument("--num-epochs", type=int, default=1, help="epochs over the mixture when --num-iterations is -1")
     p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (and at the end); <=0: end only")
@@ -91,15 +92,17 @@ def step_examples(step, examples_per_step, n, rank, world_size):
     return [_orders(n, g // n)[g % n] for g in range(first, first + share)]
 
 
-def micro_batches(train_set, tokenizer, step, args, rank, world_size, grad_accum_steps, T, pad_to, device):
-    """The step's grad_accum_steps (inputs, targets) batches for this rank."""
+def micro_batches(train_set, tokenizer, step, args, rank, world_size, grad_accum_steps, T, bucketed, device):
+    """The step's grad_accum_steps (inputs, targets) batches for this rank, padded to the longest row, or with
+    bucketed (for torch.compile's static shapes) to the length bucket that holds it."""
     idx = step_examples(step, args.examples_per_step, len(train_set), rank, world_size)
     pad_id = tokenizer.get_bos_token_id()
     B = args.device_batch_size
     batches = []
     for m in range(grad_accum_steps):
         rendered = [tokenizer.render_conversation(train_set[i], max_tokens=T + 1) for i in idx[m * B:(m + 1) * B]]
-        batches.append(collate(rendered, pad_id, device, T=T, pad_to=pad_to))
+        longest = max(min(len(ids), T + 1) - 1 for ids, _ in rendered)
+        batches.append(collate(rendered, pad_id, device, T=T, pad_to=length_bucket(longest, T) if bucketed else None))
     return batches
 
 
@@ -198,7 +201,7 @@ def main(argv=None):
            f"dtype: {run.dtype}")
 
     # --- data --------------------------------------------------------------------------------------
-    spec = mixture_spec(args, SFT_DEFAULT)
+    spec = mixture_spec(args, SFT_DEFAULT, "sft")
     tasks = build_tasks(spec, "sft", args.max_per_task)
     train_set, val_set = split_mixture(tasks, args.val_examples)
     val_convs = list(val_set)
@@ -220,7 +223,6 @@ def main(argv=None):
     print0(f"batch: {B} conversations x {run.world_size} ranks x {grad_accum_steps} accumulation = "
            f"{args.examples_per_step} per step | steps: {num_iterations:,} "
            f"({num_iterations * args.examples_per_step / len(train_set):.2f} epochs)")
-    pad_to = T if run.compile else None  # static shapes for torch.compile
 
     # --- start fresh or resume -----------------------------------------------------------------------
     optimizers = make_optimizers(model, args, args.init_lr_frac)
@@ -234,9 +236,8 @@ def main(argv=None):
         model = torch.compile(model, dynamic=False)
 
     log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, orig_model.estimate_flops(),
-                  peak_flops_per_device(args.peak_flops, run))
-    step = start_step
-    while True:
+                  args.peak_flops)
+    for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
         resumed_here = args.resume and step == start_step
 
@@ -260,12 +261,12 @@ def main(argv=None):
                                    mixture=spec, num_train_conversations=len(train_set))
             save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, run.rank, args.keep_last)
         if last_step or step == args.stop_after:
-            break
+            break  # step stays: == num_iterations only when training finished
 
         # --- one optimizer step ------------------------------------------------------------------
         t0 = time.time()
         batches = micro_batches(train_set, tokenizer, step, args, run.rank, run.world_size, grad_accum_steps, T,
-                                pad_to, run.device)
+                                run.compile, run.device)
         # every supervised token of the step (all micro-batches, all ranks) weighs the same
         supervised, processed = all_reduce([sum(int((y >= 0).sum().item()) for _, y in batches),
                                             sum(x.numel() for x, _ in batches)], run.device)
@@ -280,8 +281,7 @@ def main(argv=None):
             (loss * scale).backward()
         lrm = optimizer_step(model, optimizers, step, num_iterations, args)
         loss_value = all_reduce(train_loss.item(), run.device) / max(1, supervised)
-        log.step(step, loss_value, lrm, time.time() - t0, processed, tokens=supervised)
-        step += 1
+        log.step(step, loss_value, lrm, time.time() - t0, processed, {"tokens": supervised})
 
     log.close()
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val loss: {loop['min_val_loss']:.4f}")

@@ -26,6 +26,15 @@ OpenAI compatibility notes
     usage.completion_tokens counts every token appended after the prompt: sampled, forced tool output,
     and the closing <|assistant_end|>.
 
+Security
+    --api-key KEY (or NANOCHAT_API_KEY): every endpoint but GET /health and the page itself (GET /) needs
+    "Authorization: Bearer KEY" (what the OpenAI client sends); the page asks for the key in its settings
+    when the server answers 401, and keeps it in the browser's localStorage. --admin-key KEY (or
+    NANOCHAT_ADMIN_KEY) is then needed for /learn and for changing adapters (activate, delete); without
+    one, the API key is enough. Without any key the server listens on loopback only; another --host then
+    needs --insecure. A request (headers and body) must arrive within --request-timeout seconds of its
+    first byte, or the connection is closed.
+
 Workers: one model replica per GPU (or one on CPU), each with its own thread. A request waits in a FIFO
 queue until a worker is free (never refused for being busy), then that worker generates for it alone.
 Tokens cross from the worker's thread to the request's event loop through an asyncio queue; when the
@@ -67,6 +76,7 @@ from nanochat.tokenizer import validate_messages as _validate_messages  # public
 logger = logging.getLogger("nanochat.chat_web")
 
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(nanochat.__file__)), "ui.html")
+MIN_TEMPERATURE = 1e-6  # below this, logits / T overflows float32 (NaN probabilities): sample greedily instead
 QUEUE_NOTICE_S = 1.0  # while a request waits for a worker, tell its client its place this often
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks whether its client is still there
 
@@ -86,6 +96,11 @@ class Limits:
     max_body_bytes: int = 1 << 20
     max_learn_items: int = 256  # facts + conversations in one POST /learn
     max_learn_steps: int = 2000
+    max_learn_jobs: int = 8  # queued or running; more get 429 with Retry-After
+    max_adapters: int = 64
+    max_adapter_bytes: int = 1 << 30  # all adapters on disk together
+    job_ttl: float = 3600.0  # seconds a finished /learn job stays visible at /learn/{id}
+    request_timeout: float = 30.0  # seconds for a request's headers and body to arrive
 
 
 @dataclass
@@ -265,6 +280,51 @@ def describe_validation_errors(errors):
     return "; ".join(out)
 
 
+class _ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: None = None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: OpenAI's error shape."""
+    error: _ErrorDetail
+
+
+_STATUS_WHY = {400: "invalid request (what is wrong is in error.message)", 401: "missing or wrong API key",
+               403: "the admin key is needed", 404: "no such adapter / job, or live learning is off",
+               405: "method not allowed", 409: "conflicts with an adapter or job", 413: "request body too large",
+               429: "too many learning jobs queued (see Retry-After)"}
+SSE = {"text/event-stream": {"schema": {"description": "server-sent events: one JSON object per data line"}}}
+
+
+def documented_errors(*codes):
+    """OpenAPI `responses` for the error statuses an endpoint can answer (the document lists exactly
+    what the server sends: 400 for bad input, never FastAPI's default 422)."""
+    return {c: {"model": ErrorBody, "description": _STATUS_WHY[c]} for c in codes}
+
+
+def without_422(app):
+    """Replace app.openapi by one that drops FastAPI's automatic 422 responses: validation errors are
+    answered with 400 (on_validation_error), which each route documents itself."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for ops in doc["paths"].values():
+                for op in ops.values():
+                    op["responses"].pop("422", None)
+                    if op.pop("x-sse-only", False):  # FastAPI adds application/json to every 200
+                        op["responses"]["200"]["content"].pop("application/json", None)
+            for name in ("HTTPValidationError", "ValidationError"):
+                doc.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = doc
+        return app.openapi_schema
+    app.openapi = openapi
+
+
 def error_response(status, message, param=None, kind="invalid_request_error"):
     # OpenAI's error shape: the openai client raises with this message, and the page shows it
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
@@ -302,6 +362,118 @@ class BodySizeLimit:
 
 # --------------------------------------------------------------------------------------------
 # generation
+
+class ApiKeyAuth:
+    """ASGI middleware: Bearer-key checks. With api_key set, every request but PUBLIC needs it (or the
+    admin key); admin_key, when set, is the only key for ADMIN requests (training and changing adapters).
+    401 when the key is missing or wrong, 403 when the API key is used where the admin key is needed."""
+    PUBLIC = {("GET", "/"), ("GET", "/health"), ("HEAD", "/"), ("HEAD", "/health")}
+
+    def __init__(self, app, api_key=None, admin_key=None):
+        self.app, self.api_key, self.admin_key = app, api_key or None, admin_key or None
+
+    @staticmethod
+    def is_admin(method, path):
+        return path == "/learn" or path.startswith("/learn/") or (
+            path.startswith("/adapters/") and method in ("POST", "DELETE", "PUT", "PATCH"))
+
+    @staticmethod
+    def _matches(given, key):
+        import hmac
+        return key is not None and hmac.compare_digest(given.encode(), key.encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (self.api_key is None and self.admin_key is None):
+            return await self.app(scope, receive, send)
+        method, path = scope["method"], scope["path"]
+        auth = Headers(scope=scope).get("authorization", "")
+        scheme, _, given = auth.partition(" ")
+        given = given.strip() if scheme.lower() == "bearer" else ""
+        admin = self.is_admin(method, path)
+        if admin and self.admin_key is not None:
+            if self._matches(given, self.admin_key):
+                return await self.app(scope, receive, send)
+            if self._matches(given, self.api_key):
+                return await error_response(403, f"{method} {path} needs the admin key (--admin-key), not the API "
+                                                 "key")(scope, receive, send)
+        elif (method, path) in self.PUBLIC or self.api_key is None or \
+                self._matches(given, self.api_key) or self._matches(given, self.admin_key):
+            return await self.app(scope, receive, send)
+        what = "the admin key" if admin and self.admin_key is not None else "the API key"
+        message = (f"missing or wrong key: send \"Authorization: Bearer <key>\" with {what} "
+                   "(the chat page: enter it under settings)")
+        response = error_response(401, message, kind="authentication_error")
+        response.headers["WWW-Authenticate"] = "Bearer"
+        return await response(scope, receive, send)
+
+
+def guarded_protocol(request_timeout):
+    """uvicorn's h11 protocol, plus a deadline: a request's headers and body must all arrive within
+    request_timeout seconds of the connection opening (or of the previous response ending), else the
+    connection is closed. uvicorn alone keeps a connection that trickles a byte now and then open forever."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline = None
+
+        def _arm(self):
+            self._disarm()
+            self._deadline = self.loop.call_later(request_timeout, self._expired)
+
+        def _disarm(self):
+            if self._deadline is not None:
+                self._deadline.cancel()
+                self._deadline = None
+
+        def _expired(self):
+            self._deadline = None
+            if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+                logger.info("closing a connection whose request did not arrive within %gs", request_timeout)
+                self.transport.close()
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._arm()
+
+        def handle_events(self):
+            super().handle_events()
+            if self.conn.their_state is h11.DONE:  # the whole request is in
+                self._disarm()
+
+        def on_response_complete(self):
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc):
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def is_loopback(host):
+    import ipaddress
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host, api_key, insecure):
+    """Refuse to serve an unauthenticated API beyond this machine unless asked to: -> a line to print."""
+    if api_key:
+        return f"API key required (Bearer) on every endpoint but /health and the page"
+    if is_loopback(host):
+        return "no --api-key: listening on loopback only, so only this machine can reach the server"
+    if not insecure:
+        raise ValueError(f"--host {host} without --api-key would let anyone who can reach the port chat, train and "
+                         "delete adapters: set --api-key (or NANOCHAT_API_KEY), or pass --insecure to do it anyway")
+    return f"WARNING: --insecure: no API key, listening on {host}: anyone who can reach the port can use everything"
+
 
 class ReplyParser:
     """The engine's tokens -> page events: text deltas (UTF-8 safe) and, for calculator use, the whole
@@ -392,7 +564,12 @@ class Worker:
         n, finish = 0, "length"  # length = max_tokens or the model's context ran out
         try:
             if self.lora is not None:
-                self.lora.activate(job.adapter)  # a pointer swap; raises KeyError if it was deleted meanwhile
+                try:
+                    self.lora.activate(job.adapter)  # a pointer swap
+                except KeyError:  # deleted meanwhile (the lease in WorkerPool.run should make this impossible)
+                    finish = "error"
+                    emit({"type": "error", "status": 404, "message": f"adapter {job.adapter!r} was deleted"})
+                    return finish
             with self.autocast():
                 steps = self.engine.generate(job.prompt, num_samples=1, max_tokens=job.max_tokens,
                                              temperature=job.temperature, top_k=job.top_k or None, seed=job.seed)
@@ -448,6 +625,7 @@ class WorkerPool:
         self.active = 0
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}
         self.started_at = time.time()
+        self.leases = None  # nanochat.live.LiveLearning when adapters exist: held while a job uses one
 
     def _ask(self):
         """A future that resolves to a worker, at once if one is idle and nobody is waiting."""
@@ -492,6 +670,10 @@ class WorkerPool:
         worker (every QUEUE_NOTICE_S), then the worker's events, ending with "done" or "error".
         Closing it early (the client left) stops the generation and frees the worker."""
         loop = asyncio.get_running_loop()
+        leased = job.adapter is not None and self.leases is not None
+        if leased and not self.leases.acquire(job.adapter):  # deleted between admission and now
+            yield {"type": "error", "status": 404, "message": f"adapter {job.adapter!r} was deleted; GET /adapters lists them"}
+            return
         ticket = self._ask()
         cancelled = threading.Event()
         started = False
@@ -526,6 +708,8 @@ class WorkerPool:
             cancelled.set()
             if not started:
                 self._forget(ticket)
+            if leased:
+                self.leases.release(job.adapter)
 
     async def on_each_worker(self, fn):
         """Run fn(worker) on every worker's own thread while no request is using it: takes every worker
@@ -586,13 +770,18 @@ def sse(obj):
     return format_sse_event(data_str=json.dumps(obj))
 
 
-def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up=True, learn=None):
+def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up=True, learn=None,
+               api_key=None, admin_key=None):
     """The FastAPI app serving `workers` (a list of Worker over replicas of one model and tokenizer).
-    learn: None (no live learning) or a function pool -> nanochat.live.LiveLearning."""
+    learn: None (no live learning) or a function pool -> nanochat.live.LiveLearning.
+    api_key / admin_key: see ApiKeyAuth (None: open)."""
     limits = limits or Limits()
     defaults = defaults or Defaults()
     pool = WorkerPool(workers)
     live = learn(pool) if learn else None
+    if live:
+        live.max_jobs, live.job_ttl = limits.max_learn_jobs, limits.job_ttl
+        live.max_adapters, live.max_adapter_bytes = limits.max_adapters, limits.max_adapter_bytes
     tokenizer = workers[0].tokenizer
     context = workers[0].model.config.sequence_len
     created = int(time.time())
@@ -612,6 +801,8 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 
     app = FastAPI(title="nanochat", lifespan=lifespan)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(ApiKeyAuth, api_key=api_key, admin_key=admin_key)  # added last: runs first
+    without_422(app)
     app.state.pool = pool
     app.state.live = live
 
@@ -625,7 +816,9 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request, exc):
-        return error_response(exc.status_code, str(exc.detail))
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})  # e.g. 405's Allow
+        return response
 
     def adapter_for(name):
         if live is None:
@@ -645,8 +838,9 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
             raise RequestError(f"the conversation is {len(prompt)} tokens but the model's context is {context} "
                                "tokens, with room needed for the reply: start a new conversation or shorten it",
                                "messages")
+        temperature = defaults.temperature if temperature is None else temperature
         job = Job(prompt=prompt, max_tokens=max_tokens or defaults.max_tokens,
-                  temperature=defaults.temperature if temperature is None else temperature,
+                  temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
                   top_k=defaults.top_k if top_k is None else top_k, adapter=adapter_for(adapter))
         if seed is not None:
             job.seed = seed
@@ -661,16 +855,17 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         return {"status": "ok", "model": model_id, "workers": len(pool.workers),
                 "idle_workers": sum(not w.busy for w in pool.workers), "queue_depth": pool.queue_depth()}
 
-    @app.get("/stats")
+    @app.get("/stats", responses=documented_errors(401))
     async def stats():
         return {"model": model_id, **pool.stats()}
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=documented_errors(401))
     async def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created,
                                              "owned_by": "nanochat"}]}
 
-    @app.post("/chat/completions")
+    @app.post("/chat/completions", responses={200: {"content": SSE}} | documented_errors(400, 401, 404, 413),
+              openapi_extra={"x-sse-only": True})
     async def page_completion(body: PageRequest):
         messages = [m.model_dump() for m in body.messages]
         job = make_job(messages, body.temperature, body.top_k, body.max_tokens, body.seed, body.adapter)
@@ -682,7 +877,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 
         return EventStream(events())
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses={200: {"content": SSE}} | documented_errors(400, 401, 404, 413))
     async def openai_completion(body: OpenAIRequest, request: Request):
         if body.n not in (None, 1):
             raise RequestError(f"n must be 1: one reply per request (got {body.n})", "n")
@@ -738,7 +933,9 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                                          "logprobs": None, "finish_reason": event["finish_reason"]}],
                             "usage": event["usage"]}
                 elif kind == "error":
-                    return error_response(500, event["message"], kind="server_error")
+                    status = event.get("status", 500)
+                    return error_response(status, event["message"], kind="server_error" if status >= 500 else
+                                          "invalid_request_error")
                 if time.monotonic() - last_check > DISCONNECT_CHECK_S:
                     last_check = time.monotonic()
                     if await request.is_disconnected():  # nobody to answer: free the worker
@@ -790,34 +987,39 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
                                    "conversations")
         return convs
 
-    @app.post("/learn", status_code=202)
+    @app.post("/learn", status_code=202, responses=documented_errors(400, 401, 403, 404, 409, 413, 429))
     async def learn(body: LearnRequest):
         lv = need_live()
         if not 1 <= body.steps <= limits.max_learn_steps:
             raise RequestError(f"steps must be between 1 and {limits.max_learn_steps} (--max-learn-steps); "
                                f"got {body.steps}", "steps")
         convs = learn_examples(body)
+        from nanochat.live import AdapterLimit, JobQueueFull
         try:
             job = lv.submit(body.adapter, convs, body.steps, replace=body.replace)
         except ValueError as e:
             raise RequestError(str(e), "adapter") from None
-        except FileExistsError as e:
+        except (FileExistsError, AdapterLimit) as e:
             raise RequestError(str(e), "adapter", status=409) from None
+        except JobQueueFull as e:
+            response = error_response(429, str(e))
+            response.headers["Retry-After"] = str(e.retry_after)
+            return response
         return {"job": job.id, "adapter": job.adapter, "status": job.status, "steps": job.steps,
                 "examples": job.examples, "url": f"/learn/{job.id}"}
 
-    @app.get("/learn/{job_id}")
+    @app.get("/learn/{job_id}", responses=documented_errors(401, 403, 404))
     async def learn_status(job_id: str):
-        job = need_live().jobs.get(job_id)
+        job = need_live().job(job_id)
         if job is None:
             raise RequestError(f"no learning job {job_id!r}", status=404)
         return job.view()
 
-    @app.get("/adapters")
+    @app.get("/adapters", responses=documented_errors(401, 404))
     async def adapters():
         return need_live().describe()
 
-    @app.post("/adapters/{name}/activate")
+    @app.post("/adapters/{name}/activate", responses=documented_errors(401, 403, 404))
     async def activate(name: str):
         lv = need_live()
         t0 = time.perf_counter()
@@ -827,7 +1029,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
             raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
         return {"active": lv.default, "switch_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
-    @app.delete("/adapters/{name}")
+    @app.delete("/adapters/{name}", responses=documented_errors(401, 403, 404, 409))
     async def delete(name: str):
         lv = need_live()
         if lv.busy_with(name):
@@ -862,14 +1064,15 @@ def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None):
 
 
 @contextmanager
-def serve_in_thread(app, startup_timeout=60):
+def serve_in_thread(app, startup_timeout=60, request_timeout=Limits.request_timeout):
     """Serve `app` with uvicorn on a free loopback port in a background thread and yield its URL; the
     server stops on exit. For tests and benchmarks that talk HTTP to a server in their own process."""
     import socket
     import uvicorn
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2,
+                                           http=guarded_protocol(request_timeout)))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
@@ -920,6 +1123,11 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--adapters-dir", default="", help="where learned adapters live (default: $NANOCHAT_BASE_DIR/adapters)")
     p.add_argument("--no-learn", action="store_true", help="serve without live learning (no /learn, no adapters)")
+    p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY", ""),
+                   help="require 'Authorization: Bearer KEY' (default $NANOCHAT_API_KEY; none: loopback only)")
+    p.add_argument("--admin-key", default=os.environ.get("NANOCHAT_ADMIN_KEY", ""),
+                   help="key for /learn and adapter changes (default $NANOCHAT_ADMIN_KEY; none: the API key)")
+    p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
     d, lim = Defaults(), Limits()
     p.add_argument("-t", "--temperature", type=float, default=d.temperature, help="default temperature (0 = greedy)")
     p.add_argument("-k", "--top-k", type=int, default=d.top_k, help="default top-k (0 = none)")
@@ -937,6 +1145,11 @@ def main(argv=None):
     import uvicorn
     from nanochat.common import autodetect_device_type, setup_logging
     setup_logging()
+    try:
+        exposure = check_exposure(args.host, args.api_key, args.insecure)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     device_type = args.device_type or autodetect_device_type()
     try:
         workers, meta = load_workers(args.source, device_type, args.num_gpus, args.model_tag, args.step)
@@ -950,11 +1163,13 @@ def main(argv=None):
     if not args.no_learn:
         from nanochat.lora import adapters_dir
         learn = make_live_learning(workers, args.adapters_dir or adapters_dir())
-    app = create_app(workers, model_id, limits, defaults, learn=learn)
+    app = create_app(workers, model_id, limits, defaults, learn=learn, api_key=args.api_key or None,
+                     admin_key=args.admin_key or None)
     devices = ", ".join(str(w.device) for w in workers)
     print(f"serving {model_id} (step {meta.get('step', '?')}) on {devices}: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    print(exposure, file=sys.stderr, flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=guarded_protocol(args.request_timeout))
     return 0
 
 

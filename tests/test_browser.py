@@ -121,3 +121,28 @@ def test_chat_page_streams_edits_and_regenerates(byte_tokenizer, echo_chat_model
             assert requested and all(u.startswith(url + "/") for u in requested)  # nothing from elsewhere
         finally:
             browser.close()
+
+
+def test_chat_page_asks_for_the_api_key(byte_tokenizer, echo_chat_model, serve_app):
+    app = create_app([Worker(0, echo_chat_model(byte_tokenizer), byte_tokenizer)], "nanochat-echo", api_key="s3cret")
+    with serve_app(app) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")  # the page itself needs no key
+            page.fill("#input", "hello")
+            page.press("#input", "Enter")
+            # refused with 401: the settings open on the key field, and the server's message is shown
+            page.wait_for_function("document.getElementById('settings').open")
+            page.wait_for_function("document.body.innerText.includes('enter it under settings')")
+            assert page.evaluate("document.activeElement.id") == "api-key"
+            page.fill("#api-key", "s3cret")
+            page.dispatch_event("#api-key", "change")
+            page.fill("#input", "hello again")
+            page.press("#input", "Enter")
+            page.wait_for_function(f"{REPLY_STATE} === 'done'", timeout=15000)
+            assert assistant_text(page) == "You said: hello again ok"
+            page.reload()  # the key is remembered by this browser
+            assert page.input_value("#api-key") == "s3cret"
+        finally:
+            browser.close()

