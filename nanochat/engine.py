@@ -15,8 +15,9 @@ How a call runs:
 
 Tool use, per row: when the model writes <|python_start|>, the tokens up to <|python_end|> are decoded
 and passed to the row's tool session (nanochat.tools: `python: ...` goes to the REPL, `search: ...` to the
-index, anything else to the calculator; each row has its own REPL state). If it gives a result, the row
-is forced to continue with
+index, anything else to the calculator; each row has its own REPL state, started from the python calls
+already in the prompt, i.e. the conversation's earlier replies). If it gives a result, the row is forced
+to continue with
 <|output_start|> + encode(result) + <|output_end|>, one token per step, each with mask 0; the model's
 own sample for those steps is discarded, but the forced tokens are fed back through the model like any
 other token, so it reads the result. If the tool returns None (the calculator on text it does not accept,
@@ -123,6 +124,22 @@ class Engine:
             raise ValueError(f"top_k must be None or an integer >= 0 (0 or None = no top-k), got {top_k!r}")
         return tokens, temperature
 
+    def _prompt_calls(self, tokens):
+        """(call text, output text or None) of every tool call already in the prompt: earlier turns of the
+        conversation, whose python cells the REPL starts from."""
+        calls, i = [], 0
+        while self.python_start in tokens[i:]:
+            start = tokens.index(self.python_start, i)
+            if self.python_end not in tokens[start:]:
+                break
+            end = tokens.index(self.python_end, start)
+            output, i = None, end + 1
+            if tokens[i:i + 1] == [self.output_start] and self.output_end in tokens[i:]:
+                out_end = tokens.index(self.output_end, i)
+                output, i = self.tokenizer.decode(tokens[i + 1:out_end]), out_end + 1
+            calls.append((self.tokenizer.decode(tokens[start + 1:end]), output))
+        return calls
+
     def _advance(self, row, token):
         """Update a row's tool-use / stop state after it emitted `token`."""
         if token in self.stop_tokens:
@@ -169,7 +186,8 @@ class Engine:
         del prefill_cache
         logits = logits.expand(num_samples, -1).contiguous()
 
-        rows = [_Row(self.tools.session()) for _ in range(num_samples)]
+        history = self._prompt_calls(tokens) if self.python_start in tokens else []
+        rows = [_Row(self.tools.session(history)) for _ in range(num_samples)]
         for step in range(budget):
             sampled = sample_next_token(logits, generator, temperature, top_k).tolist()
             column, masks = [], []

@@ -18,10 +18,12 @@ so the model can read them ("NameError: name 'x' is not defined", "search: no pa
 Registry and state: `ToolRegistry` says which tools exist and their limits; `registry.session()` makes
 the per-conversation state (one per engine row): a `ToolSession` is a callable `str -> str | None`.
 
-The python REPL keeps state by replaying: every cell that ran without error is kept, and a new call
-runs, in one fresh sandboxed process (nanochat.execution.execute_code), the kept cells with their output
-thrown away and then the new cell. So variables, functions and imports survive across calls; side
-effects are redone and randomness is drawn again on each replay (seed it). This needs nothing from the
+The python REPL keeps state by replaying: every cell that ran (to its end or to its own exception) is
+kept, and a new call runs, in one fresh sandboxed process (nanochat.execution.execute_code), the kept
+cells with their output thrown away and then the new cell. So variables, functions and imports survive
+across calls; side effects are redone and randomness is drawn again on each replay (seed it). A
+conversation's earlier replies are part of the state too: the engine reads the python calls already in
+the prompt and starts the REPL from them (ToolRegistry.session(history)). This needs nothing from the
 sandbox beyond "run this code", keeps no process alive between calls and cannot leak one conversation's
 state into another; its cost grows with the history, which the limits below bound.
 """
@@ -56,19 +58,20 @@ def trim(text, max_chars):
 # ---------------------------------------------------------------------------------------------
 # python: a REPL over the sandbox
 
-# Runs inside the sandbox. The model's cells share one namespace (_g), apart from the driver's names.
+# Runs inside the sandbox. The model's cells share one namespace (_g), apart from the driver's names. Earlier
+# cells are replayed with their output dropped; one that raised stops where it raised, as it did the first
+# time, and the replay goes on (a REPL keeps what a failed cell did before its error).
 _DRIVER = r'''
 import ast as _ast, io as _io, sys as _sys
 def _run(_cells, _new):
     _g = {"__name__": "__main__", "__builtins__": __builtins__}
-    _out, _sys.stdout = _sys.stdout, _io.StringIO()
-    try:
-        for _c in _cells:
+    _out = _sys.stdout
+    for _c in _cells:
+        _sys.stdout = _io.StringIO()
+        try:
             exec(compile(_c, "<history>", "exec"), _g)
-    except BaseException as _e:
-        _sys.stdout = _out
-        raise RuntimeError("the REPL could not rebuild its state from earlier calls (" + type(_e).__name__ +
-                           ": " + str(_e) + "); start a new conversation") from None
+        except Exception:
+            pass
     _sys.stdout = _out
     _tree = _ast.parse(_new, "<python>")
     _last = None
@@ -82,6 +85,11 @@ def _run(_cells, _new):
 _run(CELLS, NEW)
 '''
 
+# Errors that come from the limits or the sandbox, not from the code's own logic: such a cell is not
+# kept, since replaying it would fail the same way on every later call.
+_NOT_KEPT = ("TimeoutError: the code ran longer", "MemoryError: the code used more", "Error: ")
+_SANDBOX_ERRORS = ("not run", "sandbox failure", "killed by signal", "exited with code", "CPU time")
+
 
 @dataclass
 class PythonLimits:
@@ -94,11 +102,13 @@ class PythonLimits:
 
 class PythonREPL:
     """One conversation's REPL: __call__(code) -> what the model reads (stdout, then the repr of the last
-    expression if it is not None; or the error). Cells that fail are not kept."""
+    expression if it is not None; or the error). Cells that raised are kept (what they did before the
+    error stays, as in a REPL); cells stopped by a limit or the sandbox, or that do not compile, are not.
+    `cells`: earlier cells of the conversation to start from (see ToolRegistry.session)."""
 
-    def __init__(self, limits=None):
+    def __init__(self, limits=None, cells=()):
         self.limits = limits or PythonLimits()
-        self.cells = []
+        self.cells = list(cells)
 
     def __call__(self, code):
         lim = self.limits
@@ -127,6 +137,8 @@ class PythonREPL:
             error = f"MemoryError: the code used more than {lim.max_memory_bytes // 2**20} MiB"
         else:
             error = (result.error or "the code failed").strip()
+            if not error.startswith(_SANDBOX_ERRORS):
+                self.cells.append(code)  # the code's own exception
         return trim((out if out.endswith("\n") or not out else out + "\n") + error, lim.max_output_chars)
 
 
@@ -165,12 +177,20 @@ class ToolRegistry:
         on = {"calculator": self.calculator, "python": self.python, "search": self.searcher is not None}
         return [n for n in TOOL_NAMES if on[n]]
 
-    def session(self):
+    def session(self, history=()):
+        """A new conversation's tools. history: the (call text, output text or None) pairs of the calls
+        already in the conversation (earlier turns): its python cells are the REPL's starting state, so
+        variables survive from one reply to the next even though each reply is a new generation."""
         tools = {}
         if self.calculator:
             tools["calculator"] = use_calculator
         if self.python:
-            tools["python"] = PythonREPL(self.python_limits)
+            cells = []
+            for call, output in history:
+                name, code = parse_call(call)
+                if name == "python" and code.strip() and not (output or "").startswith(_NOT_KEPT + ("SyntaxError",)):
+                    cells.append(code)
+            tools["python"] = PythonREPL(self.python_limits, cells)
         if self.searcher is not None:
             tools["search"] = self.searcher
         return ToolSession(tools)

@@ -42,9 +42,11 @@ def test_repl_keeps_state_and_reports_readable_errors():
     assert repl("y") == "NameError: name 'y' is not defined"
     assert repl("print('before')\n1/0") == "before\nZeroDivisionError: division by zero"
     assert repl("def g(:") == "SyntaxError: invalid syntax (line 1)"
-    assert repl("x = x + 1") == ""  # failed cells were not kept, so the replay is clean
+    assert repl("x = x + 1") == ""  # the failed cells replay quietly
     assert repl("x, f(1)") == "(21, 2)"
-    assert len(repl.cells) == 5
+    assert repl("a = 5\n1/0") == "ZeroDivisionError: division by zero"
+    assert repl("a") == "5"  # what a failed cell did before its error stays, as in a REPL
+    assert len(repl.cells) == 9  # all but the one that did not compile
     # a second conversation starts empty
     assert PythonREPL()("x") == "NameError: name 'x' is not defined"
 
@@ -58,8 +60,9 @@ def test_repl_limits():
     assert repl("big = 'b' * 100  # " + "c" * 150) == ""
     assert "history passed 300 characters" in repl("z = 2  # " + "d" * 150)
     assert "empty python call" in repl("   ")
-    mem = PythonREPL(PythonLimits(timeout=10, max_memory_bytes=128 * 2**20))("a = bytearray(10**9)")
-    assert mem == "MemoryError: the code used more than 128 MiB"
+    assert repl.cells == ["print('a' * 10000)", "big = 'b' * 100  # " + "c" * 150]  # not the timed-out or refused ones
+    mem = PythonREPL(PythonLimits(timeout=10, max_memory_bytes=128 * 2**20))
+    assert mem("a = bytearray(10**9)") == "MemoryError: the code used more than 128 MiB" and mem.cells == []
 
 
 def test_registry_sessions_and_switches():
@@ -233,6 +236,26 @@ def test_engine_python_state_across_calls():
     assert texts == [expected, expected]
     forced = [i for i, m in enumerate(masks[0]) if m == 0]
     assert len(forced) == 2 + 4  # two empty outputs' markers, then <|output_start|>42<|output_end|>
+
+
+def test_engine_python_state_across_turns():
+    """A new reply's REPL starts from the python calls already in the conversation (the prompt)."""
+    convo = {"messages": [
+        {"role": "user", "content": "remember"},
+        {"role": "assistant", "content": [{"type": "python", "text": "python:\nx = 6"}, {"type": "python_output", "text": ""},
+                                          {"type": "python", "text": "python: y = 1/0"},
+                                          {"type": "python_output", "text": "ZeroDivisionError: division by zero"},
+                                          {"type": "python", "text": "python: while True: pass"},
+                                          {"type": "python_output", "text": "TimeoutError: the code ran longer than 5 seconds"},
+                                          {"type": "text", "text": "ok"}]},
+        {"role": "user", "content": "use it"}]}
+    prompt = TOK.render_for_completion(convo)
+    model = SegmentModel([call("python: x * 7"), TOK.encode("done")])
+    engine = Engine(model, TOK)
+    assert engine._prompt_calls(prompt) == [("python:\nx = 6", ""), ("python: y = 1/0", "ZeroDivisionError: division by zero"),
+                                            ("python: while True: pass", "TimeoutError: the code ran longer than 5 seconds")]
+    results, _ = engine.generate_batch(prompt, max_tokens=100, temperature=0.0)
+    assert TOK.decode(results[0]).endswith("<|output_start|>42<|output_end|>done")
 
 
 def test_engine_python_errors_and_tools_off():
