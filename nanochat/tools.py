@@ -197,3 +197,19 @@ class ToolRegistry:
 
 
 NO_TOOLS = ToolRegistry(calculator=False, python=False)
+
+
+def make_registry(index="", python=True):
+    """What the CLI and the web server serve: calculator and the python REPL, plus search over `index`
+    (a folder or file; default <base>/search_index) when there is one there. -> (registry, a line
+    saying which tools are on)."""
+    import os
+    from nanochat.common import get_base_dir
+    from nanochat.search import INDEX_FILE, Searcher
+    path = index or os.path.join(get_base_dir(), "search_index")
+    searcher = None
+    if index or os.path.exists(os.path.join(path, INDEX_FILE)):
+        searcher = Searcher(path)  # an explicit --index that is missing fails here, with the way to build one
+    registry = ToolRegistry(python=python, searcher=searcher)
+    where = f" (search: {len(searcher):,} passages in {searcher.path})" if searcher else " (no search index)"
+    return registry, "tools: " + ", ".join(registry.names) + where

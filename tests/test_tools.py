@@ -365,3 +365,16 @@ def test_chat_eval_tools_end_to_end(base_dir, byte_tokenizer):
     with open(os.path.join(base_dir, "report", "chat-evaluation-sft.json")) as f:
         rep = json.load(f)
     assert set(rep["summary"]) == {"Tools (on)", "Tools (off)"}
+
+
+def test_chat_cli_shows_each_call_with_its_tool(tmp_path):
+    import io
+    from scripts.chat_cli import chat_turn
+    build_index(DOCS, str(tmp_path / "i.sqlite"))
+    tools = ToolRegistry(searcher=Searcher(str(tmp_path / "i.sqlite"), k=1, max_chars=60))
+    model = SegmentModel([call("python: 6*7"), call("search: heron"), TOK.encode("ok")])
+    out = io.StringIO()
+    reply = chat_turn(Engine(model, TOK, tools=tools), TOK, [{"role": "user", "content": "hi"}], temperature=0.0, out=out)
+    assert out.getvalue() == "[python: 6*7 → 42][search: heron → [1] The heron is a bird that wades in shallow water and...]ok\n"
+    assert [p["type"] for p in reply] == ["python", "python_output", "python", "python_output", "text"]
+    assert reply[2]["text"] == "search: heron"
