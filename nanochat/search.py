@@ -9,14 +9,20 @@ Why SQLite FTS5 (dev/notes_search.md has the measurements against bm25s and rank
 standard library, the index lives on disk (a server with many workers maps it, nothing is loaded into
 each process), queries use the inverted index instead of scoring every passage, and its ranking is
 BM25 (k1 1.2, b 0.75). Queries are reduced to their words, OR-ed, so any word can match and BM25
-decides; the Porter stemmer folds "capitals"/"capital".
+decides; the Porter stemmer folds "capitals"/"capital". Words in more than 1/16 of the passages are
+left out of a query (see COMMON_FRACTION).
 """
 import os
 import re
 import sqlite3
 import threading
+from collections import Counter
 
 INDEX_FILE = "passages.sqlite"
+# Query words found in more than this fraction of the passages are dropped (unless the query has nothing
+# else): their BM25 weight is small, but ranking their long posting lists made queries ~100x slower.
+COMMON_FRACTION = 1 / 16
+MIN_PASSAGES_FOR_COMMON = 1000  # below that, document frequencies say little
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -65,11 +71,13 @@ def build_index(docs, path, max_chars=500, batch=5000):
         con.execute("PRAGMA journal_mode=OFF")
         con.execute("PRAGMA synchronous=OFF")
         con.execute("CREATE VIRTUAL TABLE passages USING fts5(text, source UNINDEXED, tokenize='porter unicode61')")
-        rows = []
+        con.execute("CREATE TABLE common_words(word TEXT PRIMARY KEY)")
+        rows, df = [], Counter()
         for source, text in docs:
             n_docs += 1
             for p in split_passages(text, max_chars):
                 rows.append((p, source))
+                df.update(set(w.lower() for w in _WORD.findall(p)))
             if len(rows) >= batch:
                 con.executemany("INSERT INTO passages(text, source) VALUES (?, ?)", rows)
                 n_passages += len(rows)
@@ -79,6 +87,9 @@ def build_index(docs, path, max_chars=500, batch=5000):
             n_passages += len(rows)
         if n_passages == 0:
             raise ValueError(f"no text to index: {n_docs} document(s) gave no passages")
+        if n_passages >= MIN_PASSAGES_FOR_COMMON:
+            common = [(w,) for w, n in df.items() if n > n_passages * COMMON_FRACTION]
+            con.executemany("INSERT INTO common_words(word) VALUES (?)", common)
         con.execute("INSERT INTO passages(passages) VALUES ('optimize')")  # one b-tree per term: faster queries
         con.commit()
     except BaseException:
@@ -90,10 +101,11 @@ def build_index(docs, path, max_chars=500, batch=5000):
     return {"documents": n_docs, "passages": n_passages, "bytes": os.path.getsize(path)}
 
 
-def match_expression(query, max_terms=32):
+def match_expression(query, max_terms=32, common=frozenset()):
     """A free-text query -> an FTS5 MATCH expression: its words, quoted (so no word is read as an
-    operator), OR-ed; None when it has no words."""
+    operator), OR-ed, without the `common` ones unless nothing else is left; None when it has no words."""
     words = list(dict.fromkeys(w.lower() for w in _WORD.findall(query)))[:max_terms]
+    words = [w for w in words if w not in common] or words
     return " OR ".join(f'"{w}"' for w in words) if words else None
 
 
@@ -111,13 +123,18 @@ class Searcher:
         self.path, self.k, self.max_chars = path, k, max_chars
         self._con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         self._lock = threading.Lock()  # one connection shared by the server's threads
+        try:
+            self.common = frozenset(w for (w,) in self._con.execute("SELECT word FROM common_words"))
+        except sqlite3.OperationalError:
+            raise ValueError(f"{path} is not a search index built by this version of nanochat.search: rebuild it "
+                             "with `python -m scripts.build_index`") from None
 
     def __len__(self):
         with self._lock:
             return self._con.execute("SELECT count(*) FROM passages").fetchone()[0]
 
     def search(self, query, k=None):
-        expr = match_expression(query)
+        expr = match_expression(query, common=self.common)
         if expr is None:
             return []
         with self._lock:

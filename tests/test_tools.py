@@ -378,3 +378,13 @@ def test_chat_cli_shows_each_call_with_its_tool(tmp_path):
     assert out.getvalue() == "[python: 6*7 → 42][search: heron → [1] The heron is a bird that wades in shallow water and...]ok\n"
     assert [p["type"] for p in reply] == ["python", "python_output", "python", "python_output", "text"]
     assert reply[2]["text"] == "search: heron"
+
+
+def test_common_words_leave_queries(tmp_path):
+    docs = [(str(i), f"the cat number {i} sat on the mat") for i in range(1200)] + [("z", "the zebra ate grass")]
+    build_index(docs, str(tmp_path / "c.sqlite"))
+    s = Searcher(str(tmp_path / "c.sqlite"), k=1)
+    assert {"the", "cat", "mat"} <= s.common and "zebra" not in s.common
+    assert match_expression("the zebra", common=s.common) == '"zebra"'
+    assert match_expression("the cat", common=s.common) == '"the" OR "cat"'  # nothing rare: keep them all
+    assert s.search("the zebra")[0][1] == "z" and s.search("number 77")[0][1] == "77"
