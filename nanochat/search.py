@@ -10,7 +10,7 @@ standard library, the index lives on disk (a server with many workers maps it, n
 each process), queries use the inverted index instead of scoring every passage, and its ranking is
 BM25 (k1 1.2, b 0.75). Queries are reduced to their words, OR-ed, so any word can match and BM25
 decides; the Porter stemmer folds "capitals"/"capital". Words in more than 1/16 of the passages are
-left out of a query (see COMMON_FRACTION).
+left out of a query, or only the two rarest kept when it has no other (see COMMON_FRACTION).
 """
 import os
 import re
@@ -71,7 +71,7 @@ def build_index(docs, path, max_chars=500, batch=5000):
         con.execute("PRAGMA journal_mode=OFF")
         con.execute("PRAGMA synchronous=OFF")
         con.execute("CREATE VIRTUAL TABLE passages USING fts5(text, source UNINDEXED, tokenize='porter unicode61')")
-        con.execute("CREATE TABLE common_words(word TEXT PRIMARY KEY)")
+        con.execute("CREATE TABLE common_words(word TEXT PRIMARY KEY, passages INTEGER)")
         rows, df = [], Counter()
         for source, text in docs:
             n_docs += 1
@@ -88,8 +88,8 @@ def build_index(docs, path, max_chars=500, batch=5000):
         if n_passages == 0:
             raise ValueError(f"no text to index: {n_docs} document(s) gave no passages")
         if n_passages >= MIN_PASSAGES_FOR_COMMON:
-            common = [(w,) for w, n in df.items() if n > n_passages * COMMON_FRACTION]
-            con.executemany("INSERT INTO common_words(word) VALUES (?)", common)
+            common = [(w, n) for w, n in df.items() if n > n_passages * COMMON_FRACTION]
+            con.executemany("INSERT INTO common_words(word, passages) VALUES (?, ?)", common)
         con.execute("INSERT INTO passages(passages) VALUES ('optimize')")  # one b-tree per term: faster queries
         con.commit()
     except BaseException:
@@ -101,11 +101,13 @@ def build_index(docs, path, max_chars=500, batch=5000):
     return {"documents": n_docs, "passages": n_passages, "bytes": os.path.getsize(path)}
 
 
-def match_expression(query, max_terms=32, common=frozenset()):
+def match_expression(query, max_terms=32, common=None):
     """A free-text query -> an FTS5 MATCH expression: its words, quoted (so no word is read as an
-    operator), OR-ed, without the `common` ones unless nothing else is left; None when it has no words."""
+    operator), OR-ed, without the `common` ones ({word: passages containing it}); when every word is
+    common, the two rarest of them. None when the query has no words."""
+    common = common or {}
     words = list(dict.fromkeys(w.lower() for w in _WORD.findall(query)))[:max_terms]
-    words = [w for w in words if w not in common] or words
+    words = [w for w in words if w not in common] or sorted(words, key=common.get)[:2]
     return " OR ".join(f'"{w}"' for w in words) if words else None
 
 
@@ -124,7 +126,7 @@ class Searcher:
         self._con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
         self._lock = threading.Lock()  # one connection shared by the server's threads
         try:
-            self.common = frozenset(w for (w,) in self._con.execute("SELECT word FROM common_words"))
+            self.common = dict(self._con.execute("SELECT word, passages FROM common_words").fetchall())
         except sqlite3.OperationalError:
             raise ValueError(f"{path} is not a search index built by this version of nanochat.search: rebuild it "
                              "with `python -m scripts.build_index`") from None
