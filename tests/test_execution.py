@@ -17,6 +17,16 @@ def run(code, **kwargs):
     return execute_code(code, **kwargs)
 
 
+@pytest.fixture(autouse=True)
+def sandbox_or_guards(monkeypatch):
+    """These tests are about the runner's behaviour and its Python guards: where the machine can't make a
+    sandbox (no bubblewrap, user namespaces forbidden) they run with the guards alone rather than being
+    refused. The kernel boundary itself is tested in test_sandbox.py."""
+    from nanochat import sandbox
+    if not sandbox.isolation()[0]:
+        monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
+
+
 @pytest.fixture
 def guards_only(monkeypatch):
     """No kernel sandbox: the Python-level guards alone, as with --unsafe-exec on a machine without bubblewrap."""

@@ -253,7 +253,7 @@ def test_admin_key_guards_learning_and_adapter_changes(keyed):
         assert r.status_code in (400, 404), r.text  # past the key check: this server has no live learning
 
 
-def test_exposure_rules(sft_checkpoint_free_argv=None):
+def test_exposure_rules():
     assert "loopback only" in check_exposure("127.0.0.1", None, False)
     assert "loopback only" in check_exposure("::1", None, False)
     assert "loopback only" in check_exposure("localhost", None, False)
