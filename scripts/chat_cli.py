@@ -161,7 +161,7 @@ def chat_loop(engine, tokenizer, temperature=0.6, top_k=50, max_tokens=512, seed
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's model")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="which stage's model")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest model)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")

@@ -28,7 +28,7 @@ from nanochat.common import get_base_dir, resolve_dtype, script_argv, compute_cl
 from tasks.customjson import JSONLTask
 from tasks.evaluate import centered, chatcore, run_eval
 
-STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL"}
+STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL", "dpo": "DPO"}
 
 
 # ---------------------------------------------------------------------------------------------
