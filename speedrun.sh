@@ -100,6 +100,9 @@ if [ -n "$DATA_PID" ]; then
   wait "$DATA_PID"
 fi
 
+# --- search index for the search tool (training shards + the invented facts of the tool tasks) ------------
+stage "search index" python -m scripts.build_index --shards --facts --max-docs=200000
+
 # --- base model -----------------------------------------------------------------------------
 stage "base model training" launch scripts.base_train -- $BASE_TRAIN --run="$WANDB_RUN" $(resume_flag base)
 stage "base model loss" launch scripts.base_loss -- $BASE_LOSS

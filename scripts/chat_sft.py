@@ -10,8 +10,8 @@ targets are the next tokens where the tokenizer's mask is 1 (assistant text, too
 sum over its supervised tokens divided by their number across all micro-batches and ranks, so
 every supervised token weighs the same however the conversations are batched.
 
-Data (--mixture, same syntax as mid_train): default arc,gsm8k,spellingbee,simplespelling,chitchat,
-chatterbot (--online: ARC, GSM8K, SmolTalk) (+ --identity-file). A held-out slice (--val-examples) gives the validation loss.
+Data (--mixture, same syntax as mid_train): default arc,gsm8k,spellingbee,simplespelling,tools,chitchat,
+chatterbot (--online: ARC, GSM8K, SmolTalk, tools) (+ --identity-file). A held-out slice (--val-examples) gives the validation loss.
 Multiple-choice accuracy (--eval-mc, default ARC-Easy and MMLU validation slices; custom:PATH for a
 JSONL of conversations with "letters") is read off the logits of the answer letters after
 <|assistant_start|>.
@@ -32,7 +32,7 @@ from nanochat.training import (StepLog, add_finetune_args, add_training_args, ch
                                resume_or_start_fresh, save_due, save_training_checkpoint, start_run)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
-SFT_DEFAULT = "arc,gsm8k,spellingbee,simplespelling,chitchat,chatterbot"
+SFT_DEFAULT = "arc,gsm8k,spellingbee,simplespelling,tools,chitchat,chatterbot"
 MC_EVAL_DEFAULT = "arc-easy,mmlu"
 
 

@@ -20,9 +20,16 @@ OpenAI compatibility notes
     max_tokens / max_completion_tokens, n (1 only), stream, stream_options.include_usage, seed. Any other
     field is refused with 400, so a client never silently loses a setting it relies on.
     top_p is accepted and ignored: the engine samples with temperature and top-k only (use top_k).
-    Calculator calls run on the server; in OpenAI content they appear with the model's own markers,
-    "<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>", and assistant messages sent back
-    are split on those markers again, so a conversation re-renders to exactly the tokens the model saw.
+    Tool calls (calculator, python REPL, search; nanochat.tools) run on the server. In OpenAI content
+    they are visible text with the model's own markers, the tool named inside the call:
+        "<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>"                   calculator
+        "<|python_start|>python:\nx = 6\nx * 7<|python_end|><|output_start|>42<|output_end|>"   python
+        "<|python_start|>search: capital of Velmora<|python_end|><|output_start|>[1] ...<|output_end|>"
+    and assistant messages sent back are split on those markers again, so a conversation re-renders to
+    exactly the tokens the model saw; the python REPL starts each reply from the python calls in the
+    messages, so its variables last the conversation. The page's stream (/chat/completions) sends a call
+    as a `python` event and its output as a `python_output` event. --index picks the search index
+    (default <base>/search_index when built; without one, search is off and its calls get no output).
     usage.completion_tokens counts every token appended after the prompt: sampled, forced tool output,
     and the closing <|assistant_end|>.
 
@@ -71,6 +78,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import nanochat
 from nanochat.common import autocast, resolve_dtype, script_argv
 from nanochat.engine import Engine, StreamDecoder
+from nanochat.tools import make_registry
 from nanochat.tokenizer import validate_messages as _validate_messages  # public now; the alias keeps this file's uses
 
 logger = logging.getLogger("nanochat.chat_web")
@@ -540,10 +548,10 @@ class Worker:
     lends a worker to one request at a time, so the model never runs two jobs at once and anything that
     changes its weights can run on the same thread between jobs (WorkerPool.on_each_worker)."""
 
-    def __init__(self, index, model, tokenizer):
+    def __init__(self, index, model, tokenizer, tools=None):
         self.index = index
         self.model, self.tokenizer = model, tokenizer
-        self.engine = Engine(model, tokenizer)
+        self.engine = Engine(model, tokenizer, tools=tools)
         self.device = next(model.parameters()).device
         init = (lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None
         self.executor = ThreadPoolExecutor(1, thread_name_prefix=f"nanochat-worker{index}", initializer=init)
@@ -1046,7 +1054,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
 # --------------------------------------------------------------------------------------------
 # command line
 
-def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None):
+def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None, tools=None):
     """One Worker per device: cuda:0..num_gpus-1, or a single one on cpu/mps. -> (workers, meta)."""
     from nanochat.checkpoint_manager import load_model
     if device_type == "cuda":
@@ -1059,7 +1067,7 @@ def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None):
     workers, meta = [], None
     for i, device in enumerate(devices):
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-        workers.append(Worker(i, model, tokenizer))
+        workers.append(Worker(i, model, tokenizer, tools=tools))
     return workers, meta
 
 
@@ -1121,6 +1129,7 @@ def parse_args(argv=None):
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
     p.add_argument("--adapters-dir", default="", help="where learned adapters live (default: $NANOCHAT_BASE_DIR/adapters)")
     p.add_argument("--no-learn", action="store_true", help="serve without live learning (no /learn, no adapters)")
     p.add_argument("--api-key", default=os.environ.get("NANOCHAT_API_KEY", ""),
@@ -1152,7 +1161,8 @@ def main(argv=None):
         return 1
     device_type = args.device_type or autodetect_device_type()
     try:
-        workers, meta = load_workers(args.source, device_type, args.num_gpus, args.model_tag, args.step)
+        tools, tools_line = make_registry(args.index)
+        workers, meta = load_workers(args.source, device_type, args.num_gpus, args.model_tag, args.step, tools=tools)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -1169,6 +1179,7 @@ def main(argv=None):
     print(f"serving {model_id} (step {meta.get('step', '?')}) on {devices}: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
     print(exposure, file=sys.stderr, flush=True)
+    print(tools_line, file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=guarded_protocol(args.request_timeout))
     return 0
 

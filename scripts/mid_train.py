@@ -15,9 +15,11 @@ Data (--mixture, comma separated; `name*k` repeats an entry k times):
     arc                    ARC-Easy + ARC-Challenge train splits
     gsm8k                  synthetic GSM8K-style problems with calculator tool calls
     spellingbee, simplespelling   letter counting / spelling
+    tools                  calculator, python REPL and search calls (tasks.tools.ToolUse)
     smoltalk               SmolTalk (needs the network)
     custom:PATH            conversations from a JSONL file (tasks.customjson)
-The default is chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling (--online: SmolTalk, MMLU, GSM8K),
+The default is chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling,tools (--online: SmolTalk, MMLU,
+GSM8K, tools),
 plus --identity-file when given. A held-out slice of the shuffled mixture (--val-examples
 conversations) is never trained on and gives the validation bpb.
 
@@ -41,7 +43,7 @@ from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulatio
                                save_training_checkpoint, start_run)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
-MID_DEFAULT = "chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling"
+MID_DEFAULT = "chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling,tools"
 
 
 def parse_args(argv=None):
