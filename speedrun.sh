@@ -7,6 +7,8 @@
 #   gpu1  1 GPU : the same, with gradient accumulation instead of 8 ranks
 #   cpu   no GPU: a tiny model on text the package registries carry, done in well under an hour
 # NANOCHAT_DATA=online|offline overrides where the pretraining text comes from.
+# NANOCHAT_ALIGN=rl|dpo|both picks how the SFT model is aligned: RL (GRPO, the default), DPO on
+# on-policy pairs from checkable problems, or both (each from the SFT model, evaluated side by side).
 # WANDB_RUN=name logs training to wandb (otherwise nothing goes over the network but data downloads).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -33,6 +35,7 @@ case "$NANOCHAT_PROFILE" in
     MID_TRAIN="--device-batch-size=32 --total-batch-size=524288 --save-every=200 --keep-last=2"
     CHAT_SFT="--device-batch-size=4 --examples-per-step=32 --save-every=200 --keep-last=2"
     CHAT_RL="--device-batch-size=8"
+    CHAT_DPO="--device-batch-size=8"
     CHAT_EVAL="" ;;
   cpu)
     NPROC=1; DATA=offline; SHARDS=0; VOCAB=4096; TOK_CHARS=50000000
@@ -44,14 +47,18 @@ case "$NANOCHAT_PROFILE" in
     MID_TRAIN="--max-seq-len=512 --device-batch-size=8 --total-batch-size=8192 --num-iterations=${CPU_MID_STEPS:-100} --max-per-task=1000 --mc-per-task=1000 --val-examples=200 --eval-every=50 --eval-tokens=16384"
     CHAT_SFT="--max-seq-len=512 --device-batch-size=4 --examples-per-step=8 --num-iterations=${CPU_SFT_STEPS:-150} --max-per-task=400 --val-examples=100 --eval-every=50 --eval-mc-every=75 --eval-mc-examples=100"
     CHAT_RL="--num-steps=${CPU_RL_STEPS:-30} --prompts-per-step=4 --num-samples=8 --max-new-tokens=128 --eval-every=-1 --eval-problems=32 --eval-samples=4 --save-every=-1"
+    # DPO samples as many answers as RL does (120 problems x 8 = 30 steps x 4 x 8)
+    CHAT_DPO="--num-problems=120 --num-samples=8 --max-new-tokens=128 --pairs-per-step=8 --num-epochs=2 --eval-problems=32 --eval-samples=4"
     CHAT_EVAL="--max-problems=128 --max-new-tokens=128" ;;
   *) echo "unknown NANOCHAT_PROFILE=$NANOCHAT_PROFILE (expected gpu8, gpu1 or cpu)" >&2; exit 1 ;;
 esac
 DATA="${NANOCHAT_DATA:-$DATA}"
+ALIGN="${NANOCHAT_ALIGN:-rl}"
+case "$ALIGN" in rl|dpo|both) ;; *) echo "unknown NANOCHAT_ALIGN=$ALIGN (expected rl, dpo or both)" >&2; exit 1 ;; esac
 # online data: the real CORE (DCLM bundle) and nanochat's chat recipe (SmolTalk, MMLU, GSM8K train)
 ONLINE=""; [ "$DATA" = online ] && ONLINE="--online"
 WANDB_RUN="${WANDB_RUN:-dummy}"
-echo "profile: $NANOCHAT_PROFILE (ranks: $NPROC, data: $DATA, base dir: $NANOCHAT_BASE_DIR)"
+echo "profile: $NANOCHAT_PROFILE (ranks: $NPROC, data: $DATA, alignment: $ALIGN, base dir: $NANOCHAT_BASE_DIR)"
 
 # run a stage on all ranks: torchrun when there are several, plain python otherwise
 launch() {
@@ -93,6 +100,9 @@ if [ -n "$DATA_PID" ]; then
   wait "$DATA_PID"
 fi
 
+# --- search index for the search tool (training shards + the invented facts of the tool tasks) ------------
+stage "search index" python -m scripts.build_index --shards --facts --max-docs=200000
+
 # --- base model -----------------------------------------------------------------------------
 stage "base model training" launch scripts.base_train -- $BASE_TRAIN --run="$WANDB_RUN" $(resume_flag base)
 stage "base model loss" launch scripts.base_loss -- $BASE_LOSS
@@ -103,8 +113,14 @@ stage "midtraining" launch scripts.mid_train -- $MID_TRAIN $ONLINE --run="$WANDB
 stage "chat evaluation (mid)" launch scripts.chat_eval -- -i mid $CHAT_EVAL
 stage "supervised finetuning" launch scripts.chat_sft -- $CHAT_SFT $ONLINE --run="$WANDB_RUN" $(resume_flag chatsft)
 stage "chat evaluation (sft)" launch scripts.chat_eval -- -i sft $CHAT_EVAL
-stage "reinforcement learning" launch scripts.chat_rl -- $CHAT_RL $ONLINE
-stage "chat evaluation (rl)" launch scripts.chat_eval -- -i rl $CHAT_EVAL
+if [ "$ALIGN" != dpo ]; then
+  stage "reinforcement learning" launch scripts.chat_rl -- $CHAT_RL $ONLINE
+  stage "chat evaluation (rl)" launch scripts.chat_eval -- -i rl $CHAT_EVAL
+fi
+if [ "$ALIGN" != rl ]; then
+  stage "preference learning (DPO)" launch scripts.chat_dpo -- $CHAT_DPO $ONLINE $(resume_flag chatdpo)
+  stage "chat evaluation (dpo)" launch scripts.chat_eval -- -i dpo $CHAT_EVAL
+fi
 
 stage "report" python -m nanochat.report generate
 echo "done: $(pwd)/report.md"

@@ -1,6 +1,6 @@
 """Saving and loading checkpoints.
 
-<base>/{base,mid,chatsft,chatrl}_checkpoints/<tag>/
+<base>/{base,mid,chatsft,chatrl,chatdpo}_checkpoints/<tag>/
     model_<step:06d>.pt             model state dict (rank 0)
     optim_<step:06d>_rank<r>.pt     whatever rank r needs to resume (optimizer states, RNG, ...)
     meta_<step:06d>.json            model config, step, metrics, loader state, user config (rank 0)
@@ -26,6 +26,7 @@ SOURCES = {
     "mid": ("mid_checkpoints", "scripts.mid_train"),
     "sft": ("chatsft_checkpoints", "scripts.chat_sft"),
     "rl": ("chatrl_checkpoints", "scripts.chat_rl"),
+    "dpo": ("chatdpo_checkpoints", "scripts.chat_dpo"),
 }
 
 
@@ -169,7 +170,7 @@ def build_model(checkpoint_dir, step, device, phase):
 
 
 def load_model(source, device, phase, model_tag=None, step=None):
-    """Load the model of a stage: source in {"base", "mid", "sft", "rl"}; the largest tag and the
+    """Load the model of a stage: source is a key of SOURCES ("base", "mid", "sft", "rl", "dpo"); the largest tag and the
     latest step unless given. -> (model, tokenizer, meta)."""
     if source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {sorted(SOURCES)}")

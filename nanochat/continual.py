@@ -61,8 +61,8 @@ class ContinualConfig:
     ssr_top_k: int = 0  # 0: sample from the full distribution (rehearses what the model knows)
     merge_method: str = "linear"  # merge: linear, ties or dare (nanochat/lora_merge.py)
     merge_density: float = 0.5  # merge: fraction of each delta ties/dare keep
-    merge_weight: float = 1.0  # merge: every task's adapter enters the merge times this
-    olora_lambda: float = 1.0  # olora: weight of the orthogonality penalty
+    merge_weight: float = 0.0  # merge: every task's adapter enters the merge times this; 0: 1 / #adapters (their mean)
+    olora_lambda: float = 1e6  # olora: weight of the orthogonality penalty (smaller barely constrains: see the notes)
     router: bool = True  # lora: also score with the centroid router (task id unknown)
     router_rows: int = 64  # training rows per task for its centroid
     seed: int = 0

@@ -19,7 +19,7 @@ Strategies:
           these pseudo-samples supply `replay_ratio` of every batch instead of stored data.
   merge   one LoRA adapter per task on the frozen base, as lora, but evaluated (served) as the merge of
           all adapters so far (nanochat/lora_merge.py, `merge_method`, `merge_density`, each adapter
-          times `merge_weight`): no task id, no router, no stored data.
+          times `merge_weight`, by default their mean): no task id, no router, no stored data.
   olora   O-LoRA: task i's adapter trains on top of the frozen stack of adapters 0..i-1 with the loss
           + olora_lambda * sum_t<i sum_layers ||A_i A_t^T||_F^2, which pushes it into input directions
           the earlier adapters do not read; evaluated with the whole stack active (no task id, no
@@ -330,8 +330,9 @@ class MergeStrategy(LoRAStrategy):
     def evaluate(self, tasks, i):
         from nanochat.lora_merge import merge_adapters
         c = self.cfg
+        weight = c.merge_weight or 1.0 / (i + 1)  # by default the mean: a sum of full-strength adapters interferes
         merge_adapters(self.lora, self.names[:i + 1], "merged", method=c.merge_method, density=c.merge_density,
-                       weights=[c.merge_weight] * (i + 1), seed=c.seed)
+                       weights=[weight] * (i + 1), seed=c.seed)
         self.lora.activate("merged")
         self.model.eval()
         row = [t.evaluate(self.model) for t in tasks]

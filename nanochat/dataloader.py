@@ -157,7 +157,7 @@ def packed_loader(stream, starts, B, T, bos, device="cpu", resume_state=None):
     device = torch.device(device)
     n = len(stream)
     state = dict(resume_state) if resume_state else {"epoch": 0, "pos": 0}
-    epoch, pos = state["epoch"], state["pos"]
+    epoch, pos = state["epoch"], state["pos"] % n  # a resharded position may pass the end of a shorter stream
     while True:
         rows = np.empty((B, T + 1), dtype=np.int64)
         for b in range(B):

@@ -1,4 +1,4 @@
-"""Inference: batched sampling with a KV cache, calculator tool use, and UTF-8-safe streaming.
+"""Inference: batched sampling with a KV cache, tool use, and UTF-8-safe streaming.
 
     engine = Engine(model, tokenizer)
     for column, masks in engine.generate(prompt_ids, num_samples=4, max_tokens=64, temperature=0.8):
@@ -14,10 +14,14 @@ How a call runs:
    yields the column, and feeds it back through the model as a (num_samples, 1) batch.
 
 Tool use, per row: when the model writes <|python_start|>, the tokens up to <|python_end|> are decoded
-and passed to `use_calculator`. If it gives a result, the row is forced to continue with
+and passed to the row's tool session (nanochat.tools: `python: ...` goes to the REPL, `search: ...` to the
+index, anything else to the calculator; each row has its own REPL state, started from the python calls
+already in the prompt, i.e. the conversation's earlier replies). If it gives a result, the row is forced
+to continue with
 <|output_start|> + encode(result) + <|output_end|>, one token per step, each with mask 0; the model's
 own sample for those steps is discarded, but the forced tokens are fed back through the model like any
-other token, so it reads the result. If the calculator returns None nothing is forced.
+other token, so it reads the result. If the tool returns None (the calculator on text it does not accept,
+a tool that is off) nothing is forced.
 
 Stopping, per row: a row finishes on <|assistant_end|> or <|bos|>. The stop token itself is yielded
 (with the mask of how it was produced). After that, until every row has finished, a finished row yields
@@ -32,8 +36,8 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from nanochat.execution import use_calculator
 from nanochat.gpt import KVCache
+from nanochat.tools import ToolRegistry
 
 MIN_TEMPERATURE = 1e-6  # below this, logits / T overflows float32 (NaN probabilities): sample greedily instead
 
@@ -60,19 +64,23 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, top_p
 
 class RowState:
     """Tool-use and stopping state of one generated sequence (Engine.advance updates it)."""
-    __slots__ = ("forced", "in_python", "expr_tokens", "done", "stop_token")
+    __slots__ = ("forced", "in_python", "expr_tokens", "done", "stop_token", "tools")
 
-    def __init__(self):
+    def __init__(self, tools):
         self.forced = deque()  # tokens the tool forces into this row, fed one per step
         self.in_python = False  # inside <|python_start|> ... <|python_end|>
         self.expr_tokens = []
         self.done = False
         self.stop_token = None
+        self.tools = tools  # this row's ToolSession: call text -> output or None
 
 
 class Engine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, tools=None):
+        """tools: a nanochat.tools.ToolRegistry (default: calculator + python REPL, no search);
+        nanochat.tools.NO_TOOLS turns tool use off (calls get no output)."""
         self.model = model
+        self.tools = ToolRegistry() if tools is None else tools
         self.tokenizer = tokenizer
         S = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
@@ -128,22 +136,51 @@ class Engine:
             raise ValueError(f"top_k must be None or an integer >= 0 (0 or None = no top-k), got {top_k!r}")
         return tokens, temperature
 
+    def _prompt_calls(self, tokens):
+        """(call text, output text or None) of every tool call already in the prompt: earlier turns of the
+        conversation, whose python cells the REPL starts from."""
+        calls, i = [], 0
+        while self.python_start in tokens[i:]:
+            start = tokens.index(self.python_start, i)
+            if self.python_end not in tokens[start:]:
+                break
+            end = tokens.index(self.python_end, start)
+            output, i = None, end + 1
+            if tokens[i:i + 1] == [self.output_start] and self.output_end in tokens[i:]:
+                out_end = tokens.index(self.output_end, i)
+                output, i = self.tokenizer.decode(tokens[i + 1:out_end]), out_end + 1
+            calls.append((self.tokenizer.decode(tokens[start + 1:end]), output))
+        return calls
+
+    def new_row(self, prompt):
+        """A RowState for a sequence that continues `prompt` (a list of ids): its own tool session, whose
+        python REPL starts from the python calls already in the prompt (the conversation's earlier turns)."""
+        history = self._prompt_calls(prompt) if self.python_start in prompt else []
+        return RowState(self.tools.session(history))
+
     def advance(self, row, token):
-        """Update a row's tool-use / stop state (a RowState) after it emitted `token`: a stop token ends it;
-        a finished calculator call queues its result in row.forced."""
+        """Update a row's tool-use / stop state (a RowState) after it emitted `token`: a stop token ends it.
+        -> the text of the tool call this token closes, else None; run_tool(row, call) runs it (the
+        scheduler runs slow tools off its thread, so one row's call does not stall the batch)."""
         if token in self.stop_tokens:
             row.done, row.stop_token = True, token
         elif token == self.python_start:
             row.in_python, row.expr_tokens = True, []
         elif token == self.python_end and row.in_python:
             row.in_python = False
-            result = use_calculator(self.tokenizer.decode(row.expr_tokens))
-            if result is not None:
-                row.forced.append(self.output_start)
-                row.forced.extend(self.tokenizer.encode(result))
-                row.forced.append(self.output_end)
+            return self.tokenizer.decode(row.expr_tokens)
         elif row.in_python:
             row.expr_tokens.append(token)
+        return None
+
+    def run_tool(self, row, call):
+        """Run a finished call with the row's tools (nanochat.tools picks the tool from the call's text);
+        an output is queued in row.forced as <|output_start|> output <|output_end|>, None forces nothing."""
+        result = row.tools(call)
+        if result is not None:
+            row.forced.append(self.output_start)
+            row.forced.extend(self.tokenizer.encode(result))
+            row.forced.append(self.output_end)
 
     def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
         """Return a generator of (token_column, token_masks) per step: lists of num_samples ints (see the
@@ -175,7 +212,7 @@ class Engine:
         del prefill_cache
         logits = logits.expand(num_samples, -1).contiguous()
 
-        rows = [RowState() for _ in range(num_samples)]
+        rows = [self.new_row(tokens) for _ in range(num_samples)]  # each its own tool session
         for step in range(budget):
             sampled = sample_next_token(logits, generator, temperature, top_k).tolist()
             column, masks = [], []
@@ -190,7 +227,9 @@ class Engine:
                     mask = 1
                 column.append(tok)
                 masks.append(mask)
-                self.advance(row, tok)
+                call = self.advance(row, tok)
+                if call is not None:
+                    self.run_tool(row, call)
             yield column, masks
             if step == budget - 1 or all(row.done for row in rows):
                 return

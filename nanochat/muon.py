@@ -74,10 +74,15 @@ class DistMuon(Optimizer):
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
         params = list(params)
         assert all(p.ndim >= 2 for p in params), "Muon is for matrices"
-        shapes = sorted({tuple(p.shape) for p in params})  # same order on every rank
-        groups = [dict(params=[p for p in params if tuple(p.shape) == s]) for s in shapes]
+        groups = [dict(params=ps) for ps in self.group_by_shape(params)]
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
         super().__init__(groups, defaults)
+
+    @staticmethod
+    def group_by_shape(params):
+        """The parameters in groups of one shape, shapes sorted: the same order on every rank."""
+        shapes = sorted({tuple(p.shape) for p in params})
+        return [[p for p in params if tuple(p.shape) == s] for s in shapes]
 
     @torch.no_grad()
     def step(self):

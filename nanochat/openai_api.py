@@ -4,9 +4,14 @@ shape, body-size limit, SSE responses). It knows nothing of models or scheduling
 
 OpenAI compatibility decisions
     Unknown fields are refused with 400, so a client never silently loses a setting it relies on.
-    Calculator calls run on the server; in OpenAI content they appear with the model's own markers,
-    "<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>", and assistant messages sent back are
-    split on those markers again, so a conversation re-renders to exactly the tokens the model saw.
+    Tool calls (calculator, python REPL, search; nanochat.tools) run on the server. In OpenAI content
+    they are visible text with the model's own markers, the tool named inside the call:
+        "<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>"                   calculator
+        "<|python_start|>python:\nx = 6\nx * 7<|python_end|><|output_start|>42<|output_end|>"   python
+        "<|python_start|>search: capital of Velmora<|python_end|><|output_start|>[1] ...<|output_end|>"
+    and assistant messages sent back are split on those markers again, so a conversation re-renders to
+    exactly the tokens the model saw; the python REPL starts each reply from the python calls in the
+    messages, so its variables last the conversation.
     usage.completion_tokens counts every token appended after the prompt: sampled, forced tool output,
     and the closing <|assistant_end|>.
 """

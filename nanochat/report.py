@@ -27,9 +27,11 @@ SECTION_ORDER = [
     "Midtraining", "Chat evaluation mid",
     "Chat SFT", "Chat evaluation sft",
     "Chat RL", "Chat evaluation rl",
+    "Chat DPO", "Chat evaluation dpo",
     "Continual learning",
 ]
-STAGES = ["BASE", "MID", "SFT", "RL", "CL"]
+STAGES = ["BASE", "MID", "SFT", "RL", "DPO", "CL"]
+OPTIONAL_STAGES = {"DPO"}  # a column only when that stage ran (the speedrun picks RL, DPO or both)
 
 
 def slugify(section):
@@ -122,7 +124,7 @@ class Report:
 
     def log(self, section, data, stage=None, summary=None, images=None):
         """Write one section. data: list of dicts (rendered as `- key: value`) and strings (verbatim).
-        stage: the summary column ("BASE", "MID", "SFT", "RL", "CL"); summary: {metric: value} for that
+        stage: the summary column (one of STAGES); summary: {metric: value} for that
         column; images: [(title, png_path)] embedded in the section."""
         slug = slugify(section)
         lines = [f"## {section}", f"timestamp: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
@@ -185,9 +187,11 @@ class Report:
                     rows.setdefault(metric, {})[meta["stage"]] = value
         if not rows:
             return []
-        out = ["| Metric | " + " | ".join(STAGES) + " |", "|" + "---|" * (len(STAGES) + 1)]
+        ran = {stage for vals in rows.values() for stage in vals}
+        stages = [s for s in STAGES if s not in OPTIONAL_STAGES or s in ran]
+        out = ["| Metric | " + " | ".join(stages) + " |", "|" + "---|" * (len(stages) + 1)]
         for metric, vals in rows.items():
-            out.append(f"| {metric} | " + " | ".join(_fmt(vals[s]) if s in vals else "-" for s in STAGES) + " |")
+            out.append(f"| {metric} | " + " | ".join(_fmt(vals[s]) if s in vals else "-" for s in stages) + " |")
         return out
 
     def generate(self, copy_to=None):

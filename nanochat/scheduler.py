@@ -19,7 +19,9 @@ How a step runs (Scheduler.step):
 Each row has its own sampling settings and torch.Generator (seeded by its request), so its tokens do not
 depend on what else is in the batch: sampled exactly as Engine.generate samples one sequence (a sample is
 drawn every step, and the calculator's forced tokens replace it), greedy rows equal Engine's greedy rows.
-Per row too: tool state (engine.RowState: calculator calls and their forced output), stop tokens
+Per row too: tool state (engine.RowState with its own nanochat.tools session, dispatched by the call's
+text exactly as Engine.generate does: calculator, python REPL started from the prompt's python calls,
+search), stop tokens
 (<|assistant_end|>, <|bos|>), max_tokens and the model's context; presence/frequency penalties over the
 tokens it generated; and optionally logprobs (of the model's own distribution, before penalties and
 temperature) with the top alternatives. With a nanochat.lora.LoRA, a request may name an Adapter object:
@@ -34,7 +36,7 @@ import logging
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -42,8 +44,9 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.common import autocast, resolve_dtype
-from nanochat.engine import Engine, RowState, sample_next_token
+from nanochat.engine import Engine, sample_next_token
 from nanochat.gpt import RaggedKVCache
+from nanochat.tools import parse_call
 
 logger = logging.getLogger("nanochat.scheduler")
 
@@ -92,12 +95,13 @@ class Handle:
 class _Row:
     """A request holding a slot of the KV cache."""
 
-    def __init__(self, handle, slot, budget, device):
+    def __init__(self, handle, slot, budget, device, state):
         req = handle.request
         self.handle, self.req, self.slot, self.budget = handle, req, slot, budget
         self.prefilled = 0  # prompt tokens already in the cache
         self.last = None  # the token to feed at the next decode step
-        self.state = RowState()
+        self.state = state  # engine.RowState: tool session, forced output, stop
+        self.tool = None  # a Future while a slow tool call runs off the scheduler's thread: the row sits out
         self.generator = None
         if req.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -107,11 +111,15 @@ class _Row:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, max_batch=64, prefill_tokens=512, lora=None, dtype="auto"):
+    def __init__(self, model, tokenizer, max_batch=64, prefill_tokens=512, lora=None, dtype="auto", tools=None,
+                 tool_threads=4):
+        """tools: a nanochat.tools.ToolRegistry, as Engine takes it (default: calculator + python REPL).
+        tool_threads: python/search calls running at once, off the scheduler's thread."""
         if max_batch < 1 or prefill_tokens < 1:
             raise ValueError(f"need max_batch >= 1 and prefill_tokens >= 1, got {max_batch} and {prefill_tokens}")
         self.model, self.tokenizer, self.lora = model, tokenizer, lora
-        self.engine = Engine(model, tokenizer)  # validation, stop tokens, tool use
+        self.engine = Engine(model, tokenizer, tools=tools)  # validation, stop tokens, tool use
+        self._tools = ThreadPoolExecutor(tool_threads, thread_name_prefix="nanochat-tools")
         self.device = self.engine.device()
         self.dtype = resolve_dtype(dtype, self.device.type)
         c = model.config
@@ -213,6 +221,7 @@ class Scheduler:
         for row in list(self.rows):
             self._finish(row.handle, Event(None, finish="cancelled"))
         self.rows = []
+        self._tools.shutdown(wait=False, cancel_futures=True)
         while self._waiting:
             self._finish(self._waiting.popleft(), Event(None, finish="cancelled"))
 
@@ -222,10 +231,11 @@ class Scheduler:
         t0 = time.perf_counter()
         self._run_calls()
         self._admit()
+        self._collect_tools()
         prefilling = [r for r in self.rows if r.prefilled < len(r.req.prompt)]
         if prefilling:
             self._prefill(prefilling)
-        decoding = sorted((r for r in self.rows if r.last is not None), key=lambda r: r.slot)
+        decoding = sorted((r for r in self.rows if r.last is not None and r.tool is None), key=lambda r: r.slot)
         self.last_batch = len(decoding)
         if decoding:
             self.peak_batch = max(self.peak_batch, self.last_batch)
@@ -235,7 +245,20 @@ class Scheduler:
         self.steps += 1
         if prefilling or decoding:
             self.busy_seconds += time.perf_counter() - t0
+        else:  # only tool calls in flight: wait for one instead of spinning (new requests wait at most this)
+            running = [r.tool for r in self.rows if r.tool is not None]
+            if running:
+                wait(running, timeout=0.05, return_when=FIRST_COMPLETED)
         return self.pending()
+
+    def _collect_tools(self):
+        """Rows whose tool call has finished rejoin the batch (their output is in row.state.forced)."""
+        for r in [r for r in self.rows if r.tool is not None and r.tool.done()]:
+            error = r.tool.exception()
+            r.tool = None
+            if error is not None:
+                logger.error("a tool call failed: %r", error)
+                self._release(r, Event(None, finish="error", error=f"{type(error).__name__}: {error}"))
 
     def _run_calls(self):
         while True:
@@ -265,7 +288,7 @@ class Scheduler:
             budget = self.context - len(req.prompt)
             if req.max_tokens is not None:
                 budget = min(budget, req.max_tokens)
-            row = _Row(handle, slot, budget, self.device)
+            row = _Row(handle, slot, budget, self.device, self.engine.new_row(req.prompt))
             handle.slot = slot
             self.cache.reset(slot)
             if budget == 0:
@@ -353,16 +376,21 @@ class Scheduler:
             r.counts[tok] += 1
         r.handle.tokens += 1
         self.tokens_out += 1
-        self.engine.advance(r.state, tok)
+        call = self.engine.advance(r.state, tok)
         if r.state.done:
             event.finish = "stop"
         elif r.handle.tokens >= r.budget:
             event.finish = "length"
         if event.finish:
             self._release(r, event)
-        else:
-            r.last = tok
-            self._emit(r.handle, event)
+            return
+        r.last = tok
+        if call is not None:
+            if parse_call(call)[0] == "calculator":  # pure and fast: inline
+                self.engine.run_tool(r.state, call)
+            else:  # python runs a sandboxed process, search reads an index: the row sits out meanwhile
+                r.tool = self._tools.submit(self.engine.run_tool, r.state, call)
+        self._emit(r.handle, event)
 
     def _emit(self, handle, event):
         try:

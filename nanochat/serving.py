@@ -82,12 +82,13 @@ def usage(prompt_tokens, completion_tokens):
 class Worker:
     """One model replica and the scheduler that batches every request given to it."""
 
-    def __init__(self, index, model, tokenizer, max_batch=64, prefill_tokens=512):
+    def __init__(self, index, model, tokenizer, max_batch=64, prefill_tokens=512, tools=None):
         """max_batch: most requests decoded together (more wait); prefill_tokens: most prompt tokens
-        prefilled per step (a longer prompt is spread over several steps)."""
+        prefilled per step (a longer prompt is spread over several steps); tools: a nanochat.tools.ToolRegistry
+        (default: calculator + python REPL)."""
         self.index = index
         self.model, self.tokenizer = model, tokenizer
-        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, prefill_tokens=prefill_tokens)
+        self.scheduler = Scheduler(model, tokenizer, max_batch=max_batch, prefill_tokens=prefill_tokens, tools=tools)
         self.engine = self.scheduler.engine
         self.device = next(model.parameters()).device
         self.requests = 0
@@ -330,7 +331,7 @@ class WorkerPool:
             w.scheduler.stop()
 
 
-def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None, max_batch=64):
+def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None, max_batch=64, tools=None):
     """One Worker per device: cuda:0..num_gpus-1, or a single one on cpu/mps. -> (workers, meta)."""
     from nanochat.checkpoint_manager import load_model
     if device_type == "cuda":
@@ -343,7 +344,7 @@ def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None, max
     workers, meta = [], None
     for i, device in enumerate(devices):
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
-        workers.append(Worker(i, model, tokenizer, max_batch=max_batch))
+        workers.append(Worker(i, model, tokenizer, max_batch=max_batch, tools=tools))
     return workers, meta
 
 

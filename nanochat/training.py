@@ -1,5 +1,6 @@
-"""The skeleton every training stage shares (base_train, mid_train, chat_sft, chat_rl): flags, start-up, start
-fresh or resume, LR schedule, the step log and checkpoints. It knows nothing of a stage's data or its loss."""
+"""The skeleton every training stage shares (base_train, mid_train, chat_sft, chat_rl, chat_dpo): flags, start-up,
+start fresh or resume, LR schedule, the step log and checkpoints. It knows nothing of a stage's data or its loss."""
+import argparse
 import dataclasses
 import json
 import os
@@ -8,10 +9,11 @@ import time
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (build_model, find_largest_model, find_last_step, load_checkpoint, load_model,
-                                         remove_stale_temp, save_checkpoint, start_fresh)
+from nanochat.checkpoint_manager import (SOURCES, build_model, find_largest_model, find_last_step, load_checkpoint,
+                                         load_model, optim_path, remove_stale_temp, save_checkpoint, start_fresh)
 from nanochat.common import (all_reduce, autocast, compute_init, format_eta, get_base_dir, gpu_peak_flops, print0,
                              resolve_dtype)
+from nanochat.reshard import full_optimizer_states, load_resharded
 
 # ------------------------------------------------------------------------------------------------
 # flags
@@ -23,11 +25,14 @@ def add_training_args(p):
     p.add_argument("--run", default="dummy", help="wandb run name; wandb is used only when set and not 'dummy'")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="autocast dtype; auto = bfloat16 on CUDA with bf16 support, else float32")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile (auto: on for CUDA)")
+                   help="autocast dtype; auto = bfloat16 on CUDA with bf16 support and on CPUs with native bf16 "
+                   "(AVX512-BF16/AMX), else float32")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile (auto: on for CUDA and CPU, off for MPS)")
     p.add_argument("--model-tag", default="", help="checkpoint tag to save under (and, after pretraining, to load; "
                    "default: d<depth> for base_train, else the largest model of the source stage)")
-    p.add_argument("--device-batch-size", type=int, default=32, help="sequences per forward/backward per rank")
+    p.add_argument("--device-batch-size", type=device_batch_flag, default=32, help="sequences per forward/backward "
+                   "per rank; auto: the largest power of two (up to 64) that fits in memory, found by trying")
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from the data or the horizon)")
     p.add_argument("--embedding-lr", type=float, default=0.2)
@@ -80,11 +85,30 @@ class Run:
         return autocast(self.dtype, self.device.type)
 
 
+def native_bf16_cpu(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU multiplies bf16 in hardware (the avx512_bf16 or amx_bf16 flags of Linux's cpuinfo)."""
+    try:
+        with open(cpuinfo) as f:
+            return bool({"avx512_bf16", "amx_bf16"} & set(f.read().split()))
+    except OSError:  # not Linux: assume not
+        return False
+
+
+def resolve_numerics(dtype, compile, device_type, native_bf16=False):
+    """--dtype and --compile for a training stage. auto picks what measured fastest: bf16 autocast + compile on
+    CUDA, and on CPUs with native bf16; fp32 + compile on other CPUs; no compile on MPS.
+    -> (dtype name, use_compile)."""
+    if dtype == "auto" and device_type == "cpu":
+        dtype = "bfloat16" if native_bf16 else "float32"
+    use_compile = compile == "on" or (compile == "auto" and device_type in ("cuda", "cpu"))
+    return resolve_dtype(dtype, device_type), use_compile
+
+
 def start_run(device_type="", dtype="auto", compile="off", seed=42):
-    """compute_init plus the resolved --dtype and --compile (auto: compile on CUDA)."""
+    """compute_init plus the resolved --dtype and --compile (see resolve_numerics)."""
     ddp, rank, _, world_size, device = compute_init(device_type or None, seed=seed)
-    use_compile = compile == "on" or (compile == "auto" and device.type == "cuda")
-    return Run(ddp, rank, world_size, device, resolve_dtype(dtype, device.type), use_compile)
+    dtype, use_compile = resolve_numerics(dtype, compile, device.type, device.type == "cpu" and native_bf16_cpu())
+    return Run(ddp, rank, world_size, device, dtype, use_compile)
 
 
 def init_wandb(run, name, project, config):
@@ -107,25 +131,25 @@ def make_optimizers(model, args, lr_frac=1.0):
                                   matrix_lr=args.matrix_lr * lr_frac, weight_decay=args.weight_decay)
 
 
-def load_start_model(args, source, out_dirname, device, rank):
+def load_start_model(args, source, out_dirname, run):
     """The model a later stage trains: the source stage's (--model-tag, --step), or with --resume this stage's
     latest checkpoint. -> (model, tokenizer, tag, checkpoint_dir, start_step, rank_state, meta_or_None)."""
-    src_dir = os.path.join(get_base_dir(), {"base": "base_checkpoints", "mid": "mid_checkpoints"}[source])
+    src_dir = os.path.join(get_base_dir(), SOURCES[source][0])
     tag = args.model_tag
     out_root = os.path.join(get_base_dir(), out_dirname)
     if args.resume:
         tag = tag or find_largest_model(out_root)
         checkpoint_dir = os.path.join(out_root, tag)
         start_step = find_last_step(checkpoint_dir)
-        model, tokenizer, meta = build_model(checkpoint_dir, start_step, device, "train")
-        _, rank_state, _ = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True, rank=rank)
+        model, tokenizer, meta = build_model(checkpoint_dir, start_step, run.device, "train")
+        rank_state = load_training_state(checkpoint_dir, start_step, meta, run)
         return model, tokenizer, tag, checkpoint_dir, start_step, rank_state, meta
     if not tag:
         try:
             tag = find_largest_model(src_dir)
         except FileNotFoundError:
             pass  # load_model below gives the helpful error
-    model, tokenizer, _ = load_model(source, device, "train", model_tag=tag or None,
+    model, tokenizer, _ = load_model(source, run.device, "train", model_tag=tag or None,
                                      step=args.step if args.step >= 0 else None)
     return model, tokenizer, tag, os.path.join(out_root, tag), 0, None, None
 
@@ -144,23 +168,83 @@ def check_resume(meta, same, num_iterations):
                "the LR schedule changes from here on")
 
 
-def resume_or_start_fresh(resume, checkpoint_dir, optimizers, loop, run, rank_state=None, meta=None, same=None,
-                          num_iterations=None):
+def resume_or_start_fresh(resume, checkpoint_dir, model, optimizers, loop, run, rank_state=None, meta=None, same=None,
+                          num_iterations=None, reshard_positions=None):
     """With --resume: check the settings `same` against the checkpoint's meta, restore optimizers, RNG and
-    the loop state. Without: move earlier checkpoints of the tag aside. -> this rank's data position or None."""
+    the loop state. Without: move earlier checkpoints of the tag aside. -> this rank's data position or None.
+    A checkpoint saved by another number of ranks is resharded: the optimizer state exactly, the data positions
+    by reshard_positions(saved positions, world_size) (a stage without one cannot change its world size)."""
     if resume:
-        check_resume(meta, same, num_iterations)
-        restore_training_state(optimizers, rank_state)
+        saved_world = meta["world_size"]
+        if saved_world != run.world_size and reshard_positions is None:
+            raise SystemExit(f"the checkpoint was saved by {saved_world} ranks; this stage resumes only on as many "
+                             f"(this run has {run.world_size})")
+        check_resume(meta, {k: v for k, v in same.items() if k != "world_size"}, num_iterations)
+        restore_training_state(optimizers, rank_state, model, run)
         loop.update(meta["loop_state"])
+        positions = meta["loader_states"]
+        if saved_world != run.world_size:
+            positions = reshard_positions(positions, run.world_size)
+            print0(f"resharded a {saved_world}-rank checkpoint onto {run.world_size} ranks: the model and optimizer "
+                   f"state exactly, the data position approximately (rank 0 continues at {positions[0]})")
         print0(f"resumed from {checkpoint_dir} at step {meta['step']}")
         if run.master and remove_stale_temp(checkpoint_dir):  # before this run's first save
             print0("removed temp files a killed save had left in the checkpoint directory")
-        return meta["loader_states"][run.rank]
+        return positions[run.rank]
     if run.master:
         prev = start_fresh(checkpoint_dir)
         if prev:
             print0(f"new run of {checkpoint_dir}: earlier checkpoints moved to {prev} (use --resume to continue them)")
     return None
+
+
+def fit_device_batch(probe, largest, run):
+    """--device-batch-size auto: the largest of largest, largest/2, ... (powers of two keep it dividing the total
+    batch) for which probe(b), one forward/backward at device batch b, does not run out of memory; the smallest
+    over ranks. Gradient accumulation then keeps the total batch, so only the speed changes."""
+    b = largest
+    while True:
+        try:
+            probe(b)
+            break
+        except torch.OutOfMemoryError:
+            if b == 1:
+                raise
+            print(f"rank {run.rank}: device batch {b} runs out of memory, trying {b // 2}", flush=True)
+            b //= 2
+            if run.device.type == "cuda":
+                torch.cuda.empty_cache()
+    b = int(all_reduce(b, run.device, op="min"))
+    print0(f"device batch size auto: {b}")
+    return b
+
+
+def device_batch_flag(value):
+    """argparse type for --device-batch-size: a positive number, or auto (found by probing the device)."""
+    if value == "auto":
+        return value
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"--device-batch-size takes a positive whole number or auto, not {value!r}")
+    return int(value)
+
+
+def resolve_device_batch(args, model, T, run):
+    """--device-batch-size as a number; auto probes the (uncompiled) model with random tokens, starting from the
+    largest power of two whose micro-batch fits in --total-batch-size."""
+    if args.device_batch_size != "auto":
+        return args.device_batch_size
+    largest = 1
+    while largest < 64 and 2 * largest * T * run.world_size <= args.total_batch_size:
+        largest *= 2
+    gen = torch.Generator(run.device).manual_seed(0)  # leaves the global RNG, and so exact resumes, alone
+
+    def probe(b):
+        x = torch.randint(0, model.config.vocab_size, (b, T), device=run.device, generator=gen)
+        with run.autocast():
+            loss = model(x, x)
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+    return fit_device_batch(probe, largest, run)
 
 
 def accumulation_steps(total_batch_size, B, T, world_size):
@@ -326,10 +410,12 @@ class StepLog:
             mfu = f" | mfu {self.mfu:.2f}%"
         avg_dt = self.run_time / self.timed_steps if self.timed_steps else dt
         eta = format_eta(avg_dt * (self.num_iterations - step - 1))
+        # the first steps of a compiled run are mostly compilation: say so rather than show a slow dt
+        warm = " | compile warm-up" if self.run.compile and step - self.start_step < self.untimed_steps else ""
         more = "".join(f" | {k} {v:,}" if isinstance(v, int) else f" | {k} {v:.4f}" for k, v in extra.items())
         print0(f"step {step:05d}/{self.num_iterations:05d} ({100 * (step + 1) / self.num_iterations:.1f}%) | "
                f"loss {smooth:.6f} | lrm {lrm:.3f} | dt {dt * 1000:.1f}ms | tok/s {self.tok_per_sec:,.0f}{mfu}"
-               f"{more} | eta {eta}")
+               f"{more} | eta {eta}{warm}")
         if self.loss_file:
             self.loss_file.write(json.dumps({"step": step, "loss": loss, "lrm": lrm, **extra}) + "\n")
             self.loss_file.flush()
@@ -412,10 +498,31 @@ def save_training_checkpoint(checkpoint_dir, step, model, optimizers, meta, rank
     print0(f"saved checkpoint {checkpoint_dir} step {step}")
 
 
-def restore_training_state(optimizers, rank_state):
-    """Undo save_training_checkpoint's per-rank part: optimizer states and RNG."""
-    for opt, state in zip(optimizers, rank_state["optimizers"]):
-        opt.load_state_dict(state)
+def load_training_state(checkpoint_dir, step, meta, run):
+    """What restore_training_state needs: this rank's saved optimizer states and RNG, or, for a checkpoint saved
+    by another number of ranks, every saved rank's optimizer states (under "shards") to reshard."""
+    saved_world = meta.get("world_size", 1)
+
+    def load(r):
+        return torch.load(optim_path(checkpoint_dir, step, r), map_location=run.device, weights_only=True)
+    if saved_world == run.world_size:
+        return load(run.rank)
+    shards = [load(r) for r in range(saved_world)]
+    return {"shards": [s["optimizers"] for s in shards], "rng": shards[min(run.rank, saved_world - 1)]["rng"]}
+
+
+def restore_training_state(optimizers, rank_state, model, run):
+    """Undo save_training_checkpoint's per-rank part: optimizer states (resharded when saved by another number
+    of ranks) and RNG."""
+    if "shards" in rank_state:
+        adamw_params = [p for group in optimizers[0].param_groups for p in group["params"]]
+        muon_set = {p for group in optimizers[1].param_groups for p in group["params"]}
+        muon_params = [p for p in model.parameters() if p in muon_set]  # setup_optimizers' order
+        states = full_optimizer_states(adamw_params, muon_params, rank_state["shards"], len(rank_state["shards"]))
+        load_resharded(optimizers, *states, run.rank, run.world_size)
+    else:
+        for opt, state in zip(optimizers, rank_state["optimizers"]):
+            opt.load_state_dict(state)
     torch.set_rng_state(rank_state["rng"]["cpu"].cpu())
     if "cuda" in rank_state["rng"] and torch.cuda.is_available():
         torch.cuda.set_rng_state(rank_state["rng"]["cuda"].cpu())

@@ -19,8 +19,9 @@ import torch
 
 from nanochat.checkpoint_manager import SOURCES, find_largest_model, find_last_step, load_model
 from nanochat.common import script_argv, atomic_write, compute_cleanup, compute_init, get_base_dir, print0
-from nanochat.core_data import TASKS
+from nanochat.core_data import TASKS, prepare_bundle, prepare_core_data
 from nanochat.core_eval import evaluate_core
+from nanochat.packages import file_lock
 
 
 def parse_args(argv=None):
@@ -57,6 +58,11 @@ def write_csv(path, results):
 def main(argv=None):
     args = parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
+    # Every rank makes sure the eval data is there before the process group exists, one at a time under a file
+    # lock: prepared by rank 0 alone while the others wait in an NCCL barrier, a slow download could outlast the
+    # barrier's 10-minute watchdog. Whoever comes second finds the files and returns at once.
+    with file_lock("core_eval"):
+        prepare_bundle() if args.online else prepare_core_data(tasks)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type)
 
     # resolve tag/step here (same rules as load_model) so the CSV can go next to the checkpoint

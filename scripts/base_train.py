@@ -22,10 +22,11 @@ from nanochat.common import compute_cleanup, get_base_dir, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.reshard import reshard_row_group_positions
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulation_steps, add_training_args,
-                               checkpoint_meta, eval_due, init_wandb, make_optimizers, optimizer_step,
-                               resume_or_start_fresh, save_due, save_training_checkpoint,
+                               checkpoint_meta, eval_due, init_wandb, load_training_state, make_optimizers,
+                               optimizer_step, resolve_device_batch, resume_or_start_fresh, save_due, save_training_checkpoint,
                                start_run)
 
 SAMPLE_PROMPTS = [
@@ -105,12 +106,13 @@ def main(argv=None):
     token_bytes = get_token_bytes(run.device)
 
     # --- model ---------------------------------------------------------------------------
-    B, T = args.device_batch_size, args.max_seq_len
+    T = args.max_seq_len
     config = model_config(args.depth, T, tokenizer.get_vocab_size())
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=run.device)
     model.init_weights()
+    B = resolve_device_batch(args, model, T, run)
     orig_model = model  # uncompiled: for checkpoints, sampling and counting
     num_params = model.num_params()
     flops_per_token = model.estimate_flops()
@@ -139,14 +141,14 @@ def main(argv=None):
     start_step, rank_state, meta = 0, None, None
     if args.resume:
         start_step = find_last_step(checkpoint_dir)
-        model_state, rank_state, meta = load_checkpoint(checkpoint_dir, start_step, run.device, load_optimizer=True,
-                                                        rank=run.rank)
+        model_state, _, meta = load_checkpoint(checkpoint_dir, start_step, run.device)
+        rank_state = load_training_state(checkpoint_dir, start_step, meta, run)
         orig_model.load_state_dict(model_state)
         del model_state
     loop = {"min_val_bpb": float("inf"), "val_bpb": None, "history": [], "val_history": []}
     same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T, "total_batch_size": args.total_batch_size}
-    loader_state = resume_or_start_fresh(args.resume, checkpoint_dir, optimizers, loop, run, rank_state, meta, same,
-                                         num_iterations)
+    loader_state = resume_or_start_fresh(args.resume, checkpoint_dir, orig_model, optimizers, loop, run, rank_state,
+                                         meta, same, num_iterations, reshard_row_group_positions)
     if run.compile:
         model = torch.compile(model, dynamic=False)
 

@@ -5,13 +5,16 @@
     python -m scripts.chat_cli -i rl -t 0.8 -k 40 --max-tokens 256
 
 Interactive commands: `quit` / `exit` (or Ctrl-D) to leave, `clear` to start a new conversation.
-Replies stream as they are generated; calculator calls show as [python: 2+3 → 5].
+Replies stream as they are generated; tool calls show with their output: [calculator: 2+3 → 5],
+[python: x * 7 → 42], [search: capital of Velmora → [1] Velmora is ...]. The python REPL's variables
+last the whole conversation (until `clear`).
 """
 import argparse
 import sys
 
 from nanochat.common import autocast, resolve_dtype, script_argv
 from nanochat.engine import Engine, ReplyParser
+from nanochat.tools import make_registry, parse_call
 
 
 class ContextFullError(ValueError):
@@ -45,15 +48,19 @@ def chat_turn(engine, tokenizer, conversation, temperature=0.6, top_k=50, max_to
             out.write(s)
             out.flush()
 
+    def show_call(call, result):
+        name, arg = parse_call(call)
+        write(f"[{name}: {arg.strip()} → {result if result is not None else 'no result'}]")
+
     def show(events):
         nonlocal pending_call
         for e in events:
             kind, text = e["type"], e["text"]
             if pending_call is not None and kind != "python_output":
-                write(f"[python: {pending_call.strip()} → no result]")  # the calculator gave nothing
+                show_call(pending_call, None)  # the tool gave nothing
                 pending_call = None
             if kind == "python_output" and pending_call is not None:
-                write(f"[python: {pending_call.strip()} → {text}]")
+                show_call(pending_call, text)
                 pending_call = None
             elif kind == "python":
                 pending_call = text
@@ -131,7 +138,7 @@ def chat_loop(engine, tokenizer, temperature=0.6, top_k=50, max_tokens=512, seed
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's model")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="which stage's model")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest model)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
@@ -140,6 +147,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
+    p.add_argument("--unsafe-exec", action="store_true", help="let the python tool run code without the bubblewrap sandbox")
     args = p.parse_args(script_argv(argv))
     if args.temperature < 0:
         p.error("--temperature must be >= 0")
@@ -163,7 +172,15 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     autocast_ctx = autocast(resolve_dtype("auto", device.type), device.type)
-    engine = Engine(model, tokenizer)
+    if args.unsafe_exec:
+        from nanochat import sandbox
+        sandbox.allow_unsafe_exec()
+    try:
+        tools, tools_line = make_registry(args.index)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    engine = Engine(model, tokenizer, tools=tools)
     kw = dict(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens, seed=args.seed)
     with autocast_ctx:
         if args.prompt is not None:
@@ -173,7 +190,7 @@ def main(argv=None):
                 print(f"error: {e}", file=sys.stderr)
                 return 1
             return 0
-        print(f"loaded the {args.source} model (step {meta.get('step', '?')}) on {device}", file=sys.stderr)
+        print(f"loaded the {args.source} model (step {meta.get('step', '?')}) on {device}; {tools_line}", file=sys.stderr)
         chat_loop(engine, tokenizer, **kw)
     return 0
 

@@ -9,6 +9,11 @@ Categorical tasks (ARC-Easy, ARC-Challenge, MMLU) are scored from the answer-let
 forward pass; generative ones (GSM8K, HumanEval, SpellingBee) by sampling --num-samples replies
 (pass@n). ChatCORE is the mean chance-centred accuracy: 0 is chance level, 1 is perfect.
 Under torchrun every rank takes problems rank, rank + world, ... and the counts are summed over ranks.
+-a tools runs tasks.tools.ToolsEval (math / python / facts, exact answers) twice, with the tools on
+(calculator, python REPL, search over --index) and off, and measures RAG: bits per byte of held-out
+documents (the validation shard) with and without the top retrieved passages in the context. It needs
+the index (`python -m scripts.build_index --shards --facts`); `all` includes it only when the index
+exists. Its numbers are reported beside ChatCORE, not in it.
 --task-file PATH[,PATH...] evaluates JSONL files of conversations instead (tasks.customjson.JSONLTask:
 items with "letters" are categorical, the others generative: exact final number if the item has
 "answer", else exact reply text). It is offline and tiny, which is what the tests use.
@@ -19,11 +24,11 @@ import time
 
 import torch.distributed as dist
 
-from nanochat.common import resolve_dtype, script_argv, compute_cleanup, compute_init, print0
+from nanochat.common import get_base_dir, resolve_dtype, script_argv, compute_cleanup, compute_init, print0
 from tasks.customjson import JSONLTask
 from tasks.evaluate import centered, chatcore, run_eval
 
-STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL"}
+STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL", "dpo": "DPO"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -59,6 +64,7 @@ def _task_factories():
 
 
 ALL_TASKS = list(_task_factories())
+TOOLS = "tools"
 
 
 def format_table(results):
@@ -75,7 +81,7 @@ def format_table(results):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--source", required=True, choices=list(STAGES), help="which stage's model to load")
-    p.add_argument("-a", "--task-name", default="all", help=f"'all' or names joined by '|': {'|'.join(ALL_TASKS)}")
+    p.add_argument("-a", "--task-name", default="all", help=f"'all' or names joined by '|': {'|'.join(ALL_TASKS + [TOOLS])}")
     p.add_argument("--task-file", default="", help="evaluate these JSONL files of conversations (comma-separated) instead of -a")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="at most this many problems per task")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="generative: samples per problem (pass@n)")
@@ -87,20 +93,24 @@ def parse_args(argv=None):
     p.add_argument("-s", "--step", type=int, default=None)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    p.add_argument("--index", default="", help="tools: the search index (default <base>/search_index)")
+    p.add_argument("--rag-docs", type=int, default=32, help="tools: held-out documents for the RAG bpb (0: skip)")
     p.add_argument("--unsafe-exec", action="store_true",
-                   help="run HumanEval's generated code even without the bubblewrap sandbox (Python-level guards only)")
+                   help="run HumanEval's and the python tool's generated code even without the bubblewrap sandbox "
+                        "(Python-level guards only)")
     return p.parse_args(script_argv(argv))
 
 
-def check_code_execution(unsafe_exec):
-    """HumanEval runs the model's code: say once how it is contained, and stop before any work when it can't be."""
+def check_code_execution(unsafe_exec, what="HumanEval"):
+    """HumanEval and the python tool run the model's code: say once how it is contained, and stop before
+    any work when it can't be."""
     from nanochat import sandbox
     if unsafe_exec:
         sandbox.allow_unsafe_exec()
     policy, message = sandbox.exec_policy()
-    print0(f"HumanEval: {message}")
+    print0(f"{what}: {message}")
     if policy == "refuse":
-        raise SystemExit(f"HumanEval: {message}")
+        raise SystemExit(f"{what}: {message}")
 
 
 def main(argv=None):
@@ -113,16 +123,24 @@ def main(argv=None):
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     engine = Engine(model, tokenizer)
 
+    tools_index = None
     if args.task_file:
         paths = args.task_file.split(",")
         tasks = {os.path.splitext(os.path.basename(p))[0]: (lambda p=p: JSONLTask(p)) for p in paths}
     else:
         factories = _task_factories()
-        names = ALL_TASKS if args.task_name == "all" else args.task_name.split("|")
-        unknown = [n for n in names if n not in factories]
+        names = ALL_TASKS + [TOOLS] if args.task_name == "all" else args.task_name.split("|")
+        unknown = [n for n in names if n not in factories and n != TOOLS]
         if unknown:
-            raise SystemExit(f"unknown task(s) {unknown}; choose from {ALL_TASKS} or 'all'")
-        tasks = {n: factories[n] for n in names}
+            raise SystemExit(f"unknown task(s) {unknown}; choose from {ALL_TASKS + [TOOLS]} or 'all'")
+        tasks = {n: factories[n] for n in names if n != TOOLS}
+        if TOOLS in names:
+            tools_index = args.index or os.path.join(get_base_dir(), "search_index")
+            if not os.path.exists(tools_index) and args.task_name == "all":
+                print0(f"tools: skipped, no search index at {tools_index} (python -m scripts.build_index --shards --facts)")
+                tools_index = None
+            if tools_index is not None:
+                check_code_execution(args.unsafe_exec, "tools (python)")
         if "HumanEval" in tasks:
             check_code_execution(args.unsafe_exec)
 
@@ -135,24 +153,96 @@ def main(argv=None):
                      max_problems=args.max_problems, rank=rank, world_size=world_size, dtype=dtype, device=device)
         results[name] = r
         print0(f"{name}: {r['correct']}/{r['total']} = {100 * r['accuracy']:.2f}% ({time.time() - t0:.1f}s)")
+    tools = None if tools_index is None else run_tools(args, model, tokenizer, tools_index, rank, world_size, dtype, device)
 
-    table = format_table(results)
-    print0(table)
-    score = chatcore(results)
-    if rank == 0:
-        from nanochat.report import get_report
+    data, summary = [vars(args)], {}
+    if results:
+        table = format_table(results)
+        print0(table)
+        score = chatcore(results)
         summary = {name: r["accuracy"] for name, r in results.items()}
         summary["ChatCORE"] = score
-        get_report().log(section=f"Chat evaluation {args.source}", stage=STAGES[args.source], summary=summary, data=[
-            vars(args),
-            {name: f"{r['accuracy']:.4f} ({r['correct']}/{r['total']}, chance {r['chance']:.3f})" for name, r in results.items()},
-            {"ChatCORE": score},
-            "```\n" + table + "\n```",
-        ])
+        data += [{name: f"{r['accuracy']:.4f} ({r['correct']}/{r['total']}, chance {r['chance']:.3f})" for name, r in results.items()},
+                 {"ChatCORE": score}, "```\n" + table + "\n```"]
+    if tools is not None:
+        table = format_tools_table(tools)
+        print0(table)
+        for mode in ("on", "off"):
+            rs = [r for (g, m), r in tools["groups"].items() if m == mode]
+            summary[f"Tools ({mode})"] = sum(r["correct"] for r in rs) / max(1, sum(r["total"] for r in rs))
+        data += ["Tools (tasks.tools.ToolsEval, exact answer; on = calculator + python + search):",
+                 "```\n" + table + "\n```"]
+        results["tools"] = tools
+    if rank == 0:
+        from nanochat.report import get_report
+        get_report().log(section=f"Chat evaluation {args.source}", stage=STAGES[args.source], summary=summary, data=data)
     if ddp:
         dist.barrier()  # nobody tears gloo down while another rank still works (it can abort at exit)
     compute_cleanup()
     return results
+
+
+def run_tools(args, model, tokenizer, index, rank, world_size, dtype, device):
+    """ToolsEval per group with the tools on and off, and the RAG bpb (rank 0). -> {"groups": {(group,
+    "on"|"off"): run_eval result}, "rag": rag_bpb result or None}."""
+    from nanochat.engine import Engine
+    from nanochat.search import Searcher
+    from nanochat.tools import NO_TOOLS, ToolRegistry
+    from tasks.tools import GROUPS, ToolsEval
+    try:
+        searcher = Searcher(index)
+    except FileNotFoundError as e:
+        raise SystemExit(f"chat_eval -a tools: {e}") from None
+    engines = {"on": Engine(model, tokenizer, tools=ToolRegistry(searcher=searcher)),
+               "off": Engine(model, tokenizer, tools=NO_TOOLS)}
+    groups = {}
+    for group in GROUPS:
+        task = ToolsEval(group=group)
+        for mode, engine in engines.items():
+            t0 = time.time()
+            r = run_eval(task, model, tokenizer, engine, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems, rank=rank,
+                         world_size=world_size, dtype=dtype, device=device)
+            groups[(group, mode)] = r
+            print0(f"tools/{group} ({mode}): {r['correct']}/{r['total']} = {100 * r['accuracy']:.2f}% ({time.time() - t0:.1f}s)")
+    rag = None
+    if args.rag_docs > 0 and rank == 0:
+        rag = run_rag(model, tokenizer, searcher, args.rag_docs, dtype, device)
+    return {"groups": groups, "rag": rag}
+
+
+def run_rag(model, tokenizer, searcher, n_docs, dtype, device):
+    """rag_bpb over the first n_docs documents of the validation shard (which build_index --shards leaves
+    out of the index); None, with a line saying why, when there are no shards."""
+    from nanochat.common import autocast
+    from nanochat.dataset import parquets_iter_batched
+    from nanochat.loss_eval import rag_bpb
+    from nanochat.tokenizer import get_token_bytes
+    try:
+        docs = []
+        for batch in parquets_iter_batched("val"):
+            docs.extend(batch)
+            if len(docs) >= n_docs:
+                break
+    except FileNotFoundError as e:
+        print0(f"RAG bpb: skipped ({e})")
+        return None
+    retrieve = lambda q: "\n".join(text for _, _, text in searcher.search(q, k=2))  # noqa: E731
+    with autocast(dtype, device.type):
+        return rag_bpb(model, tokenizer, docs[:n_docs], retrieve, get_token_bytes(device))
+
+
+def format_tools_table(tools):
+    from tasks.tools import GROUPS
+    rows = [f"{'group':<8} {'tools on':>9} {'tools off':>10} {'gain':>7} {'problems':>9}"]
+    for g in GROUPS:
+        on, off = tools["groups"][(g, "on")], tools["groups"][(g, "off")]
+        rows.append(f"{g:<8} {on['accuracy']:>9.4f} {off['accuracy']:>10.4f} {on['accuracy'] - off['accuracy']:>+7.4f} {on['total']:>9}")
+    rag = tools.get("rag")
+    if rag:
+        rows.append(f"RAG bpb on {rag['documents']} held-out documents: {rag['bpb_without']:.4f} without retrieval, "
+                    f"{rag['bpb_with']:.4f} with the top-2 passages ({rag['bpb_with'] - rag['bpb_without']:+.4f})")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

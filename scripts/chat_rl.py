@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
-from nanochat.training import (StepLog, checkpoint_meta, make_optimizers, resume_or_start_fresh,
+from nanochat.training import (StepLog, checkpoint_meta, load_training_state, make_optimizers, resume_or_start_fresh,
                                save_training_checkpoint, start_run)
 
 
@@ -258,15 +258,16 @@ def main(argv=None):
     start_step, rank_state, resume_meta = 0, None, None
     if args.resume:
         start_step = find_last_step(checkpoint_dir)
-        model_state, rank_state, resume_meta = load_checkpoint(checkpoint_dir, start_step, device, load_optimizer=True,
-                                                               rank=rank)
+        model_state, _, resume_meta = load_checkpoint(checkpoint_dir, start_step, device)
+        rank_state = load_training_state(checkpoint_dir, start_step, resume_meta, run)
         model.load_state_dict(model_state)
         del model_state
     loop = {"eval_history": [], "reward_history": []}
     same = {"world_size": world_size, "prompts_per_step": args.prompts_per_step, "num_samples": args.num_samples,
             "source": {"stage": args.source, "tag": tag, "step": meta.get("step")}}
-    resume_or_start_fresh(args.resume, checkpoint_dir, optimizers, loop, run, rank_state, resume_meta, same,
-                          args.num_steps)  # the problems and sampling seeds depend only on the step
+    # the problems and sampling seeds depend only on the step, so a resume continues exactly, on any number of ranks
+    resume_or_start_fresh(args.resume, checkpoint_dir, model, optimizers, loop, run, rank_state, resume_meta, same,
+                          args.num_steps, lambda positions, world: positions[:1] * world)
     eval_history, reward_history = loop["eval_history"], loop["reward_history"]
 
     def run_eval(step):

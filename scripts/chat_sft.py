@@ -10,8 +10,8 @@ targets are the next tokens where the tokenizer's mask is 1 (assistant text, too
 sum over its supervised tokens divided by their number across all micro-batches and ranks, so
 every supervised token weighs the same however the conversations are batched.
 
-Data (--mixture, same syntax as mid_train): default arc,gsm8k,spellingbee,simplespelling,chitchat,
-chatterbot (--online: ARC, GSM8K, SmolTalk) (+ --identity-file). A held-out slice (--val-examples) gives the validation loss.
+Data (--mixture, same syntax as mid_train): default arc,gsm8k,spellingbee,simplespelling,tools,chitchat,
+chatterbot (--online: ARC, GSM8K, SmolTalk, tools) (+ --identity-file). A held-out slice (--val-examples) gives the validation loss.
 Multiple-choice accuracy (--eval-mc, default ARC-Easy and MMLU validation slices; custom:PATH for a
 JSONL of conversations with "letters") is read off the logits of the answer letters after
 <|assistant_start|>.
@@ -32,7 +32,7 @@ from nanochat.training import (StepLog, add_finetune_args, add_training_args, ch
                                resume_or_start_fresh, save_due, save_training_checkpoint, start_run)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
-SFT_DEFAULT = "arc,gsm8k,spellingbee,simplespelling,chitchat,chatterbot"
+SFT_DEFAULT = "arc,gsm8k,spellingbee,simplespelling,tools,chitchat,chatterbot"
 MC_EVAL_DEFAULT = "arc-easy,mmlu"
 
 
@@ -192,8 +192,10 @@ def main(argv=None):
     wandb_run = init_wandb(run, args.run, "nanochat-sft", user_config)
 
     model, tokenizer, model_tag, checkpoint_dir, start_step, rank_state, resume_meta = \
-        load_start_model(args, args.source, "chatsft_checkpoints", run.device, run.rank)
+        load_start_model(args, args.source, "chatsft_checkpoints", run)
     B, T = args.device_batch_size, args.max_seq_len
+    if B == "auto":
+        raise SystemExit("chat_sft takes a number for --device-batch-size (auto is for the packed stages)")
     if T + 1 > model.rotary_len:
         raise SystemExit(f"--max-seq-len {T} exceeds the model's rotary table ({model.rotary_len})")
     num_params = model.num_params()
@@ -229,8 +231,9 @@ def main(argv=None):
     loop = {"val_loss": None, "min_val_loss": float("inf"), "mc_acc": {}}
     same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T,
             "examples_per_step": args.examples_per_step, "mixture": spec, "num_train_conversations": len(train_set)}
-    resume_or_start_fresh(args.resume, checkpoint_dir, optimizers, loop, run, rank_state, resume_meta, same,
-                          num_iterations)  # the data order depends only on the step: no loader state
+    # the data order depends only on the step (no loader state), so any number of ranks continues it exactly
+    resume_or_start_fresh(args.resume, checkpoint_dir, model, optimizers, loop, run, rank_state, resume_meta, same,
+                          num_iterations, lambda positions, world: positions[:1] * world)
     orig_model = model
     if run.compile:
         model = torch.compile(model, dynamic=False)

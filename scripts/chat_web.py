@@ -22,6 +22,10 @@ Endpoints
 Every replica decodes all of its requests as one batch (requests join and leave at token boundaries;
 rows may use different adapters). A request waits only when its replica already holds --max-batch.
 
+Tools (nanochat/tools.py): calculator, a python REPL over the sandbox, and search over --index (default
+<base>/search_index when built; without one, search calls get no output). Each request has its own tool
+session; python and search calls run off the batch's thread, so their row sits out while the rest decode.
+
 Security (nanochat/web_security.py)
     --api-key KEY (or NANOCHAT_API_KEY): every endpoint but GET /health and the page itself (GET /) needs
     "Authorization: Bearer KEY" (what the OpenAI client sends); the page asks for the key in its settings
@@ -56,6 +60,7 @@ from nanochat.openai_api import (BodySizeLimit, CompletionRequest, Defaults, Eve
                                  describe_validation_errors, error_response, legacy_logprobs,
                                  openai_text_as_parts, part_as_openai_text, sse, sum_usage)
 from nanochat.serving import Job, PoolMetrics, Worker, WorkerPool, load_workers  # noqa: F401 - re-exported
+from nanochat.tools import make_registry
 from nanochat.web_security import (SSE, ApiKeyAuth, check_exposure, documented_errors,
                                    guarded_protocol, without_422)
 
@@ -372,13 +377,14 @@ def make_live_learning(workers, root):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="which stage's model")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="which stage's model")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest model)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (ignored without CUDA)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
     p.add_argument("--adapters-dir", default="", help="where learned adapters live (default: $NANOCHAT_BASE_DIR/adapters)")
     p.add_argument("--no-learn", action="store_true", help="serve without live learning (no /learn, no adapters)")
     p.add_argument("--max-batch", type=int, default=64, help="most requests one replica decodes together")
@@ -411,8 +417,9 @@ def main(argv=None):
         return 1
     device_type = args.device_type or autodetect_device_type()
     try:
+        tools, tools_line = make_registry(args.index)
         workers, meta = load_workers(args.source, device_type, args.num_gpus, args.model_tag, args.step,
-                                     max_batch=args.max_batch)
+                                     max_batch=args.max_batch, tools=tools)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -429,6 +436,7 @@ def main(argv=None):
     print(f"serving {model_id} (step {meta.get('step', '?')}) on {devices}: http://{args.host}:{args.port}/",
           file=sys.stderr, flush=True)
     print(exposure, file=sys.stderr, flush=True)
+    print(tools_line, file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", http=guarded_protocol(args.request_timeout))
     return 0
 

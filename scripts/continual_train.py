@@ -1,4 +1,5 @@
-"""Continual learning: learn a sequence of tasks with each strategy and record the R matrices.
+"""Learn a sequence of tasks with each continual-learning strategy and save the R matrices, one JSON file per
+strategy; turning them into the report section is scripts/continual_eval.py's job.
 
     python -m scripts.continual_train                                # sft model, lm-domains, all strategies
     python -m scripts.continual_train -i base --strategies naive,lora --steps 20
@@ -26,7 +27,7 @@ from nanochat.continual import STRATEGIES, ContinualConfig, evaluate_tasks, run_
 def parse_args(argv=None):
     d = ContinualConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="starting model")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="starting model")
     p.add_argument("-g", "--model-tag", default=None)
     p.add_argument("--step", type=int, default=None)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")

@@ -15,9 +15,11 @@ Data (--mixture, comma separated; `name*k` repeats an entry k times):
     arc                    ARC-Easy + ARC-Challenge train splits
     gsm8k                  synthetic GSM8K-style problems with calculator tool calls
     spellingbee, simplespelling   letter counting / spelling
+    tools                  calculator, python REPL and search calls (tasks.tools.ToolUse)
     smoltalk               SmolTalk (needs the network)
     custom:PATH            conversations from a JSONL file (tasks.customjson)
-The default is chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling (--online: SmolTalk, MMLU, GSM8K),
+The default is chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling,tools (--online: SmolTalk, MMLU,
+GSM8K, tools),
 plus --identity-file when given. A held-out slice of the shuffled mixture (--val-examples
 conversations) is never trained on and gives the validation bpb.
 
@@ -33,14 +35,15 @@ import torch
 from nanochat.common import all_reduce, compute_cleanup, print0, script_argv
 from nanochat.dataloader import packed_loader, render_stream
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.reshard import reshard_stream_positions
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulation_steps, add_finetune_args,
                                add_training_args, checkpoint_meta, eval_due, init_wandb, load_start_model,
-                               make_optimizers, optimizer_step, resume_or_start_fresh, save_due,
+                               make_optimizers, optimizer_step, resolve_device_batch, resume_or_start_fresh, save_due,
                                save_training_checkpoint, start_run)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
-MID_DEFAULT = "chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling"
+MID_DEFAULT = "chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling,tools"
 
 
 def parse_args(argv=None):
@@ -64,10 +67,11 @@ def main(argv=None):
 
     # --- model -------------------------------------------------------------------------------------
     model, tokenizer, model_tag, checkpoint_dir, start_step, rank_state, resume_meta = \
-        load_start_model(args, "base", "mid_checkpoints", run.device, run.rank)
-    B, T = args.device_batch_size, args.max_seq_len
+        load_start_model(args, "base", "mid_checkpoints", run)
+    T = args.max_seq_len
     if T > model.rotary_len:
         raise SystemExit(f"--max-seq-len {T} exceeds the model's rotary table ({model.rotary_len})")
+    B = resolve_device_batch(args, model, T, run)
     num_params = model.num_params()
     token_bytes = get_token_bytes(run.device)
     print0(f"model: {dataclasses.asdict(model.config)} | parameters: {num_params:,} | dtype: {run.dtype}")
@@ -101,8 +105,8 @@ def main(argv=None):
     loop = {"min_val_bpb": float("inf"), "val_bpb": None}
     same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T,
             "total_batch_size": args.total_batch_size, "mixture": spec, "num_train_conversations": len(train_set)}
-    loader_state = resume_or_start_fresh(args.resume, checkpoint_dir, optimizers, loop, run, rank_state, resume_meta,
-                                         same, num_iterations)
+    loader_state = resume_or_start_fresh(args.resume, checkpoint_dir, model, optimizers, loop, run, rank_state,
+                                         resume_meta, same, num_iterations, reshard_stream_positions)
     orig_model = model
     if run.compile:
         model = torch.compile(model, dynamic=False)

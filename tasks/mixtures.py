@@ -5,20 +5,20 @@ from nanochat.common import print0
 
 # per-stage sizes of the generated tasks and the seeds that make SFT see different examples than mid
 _STAGE_SIZES = {
-    "mid": {"gsm8k": 10000, "spellingbee": 10000, "simplespelling": 5000, "seed": 0},
-    "sft": {"gsm8k": 4000, "spellingbee": 1500, "simplespelling": 1000, "seed": 1},
+    "mid": {"gsm8k": 10000, "spellingbee": 10000, "simplespelling": 5000, "tools": 6000, "seed": 0},
+    "sft": {"gsm8k": 4000, "spellingbee": 1500, "simplespelling": 1000, "tools": 1500, "seed": 1},
 }
-TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "smoltalk",
+TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "tools", "smoltalk",
               "mmlu-aux", "gsm8k-train")
 
 # With online data (--online): the recipe of nanochat's Dec-2025 speedrun at its sizes. Midtraining:
 # all of SmolTalk, MMLU auxiliary_train, the GSM8K train split (calculator annotations become tool
 # calls), 200K spelling and 80K letter-counting problems. SFT: ARC-Easy + ARC-Challenge train, GSM8K
 # train, 10K SmolTalk conversations, 300 + 300 spelling problems. The identity conversations
-# (--identity-file) join both, twice in midtraining.
+# (--identity-file) join both, twice in midtraining. Both add our generated tool-use conversations.
 ONLINE_MIXTURES = {
-    "mid": "smoltalk,mmlu-aux,gsm8k-train,simplespelling@200000,spellingbee@80000",
-    "sft": "arc,gsm8k-train,smoltalk@10000,simplespelling@300,spellingbee@300",
+    "mid": "smoltalk,mmlu-aux,gsm8k-train,simplespelling@200000,spellingbee@80000,tools@20000",
+    "sft": "arc,gsm8k-train,smoltalk@10000,simplespelling@300,spellingbee@300,tools@1500",
 }
 
 
@@ -88,6 +88,9 @@ def build_tasks(spec, stage, max_per_task=-1, mc_per_task=-1):
         if name == "simplespelling":
             from tasks.spellingbee import SimpleSpelling
             return [SimpleSpelling(size=size or sizes["simplespelling"], split="train", seed=seed, stop=cap)]
+        if name == "tools":
+            from tasks.tools import ToolUse
+            return [ToolUse(size=size or sizes["tools"], seed=seed, stop=cap)]
         if name == "smoltalk":
             from tasks.smoltalk import SmolTalk
             return [SmolTalk("train", stop=stop)]

@@ -64,6 +64,7 @@ def test_chat_page_streams_edits_and_regenerates(byte_tokenizer, echo_chat_model
             # the calculator call and its output are shown as their own boxes
             reply = page.locator(".msg.assistant").last
             assert reply.locator(".tool.call code").inner_text() == "6*7"
+            assert reply.locator(".tool.call .label").inner_text().lower() == "calculator"  # the tool is named
             assert reply.locator(".tool.output code").inner_text() == "42"
             assert page.input_value("#input") == ""
 

@@ -112,10 +112,11 @@ def make_base(root, tiny_base_dir):
 
 MID = ["scripts.mid_train", "--device-batch-size", "2", "--max-seq-len", "64", "--total-batch-size", "256",
        "--num-iterations", "6", "--eval-every", "3", "--eval-tokens", "256", "--val-examples", "6",
-       "--device-type", "cpu"]
+       "--device-type", "cpu", "--dtype", "float32", "--compile", "off"]
 SFT = ["scripts.chat_sft", "--device-batch-size", "2", "--max-seq-len", "64", "--examples-per-step", "4",
        "--num-iterations", "6", "--eval-every", "3", "--eval-mc-every", "3", "--val-examples", "6",
-       "--eval-mc-examples", "8", "--init-lr-frac", "0.5", "--device-type", "cpu"]
+       "--eval-mc-examples", "8", "--init-lr-frac", "0.5", "--device-type", "cpu", "--dtype", "float32",
+       "--compile", "off"]
 
 
 def custom(base, name="chats.jsonl"):

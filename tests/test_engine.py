@@ -360,7 +360,7 @@ def test_chat_turn_streams_and_shows_tool_calls():
     conversation = [{"role": "user", "content": "add"}]
     out = io.StringIO()
     reply = chat_turn(engine, TOK, conversation, temperature=0.0, out=out)
-    assert out.getvalue() == "hi [python: 2+3 → 5]ok\n"
+    assert out.getvalue() == "hi [calculator: 2+3 → 5]ok\n"
     assert reply == [{"type": "text", "text": "hi "}, {"type": "python", "text": "2+3"},
                      {"type": "python_output", "text": "5"}, {"type": "text", "text": "ok"}]
     # the reply re-renders to exactly the tokens the engine produced
@@ -378,7 +378,7 @@ def test_chat_turn_failed_tool_call_and_limits():
     engine = Engine(BigramModel(table, default=b("a"), seq_len=128), TOK)
     out = io.StringIO()
     reply = chat_turn(engine, TOK, [{"role": "user", "content": "q"}], temperature=0.0, max_tokens=10, out=out)
-    assert out.getvalue() == "[python: fob → no result]aaaaa\n[stopped: reached --max-tokens 10]\n"
+    assert out.getvalue() == "[calculator: fob → no result]aaaaa\n[stopped: reached --max-tokens 10]\n"
     assert reply == [{"type": "python", "text": "fob"}, {"type": "text", "text": "aaaaa"}]
     with pytest.raises(ContextFullError):
         chat_turn(engine, TOK, [{"role": "user", "content": "x" * 200}], out=io.StringIO())
@@ -399,7 +399,7 @@ def test_chat_loop_history_clear_and_errors():
     engine.generate = spy
     chat_loop(engine, TOK, temperature=0.0, input_fn=lambda _: next(lines), out=out)
     text = out.getvalue()
-    assert text.count("[python: 2+3 → 5]") == 3  # hello, again, hi
+    assert text.count("[calculator: 2+3 → 5]") == 3  # hello, again, hi
     assert "context" in text and "(conversation cleared)" in text
     # "again" saw the history of "hello" (the over-long message was dropped); "hi" started afresh
     hello = TOK.render_for_completion([{"role": "user", "content": "hello"}])

@@ -96,3 +96,90 @@ def test_bucketed_sft_padding_gives_the_unpadded_loss(byte_tokenizer, tiny_model
         c = model(leaky, y1, loss_reduction="sum")
     torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-5)
+
+
+def test_device_batch_auto_halves_on_out_of_memory(capsys):
+    from nanochat.training import Run, device_batch_flag, fit_device_batch
+    run = Run(False, 0, 1, torch.device("cpu"), "float32", False)
+    tried = []
+
+    def probe(b):  # pretends only 6 rows fit
+        tried.append(b)
+        if b > 6:
+            raise torch.OutOfMemoryError("CUDA out of memory (pretend)")
+    assert fit_device_batch(probe, 32, run) == 4 and tried == [32, 16, 8, 4]
+    assert "device batch 8 runs out of memory, trying 4" in capsys.readouterr().out
+
+    def never(b):
+        raise torch.OutOfMemoryError("pretend")
+    with pytest.raises(torch.OutOfMemoryError):
+        fit_device_batch(never, 4, run)
+    assert device_batch_flag("auto") == "auto" and device_batch_flag("12") == 12
+    for bad in ("0", "-3", "big"):
+        with pytest.raises(Exception, match="positive whole number or auto"):
+            device_batch_flag(bad)
+
+
+def test_device_batch_auto_keeps_the_total_batch(tiny_model):
+    """On a device with room, auto takes the largest power of two whose micro-batch fits in the total batch."""
+    import argparse
+    from nanochat.training import Run, accumulation_steps, resolve_device_batch
+    run = Run(False, 0, 1, torch.device("cpu"), "float32", False)
+    args = argparse.Namespace(device_batch_size="auto", total_batch_size=256)
+    B = resolve_device_batch(args, tiny_model, 32, run)
+    assert B == 8 and accumulation_steps(256, B, 32, 1) == 1
+    assert all(p.grad is None for p in tiny_model.parameters())  # the probe leaves no gradients behind
+    args.device_batch_size = 2
+    assert resolve_device_batch(args, tiny_model, 32, run) == 2
+
+
+def test_resharded_data_positions():
+    from nanochat.reshard import reshard_row_group_positions, reshard_stream_positions
+    # 2 ranks, rank 0 next at its row group 3 (global 6), rank 1 at 3 (global 7): one rank starts at global 6
+    two = [{"epoch": 0, "rg": 3, "doc": 5, "tok": 9}, {"epoch": 0, "rg": 3, "doc": 0, "tok": 0}]
+    assert reshard_row_group_positions(two, 1) == [{"epoch": 0, "rg": 6, "doc": 0, "tok": 0}]
+    # 1 rank at global 7 -> 2 ranks: rank 0 reads 0, 2, 4, 6, 8 (next: 8 = its 4th), rank 1 reads 1, 3, 5, 7
+    one = [{"epoch": 1, "rg": 7, "doc": 2, "tok": 1}]
+    assert [p["rg"] for p in reshard_row_group_positions(one, 2)] == [4, 3]
+    assert reshard_stream_positions([{"epoch": 0, "pos": 100}, {"epoch": 0, "pos": 120}], 1) == [{"epoch": 0, "pos": 200}]
+    assert reshard_stream_positions([{"epoch": 2, "pos": 100}], 4) == [{"epoch": 2, "pos": 25}] * 4
+
+
+def test_base_eval_prepares_data_before_the_process_group(monkeypatch, base_dir):
+    """Preparing inside the distributed stage left the other ranks in an NCCL barrier for the whole download."""
+    from scripts import base_eval
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def compute_init(*a, **k):
+        calls.append("compute_init")
+        raise Stop
+    monkeypatch.setattr(base_eval, "prepare_core_data", lambda tasks: calls.append(("prepare", tasks)))
+    monkeypatch.setattr(base_eval, "compute_init", compute_init)
+    with pytest.raises(Stop):
+        base_eval.main(["--tasks", "arc_easy,copa", "--device-type", "cpu"])
+    assert calls == [("prepare", ["arc_easy", "copa"]), "compute_init"]
+
+
+def test_auto_numerics_follow_the_hardware(tmp_path):
+    from nanochat.training import native_bf16_cpu, resolve_numerics
+    amx, plain = tmp_path / "amx", tmp_path / "plain"
+    amx.write_text("processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    plain.write_text("processor : 0\nflags\t\t: fpu sse2 avx2\n")
+    assert native_bf16_cpu(str(amx)) and not native_bf16_cpu(str(plain))
+    assert not native_bf16_cpu(str(tmp_path / "missing"))
+    assert resolve_numerics("auto", "auto", "cpu", native_bf16=True) == ("bfloat16", True)
+    assert resolve_numerics("auto", "auto", "cpu", native_bf16=False) == ("float32", True)
+    assert resolve_numerics("float32", "off", "cpu", native_bf16=True) == ("float32", False)
+    assert resolve_numerics("auto", "auto", "mps") == ("float32", False)
+
+
+def test_progress_line_marks_compile_warm_up(capsys):
+    from nanochat.training import Run, StepLog
+    log = StepLog(Run(False, 0, 1, torch.device("cpu"), "float32", True), 10, 0, {})
+    for step in range(4):
+        log.step(step, 2.0, 1.0, 0.5, 1000)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert [("compile warm-up" in line) for line in lines] == [True, True, True, False]

@@ -35,7 +35,7 @@ def test_tokenizer_and_base_stages(tmp_path, write_shards, make_docs):
 
     run("scripts.base_train", "--depth", "1", "--max-seq-len", "64", "--device-batch-size", "2",
         "--total-batch-size", "256", "--num-iterations", "4", "--eval-every", "2", "--eval-tokens", "512",
-        "--sample-every", "-1", env=env)
+        "--sample-every", "-1", "--dtype", "float32", "--compile", "off", env=env)
     out = run("scripts.base_loss", "--split-tokens", "512", "--device-batch-size", "2", "--max-new-tokens", "4", env=env)
     assert "val bpb" in out
 

@@ -13,7 +13,9 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig, RaggedKVCache
 from nanochat.lora import LoRA
 from nanochat.scheduler import Request, Scheduler
+from nanochat.search import Searcher, build_index
 from nanochat.tokenizer import Tokenizer
+from nanochat.tools import ToolRegistry
 
 TOK = Tokenizer.byte_level()
 V = TOK.get_vocab_size()
@@ -43,12 +45,13 @@ def make_gpt(n_head=4, n_kv_head=2, n_layer=2, n_embd=128, seq=128, seed=0):
 
 class ScriptedGPT(nn.Module):
     """A real GPT (its choices depend on the whole context) whose next token is overridden after the
-    tokens in `script`: "=" starts a calculator call 6*7, and after the tool's forced output it stops."""
+    tokens in `script`: "=" starts a tool call (the calculator's 6*7 by default), and after the tool's
+    forced output it stops."""
 
-    def __init__(self, gpt):
+    def __init__(self, gpt, call="6*7"):  # the call's characters must be distinct (token -> next token)
         super().__init__()
         self.gpt, self.config = gpt, gpt.config
-        call = [PY_START] + TOK.encode("6*7") + [PY_END]
+        call = [PY_START] + TOK.encode(call) + [PY_END]
         self.script = {b("="): PY_START, **dict(zip(call, call[1:])), OUT_END: A_END}
 
     def get_device(self):
@@ -63,9 +66,10 @@ class ScriptedGPT(nn.Module):
         return logits
 
 
-def alone(model, prompt, **kw):
+def alone(model, prompt, tools=None, **kw):
     """Engine.generate on one request: [(token, sampled)], the stop token included."""
-    return [(col[0], bool(m[0])) for col, m in Engine(model, TOK).generate(prompt, num_samples=1, **kw)]
+    engine = Engine(model, TOK, tools=tools)
+    return [(col[0], bool(m[0])) for col, m in engine.generate(prompt, num_samples=1, **kw)]
 
 
 class Collector:
@@ -413,3 +417,57 @@ def test_tiny_temperatures_are_greedy(temperature):
     sched.run_until_idle()
     assert plain.tokens == greedy and plain.finish in ("stop", "length")
     assert penalized.tokens == reference.tokens and penalized.finish in ("stop", "length")
+
+
+@pytest.mark.parametrize("tool", ["python", "search"])
+def test_python_and_search_calls_in_a_batch_equal_each_alone(tool, tmp_path):
+    # calls dispatch through nanochat.tools as in Engine.generate; python/search run off the scheduler's
+    # thread while the other rows go on decoding
+    if tool == "python":
+        tools, call = ToolRegistry(), "python:x*7"
+        earlier = [PY_START] + TOK.encode("python:\nx = 6") + [PY_END, OUT_START, OUT_END]  # an earlier turn's cell
+    else:
+        build_index([("a", "Volk is a river. It ends in the Tarsk sea.")], str(tmp_path / "i.sqlite"))
+        tools, call, earlier = ToolRegistry(python=False, searcher=Searcher(str(tmp_path / "i.sqlite"), k=1)), "search:Volk", []
+    model = ScriptedGPT(make_gpt(seed=6), call=call)
+    prompts = prompts_of([4, 20, 9, 31], seed=6)  # the "=" ones (0 and 2) call the tool at once
+    prompts[2] = prompts[2][:1] + earlier + prompts[2][1:]
+    reqs = [Request(p, max_tokens=80, temperature=0.0) for p in prompts]
+    got = run_staggered(Scheduler(model, TOK, max_batch=3, prefill_tokens=16, tools=tools), reqs, join_at=[0, 0, 1, 2])
+    outputs = []
+    for req, c in zip(reqs, got):
+        want = alone(model, req.prompt, tools=tools, max_tokens=80, temperature=0.0)
+        assert c.tokens == want and c.finish in ("stop", "length")
+        toks = [t for t, _ in want]
+        if OUT_START in toks:
+            outputs.append(TOK.decode(toks[toks.index(OUT_START) + 1:toks.index(OUT_END)]))
+    if tool == "python":  # the row whose prompt set x reads 42; the other one's REPL starts empty
+        assert len(outputs) == 2 and "NameError" in outputs[0] and outputs[1] == "42"
+    else:
+        assert outputs == ["[1] Volk is a river. It ends in the Tarsk sea."] * 2
+
+
+def test_a_slow_tool_call_does_not_stall_the_batch():
+    gate = threading.Event()
+
+    def slow_search(query):  # stands in for a python cell that runs for a while
+        gate.wait(30)
+        return "found"
+
+    model = ScriptedGPT(make_gpt(seed=7), call="search:q")
+    prompts = prompts_of([5, 6], seed=7)  # the first ends with "=" and calls at once; the second does not
+    sched = Scheduler(model, TOK, tools=ToolRegistry(python=False, searcher=slow_search))
+    caller, other = Collector(), Collector()
+    sched.submit(Request(prompts[0], max_tokens=30, temperature=0.0), caller)
+    sched.submit(Request(prompts[1], max_tokens=30, temperature=0.0), other)
+    for _ in range(100):
+        if other.finish is not None:
+            break
+        sched.step()
+    assert other.finish is not None and caller.finish is None  # the other row went on while the call ran
+    assert [t for t, _ in caller.tokens][-1] == PY_END  # the caller sits out right after its call
+    gate.set()
+    sched.run_until_idle()
+    fast = ToolRegistry(python=False, searcher=lambda query: "found")
+    assert caller.tokens == alone(model, prompts[0], tools=fast, max_tokens=30, temperature=0.0)
+    assert other.tokens == alone(model, prompts[1], tools=fast, max_tokens=30, temperature=0.0)
