@@ -15,6 +15,8 @@ How a step runs (Scheduler.step):
    several steps and never freezes the others for more than one chunk. A row whose prompt is complete
    samples its first token from the prompt's last logits.
 4. Decode: every row with a token to feed runs in one (rows, 1) forward; each row samples its next token.
+   A row whose token closed a python or search call sits out until the call (on a small thread pool)
+   has queued its output; calculator calls run inline. When only tool calls are in flight, step waits.
 
 Each row has its own sampling settings and torch.Generator (seeded by its request), so its tokens do not
 depend on what else is in the batch: sampled exactly as Engine.generate samples one sequence (a sample is
