@@ -20,6 +20,18 @@ def setup_logging(level=logging.INFO):
     return logger
 
 
+def run_logged(fn, *args, **kwargs):
+    """The data commands' exit contract: run fn with logging on; a RuntimeError (our clear, user-facing
+    errors) is logged as one line and becomes exit code 1 instead of a traceback."""
+    setup_logging()
+    try:
+        fn(*args, **kwargs)
+    except RuntimeError as e:
+        logger.error(str(e))
+        return 1
+    return 0
+
+
 def get_base_dir():
     """The one cache directory every stage reads from and writes to ($NANOCHAT_BASE_DIR)."""
     base = os.environ.get("NANOCHAT_BASE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "nanochat")

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir, logger, setup_logging
+from nanochat.common import get_base_dir, logger, run_logged
 
 # -----------------------------------------------------------------------------
 # Layout and readers
@@ -225,13 +225,7 @@ def main(argv=None):
         from nanochat.offline import build
         return build.main(["-w", str(args.num_workers)] + (["--data-dir", args.data_dir] if args.data_dir else [])
                           + (["--force"] if args.force else []))
-    setup_logging()
-    try:
-        download(args.num_files, args.num_workers, base_url=args.base_url, data_dir=args.data_dir)
-    except RuntimeError as e:
-        logger.error(str(e))
-        return 1
-    return 0
+    return run_logged(download, args.num_files, args.num_workers, base_url=args.base_url, data_dir=args.data_dir)
 
 
 if __name__ == "__main__":

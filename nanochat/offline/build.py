@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat import packages
-from nanochat.common import atomic_write, logger, setup_logging
+from nanochat.common import atomic_write, logger, run_logged
 from nanochat.dataset import get_data_dir, list_parquet_files, shard_name
 from nanochat.offline.cleaning import normalize_ws, split_long
 from nanochat.offline.sources import OFFLINE_SOURCES, SOURCE_KIND, SOURCES_BY_NAME, package_keep
@@ -186,13 +186,8 @@ def main(argv=None):
     parser.add_argument("--data-dir", default=None, help="output folder (default $NANOCHAT_BASE_DIR/base_data)")
     parser.add_argument("--force", action="store_true", help="rebuild even if an identical build exists")
     args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        build_offline(data_dir=args.data_dir, workers=min(args.num_workers, os.cpu_count() or 1), force=args.force)
-    except RuntimeError as e:
-        logger.error(str(e))
-        return 1
-    return 0
+    return run_logged(build_offline, data_dir=args.data_dir, workers=min(args.num_workers, os.cpu_count() or 1),
+                      force=args.force)
 
 
 if __name__ == "__main__":
