@@ -115,10 +115,8 @@ def chatcore(source, args, base, log):
 
 
 def plot(rl_rewards, dpo_hist, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    from nanochat.report import close_figure, subplots
+    fig, (a, b) = subplots(1, 2, figsize=(11, 4))
     a.plot(range(len(rl_rewards)), rl_rewards, marker=".")
     a.set_title("RL: mean reward of the step's samples")
     a.set_xlabel("step")
@@ -130,7 +128,7 @@ def plot(rl_rewards, dpo_hist, path):
     b.set_xlabel("step")
     b.legend(fontsize=8)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    close_figure(fig)
 
 
 def main():

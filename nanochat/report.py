@@ -20,6 +20,19 @@ import time
 
 from nanochat.common import atomic_write, get_base_dir
 
+
+def subplots(*args, **kwargs):
+    """plt.subplots on the headless Agg backend (stages run on servers with no display)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt.subplots(*args, **kwargs)
+
+
+def close_figure(fig):
+    import matplotlib.pyplot as plt
+    plt.close(fig)
+
 # Report order; sections not listed here follow in the order they were written.
 SECTION_ORDER = [
     "Tokenizer training", "Tokenizer evaluation",
@@ -143,10 +156,11 @@ class Report:
         return os.path.join(self.dir, slug + ".md")
 
     def save_plot(self, fig, name):
-        """Save a matplotlib figure as a PNG into the report dir; returns its path."""
+        """Save a matplotlib figure as a PNG into the report dir and close it; returns its path."""
         path = os.path.join(self.dir, name)
         with atomic_write(path, "wb") as f:
             fig.savefig(f, format="png", dpi=110, bbox_inches="tight")
+        close_figure(fig)
         return path
 
     def reset(self):

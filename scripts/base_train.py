@@ -22,6 +22,7 @@ from nanochat.common import compute_cleanup, get_base_dir, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import subplots
 from nanochat.reshard import reshard_row_group_positions
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulation_steps, add_training_args,
@@ -75,10 +76,7 @@ def sample_greedy(model, tokenizer, prompts, max_tokens, run):
 
 
 def save_loss_plot(history, val_history, path_fn):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     if history:
         steps, losses = zip(*history)
         ax.plot(steps, losses, label="train loss (nats, smoothed)")
@@ -93,7 +91,6 @@ def save_loss_plot(history, val_history, path_fn):
     ax.legend(handles=handles, loc="upper right")
     ax.set_title("Base model training")
     path = path_fn(fig, "base_loss_curve.png")
-    plt.close(fig)
     return path
 
 

@@ -28,6 +28,7 @@ import torch
 
 from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
 from nanochat.dpo import LOSSES, pair_logprobs, preference_loss, reference_logprobs, render_pair
+from nanochat.report import subplots
 from nanochat.training import (StepLog, add_training_args, checkpoint_meta, eval_due, gather_objects, init_wandb,
                                load_start_model, make_optimizers, optimizer_step, resume_or_start_fresh, save_due,
                                save_training_checkpoint, start_run)
@@ -130,10 +131,7 @@ def make_pairs(args, model, tokenizer, engine, T, run):
 
 
 def save_margin_plot(history, path_fn):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax1, ax2) = subplots(1, 2, figsize=(10, 4))
     if history:
         steps = [h["step"] for h in history]
         ax1.plot(steps, [h["margin"] for h in history], label="margin (chosen - rejected reward)")
@@ -146,7 +144,6 @@ def save_margin_plot(history, path_fn):
     ax2.set_xlabel("step")
     ax2.set_title("reward accuracy (chosen > rejected)")
     path = path_fn(fig, "chat_dpo_margin.png")
-    plt.close(fig)
     return path
 
 

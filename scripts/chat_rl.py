@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
+from nanochat.report import subplots
 from nanochat.training import (StepLog, checkpoint_meta, load_training_state, make_optimizers, resume_or_start_fresh,
                                save_training_checkpoint, start_run)
 
@@ -163,10 +164,7 @@ def evaluate_pass_at_k(task, num_problems, engine, tokenizer, k, max_new_tokens,
 
 
 def save_reward_plot(history, path_fn):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = subplots(figsize=(7, 4))
     if history:
         steps, rewards = zip(*history)
         ax.plot(steps, rewards, marker="." if len(steps) < 50 else None)
@@ -174,7 +172,6 @@ def save_reward_plot(history, path_fn):
     ax.set_ylabel("mean reward")
     ax.set_title("Chat RL: mean reward per step")
     path = path_fn(fig, "chat_rl_reward.png")
-    plt.close(fig)
     return path
 
 

@@ -16,6 +16,7 @@ import os
 
 from nanochat.common import get_base_dir, print0, script_argv
 from nanochat.continual import STRATEGIES
+from nanochat.report import subplots
 
 ORDER = list(STRATEGIES[:3]) + ["lora", "lora-router"] + list(STRATEGIES[4:])
 REHEARSAL = ("replay", "ewc", "ssr")  # the strategies that must cut naive's forgetting
@@ -100,16 +101,13 @@ def heatmap(results, tasks, metric, higher_is_better, base, title, path_fn, file
     """One panel per strategy. Each cell shows R[i][j]; its colour is the change from the starting model
     on task j, oriented so that blue is better and red worse for both kinds of metric (tasks differ in
     how hard they are, so raw values would mostly show that). Forgetting = blue fading down a column."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     s = 1.0 if higher_is_better else -1.0
     names = list(results)
     deltas = {n: [[s * (v - base[j]) for j, v in enumerate(row)] for row in results[n][1]["R"]] for n in names}
     lim = max([abs(v) for d in deltas.values() for row in d for v in row if v == v] + [1e-6])
     cols = min(3, len(names))
     nrows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols + 1.5, 3.0 * nrows + 0.6), squeeze=False)
+    fig, axes = subplots(nrows, cols, figsize=(3.3 * cols + 1.5, 3.0 * nrows + 0.6), squeeze=False)
     for k, (ax, name) in enumerate(zip(axes.flat, names)):
         R = results[name][1]["R"]
         im = ax.imshow(deltas[name], cmap="RdBu", vmin=-lim, vmax=lim)
@@ -128,7 +126,6 @@ def heatmap(results, tasks, metric, higher_is_better, base, title, path_fn, file
                  label=f"improvement in {metric} over the starting model (blue: better, red: worse)")
     fig.suptitle(title, fontsize=10)
     path = path_fn(fig, filename)
-    plt.close(fig)
     return path
 
 
