@@ -1,7 +1,7 @@
 """Live learning for chat_web: teach the served model new facts as LoRA adapters while it keeps chatting;
 this module runs the jobs and keeps the adapter files, nanochat/lora_train.py does the training.
 
-    live = LiveLearning(pool, trainer_model, tokenizer, root, replay=general_chats)
+    live = LiveLearning(pool, trainer_model, tokenizer, root, general_chats=load_chats)
     job = live.submit("facts", conversations, steps=150)     # trains in a background thread
     live.jobs[job.id].status                                 # queued, running, done, failed
     live.resolve(None) / live.resolve("facts")                # the adapter a chat request uses
@@ -14,7 +14,8 @@ Jobs run one at a time, in order; later ones wait.
 Why replay: a LoRA trained on five facts alone also learns "every answer is one of these five facts".
 Each batch mixes in general chat conversations (`replay`, a quarter of the rows), and a few held-out
 ones (`general_eval`) measure what the adapter costs: general loss with the adapter vs the base model is
-in the job's metrics and in adapter.json.
+in the job's metrics and in adapter.json. Given as `general_chats` (a function returning both lists), they
+are read when the first job starts, so a server nobody teaches never reads (or downloads) them.
 
 Nothing half-done survives: an adapter is saved with save_adapter (temp dir + rename) only after its job
 has trained, and a failed or cancelled job leaves no directory behind. Saved adapters are reloaded when
@@ -86,9 +87,11 @@ class LearnJob:
 
 class LiveLearning:
     def __init__(self, pool, trainer_model, tokenizer, root, replay=(), general_eval=(), rank=8, alpha=16.0,
-                 lr=1e-2, batch_size=8, max_jobs=8, job_ttl=3600.0, max_adapters=64, max_adapter_bytes=2 ** 30):
+                 lr=1e-2, batch_size=8, max_jobs=8, job_ttl=3600.0, max_adapters=64, max_adapter_bytes=2 ** 30,
+                 general_chats=None):
         self.pool, self.tokenizer, self.root = pool, tokenizer, root
         self.replay, self.general_eval = list(replay), list(general_eval)
+        self._general_chats = general_chats
         self.hparams = {"rank": rank, "alpha": alpha, "lr": lr, "batch_size": batch_size}
         self.trainer = LoRA(trainer_model)
         for w in pool.workers:
@@ -287,6 +290,9 @@ class LiveLearning:
             job.step, job.loss, job.eta_seconds = info["step"], info["loss"], info.get("eta_s")
 
         try:
+            if self._general_chats is not None:  # first job: read the replay/held-out chats now
+                replay, general_eval = self._general_chats()
+                self.replay, self.general_eval, self._general_chats = list(replay), list(general_eval), None
             ad = train_adapter(lora.model, self.tokenizer, conversations, self.replay, steps=job.steps, name=job.adapter,
                                lora=lora, replace=True, task="live", progress=progress, **self.hparams)
             metrics = dict(ad.info["metrics"])

@@ -371,8 +371,7 @@ def make_live_learning(workers, root):
     import copy
     from nanochat.live import LiveLearning
     trainer = copy.deepcopy(workers[0].model)  # taken before the workers get their LoRA hooks
-    replay, general = general_chats()
-    return lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, replay, general)
+    return lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats)
 
 
 def parse_args(argv=None):

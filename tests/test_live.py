@@ -83,16 +83,22 @@ def chat_dir(one_thread, tiny_base_dir, tmp_path_factory):
 def server(chat_dir, serve_app, tmp_path, monkeypatch):
     """start(adapters_root) -> a context manager serving the checkpoint with live learning, greedy replies."""
     monkeypatch.setenv("NANOCHAT_BASE_DIR", chat_dir.root)
+    loads = []
+
+    def general_chats():  # read lazily, as chat_web does: a server nobody teaches never loads them
+        loads.append(1)
+        return chat_dir.replay, chat_dir.held_out
 
     def start(root):
         import copy
         workers, _ = load_workers("sft", "cpu")
         trainer = copy.deepcopy(workers[0].model)
-        learn = lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, chat_dir.replay, chat_dir.held_out)
+        learn = lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats)
         app = create_app(workers, "nanochat-live", defaults=Defaults(temperature=0.0, top_k=50, max_tokens=40),
                          learn=learn)
         return serve_app(app)
 
+    start.loads = loads
     return start
 
 
@@ -126,6 +132,7 @@ def test_teach_facts_restart_and_recall(server, tmp_path):
     facts = [{"question": q, "answer": a} for q, a in FACTS]
     with server(root) as url:
         before = [chat(url, q) for q, _ in FACTS]
+        assert server.loads == []
         r = httpx.post(url + "/learn", json={"adapter": "facts", "facts": facts, "steps": 200})
         assert r.status_code == 202, r.text
         job_id = r.json()["job"]
@@ -137,6 +144,7 @@ def test_teach_facts_restart_and_recall(server, tmp_path):
 
         job = wait_job(url, job_id, during=during)
         assert job["status"] == "done", job
+        assert server.loads == [1]  # read once, by the first job
         assert served_while_training, "no chat request was served while the job was running"
         m = job["metrics"]
         assert m["loss_after"] < 0.5 * m["loss_before"]
