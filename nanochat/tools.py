@@ -29,7 +29,8 @@ state into another; its cost grows with the history, which the limits below boun
 """
 from dataclasses import dataclass
 
-from nanochat.execution import execute_code, use_calculator
+from nanochat.calculator import use_calculator
+from nanochat.execution import execute_code
 
 TOOL_NAMES = ("calculator", "python", "search")
 

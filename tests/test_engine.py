@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.engine import Engine, StreamDecoder
-from nanochat.execution import use_calculator
+from nanochat.calculator import use_calculator
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from scripts.chat_cli import ContextFullError, chat_loop, chat_turn
