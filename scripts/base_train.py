@@ -21,14 +21,14 @@ from nanochat.checkpoint_manager import find_last_step, load_checkpoint
 from nanochat.common import compute_cleanup, get_base_dir, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.hardware import resolve_device_batch
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import subplots
 from nanochat.reshard import reshard_row_group_positions
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulation_steps, add_training_args,
                                checkpoint_meta, eval_due, init_wandb, load_training_state, make_optimizers,
-                               optimizer_step, resolve_device_batch, resume_or_start_fresh, save_due, save_training_checkpoint,
-                               start_run)
+                               optimizer_step, resume_or_start_fresh, save_due, save_training_checkpoint, start_run)
 
 SAMPLE_PROMPTS = [
     "The capital of France is",

@@ -36,10 +36,11 @@ from nanochat.common import all_reduce, compute_cleanup, print0, script_argv
 from nanochat.dataloader import packed_loader, render_stream
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.reshard import reshard_stream_positions
+from nanochat.hardware import resolve_device_batch
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulation_steps, add_finetune_args,
                                add_training_args, checkpoint_meta, eval_due, init_wandb, load_start_model,
-                               make_optimizers, optimizer_step, resolve_device_batch, resume_or_start_fresh, save_due,
+                               make_optimizers, optimizer_step, resume_or_start_fresh, save_due,
                                save_training_checkpoint, start_run)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 

@@ -99,7 +99,8 @@ def test_bucketed_sft_padding_gives_the_unpadded_loss(byte_tokenizer, tiny_model
 
 
 def test_device_batch_auto_halves_on_out_of_memory(capsys):
-    from nanochat.training import Run, device_batch_flag, fit_device_batch
+    from nanochat.hardware import device_batch_flag, fit_device_batch
+    from nanochat.training import Run
     run = Run(False, 0, 1, torch.device("cpu"), "float32", False)
     tried = []
 
@@ -123,7 +124,8 @@ def test_device_batch_auto_halves_on_out_of_memory(capsys):
 def test_device_batch_auto_keeps_the_total_batch(tiny_model):
     """On a device with room, auto takes the largest power of two whose micro-batch fits in the total batch."""
     import argparse
-    from nanochat.training import Run, accumulation_steps, resolve_device_batch
+    from nanochat.hardware import resolve_device_batch
+    from nanochat.training import Run, accumulation_steps
     run = Run(False, 0, 1, torch.device("cpu"), "float32", False)
     args = argparse.Namespace(device_batch_size="auto", total_batch_size=256)
     B = resolve_device_batch(args, tiny_model, 32, run)
@@ -164,7 +166,7 @@ def test_base_eval_prepares_data_before_the_process_group(monkeypatch, base_dir)
 
 
 def test_auto_numerics_follow_the_hardware(tmp_path):
-    from nanochat.training import native_bf16_cpu, resolve_numerics
+    from nanochat.hardware import native_bf16_cpu, resolve_numerics
     amx, plain = tmp_path / "amx", tmp_path / "plain"
     amx.write_text("processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
     plain.write_text("processor : 0\nflags\t\t: fpu sse2 avx2\n")
