@@ -4,7 +4,8 @@
 #
 # The profile is picked from the hardware (override with NANOCHAT_PROFILE=gpu8|gpu1|cpu):
 #   gpu8  8 GPUs: depth-20 model on downloaded FineWeb-Edu (nanochat's reference run)
-#   gpu1  1 GPU : the same, with gradient accumulation instead of 8 ranks
+#   gpu1  1 GPU : the same, with gradient accumulation instead of 8 ranks -- 8x the time: base training alone
+#         is ~21k steps of 8 micro-steps, about a day on one H100 (resumable: NANOCHAT_RESUME=1)
 #   cpu   no GPU: a tiny model on text the package registries carry, done in well under an hour
 # NANOCHAT_DATA=online|offline overrides where the pretraining text comes from.
 # NANOCHAT_ALIGN=rl|dpo|both picks how the SFT model is aligned: RL (GRPO, the default), DPO on
@@ -59,6 +60,7 @@ case "$ALIGN" in rl|dpo|both) ;; *) echo "unknown NANOCHAT_ALIGN=$ALIGN (expecte
 ONLINE=""; [ "$DATA" = online ] && ONLINE="--online"
 WANDB_RUN="${WANDB_RUN:-dummy}"
 echo "profile: $NANOCHAT_PROFILE (ranks: $NPROC, data: $DATA, alignment: $ALIGN, base dir: $NANOCHAT_BASE_DIR)"
+[ "$NANOCHAT_PROFILE" = gpu1 ] && echo "gpu1: the depth-20 run on one GPU takes about a day (base training ~21k steps x 8 micro-steps on an H100); it checkpoints every 1000 steps and NANOCHAT_RESUME=1 continues"
 
 # run a stage on all ranks: torchrun when there are several, plain python otherwise
 launch() {

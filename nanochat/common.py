@@ -141,13 +141,17 @@ def autocast(dtype, device_type):
     return nullcontext()
 
 
+def sum_dtype(device):
+    """The dtype for sums of many losses: float64, except on MPS, which has none."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
+
+
 def all_reduce(values, device, op="sum"):
     """Reduce a number or a list of numbers across ranks (sum, min or max); a no-op in one process.
     -> the same shape back (float or list of floats)."""
     single = not isinstance(values, (list, tuple))
     if is_ddp():
-        t = torch.tensor([values] if single else list(values), dtype=torch.float64 if device.type != "mps"
-                         else torch.float32, device=device)
+        t = torch.tensor([values] if single else list(values), dtype=sum_dtype(device), device=device)
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "min": dist.ReduceOp.MIN, "max": dist.ReduceOp.MAX}[op])
         values = t.tolist()
         return values[0] if single else values

@@ -8,6 +8,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from nanochat.common import sum_dtype
+
 
 @torch.no_grad()
 def evaluate_bpb(model, batches, steps, token_bytes):
@@ -15,8 +17,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
     and ignore_index=-1 targets are skipped) divided by ln(2) * their total bytes. `batches` yields
     (inputs, targets) or (inputs, targets, state). Summed across ranks when distributed."""
     device = token_bytes.device
-    acc = torch.float32 if device.type == "mps" else torch.float64  # mps has no float64
-    total_nats = torch.zeros((), dtype=acc, device=device)
+    total_nats = torch.zeros((), dtype=sum_dtype(device), device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     for _ in range(steps):
         x, y = next(batches)[:2]
@@ -24,7 +25,7 @@ def evaluate_bpb(model, batches, steps, token_bytes):
         y = y.reshape(-1)
         valid = y >= 0
         nbytes = torch.where(valid, token_bytes[torch.where(valid, y, 0)], 0)
-        total_nats += (losses.to(acc) * (nbytes > 0)).sum()
+        total_nats += (losses.to(total_nats.dtype) * (nbytes > 0)).sum()
         total_bytes += nbytes.sum().to(torch.int64)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(total_nats, op=dist.ReduceOp.SUM)
@@ -60,7 +61,7 @@ def rag_bpb(model, tokenizer, docs, retrieve, token_bytes, prefix_tokens=64, tar
             seq = context + target
             x = torch.tensor([seq[:-1]], dtype=torch.long, device=device)
             y = torch.tensor([[-1] * (len(context) - 1) + target], dtype=torch.long, device=device)
-            nats[name] += model(x, y, loss_reduction="none").double().sum().item()
+            nats[name] += model(x, y, loss_reduction="none").sum(dtype=sum_dtype(device)).item()
         nbytes += int(token_bytes[torch.tensor(target, device=device)].sum().item())
         n += 1
     if n == 0:

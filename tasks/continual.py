@@ -43,7 +43,7 @@ import math
 import os
 import torch
 
-from nanochat.common import autocast
+from nanochat.common import autocast, sum_dtype
 from nanochat.training import collate
 from tasks.common import read_jsonl
 from tasks.customjson import JSONLTask
@@ -202,7 +202,7 @@ class LMTask(CLTask):
         for b in range(0, len(items), self.batch_size):
             x, y = collate(items[b:b + self.batch_size], pad, device)
             with autocast(self.dtype, device.type):
-                losses = model(x, y, loss_reduction="none").reshape(-1).double()
+                losses = model(x, y, loss_reduction="none").reshape(-1).to(sum_dtype(device))
             y = y.reshape(-1)
             valid = y >= 0
             n = torch.where(valid, tb[torch.where(valid, y, 0)], 0)

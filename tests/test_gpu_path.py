@@ -185,3 +185,9 @@ def test_progress_line_marks_compile_warm_up(capsys):
         log.step(step, 2.0, 1.0, 0.5, 1000)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert [("compile warm-up" in line) for line in lines] == [True, True, True, False]
+
+
+def test_loss_sums_avoid_float64_on_mps():
+    from nanochat.common import sum_dtype
+    assert sum_dtype("mps") == torch.float32  # MPS has no float64: a .double() there raises
+    assert sum_dtype("cpu") == torch.float64 and sum_dtype(torch.device("cuda", 0)) == torch.float64
