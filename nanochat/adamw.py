@@ -9,6 +9,10 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
+# the single-tensor collectives: torch 2.13 names them *_single; our floor (2.4) has the older names
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def adamw_update(p, grad, state, lr, beta1, beta2, eps, weight_decay):
     """The torch.optim.AdamW update (decoupled weight decay, bias-corrected moments), in place."""
@@ -45,8 +49,10 @@ class DistAdamW(Optimizer):
             for p in group["params"]:
                 grad = p.grad if p.grad is not None else torch.zeros_like(p)
                 if p.ndim > 0 and p.size(0) % world == 0:
+                    # the tensor forms: dim-0 chunks of a contiguous tensor are exactly the flat layout they
+                    # expect, so no per-chunk copies of the big embedding and head each step (the list forms do)
                     g = torch.empty_like(grad.chunk(world)[rank])
-                    work = dist.reduce_scatter(g, list(grad.chunk(world)), op=dist.ReduceOp.SUM, async_op=True)
+                    work = reduce_scatter_single(g, grad.contiguous(), op=dist.ReduceOp.SUM, async_op=True)
                     pending.append((group, p, g, True, work))
                 else:
                     g = grad.clone()
@@ -61,6 +67,6 @@ class DistAdamW(Optimizer):
             target = p.chunk(world)[rank] if sharded else p  # a view: updates land in p
             adamw_update(target, g, self.state[p], group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
             if sharded:
-                gathers.append(dist.all_gather(list(p.chunk(world)), target, async_op=True))
+                gathers.append(all_gather_single(p, target, async_op=True))  # in place: target is p's slice
         for work in gathers:
             work.wait()
