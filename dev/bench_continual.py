@@ -50,7 +50,8 @@ def _ms(fn, repeat=20):
 
 def bench_lora(args, device):
     from nanochat.checkpoint_manager import load_model
-    from nanochat.lora import LoRA, load_adapter, model_state_hash, save_adapter
+    from nanochat.lora import LoRA, model_state_hash
+    from nanochat.lora_io import load_adapter, save_adapter
     if args.random_depth > 0:  # a larger model than the CPU profile trains, with random weights (timings only)
         from nanochat.gpt import GPT
         from scripts.base_train import model_config

@@ -40,8 +40,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from nanochat.common import atomic_write, resolve_dtype
-from nanochat.lora import LoRA, delete_adapter, list_adapters, load_adapter, remove_stale_temp, save_adapter, \
-    validate_name
+from nanochat.lora import LoRA, validate_name
+from nanochat.lora_io import delete_adapter, list_adapters, load_adapter, remove_stale_temp, save_adapter
 from nanochat.lora_train import mean_loss, train_adapter
 
 logger = logging.getLogger("nanochat.live")

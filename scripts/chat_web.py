@@ -428,7 +428,7 @@ def main(argv=None):
     defaults = Defaults(args.temperature, args.top_k, args.max_tokens)
     learn = None
     if not args.no_learn:
-        from nanochat.lora import adapters_dir
+        from nanochat.lora_io import adapters_dir
         learn = make_live_learning(workers, args.adapters_dir or adapters_dir())
     app = create_app(workers, model_id, limits, defaults, learn=learn, api_key=args.api_key or None,
                      admin_key=args.admin_key or None)

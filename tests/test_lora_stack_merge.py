@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from nanochat.lora import LoRA, load_adapter, save_adapter
+from nanochat.lora import LoRA
+from nanochat.lora_io import load_adapter, save_adapter
 from nanochat.lora_merge import dare, low_rank, merge_adapters, ties
 from nanochat.lora_train import train_adapter
 from nanochat.tokenizer import Tokenizer

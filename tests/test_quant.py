@@ -3,7 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.lora import AdapterBaseMismatch, LoRA, load_adapter, save_adapter
+from nanochat.lora import AdapterBaseMismatch, LoRA
+from nanochat.lora_io import load_adapter, save_adapter
 from nanochat.quant import Int8Linear, quantize_blocks
 from tests.test_lora import make_model
 
