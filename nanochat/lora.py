@@ -136,33 +136,92 @@ class LoRA:
         self._merged_stack = None  # the stack folded into the weights, or None
         self._saved_weights = None
         self._enabled = True
-        self._row_groups = None  # per-row mode (per_row): [(adapter, row index tensor)], else None
+        self._rows = None  # per-row mode (per_row): (row -> stack index tensor or None, [stack, ...]), else None
+        self._plan = None  # what the hooks apply in this forward (see _make_plan); None: work it out again
+        self._packs = {}  # module key -> packed (A, B) of the plan's stacks, kept while the plan's signature holds
+        self._packs_sig = None
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
         self._handles = [m.register_forward_hook(self._hook(k)) for k, m in self.modules.items()]
+        # each forward of the model checks the plan again (an optimizer step changes adapters in place)
+        self._handles.append(model.register_forward_pre_hook(lambda m, a: setattr(self, "_plan", None)))
         model._lora = self  # a plain attribute: not a submodule, so the state_dict is unchanged
 
     def _hook(self, key):
         def hook(module, inputs, output):
-            if self._row_groups is not None and self._enabled:
-                return self._per_row_delta(key, inputs[0], output)
-            if not self._enabled or not self.stack or self._merged_stack is not None:
+            if not self._enabled or (self._rows is None and (not self.stack or self._merged_stack is not None)):
                 return None
-            return self.add_deltas(key, inputs[0], output, self.stack)
+            plan = self._plan
+            if plan is None or plan[4] != torch.is_grad_enabled():
+                plan = self._make_plan()
+            return self._apply(key, inputs[0], output, plan)
         return hook
 
-    def add_deltas(self, key, x, output, stack):
-        """output + the stack's terms for target module `key`: for each (name, weight) in order,
-        weight * (alpha / r) * B A x (an adapter that does not target this module adds nothing). The
-        hook calls it for the whole batch; applying a different stack to some rows is a call per group."""
-        for name, weight in stack:
-            ad = self.adapters[name]
+    def _make_plan(self):
+        """Which stacks of (Adapter, weight) pairs this forward applies and how. Every frozen adapter goes into
+        one packed low-rank update per module (_pack): a stack of five is two matmuls, not ten. An adapter
+        being trained (grad on, requires_grad) stays a separate term so its gradient flows; the top adapter of
+        a nested stack is one. Per-row mode packs every row's stack side by side and masks the columns."""
+        grad = torch.is_grad_enabled()
+        if self._rows is not None:
+            row_stack, stacks = self._rows
+            if grad and any(p.requires_grad for st in stacks for ad, _ in st for p in ad.parameters()):
+                raise RuntimeError("per_row() is for inference; train an adapter with activate() (or under no_grad)")
+            loose = ()
+        else:
+            row_stack = None
+            pairs = [(self.adapters[n], w) for n, w in self.stack]
+            training = [grad and ad.A[0].requires_grad for ad, _ in pairs]
+            loose = tuple(pw for pw, t in zip(pairs, training) if t)
+            stacks = [tuple(pw for pw, t in zip(pairs, training) if not t)]
+        sig = (tuple(stacks), tuple(_version(ad) for st in stacks for ad, _ in st))
+        if sig != self._packs_sig:
+            self._packs, self._packs_sig = {}, sig
+        self._plan = (row_stack, stacks, loose, {}, grad)
+        return self._plan
+
+    def _pack(self, key, stacks):
+        """For module `key`: A (C x in) and B (out x C) holding every stack's adapters side by side, B's columns
+        pre-scaled by weight * alpha / r, and which stack each column belongs to (C,). None: nothing targets key."""
+        if key in self._packs:
+            return self._packs[key]
+        As, Bs, owner = [], [], []
+        with torch.no_grad():
+            for s, st in enumerate(stacks):
+                for ad, w in st:
+                    i = ad.index.get(key)
+                    if i is not None:
+                        As.append(ad.A[i].detach())
+                        Bs.append(ad.B[i].detach() * (ad.scale * w))
+                        owner += [s] * ad.rank
+        pack = None
+        if As:
+            pack = (torch.cat(As), torch.cat(Bs, dim=1),
+                    torch.tensor(owner, device=As[0].device), tuple(owner))
+        self._packs[key] = pack
+        return pack
+
+    def _apply(self, key, x, output, plan):
+        """output + every term the plan puts on module `key`: the packed frozen adapters (masked per row in
+        per-row mode) and each adapter being trained."""
+        row_stack, stacks, loose, masks, _ = plan
+        for ad, w in loose:
             i = ad.index.get(key)
             if i is not None:
                 d = ad.delta(i, x)
-                output = output + (d if weight == 1.0 else d * weight).to(output.dtype)
-        return output
+                output = output + (d if w == 1.0 else d * w).to(output.dtype)
+        pack = self._pack(key, stacks)
+        if pack is None:
+            return output if loose else None
+        A, B, owner, layout = pack
+        h = F.linear(x.to(A.dtype), A)
+        if row_stack is not None:  # row r keeps only the columns of its own stack (-1: none, the base model)
+            mask = masks.get(layout)
+            if mask is None:
+                mask = masks[layout] = (row_stack[:, None] == owner[None, :]).to(h.dtype)
+            h = h * mask.view(mask.size(0), *[1] * (h.dim() - 2), mask.size(1))
+        return output + F.linear(h, B).to(output.dtype)
 
     @staticmethod
     def _names(stack):
@@ -183,39 +242,29 @@ class LoRA:
         """What is folded into the weights, reported like `active` (None: nothing)."""
         return self._names(self._merged_stack) if self._merged_stack is not None else None
 
-    def _per_row_delta(self, key, x, output):
-        groups = [(ad, rows) for ad, rows in self._row_groups if key in ad.index]
-        if not groups:
-            return None
-        if len(groups) == 1 and groups[0][1] is None:  # one adapter for the whole batch: as activate() does
-            ad = groups[0][0]
-            return output + ad.delta(ad.index[key], x).to(output.dtype)
-        out = output.clone()
-        for ad, rows in groups:
-            out.index_add_(0, rows, ad.delta(ad.index[key], x.index_select(0, rows)).to(out.dtype))
-        return out
-
     @contextmanager
-    def per_row(self, adapters):
-        """Inside the block, row r of each forward's batch gets the update of adapters[r] (an Adapter
-        object, e.g. lora.adapters[name], or None for the base weights), whatever is active: requests
-        for different adapters share one batch. Rows are grouped by adapter, one low-rank product per
-        group; the base weights are untouched. Adapter objects, not names, so one that is replaced or
-        removed meanwhile keeps serving the rows that hold it."""
+    def per_row(self, stacks):
+        """Inside the block, row r of each forward's batch gets stacks[r]: an Adapter object (e.g.
+        lora.adapters[name]), a sequence of (Adapter, weight) pairs applied together, or None for the base
+        weights, whatever is active: requests for different adapters and stacks share one batch. All rows'
+        adapters are packed side by side into one A and one B per module (cached while they stay the same)
+        and each row keeps only its own columns: two matmuls and a mask whatever the mix. The base weights
+        are untouched. Adapter objects, not names, so one that is replaced or removed meanwhile keeps
+        serving the rows that hold it."""
         if self._merged_stack is not None:
             raise RuntimeError(f"adapter {self.merged!r} is merged into the weights; unmerge() before per-row use")
-        by_id = {}
-        for r, ad in enumerate(adapters):
-            if ad is not None:
-                by_id.setdefault(id(ad), (ad, []))[1].append(r)
-        device = self.model.get_device()
-        groups = [(ad, None if len(rows) == len(adapters) else torch.tensor(rows, device=device))
-                  for ad, rows in by_id.values()]
-        self._row_groups = groups
+        index, distinct = [], {}
+        for st in stacks:
+            st = ((st, 1.0),) if isinstance(st, Adapter) else tuple((ad, float(w)) for ad, w in (st or ()))
+            index.append(distinct.setdefault(tuple((id(ad), w) for ad, w in st), (len(distinct), st))[0] if st else -1)
+        ordered = [st for _, st in sorted(distinct.values(), key=lambda v: v[0])]
+        # one stack on every row: no mask needed, the same as activate() for the whole batch
+        row_stack = None if len(ordered) == 1 and -1 not in index else torch.tensor(index, device=self.model.get_device())
+        self._rows, self._plan = (row_stack, ordered), None
         try:
             yield
         finally:
-            self._row_groups = None
+            self._rows, self._plan = None, None
 
     def close(self):
         """Remove the hooks, restore the base weights and the parameters' requires_grad flags."""
@@ -254,6 +303,7 @@ class LoRA:
         if self._merged_stack is not None and any(n == name for n, _ in self._merged_stack):
             self.unmerge()
         self.stack = tuple((n, w) for n, w in self.stack if n != name)  # the rest of a stack stays
+        self._plan = None
         del self.adapters[name]
 
     def make_stack(self, names, weights=None):
@@ -283,13 +333,14 @@ class LoRA:
         stack = self.make_stack(names, weights)
         if self._merged_stack is not None and self._merged_stack != stack:
             self.unmerge()
-        self.stack = stack
+        self.stack, self._plan = stack, None
         if merge and stack and self._merged_stack != stack:
             self.merge()
 
     def freeze(self, name, frozen=True):
         """Stop (or restart) gradients into adapter `name`: what sits beneath a nested adapter is frozen."""
         self.adapters[name].requires_grad_(not frozen)
+        self._plan = None  # a frozen adapter is packed with the others, a trainable one is not
 
     def deactivate(self):
         self.activate(None)
@@ -344,6 +395,12 @@ class LoRA:
         ad = self.adapters[name]
         return {"name": name, "rank": ad.rank, "alpha": ad.alpha, "targets": list(ad.targets),
                 "modules": len(ad.modules_), "trainable_params": ad.num_params(), "bytes": ad.num_bytes()}
+
+
+def _version(ad):
+    """Changes whenever any tensor of the adapter is changed in place (an optimizer step, a load): torch's
+    per-tensor version counters only grow, so their sum does too."""
+    return sum(p._version for p in ad.parameters())
 
 
 def _now():
