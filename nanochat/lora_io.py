@@ -169,6 +169,32 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     return name
 
 
+def provenance_summary(provenance):
+    """adapter.json's provenance -> what a listing shows: {"method", "merged_from": [{"name", "weight"}],
+    "density"} for a merged adapter, {"stacked_on": [{"name", "weight"}]} for a nested one (serve it on top
+    of that stack), None for a plain one. Whatever has the wrong type (a hand-edited file) is left out."""
+    if not isinstance(provenance, dict):
+        return None
+
+    def pairs(items):
+        if not isinstance(items, list):
+            return None
+        return [{"name": x["name"], "weight": x.get("weight", 1.0)} for x in items[:64]
+                if isinstance(x, dict) and isinstance(x.get("name"), str) and len(x["name"]) <= 64
+                and type(x.get("weight", 1.0)) in (int, float)]
+
+    out = {}
+    if pairs(provenance.get("merged_from")) is not None:
+        out["merged_from"] = pairs(provenance["merged_from"])
+        if isinstance(provenance.get("method"), str) and len(provenance["method"]) <= 16:
+            out["method"] = provenance["method"]
+        if type(provenance.get("density")) in (int, float):
+            out["density"] = provenance["density"]
+    if pairs(provenance.get("stacked_on")) is not None:
+        out["stacked_on"] = pairs(provenance["stacked_on"])
+    return out or None
+
+
 def list_adapters(root=None, errors=None):
     """The adapter.json of every saved adapter under root (default $NANOCHAT_BASE_DIR/adapters).
     Directories whose adapter.json is missing or bad are left out; pass a dict as `errors` to get
