@@ -272,19 +272,26 @@ def bench_stack(args, device):
     for k, n in enumerate(names):
         lora.add(n, rank=8, alpha=16, seed=k)
     print(f"model d{model.config.n_layer} n_embd {model.config.n_embd}, {model.num_params():,} parameters, "
-          f"rank-8 adapters on all six block matrices, device {device}, {torch.get_num_threads()} threads")
+          f"rank-8 adapters on all six block matrices, device {device}, {torch.get_num_threads()} threads, "
+          f"{'CPU' if device.type == 'cpu' else 'wall'} time, best of {args.repeat}")
     configs = [(f"{k}", names[:k] or None, False) for k in (0, 1, 2, 5)] + [("5, merged into the weights", names, True)]
     best = [[float("inf")] * len(configs) for _ in shapes]
+    # on a CPU, this process's CPU time: what other jobs on a shared machine disturb least (run with
+    # OMP_NUM_THREADS=1); on a GPU, wall time after a synchronize
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         for _ in range(args.repeat):  # round-robin, so that load from other jobs hits every setting alike
             for c, (_, stack, merge) in enumerate(configs):
                 lora.activate(stack, merge=merge)
                 for s, (_, x, inner) in enumerate(shapes):
                     model(x)  # a new stack's packs are built once, not timed: serving reuses them
-                    t0 = time.perf_counter()
+                    sync()
+                    t0 = clock()
                     for _ in range(inner):
                         model(x)
-                    best[s][c] = min(best[s][c], (time.perf_counter() - t0) / inner)
+                    sync()
+                    best[s][c] = min(best[s][c], (clock() - t0) / inner)
     print("| active adapters | " + " | ".join(f"{label} tokens/s | vs base" for label, _, _ in shapes) + " |")
     print("|---|" + "---|---|" * len(shapes))
     for c, (label, _, _) in enumerate(configs):
