@@ -41,6 +41,7 @@ import torch.nn.functional as F
 
 
 DEFAULT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+PACK_CACHE = 8  # packed stack mixes kept per LoRA
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -138,8 +139,8 @@ class LoRA:
         self._enabled = True
         self._rows = None  # per-row mode (per_row): (row -> stack index tensor or None, [stack, ...]), else None
         self._plan = None  # what the hooks apply in this forward (see _make_plan); None: work it out again
-        self._packs = {}  # module key -> packed (A, B) of the plan's stacks, kept while the plan's signature holds
-        self._packs_sig = None
+        self._packs = {}  # module key -> packed (A, B) of the plan's stacks (see _pack)
+        self._pack_cache = {}  # plan signature -> its _packs, the last few (a batch's mix comes and goes)
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -176,8 +177,12 @@ class LoRA:
             loose = tuple(pw for pw, t in zip(pairs, training) if t)
             stacks = [tuple(pw for pw, t in zip(pairs, training) if not t)]
         sig = (tuple(stacks), tuple(_version(ad) for st in stacks for ad, _ in st))
-        if sig != self._packs_sig:
-            self._packs, self._packs_sig = {}, sig
+        packs = self._pack_cache.pop(sig, None)
+        if packs is None:
+            packs = {}
+            if len(self._pack_cache) >= PACK_CACHE:  # forget the least recently used
+                self._pack_cache.pop(next(iter(self._pack_cache)))
+        self._pack_cache[sig] = self._packs = packs
         self._plan = (row_stack, stacks, loose, {}, grad)
         return self._plan
 
@@ -215,12 +220,14 @@ class LoRA:
         if pack is None:
             return output if loose else None
         A, B, owner, layout = pack
-        h = F.linear(x.to(A.dtype), A)
+        h = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)
         if row_stack is not None:  # row r keeps only the columns of its own stack (-1: none, the base model)
             mask = masks.get(layout)
             if mask is None:
                 mask = masks[layout] = (row_stack[:, None] == owner[None, :]).to(h.dtype)
             h = h * mask.view(mask.size(0), *[1] * (h.dim() - 2), mask.size(1))
+        if h.dtype == output.dtype:  # output + h B^T as one addmm: one op fewer per layer (decode is op-bound)
+            return torch.addmm(output.reshape(-1, output.size(-1)), h.reshape(-1, h.size(-1)), B.t()).view_as(output)
         return output + F.linear(h, B).to(output.dtype)
 
     @staticmethod
@@ -253,11 +260,16 @@ class LoRA:
         serving the rows that hold it."""
         if self._merged_stack is not None:
             raise RuntimeError(f"adapter {self.merged!r} is merged into the weights; unmerge() before per-row use")
-        index, distinct = [], {}
+        rows, distinct = [], {}
         for st in stacks:
             st = ((st, 1.0),) if isinstance(st, Adapter) else tuple((ad, float(w)) for ad, w in (st or ()))
-            index.append(distinct.setdefault(tuple((id(ad), w) for ad, w in st), (len(distinct), st))[0] if st else -1)
-        ordered = [st for _, st in sorted(distinct.values(), key=lambda v: v[0])]
+            key = tuple((id(ad), w) for ad, w in st) if st else None
+            if key is not None:
+                distinct[key] = st
+            rows.append(key)
+        keys = sorted(distinct)  # the same mix in any row order packs the same way: its cached packs are reused
+        ordered, where = [distinct[k] for k in keys], {k: i for i, k in enumerate(keys)}
+        index = [-1 if k is None else where[k] for k in rows]
         # one stack on every row: no mask needed, the same as activate() for the whole batch
         row_stack = None if len(ordered) == 1 and -1 not in index else torch.tensor(index, device=self.model.get_device())
         self._rows, self._plan = (row_stack, ordered), None

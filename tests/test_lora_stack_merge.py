@@ -142,6 +142,13 @@ def test_per_row_stacks_equal_each_row_alone(x):
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(want[0], want[1], atol=1e-3) and not torch.allclose(want[0], want[2], atol=1e-3)
+    packs = lora._packs
+    with torch.no_grad():
+        with lora.per_row([ads["a1"]]):  # another mix...
+            model(xs[2:3])
+        with lora.per_row(rows[::-1]):  # ...then the first mix again, rows in another order: its packs come back
+            torch.testing.assert_close(model(xs.flip(0)), torch.stack(want[::-1]), atol=1e-5, rtol=1e-5)
+    assert lora._packs is packs
     with pytest.raises(RuntimeError, match="inference"), lora.per_row([ads["a0"]]):
         model(xs[:1])  # gradients on, adapters trainable: per_row refuses rather than dropping the gradients
 
