@@ -412,7 +412,10 @@ class LoRA:
 def _version(ad):
     """Changes whenever any tensor of the adapter is changed in place (an optimizer step, a load): torch's
     per-tensor version counters only grow, so their sum does too."""
-    return sum(p._version for p in ad.parameters())
+    try:
+        return sum(p._version for p in ad.parameters())
+    except RuntimeError:  # tensors made under torch.inference_mode() keep no version counter
+        return None
 
 
 def _now():

@@ -15,12 +15,14 @@ Endpoints
                                 presence/frequency_penalty, seed, stream_options.include_usage
     POST /v1/completions        OpenAI (legacy) text completions of a plain prompt, for base models too
     GET  /v1/models             the served model and every loaded adapter (`model: "<adapter>"` selects one)
+    Every generating route takes "adapter": a name, "none" (the base), or a list of names with an optional
+    "adapter_weights" list: a stack, all applied together (openai client: extra_body={"adapter": [...]}).
     GET  /health, GET /stats    liveness, queue depth; per-replica and total requests, tokens, tokens/s
     GET  /metrics               Prometheus text format
     /learn, /adapters           live learning (nanochat/live_routes.py), unless --no-learn
 
 Every replica decodes all of its requests as one batch (requests join and leave at token boundaries;
-rows may use different adapters). A request waits only when its replica already holds --max-batch.
+rows may use different adapters and stacks). A request waits only when its replica already holds --max-batch.
 
 Tools (nanochat/tools.py): calculator, a python REPL over the sandbox, and search over --index (default
 <base>/search_index when built; without one, search calls get no output). Each request has its own tool
