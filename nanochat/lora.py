@@ -84,6 +84,7 @@ class Adapter(nn.Module):
         self.B = nn.ParameterList([nn.Parameter(torch.zeros(fout, rank, device=device, dtype=dtype)) for fout, fin in shapes])
         self.centroid = None  # router: mean base hidden state of the adapter's training data
         self.info = {}  # task, metrics, created: what goes into adapter.json
+        self._tensors = [*self.A, *self.B]  # a plain list: summing their versions every forward stays cheap
         self.reset_parameters()
 
     @torch.no_grad()
@@ -413,7 +414,7 @@ def _version(ad):
     """Changes whenever any tensor of the adapter is changed in place (an optimizer step, a load): torch's
     per-tensor version counters only grow, so their sum does too."""
     try:
-        return sum(p._version for p in ad.parameters())
+        return sum(p._version for p in ad._tensors)
     except RuntimeError:  # tensors made under torch.inference_mode() keep no version counter
         return None
 
