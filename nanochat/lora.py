@@ -317,7 +317,10 @@ class LoRA:
             self.unmerge()
         self.stack = tuple((n, w) for n, w in self.stack if n != name)  # the rest of a stack stays
         self._plan = None
-        del self.adapters[name]
+        gone = self.adapters.pop(name)
+        # its packs go too (a request still holding it repacks once), so they don't keep it in memory
+        self._pack_cache = {sig: p for sig, p in self._pack_cache.items()
+                            if not any(ad is gone for st in sig[0] for ad, _ in st)}
 
     def make_stack(self, names, weights=None):
         """names (None, a name, or a list of names) and weights (default 1.0 each) -> ((name, weight), ...),

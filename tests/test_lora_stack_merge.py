@@ -149,6 +149,8 @@ def test_per_row_stacks_equal_each_row_alone(x):
         with lora.per_row(rows[::-1]):  # ...then the first mix again, rows in another order: its packs come back
             torch.testing.assert_close(model(xs.flip(0)), torch.stack(want[::-1]), atol=1e-5, rtol=1e-5)
     assert lora._packs is packs
+    lora.remove("a3")  # its packs are dropped with it
+    assert not any(ad.name == "a3" for sig in lora._pack_cache for st in sig[0] for ad, _ in st)
     with pytest.raises(RuntimeError, match="inference"), lora.per_row([ads["a0"]]):
         model(xs[:1])  # gradients on, adapters trainable: per_row refuses rather than dropping the gradients
 
