@@ -188,8 +188,9 @@ class LoRA:
         return self._plan
 
     def _pack(self, key, stacks):
-        """For module `key`: A (C x in) and B (out x C) holding every stack's adapters side by side, B's columns
-        pre-scaled by weight * alpha / r, and which stack each column belongs to (C,). None: nothing targets key."""
+        """For module `key`: A^T (in x C) and B^T (C x out) holding every stack's adapters side by side, B's
+        columns pre-scaled by weight * alpha / r, and which stack each column belongs to (C,). None: nothing
+        targets key. Stored transposed and contiguous: small matmuls ran up to 2x faster so than through a .t() view (CPU, decode sizes)."""
         if key in self._packs:
             return self._packs[key]
         As, Bs, owner = [], [], []
@@ -203,7 +204,7 @@ class LoRA:
                         owner += [s] * ad.rank
         pack = None
         if As:
-            pack = (torch.cat(As), torch.cat(Bs, dim=1),
+            pack = (torch.cat(As).t().contiguous(), torch.cat(Bs, dim=1).t().contiguous(),
                     torch.tensor(owner, device=As[0].device), tuple(owner))
         self._packs[key] = pack
         return pack
@@ -220,16 +221,18 @@ class LoRA:
         pack = self._pack(key, stacks)
         if pack is None:
             return output if loose else None
-        A, B, owner, layout = pack
-        h = F.linear(x if x.dtype == A.dtype else x.to(A.dtype), A)
+        At, Bt, owner, layout = pack
+        x2 = x.reshape(-1, x.size(-1))
+        h = torch.mm(x2 if x2.dtype == At.dtype else x2.to(At.dtype), At)
         if row_stack is not None:  # row r keeps only the columns of its own stack (-1: none, the base model)
             mask = masks.get(layout)
             if mask is None:
                 mask = masks[layout] = (row_stack[:, None] == owner[None, :]).to(h.dtype)
-            h = h * mask.view(mask.size(0), *[1] * (h.dim() - 2), mask.size(1))
+            h = (h.view(mask.size(0), -1, h.size(-1)) * mask[:, None, :]).view(-1, h.size(-1))
+        out2 = output.reshape(-1, output.size(-1))
         if h.dtype == output.dtype:  # output + h B^T as one addmm: one op fewer per layer (decode is op-bound)
-            return torch.addmm(output.reshape(-1, output.size(-1)), h.reshape(-1, h.size(-1)), B.t()).view_as(output)
-        return output + F.linear(h, B).to(output.dtype)
+            return torch.addmm(out2, h, Bt).view_as(output)
+        return (out2 + torch.mm(h, Bt).to(output.dtype)).view_as(output)
 
     @staticmethod
     def _names(stack):

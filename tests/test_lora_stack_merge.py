@@ -81,9 +81,9 @@ def test_fused_stack_equals_unfused_and_merging_each_in_turn(x):
     ref = merged_in_turn(lora, lora.stack, x)
     with torch.no_grad():  # frozen adapters under no_grad: all five packed into one A and one B per module
         fused = model(x)
-    A, B, owner, _ = lora._packs["h.0.mlp.c_fc"]
-    assert A.shape[0] == B.shape[1] == sum(2 + k for k in range(5)) and owner.tolist()[-6:] == [0] * 6
-    assert lora._packs["h.0.attn.c_k"][0].shape[0] == 2 + 4 + 6  # only a0, a2, a4 target c_k
+    At, Bt, owner, _ = lora._packs["h.0.mlp.c_fc"]
+    assert At.shape[1] == Bt.shape[0] == sum(2 + k for k in range(5)) and owner.tolist()[-6:] == [0] * 6
+    assert lora._packs["h.0.attn.c_k"][0].shape[1] == 2 + 4 + 6  # only a0, a2, a4 target c_k
     with torch.enable_grad():  # trainable adapters under grad: each its own two matmuls, gradients flow
         unfused = model(x)
         unfused.sum().backward()
@@ -117,7 +117,7 @@ def test_nested_top_adapter_stays_separate_and_alone_gets_gradients(x):
         lora.freeze(n)
     lora.activate(["a0", "a1", "a2", "a3"])  # a3 trainable on top of a frozen three
     model(x).sum().backward()
-    assert lora._packs["h.0.mlp.c_fc"][0].shape[0] == 2 + 3 + 4  # the frozen three, packed
+    assert lora._packs["h.0.mlp.c_fc"][0].shape[1] == 2 + 3 + 4  # the frozen three, packed
     assert all(p.grad is None for n in ("a0", "a1", "a2") for p in lora.adapters[n].parameters())
     assert lora.adapters["a3"].B[0].grad is not None
     with torch.no_grad():
