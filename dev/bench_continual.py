@@ -16,11 +16,13 @@
         checkpoint needed); otherwise the -i checkpoint and --sequence are used.
 
     python -m dev.bench_continual stack [--random-depth 4]
-        serving cost of adapter stacks: forward tokens/s with 0, 1, 2 and 5 rank-8 adapters active.
+        serving cost of adapter stacks: forward tokens/s with 0, 1, 2 and 5 rank-8 adapters active (and the
+        5 merged), on a prefill-shaped (4x256) and a decode-shaped (16x1) forward.
 
     python -m dev.bench_continual quant [--depth 2]
-        int8 weight-only base (nanochat/quant.py) vs the fp32 base: weight memory, forward tokens/s, and
-        the new-task bpb of the same adapter (same seed, data, steps) trained on each base.
+        int8 weight-only bases (nanochat/quant.py: blocks only, and blocks + embedding + lm_head) vs the fp32
+        base: weight memory, forward tokens/s, and the new-task bpb of the same adapter (same seed, data,
+        steps) trained on each base.
 
 Use OMP_NUM_THREADS=1 on a machine that other jobs keep busy: two OpenMP threads that share two
 busy cores stall at every barrier and a d4 step gets several times slower.
@@ -50,7 +52,8 @@ def _ms(fn, repeat=20):
 
 def bench_lora(args, device):
     from nanochat.checkpoint_manager import load_model
-    from nanochat.lora import LoRA, load_adapter, model_state_hash, save_adapter
+    from nanochat.lora import LoRA, model_state_hash
+    from nanochat.lora_io import load_adapter, save_adapter
     if args.random_depth > 0:  # a larger model than the CPU profile trains, with random weights (timings only)
         from nanochat.gpt import GPT
         from scripts.base_train import model_config
@@ -259,57 +262,93 @@ def _tok_per_sec(model, x, repeat):
 def bench_stack(args, device):
     from nanochat.lora import LoRA
     model = _random_model(args.random_depth or 4, device)
-    x = torch.randint(0, model.config.vocab_size, (4, 256), device=device)
+    V = model.config.vocab_size
+    # a prefill-like forward (4 prompts x 256 tokens) and a decode-like one (16 rows x 1 token, timed 20x
+    # in a row: one such forward is too short to time alone)
+    shapes = [("prefill 4x256", torch.randint(0, V, (4, 256), device=device), 1),
+              ("decode 16x1", torch.randint(0, V, (16, 1), device=device), 20)]
     lora = LoRA(model)
     names = [f"a{k}" for k in range(5)]
     for k, n in enumerate(names):
         lora.add(n, rank=8, alpha=16, seed=k)
     print(f"model d{model.config.n_layer} n_embd {model.config.n_embd}, {model.num_params():,} parameters, "
-          f"forward of 4x256 tokens, rank-8 adapters on all six block matrices, device {device}")
+          f"rank-8 adapters on all six block matrices, device {device}, {torch.get_num_threads()} threads, "
+          f"{'CPU' if device.type == 'cpu' else 'wall'} time, best of {args.repeat}")
     configs = [(f"{k}", names[:k] or None, False) for k in (0, 1, 2, 5)] + [("5, merged into the weights", names, True)]
-    best = [float("inf")] * len(configs)
+    best = [[float("inf")] * len(configs) for _ in shapes]
+    # on a CPU, this process's CPU time: what other jobs on a shared machine disturb least (run with
+    # OMP_NUM_THREADS=1); on a GPU, wall time after a synchronize
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         for _ in range(args.repeat):  # round-robin, so that load from other jobs hits every setting alike
             for c, (_, stack, merge) in enumerate(configs):
                 lora.activate(stack, merge=merge)
-                t0 = time.perf_counter()
-                model(x)
-                best[c] = min(best[c], time.perf_counter() - t0)
-    print("| active adapters | tokens/s | vs base |")
-    print("|---|---|---|")
-    for (label, _, _), t in zip(configs, best):
-        print(f"| {label} | {x.numel() / t:,.0f} | {100 * (best[0] / t - 1):+.1f}% |")
+                for s, (_, x, inner) in enumerate(shapes):
+                    model(x)  # a new stack's packs are built once, not timed: serving reuses them
+                    sync()
+                    t0 = clock()
+                    for _ in range(inner):
+                        model(x)
+                    sync()
+                    best[s][c] = min(best[s][c], (clock() - t0) / inner)
+    print("| active adapters | " + " | ".join(f"{label} tokens/s | vs base" for label, _, _ in shapes) + " |")
+    print("|---|" + "---|---|" * len(shapes))
+    for c, (label, _, _) in enumerate(configs):
+        cells = [f"{x.numel() / best[s][c]:,.0f} | {100 * (best[s][0] / best[s][c] - 1):+.1f}%"
+                 for s, (_, x, _) in enumerate(shapes)]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
 
 def bench_quant(args, device):
     from nanochat.gpt import GPT
     from nanochat.lora import LoRA
     from nanochat.lora_train import AdapterRecipe
-    from nanochat.quant import quantize_blocks, weight_bytes
+    from nanochat.quant import quantize_base, quantize_blocks, weight_bytes
     from tasks.continual import LMTask
     dtype = resolve_dtype("auto", device.type)
-    # speed and memory on a random model of --random-depth, quality on the pretrained synthetic model
-    model = _random_model(args.random_depth or 4, device)
-    x = torch.randint(0, model.config.vocab_size, (4, 256), device=device)
-    total_fp, tps_fp = weight_bytes(model), _tok_per_sec(model, x, args.repeat)
-    sizes = quantize_blocks(model)
-    total_q, tps_q = weight_bytes(model), _tok_per_sec(model, x, args.repeat)
-    print(f"random d{model.config.n_layer} model, forward of 4x256 tokens, device {device}")
-    print("| base | block Linear weights | all weights | tokens/s |")
+    quantizers = {"int8 blocks": quantize_blocks, "int8 all": quantize_base}
+    # speed and memory on random models of --random-depth (fresh from one seed each, so all hold the same
+    # weights), timed round-robin so that load from other jobs hits every base alike
+    bases = {"fp32": _random_model(args.random_depth or 4, device)}
+    for kind, quantize in quantizers.items():
+        bases[kind] = _random_model(args.random_depth or 4, device)
+        quantize(bases[kind])
+    cfg0 = bases["fp32"].config
+    x = torch.randint(0, cfg0.vocab_size, (4, 256), device=device)
+    best = {k: float("inf") for k in bases}
+    with torch.no_grad():
+        for m in bases.values():
+            m(x)  # warm up
+        for _ in range(args.repeat):
+            for kind, m in bases.items():
+                t0 = time.perf_counter()
+                m(x)
+                best[kind] = min(best[kind], time.perf_counter() - t0)
+    fp_total = weight_bytes(bases["fp32"])
+    print(f"random d{cfg0.n_layer} model (n_embd {cfg0.n_embd}, vocab {cfg0.vocab_size}), forward of 4x256 tokens, "
+          f"device {device}, best of {args.repeat}")
+    print("| base | all weights (bytes) | vs fp32 | tokens/s |")
     print("|---|---|---|---|")
-    print(f"| fp32 | {sizes['fp_bytes']:,} | {total_fp:,} | {tps_fp:,.0f} |")
-    print(f"| int8 | {sizes['int8_bytes']:,} ({sizes['fp_bytes'] / sizes['int8_bytes']:.2f}x less) | {total_q:,} "
-          f"({total_fp / total_q:.2f}x less) | {tps_q:,.0f} ({100 * (tps_q / tps_fp - 1):+.0f}%) |")
+    for kind, m in bases.items():
+        total = weight_bytes(m)
+        print(f"| {kind} | {total:,} | {fp_total / total:.2f}x less | {x.numel() / best[kind]:,.0f} "
+              f"({100 * (best['fp32'] / best[kind] - 1):+.0f}%) |")
     # the same at the speedrun's size, from shapes only (a meta-device model allocates nothing)
     from scripts.base_train import model_config
     with torch.device("meta"):
         big = GPT(model_config(20, 2048, 65536))
-    blocks = sum(m.weight.numel() for m in big.transformer.h.modules() if isinstance(m, torch.nn.Linear))
-    rest = sum(p.numel() for p in big.parameters()) - blocks
-    rows = sum(m.weight.size(0) for m in big.transformer.h.modules() if isinstance(m, torch.nn.Linear))
-    for name, b in (("fp32", 4), ("bf16", 2)):  # the rest (embedding, lm_head) stays in the base's dtype
-        full, q = b * (blocks + rest), blocks + 4 * rows + b * rest
-        print(f"d20 (n_embd 1280, vocab 65536), parameters only, {name} base: {full / 2**20:,.0f} MiB, with int8 "
-              f"blocks {q / 2**20:,.0f} MiB ({full / q:.2f}x less)")
+    mats = [m.weight for m in big.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))]
+    blocks = [m.weight for m in big.transformer.h.modules() if isinstance(m, torch.nn.Linear)]
+    n_all, rows_all = sum(w.numel() for w in mats), sum(w.size(0) for w in mats)
+    n_blocks, rows_blocks = sum(w.numel() for w in blocks), sum(w.size(0) for w in blocks)
+    for name, b in (("fp32", 4), ("bf16", 2)):  # int8 + one fp32 scale per row; the rest stays in the base's dtype
+        full = b * n_all
+        q_blocks = n_blocks + 4 * rows_blocks + b * (n_all - n_blocks)
+        q_all = n_all + 4 * rows_all
+        print(f"d20 (n_embd 1280, vocab 65536), weight matrices only, {name} base: {full / 2**20:,.0f} MiB; int8 blocks "
+              f"{q_blocks / 2**20:,.0f} MiB ({full / q_blocks:.2f}x less); int8 all {q_all / 2**20:,.0f} MiB "
+              f"({full / q_all:.3f}x less)")
 
     # one new domain, learned as an adapter on each base with the same seed, data and steps
     n = args.synthetic or 4
@@ -325,12 +364,12 @@ def bench_quant(args, device):
     print("| base | before | after | adapter train s |")
     print("|---|---|---|---|")
     results = {}
-    for kind in ("fp32", "int8"):
+    for kind in ("fp32", *quantizers):
         with torch.device(device):
             model = GPT(model.config)
         model.load_state_dict(state)
-        if kind == "int8":
-            quantize_blocks(model)
+        if kind in quantizers:
+            quantizers[kind](model)
         lora = LoRA(model)
         ad = lora.add("new", rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=0)
         lora.activate("new")
@@ -340,7 +379,8 @@ def bench_quant(args, device):
         seconds = time.perf_counter() - t0
         results[kind] = new.evaluate(model)
         print(f"| {kind} | {before:.4f} | {results[kind]:.4f} | {seconds:.1f} |")
-    print(f"int8 adapter bpb vs fp32: {100 * (results['int8'] / results['fp32'] - 1):+.2f}%")
+    for kind in quantizers:
+        print(f"{kind}: adapter bpb vs fp32 {100 * (results[kind] / results['fp32'] - 1):+.2f}%")
 
 
 def main():

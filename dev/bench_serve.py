@@ -243,24 +243,36 @@ def engine_main(args):
           f"torch threads {torch.get_num_threads()}, setup {time.perf_counter() - t0:.1f}s; max_tokens "
           f"{args.max_tokens}, temperature {args.temperature}, top_k {args.top_k}, {args.requests} request(s) "
           f"per client", file=sys.stderr)
-    rows = []
-    for mode in args.modes.split(","):
-        for label, adapters in setups:
-            server = (Sequential if mode == "before" else Batched)(model, tokenizer, lora)
-            run_engine_level(server, prompts, 1, argparse.Namespace(**{**vars(args), "requests": 1, "max_tokens": 4}),
-                             adapters)  # warm-up
-            for clients in [int(c) for c in args.concurrency.split(",")]:
-                r = summarize(*run_engine_level(server, prompts, clients, args, adapters))
-                rows.append((mode, label, clients, r))
-                print(f"{mode} {label} {clients}: {r}", file=sys.stderr, flush=True)
-            if mode == "after":
-                server.sched.stop()
-    print(f"\n| mode | adapters | clients | requests | tokens/request | aggregate tok/s | TTFT p50 ms | TTFT p99 ms "
-          f"| inter-token p50 ms | inter-token p99 ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    best = {}  # (mode, label, clients) -> the best round's summary (rounds alternate the setups)
+    for _ in range(args.rounds):
+        for mode in args.modes.split(","):
+            for label, adapters in setups:
+                server = (Sequential if mode == "before" else Batched)(model, tokenizer, lora)
+                run_engine_level(server, prompts, 1, argparse.Namespace(**{**vars(args), "requests": 1, "max_tokens": 4}),
+                                 adapters)  # warm-up
+                for clients in [int(c) for c in args.concurrency.split(",")]:
+                    cpu0 = time.process_time()
+                    records, wall = run_engine_level(server, prompts, clients, args, adapters)
+                    r = summarize(records, wall)
+                    # tokens per CPU second of this process: what other jobs on a shared machine disturb least
+                    r["tok_cpu_s"] = sum(len(x["times"]) for x in records) / (time.process_time() - cpu0)
+                    print(f"{mode} {label} {clients}: {r}", file=sys.stderr, flush=True)
+                    old = best.get((mode, label, clients))
+                    if old is not None:
+                        r["tok_cpu_s"] = max(r["tok_cpu_s"], old["tok_cpu_s"])
+                    if old is None or r["tok_s"] > old["tok_s"]:
+                        best[(mode, label, clients)] = r
+                    else:
+                        old["tok_cpu_s"] = r["tok_cpu_s"]
+                if mode == "after":
+                    server.sched.stop()
+    rows = [(*k, r) for k, r in best.items()]
+    print(f"\n| mode | adapters | clients | requests | tokens/request | aggregate tok/s | tok per CPU-s | TTFT p50 ms "
+          f"| TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mode, label, clients, r in rows:
         print(f"| {mode} | {label or '-'} | {clients} | {r['requests']} | {r['tokens']:.0f} | {r['tok_s']:.0f} | "
-              f"{r['ttft50']:.0f} | {r['ttft99']:.0f} | {r['itl50']:.1f} | {r['itl99']:.1f} |")
+              f"{r['tok_cpu_s']:.0f} | {r['ttft50']:.0f} | {r['ttft99']:.0f} | {r['itl50']:.1f} | {r['itl99']:.1f} |")
 
 
 def main():
@@ -281,6 +293,7 @@ def main():
     p.add_argument("--adapters", type=int, default=0, help="--engine: spread this many LoRA adapters over clients")
     p.add_argument("--threads", type=int, default=0, help="--engine: torch threads (default: torch's choice)")
     p.add_argument("--modes", default="before,after", help="--engine: before (sequential), after (batched)")
+    p.add_argument("--rounds", type=int, default=1, help="--engine: repeat every setup, alternating; best round")
     args = p.parse_args()
     if args.engine:
         return engine_main(args)

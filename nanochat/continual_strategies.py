@@ -39,6 +39,7 @@ import time
 import torch
 
 from nanochat.common import autocast, print0
+from nanochat.lora_router import route, set_centroid
 from nanochat.training import collate
 
 
@@ -274,7 +275,7 @@ class LoRAStrategy(Strategy):
     def after_task(self, i, task):
         if self.cfg.router:
             rows = task.train_rows[:self.cfg.router_rows]
-            self.lora.set_centroid(self.names[i], [task.route_ids_of_row(r) for r in rows])
+            set_centroid(self.lora, self.names[i], [task.route_ids_of_row(r) for r in rows])
         self.lora.activate(None)
 
     def evaluate(self, tasks, i):
@@ -287,7 +288,7 @@ class LoRAStrategy(Strategy):
         if self.cfg.router:
             routed, hits = [], []
             for j, t in enumerate(tasks):
-                picks = self.lora.route([t.route_ids(item) for item in t.eval_items], candidates=self.names[:i + 1])
+                picks = route(self.lora, [t.route_ids(item) for item in t.eval_items], candidates=self.names[:i + 1])
                 hits.append(sum(p == self.names[j] for p in picks) / len(picks) if j <= i else None)
                 num = den = 0
                 for name in sorted(set(picks)):
@@ -303,7 +304,7 @@ class LoRAStrategy(Strategy):
 
     def task_done(self, i, rows):
         if self.adapter_dir:  # keep each task's adapter, with what it scored, in the standard format
-            from nanochat.lora import save_adapter
+            from nanochat.lora_io import save_adapter
             task = self.tasks[i]
             save_adapter(self.lora, self.names[i], os.path.join(self.adapter_dir, self.names[i]), task=task.name,
                          metrics={task.metric: rows[self.name][i]})

@@ -41,8 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from nanochat.common import atomic_write, resolve_dtype
-from nanochat.lora import LoRA, delete_adapter, list_adapters, load_adapter, remove_stale_temp, save_adapter, \
-    validate_name
+from nanochat.lora import LoRA, validate_name
+from nanochat.lora_io import delete_adapter, list_adapters, load_adapter, provenance_summary, remove_stale_temp, \
+    save_adapter
 from nanochat.lora_train import mean_loss, train_adapter
 
 logger = logging.getLogger("nanochat.live")
@@ -169,9 +170,14 @@ class LiveLearning:
         self.default = name
 
     def resolve(self, requested):
-        """The adapter a chat request runs with: its own choice ("none" = the base), else the default."""
+        """The adapter a chat request runs with: its own choice ("none" = the base; a list of (name, weight)
+        pairs = a stack, returned as a tuple), else the default. Raises KeyError naming one that isn't loaded."""
         if requested is None:
             return self.default
+        if isinstance(requested, (list, tuple)):
+            for name, _ in requested:
+                self.resolve(name)
+            return tuple((n, float(w)) for n, w in requested)
         if requested in RESERVED:
             return None
         if requested not in self.names() or requested in self._deleting:
@@ -196,7 +202,9 @@ class LiveLearning:
         for name in self.names():
             m = metas.get(name, {})
             out.append({k: m.get(k) for k in ("name", "task", "rank", "alpha", "trainable_params", "bytes", "created",
-                                               "metrics")} | {"name": name, "active": name == self.default})
+                                               "metrics")}
+                       | {"name": name, "active": name == self.default,
+                          "provenance": provenance_summary(m.get("provenance"))})
         unusable = [{"name": name, "error": why} for name, why in sorted(self.skipped.items())]
         return {"active": self.default, "adapters": out, "unusable": unusable}
 

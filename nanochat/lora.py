@@ -1,13 +1,13 @@
-"""LoRA adapters on the GPT's block matrices: creating, stacking, merging into the weights, saving and
-loading them; training them is nanochat/lora_train.py's job, combining them nanochat/lora_merge.py's.
+"""LoRA adapters on the GPT's block matrices: creating, stacking and merging them into the weights, and
+applying them in the forward (a stack, or a different adapter per batch row); saving and loading is
+nanochat/lora_io.py's job, routing nanochat/lora_router.py's, training nanochat/lora_train.py's,
+combining nanochat/lora_merge.py's.
 
     lora = LoRA(model)                          # hooks every target Linear, freezes the base
     lora.add("facts", rank=8, alpha=16)         # A random, B zero: the model is unchanged
     lora.activate("facts")                      # O(1): the hooks read `lora.stack`
     lora.activate(["domain", "facts"], weights=[1.0, 0.5])   # a stack: both apply, in order
     ... train lora.adapters["facts"].parameters() ...
-    save_adapter(lora, "facts", adapter_path("facts"), task="facts", metrics={...})
-    load_adapter(lora, adapter_path("facts"))   # refuses an adapter trained on another base
     lora.activate(None)                         # back to the base model, bit for bit
 
 How it works. An adapter holds, for each target Linear W (out x in) of each block, a pair
@@ -29,36 +29,19 @@ of the original weights, and unmerge() copies them back, so the base is restored
 An adapter only makes sense on the weights it was trained on: LoRA records a hash of the base
 model's state when it attaches (model_state_hash), saved adapters carry it in adapter.json, and
 load_adapter raises AdapterBaseMismatch for a different base.
-
-On disk (one directory per adapter, e.g. $NANOCHAT_BASE_DIR/adapters/<name>/):
-    adapter.safetensors   "<module>.lora_A", "<module>.lora_B" (+ "router.centroid" when set)
-    adapter.json          name, rank, alpha, targets, modules, base_hash, task, metrics, created,
-                          trainable_params, bytes, dtype
-written into a temp directory beside it and renamed into place.
-
-Routing (task unknown at inference): each adapter may carry a centroid, the mean of the base
-model's last-block hidden states over its training data; route(ids) picks the adapter whose
-centroid is nearest (cosine) to the prompt's mean hidden state under the base model.
 """
 import datetime
 import hashlib
-import json
-import os
 import re
-import shutil
-import tempfile
-import time
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.common import get_base_dir, json_default
 
 DEFAULT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-FORMAT = "nanochat-lora"
-FORMAT_VERSION = 1
+PACK_CACHE = 8  # packed stack mixes kept per LoRA
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -85,15 +68,6 @@ def model_state_hash(model):
     return h.hexdigest()
 
 
-def adapters_dir():
-    """Where live adapters persist: $NANOCHAT_BASE_DIR/adapters/."""
-    return os.path.join(get_base_dir(), "adapters")
-
-
-def adapter_path(name, root=None):
-    return os.path.join(root or adapters_dir(), validate_name(name))
-
-
 class Adapter(nn.Module):
     """The A/B pairs of one adapter, one per target module, in `modules` order."""
 
@@ -110,6 +84,7 @@ class Adapter(nn.Module):
         self.B = nn.ParameterList([nn.Parameter(torch.zeros(fout, rank, device=device, dtype=dtype)) for fout, fin in shapes])
         self.centroid = None  # router: mean base hidden state of the adapter's training data
         self.info = {}  # task, metrics, created: what goes into adapter.json
+        self._tensors = [*self.A, *self.B]  # a plain list: summing their versions every forward stays cheap
         self.reset_parameters()
 
     @torch.no_grad()
@@ -163,33 +138,101 @@ class LoRA:
         self._merged_stack = None  # the stack folded into the weights, or None
         self._saved_weights = None
         self._enabled = True
-        self._row_groups = None  # per-row mode (per_row): [(adapter, row index tensor)], else None
+        self._rows = None  # per-row mode (per_row): (row -> stack index tensor or None, [stack, ...]), else None
+        self._plan = None  # what the hooks apply in this forward (see _make_plan); None: work it out again
+        self._packs = {}  # module key -> packed (A, B) of the plan's stacks (see _pack)
+        self._pack_cache = {}  # plan signature -> its _packs, the last few (a batch's mix comes and goes)
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
         self._handles = [m.register_forward_hook(self._hook(k)) for k, m in self.modules.items()]
+        # each forward of the model checks the plan again (an optimizer step changes adapters in place)
+        self._handles.append(model.register_forward_pre_hook(lambda m, a: setattr(self, "_plan", None)))
         model._lora = self  # a plain attribute: not a submodule, so the state_dict is unchanged
 
     def _hook(self, key):
         def hook(module, inputs, output):
-            if self._row_groups is not None and self._enabled:
-                return self._per_row_delta(key, inputs[0], output)
-            if not self._enabled or not self.stack or self._merged_stack is not None:
+            if not self._enabled or (self._rows is None and (not self.stack or self._merged_stack is not None)):
                 return None
-            return self.add_deltas(key, inputs[0], output, self.stack)
+            plan = self._plan
+            if plan is None or plan[4] != torch.is_grad_enabled():
+                plan = self._make_plan()
+            return self._apply(key, inputs[0], output, plan)
         return hook
 
-    def add_deltas(self, key, x, output, stack):
-        """output + the stack's terms for target module `key`: for each (name, weight) in order,
-        weight * (alpha / r) * B A x (an adapter that does not target this module adds nothing). The
-        hook calls it for the whole batch; applying a different stack to some rows is a call per group."""
-        for name, weight in stack:
-            ad = self.adapters[name]
+    def _make_plan(self):
+        """Which stacks of (Adapter, weight) pairs this forward applies and how. Every frozen adapter goes into
+        one packed low-rank update per module (_pack): a stack of five is two matmuls, not ten. An adapter
+        being trained (grad on, requires_grad) stays a separate term so its gradient flows; the top adapter of
+        a nested stack is one. Per-row mode packs every row's stack side by side and masks the columns."""
+        grad = torch.is_grad_enabled()
+        if self._rows is not None:
+            row_stack, stacks = self._rows
+            if grad and any(p.requires_grad for st in stacks for ad, _ in st for p in ad.parameters()):
+                raise RuntimeError("per_row() is for inference; train an adapter with activate() (or under no_grad)")
+            loose = ()
+        else:
+            row_stack = None
+            pairs = [(self.adapters[n], w) for n, w in self.stack]
+            training = [grad and ad.A[0].requires_grad for ad, _ in pairs]
+            loose = tuple(pw for pw, t in zip(pairs, training) if t)
+            stacks = [tuple(pw for pw, t in zip(pairs, training) if not t)]
+        sig = (tuple(stacks), tuple(_version(ad) for st in stacks for ad, _ in st))
+        packs = self._pack_cache.pop(sig, None)
+        if packs is None:
+            packs = {}
+            if len(self._pack_cache) >= PACK_CACHE:  # forget the least recently used
+                self._pack_cache.pop(next(iter(self._pack_cache)))
+        self._pack_cache[sig] = self._packs = packs
+        self._plan = (row_stack, stacks, loose, {}, grad)
+        return self._plan
+
+    def _pack(self, key, stacks):
+        """For module `key`: A^T (in x C) and B^T (C x out) holding every stack's adapters side by side, B's
+        columns pre-scaled by weight * alpha / r, and which stack each column belongs to (C,). None: nothing
+        targets key. Stored transposed and contiguous: small matmuls ran up to 2x faster so than through a .t() view (CPU, decode sizes)."""
+        if key in self._packs:
+            return self._packs[key]
+        As, Bs, owner = [], [], []
+        with torch.no_grad():
+            for s, st in enumerate(stacks):
+                for ad, w in st:
+                    i = ad.index.get(key)
+                    if i is not None:
+                        As.append(ad.A[i].detach())
+                        Bs.append(ad.B[i].detach() * (ad.scale * w))
+                        owner += [s] * ad.rank
+        pack = None
+        if As:
+            pack = (torch.cat(As).t().contiguous(), torch.cat(Bs, dim=1).t().contiguous(),
+                    torch.tensor(owner, device=As[0].device), tuple(owner))
+        self._packs[key] = pack
+        return pack
+
+    def _apply(self, key, x, output, plan):
+        """output + every term the plan puts on module `key`: the packed frozen adapters (masked per row in
+        per-row mode) and each adapter being trained."""
+        row_stack, stacks, loose, masks, _ = plan
+        for ad, w in loose:
             i = ad.index.get(key)
             if i is not None:
                 d = ad.delta(i, x)
-                output = output + (d if weight == 1.0 else d * weight).to(output.dtype)
-        return output
+                output = output + (d if w == 1.0 else d * w).to(output.dtype)
+        pack = self._pack(key, stacks)
+        if pack is None:
+            return output if loose else None
+        At, Bt, owner, layout = pack
+        x2 = x.reshape(-1, x.size(-1))
+        h = torch.mm(x2 if x2.dtype == At.dtype else x2.to(At.dtype), At)
+        if row_stack is not None:  # row r keeps only the columns of its own stack (-1: none, the base model)
+            mask = masks.get(layout)
+            if mask is None:
+                mask = masks[layout] = (row_stack[:, None] == owner[None, :]).to(h.dtype)
+            h = (h.view(mask.size(0), -1, h.size(-1)) * mask[:, None, :]).view(-1, h.size(-1))
+        out2 = output.reshape(-1, output.size(-1))
+        if h.dtype == output.dtype:  # output + h B^T as one addmm: one op fewer per layer (decode is op-bound)
+            return torch.addmm(out2, h, Bt).view_as(output)
+        return (out2 + torch.mm(h, Bt).to(output.dtype)).view_as(output)
 
     @staticmethod
     def _names(stack):
@@ -210,39 +253,34 @@ class LoRA:
         """What is folded into the weights, reported like `active` (None: nothing)."""
         return self._names(self._merged_stack) if self._merged_stack is not None else None
 
-    def _per_row_delta(self, key, x, output):
-        groups = [(ad, rows) for ad, rows in self._row_groups if key in ad.index]
-        if not groups:
-            return None
-        if len(groups) == 1 and groups[0][1] is None:  # one adapter for the whole batch: as activate() does
-            ad = groups[0][0]
-            return output + ad.delta(ad.index[key], x).to(output.dtype)
-        out = output.clone()
-        for ad, rows in groups:
-            out.index_add_(0, rows, ad.delta(ad.index[key], x.index_select(0, rows)).to(out.dtype))
-        return out
-
     @contextmanager
-    def per_row(self, adapters):
-        """Inside the block, row r of each forward's batch gets the update of adapters[r] (an Adapter
-        object, e.g. lora.adapters[name], or None for the base weights), whatever is active: requests
-        for different adapters share one batch. Rows are grouped by adapter, one low-rank product per
-        group; the base weights are untouched. Adapter objects, not names, so one that is replaced or
-        removed meanwhile keeps serving the rows that hold it."""
+    def per_row(self, stacks):
+        """Inside the block, row r of each forward's batch gets stacks[r]: an Adapter object (e.g.
+        lora.adapters[name]), a sequence of (Adapter, weight) pairs applied together, or None for the base
+        weights, whatever is active: requests for different adapters and stacks share one batch. All rows'
+        adapters are packed side by side into one A and one B per module (cached while they stay the same)
+        and each row keeps only its own columns: two matmuls and a mask whatever the mix. The base weights
+        are untouched. Adapter objects, not names, so one that is replaced or removed meanwhile keeps
+        serving the rows that hold it."""
         if self._merged_stack is not None:
             raise RuntimeError(f"adapter {self.merged!r} is merged into the weights; unmerge() before per-row use")
-        by_id = {}
-        for r, ad in enumerate(adapters):
-            if ad is not None:
-                by_id.setdefault(id(ad), (ad, []))[1].append(r)
-        device = self.model.get_device()
-        groups = [(ad, None if len(rows) == len(adapters) else torch.tensor(rows, device=device))
-                  for ad, rows in by_id.values()]
-        self._row_groups = groups
+        rows, distinct = [], {}
+        for st in stacks:
+            st = ((st, 1.0),) if isinstance(st, Adapter) else tuple((ad, float(w)) for ad, w in (st or ()))
+            key = tuple((id(ad), w) for ad, w in st) if st else None
+            if key is not None:
+                distinct[key] = st
+            rows.append(key)
+        keys = sorted(distinct)  # the same mix in any row order packs the same way: its cached packs are reused
+        ordered, where = [distinct[k] for k in keys], {k: i for i, k in enumerate(keys)}
+        index = [-1 if k is None else where[k] for k in rows]
+        # one stack on every row: no mask needed, the same as activate() for the whole batch
+        row_stack = None if len(ordered) == 1 and -1 not in index else torch.tensor(index, device=self.model.get_device())
+        self._rows, self._plan = (row_stack, ordered), None
         try:
             yield
         finally:
-            self._row_groups = None
+            self._rows, self._plan = None, None
 
     def close(self):
         """Remove the hooks, restore the base weights and the parameters' requires_grad flags."""
@@ -281,7 +319,11 @@ class LoRA:
         if self._merged_stack is not None and any(n == name for n, _ in self._merged_stack):
             self.unmerge()
         self.stack = tuple((n, w) for n, w in self.stack if n != name)  # the rest of a stack stays
-        del self.adapters[name]
+        self._plan = None
+        gone = self.adapters.pop(name)
+        # its packs go too (a request still holding it repacks once), so they don't keep it in memory
+        self._pack_cache = {sig: p for sig, p in self._pack_cache.items()
+                            if not any(ad is gone for st in sig[0] for ad, _ in st)}
 
     def make_stack(self, names, weights=None):
         """names (None, a name, or a list of names) and weights (default 1.0 each) -> ((name, weight), ...),
@@ -310,13 +352,14 @@ class LoRA:
         stack = self.make_stack(names, weights)
         if self._merged_stack is not None and self._merged_stack != stack:
             self.unmerge()
-        self.stack = stack
+        self.stack, self._plan = stack, None
         if merge and stack and self._merged_stack != stack:
             self.merge()
 
     def freeze(self, name, frozen=True):
         """Stop (or restart) gradients into adapter `name`: what sits beneath a nested adapter is frozen."""
         self.adapters[name].requires_grad_(not frozen)
+        self._plan = None  # a frozen adapter is packed with the others, a trainable one is not
 
     def deactivate(self):
         self.activate(None)
@@ -372,235 +415,15 @@ class LoRA:
         return {"name": name, "rank": ad.rank, "alpha": ad.alpha, "targets": list(ad.targets),
                 "modules": len(ad.modules_), "trainable_params": ad.num_params(), "bytes": ad.num_bytes()}
 
-    # --- routing ----------------------------------------------------------------------------
-    @torch.no_grad()
-    def hidden_means(self, ids_list, batch_size=16):
-        """(n, n_embd): for each token list, the mean over its positions of the base model's
-        RMS-normed last-block output (what the lm_head reads)."""
-        model = self.model
-        device = model.get_device()
-        captured = {}
-        handle = model.transformer.h[-1].register_forward_hook(lambda m, i, o: captured.__setitem__("h", o))
-        out = []
-        try:
-            with self.base_only():
-                for b in range(0, len(ids_list), batch_size):
-                    chunk = [list(ids)[:model.config.sequence_len] for ids in ids_list[b:b + batch_size]]
-                    L = max(len(c) for c in chunk)
-                    x = torch.zeros((len(chunk), L), dtype=torch.long, device=device)
-                    valid = torch.zeros((len(chunk), L, 1), dtype=torch.float32, device=device)
-                    for r, c in enumerate(chunk):
-                        x[r, :len(c)] = torch.tensor(c, dtype=torch.long)
-                        valid[r, :len(c)] = 1.0
-                    model(x)
-                    h = F.rms_norm(captured["h"].float(), (captured["h"].size(-1),))
-                    out.append((h * valid).sum(1) / valid.sum(1))
-        finally:
-            handle.remove()
-        return torch.cat(out).cpu()
 
-    def set_centroid(self, name, ids_list):
-        """The adapter's router centroid: the mean of hidden_means over examples of its task."""
-        self.adapters[name].centroid = self.hidden_means(ids_list).mean(0)
-        return self.adapters[name].centroid
-
-    def route(self, ids_list, candidates=None):
-        """For each token list, the name of the candidate adapter (default: all with a centroid)
-        whose centroid is nearest by cosine similarity to its base hidden mean."""
-        names = [n for n in (candidates or self.adapters) if self.adapters[n].centroid is not None]
-        if not names:
-            raise RuntimeError("no adapter has a router centroid (set_centroid after training)")
-        cents = F.normalize(torch.stack([self.adapters[n].centroid.float().cpu() for n in names]), dim=-1)
-        h = F.normalize(self.hidden_means(ids_list), dim=-1)
-        return [names[i] for i in (h @ cents.T).argmax(dim=1).tolist()]
+def _version(ad):
+    """Changes whenever any tensor of the adapter is changed in place (an optimizer step, a load): torch's
+    per-tensor version counters only grow, so their sum does too."""
+    try:
+        return sum(p._version for p in ad._tensors)
+    except RuntimeError:  # tensors made under torch.inference_mode() keep no version counter
+        return None
 
 
 def _now():
     return datetime.datetime.now().isoformat(timespec="seconds")
-
-
-# --- save / load ----------------------------------------------------------------------------
-
-def save_adapter(lora, name, directory, task=None, metrics=None):
-    """Write adapter `name` to `directory` (adapter.safetensors + adapter.json). Everything goes into a
-    temp directory beside it first and is renamed into place, replacing an older version."""
-    from safetensors.torch import save_file
-    ad = lora.adapters[name]
-    if task is not None:
-        ad.info["task"] = task
-    if metrics is not None:
-        ad.info["metrics"] = dict(metrics)
-    tensors = {}
-    for k, i in ad.index.items():
-        tensors[f"{k}.lora_A"] = ad.A[i].detach().to("cpu").contiguous()
-        tensors[f"{k}.lora_B"] = ad.B[i].detach().to("cpu").contiguous()
-    if ad.centroid is not None:
-        tensors["router.centroid"] = ad.centroid.detach().to("cpu", torch.float32).contiguous()
-    meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "name": name, "rank": ad.rank, "alpha": ad.alpha,
-        "targets": list(ad.targets), "modules": list(ad.modules_), "base_hash": lora.base_hash,
-        "task": ad.info.get("task"), "metrics": ad.info.get("metrics", {}), "created": ad.info.get("created") or _now(),
-        "saved": _now(), "trainable_params": ad.num_params(), "bytes": ad.num_bytes(),
-        "dtype": str(ad.A[0].dtype).removeprefix("torch."), "router": ad.centroid is not None,
-        "provenance": ad.info.get("provenance"),  # how a merged or nested adapter came about, else None
-    }
-    directory = os.path.abspath(directory)
-    parent = os.path.dirname(directory)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.", suffix=".tmp")
-    try:
-        save_file(tensors, os.path.join(tmp, "adapter.safetensors"), metadata={"format": "pt", "name": name})
-        with open(os.path.join(tmp, "adapter.json"), "w") as f:
-            json.dump(meta, f, indent=2, default=json_default)
-        for fn in ("adapter.safetensors", "adapter.json"):
-            with open(os.path.join(tmp, fn), "rb") as f:
-                os.fsync(f.fileno())
-        if os.path.exists(directory):
-            # a directory cannot be replaced in one rename: move the old one aside first
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.", suffix=".old")
-            os.rmdir(old)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
-
-
-MAX_RANK = 1024  # far above any useful adapter; a bigger rank in adapter.json is corruption, not a choice
-
-
-def read_adapter_meta(directory):
-    """adapter.json of the adapter at `directory`, checked field by field: raises FileNotFoundError when
-    there is none and ValueError naming the first bad field (a hand-edited or corrupt file must not
-    reach LoRA.add or torch with, say, a rank of -3 or a list for a dict)."""
-    path = os.path.join(directory, "adapter.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no adapter at {directory} (missing adapter.json)")
-    try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a {FORMAT} adapter")
-
-    def bad(field, want):
-        return ValueError(f"{path}: {field} must be {want}, got {meta.get(field)!r}"[:300])
-
-    if not isinstance(meta.get("name"), str) or not _NAME_RE.fullmatch(meta["name"]):
-        raise bad("name", "an adapter name")
-    rank = meta.get("rank")
-    if type(rank) is not int or not 1 <= rank <= MAX_RANK:
-        raise bad("rank", f"an integer from 1 to {MAX_RANK}")
-    alpha = meta.get("alpha")
-    if type(alpha) not in (int, float) or not 0 < alpha < 1e6:
-        raise bad("alpha", "a positive number")
-    for field in ("targets", "modules"):
-        if not isinstance(meta.get(field), list) or not all(isinstance(x, str) for x in meta[field]):
-            raise bad(field, "a list of module names")
-    if not isinstance(meta.get("base_hash"), str):
-        raise bad("base_hash", "a string")
-    if not isinstance(meta.get("metrics", {}), dict):
-        raise bad("metrics", "an object")
-    return meta
-
-
-def load_adapter(lora, directory, name=None, activate=False, replace=False):
-    """Load a saved adapter into `lora` (as `name`, default the saved name). Raises
-    AdapterBaseMismatch when it was trained on a different base model."""
-    from safetensors.torch import load_file
-    meta = read_adapter_meta(directory)
-    if meta["base_hash"] != lora.base_hash:
-        raise AdapterBaseMismatch(
-            f"adapter {meta['name']!r} at {directory} was trained on base model {meta['base_hash']} but this model "
-            f"is {lora.base_hash}: an adapter only works on the exact weights it was trained on. Load the "
-            f"checkpoint it came from, or train the adapter again on this model.")
-    name = name or meta["name"]
-    if name in lora.adapters:
-        if not replace:
-            raise ValueError(f"adapter {name!r} is already loaded (pass replace=True to reload it)")
-        lora.remove(name)
-    missing = [k for k in meta["modules"] if k not in lora.modules]
-    if missing:
-        raise ValueError(f"adapter {meta['name']!r} targets modules this model does not hook: {missing[:4]}")
-    try:  # a truncated or garbage file: safetensors raises its own error type, or OSError
-        tensors = load_file(os.path.join(directory, "adapter.safetensors"), device=str(lora.model.get_device()))
-    except Exception as e:  # noqa: BLE001 - whatever the file is, the answer is "this adapter is unusable"
-        raise ValueError(f"adapter {meta['name']!r}: adapter.safetensors is unreadable ({type(e).__name__}: {e})") from None
-    ad = lora.add(name, rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"])
-    if ad.modules_ != meta["modules"]:
-        lora.remove(name)
-        raise ValueError(f"adapter {meta['name']!r}: its module list does not match this model's layers")
-    with torch.no_grad():
-        for k, i in ad.index.items():
-            for kind, params in (("lora_A", ad.A), ("lora_B", ad.B)):
-                t = tensors.get(f"{k}.{kind}")
-                if t is None or t.shape != params[i].shape:
-                    lora.remove(name)
-                    have = "is missing" if t is None else f"has shape {tuple(t.shape)}"
-                    raise ValueError(f"adapter {meta['name']!r}: {k}.{kind} {have}, "
-                                     f"this model needs {tuple(params[i].shape)}")
-                params[i].copy_(t)
-    ad.centroid = tensors.get("router.centroid")
-    if ad.centroid is not None:
-        ad.centroid = ad.centroid.cpu()
-    ad.info = {"task": meta.get("task"), "metrics": meta.get("metrics", {}), "created": meta.get("created"),
-               "provenance": meta.get("provenance")}
-    if activate:
-        lora.activate(name)
-    return name
-
-
-def list_adapters(root=None, errors=None):
-    """The adapter.json of every saved adapter under root (default $NANOCHAT_BASE_DIR/adapters).
-    Directories whose adapter.json is missing or bad are left out; pass a dict as `errors` to get
-    {directory name: why} for them."""
-    root = root or adapters_dir()
-    if not os.path.isdir(root):
-        return []
-    out = []
-    for d in sorted(os.listdir(root)):
-        if d.startswith("."):
-            continue  # temp or old directories of an unfinished save
-        try:
-            out.append(read_adapter_meta(os.path.join(root, d)))
-        except (OSError, ValueError) as e:
-            if errors is not None:
-                errors[d] = str(e)
-    return out
-
-
-def remove_stale_temp(root):
-    """Delete what an interrupted save or delete left under root (.<name>.*.tmp / .old / .deleted-*
-    directories, .<file>.*.tmp files): call when nothing is saving there. -> the names removed."""
-    if not os.path.isdir(root):
-        return []
-    stale = re.compile(r"\..+(\.tmp|\.old|\.deleted-\d+)$")
-    removed = []
-    for d in sorted(os.listdir(root)):
-        m = re.fullmatch(r"\.(.+)\.[^.]+\.old", d)
-        if m and os.path.isdir(os.path.join(root, d)) and not os.path.exists(os.path.join(root, m.group(1))):
-            os.replace(os.path.join(root, d), os.path.join(root, m.group(1)))  # a replace cut short: keep the old one
-            continue
-        if stale.fullmatch(d):
-            p = os.path.join(root, d)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.remove(p)
-            removed.append(d)
-    return sorted(removed)
-
-
-def delete_adapter(directory):
-    """Remove a saved adapter: renamed away first, so a reader never sees half a directory."""
-    directory = os.path.abspath(directory)
-    read_adapter_meta(directory)  # refuse to delete something that is not an adapter
-    parent, base = os.path.split(directory.rstrip("/"))
-    gone = os.path.join(parent, f".{base}.deleted-{time.time_ns()}")
-    os.replace(directory, gone)
-    shutil.rmtree(gone, ignore_errors=True)

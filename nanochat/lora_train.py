@@ -6,6 +6,7 @@ import torch
 from nanochat.common import autocast, resolve_dtype
 from nanochat.continual import ContinualConfig, train_loop
 from nanochat.continual_strategies import Strategy
+from nanochat.lora_router import set_centroid
 from nanochat.training import collate
 
 
@@ -42,7 +43,7 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
     of that same stack. progress(info) gets step, steps, loss, tok_per_sec, elapsed_s, eta_s; should_stop()
     -> True cancels (the adapter is then removed and None returned). dtype: "float32" or "bfloat16"
     (default: bf16 on CUDA where supported, fp32 elsewhere).
-    Returns the Adapter (resident in the LoRA; persist it with nanochat.lora.save_adapter)."""
+    Returns the Adapter (resident in the LoRA; persist it with nanochat.lora_io.save_adapter)."""
     from nanochat.lora import LoRA
     lora = lora or getattr(model, "_lora", None) or LoRA(model)
     if not conversations:
@@ -78,7 +79,7 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
             lora.remove(name)
             return None
         loss_after = mean_loss(model, rows, pad, dtype)
-        lora.set_centroid(name, [r[0][:_prompt_end(tokenizer, r[0])] for r in rows])
+        set_centroid(lora, name, [r[0][:_prompt_end(tokenizer, r[0])] for r in rows])
     except BaseException:
         if name in lora.adapters:
             lora.remove(name)

@@ -53,6 +53,7 @@ class Limits:
     max_n: int = 8  # choices per request (n)
     max_stop: int = 4  # stop strings per request, as OpenAI
     max_stop_chars: int = 64  # characters per stop string
+    max_stack: int = 8  # adapters in one request's stack (`adapter` as a list)
 
 
 @dataclass
@@ -88,7 +89,9 @@ class PageMessage(StrictBody):
 
 class PageRequest(StrictBody):
     messages: list[PageMessage]
-    adapter: str | None = None  # a learned adapter's name, "none" for the base model; default: the active one
+    adapter: str | list[str] | None = None  # an adapter's name, "none" for the base model, or a list of names
+    # (a stack: all apply, each times its weight); default: the active one
+    adapter_weights: list[float] | None = None  # one per name in `adapter` (default 1.0 each)
     temperature: float | None = None
     top_k: int | None = None
     max_tokens: int | None = None
@@ -126,7 +129,8 @@ class OpenAIRequest(StrictBody):
     top_logprobs: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    adapter: str | None = None  # nanochat's own field (openai client: extra_body={"adapter": ...})
+    adapter: str | list[str] | None = None  # nanochat's own field (openai client: extra_body={"adapter": ...})
+    adapter_weights: list[float] | None = None
 
 
 class CompletionRequest(StrictBody):
@@ -145,9 +149,8 @@ class CompletionRequest(StrictBody):
     logprobs: int | None = None  # the legacy API: how many alternatives per token (0: only the chosen one)
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    adapter: str | None = None
-
-
+    adapter: str | list[str] | None = None
+    adapter_weights: list[float] | None = None
 
 
 # The model's tool markers appear as such in OpenAI message content (see the module docstring).
@@ -242,6 +245,40 @@ def check_openai_options(body, limits):
     return n, stop
 
 
+MAX_ADAPTER_WEIGHT = 10.0  # a stack weight beyond this is a typo, not a setting: each adapter was trained at 1
+
+
+def check_adapter_stack(adapter, weights, limits):
+    """A request's `adapter` (None, a name, or a list of names) and `adapter_weights` (one number per name)
+    -> None, a name, or [(name, weight), ...] for a stack. Raises RequestError (400) for a bad combination;
+    whether the adapters exist is the caller's question (404)."""
+    if weights is not None and adapter is None:
+        raise RequestError("adapter_weights needs adapter: the adapters' names, one weight each", "adapter_weights")
+    if adapter is None or (isinstance(adapter, str) and weights is None):
+        return adapter
+    names = [adapter] if isinstance(adapter, str) else list(adapter)
+    if not names:
+        raise RequestError("adapter is an empty list: name at least one adapter, or \"none\" for the base model",
+                           "adapter")
+    if len(names) > limits.max_stack:
+        raise RequestError(f"a stack of {len(names)} adapters; the limit is {limits.max_stack} (--max-stack)",
+                           "adapter")
+    if "none" in names:
+        raise RequestError("\"none\" (the base model) cannot be part of a stack: leave it out", "adapter")
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise RequestError(f"adapter {twice[0]!r} appears twice in the stack", "adapter")
+    weights = [1.0] * len(names) if weights is None else list(weights)
+    if len(weights) != len(names):
+        raise RequestError(f"{len(names)} adapters but {len(weights)} adapter_weights: give one weight per adapter",
+                           "adapter_weights")
+    for w in weights:
+        if not -MAX_ADAPTER_WEIGHT <= w <= MAX_ADAPTER_WEIGHT:  # also refuses NaN
+            raise RequestError(f"each adapter weight must be a number from {-MAX_ADAPTER_WEIGHT:g} to "
+                               f"{MAX_ADAPTER_WEIGHT:g}; got {w}", "adapter_weights")
+    return [(n, float(w)) for n, w in zip(names, weights)]
+
+
 def sum_usage(usages):
     """Usage of n choices of one prompt: the prompt counted once, completions summed (as OpenAI)."""
     prompt = usages[0]["prompt_tokens"]
@@ -316,7 +353,6 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counting_receive, send)
-
 
 
 class EventStream(StreamingResponse):

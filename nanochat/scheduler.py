@@ -26,9 +26,10 @@ text exactly as Engine.generate does: calculator, python REPL started from the p
 search), stop tokens
 (<|assistant_end|>, <|bos|>), max_tokens and the model's context; presence/frequency penalties over the
 tokens it generated; and optionally logprobs (of the model's own distribution, before penalties and
-temperature) with the top alternatives. With a nanochat.lora.LoRA, a request may name an Adapter object:
-each row's low-rank update applies to its own rows only (LoRA.per_row), and because the row holds the
-object, an adapter replaced while it runs keeps serving it; requests that start later get the new one.
+temperature) with the top alternatives. With a nanochat.lora.LoRA, a request may name an Adapter object
+or a stack of (Adapter, weight) pairs: each row's low-rank update applies to its own rows only
+(LoRA.per_row), and because the row holds the objects, an adapter replaced while it runs keeps serving it;
+requests that start later get the new one.
 
 Events reach `on_event(Event)` on the scheduler's thread, one per token; the last one carries `finish`:
 stop | length | cancelled | error (a cancel or error may come without a token).
@@ -65,7 +66,7 @@ class Request:
     presence_penalty: float = 0.0  # subtracted from the logit of every token the row generated already
     frequency_penalty: float = 0.0  # subtracted once per earlier occurrence
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
-    adapter: object = None  # a nanochat.lora.Adapter for this request, or None: the base weights
+    adapter: object = None  # a nanochat.lora.Adapter, ((Adapter, weight), ...) for a stack, or None: the base
 
 
 @dataclass

@@ -37,7 +37,8 @@ class Job:
     temperature: float
     top_k: int
     seed: int = field(default_factory=lambda: random.randrange(2 ** 31))
-    adapter: str | None = None  # LoRA adapter to generate with (None: the base weights)
+    adapter: str | tuple | None = None  # LoRA adapter to generate with: None (the base weights), a name, or
+    # ((name, weight), ...): a stack, applied together
     top_p: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -72,6 +73,13 @@ class StopStrings:
     def flush(self):
         text, self.held = self.held, ""
         return text
+
+
+def stack_names(adapter):
+    """The adapter names a Job's `adapter` uses: [] for the base, [name], or the names of a stack."""
+    if adapter is None:
+        return []
+    return [adapter] if isinstance(adapter, str) else [n for n, _ in adapter]
 
 
 def usage(prompt_tokens, completion_tokens):
@@ -155,28 +163,35 @@ class WorkerPool:
         """Async generator of one job's events (see the module docstring). Closing it early cancels the job.
         worker: the replica to use (default: the least loaded)."""
         loop = asyncio.get_running_loop()
-        # a lease from admission to the end: deleting the adapter waits for this request
-        leased = job.adapter is not None and self.leases is not None
-        if leased and not self.leases.acquire(job.adapter):  # deleted between admission and now
-            yield {"type": "error", "status": 404,
-                   "message": f"adapter {job.adapter!r} was deleted; GET /adapters lists them"}
-            return
+        # a lease on each adapter from admission to the end: deleting one waits for this request
+        leased = []
         try:
+            for name in stack_names(job.adapter) if self.leases is not None else []:
+                if not self.leases.acquire(name):  # deleted between admission and now
+                    yield {"type": "error", "status": 404,
+                           "message": f"adapter {name!r} was deleted; GET /adapters lists them"}
+                    return
+                leased.append(name)
             async with aclosing(self._run(job, worker or self._pick(), loop)) as stream:
                 async for event in stream:
                     yield event
         finally:
-            if leased:
-                self.leases.release(job.adapter)
+            for name in leased:
+                self.leases.release(name)
 
     async def _run(self, job, worker, loop):
         lora = worker.lora
-        adapter = None
-        if job.adapter is not None:
-            if lora is None or job.adapter not in lora.adapters:
-                yield {"type": "error", "status": 404, "message": f"adapter {job.adapter!r} is not loaded"}
-                return
-            adapter = lora.adapters[job.adapter]  # this version serves the whole request
+        missing = [n for n in stack_names(job.adapter) if lora is None or n not in lora.adapters]
+        if missing:
+            yield {"type": "error", "status": 404, "message": f"adapter {missing[0]!r} is not loaded"}
+            return
+        # these versions (Adapter objects) serve the whole request, even if one is replaced meanwhile
+        if job.adapter is None:
+            adapter = None
+        elif isinstance(job.adapter, str):
+            adapter = lora.adapters[job.adapter]
+        else:
+            adapter = tuple((lora.adapters[n], w) for n, w in job.adapter)
         events = asyncio.Queue()
         request = Request(job.prompt, max_tokens=job.max_tokens, temperature=job.temperature, top_k=job.top_k or None,
                           top_p=job.top_p, seed=job.seed, presence_penalty=job.presence_penalty,

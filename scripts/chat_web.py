@@ -15,12 +15,14 @@ Endpoints
                                 presence/frequency_penalty, seed, stream_options.include_usage
     POST /v1/completions        OpenAI (legacy) text completions of a plain prompt, for base models too
     GET  /v1/models             the served model and every loaded adapter (`model: "<adapter>"` selects one)
+    Every generating route takes "adapter": a name, "none" (the base), or a list of names with an optional
+    "adapter_weights" list: a stack, all applied together (openai client: extra_body={"adapter": [...]}).
     GET  /health, GET /stats    liveness, queue depth; per-replica and total requests, tokens, tokens/s
     GET  /metrics               Prometheus text format
     /learn, /adapters           live learning (nanochat/live_routes.py), unless --no-learn
 
 Every replica decodes all of its requests as one batch (requests join and leave at token boundaries;
-rows may use different adapters). A request waits only when its replica already holds --max-batch.
+rows may use different adapters and stacks). A request waits only when its replica already holds --max-batch.
 
 Tools (nanochat/tools.py): calculator, a python REPL over the sandbox, and search over --index (default
 <base>/search_index when built; without one, search calls get no output). Each request has its own tool
@@ -56,7 +58,8 @@ from nanochat.engine import MIN_TEMPERATURE
 from nanochat.engine import ReplyParser  # noqa: F401 - re-exported for callers of the old location
 from nanochat.live_routes import live_router
 from nanochat.openai_api import (BodySizeLimit, CompletionRequest, Defaults, EventStream, Limits, OpenAIRequest,
-                                 PageRequest, RequestError, check_messages, check_openai_options, check_sampling,
+                                 PageRequest, RequestError, check_adapter_stack, check_messages, check_openai_options,
+                                 check_sampling,
                                  describe_validation_errors, error_response, legacy_logprobs,
                                  openai_text_as_parts, part_as_openai_text, sse, sum_usage)
 from nanochat.serving import Job, PoolMetrics, Worker, WorkerPool, load_workers  # noqa: F401 - re-exported
@@ -122,9 +125,11 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         response.headers.update(exc.headers or {})  # e.g. 405's Allow
         return response
 
-    def adapter_for(name, model=None):
+    def adapter_for(name, model=None, weights=None):
         """The adapter a request runs with: `model` naming a loaded adapter selects it (vLLM's way), as
-        does the `adapter` field; any other model name means the served model."""
+        does the `adapter` field (a name, or a list of names with adapter_weights: a stack); any other model
+        name means the served model."""
+        name = check_adapter_stack(name, weights, limits)
         if live is not None and model is not None and model in live.names():
             if name not in (None, model):
                 raise RequestError(f"model {model!r} is an adapter but adapter is {name!r}: give one", "adapter")
@@ -135,10 +140,11 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
             return None
         try:
             return live.resolve(name)
-        except KeyError:
-            raise RequestError(f"no adapter {name!r}; GET /adapters lists them", "adapter", status=404) from None
+        except KeyError as e:
+            raise RequestError(f"no adapter {e.args[0]!r}; GET /adapters lists them", "adapter", status=404) from None
 
-    def make_jobs(prompt, temperature, top_k, max_tokens, seed, adapter=None, model=None, n=1, **extra):
+    def make_jobs(prompt, temperature, top_k, max_tokens, seed, adapter=None, model=None, n=1, adapter_weights=None,
+                  **extra):
         check_sampling(temperature, top_k, max_tokens, seed, limits)
         if len(prompt) >= context:
             raise RequestError(f"the prompt is {len(prompt)} tokens but the model's context is {context} tokens, "
@@ -146,7 +152,8 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         temperature = defaults.temperature if temperature is None else temperature
         job = Job(prompt=prompt, max_tokens=max_tokens or defaults.max_tokens,
                   temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
-                  top_k=defaults.top_k if top_k is None else top_k, adapter=adapter_for(adapter, model),
+                  top_k=defaults.top_k if top_k is None else top_k,
+                  adapter=adapter_for(adapter, model, adapter_weights),
                   **{k: v for k, v in extra.items() if v is not None})
         if seed is not None:
             job.seed = seed
@@ -178,9 +185,11 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
     @app.get("/v1/models", responses=documented_errors(401))
     async def models():
         data = [{"id": model_id, "object": "model", "created": created, "owned_by": "nanochat"}]
+        provenance = {a["name"]: a["provenance"] for a in live.describe()["adapters"]} if live else {}
         for name in (live.names() if live else []):
+            # beside vLLM's fields: how a merged or nested adapter came about (GET /adapters has the rest)
             data.append({"id": name, "object": "model", "created": created, "owned_by": "nanochat",
-                         "parent": model_id, "root": model_id})
+                         "parent": model_id, "root": model_id, "provenance": provenance.get(name)})
         return {"object": "list", "data": data}
 
     @app.post("/chat/completions", responses={200: {"content": SSE}} | documented_errors(400, 401, 404, 413),
@@ -188,7 +197,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
     async def page_completion(body: PageRequest):
         messages = [m.model_dump() for m in body.messages]
         (job,) = make_jobs(chat_prompt(messages), body.temperature, body.top_k, body.max_tokens, body.seed,
-                           body.adapter)
+                           body.adapter, adapter_weights=body.adapter_weights)
 
         async def events():
             async with aclosing(pool.run(job)) as stream:
@@ -297,7 +306,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
             messages.append({"role": m.role, "content": openai_text_as_parts(text) if m.role == "assistant" else text})
         max_tokens = body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
         jobs = make_jobs(chat_prompt(messages), body.temperature, body.top_k, max_tokens, body.seed, body.adapter,
-                         body.model, n, top_p=body.top_p, presence_penalty=body.presence_penalty,
+                         body.model, n, body.adapter_weights, top_p=body.top_p, presence_penalty=body.presence_penalty,
                          frequency_penalty=body.frequency_penalty, stop=stop,
                          logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         return await respond(jobs, body, request, "chat")
@@ -315,7 +324,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
             raise RequestError(f"logprobs must be between 0 and 5; got {body.logprobs}", "logprobs")
         prompt = [tokenizer.get_bos_token_id()] + tokenizer.encode(prompts[0])
         jobs = make_jobs(prompt, body.temperature, body.top_k, body.max_tokens, body.seed, body.adapter, body.model,
-                         n, top_p=body.top_p, presence_penalty=body.presence_penalty,
+                         n, body.adapter_weights, top_p=body.top_p, presence_penalty=body.presence_penalty,
                          frequency_penalty=body.frequency_penalty, stop=stop, logprobs=body.logprobs)
         return await respond(jobs, body, request, "text")
 
@@ -427,7 +436,7 @@ def main(argv=None):
     defaults = Defaults(args.temperature, args.top_k, args.max_tokens)
     learn = None
     if not args.no_learn:
-        from nanochat.lora import adapters_dir
+        from nanochat.lora_io import adapters_dir
         learn = make_live_learning(workers, args.adapters_dir or adapters_dir())
     app = create_app(workers, model_id, limits, defaults, learn=learn, api_key=args.api_key or None,
                      admin_key=args.admin_key or None)

@@ -616,3 +616,83 @@ def test_adapter_chosen_by_model_and_metrics(sft_dir, serve_app, tmp_path):
         r.usage.completion_tokens for r in (by_model, by_field, base))
     assert samples["nanochat_time_to_first_token_seconds_count"] == 3
     assert samples["nanochat_queue_length"] == 0 and "nanochat_batch_size" in samples
+
+
+def test_adapter_stacks_through_the_api_and_provenance(sft_dir, serve_app, tmp_path):
+    import copy
+    from nanochat.live import LiveLearning
+    from nanochat.lora_io import save_adapter
+    from nanochat.lora_merge import merge_adapters
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", sft_dir)
+        workers, _ = load_workers("sft", "cpu")
+    trainer = copy.deepcopy(workers[0].model)
+    app = create_app(workers, "nanochat-test", defaults=Defaults(temperature=0.0, top_k=50, max_tokens=16),
+                     learn=lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, str(tmp_path)))
+    lora, tok = workers[0].lora, workers[0].tokenizer
+    for seed, name in enumerate(("domain", "facts")):
+        ad = lora.add(name, rank=4, alpha=8)
+        with torch.no_grad():
+            for p in ad.B:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+        save_adapter(lora, name, str(tmp_path / name))
+    merge_adapters(lora, ["domain", "facts"], "both", method="ties", density=0.5, weights=[1.0, 0.5])
+    save_adapter(lora, "both", str(tmp_path / "both"))
+    prompt = tok.render_for_completion(USER)
+
+    def engine_reply(stack, weights=None):  # the stack active for the whole model, through the engine
+        lora.activate(stack, weights)
+        try:
+            return [col[0] for col, _ in Engine(workers[0].model, tok).generate(prompt, max_tokens=16, temperature=0.0)]
+        finally:
+            lora.activate(None)
+
+    stack, weights = ["domain", "facts"], [1.0, 0.5]
+    want = engine_reply(stack, weights)
+    assert want != engine_reply("domain") and want != engine_reply(None)  # the stack really is a third model
+    for name in ("domain", "facts", "both"):
+        lora.remove(name)  # the server loads them from disk when it starts, as it would after a restart
+    with serve_app(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        extra = {"adapter": stack, "adapter_weights": weights}
+        chat = client.chat.completions.create(model="nanochat-test", messages=USER, extra_body=extra)
+        assert chat.usage.completion_tokens == len(want)
+        alone = client.chat.completions.create(model="nanochat-test", messages=USER, extra_body={"adapter": "domain"})
+        assert chat.choices[0].message.content != alone.choices[0].message.content
+        # the same stack on the text route and the page route: the same tokens
+        text = client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0,
+                                         extra_body=extra)
+        lora.activate(stack, weights)
+        text_want = [c[0] for c, _ in Engine(workers[0].model, tok).generate(
+            [tok.get_bos_token_id()] + tok.encode("The cat"), max_tokens=8, temperature=0.0)]
+        lora.activate(None)
+        assert text.usage.completion_tokens == len(text_want)
+        page = as_text(page_events(url, {"messages": USER, "adapter": stack, "adapter_weights": weights,
+                                         "temperature": 0.0, "max_tokens": 16}))
+        assert page == chat.choices[0].message.content
+        # bad stacks: a clear 400 or 404, never a 500
+        bad = [({"adapter": ["domain", "nope"]}, openai.NotFoundError, "nope"),
+               ({"adapter": ["domain", "facts"], "adapter_weights": [1.0]}, openai.BadRequestError, "one weight"),
+               ({"adapter": ["domain", "domain"]}, openai.BadRequestError, "twice"),
+               ({"adapter": []}, openai.BadRequestError, "empty"),
+               ({"adapter": ["none", "facts"]}, openai.BadRequestError, "base model"),
+               ({"adapter_weights": [1.0]}, openai.BadRequestError, "needs adapter"),
+               ({"adapter": ["domain"], "adapter_weights": [1e9]}, openai.BadRequestError, "weight"),
+               ({"adapter": ["a"] * 9}, openai.BadRequestError, "limit is 8"),
+               ({"adapter": [3]}, openai.BadRequestError, "adapter")]
+        for body, error, match in bad:
+            with pytest.raises(error, match=match):
+                client.chat.completions.create(model="nanochat-test", messages=USER, extra_body=body)
+        r = httpx.post(url + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}], '
+                       b'"adapter": ["domain"], "adapter_weights": [NaN]}', headers={"content-type": "application/json"})
+        assert r.status_code == 400, r.text
+        r = httpx.post(url + "/chat/completions", json={"messages": USER, "adapter": ["facts"], "adapter_weights": [2, 3]})
+        assert r.status_code == 400 and "one weight" in r.json()["error"]["message"]
+        # /adapters and /v1/models show how the merged adapter came about
+        listed = {a["name"]: a for a in httpx.get(url + "/adapters").json()["adapters"]}
+        assert listed["both"]["provenance"] == {"merged_from": [{"name": "domain", "weight": 1.0},
+                                                                {"name": "facts", "weight": 0.5}],
+                                                "method": "ties", "density": 0.5}
+        assert listed["domain"]["provenance"] is None
+        models = {m["id"]: m for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert models["both"]["provenance"]["method"] == "ties"

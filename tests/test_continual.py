@@ -332,7 +332,8 @@ def test_chat_sequence_accuracy_pseudo_rows_and_lora_router(tmp_path, tok):
 # live learning
 
 def test_train_adapter_learns_conversations_and_persists(base_dir, tok, pretrained):
-    from nanochat.lora import LoRA, adapter_path, list_adapters, load_adapter, save_adapter
+    from nanochat.lora import LoRA
+    from nanochat.lora_io import adapter_path, list_adapters, load_adapter, save_adapter
     model = pretrained_model(pretrained)
     lora = LoRA(model)
     lora.add("other", rank=2, alpha=2)

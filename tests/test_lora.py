@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.lora import (DEFAULT_TARGETS, AdapterBaseMismatch, LoRA, delete_adapter, list_adapters, load_adapter,
-                           model_state_hash, read_adapter_meta, save_adapter)
+from nanochat.lora import DEFAULT_TARGETS, AdapterBaseMismatch, LoRA, model_state_hash
+from nanochat.lora_io import delete_adapter, list_adapters, load_adapter, read_adapter_meta, save_adapter
+from nanochat.lora_router import route, set_centroid
 
 
 def make_model(seed=0, n_layer=2):
@@ -139,7 +140,7 @@ def test_save_load_roundtrip(tmp_path, x):
     lora = LoRA(model)
     ad = lora.add("facts", rank=4, alpha=8)
     randomize(ad, 3)
-    lora.set_centroid("facts", [[1, 2, 3, 4], [5, 6, 7]])
+    set_centroid(lora, "facts", [[1, 2, 3, 4], [5, 6, 7]])
     lora.activate("facts")
     out = model(x)
     d = tmp_path / "adapters" / "facts"
@@ -206,10 +207,10 @@ def test_router_picks_the_adapter_of_the_nearest_centroid():
     high = [torch.randint(48, 58, (20,), generator=g).tolist() for _ in range(8)]  # digits
     lora.add("letters", rank=2, alpha=2)
     lora.add("digits", rank=2, alpha=2)
-    lora.set_centroid("letters", low[:4])
-    lora.set_centroid("digits", high[:4])
-    assert lora.route(low[4:] + high[4:]) == ["letters"] * 4 + ["digits"] * 4
-    assert lora.route(high[4:], candidates=["letters"]) == ["letters"] * 4
+    set_centroid(lora, "letters", low[:4])
+    set_centroid(lora, "digits", high[:4])
+    assert route(lora, low[4:] + high[4:]) == ["letters"] * 4 + ["digits"] * 4
+    assert route(lora, high[4:], candidates=["letters"]) == ["letters"] * 4
 
 
 def test_bad_names_and_targets():

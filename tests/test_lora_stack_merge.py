@@ -5,7 +5,8 @@ import os
 import pytest
 import torch
 
-from nanochat.lora import LoRA, load_adapter, save_adapter
+from nanochat.lora import LoRA
+from nanochat.lora_io import load_adapter, save_adapter
 from nanochat.lora_merge import dare, low_rank, merge_adapters, ties
 from nanochat.lora_train import train_adapter
 from nanochat.tokenizer import Tokenizer
@@ -62,6 +63,96 @@ def test_stack_equals_merging_each_adapter_in_turn(x):
     lora.activate(["domain", "facts"], weights=[1.0, 0.5])
     lora.remove("domain")
     assert lora.stack == (("facts", 0.5),)
+
+
+def five_adapters(model):
+    lora = LoRA(model)
+    for k in range(5):
+        targets = None if k % 2 == 0 else ("attn.c_q", "mlp.c_fc", "mlp.c_proj")  # not every adapter everywhere
+        randomize(lora.add(f"a{k}", rank=2 + k, alpha=4.0 + k, targets=targets), 10 + k)
+    return lora
+
+
+def test_fused_stack_equals_unfused_and_merging_each_in_turn(x):
+    model = make_model()
+    lora = five_adapters(model)
+    names, weights = [f"a{k}" for k in range(5)], [1.0, 0.5, -0.3, 0.8, 0.25]
+    lora.activate(names, weights)
+    ref = merged_in_turn(lora, lora.stack, x)
+    with torch.no_grad():  # frozen adapters under no_grad: all five packed into one A and one B per module
+        fused = model(x)
+    At, Bt, owner, _ = lora._packs["h.0.mlp.c_fc"]
+    assert At.shape[1] == Bt.shape[0] == sum(2 + k for k in range(5)) and owner.tolist()[-6:] == [0] * 6
+    assert lora._packs["h.0.attn.c_k"][0].shape[1] == 2 + 4 + 6  # only a0, a2, a4 target c_k
+    with torch.enable_grad():  # trainable adapters under grad: each its own two matmuls, gradients flow
+        unfused = model(x)
+        unfused.sum().backward()
+    assert all(ad.B[0].grad is not None for ad in lora.adapters.values())
+    torch.testing.assert_close(fused, unfused.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fused, ref, atol=1e-5, rtol=1e-5)
+    assert (fused - merged_in_turn(lora, lora.stack[:4], x)).abs().max() > 1e-3  # the fifth one counts
+
+
+def test_fused_stack_is_rebuilt_when_an_adapter_changes(x):
+    model = make_model()
+    lora = five_adapters(model)
+    lora.activate(["a0", "a1", "a2"])
+    with torch.no_grad():
+        before = model(x)
+        packs = dict(lora._packs)
+        assert torch.equal(model(x), before) and lora._packs["h.0.mlp.c_fc"] is packs["h.0.mlp.c_fc"]  # cached
+        lora.adapters["a1"].B[0].mul_(3.0)  # an in-place change (as an optimizer step makes)
+        after = model(x)
+    torch.testing.assert_close(after, merged_in_turn(lora, lora.stack, x), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after, before, atol=1e-4)
+    lora.activate(["a0", "a1", "a2"], [1.0, 1.0, 0.0])  # a new weight: a new pack
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), merged_in_turn(lora, (("a0", 1.0), ("a1", 1.0)), x), atol=1e-5, rtol=1e-5)
+
+
+def test_nested_top_adapter_stays_separate_and_alone_gets_gradients(x):
+    model = make_model()
+    lora = five_adapters(model)
+    for n in ("a0", "a1", "a2"):
+        lora.freeze(n)
+    lora.activate(["a0", "a1", "a2", "a3"])  # a3 trainable on top of a frozen three
+    model(x).sum().backward()
+    assert lora._packs["h.0.mlp.c_fc"][0].shape[1] == 2 + 3 + 4  # the frozen three, packed
+    assert all(p.grad is None for n in ("a0", "a1", "a2") for p in lora.adapters[n].parameters())
+    assert lora.adapters["a3"].B[0].grad is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), merged_in_turn(lora, lora.stack, x), atol=1e-5, rtol=1e-5)
+
+
+def test_per_row_stacks_equal_each_row_alone(x):
+    model = make_model()
+    lora = five_adapters(model)
+    ads = lora.adapters
+    rows = [((ads["a0"], 1.0), (ads["a3"], 0.5)), None, ads["a1"], ((ads["a0"], 1.0), (ads["a3"], 0.5))]
+    as_names = [(["a0", "a3"], [1.0, 0.5]), (None, None), ("a1", None), (["a0", "a3"], [1.0, 0.5])]
+    xs = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = []
+        for i, (names, weights) in enumerate(as_names):
+            lora.activate(names, weights)
+            want.append(model(xs[i:i + 1])[0])
+        lora.activate("a4")  # per-row mode ignores what is active
+        with lora.per_row(rows):
+            got = model(xs)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(want[0], want[1], atol=1e-3) and not torch.allclose(want[0], want[2], atol=1e-3)
+    packs = lora._packs
+    with torch.no_grad():
+        with lora.per_row([ads["a1"]]):  # another mix...
+            model(xs[2:3])
+        with lora.per_row(rows[::-1]):  # ...then the first mix again, rows in another order: its packs come back
+            torch.testing.assert_close(model(xs.flip(0)), torch.stack(want[::-1]), atol=1e-5, rtol=1e-5)
+    assert lora._packs is packs
+    lora.remove("a3")  # its packs are dropped with it
+    assert not any(ad.name == "a3" for sig in lora._pack_cache for st in sig[0] for ad, _ in st)
+    with pytest.raises(RuntimeError, match="inference"), lora.per_row([ads["a0"]]):
+        model(xs[:1])  # gradients on, adapters trainable: per_row refuses rather than dropping the gradients
 
 
 def test_bad_stacks_are_refused():

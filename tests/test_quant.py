@@ -3,8 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.lora import AdapterBaseMismatch, LoRA, load_adapter, save_adapter
-from nanochat.quant import Int8Linear, quantize_blocks
+from nanochat.lora import AdapterBaseMismatch, LoRA
+from nanochat.lora_io import load_adapter, save_adapter
+from nanochat.quant import Int8Embedding, Int8Linear, quantize_base, quantize_blocks, weight_bytes
 from tests.test_lora import make_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,3 +65,46 @@ def test_adapters_train_and_persist_on_a_quantized_base(tmp_path):
         load_adapter(LoRA(fp), str(tmp_path / "q"))
     with pytest.raises(RuntimeError, match="before attaching"):
         quantize_blocks(model)
+
+
+def test_int8_embedding_and_lm_head_dequantize_only_what_they_use():
+    x = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(2))
+    fp = make_model()
+    model = make_model()
+    emb = model.transformer.wte.weight.detach().clone()
+    sizes = quantize_base(model)
+    wte, head = model.transformer.wte, model.lm_head
+    assert isinstance(wte, Int8Embedding) and isinstance(head, Int8Linear) and wte.weight.dtype == torch.int8
+    # a lookup is exactly the gathered int8 rows times their scales, within half a step of the fp32 table
+    rows = wte(x)
+    assert rows.dtype == torch.float32 and rows.shape == (2, 24, emb.size(1))
+    assert torch.equal(rows, wte.weight[x].float() * wte.scale[x][..., None])
+    assert ((rows - emb[x]).abs() <= wte.scale[x][..., None] / 2 + 1e-7).all()
+    # every weight matrix int8 + one fp32 scale per row (rows of 64 or 256 here: about 3.8x below fp32)
+    total_fp = sum(p.numel() * 4 for p in fp.parameters())
+    assert sizes["fp_bytes"] == total_fp and 3.7 < total_fp / sizes["int8_bytes"] < 3.9
+    assert weight_bytes(model) - sizes["int8_bytes"] == weight_bytes(fp) - total_fp  # only buffers stay (rotary)
+    with torch.no_grad():
+        assert (model(x) - fp(x)).abs().max() < 0.05 * fp(x).abs().max()
+    # an adapter trains on the fully int8 base, which never moves
+    lora = LoRA(model)
+    ad = lora.add("q", rank=4, alpha=8, seed=0)
+    lora.activate("q")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(ad.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(x, x)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+
+
+def test_int8_embedding_keeps_a_bf16_models_dtype():
+    model = make_model().to(torch.bfloat16)
+    quantize_base(model, lm_head=False)
+    assert model.transformer.wte(torch.tensor([[1, 2]])).dtype == torch.bfloat16
+    assert isinstance(model.lm_head, torch.nn.Linear) and model.lm_head.weight.dtype == torch.bfloat16

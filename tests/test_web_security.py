@@ -16,7 +16,8 @@ import torch
 from nanochat.checkpoint_manager import remove_stale_temp as remove_stale_checkpoint_temp, save_checkpoint, start_fresh
 from nanochat.gpt import GPT
 from nanochat.live import AdapterLimit, JobQueueFull, LearnJob, LiveLearning
-from nanochat.lora import LoRA, list_adapters, remove_stale_temp, save_adapter
+from nanochat.lora import LoRA
+from nanochat.lora_io import list_adapters, remove_stale_temp, save_adapter
 from nanochat.openai_api import Limits
 from nanochat.serving import Job, Worker, WorkerPool
 from nanochat.web_security import check_exposure

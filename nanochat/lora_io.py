@@ -1,0 +1,246 @@
+"""Adapters on disk: saving, loading (checked against the base they were trained on), listing and deleting
+them under $NANOCHAT_BASE_DIR/adapters/; what an adapter is and how it applies is nanochat/lora.py's job.
+
+    save_adapter(lora, "facts", adapter_path("facts"), task="facts", metrics={...})
+    load_adapter(lora, adapter_path("facts"))   # refuses an adapter trained on another base
+
+On disk (one directory per adapter, e.g. $NANOCHAT_BASE_DIR/adapters/<name>/):
+    adapter.safetensors   "<module>.lora_A", "<module>.lora_B" (+ "router.centroid" when set)
+    adapter.json          name, rank, alpha, targets, modules, base_hash, task, metrics, created,
+                          trainable_params, bytes, dtype, provenance
+written into a temp directory beside it and renamed into place.
+"""
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+
+import torch
+
+from nanochat.common import get_base_dir, json_default
+from nanochat.lora import _NAME_RE, AdapterBaseMismatch, _now, validate_name
+
+FORMAT = "nanochat-lora"
+FORMAT_VERSION = 1
+
+
+def adapters_dir():
+    """Where live adapters persist: $NANOCHAT_BASE_DIR/adapters/."""
+    return os.path.join(get_base_dir(), "adapters")
+
+
+def adapter_path(name, root=None):
+    return os.path.join(root or adapters_dir(), validate_name(name))
+
+
+def save_adapter(lora, name, directory, task=None, metrics=None):
+    """Write adapter `name` to `directory` (adapter.safetensors + adapter.json). Everything goes into a
+    temp directory beside it first and is renamed into place, replacing an older version."""
+    from safetensors.torch import save_file
+    ad = lora.adapters[name]
+    if task is not None:
+        ad.info["task"] = task
+    if metrics is not None:
+        ad.info["metrics"] = dict(metrics)
+    tensors = {}
+    for k, i in ad.index.items():
+        tensors[f"{k}.lora_A"] = ad.A[i].detach().to("cpu").contiguous()
+        tensors[f"{k}.lora_B"] = ad.B[i].detach().to("cpu").contiguous()
+    if ad.centroid is not None:
+        tensors["router.centroid"] = ad.centroid.detach().to("cpu", torch.float32).contiguous()
+    meta = {
+        "format": FORMAT, "version": FORMAT_VERSION, "name": name, "rank": ad.rank, "alpha": ad.alpha,
+        "targets": list(ad.targets), "modules": list(ad.modules_), "base_hash": lora.base_hash,
+        "task": ad.info.get("task"), "metrics": ad.info.get("metrics", {}), "created": ad.info.get("created") or _now(),
+        "saved": _now(), "trainable_params": ad.num_params(), "bytes": ad.num_bytes(),
+        "dtype": str(ad.A[0].dtype).removeprefix("torch."), "router": ad.centroid is not None,
+        "provenance": ad.info.get("provenance"),  # how a merged or nested adapter came about, else None
+    }
+    directory = os.path.abspath(directory)
+    parent = os.path.dirname(directory)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.", suffix=".tmp")
+    try:
+        save_file(tensors, os.path.join(tmp, "adapter.safetensors"), metadata={"format": "pt", "name": name})
+        with open(os.path.join(tmp, "adapter.json"), "w") as f:
+            json.dump(meta, f, indent=2, default=json_default)
+        for fn in ("adapter.safetensors", "adapter.json"):
+            with open(os.path.join(tmp, fn), "rb") as f:
+                os.fsync(f.fileno())
+        if os.path.exists(directory):
+            # a directory cannot be replaced in one rename: move the old one aside first
+            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.", suffix=".old")
+            os.rmdir(old)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+MAX_RANK = 1024  # far above any useful adapter; a bigger rank in adapter.json is corruption, not a choice
+
+
+def read_adapter_meta(directory):
+    """adapter.json of the adapter at `directory`, checked field by field: raises FileNotFoundError when
+    there is none and ValueError naming the first bad field (a hand-edited or corrupt file must not
+    reach LoRA.add or torch with, say, a rank of -3 or a list for a dict)."""
+    path = os.path.join(directory, "adapter.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no adapter at {directory} (missing adapter.json)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a {FORMAT} adapter")
+
+    def bad(field, want):
+        return ValueError(f"{path}: {field} must be {want}, got {meta.get(field)!r}"[:300])
+
+    if not isinstance(meta.get("name"), str) or not _NAME_RE.fullmatch(meta["name"]):
+        raise bad("name", "an adapter name")
+    rank = meta.get("rank")
+    if type(rank) is not int or not 1 <= rank <= MAX_RANK:
+        raise bad("rank", f"an integer from 1 to {MAX_RANK}")
+    alpha = meta.get("alpha")
+    if type(alpha) not in (int, float) or not 0 < alpha < 1e6:
+        raise bad("alpha", "a positive number")
+    for field in ("targets", "modules"):
+        if not isinstance(meta.get(field), list) or not all(isinstance(x, str) for x in meta[field]):
+            raise bad(field, "a list of module names")
+    if not isinstance(meta.get("base_hash"), str):
+        raise bad("base_hash", "a string")
+    if not isinstance(meta.get("metrics", {}), dict):
+        raise bad("metrics", "an object")
+    return meta
+
+
+def load_adapter(lora, directory, name=None, activate=False, replace=False):
+    """Load a saved adapter into `lora` (as `name`, default the saved name). Raises
+    AdapterBaseMismatch when it was trained on a different base model."""
+    from safetensors.torch import load_file
+    meta = read_adapter_meta(directory)
+    if meta["base_hash"] != lora.base_hash:
+        raise AdapterBaseMismatch(
+            f"adapter {meta['name']!r} at {directory} was trained on base model {meta['base_hash']} but this model "
+            f"is {lora.base_hash}: an adapter only works on the exact weights it was trained on. Load the "
+            f"checkpoint it came from, or train the adapter again on this model.")
+    name = name or meta["name"]
+    if name in lora.adapters:
+        if not replace:
+            raise ValueError(f"adapter {name!r} is already loaded (pass replace=True to reload it)")
+        lora.remove(name)
+    missing = [k for k in meta["modules"] if k not in lora.modules]
+    if missing:
+        raise ValueError(f"adapter {meta['name']!r} targets modules this model does not hook: {missing[:4]}")
+    try:  # a truncated or garbage file: safetensors raises its own error type, or OSError
+        tensors = load_file(os.path.join(directory, "adapter.safetensors"), device=str(lora.model.get_device()))
+    except Exception as e:  # noqa: BLE001 - whatever the file is, the answer is "this adapter is unusable"
+        raise ValueError(f"adapter {meta['name']!r}: adapter.safetensors is unreadable ({type(e).__name__}: {e})") from None
+    ad = lora.add(name, rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"])
+    if ad.modules_ != meta["modules"]:
+        lora.remove(name)
+        raise ValueError(f"adapter {meta['name']!r}: its module list does not match this model's layers")
+    with torch.no_grad():
+        for k, i in ad.index.items():
+            for kind, params in (("lora_A", ad.A), ("lora_B", ad.B)):
+                t = tensors.get(f"{k}.{kind}")
+                if t is None or t.shape != params[i].shape:
+                    lora.remove(name)
+                    have = "is missing" if t is None else f"has shape {tuple(t.shape)}"
+                    raise ValueError(f"adapter {meta['name']!r}: {k}.{kind} {have}, "
+                                     f"this model needs {tuple(params[i].shape)}")
+                params[i].copy_(t)
+    ad.centroid = tensors.get("router.centroid")
+    if ad.centroid is not None:
+        ad.centroid = ad.centroid.cpu()
+    ad.info = {"task": meta.get("task"), "metrics": meta.get("metrics", {}), "created": meta.get("created"),
+               "provenance": meta.get("provenance")}
+    if activate:
+        lora.activate(name)
+    return name
+
+
+def provenance_summary(provenance):
+    """adapter.json's provenance -> what a listing shows: {"method", "merged_from": [{"name", "weight"}],
+    "density"} for a merged adapter, {"stacked_on": [{"name", "weight"}]} for a nested one (serve it on top
+    of that stack), None for a plain one. Whatever has the wrong type (a hand-edited file) is left out."""
+    if not isinstance(provenance, dict):
+        return None
+
+    def pairs(items):
+        if not isinstance(items, list):
+            return None
+        return [{"name": x["name"], "weight": x.get("weight", 1.0)} for x in items[:64]
+                if isinstance(x, dict) and isinstance(x.get("name"), str) and len(x["name"]) <= 64
+                and type(x.get("weight", 1.0)) in (int, float)]
+
+    out = {}
+    if pairs(provenance.get("merged_from")) is not None:
+        out["merged_from"] = pairs(provenance["merged_from"])
+        if isinstance(provenance.get("method"), str) and len(provenance["method"]) <= 16:
+            out["method"] = provenance["method"]
+        if type(provenance.get("density")) in (int, float):
+            out["density"] = provenance["density"]
+    if pairs(provenance.get("stacked_on")) is not None:
+        out["stacked_on"] = pairs(provenance["stacked_on"])
+    return out or None
+
+
+def list_adapters(root=None, errors=None):
+    """The adapter.json of every saved adapter under root (default $NANOCHAT_BASE_DIR/adapters).
+    Directories whose adapter.json is missing or bad are left out; pass a dict as `errors` to get
+    {directory name: why} for them."""
+    root = root or adapters_dir()
+    if not os.path.isdir(root):
+        return []
+    out = []
+    for d in sorted(os.listdir(root)):
+        if d.startswith("."):
+            continue  # temp or old directories of an unfinished save
+        try:
+            out.append(read_adapter_meta(os.path.join(root, d)))
+        except (OSError, ValueError) as e:
+            if errors is not None:
+                errors[d] = str(e)
+    return out
+
+
+def remove_stale_temp(root):
+    """Delete what an interrupted save or delete left under root (.<name>.*.tmp / .old / .deleted-*
+    directories, .<file>.*.tmp files): call when nothing is saving there. -> the names removed."""
+    if not os.path.isdir(root):
+        return []
+    stale = re.compile(r"\..+(\.tmp|\.old|\.deleted-\d+)$")
+    removed = []
+    for d in sorted(os.listdir(root)):
+        m = re.fullmatch(r"\.(.+)\.[^.]+\.old", d)
+        if m and os.path.isdir(os.path.join(root, d)) and not os.path.exists(os.path.join(root, m.group(1))):
+            os.replace(os.path.join(root, d), os.path.join(root, m.group(1)))  # a replace cut short: keep the old one
+            continue
+        if stale.fullmatch(d):
+            p = os.path.join(root, d)
+            if os.path.isdir(p) and not os.path.islink(p):
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                os.remove(p)
+            removed.append(d)
+    return sorted(removed)
+
+
+def delete_adapter(directory):
+    """Remove a saved adapter: renamed away first, so a reader never sees half a directory."""
+    directory = os.path.abspath(directory)
+    read_adapter_meta(directory)  # refuse to delete something that is not an adapter
+    parent, base = os.path.split(directory.rstrip("/"))
+    gone = os.path.join(parent, f".{base}.deleted-{time.time_ns()}")
+    os.replace(directory, gone)
+    shutil.rmtree(gone, ignore_errors=True)
