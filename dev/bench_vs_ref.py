@@ -44,8 +44,12 @@ def load_ref(path):
         engine = importlib.import_module("nanochat.engine")
     finally:
         sys.path.remove(path)
+        # Re-home the reference's modules as nanochat_ref.*: torch.compile looks globals up by module name,
+        # and must find the reference's modules, not ours.
         for k in [k for k in sys.modules if k == "nanochat" or k.startswith("nanochat.")]:
-            del sys.modules[k]
+            mod = sys.modules.pop(k)
+            mod.__name__ = "nanochat_ref" + k[len("nanochat"):]
+            sys.modules[mod.__name__] = mod
         sys.modules.update(ours)
     return gpt, engine
 
@@ -60,7 +64,7 @@ def config_kwargs(depth, seq_len, vocab_size):
 def build(side, ref, depth, args, device):
     torch.manual_seed(0)
     kw = config_kwargs(depth, args.seq_len, args.vocab_size)
-    if side == "ours":
+    if side != "ref":
         with torch.device("meta"):
             model = GPT(GPTConfig(**kw))
     else:
@@ -76,7 +80,10 @@ class TrainSide:
 
     def __init__(self, side, ref, depth, variant, args, device, data):
         self.model = build(side, ref, depth, args, device)
-        opts = self.model.setup_optimizers() if side == "ours" else self.model.setup_optimizer()
+        opts = self.model.setup_optimizer() if side == "ref" else self.model.setup_optimizers()
+        if side == "ours-ns32":  # ours with Muon's Newton-Schulz in fp32, as before it went bf16 on such CPUs
+            for group in opts[1].param_groups:
+                group["ns_dtype"] = torch.float32
         self.optimizers = opts if isinstance(opts, list) else [opts]
         compile_ = "compile" in variant
         self.fwd = torch.compile(self.model, dynamic=False) if compile_ else self.model
@@ -105,7 +112,7 @@ def bench_train(ref, depth, variant, args, device):
     batches = [torch.randint(0, args.vocab_size, (args.batch_size, args.seq_len + 1), generator=g).to(device)
                for _ in range(args.grad_accum)]
     data = [(b[:, :-1].contiguous(), b[:, 1:].contiguous()) for b in batches]  # the reference .view()s targets
-    sides = {s: TrainSide(s, ref, depth, variant, args, device, data) for s in ("ours", "ref")}
+    sides = {s: TrainSide(s, ref, depth, variant, args, device, data) for s in args.sides.split(",")}
     for _ in range(args.warmup):  # compilation happens here
         for s in sides.values():
             s.step()
@@ -188,6 +195,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed training steps per side (compilation)")
     p.add_argument("--rounds", type=int, default=3, help="alternations ours/ref")
     p.add_argument("--steps", type=int, default=1, help="training steps per side per round")
+    p.add_argument("--sides", default="ours,ref", help="training sides: ours, ref, ours-ns32 (Muon in fp32)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--decode-depth", type=int, default=8)
@@ -221,10 +229,13 @@ def main():
     print("| work | ref tok/s | ours tok/s | ours / ref | util ref / ours | loss ref / ours |")
     print("|---|---|---|---|---|---|")
     for name, r in rows:
-        o, f = r["ours"], r["ref"]
-        loss = f"{f['loss']:.4f} / {o['loss']:.4f}" if "loss" in o else "-"
-        print(f"| {name} | {f['tok_s']:,.0f} | {o['tok_s']:,.0f} | {o['tok_s'] / f['tok_s']:.2f}x | "
-              f"{100 * f['util']:.0f}% / {100 * o['util']:.0f}% | {loss} |")
+        f = r["ref"]
+        for side in [s for s in r if s != "ref"]:
+            o = r[side]
+            loss = f"{f['loss']:.4f} / {o['loss']:.4f}" if "loss" in o else "-"
+            label = name if side == "ours" else f"{name} [{side}]"
+            print(f"| {label} | {f['tok_s']:,.0f} | {o['tok_s']:,.0f} | {o['tok_s'] / f['tok_s']:.2f}x | "
+                  f"{100 * f['util']:.0f}% / {100 * o['util']:.0f}% | {loss} |")
 
 
 if __name__ == "__main__":

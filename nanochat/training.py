@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (SOURCES, build_model, find_largest_model, find_last_step, load_checkpoint,
                                          load_model, optim_path, remove_stale_temp, save_checkpoint, start_fresh)
-from nanochat.common import (all_reduce, autocast, compute_init, format_eta, get_base_dir, gpu_peak_flops, print0,
-                             resolve_dtype)
+from nanochat.common import (all_reduce, autocast, compute_init, format_eta, get_base_dir, gpu_peak_flops,
+                             native_bf16_cpu, print0, resolve_dtype)
 from nanochat.reshard import full_optimizer_states, load_resharded
 
 # ------------------------------------------------------------------------------------------------
@@ -83,15 +83,6 @@ class Run:
 
     def autocast(self):
         return autocast(self.dtype, self.device.type)
-
-
-def native_bf16_cpu(cpuinfo="/proc/cpuinfo"):
-    """Whether this CPU multiplies bf16 in hardware (the avx512_bf16 or amx_bf16 flags of Linux's cpuinfo)."""
-    try:
-        with open(cpuinfo) as f:
-            return bool({"avx512_bf16", "amx_bf16"} & set(f.read().split()))
-    except OSError:  # not Linux: assume not
-        return False
 
 
 def resolve_numerics(dtype, compile, device_type, native_bf16=False):
