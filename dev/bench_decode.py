@@ -115,9 +115,12 @@ def main():
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--reps", type=int, default=2, help="timed runs per row (fastest kept)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--ttft", default="512,2048", help="prompt lengths for time-to-first-token ('' to skip)")
     args = p.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ttft_lens = [int(x) for x in args.ttft.split(",") if x]
     seq_len = max([args.prompt_len + args.new_tokens] + ttft_lens) + 1
     bw = bandwidth(device)
@@ -126,26 +129,39 @@ def main():
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, args.vocab_size, (args.prompt_len,), generator=g).tolist()
     rows, ttft_rows = [], []
+    variants = args.variants.split(",")
     for depth in [int(d) for d in args.depths.split(",")]:
-        for v in args.variants.split(","):
-            dtype = torch.bfloat16 if v.startswith("bf16") else torch.float32
-            model = build(depth, seq_len, args.vocab_size, device, dtype)
-            engine = Engine(model, Specials(), compile="compile" in v)
-            for batch in [int(b) for b in args.batches.split(",")]:
-                time_decode(engine, prompt, batch, 4 if "compile" not in v else args.new_tokens, device)  # warm-up
-                wall, util, cols = min(time_decode(engine, prompt, batch, args.new_tokens, device)
-                                       for _ in range(args.reps))
+        engines = {}
+        for v in variants:
+            model = build(depth, seq_len, args.vocab_size, device, torch.bfloat16 if v.startswith("bf16") else torch.float32)
+            engines[v] = Engine(model, Specials(), compile="compile" in v)
+        for batch in [int(b) for b in args.batches.split(",")]:
+            best = {}
+            for v, engine in engines.items():  # warm-up (a compiled engine compiles for this batch here)
+                time_decode(engine, prompt, batch, args.new_tokens if "compile" in v else 4, device)
+            for _ in range(args.reps):  # variants interleaved, so a busy moment on the machine hits all alike
+                for v, engine in engines.items():
+                    r = time_decode(engine, prompt, batch, args.new_tokens, device)
+                    best[v] = min(best.get(v, r), r, key=lambda x: x[0])
+            for v, (wall, util, cols) in best.items():
+                model = engines[v].model
+                itemsize = next(model.parameters()).element_size()
                 tok_s = batch * len(cols) / wall
                 ctx = args.prompt_len + args.new_tokens / 2  # average context of the eager cache
                 if "compile" in v:  # the static cache is read to its (rounded) capacity every step
                     ctx = min(-(-(args.prompt_len + args.new_tokens) // 256) * 256, seq_len)
-                step_bytes = weight_bytes(model) + batch * cache_bytes(model, ctx, dtype.itemsize)
+                step_bytes = weight_bytes(model) + batch * cache_bytes(model, ctx, itemsize)
                 roof = batch * bw / step_bytes
                 rows.append((depth, v, batch, tok_s, roof, step_bytes / batch, util))
-                print(f"  d{depth} {v} batch {batch}: {tok_s:.1f} tok/s ({100 * tok_s / roof:.0f}% of roofline)")
-            for n in ttft_lens:
-                long_prompt = torch.randint(0, args.vocab_size, (n,), generator=g).tolist()
+                print(f"  d{depth} {v} batch {batch}: {tok_s:.1f} tok/s ({100 * tok_s / roof:.0f}% of roofline)",
+                      flush=True)
+            if len({tuple(map(tuple, best[v][2])) for v in best}) > 1:
+                print(f"  note: d{depth} batch {batch}: the variants' greedy tokens differ")
+        for n in ttft_lens:
+            long_prompt = torch.randint(0, args.vocab_size, (n,), generator=g).tolist()
+            for v, engine in engines.items():
                 ttft(engine, long_prompt, device, 1)
+            for v, engine in engines.items():
                 ttft_rows.append((depth, v, n, ttft(engine, long_prompt, device, args.reps)))
     print("| depth | variant | batch | tok/s | roofline tok/s | of roofline | MB read per token | util |")
     print("|---|---|---|---|---|---|---|---|")

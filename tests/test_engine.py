@@ -1,5 +1,6 @@
 """Engine: KV-cache sampling vs naive recompute, batching, seeding, stopping, tool use, streaming decode,
 validation, and the chat CLI's turn/loop logic (no checkpoint needed)."""
+import copy
 import io
 import random
 
@@ -152,7 +153,7 @@ def trained_tiny_gpt():
     model = GPT(GPTConfig(sequence_len=64, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ids = torch.tensor(TOK.encode(TEXT))
-    for step in range(60):
+    for step in range(40):
         starts = torch.randint(0, len(ids) - 49, (8,))
         batch = torch.stack([ids[s:s + 49] for s in starts])
         model(batch[:, :-1], batch[:, 1:]).backward()
@@ -166,15 +167,15 @@ def test_bf16_weights_give_the_same_greedy_tokens():
     the same greedy tokens at >= 99% of positions over a fixed prompt set."""
     model = trained_tiny_gpt()
     fp32 = Engine(model, TOK)
-    bf16 = Engine(trained_tiny_gpt().to(torch.bfloat16), TOK)
+    bf16 = Engine(copy.deepcopy(model).to(torch.bfloat16), TOK)
     same = total = 0
-    for start in range(0, 40, 3):
+    for start in range(0, 44, 4):
         prompt = [BOS] + TOK.encode(TEXT[start:start + 12])
-        a, _ = fp32.generate_batch(prompt, max_tokens=20, temperature=0.0)
-        b_, _ = bf16.generate_batch(prompt, max_tokens=20, temperature=0.0)
-        assert len(a[0]) == 20  # the text has no stop tokens: every row runs to max_tokens
+        a, _ = fp32.generate_batch(prompt, max_tokens=12, temperature=0.0)
+        b_, _ = bf16.generate_batch(prompt, max_tokens=12, temperature=0.0)
+        assert len(a[0]) == 12  # the text has no stop tokens: every row runs to max_tokens
         same += sum(x == y for x, y in zip(a[0], b_[0]))
-        total += 20
+        total += 12
     assert same / total >= 0.99, f"{same}/{total}"
     assert TOK.decode(a[0]).startswith(TEXT[start + 12:start + 20])  # and the model did learn the text
 
