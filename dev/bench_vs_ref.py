@@ -196,6 +196,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3, help="alternations ours/ref")
     p.add_argument("--steps", type=int, default=1, help="training steps per side per round")
     p.add_argument("--sides", default="ours,ref", help="training sides: ours, ref, ours-ns32 (Muon in fp32)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--decode-depth", type=int, default=8)
@@ -206,6 +207,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=256)
     args = p.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     gpt, engine = load_ref(args.ref)
     ref = argparse.Namespace(GPT=gpt.GPT, GPTConfig=gpt.GPTConfig, gpt=gpt, engine=engine)
     print(f"device={device} threads={torch.get_num_threads()} seq_len={args.seq_len} vocab={args.vocab_size} "

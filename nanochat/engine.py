@@ -6,9 +6,10 @@
     results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
 How a call runs:
-1. The prompt is run through the model once, with batch size 1, into a KV cache.
-2. That cache is copied (`KVCache.prefill`) into a cache with one row per sample, and every row starts
-   from the prompt's last logits.
+1. The prompt is run through the model once, with batch size 1, into a KV cache (one batched forward).
+2. That cache is copied (`KVCache.prefill`) into a cache with one row per sample (for one sample it already
+   is that cache), and every row starts from the prompt's last logits. With Engine(compile=True) the
+   decode cache is a StaticKVCache and the steps run through torch.compile (see Engine.__init__).
 3. Each step samples one token per row (greedy argmax at temperature 0, otherwise softmax(logits / T),
    optionally restricted to the top k, drawn with a seeded torch.Generator so results are reproducible),
    yields the column, and feeds it back through the model as a (num_samples, 1) batch.
@@ -36,21 +37,10 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import native_bf16_cpu
 from nanochat.gpt import KVCache, StaticKVCache
 from nanochat.tools import ToolRegistry
 
 MIN_TEMPERATURE = 1e-6  # below this, logits / T overflows float32 (NaN probabilities): sample greedily instead
-
-
-def inference_dtype(device):
-    """The weights' dtype for generation: bf16 where matmuls have native bf16 (CUDA with bf16 support; CPUs with
-    AVX512-BF16/AMX), fp32 elsewhere. Decoding reads every weight once per token, so half the bytes is up to
-    twice the speed; greedy tokens stay the same as fp32's nearly always (tests/test_engine.py measures it)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if device.type == "cpu" and native_bf16_cpu() else torch.float32
 
 
 def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, top_p=None):
