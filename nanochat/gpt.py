@@ -131,7 +131,7 @@ class StaticKVCache:
         self.Tk = seq_len  # attention always spans the whole capacity
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens stored (same for every row)
         self.slots = torch.arange(seq_len, device=device)
-        self.mask = None
+        self.mask = self.times = None  # set by positions() at the start of every forward
 
     def get_pos(self):
         return int(self.pos)  # a host sync: for callers outside the decode loop
