@@ -133,6 +133,15 @@ def resolve_dtype(flag, device_type):
     return flag
 
 
+def native_bf16_cpu(cpuinfo="/proc/cpuinfo"):
+    """Whether this CPU multiplies bf16 in hardware (the avx512_bf16 or amx_bf16 flags of Linux's cpuinfo)."""
+    try:
+        with open(cpuinfo) as f:
+            return bool({"avx512_bf16", "amx_bf16"} & set(f.read().split()))
+    except OSError:  # not Linux: assume not
+        return False
+
+
 def autocast(dtype, device_type):
     """A fresh autocast context for a resolved dtype name: bf16 autocast, or nothing for fp32.
     Call it at every `with` (one context object must not be entered twice at once)."""

@@ -6,9 +6,10 @@
     results, masks = engine.generate_batch(prompt_ids, num_samples=4, max_tokens=64)
 
 How a call runs:
-1. The prompt is run through the model once, with batch size 1, into a KV cache.
-2. That cache is copied (`KVCache.prefill`) into a cache with one row per sample, and every row starts
-   from the prompt's last logits.
+1. The prompt is run through the model once, with batch size 1, into a KV cache (one batched forward).
+2. That cache is copied (`KVCache.prefill`) into a cache with one row per sample (for one sample it already
+   is that cache), and every row starts from the prompt's last logits. With Engine(compile=True) the
+   decode cache is a StaticKVCache and the steps run through torch.compile (see Engine.__init__).
 3. Each step samples one token per row (greedy argmax at temperature 0, otherwise softmax(logits / T),
    optionally restricted to the top k, drawn with a seeded torch.Generator so results are reproducible),
    yields the column, and feeds it back through the model as a (num_samples, 1) batch.
@@ -36,7 +37,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import KVCache
+from nanochat.gpt import KVCache, StaticKVCache
 from nanochat.tools import ToolRegistry
 
 MIN_TEMPERATURE = 1e-6  # below this, logits / T overflows float32 (NaN probabilities): sample greedily instead
@@ -76,10 +77,14 @@ class RowState:
 
 
 class Engine:
-    def __init__(self, model, tokenizer, tools=None):
+    def __init__(self, model, tokenizer, tools=None, compile=False):
         """tools: a nanochat.tools.ToolRegistry (default: calculator + python REPL, no search);
-        nanochat.tools.NO_TOOLS turns tool use off (calls get no output)."""
+        nanochat.tools.NO_TOOLS turns tool use off (calls get no output).
+        compile: decode through torch.compile on a StaticKVCache (same shapes every step; on CUDA captured as
+        a CUDA graph, mode="reduce-overhead"). The first call per (batch size, capacity) compiles."""
         self.model = model
+        self.compile = compile
+        self._step = None
         self.tools = ToolRegistry() if tools is None else tools
         self.tokenizer = tokenizer
         S = tokenizer.encode_special
@@ -202,13 +207,28 @@ class Engine:
             generator = torch.Generator(device=device)
             generator.manual_seed(seed)
 
-        # 1) prefill the prompt once, batch 1
-        prefill_cache = self._new_cache(1, len(tokens))
+        # 1) prefill the prompt once, batch 1, in one forward
+        capacity = len(tokens) + budget  # everything this call can feed
+        prefill_cache = self._new_cache(1, capacity if num_samples == 1 else len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]  # (1, V)
-        # 2) clone it into one row per sample; the decode cache holds everything this call can feed
-        cache = self._new_cache(num_samples, len(tokens) + budget)
-        cache.prefill(prefill_cache)
+        # 2) the decode cache: one row per sample (a batch-1 prefill is already it)
+        forward = self.model
+        if self.compile:
+            c = self.model.config
+            capacity = min(-(-capacity // 256) * 256, c.sequence_len)  # few distinct shapes: few compilations
+            cache = StaticKVCache(num_samples, c.n_kv_head, capacity, c.n_embd // c.n_head, c.n_layer,
+                                  device, prefill_cache.kv.dtype)
+            cache.load(prefill_cache)
+            if self._step is None:
+                mode = "reduce-overhead" if device.type == "cuda" else None
+                self._step = torch.compile(self.model, dynamic=False, mode=mode)
+            forward = self._step
+        elif num_samples == 1:
+            cache = prefill_cache
+        else:
+            cache = self._new_cache(num_samples, capacity)
+            cache.prefill(prefill_cache)
         del prefill_cache
         logits = logits.expand(num_samples, -1).contiguous()
 
@@ -235,7 +255,7 @@ class Engine:
                 return
             # 3) feed the column back: one token per row
             ids = torch.tensor(column, dtype=torch.long, device=device).unsqueeze(1)
-            logits = self.model(ids, kv_cache=cache)[:, -1, :]
+            logits = forward(ids, kv_cache=cache)[:, -1, :]
 
     def generate_batch(self, tokens, num_samples=1, **kwargs):
         """Run `generate` to the end. Returns (results, masks): per row, the generated tokens (prompt not

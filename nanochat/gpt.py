@@ -117,6 +117,49 @@ class KVCache:
         self.pos = other.pos
 
 
+class StaticKVCache:
+    """A fixed-capacity cache whose position lives in a device tensor, so every decode step has the same shapes
+    and no host sync: attention reads the whole capacity under a mask of the filled positions, new keys and
+    values go in with index_copy_. That makes the step compilable once (and on CUDA capturable as a graph);
+    the price is reading the unused tail of the capacity, so size it to what the call can use.
+    Storage and layout as KVCache: (num_layers, 2, batch_size, num_heads, capacity, head_dim).
+    The model asks `positions(T, device)` first (rotary angles); attention then reads `mask`."""
+
+    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype):
+        self.batch_size, self.num_heads, self.head_dim, self.num_layers = batch_size, num_heads, head_dim, num_layers
+        self.kv = torch.zeros(num_layers, 2, batch_size, num_heads, seq_len, head_dim, device=device, dtype=dtype)
+        self.Tk = seq_len  # attention always spans the whole capacity
+        self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens stored (same for every row)
+        self.slots = torch.arange(seq_len, device=device)
+        self.mask = self.times = None  # set by positions() at the start of every forward
+
+    def get_pos(self):
+        return int(self.pos)  # a host sync: for callers outside the decode loop
+
+    def load(self, other):
+        """Copy a KVCache's contents and position (batch 1 is broadcast into every row)."""
+        assert other.kv is not None and other.pos <= self.Tk, "the source cache is empty or longer than this one"
+        self.kv[..., : other.pos, :] = other.kv[..., : other.pos, :]
+        self.pos.fill_(other.pos)
+
+    def positions(self, T, device):
+        """(T,) absolute positions of the input tokens; sets mask (1, 1, T, capacity): True = attend."""
+        times = self.pos + self.slots[:T]
+        self.mask = self.slots[None, None, None, :] <= times[None, None, :, None]
+        self.times = times
+        return times
+
+    def insert_kv(self, layer_idx, k, v):
+        """Write k, v (B, H, T, D) at the positions given by the last positions() call; return the whole
+        capacity (keys, values), each (B, H, capacity, D)."""
+        store = self.kv[layer_idx]
+        store[0].index_copy_(2, self.times, k.to(store.dtype))
+        store[1].index_copy_(2, self.times, v.to(store.dtype))
+        if layer_idx == self.num_layers - 1:
+            self.pos += self.times.numel()
+        return store[0], store[1]
+
+
 class RaggedKVCache:
     """Keys and values of many independent sequences ("slots") of different lengths, for continuous batching.
 
@@ -252,9 +295,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q_pos, mask = 0, None
         if kv_cache is not None:
-            q_pos = kv_cache.get_pos()
+            # a ragged batch (every row its own length) or a static cache: the mask alone says what to attend to
+            mask = getattr(kv_cache, "mask", None)
+            q_pos = kv_cache.get_pos() if mask is None else 0  # (read before the insert advances it)
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-            mask = getattr(kv_cache, "mask", None)  # a ragged batch: every row has its own length
         y = attention(q, k, v, q_pos, mask)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
@@ -373,13 +417,13 @@ class GPT(nn.Module):
         cross-entropy (targets == -1 ignored): a scalar for "mean"/"sum", per-token losses of shape
         (B, T) for "none" (0 at ignored positions). With kv_cache, idx continues the cached sequence."""
         B, T = idx.shape
-        if isinstance(kv_cache, _RaggedRows):  # each row continues its own sequence
-            t0 = kv_cache.positions(T, idx.device)  # an int when every row is at the same position
+        if isinstance(kv_cache, (_RaggedRows, StaticKVCache)):  # positions come from the cache, maybe as a tensor
+            t0 = kv_cache.positions(T, idx.device)  # an int when a ragged batch's rows are all at one position
         else:
             t0 = 0 if kv_cache is None else kv_cache.get_pos()
-        if isinstance(t0, torch.Tensor):  # rows at different positions: each its own rotary angles
+        if isinstance(t0, torch.Tensor):  # positions as a tensor (B, T) or (T,): rotary angles gathered
             assert kv_cache.Tk <= self.rotary_len, f"sequence length exceeds the rotary table ({self.rotary_len})"
-            cos, sin = self.cos[0, t0], self.sin[0, t0]  # (B, T, 1, D/2)
+            cos, sin = self.cos[0, t0], self.sin[0, t0]  # (B, T, 1, D/2) or (T, 1, D/2)
         else:
             assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"
             cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]

@@ -9,15 +9,6 @@ import torch
 from nanochat.common import all_reduce, gpu_peak_flops, print0, resolve_dtype
 
 
-def native_bf16_cpu(cpuinfo="/proc/cpuinfo"):
-    """Whether this CPU multiplies bf16 in hardware (the avx512_bf16 or amx_bf16 flags of Linux's cpuinfo)."""
-    try:
-        with open(cpuinfo) as f:
-            return bool({"avx512_bf16", "amx_bf16"} & set(f.read().split()))
-    except OSError:  # not Linux: assume not
-        return False
-
-
 def resolve_numerics(dtype, compile, device_type, native_bf16=False):
     """--dtype and --compile for a training stage. auto picks what measured fastest: bf16 autocast + compile on
     CUDA, and on CPUs with native bf16; fp32 + compile on other CPUs; no compile on MPS.

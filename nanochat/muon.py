@@ -1,11 +1,15 @@
 """Muon: SGD-momentum whose update is orthogonalised by a Newton-Schulz iteration, for 2-D weights.
 
 Muon is the single-process optimizer; DistMuon splits the Newton-Schulz work across ranks and also
-averages the gradients (so the training loop needs no DDP wrapper).
+averages the gradients (so the training loop needs no DDP wrapper). The optimizers know nothing of the model.
 """
+import functools
+
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
+
+from nanochat.common import native_bf16_cpu
 
 # Quintic iteration X <- a X + b (X X^T) X + c (X X^T)^2 X. These widely used coefficients make the
 # small singular values grow as fast as possible; the price is that the iteration does not converge to
@@ -13,13 +17,26 @@ from torch.optim import Optimizer
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+_native_bf16_cpu = functools.lru_cache(maxsize=None)(native_bf16_cpu)  # read /proc/cpuinfo once
+
+
+def default_ns_dtype(device):
+    """The dtype Newton-Schulz runs in: bf16 where matmuls have native bf16 (CUDA; CPUs with AVX512-BF16/AMX,
+    where it runs ~2x faster than fp32), fp32 elsewhere. The iteration is robust to bf16: its output moves
+    ~2% (relative) from the fp32 one, well inside the [0.7, 1.2] singular-value band it lands in anyway."""
+    if device.type == "cuda" or (device.type == "cpu" and _native_bf16_cpu()):
+        return torch.bfloat16
+    return torch.float32
+
+
 @torch.no_grad()
-def zeropower_via_newtonschulz5(G, steps=5):
-    """Approximate U V^T for G = U S V^T (the nearest semi-orthogonal matrix), G of shape (..., m, n).
-    bf16 on CUDA (the iteration is robust to it), fp32 elsewhere. Returns G's dtype."""
+def zeropower_via_newtonschulz5(G, steps=5, dtype=None):
+    """Approximate U V^T for G = U S V^T (the nearest semi-orthogonal matrix), G of shape (..., m, n): a
+    leading batch dimension runs every matrix of a stack in one batched matmul per iteration.
+    dtype: the iteration's dtype (default: default_ns_dtype(G.device)). Returns G's dtype."""
     assert G.ndim >= 2
     a, b, c = NS_COEFFS
-    X = G.bfloat16() if G.is_cuda else G.float()
+    X = G.to(dtype or default_ns_dtype(G.device))
     tall = X.size(-2) > X.size(-1)
     if tall:  # iterate on the wide orientation: the Gram matrix X X^T is then the smaller one
         X = X.mT
@@ -33,23 +50,28 @@ def zeropower_via_newtonschulz5(G, steps=5):
     return X.to(G.dtype)
 
 
-def muon_update(p, grad, state, lr, momentum, nesterov, ns_steps):
-    """One Muon step for one parameter (in place). Momentum is an EMA of the gradients."""
-    if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(grad)
-    buf = state["momentum_buffer"]
-    buf.lerp_(grad, 1 - momentum)
-    g = grad.lerp(buf, momentum) if nesterov else buf
-    update = zeropower_via_newtonschulz5(g, steps=ns_steps)
+def muon_update(params, grads, states, lr, momentum, nesterov, ns_steps, ns_dtype=None):
+    """One Muon step (in place) for parameters of one shape: their Newton-Schulz runs as one batched call.
+    Momentum is an EMA of the gradients, kept per parameter in states[i]["momentum_buffer"]."""
+    for state, grad in zip(states, grads):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+    bufs = [state["momentum_buffer"] for state in states]
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    g = torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs
+    update = zeropower_via_newtonschulz5(torch.stack(g), steps=ns_steps, dtype=ns_dtype)
     # Orthogonal updates have unit singular values whatever the shape; for tall matrices (more outputs
     # than inputs) scale up by sqrt(rows/cols) so the per-element RMS of the update matches wide ones.
+    p = params[0]
     scale = max(1.0, p.size(-2) / p.size(-1)) ** 0.5
-    p.add_(update, alpha=-lr * scale)
+    torch._foreach_add_(params, update.unbind(0), alpha=-lr * scale)
 
 
 class Muon(Optimizer):
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+    """ns_dtype: Newton-Schulz's dtype (None: default_ns_dtype of the parameters' device)."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype)
         super().__init__(params, defaults)
         for group in self.param_groups:
             assert all(p.ndim >= 2 for p in group["params"]), "Muon is for matrices"
@@ -57,11 +79,13 @@ class Muon(Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
+            by_shape = {}  # same-shape matrices share one batched Newton-Schulz call
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                muon_update(p, p.grad, self.state[p], group["lr"], group["momentum"], group["nesterov"],
-                            group["ns_steps"])
+                if p.grad is not None:
+                    by_shape.setdefault((p.shape, p.dtype, p.device), []).append(p)
+            for ps in by_shape.values():
+                muon_update(ps, [p.grad for p in ps], [self.state[p] for p in ps], group["lr"], group["momentum"],
+                            group["nesterov"], group["ns_steps"], group.get("ns_dtype"))
 
 
 class DistMuon(Optimizer):
@@ -71,11 +95,11 @@ class DistMuon(Optimizer):
     all-gather then gives every rank all updated parameters. The result equals single-process Muon on
     the rank-averaged gradient. Every rank must pass the same parameters in the same order."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None):
         params = list(params)
         assert all(p.ndim >= 2 for p in params), "Muon is for matrices"
         groups = [dict(params=ps) for ps in self.group_by_shape(params)]
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps)
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype)
         super().__init__(groups, defaults)
 
     @staticmethod
@@ -105,8 +129,8 @@ class DistMuon(Optimizer):
             if rank < len(run):
                 p = run[rank]
                 grad.div_(world)
-                muon_update(p, grad, self.state[p], group["lr"], group["momentum"], group["nesterov"],
-                            group["ns_steps"])
+                muon_update([p], [grad], [self.state[p]], group["lr"], group["momentum"], group["nesterov"],
+                            group["ns_steps"], group.get("ns_dtype"))
                 src = p
             else:
                 src = torch.zeros_like(run[0])  # padding slot: nobody reads it

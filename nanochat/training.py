@@ -10,8 +10,8 @@ import torch.distributed as dist
 
 from nanochat.checkpoint_manager import (SOURCES, build_model, find_largest_model, find_last_step, load_checkpoint,
                                          load_model, optim_path, remove_stale_temp, save_checkpoint, start_fresh)
-from nanochat.common import all_reduce, autocast, compute_init, format_eta, get_base_dir, print0
-from nanochat.hardware import device_batch_flag, native_bf16_cpu, peak_flops_per_device, resolve_numerics
+from nanochat.common import all_reduce, autocast, compute_init, format_eta, get_base_dir, native_bf16_cpu, print0
+from nanochat.hardware import device_batch_flag, peak_flops_per_device, resolve_numerics
 from nanochat.reshard import full_optimizer_states, load_resharded
 
 # ------------------------------------------------------------------------------------------------

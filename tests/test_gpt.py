@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.gpt import GPT, GPTConfig, KVCache, StaticKVCache
 
 V = 256
 
@@ -88,6 +88,29 @@ def test_prefill_clone_to_batch(n_head, n_kv_head):
     assert many.get_pos() == 9
     cont = torch.randint(0, V, (n, 5))  # a different continuation in every row
     out = torch.cat([model(cont[:, t:t + 1], kv_cache=many) for t in range(5)], dim=1)
+    for r in range(n):
+        full = model(torch.cat([prompt[0], cont[r]])[None])
+        close(out[r], full[0, 9:])
+
+
+@pytest.mark.parametrize("n_head,n_kv_head", [(4, 4), (4, 1)])
+@torch.no_grad()
+def test_static_kv_cache_matches_full_forward(n_head, n_kv_head):
+    """The compile-friendly cache: a batch-1 prefill loaded into every row, then one token at a time
+    (and one 3-token chunk) attending over the whole capacity under the mask."""
+    model = make_model(n_head=n_head, n_kv_head=n_kv_head)
+    c = model.config
+    prompt = torch.randint(0, V, (1, 9))
+    one = new_cache(model, 1)
+    model(prompt, kv_cache=one)
+    n = 3
+    static = StaticKVCache(n, c.n_kv_head, 32, c.n_embd // c.n_head, c.n_layer, "cpu", torch.float32)
+    static.load(one)
+    assert static.get_pos() == 9
+    cont = torch.randint(0, V, (n, 8))  # a different continuation in every row
+    out = [model(cont[:, t:t + 1], kv_cache=static) for t in range(5)] + [model(cont[:, 5:8], kv_cache=static)]
+    out = torch.cat(out, dim=1)
+    assert static.get_pos() == 17 and static.kv.shape[-2] == 32  # never grows: the shapes stay fixed
     for r in range(n):
         full = model(torch.cat([prompt[0], cont[r]])[None])
         close(out[r], full[0, 9:])

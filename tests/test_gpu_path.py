@@ -166,7 +166,8 @@ def test_base_eval_prepares_data_before_the_process_group(monkeypatch, base_dir)
 
 
 def test_auto_numerics_follow_the_hardware(tmp_path):
-    from nanochat.hardware import native_bf16_cpu, resolve_numerics
+    from nanochat.common import native_bf16_cpu
+    from nanochat.hardware import resolve_numerics
     amx, plain = tmp_path / "amx", tmp_path / "plain"
     amx.write_text("processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
     plain.write_text("processor : 0\nflags\t\t: fpu sse2 avx2\n")

@@ -23,10 +23,11 @@ def _matrix(shape, seed=0):
     return U @ torch.diag(torch.logspace(0, -2, n)) @ Vt
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(64, 64), (256, 256), (256, 64), (64, 256), (3, 40, 24)])
-def test_newton_schulz_is_near_orthogonal(shape):
+def test_newton_schulz_is_near_orthogonal(shape, dtype):
     G = _matrix(shape)
-    X = zeropower_via_newtonschulz5(G, steps=5)
+    X = zeropower_via_newtonschulz5(G, steps=5, dtype=dtype)
     assert X.shape == G.shape and X.dtype == G.dtype
     s = torch.linalg.svdvals(X)
     # The quintic coefficients trade exactness for speed: after 5 steps the singular values sit in
@@ -37,6 +38,34 @@ def test_newton_schulz_is_near_orthogonal(shape):
     polar = U @ Vh
     cos = (X * polar).sum((-2, -1)) / (X.norm(dim=(-2, -1)) * polar.norm(dim=(-2, -1)))
     assert torch.all(cos > 0.95)
+
+
+def test_newton_schulz_bf16_close_to_fp32():
+    G = _matrix((128, 96))
+    a = zeropower_via_newtonschulz5(G, dtype=torch.float32)
+    b = zeropower_via_newtonschulz5(G, dtype=torch.bfloat16)
+    assert b.dtype == torch.float32
+    assert ((a - b).norm() / a.norm()).item() < 0.05
+
+
+@pytest.mark.parametrize("ns_dtype", [torch.float32, torch.bfloat16])
+def test_muon_batched_equals_one_matrix_at_a_time(ns_dtype):
+    """Same-shape matrices share one batched Newton-Schulz call; the result is each matrix's own update."""
+    shapes = [(24, 16), (16, 40), (24, 16), (24, 16)]
+    batched = _params(shapes, 0)
+    single = [_params(shapes, 0) for _ in shapes]  # parameter i is stepped by an optimizer of its own
+    opt = Muon(batched, lr=0.05, ns_dtype=ns_dtype)
+    opts = [Muon([ps[i]], lr=0.05, ns_dtype=ns_dtype) for i, ps in enumerate(single)]
+    for step in range(3):
+        for i, g in enumerate(_grads(shapes, 0, step)):
+            batched[i].grad, single[i][i].grad = g, g.clone()
+        opt.step()
+        for o in opts:
+            o.step()
+    tol = 1e-5 if ns_dtype == torch.float32 else 2e-3  # bf16: batched and single matmuls may round apart
+    for i, p in enumerate(batched):
+        torch.testing.assert_close(p.detach(), single[i][i].detach(), atol=tol, rtol=0)
+        assert not torch.equal(p.detach(), _params(shapes, 0)[i].detach())  # it moved
 
 
 def test_muon_aspect_ratio_scaling():
@@ -71,7 +100,8 @@ def _grads(shapes, rank, step):
 def _worker(rank, init_file):
     dist.init_process_group("gloo", init_method="file://" + init_file, rank=rank, world_size=WORLD)
     for name, shapes, dist_cls, ref_cls, kwargs in [
-            ("muon", SHAPES_MUON, DistMuon, Muon, dict(lr=0.05, momentum=0.9)),
+            # fp32 Newton-Schulz: batched (Muon) and one-at-a-time (DistMuon) bf16 matmuls may round apart
+            ("muon", SHAPES_MUON, DistMuon, Muon, dict(lr=0.05, momentum=0.9, ns_dtype=torch.float32)),
             ("adamw", SHAPES_ADAM, DistAdamW, torch.optim.AdamW,
              # eps comparable to the gradients' scale, so a wrongly scaled (summed, not averaged)
              # gradient changes the result; Adam with a tiny eps (and Muon) is blind to the scale
