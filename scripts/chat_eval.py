@@ -11,7 +11,8 @@ forward pass; generative ones (GSM8K, HumanEval, SpellingBee) by sampling --num-
 Under torchrun every rank takes problems rank, rank + world, ... and the counts are summed over ranks.
 -a tools runs tasks.tools.ToolsEval (math / python / facts, exact answers) twice, with the tools on
 (calculator, python REPL, search over --index) and off, and measures RAG: bits per byte of held-out
-documents (the validation shard) with and without the top retrieved passages in the context. It needs
+documents (the validation shard) with and without the top retrieved passages in the context (a tools
+reply may run TOOL_OUTPUT_ROOM tokens past -m: the tools' output counts as generated tokens). It needs
 the index (`python -m scripts.build_index --shards --facts`); `all` includes it only when the index
 exists. Its numbers are reported beside ChatCORE, not in it.
 --task-file PATH[,PATH...] evaluates JSONL files of conversations instead (tasks.customjson.JSONLTask:
@@ -65,6 +66,7 @@ def _task_factories():
 
 ALL_TASKS = list(_task_factories())
 TOOLS = "tools"
+TOOL_OUTPUT_ROOM = 256  # tokens of tool output a tools reply may hold beyond --max-new-tokens
 
 
 def format_table(results):
@@ -195,12 +197,16 @@ def run_tools(args, model, tokenizer, index, rank, world_size, dtype, device):
         raise SystemExit(f"chat_eval -a tools: {e}") from None
     engines = {"on": Engine(model, tokenizer, tools=ToolRegistry(searcher=searcher)),
                "off": Engine(model, tokenizer, tools=NO_TOOLS)}
+    # The engine counts the tool's output (forced tokens) against max_tokens, and two search passages are
+    # ~150 tokens: without this room a reply cut at -m 128 ended inside the passage, before any answer.
+    # Both modes get it, so the comparison stays fair.
+    max_tokens = args.max_new_tokens + TOOL_OUTPUT_ROOM
     groups = {}
     for group in GROUPS:
         task = ToolsEval(group=group)
         for mode, engine in engines.items():
             t0 = time.time()
-            r = run_eval(task, model, tokenizer, engine, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+            r = run_eval(task, model, tokenizer, engine, num_samples=args.num_samples, max_new_tokens=max_tokens,
                          temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems, rank=rank,
                          world_size=world_size, dtype=dtype, device=device)
             groups[(group, mode)] = r

@@ -11,8 +11,10 @@ Kinds of problem:
   the REPL's kept state is part of what is taught), days between dates, weekdays.
 - search: facts about invented islands, people and mountains. They exist only in `fact_documents()`,
   which `scripts.build_index --facts` adds to the index, so a model can know them only by searching.
-  The tool output in a training conversation is the entity's own document (plus, sometimes, another
-  entity's as a distractor), numbered like the real tool's answer.
+  The query is the question as asked; the tool output in a training conversation is the entity's own
+  document then another entity's, numbered and cut like the real tool's answer (nanochat.search).
+Every reply has one shape: a fixed line, the call, its output, then at once `#### <answer>` copied from
+the output (the kept-state python form makes two calls before it).
 Held out: a problem whose question hashes to 0 mod 10 (crc32) is a test problem and is never generated for
 training; facts are held out by entity (test entities' documents are indexed, never trained on).
 """
@@ -20,6 +22,7 @@ import datetime
 import random
 import zlib
 
+from nanochat.search import format_passages
 from tasks.common import Task
 
 # ---------------------------------------------------------------------------------------------
@@ -110,8 +113,16 @@ def _letters(rng, lo, hi):
     return "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(lo, hi)))
 
 
-def _final(answer, lead=""):
-    return {"type": "text", "text": f"{lead}\n\n#### {answer}" if lead else f"#### {answer}"}
+def _call_then_quote(lead, call, output, answer):
+    """The one reply shape every tool conversation has: a fixed line naming the tool, the call, its
+    output, and straight away the answer line, quoted from the output. A small model learns a copy it
+    sees in one fixed place; restating the call or the passage before the answer gave it more to get wrong."""
+    return [{"type": "text", "text": lead}, {"type": "python", "text": call},
+            {"type": "python_output", "text": output}, _final(answer)]
+
+
+def _final(answer):
+    return {"type": "text", "text": f"#### {answer}"}
 
 
 def _calc_problem(rng):
@@ -122,9 +133,7 @@ def _calc_problem(rng):
     expr = f"{a} {op} {b}"
     answer = str(eval(expr))  # our own two integers and one operator
     q = rng.choice(["What is {e}?", "Compute {e}.", "Calculate {e}.", "What is the value of {e}?"]).format(e=expr)
-    parts = [{"type": "text", "text": "Let me calculate that."}, {"type": "python", "text": expr},
-             {"type": "python_output", "text": answer}, _final(answer, f"{expr} = {answer}.")]
-    return "math", q, parts, answer
+    return "math", q, _call_then_quote("Let me calculate that.", expr, answer, answer), answer
 
 
 PYTHON_FORMS = 8
@@ -157,7 +166,7 @@ def _python_problem(rng, form=None):
         parts = [{"type": "text", "text": "I will store the list first."},
                  {"type": "python", "text": f"python:\nxs = {xs}\nlen(xs)"}, {"type": "python_output", "text": str(len(xs))},
                  {"type": "python", "text": "python:\nmax(xs) - min(xs)"}, {"type": "python_output", "text": answer},
-                 _final(answer, f"The range is {answer}.")]
+                 _final(answer)]
         return "python", q, parts, answer
     elif form == 5:
         n = rng.randint(4, 9)
@@ -176,25 +185,20 @@ def _python_problem(rng, form=None):
         code = f"from datetime import date\nprint(date({d.year}, {d.month}, {d.day}).strftime('%A'))"
         out = d.strftime("%A")
         q = f"What day of the week is {d.isoformat()}?"
-    parts = [{"type": "text", "text": "I will use Python."}, {"type": "python", "text": f"python:\n{code}"},
-             {"type": "python_output", "text": out}, _final(out, f"The answer is {out}.")]
-    return "python", q, parts, out
+    return "python", q, _call_then_quote("I will use Python.", f"python:\n{code}", out, out), out
 
 
 def _search_problem(rng, split):
     pool = entities(split)
     kind, name, doc, qa = rng.choice(pool)
-    q, answer, quote = rng.choice(qa)
-    docs = [doc]
-    if rng.random() < 0.5:  # a distractor passage, like a real index would also return
+    q, answer, _ = rng.choice(qa)
+    other = doc
+    while other == doc:  # the index answers k=2 passages; the second is some other document
         other = rng.choice(pool)[2]
-        if other != doc:
-            docs.insert(rng.randrange(2), other)
-    output = "\n".join(f"[{i}] {d}" for i, d in enumerate(docs, 1))
-    query = q.rstrip("?").replace("What is the ", "").replace("In what year was ", "").replace("In which town was ", "")
-    parts = [{"type": "text", "text": "Let me search for that."}, {"type": "python", "text": f"search: {query}"},
-             {"type": "python_output", "text": output}, _final(answer, f'The search result says: "{quote}"')]
-    return "facts", q, parts, answer
+    # The query is the question itself: its rare words (the invented name) put the entity's document
+    # first in the real index, which the held-out questions were checked against (dev/notes_tools.md).
+    output = format_passages([doc, other])
+    return "facts", q, _call_then_quote("Let me search for that.", f"search: {q}", output, answer), answer
 
 
 def _problem(rng, kind, split):
@@ -222,12 +226,14 @@ class ToolUse(Task):
         if unknown:
             raise ValueError(f"unknown tool kinds {unknown}; expected some of {KINDS}")
         self.size, self.seed, self.kinds = size, seed, tuple(kinds)
+        self.name = ",".join(self.kinds)  # describe_tasks tells the per-tool tasks of a mixture apart
 
     def num_examples(self):
         return self.size
 
     def get_example(self, index):
-        rng = random.Random(self.seed * 1_000_003 + index)
+        # the kinds are part of the seed: per-tool tasks with one seed draw different numbers
+        rng = random.Random(f"{self.seed}:{index}:{self.name}")
         kind = self.kinds[index % len(self.kinds)]
         while True:
             group, q, parts, answer = _problem(rng, kind, "train")

@@ -168,24 +168,51 @@ def test_python_conversations_match_the_real_repl():
                 assert repl(code) == out["text"], (q, code)
 
 
-def test_search_conversations_quote_the_indexed_document():
-    from tasks.tools import ToolUse, entities, fact_documents
+def test_tool_conversations_call_then_quote():
+    """Every tool conversation has the one shape: a line, the call, its output, then the answer line, which
+    is copied from the output; a calculator call is the question's expression as written."""
+    from tasks.tools import ToolUse, final_answer
+    for kind in ("calculator", "python", "search"):
+        for c in ToolUse(size=30, kinds=(kind,)):
+            parts = c["messages"][1]["content"]
+            assert parts[-1] == {"type": "text", "text": "#### " + c["answer"]}
+            assert parts[-2]["type"] == "python_output" and c["answer"] in parts[-2]["text"]
+            assert final_answer(parts[-1]["text"]) == c["answer"].lower()
+            if kind == "calculator":
+                assert parts[1]["text"] in c["messages"][0]["content"]
+
+
+def test_search_conversations_quote_the_indexed_document(tmp_path):
+    """The query is the question; the output is formatted like the real tool's, the entity's document
+    first; and a real index of the fact corpus does put that document first, for the held-out questions too."""
+    from nanochat.search import format_passages
+    from tasks.tools import ToolsEval, ToolUse, entities, fact_documents
     docs = {d for _, d in fact_documents()}
     test_names = {e[1] for e in entities("test")}
+    build_index(fact_documents(), str(tmp_path / "facts.sqlite"))
+    searcher = Searcher(str(tmp_path / "facts.sqlite"))
     for c in ToolUse(size=60, kinds=("search",)):
-        call, out, final = c["messages"][1]["content"][1:4]
-        assert call["text"].startswith("search: ")
+        q = c["messages"][0]["content"]
+        call, out = c["messages"][1]["content"][1:3]
+        assert call["text"] == "search: " + q
         passages = [line.split("] ", 1)[1] for line in out["text"].split("\n")]
-        assert all(p in docs for p in passages) and any(c["answer"] in p for p in passages)
+        assert len(passages) == 2 and all(p in docs for p in passages) and c["answer"] in passages[0]
+        assert out["text"] == format_passages(passages)
         assert not any(n in p for p in passages for n in test_names)
-        assert final["text"].split('"')[1] in out["text"]  # the quote is from the passage
+        assert searcher(q).split("\n")[0] == out["text"].split("\n")[0]  # what the real tool answers first
+    for c in ToolsEval(group="facts"):
+        assert c["answer"] in searcher(c["messages"][0]["content"]).split("\n")[0]
 
 
-def test_mixture_has_tools():
-    from tasks.mixtures import build_tasks
+def test_mixture_has_one_tools_task_per_tool():
+    from tasks.mixtures import build_tasks, describe_tasks
     from tasks.tools import ToolUse
-    tasks = build_tasks("tools", "mid", max_per_task=10)
-    assert len(tasks) == 1 and isinstance(tasks[0], ToolUse) and len(tasks[0]) == 10
+    tasks = build_tasks("tools", "mid", max_per_task=10)  # the cap holds for each tool
+    assert all(isinstance(t, ToolUse) for t in tasks)
+    assert describe_tasks(tasks) == {"ToolUse(calculator)": 10, "ToolUse(python)": 10, "ToolUse(search)": 10}
+    assert sum(map(len, build_tasks("tools@100", "sft"))) == 100
+    qs = [t[0]["messages"][0]["content"] for t in build_tasks("tools*2", "mid")]
+    assert len(qs) == 6 and len(set(qs)) == 3  # each tool its own problems; a repeat repeats them
 
 
 # --- end to end through the engine ---------------------------------------------------------------
@@ -365,6 +392,22 @@ def test_chat_eval_tools_end_to_end(base_dir, byte_tokenizer):
     with open(os.path.join(base_dir, "report", "chat-evaluation-sft.json")) as f:
         rep = json.load(f)
     assert set(rep["summary"]) == {"Tools (on)", "Tools (off)"}
+
+
+def test_chat_eval_tools_gives_room_for_the_tool_output(tmp_path):
+    """A search answer is longer than -m; the reply still reaches its answer line with the tools on
+    (the forced output does not eat the model's own budget), and off it has nothing to quote."""
+    import types
+    from scripts.chat_eval import run_tools
+    from tasks.tools import ToolsEval, fact_documents
+    build_index(fact_documents(), str(tmp_path / "facts.sqlite"))
+    problem = ToolsEval(group="facts")[0]
+    segments = [call("search: " + problem["messages"][0]["content"]), TOK.encode("#### " + problem["answer"])]
+    assert len(TOK.encode(Searcher(str(tmp_path / "facts.sqlite"))(problem["messages"][0]["content"]))) > 128
+    args = types.SimpleNamespace(num_samples=1, max_new_tokens=128, temperature=0.0, top_k=50, max_problems=1, rag_docs=0)
+    out = run_tools(args, SegmentModel(segments, seq_len=1024), TOK, str(tmp_path / "facts.sqlite"), 0, 1, "float32",
+                    torch.device("cpu"))
+    assert out["groups"][("facts", "on")]["correct"] == 1 and out["groups"][("facts", "off")]["correct"] == 0
 
 
 def test_chat_cli_shows_each_call_with_its_tool(tmp_path):
