@@ -89,13 +89,11 @@ def build_tasks(spec, stage, max_per_task=-1, mc_per_task=-1):
             from tasks.spellingbee import SimpleSpelling
             return [SimpleSpelling(size=size or sizes["simplespelling"], split="train", seed=seed, stop=cap)]
         if name == "tools":
-            # one task per tool, so --max-per-task caps each tool's conversations rather than all of them
-            # together: with the cpu profile's cap a single task left each tool ~1/45 of midtraining,
-            # too little for a small model to learn to copy the question into the call
-            from tasks.tools import KINDS, ToolUse
-            total = size or sizes["tools"]
-            return [ToolUse(size=total // len(KINDS) + (i < total % len(KINDS)), seed=seed, kinds=(kind,), stop=cap)
-                    for i, kind in enumerate(KINDS)]
+            # one task for the three tools, so the cap holds for all of them together: one task per tool (3x
+            # the tool conversations under the cpu profile's --max-per-task) measured no tool gain and a
+            # lower ChatCORE (dev/notes_tools.md)
+            from tasks.tools import ToolUse
+            return [ToolUse(size=size or sizes["tools"], seed=seed, stop=cap)]
         if name == "smoltalk":
             from tasks.smoltalk import SmolTalk
             return [SmolTalk("train", stop=stop)]

@@ -204,15 +204,14 @@ def test_search_conversations_quote_the_indexed_document(tmp_path):
         assert c["answer"] in searcher(c["messages"][0]["content"]).split("\n")[0]
 
 
-def test_mixture_has_one_tools_task_per_tool():
+def test_mixture_has_tools():
     from tasks.mixtures import build_tasks, describe_tasks
     from tasks.tools import ToolUse
-    tasks = build_tasks("tools", "mid", max_per_task=10)  # the cap holds for each tool
-    assert all(isinstance(t, ToolUse) for t in tasks)
-    assert describe_tasks(tasks) == {"ToolUse(calculator)": 10, "ToolUse(python)": 10, "ToolUse(search)": 10}
-    assert sum(map(len, build_tasks("tools@100", "sft"))) == 100
-    qs = [t[0]["messages"][0]["content"] for t in build_tasks("tools*2", "mid")]
-    assert len(qs) == 6 and len(set(qs)) == 3  # each tool its own problems; a repeat repeats them
+    tasks = build_tasks("tools", "mid", max_per_task=10)  # the cap holds for the three tools together
+    assert len(tasks) == 1 and isinstance(tasks[0], ToolUse) and len(tasks[0]) == 10
+    assert describe_tasks(tasks) == {"ToolUse(calculator,python,search)": 10}
+    qs = [ex["messages"][0]["content"] for t in build_tasks("tools@6*2", "mid") for ex in t]
+    assert len(qs) == 12 and len(set(qs)) == 6  # a repeat repeats the same problems
 
 
 # --- end to end through the engine ---------------------------------------------------------------
