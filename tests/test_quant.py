@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from nanochat.lora import AdapterBaseMismatch, LoRA
 from nanochat.lora_io import load_adapter, save_adapter
 from nanochat.quant import Int8Embedding, Int8Linear, quantize_base, quantize_blocks, weight_bytes
-from tests.test_lora import make_model
+from tests.test_lora import make_model, train_on_frozen_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,17 +42,7 @@ def test_adapters_train_and_persist_on_a_quantized_base(tmp_path):
     lora = LoRA(model)
     ad = lora.add("q", rank=4, alpha=8, seed=0)
     lora.activate("q")
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(ad.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())  # the int8 base never moves
+    train_on_frozen_base(model, ad, x, steps=8)  # the int8 base never moves
     with pytest.raises(RuntimeError, match="quantized"):
         lora.merge()
     out = model(x)
@@ -90,17 +80,7 @@ def test_int8_embedding_and_lm_head_dequantize_only_what_they_use():
     lora = LoRA(model)
     ad = lora.add("q", rank=4, alpha=8, seed=0)
     lora.activate("q")
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    opt = torch.optim.AdamW(ad.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(x, x)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    assert losses[-1] < losses[0]
-    assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+    train_on_frozen_base(model, ad, x, steps=6)
 
 
 def test_int8_embedding_keeps_a_bf16_models_dtype():
