@@ -576,7 +576,8 @@ def test_openai_text_completions(gpt):
         gpt.client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
 
 
-def test_adapter_chosen_by_model_and_metrics(sft_dir, serve_app, tmp_path):
+def live_app(sft_dir, adapters_root):
+    """The SFT checkpoint served greedily (16 tokens) with live learning on: -> (app, workers)."""
     import copy
     from nanochat.live import LiveLearning
     with pytest.MonkeyPatch.context() as mp:
@@ -584,7 +585,12 @@ def test_adapter_chosen_by_model_and_metrics(sft_dir, serve_app, tmp_path):
         workers, _ = load_workers("sft", "cpu")
     trainer = copy.deepcopy(workers[0].model)
     app = create_app(workers, "nanochat-test", defaults=Defaults(temperature=0.0, top_k=50, max_tokens=16),
-                     learn=lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, str(tmp_path)))
+                     learn=lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, adapters_root))
+    return app, workers
+
+
+def test_adapter_chosen_by_model_and_metrics(sft_dir, serve_app, tmp_path):
+    app, workers = live_app(sft_dir, str(tmp_path))
     lora = workers[0].lora
     ad = lora.add("facts", rank=4, alpha=8)
     with torch.no_grad():
@@ -619,16 +625,9 @@ def test_adapter_chosen_by_model_and_metrics(sft_dir, serve_app, tmp_path):
 
 
 def test_adapter_stacks_through_the_api_and_provenance(sft_dir, serve_app, tmp_path):
-    import copy
-    from nanochat.live import LiveLearning
     from nanochat.lora_io import save_adapter
     from nanochat.lora_merge import merge_adapters
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("NANOCHAT_BASE_DIR", sft_dir)
-        workers, _ = load_workers("sft", "cpu")
-    trainer = copy.deepcopy(workers[0].model)
-    app = create_app(workers, "nanochat-test", defaults=Defaults(temperature=0.0, top_k=50, max_tokens=16),
-                     learn=lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, str(tmp_path)))
+    app, workers = live_app(sft_dir, str(tmp_path))
     lora, tok = workers[0].lora, workers[0].tokenizer
     for seed, name in enumerate(("domain", "facts")):
         ad = lora.add(name, rank=4, alpha=8)
