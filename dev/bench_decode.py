@@ -18,13 +18,9 @@ import time
 
 import torch
 
+from dev.bench_train import config_kwargs, sync
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bandwidth(device, mb=512, reps=5):
@@ -61,10 +57,7 @@ class Specials:
 
 def build(depth, seq_len, vocab, device, dtype):
     torch.manual_seed(0)
-    width = 64 * depth
-    heads = max(1, width // 128)
-    model = GPT(GPTConfig(sequence_len=seq_len, vocab_size=vocab, n_layer=depth, n_head=heads, n_kv_head=heads,
-                          n_embd=width))
+    model = GPT(GPTConfig(**config_kwargs(depth, seq_len, vocab)))
     with torch.no_grad():  # zero output projections would make the blocks the identity
         for block in model.transformer.h:
             torch.nn.init.normal_(block.attn.c_proj.weight, std=0.02)

@@ -41,13 +41,17 @@ def matmul_peak(device, dtype, reps=5):
     return best
 
 
-def build_model(depth, seq_len, vocab_size, device):
+def config_kwargs(depth, seq_len, vocab_size):
+    """The benches' model shape: width 64 x depth, heads of dim 128 (the dev/bench_*.py all use it)."""
     width = 64 * depth
-    n_head = max(1, width // 128)
-    cfg = GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head, n_kv_head=n_head,
-                    n_embd=width)
+    heads = max(1, width // 128)
+    return dict(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=heads, n_kv_head=heads,
+                n_embd=width)
+
+
+def build_model(depth, seq_len, vocab_size, device):
     with torch.device("meta"):
-        model = GPT(cfg)
+        model = GPT(GPTConfig(**config_kwargs(depth, seq_len, vocab_size)))
     model.to_empty(device=device)
     model.init_weights()
     return model

@@ -22,13 +22,9 @@ import time
 
 import torch
 
+from dev.bench_train import config_kwargs, sync
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def load_ref(path):
@@ -52,13 +48,6 @@ def load_ref(path):
             sys.modules[mod.__name__] = mod
         sys.modules.update(ours)
     return gpt, engine
-
-
-def config_kwargs(depth, seq_len, vocab_size):
-    width = 64 * depth
-    heads = max(1, width // 128)
-    return dict(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=heads, n_kv_head=heads,
-                n_embd=width)
 
 
 def build(side, ref, depth, args, device):
