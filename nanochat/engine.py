@@ -209,7 +209,8 @@ class Engine:
 
         # 1) prefill the prompt once, batch 1, in one forward
         capacity = len(tokens) + budget  # everything this call can feed
-        prefill_cache = self._new_cache(1, capacity if num_samples == 1 else len(tokens))
+        reuse = num_samples == 1 and not self.compile  # the prefill cache becomes the decode cache
+        prefill_cache = self._new_cache(1, capacity if reuse else len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
         logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]  # (1, V)
         # 2) the decode cache: one row per sample (a batch-1 prefill is already it)
@@ -224,7 +225,7 @@ class Engine:
                 mode = "reduce-overhead" if device.type == "cuda" else None
                 self._step = torch.compile(self.model, dynamic=False, mode=mode)
             forward = self._step
-        elif num_samples == 1:
+        elif reuse:
             cache = prefill_cache
         else:
             cache = self._new_cache(num_samples, capacity)
