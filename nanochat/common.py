@@ -1,4 +1,5 @@
 """Shared plumbing: cache directory, logging, device autodetect, distributed init/teardown, atomic writes."""
+import functools
 import logging
 import os
 import sys
@@ -133,6 +134,7 @@ def resolve_dtype(flag, device_type):
     return flag
 
 
+@functools.lru_cache(maxsize=None)  # asked at every optimizer step (Muon): read /proc/cpuinfo once
 def native_bf16_cpu(cpuinfo="/proc/cpuinfo"):
     """Whether this CPU multiplies bf16 in hardware (the avx512_bf16 or amx_bf16 flags of Linux's cpuinfo)."""
     try:

@@ -3,8 +3,6 @@
 Muon is the single-process optimizer; DistMuon splits the Newton-Schulz work across ranks and also
 averages the gradients (so the training loop needs no DDP wrapper). The optimizers know nothing of the model.
 """
-import functools
-
 import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
@@ -17,14 +15,11 @@ from nanochat.common import native_bf16_cpu
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
-_native_bf16_cpu = functools.lru_cache(maxsize=None)(native_bf16_cpu)  # read /proc/cpuinfo once
-
-
 def default_ns_dtype(device):
     """The dtype Newton-Schulz runs in: bf16 where matmuls have native bf16 (CUDA; CPUs with AVX512-BF16/AMX,
     where it runs ~2x faster than fp32), fp32 elsewhere. The iteration is robust to bf16: its output moves
     ~2% (relative) from the fp32 one, well inside the [0.7, 1.2] singular-value band it lands in anyway."""
-    if device.type == "cuda" or (device.type == "cpu" and _native_bf16_cpu()):
+    if device.type == "cuda" or (device.type == "cpu" and native_bf16_cpu()):
         return torch.bfloat16
     return torch.float32
 
