@@ -190,7 +190,7 @@ class LoRA:
     def _pack(self, key, stacks):
         """For module `key`: A^T (in x C) and B^T (C x out) holding every stack's adapters side by side, B's
         columns pre-scaled by weight * alpha / r, and which stack each column belongs to (C,). None: nothing
-        targets key. Stored transposed and contiguous: small matmuls ran up to 2x faster so than through a .t() view (CPU, decode sizes)."""
+        targets key. Stored transposed and contiguous: small matmuls ran up to 2x faster than through a .t() view (CPU, decode sizes)."""
         if key in self._packs:
             return self._packs[key]
         As, Bs, owner = [], [], []
