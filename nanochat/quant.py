@@ -117,7 +117,8 @@ def _dequantize4(packed, scale, levels, dtype):
     """packed (..., n/2) uint8 and scale (..., groups) -> the weights (..., n) in dtype."""
     b = torch.arange(256, device=packed.device)
     pairs = levels.to(dtype)[torch.stack((b & 15, b >> 4), dim=-1)]  # byte -> its two levels: one gather per byte
-    w = pairs[packed.int()].view(*scale.shape, -1)  # (..., groups, group_size)
+    # index_select, not pairs[packed]: advanced indexing measured 3x slower on CPU
+    w = pairs.index_select(0, packed.flatten().int()).view(*scale.shape, -1)  # (..., groups, group_size)
     return (w * scale.to(dtype).unsqueeze(-1)).flatten(-2)
 
 
