@@ -10,7 +10,7 @@ Int8: each weight row (one output channel) is stored as int8 with one fp32 scale
 per channel: an outlier only coarsens its own row). 4-bit (Int4Linear): each group of `group_size` weights
 along a row has one scale (its absmax, fp16 by default) and each weight is a 4-bit index into 16 levels in
 [-1, 1] - "nf4": quantiles of a normal distribution (weights are roughly normal, so levels sit where the
-weights are: ~30% less squared error than evenly spaced levels), or "int4": -7..7 / 7, evenly spaced - two
+weights are: 23-33% less squared error than evenly spaced levels on a trained d4), or "int4": -7..7 / 7, evenly spaced - two
 indices packed per byte. Int8 is exactly half of bf16, so only sub-8-bit weights are more than 2x below bf16.
 
 Each forward dequantizes the layer's weight for one ordinary matmul: memory at rest is int8 / 4-bit, speed
