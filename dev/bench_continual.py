@@ -358,8 +358,8 @@ def bench_quant(args, device):
         q4 = {g: n_all // 2 + 2 * n_all // g + 64 * len(mats) for g in (32, 64, 128)}
         print(f"d20 (n_embd 1280, vocab 65536), weight matrices only, {name} base: {full / 2**20:,.0f} MiB; int8 blocks "
               f"{q_blocks / 2**20:,.0f} MiB ({full / q_blocks:.2f}x less); int8 all {q_all / 2**20:,.0f} MiB "
-              f"({full / q_all:.3f}x less); " + "; ".join(f"4-bit g{g} all {q / 2**20:,.0f} MiB ({full / q:.2f}x less)"
-                                                         for g, q in q4.items()))
+              f"({full / q_all:.3f}x less); "
+              + "; ".join(f"4-bit g{g} all {q / 2**20:,.0f} MiB ({full / q:.2f}x less)" for g, q in q4.items()))
 
     # one new domain, learned as an adapter on each base with the same seed, data and steps
     n = args.synthetic or 4
