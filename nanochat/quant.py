@@ -77,8 +77,8 @@ def _levels(fmt):
         return torch.arange(-8, 8, dtype=torch.float32) / 7  # index 0 (-8/7) is never the nearest: 15 in use
     if fmt == "nf4":
         # quantiles of a standard normal: 8 above zero, 7 below and an exact 0 (a zero weight, e.g. a freshly
-        # initialised projection, stays zero), the outer ones at the 5% tails, scaled to [-1, 1] (0.95 gave the
-        # least squared error on normal groups of 32 to 128 among 0.88-0.98)
+        # initialised projection, stays zero), the outer ones at the 5% tails, scaled to [-1, 1] (of 0.88-0.98,
+        # 0.95 gave the least squared error on normal groups of 128, within 2.5% of the best, 0.93, at 32 and 64)
         normal = torch.distributions.Normal(0.0, 1.0)
         pos = normal.icdf(torch.linspace(0.5, 0.95, 9)[1:])
         neg = -normal.icdf(torch.linspace(0.5, 0.95, 8)[1:])
