@@ -20,8 +20,9 @@
         5 merged), on a prefill-shaped (4x256) and a decode-shaped (16x1) forward.
 
     python -m dev.bench_continual quant [--depth 2]
-        int8 weight-only bases (nanochat/quant.py: blocks only, and blocks + embedding + lm_head) vs the fp32
-        base: weight memory, forward tokens/s, and the new-task bpb of the same adapter (same seed, data,
+        int8 weight-only bases (nanochat/quant.py: blocks only, and blocks + embedding + lm_head) and 4-bit
+        ones (every matrix; --int4-formats nf4,int4 x --int4-groups 32,64) vs the fp32 base: weight memory
+        (vs fp32 and bf16), forward tokens/s, and the new-task bpb of the same adapter (same seed, data,
         steps) trained on each base.
 
 Use OMP_NUM_THREADS=1 on a machine that other jobs keep busy: two OpenMP threads that share two
@@ -301,6 +302,8 @@ def bench_stack(args, device):
 
 
 def bench_quant(args, device):
+    from functools import partial
+
     from nanochat.gpt import GPT
     from nanochat.lora import LoRA
     from nanochat.lora_train import AdapterRecipe
@@ -308,6 +311,8 @@ def bench_quant(args, device):
     from tasks.continual import LMTask
     dtype = resolve_dtype("auto", device.type)
     quantizers = {"int8 blocks": quantize_blocks, "int8 all": quantize_base}
+    for fmt, group in ((f, int(g)) for f in args.int4_formats.split(",") for g in args.int4_groups.split(",")):
+        quantizers[f"{fmt} g{group} all"] = partial(quantize_base, bits=4, fmt=fmt, group_size=group)
     # speed and memory on random models of --random-depth (fresh from one seed each, so all hold the same
     # weights), timed round-robin so that load from other jobs hits every base alike
     bases = {"fp32": _random_model(args.random_depth or 4, device)}
@@ -325,15 +330,18 @@ def bench_quant(args, device):
                 t0 = time.perf_counter()
                 m(x)
                 best[kind] = min(best[kind], time.perf_counter() - t0)
-    fp_total = weight_bytes(bases["fp32"])
+    # weight matrices: every module but the model itself and its plain containers (the rotary buffers are not weights)
+    def matrices(m):
+        return weight_bytes(m) - sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+    fp_total = matrices(bases["fp32"])
     print(f"random d{cfg0.n_layer} model (n_embd {cfg0.n_embd}, vocab {cfg0.vocab_size}), forward of 4x256 tokens, "
           f"device {device}, best of {args.repeat}")
-    print("| base | all weights (bytes) | vs fp32 | tokens/s |")
-    print("|---|---|---|---|")
+    print("| base | weight matrices (bytes) | fp32 / this | bf16 / this | tokens/s |")
+    print("|---|---|---|---|---|")
     for kind, m in bases.items():
-        total = weight_bytes(m)
-        print(f"| {kind} | {total:,} | {fp_total / total:.2f}x less | {x.numel() / best[kind]:,.0f} "
-              f"({100 * (best['fp32'] / best[kind] - 1):+.0f}%) |")
+        total = matrices(m)
+        print(f"| {kind} | {total:,} | {fp_total / total:.2f}x | {fp_total / 2 / total:.2f}x | "
+              f"{x.numel() / best[kind]:,.0f} ({100 * (best['fp32'] / best[kind] - 1):+.0f}%) |")
     # the same at the speedrun's size, from shapes only (a meta-device model allocates nothing)
     from scripts.base_train import model_config
     with torch.device("meta"):
@@ -346,9 +354,12 @@ def bench_quant(args, device):
         full = b * n_all
         q_blocks = n_blocks + 4 * rows_blocks + b * (n_all - n_blocks)
         q_all = n_all + 4 * rows_all
+        # 4-bit: half a byte per weight, one fp16 scale per group, 16 fp32 levels per matrix
+        q4 = {g: n_all // 2 + 2 * n_all // g + 64 * len(mats) for g in (32, 64, 128)}
         print(f"d20 (n_embd 1280, vocab 65536), weight matrices only, {name} base: {full / 2**20:,.0f} MiB; int8 blocks "
               f"{q_blocks / 2**20:,.0f} MiB ({full / q_blocks:.2f}x less); int8 all {q_all / 2**20:,.0f} MiB "
-              f"({full / q_all:.3f}x less)")
+              f"({full / q_all:.3f}x less); "
+              + "; ".join(f"4-bit g{g} all {q / 2**20:,.0f} MiB ({full / q:.2f}x less)" for g, q in q4.items()))
 
     # one new domain, learned as an adapter on each base with the same seed, data and steps
     n = args.synthetic or 4
@@ -360,10 +371,11 @@ def bench_quant(args, device):
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = ContinualConfig(steps=args.steps, batch_size=args.batch_size, log_every=10**9)
     print(f"\nadapter (rank {cfg.lora_rank}, lr {cfg.lora_lr}, {args.steps} steps) on a new domain, d{args.depth} "
-          f"synthetic model (bpb on held-out text of the new domain)")
-    print("| base | before | after | adapter train s |")
-    print("|---|---|---|---|")
-    results = {}
+          f"synthetic model (bpb on held-out text of the new domain; 'old domains': the base alone on the {n} "
+          f"domains it was pretrained on, mean bpb - what quantizing cost before any adapter)")
+    print("| base | old domains | before | after | adapter train s |")
+    print("|---|---|---|---|---|")
+    results, befores, olds = {}, {}, {}
     for kind in ("fp32", *quantizers):
         with torch.device(device):
             model = GPT(model.config)
@@ -373,14 +385,17 @@ def bench_quant(args, device):
         lora = LoRA(model)
         ad = lora.add("new", rank=cfg.lora_rank, alpha=cfg.lora_alpha, seed=0)
         lora.activate("new")
-        before = new.evaluate(model)
+        olds[kind] = statistics.mean(evaluate_tasks(model, tasks))
+        before = befores[kind] = new.evaluate(model)
         t0 = time.perf_counter()
         train_loop(model, new.train_rows, AdapterRecipe(model, tok, cfg, ad, [], dtype), seed=0)
         seconds = time.perf_counter() - t0
         results[kind] = new.evaluate(model)
-        print(f"| {kind} | {before:.4f} | {results[kind]:.4f} | {seconds:.1f} |")
+        print(f"| {kind} | {olds[kind]:.4f} | {before:.4f} | {results[kind]:.4f} | {seconds:.1f} |")
     for kind in quantizers:
-        print(f"{kind}: adapter bpb vs fp32 {100 * (results[kind] / results['fp32'] - 1):+.2f}%")
+        print(f"{kind}: adapter bpb vs fp32 {100 * (results[kind] / results['fp32'] - 1):+.2f}%, "
+              f"before training {100 * (befores[kind] / befores['fp32'] - 1):+.2f}%, "
+              f"old domains {100 * (olds[kind] / olds['fp32'] - 1):+.2f}%")
 
 
 def main():
@@ -403,6 +418,8 @@ def main():
     p.add_argument("--depth", type=int, default=2, help="synthetic model depth (n_embd = 64 x depth)")
     p.add_argument("--pretrain-steps", type=int, default=150, help="synthetic model: steps on all domains first")
     p.add_argument("--repeat", type=int, default=10, help="stack/quant: forward passes timed (median)")
+    p.add_argument("--int4-formats", default="nf4,int4", help="quant: 4-bit level sets to compare (nf4, int4)")
+    p.add_argument("--int4-groups", default="32,64", help="quant: 4-bit group sizes to compare")
     args = p.parse_args()
     _, _, _, _, device = compute_init(args.device_type or None)
     {"lora": bench_lora, "sweep": bench_sweep, "table": bench_table, "stack": bench_stack,

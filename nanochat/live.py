@@ -261,7 +261,8 @@ class LiveLearning:
     def _adapter_bytes(self):
         """Bytes one adapter of this server's rank takes (A and B of every target, fp32)."""
         r = self.hparams["rank"]
-        return sum(4 * r * (m.weight.shape[0] + m.weight.shape[1]) for m in self.trainer.modules.values())
+        # in/out features, not the weight's shape: a 4-bit base packs two weights per byte
+        return sum(4 * r * (m.out_features + m.in_features) for m in self.trainer.modules.values())
 
     def busy_with(self, name):
         with self._lock:

@@ -304,7 +304,8 @@ class LoRA:
         if bad:
             raise ValueError(f"targets {bad} are not hooked by this LoRA (hooked: {self.targets})")
         keys = [k for k in self.modules if k.split(".", 2)[2] in targets]
-        shapes = [tuple(self.modules[k].weight.shape) for k in keys]
+        # (out, in) from the module, not its weight: a 4-bit weight is packed two values per byte
+        shapes = [(self.modules[k].out_features, self.modules[k].in_features) for k in keys]
         device = self.model.get_device()
         ad = Adapter(name, keys, shapes, rank, alpha, targets, device=device)
         if seed is not None:

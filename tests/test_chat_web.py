@@ -576,13 +576,13 @@ def test_openai_text_completions(gpt):
         gpt.client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
 
 
-def live_app(sft_dir, adapters_root):
+def live_app(sft_dir, adapters_root, quantize="none"):
     """The SFT checkpoint served greedily (16 tokens) with live learning on: -> (app, workers)."""
     import copy
     from nanochat.live import LiveLearning
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", sft_dir)
-        workers, _ = load_workers("sft", "cpu")
+        workers, _ = load_workers("sft", "cpu", quantize=quantize)
     trainer = copy.deepcopy(workers[0].model)
     app = create_app(workers, "nanochat-test", defaults=Defaults(temperature=0.0, top_k=50, max_tokens=16),
                      learn=lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, adapters_root))
@@ -695,3 +695,48 @@ def test_adapter_stacks_through_the_api_and_provenance(sft_dir, serve_app, tmp_p
         assert listed["domain"]["provenance"] is None
         models = {m["id"]: m for m in httpx.get(url + "/v1/models").json()["data"]}
         assert models["both"]["provenance"]["method"] == "ties"
+
+
+def test_a_4bit_base_learns_and_serves_adapters(sft_dir, serve_app, tmp_path):
+    """--quantize int4: every replica is a 4-bit base, live learning's trainer is a copy of it, so an adapter
+    learned through /learn is bound to that base and served through the 4-bit layers."""
+    from nanochat.lora import model_state_hash
+    from nanochat.quant import Int4Embedding, Int4Linear
+    from scripts.chat_web import parse_args
+    assert parse_args(["--quantize", "int4"]).quantize == "int4" and parse_args([]).quantize == "none"
+    with pytest.raises(ValueError, match="quantize 'int3'"):
+        load_workers("sft", "cpu", quantize="int3")
+    app, workers = live_app(sft_dir, str(tmp_path), quantize="int4")
+    model = workers[0].model
+    assert isinstance(model.transformer.h[0].mlp.c_fc, Int4Linear) and isinstance(model.lm_head, Int4Linear)
+    assert isinstance(model.transformer.wte, Int4Embedding) and not list(model.parameters())  # every matrix 4-bit
+    assert workers[0].device == torch.device("cpu")
+    live = app.state.live
+    assert live.trainer.base_hash == workers[0].lora.base_hash == model_state_hash(model)
+    ad = workers[0].lora.add("probe", rank=live.hparams["rank"])  # what one adapter takes, from the unpacked shapes
+    assert live._adapter_bytes() == sum(p.numel() * 4 for p in ad.parameters())
+    workers[0].lora.remove("probe")
+    with serve_app(app) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        base = client.chat.completions.create(model="nanochat-test", messages=USER).choices[0].message.content
+        r = httpx.post(url + "/learn", json={"adapter": "facts", "steps": 8,
+                                             "facts": [{"question": "hi", "answer": "zzzz qqqq zzzz"}]})
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 120
+        while (job := httpx.get(f"{url}/learn/{r.json()['job']}").json())["status"] not in ("done", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job["status"] == "done", job
+        learned = client.chat.completions.create(model="facts", messages=USER).choices[0].message.content
+        assert "facts" in [m.id for m in client.models.list().data]
+    assert learned != base
+    # saved bound to the 4-bit base: the full-precision checkpoint refuses it
+    meta = json.load(open(tmp_path / "facts" / "adapter.json"))
+    assert meta["base_hash"] == workers[0].lora.base_hash
+    from nanochat.lora import AdapterBaseMismatch, LoRA
+    from nanochat.lora_io import load_adapter
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NANOCHAT_BASE_DIR", sft_dir)
+        plain, _ = load_workers("sft", "cpu")
+    with pytest.raises(AdapterBaseMismatch):
+        load_adapter(LoRA(plain[0].model), str(tmp_path / "facts"))
