@@ -63,6 +63,11 @@ class ContinualConfig:
     merge_density: float = 0.5  # merge: fraction of each delta ties/dare keep
     merge_weight: float = 0.0  # merge: every task's adapter enters the merge times this; 0: 1 / #adapters (their mean)
     olora_lambda: float = 1e6  # olora: weight of the orthogonality penalty (smaller barely constrains: see the notes)
+    olora_subspace: str = "adapters"  # olora: "adapters" (the penalty above) or "inputs" (A confined off earlier inputs)
+    merge_subspace: str = "none"  # merge: "none" or "inputs" (each A confined off earlier tasks' inputs)
+    merge_stacked: bool = False  # merge: train each adapter on top of the frozen earlier ones, not on the bare base
+    subspace_energy: float = 0.97  # "inputs": fraction of each task's input energy its kept basis holds
+    subspace_rows: int = 32  # "inputs": training rows whose layer inputs make a task's basis
     router: bool = True  # lora: also score with the centroid router (task id unknown)
     router_rows: int = 64  # training rows per task for its centroid
     seed: int = 0
@@ -98,8 +103,9 @@ def train_loop(model, rows, strategy, task_index=0, *, seed=0, label="", progres
     The strategy also supplies rehearsal() -> None or a function (k, rng) -> k extra rows (replay /
     pseudo-samples) that replace round(cfg.replay_ratio * batch_size) rows of each batch; penalty() ->
     None or a function returning a scalar added to the loss (EWC); on_batch(rows), which sees the task
-    rows of each step; and dtype, pad_id. progress(info) is called every cfg.log_every steps and at the
-    end with step, steps, loss, tok_per_sec, elapsed_s, eta_s, label (default: a printed line).
+    rows of each step; after_step(), called after every optimizer step; and dtype, pad_id. progress(info)
+    is called every cfg.log_every steps and at the end with step, steps, loss, tok_per_sec, elapsed_s,
+    eta_s, label (default: a printed line).
     should_stop() -> True ends training early. Returns {"loss", "steps", "tokens", "seconds"}."""
     if not rows:
         raise ValueError(f"{label}nothing to train on (no rows)")
@@ -141,6 +147,7 @@ def train_loop(model, rows, strategy, task_index=0, *, seed=0, label="", progres
             g["lr"] = lr * lrm
         opt.step()
         opt.zero_grad(set_to_none=True)
+        strategy.after_step()
         loss_value = loss.item()
         dt = time.time() - t0
         n_tok = int((y >= 0).sum().item())

@@ -20,16 +20,23 @@ Strategies:
   merge   one LoRA adapter per task on the frozen base, as lora, but evaluated (served) as the merge of
           all adapters so far (nanochat/lora_merge.py, `merge_method`, `merge_density`, each adapter
           times `merge_weight`, by default their mean): no task id, no router, no stored data.
-  olora   O-LoRA: task i's adapter trains on top of the frozen stack of adapters 0..i-1 with the loss
-          + olora_lambda * sum_t<i sum_layers ||A_i A_t^T||_F^2, which pushes it into input directions
-          the earlier adapters do not read; evaluated with the whole stack active (no task id, no
-          router, no stored data).
+          merge_subspace "inputs": each adapter's A confined off the earlier tasks' layer inputs (below),
+          merged at full strength; merge_stacked: each trained on top of the frozen earlier ones.
+  olora   O-LoRA: task i's adapter trains on top of the frozen stack of adapters 0..i-1, kept out of
+          their way; evaluated with the whole stack active (no task id, no router, no stored data).
+          olora_subspace "adapters": the loss + olora_lambda * sum_t<i sum_layers ||A_i A_t^T||_F^2
+          pushes it into input directions the earlier adapters do not read. "inputs": its A is confined
+          to the complement of the earlier tasks' layer inputs, so it leaves their outputs unchanged.
+  "inputs" (nanochat/lora_subspace.py): after each task, cfg.subspace_rows of its training rows go
+          through the model and every target layer keeps an orthonormal basis of their inputs holding
+          cfg.subspace_energy of their energy (statistics, like EWC's Fisher: no rows are kept); a new
+          adapter's A is projected off every basis so far at its start and after every optimizer step.
 
 All full fine-tuning strategies use the same AdamW settings and data order; lora, merge and olora train
 only the new adapter (AdamW, lora_lr).
 
 A strategy is what train_loop (nanochat/continual.py) needs to know: params(i), lr(), rehearsal(),
-penalty(), on_batch(rows), cfg (a ContinualConfig), dtype ("float32" or "bfloat16") and pad_id; plus
+penalty(), on_batch(rows), after_step(), cfg (a ContinualConfig), dtype ("float32" or "bfloat16") and pad_id; plus
 hooks before and after each task, evaluate(), added() and extra() for the driver.
 """
 import os
@@ -154,6 +161,9 @@ class Strategy:
     def on_batch(self, rows):
         pass
 
+    def after_step(self):
+        pass
+
     def task_done(self, i, rows):
         """Called after task i was learned and evaluated (rows: its R rows)."""
 
@@ -257,6 +267,8 @@ class LoRAStrategy(Strategy):
         self.lora = LoRA(model)
         self.names = []  # adapter of task i
         self.router_accuracy = []  # per evaluation: fraction of task j's items routed to adapter j
+        self.subspace = None  # merge / olora with "inputs": the earlier tasks' input bases (lora_subspace.py)
+        self.subspace_dims = []  # after each task: mean basis size / input size per target
 
     def params(self, i):
         return self.lora.trainable_parameters(self.names[i])
@@ -269,8 +281,39 @@ class LoRAStrategy(Strategy):
         ad = self.lora.add(name, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, seed=self.cfg.seed + i,
                            info={"task": task.name})
         self.names.append(name)
+        if self.subspace is not None:
+            self.subspace.project(ad)  # it starts reading nothing the earlier tasks feed its layers
         self.lora.activate(name)
         print0(f"{self.name}: adapter {name}: {ad.num_params():,} trainable parameters, {ad.num_bytes():,} bytes")
+
+    def after_step(self):
+        if self.subspace is not None:  # the optimizer step moved A: back into the complement
+            self.subspace.project(self.lora.adapters[self.names[-1]])
+
+    def keep_inputs(self, i, task):
+        """Grow the input bases with task i's layer inputs: cfg.subspace_rows of its training rows through
+        the model as it is now (the adapters that will serve it active). Not after the last task: nothing
+        would use it."""
+        if self.subspace is None or i == len(self.tasks) - 1:
+            return
+        rng = random.Random(self.cfg.seed + 11 * i)
+        rows = rng.sample(task.train_rows, min(self.cfg.subspace_rows, len(task.train_rows)))
+        device = self.model.get_device()
+
+        def forward():
+            for b in range(0, len(rows), self.cfg.batch_size):
+                x, _ = collate(rows[b:b + self.cfg.batch_size], self.pad_id, device)
+                with self.autocast():
+                    self.model(x)
+        self.model.eval()
+        self.subspace.add(self.subspace.covariances(forward))
+        self.model.train()
+        dims = {}
+        for key, U in self.subspace.bases.items():
+            dims.setdefault(key.split(".", 2)[2], []).append(U.size(1) / U.size(0))
+        self.subspace_dims.append({t: round(sum(v) / len(v), 4) for t, v in dims.items()})
+        print0(f"{self.name}: input bases after task {i} hold " + ", ".join(
+            f"{t} {100 * v:.0f}%" for t, v in self.subspace_dims[-1].items()) + " of their layers' input dimensions")
 
     def after_task(self, i, task):
         if self.cfg.router:
@@ -311,29 +354,57 @@ class LoRAStrategy(Strategy):
 
     def added(self):
         ads = [self.lora.adapters[n] for n in self.names]
-        return sum(a.num_params() for a in ads), sum(a.num_bytes() for a in ads)
+        kept = self.subspace.num_bytes() if self.subspace is not None else 0
+        return sum(a.num_params() for a in ads), sum(a.num_bytes() for a in ads) + kept
 
     def extra(self):
-        return {"router_accuracy": self.router_accuracy} if self.router_accuracy else {}
+        out = {"router_accuracy": self.router_accuracy} if self.router_accuracy else {}
+        if self.subspace_dims:
+            out["subspace_dims"] = self.subspace_dims
+        return out
 
     def close(self):
         self.lora.close()
 
 
 class MergeStrategy(LoRAStrategy):
-    """One adapter per task on the frozen base (as lora), served as the merge of all adapters so far."""
+    """One adapter per task on the frozen base (as lora), served as the merge of all adapters so far.
+    merge_subspace "inputs" confines each adapter's A off the earlier tasks' inputs; merge_stacked trains
+    each adapter on top of the frozen earlier ones (at the weights they are served with)."""
     name = "merge"
     prefix = "merge-"
 
+    def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
+        super().__init__(model, tokenizer, cfg, tasks, dtype)
+        if cfg.merge_subspace not in ("none", "inputs"):
+            raise ValueError(f"merge_subspace must be 'none' or 'inputs', got {cfg.merge_subspace!r}")
+        if cfg.merge_subspace == "inputs":
+            from nanochat.lora_subspace import InputSubspace
+            self.subspace = InputSubspace(self.lora, cfg.subspace_energy)
+
+    def weight(self, i):
+        """Each adapter's weight in the merge after task i. By default their mean: a sum of adapters that read
+        the same inputs interferes; adapters confined to separate inputs, or trained on top of each other,
+        add up at full strength."""
+        c = self.cfg
+        return c.merge_weight or (1.0 if self.subspace is not None or c.merge_stacked else 1.0 / (i + 1))
+
+    def before_task(self, i, task):
+        super().before_task(i, task)
+        if self.cfg.merge_stacked:
+            for n in self.names[:-1]:
+                self.lora.freeze(n)
+            self.lora.activate(self.names, weights=[self.weight(i)] * (i + 1))
+
     def after_task(self, i, task):
+        self.keep_inputs(i, task)
         self.lora.activate(None)
 
     def evaluate(self, tasks, i):
         from nanochat.lora_merge import merge_adapters
         c = self.cfg
-        weight = c.merge_weight or 1.0 / (i + 1)  # by default the mean: a sum of full-strength adapters interferes
         merge_adapters(self.lora, self.names[:i + 1], "merged", method=c.merge_method, density=c.merge_density,
-                       weights=[weight] * (i + 1), seed=c.seed)
+                       weights=[self.weight(i)] * (i + 1), seed=c.seed)
         self.lora.activate("merged")
         self.model.eval()
         row = [t.evaluate(self.model) for t in tasks]
@@ -341,15 +412,22 @@ class MergeStrategy(LoRAStrategy):
         self.lora.remove("merged")
         return {self.name: row}
 
-    def extra(self):
-        return {}
-
 
 class OLoRA(LoRAStrategy):
-    """O-LoRA: each task's adapter trains on top of the earlier (frozen) ones, penalised for overlapping
-    their subspaces; all adapters stay active together, so there is no task id, no router, no data kept."""
+    """O-LoRA: each task's adapter trains on top of the earlier (frozen) ones, kept out of their subspaces:
+    penalised for overlapping the earlier adapters' A's (olora_subspace "adapters") or confined off the
+    earlier tasks' layer inputs ("inputs"); all adapters stay active together, so there is no task id, no
+    router, no data kept."""
     name = "olora"
     prefix = "olora-"
+
+    def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
+        super().__init__(model, tokenizer, cfg, tasks, dtype)
+        if cfg.olora_subspace not in ("adapters", "inputs"):
+            raise ValueError(f"olora_subspace must be 'adapters' or 'inputs', got {cfg.olora_subspace!r}")
+        if cfg.olora_subspace == "inputs":
+            from nanochat.lora_subspace import InputSubspace
+            self.subspace = InputSubspace(self.lora, cfg.subspace_energy)
 
     def before_task(self, i, task):
         super().before_task(i, task)
@@ -360,12 +438,12 @@ class OLoRA(LoRAStrategy):
         self.lora.activate(self.names)
 
     def after_task(self, i, task):
-        pass  # the stack of every adapter so far stays active
+        self.keep_inputs(i, task)  # the stack of every adapter so far stays active
 
     def penalty(self):
         """lambda * sum over layers and earlier adapters t of ||A_new A_t^T||_F^2: zero exactly when the
-        new adapter reads directions of the input that no earlier adapter reads."""
-        if len(self.names) < 2:
+        new adapter reads directions of the input that no earlier adapter reads. None with "inputs"."""
+        if len(self.names) < 2 or self.subspace is not None:
             return None
         new = self.lora.adapters[self.names[-1]]
         olds = [self.lora.adapters[n] for n in self.names[:-1]]
@@ -386,9 +464,6 @@ class OLoRA(LoRAStrategy):
         row = [t.evaluate(self.model) for t in tasks]
         self.model.train()
         return {self.name: row}
-
-    def extra(self):
-        return {}
 
 
 class SSR(Strategy):
