@@ -290,12 +290,9 @@ class LoRAStrategy(Strategy):
         if self.subspace is not None:  # the optimizer step moved A: back into the complement
             self.subspace.project(self.lora.adapters[self.names[-1]])
 
-    def keep_inputs(self, i, task):
-        """Grow the input bases with task i's layer inputs: cfg.subspace_rows of its training rows through
-        the model as it is now (the adapters that will serve it active). Not after the last task: nothing
-        would use it."""
-        if self.subspace is None or i == len(self.tasks) - 1:
-            return
+    def input_covariances(self, i, task):
+        """{module key: sum x x^T} of every target layer's inputs for cfg.subspace_rows of task i's training
+        rows through the model as it is now."""
         rng = random.Random(self.cfg.seed + 11 * i)
         rows = rng.sample(task.train_rows, min(self.cfg.subspace_rows, len(task.train_rows)))
         device = self.model.get_device()
@@ -306,8 +303,23 @@ class LoRAStrategy(Strategy):
                 with self.autocast():
                     self.model(x)
         self.model.eval()
-        self.subspace.add(self.subspace.covariances(forward))
+        covs = self.subspace.covariances(forward)
         self.model.train()
+        return covs
+
+    def confine_inputs(self, i, task):
+        """subspace_own: keep the new adapter inside task i's own input directions (lora_subspace.confine),
+        measured before it trains (it starts as a no-op: B = 0)."""
+        if self.subspace is not None and self.cfg.subspace_own:
+            self.subspace.confine(self.input_covariances(i, task))
+            self.subspace.project(self.lora.adapters[self.names[-1]])
+
+    def keep_inputs(self, i, task):
+        """Grow the input bases with task i's layer inputs, the adapters that will serve it active. Not
+        after the last task: nothing would use it."""
+        if self.subspace is None or i == len(self.tasks) - 1:
+            return
+        self.subspace.add(self.input_covariances(i, task))
         dims = {}
         for key, U in self.subspace.bases.items():
             dims.setdefault(key.split(".", 2)[2], []).append(U.size(1) / U.size(0))
@@ -395,6 +407,7 @@ class MergeStrategy(LoRAStrategy):
             for n in self.names[:-1]:
                 self.lora.freeze(n)
             self.lora.activate(self.names, weights=[self.weight(i)] * (i + 1))
+        self.confine_inputs(i, task)
 
     def after_task(self, i, task):
         self.keep_inputs(i, task)
@@ -436,6 +449,7 @@ class OLoRA(LoRAStrategy):
         self.lora.adapters[self.names[-1]].info["provenance"] = {
             "stacked_on": [{"name": n, "weight": 1.0} for n in self.names[:-1]]}
         self.lora.activate(self.names)
+        self.confine_inputs(i, task)
 
     def after_task(self, i, task):
         self.keep_inputs(i, task)  # the stack of every adapter so far stays active

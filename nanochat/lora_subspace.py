@@ -24,6 +24,7 @@ class InputSubspace:
             raise ValueError(f"subspace energy must be in (0, 1), got {energy}")
         self.lora, self.energy = lora, float(energy)
         self.bases = {}  # module key -> U
+        self.own = {}  # module key -> V: the task being learned's own input directions off U (see confine)
 
     @torch.no_grad()
     def covariances(self, forward):
@@ -82,12 +83,41 @@ class InputSubspace:
         return added
 
     @torch.no_grad()
-    def project(self, adapter):
-        """A <- A (I - U U^T) for each of the adapter's modules with a basis: A reads nothing of it."""
-        for key, i in adapter.index.items():
+    def confine(self, covs):
+        """Before a task: from its inputs' covariances, the directions V off the basis that hold `energy` of
+        what the basis leaves of them; project() then keeps a new A inside span(V). Without it A's random
+        start reads every other direction too, and once B grows the adapter perturbs inputs it never
+        trained on: later tasks' (they then start from a damaged model) and, in a merge, every task's."""
+        self.own = {}
+        for key, C in covs.items():
             U = self.bases.get(key)
             if U is not None:
-                A = adapter.A[i]
+                Ud = U.double().cpu()
+                P = torch.eye(C.size(0), dtype=C.dtype) - Ud @ Ud.t()
+                C = P @ C @ P
+            vals, vecs = torch.linalg.eigh(C)
+            vals, vecs = vals.flip(0).clamp(min=0), vecs.flip(1)
+            if vals.sum() <= 0:
+                self.own[key] = vecs[:, :0].to(self.lora.modules[key].weight.device, torch.float32)
+                continue
+            k = int((vals.cumsum(0) < self.energy * vals.sum()).sum().item()) + 1
+            V = vecs[:, :k]
+            if U is not None:
+                V = torch.linalg.qr(V - Ud @ (Ud.t() @ V)).Q
+            self.own[key] = V.to(self.lora.modules[key].weight.device, torch.float32)
+
+    @torch.no_grad()
+    def project(self, adapter):
+        """A <- A (I - U U^T) for each of the adapter's modules with a basis: A reads nothing of it; after
+        confine(), A <- A V V^T instead (V is off U): A reads only the new task's own directions."""
+        for key, i in adapter.index.items():
+            A = adapter.A[i]
+            V = self.own.get(key)
+            if V is not None:
+                A.copy_(((A.float() @ V) @ V.t()).to(A.dtype))
+                continue
+            U = self.bases.get(key)
+            if U is not None:
                 A.sub_(((A.float() @ U) @ U.t()).to(A.dtype))
 
     def dims(self):
