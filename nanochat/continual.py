@@ -68,7 +68,8 @@ class ContinualConfig:
     merge_stacked: bool = False  # merge: train each adapter on top of the frozen earlier ones, not on the bare base
     subspace_energy: float = 0.97  # "inputs": fraction of each task's input energy its kept basis holds
     subspace_rows: int = 32  # "inputs": training rows whose layer inputs make a task's basis
-    subspace_own: bool = False  # "inputs": also keep each new A inside its own task's input directions
+    subspace_own: float = 0.0  # "inputs": keep each new A inside its task's own input directions holding this
+                               # fraction of their energy off the kept bases (0: anywhere off the bases)
     router: bool = True  # lora: also score with the centroid router (task id unknown)
     router_rows: int = 64  # training rows per task for its centroid
     seed: int = 0

@@ -310,8 +310,8 @@ class LoRAStrategy(Strategy):
     def confine_inputs(self, i, task):
         """subspace_own: keep the new adapter inside task i's own input directions (lora_subspace.confine),
         measured before it trains (it starts as a no-op: B = 0)."""
-        if self.subspace is not None and self.cfg.subspace_own:
-            self.subspace.confine(self.input_covariances(i, task))
+        if self.subspace is not None and self.cfg.subspace_own > 0:
+            self.subspace.confine(self.input_covariances(i, task), self.cfg.subspace_own)
             self.subspace.project(self.lora.adapters[self.names[-1]])
 
     def keep_inputs(self, i, task):

@@ -83,7 +83,7 @@ class InputSubspace:
         return added
 
     @torch.no_grad()
-    def confine(self, covs):
+    def confine(self, covs, energy):
         """Before a task: from its inputs' covariances, the directions V off the basis that hold `energy` of
         what the basis leaves of them; project() then keeps a new A inside span(V). Without it A's random
         start reads every other direction too, and once B grows the adapter perturbs inputs it never
@@ -100,7 +100,7 @@ class InputSubspace:
             if vals.sum() <= 0:
                 self.own[key] = vecs[:, :0].to(self.lora.modules[key].weight.device, torch.float32)
                 continue
-            k = int((vals.cumsum(0) < self.energy * vals.sum()).sum().item()) + 1
+            k = min(int((vals.cumsum(0) < energy * vals.sum()).sum().item()) + 1, vals.numel())
             V = vecs[:, :k]
             if U is not None:
                 V = torch.linalg.qr(V - Ud @ (Ud.t() @ V)).Q
