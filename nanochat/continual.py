@@ -20,7 +20,8 @@ units, oriented so that the same sign means the same thing for both kinds (s = +
                                                        (for bpb: the increase in bpb)
   forgetting   mean_{j<T-1} forgetting_j
 Added parameters/bytes: what a strategy keeps beyond the model: lora adapters (parameters), the
-replay buffer (token ids as int32), EWC's Fisher and anchor (fp32), SSR's prompts (int32).
+replay buffer (token ids as int32), EWC's Fisher and anchor (fp32), SSR's prompts (int32), the input
+bases of merge / olora "inputs" (fp32).
 
 Entry points: run_strategy (one strategy over a sequence, used by scripts/continual_train.py),
 train_loop (the loop itself, also used by nanochat/lora_train.py for live adapters), continual_metrics.
@@ -61,15 +62,17 @@ class ContinualConfig:
     ssr_top_k: int = 0  # 0: sample from the full distribution (rehearses what the model knows)
     merge_method: str = "linear"  # merge: linear, ties or dare (nanochat/lora_merge.py)
     merge_density: float = 0.5  # merge: fraction of each delta ties/dare keep
-    merge_weight: float = 0.0  # merge: every task's adapter enters the merge times this; 0: 1 / #adapters (their mean)
-    olora_lambda: float = 1e6  # olora: weight of the orthogonality penalty (smaller barely constrains: see the notes)
-    olora_subspace: str = "adapters"  # olora: "adapters" (the penalty above) or "inputs" (A confined off earlier inputs)
-    merge_subspace: str = "none"  # merge: "none" or "inputs" (each A confined off earlier tasks' inputs)
-    merge_stacked: bool = False  # merge: train each adapter on top of the frozen earlier ones, not on the bare base
+    merge_weight: float = 0.0  # merge: every task's adapter enters the merge times this; 0: 1 / #adapters (their
+                               # mean), or 1 (their sum) when stacked or confined to separate inputs
+    merge_subspace: str = "inputs"  # merge: "none" or "inputs" (each A confined off earlier tasks' inputs)
+    merge_stacked: bool = True  # merge: train each adapter on top of the frozen earlier ones, not on the bare base
+    olora_subspace: str = "inputs"  # olora: "inputs" (A confined off earlier tasks' inputs) or "adapters" (a penalty
+                                    # on overlapping the earlier adapters' A's, weight olora_lambda)
+    olora_lambda: float = 1e6  # olora "adapters": smaller barely constrains (see the notes)
     subspace_energy: float = 0.97  # "inputs": fraction of each task's input energy its kept basis holds
+    subspace_own: float = 0.97  # "inputs": keep each new A inside its task's own input directions holding this
+                                # fraction of their energy off the kept bases (0: anywhere off the bases)
     subspace_rows: int = 32  # "inputs": training rows whose layer inputs make a task's basis
-    subspace_own: float = 0.0  # "inputs": keep each new A inside its task's own input directions holding this
-                               # fraction of their energy off the kept bases (0: anywhere off the bases)
     router: bool = True  # lora: also score with the centroid router (task id unknown)
     router_rows: int = 64  # training rows per task for its centroid
     seed: int = 0

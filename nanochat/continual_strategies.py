@@ -387,9 +387,9 @@ class MergeStrategy(LoRAStrategy):
     prefix = "merge-"
 
     def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
-        super().__init__(model, tokenizer, cfg, tasks, dtype)
-        if cfg.merge_subspace not in ("none", "inputs"):
+        if cfg.merge_subspace not in ("none", "inputs"):  # before a LoRA is attached to the model
             raise ValueError(f"merge_subspace must be 'none' or 'inputs', got {cfg.merge_subspace!r}")
+        super().__init__(model, tokenizer, cfg, tasks, dtype)
         if cfg.merge_subspace == "inputs":
             from nanochat.lora_subspace import InputSubspace
             self.subspace = InputSubspace(self.lora, cfg.subspace_energy)
@@ -435,9 +435,9 @@ class OLoRA(LoRAStrategy):
     prefix = "olora-"
 
     def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
-        super().__init__(model, tokenizer, cfg, tasks, dtype)
-        if cfg.olora_subspace not in ("adapters", "inputs"):
+        if cfg.olora_subspace not in ("adapters", "inputs"):  # before a LoRA is attached to the model
             raise ValueError(f"olora_subspace must be 'adapters' or 'inputs', got {cfg.olora_subspace!r}")
+        super().__init__(model, tokenizer, cfg, tasks, dtype)
         if cfg.olora_subspace == "inputs":
             from nanochat.lora_subspace import InputSubspace
             self.subspace = InputSubspace(self.lora, cfg.subspace_energy)
