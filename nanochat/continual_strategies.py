@@ -17,27 +17,30 @@ Strategies:
   ssr     self-synthesized rehearsal: before task i, the model (as it is then) continues short prompts
           of each earlier task (a few prompt tokens per task are all that is kept) by sampling, and
           these pseudo-samples supply `replay_ratio` of every batch instead of stored data.
-  merge   one LoRA adapter per task on the frozen base, as lora, but evaluated (served) as the merge of
-          all adapters so far (nanochat/lora_merge.py, `merge_method`, `merge_density`, each adapter
-          times `merge_weight`, by default their mean): no task id, no router, no stored data.
-          merge_subspace "inputs": each adapter's A confined off the earlier tasks' layer inputs (below),
-          merged at full strength; merge_stacked: each trained on top of the frozen earlier ones.
+  merge   one LoRA adapter per task, evaluated (served) as the merge of all adapters so far
+          (nanochat/lora_merge.py, `merge_method`, `merge_density`, each adapter times `merge_weight`):
+          no task id, no router, no stored data. By default (merge_subspace "inputs", merge_stacked)
+          each adapter trains on top of the frozen earlier ones with its A confined as below, and they
+          are summed; merge_subspace "none" and merge_stacked False give the plain merge of adapters
+          trained on the bare base, by default their mean.
   olora   O-LoRA: task i's adapter trains on top of the frozen stack of adapters 0..i-1, kept out of
           their way; evaluated with the whole stack active (no task id, no router, no stored data).
-          olora_subspace "adapters": the loss + olora_lambda * sum_t<i sum_layers ||A_i A_t^T||_F^2
-          pushes it into input directions the earlier adapters do not read. "inputs": its A is confined
-          to the complement of the earlier tasks' layer inputs, so it leaves their outputs unchanged.
+          olora_subspace "inputs" (the default): its A is confined as below. "adapters" (the paper's
+          rule): the loss + olora_lambda * sum_t<i sum_layers ||A_i A_t^T||_F^2 pushes it into input
+          directions the earlier adapters' A's do not read.
   "inputs" (nanochat/lora_subspace.py): after each task, cfg.subspace_rows of its training rows go
           through the model and every target layer keeps an orthonormal basis of their inputs holding
           cfg.subspace_energy of their energy (statistics, like EWC's Fisher: no rows are kept); a new
-          adapter's A is projected off every basis so far at its start and after every optimizer step.
+          adapter's A is kept off every basis so far, and (subspace_own) inside the directions of its
+          own task's inputs, at its start and after every optimizer step. Old tasks' inputs then pass
+          the new adapter (nearly) unchanged, and it barely touches inputs it never trained on.
 
 All full fine-tuning strategies use the same AdamW settings and data order; lora, merge and olora train
 only the new adapter (AdamW, lora_lr).
 
 A strategy is what train_loop (nanochat/continual.py) needs to know: params(i), lr(), rehearsal(),
-penalty(), on_batch(rows), after_step(), cfg (a ContinualConfig), dtype ("float32" or "bfloat16") and pad_id; plus
-hooks before and after each task, evaluate(), added() and extra() for the driver.
+penalty(), on_batch(rows), after_step(), cfg (a ContinualConfig), dtype ("float32" or "bfloat16") and
+pad_id; plus hooks before and after each task, evaluate(), added() and extra() for the driver.
 """
 import os
 import random
