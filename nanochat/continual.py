@@ -69,8 +69,8 @@ class ContinualConfig:
     olora_subspace: str = "inputs"  # olora: "inputs" (A confined off earlier tasks' inputs) or "adapters" (a penalty
                                     # on overlapping the earlier adapters' A's, weight olora_lambda)
     olora_lambda: float = 1e6  # olora "adapters": smaller barely constrains (see the notes)
-    subspace_energy: float = 0.97  # "inputs": fraction of each task's input energy its kept basis holds
-    subspace_own: float = 0.97  # "inputs": keep each new A inside its task's own input directions holding this
+    subspace_energy: float = 0.99  # "inputs": fraction of each task's input energy its kept basis holds
+    subspace_own: float = 0.98  # "inputs": keep each new A inside its task's own input directions holding this
                                 # fraction of their energy off the kept bases (0: anywhere off the bases)
     subspace_rows: int = 32  # "inputs": training rows whose layer inputs make a task's basis
     router: bool = True  # lora: also score with the centroid router (task id unknown)
