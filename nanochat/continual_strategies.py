@@ -406,10 +406,13 @@ class MergeStrategy(LoRAStrategy):
 
     def before_task(self, i, task):
         super().before_task(i, task)
-        if self.cfg.merge_stacked:
+        if self.cfg.merge_stacked:  # only meaningful on top of the earlier ones: adapter.json says so
             for n in self.names[:-1]:
                 self.lora.freeze(n)
-            self.lora.activate(self.names, weights=[self.weight(i)] * (i + 1))
+            w = self.weight(i)
+            self.lora.adapters[self.names[-1]].info["provenance"] = {
+                "stacked_on": [{"name": n, "weight": w} for n in self.names[:-1]]}
+            self.lora.activate(self.names, weights=[w] * (i + 1))
         self.confine_inputs(i, task)
 
     def after_task(self, i, task):
