@@ -7,7 +7,7 @@
 
     python -m dev.bench_continual sweep --strategy ewc --sweep ewc_lambda=1e4,1e5,1e6 [-i sft] [--steps 40]
         naive once, then the strategy once per value: forgetting, the cut relative to naive, new-task
-        performance (LA) and time, on the default LM sequence (or --sequence).
+        performance (LA) and time, on the default LM sequence (or --sequence, or --synthetic N as table).
 
     python -m dev.bench_continual table [--synthetic 4 | -i sft --sequence lm-domains] [--steps 40]
         every strategy (naive, replay, ewc, lora + router, ssr, merge, olora) on one sequence: ACC, LA,
@@ -134,10 +134,7 @@ def _cast(current, text):
 
 
 def bench_sweep(args, device):
-    from nanochat.checkpoint_manager import load_model
-    from tasks.continual import build_sequence, load_sequence_spec
-    model, tok, _ = load_model(args.source, device, "train", model_tag=args.model_tag)
-    spec = load_sequence_spec(args.sequence)
+    tok, tasks, model, _ = _setup(args, device)
     base_cfg = ContinualConfig(steps=args.steps, batch_size=args.batch_size, log_every=10**9)
     for kv in filter(None, args.set.split(",")):
         k, v = kv.split("=", 1)
@@ -145,8 +142,6 @@ def bench_sweep(args, device):
     param, values = args.sweep.split("=", 1)
     values = [_cast(getattr(base_cfg, param), v) for v in values.split(",")]
     dtype = resolve_dtype("auto", device.type)
-    tasks = build_sequence(spec, tok, args.seq_len, base_cfg.steps * base_cfg.batch_size, n_eval_rows=args.eval_rows,
-                           dtype=dtype)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base = evaluate_tasks(model, tasks)
     naive = run_strategy(model, tok, tasks, "naive", base_cfg, base=base, dtype=dtype)["matrices"]["naive"]
@@ -158,13 +153,13 @@ def bench_sweep(args, device):
         r = run_strategy(model, tok, tasks, args.strategy, cfg, base=base, dtype=dtype)
         m = r["matrices"][args.strategy]
         rows.append((v, m["forgetting"], 100 * (1 - m["forgetting"] / naive["forgetting"]), m["LA"],
-                     m["LA"] - naive["LA"], m["ACC"], r["wall_seconds"]))
+                     m["LA"] - naive["LA"], m["ACC"], m["BWT"], r["added_bytes"], r["wall_seconds"]))
     print(f"\n{args.strategy}, sweeping {param} ({tasks[0].metric}; naive forgetting {naive['forgetting']:.4f}, "
-          f"LA {naive['LA']:.4f})")
-    print(f"| {param} | forgetting | cut vs naive % | LA | LA vs naive | ACC | wall s |")
-    print("|---|---|---|---|---|---|---|")
-    for v, f, cut, la, dla, acc, wall in rows:
-        print(f"| {v:g} | {f:.4f} | {cut:.0f} | {la:.4f} | {dla:+.4f} | {acc:.4f} | {wall:.0f} |")
+          f"LA {naive['LA']:.4f}, ACC {naive['ACC']:.4f}, BWT {naive['BWT']:+.4f})")
+    print(f"| {param} | forgetting | cut vs naive % | LA | LA vs naive | ACC | BWT | added bytes | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for v, f, cut, la, dla, acc, bwt, added, wall in rows:
+        print(f"| {v} | {f:.4f} | {cut:.0f} | {la:.4f} | {dla:+.4f} | {acc:.4f} | {bwt:+.4f} | {added:,} | {wall:.0f} |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -201,19 +196,26 @@ def synthetic_setup(n_domains, depth, seq_len, n_train, n_eval, pretrain_steps, 
     return tok, tasks, model
 
 
-def bench_table(args, device):
+def _setup(args, device):
+    """(tokenizer, tasks, model, description): the synthetic domains and model (--synthetic N), else the
+    -i checkpoint and --sequence."""
     dtype = resolve_dtype("auto", device.type)
     if args.synthetic:
         tok, tasks, model = synthetic_setup(args.synthetic, args.depth, args.seq_len, args.steps * args.batch_size,
                                             args.eval_rows, args.pretrain_steps, device, dtype)
-        what = f"synthetic {args.synthetic} domains, d{args.depth} byte-level model pretrained {args.pretrain_steps} steps"
-    else:
-        from nanochat.checkpoint_manager import load_model
-        from tasks.continual import build_sequence, load_sequence_spec
-        model, tok, _ = load_model(args.source, device, "train", model_tag=args.model_tag)
-        tasks = build_sequence(load_sequence_spec(args.sequence), tok, args.seq_len, args.steps * args.batch_size,
-                               n_eval_rows=args.eval_rows, dtype=dtype)
-        what = f"{args.source} checkpoint, sequence {args.sequence}"
+        return tok, tasks, model, (f"synthetic {args.synthetic} domains, d{args.depth} byte-level model pretrained "
+                                   f"{args.pretrain_steps} steps")
+    from nanochat.checkpoint_manager import load_model
+    from tasks.continual import build_sequence, load_sequence_spec
+    model, tok, _ = load_model(args.source, device, "train", model_tag=args.model_tag)
+    tasks = build_sequence(load_sequence_spec(args.sequence), tok, args.seq_len, args.steps * args.batch_size,
+                           n_eval_rows=args.eval_rows, dtype=dtype)
+    return tok, tasks, model, f"{args.source} checkpoint, sequence {args.sequence}"
+
+
+def bench_table(args, device):
+    dtype = resolve_dtype("auto", device.type)
+    tok, tasks, model, what = _setup(args, device)
     cfg = ContinualConfig(steps=args.steps, batch_size=args.batch_size, log_every=10**9)
     for kv in filter(None, args.set.split(",")):
         k, v = kv.split("=", 1)
@@ -414,7 +416,7 @@ def main():
     p.add_argument("--eval-rows", type=int, default=32)
     p.add_argument("--random-depth", type=int, default=0, help="lora/stack/quant: time a random model of this depth")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="table: which strategies")
-    p.add_argument("--synthetic", type=int, default=0, help="table/quant: N synthetic domains and an in-process model")
+    p.add_argument("--synthetic", type=int, default=0, help="table/sweep/quant: N synthetic domains and an in-process model")
     p.add_argument("--depth", type=int, default=2, help="synthetic model depth (n_embd = 64 x depth)")
     p.add_argument("--pretrain-steps", type=int, default=150, help="synthetic model: steps on all domains first")
     p.add_argument("--repeat", type=int, default=10, help="stack/quant: forward passes timed (median)")

@@ -20,7 +20,8 @@ units, oriented so that the same sign means the same thing for both kinds (s = +
                                                        (for bpb: the increase in bpb)
   forgetting   mean_{j<T-1} forgetting_j
 Added parameters/bytes: what a strategy keeps beyond the model: lora adapters (parameters), the
-replay buffer (token ids as int32), EWC's Fisher and anchor (fp32), SSR's prompts (int32).
+replay buffer (token ids as int32), EWC's Fisher and anchor (fp32), SSR's prompts (int32), the input
+bases of merge / olora "inputs" (fp32).
 
 Entry points: run_strategy (one strategy over a sequence, used by scripts/continual_train.py),
 train_loop (the loop itself, also used by nanochat/lora_train.py for live adapters), continual_metrics.
@@ -61,8 +62,17 @@ class ContinualConfig:
     ssr_top_k: int = 0  # 0: sample from the full distribution (rehearses what the model knows)
     merge_method: str = "linear"  # merge: linear, ties or dare (nanochat/lora_merge.py)
     merge_density: float = 0.5  # merge: fraction of each delta ties/dare keep
-    merge_weight: float = 0.0  # merge: every task's adapter enters the merge times this; 0: 1 / #adapters (their mean)
-    olora_lambda: float = 1e6  # olora: weight of the orthogonality penalty (smaller barely constrains: see the notes)
+    merge_weight: float = 0.0  # merge: every task's adapter enters the merge times this; 0: 1 / #adapters (their
+                               # mean), or 1 (their sum) when stacked or confined to separate inputs
+    merge_subspace: str = "inputs"  # merge: "none" or "inputs" (each A confined off earlier tasks' inputs)
+    merge_stacked: bool = True  # merge: train each adapter on top of the frozen earlier ones, not on the bare base
+    olora_subspace: str = "inputs"  # olora: "inputs" (A confined off earlier tasks' inputs) or "adapters" (a penalty
+                                    # on overlapping the earlier adapters' A's, weight olora_lambda)
+    olora_lambda: float = 1e6  # olora "adapters": smaller barely constrains (see the notes)
+    subspace_energy: float = 0.99  # "inputs": fraction of each task's input energy its kept basis holds
+    subspace_own: float = 0.98  # "inputs": keep each new A inside its task's own input directions holding this
+                                # fraction of their energy off the kept bases (0: anywhere off the bases)
+    subspace_rows: int = 32  # "inputs": training rows whose layer inputs make a task's basis
     router: bool = True  # lora: also score with the centroid router (task id unknown)
     router_rows: int = 64  # training rows per task for its centroid
     seed: int = 0
@@ -98,8 +108,9 @@ def train_loop(model, rows, strategy, task_index=0, *, seed=0, label="", progres
     The strategy also supplies rehearsal() -> None or a function (k, rng) -> k extra rows (replay /
     pseudo-samples) that replace round(cfg.replay_ratio * batch_size) rows of each batch; penalty() ->
     None or a function returning a scalar added to the loss (EWC); on_batch(rows), which sees the task
-    rows of each step; and dtype, pad_id. progress(info) is called every cfg.log_every steps and at the
-    end with step, steps, loss, tok_per_sec, elapsed_s, eta_s, label (default: a printed line).
+    rows of each step; after_step(), called after every optimizer step; and dtype, pad_id. progress(info)
+    is called every cfg.log_every steps and at the end with step, steps, loss, tok_per_sec, elapsed_s,
+    eta_s, label (default: a printed line).
     should_stop() -> True ends training early. Returns {"loss", "steps", "tokens", "seconds"}."""
     if not rows:
         raise ValueError(f"{label}nothing to train on (no rows)")
@@ -141,6 +152,7 @@ def train_loop(model, rows, strategy, task_index=0, *, seed=0, label="", progres
             g["lr"] = lr * lrm
         opt.step()
         opt.zero_grad(set_to_none=True)
+        strategy.after_step()
         loss_value = loss.item()
         dt = time.time() - t0
         n_tok = int((y >= 0).sum().item())

@@ -43,7 +43,8 @@ def parse_args(argv=None):
     for name, val in vars(d).items():  # every ContinualConfig field is a flag: --steps, --ewc-lambda, ...
         if name == "router":
             continue
-        p.add_argument("--" + name.replace("_", "-"), type=type(val), default=val)
+        kind = type(val) if not isinstance(val, bool) else (lambda s: s.lower() in ("1", "true", "yes"))  # bool("0") is True
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=val)
     p.add_argument("--no-router", action="store_true", help="lora: skip the task-agnostic (router) evaluation")
     p.add_argument("--out", default="", help="results directory (default <base>/continual/<sequence>)")
     p.add_argument("--save-adapters", action="store_true", help="lora: save each task's adapter")
