@@ -33,9 +33,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanochat.common import autocast, format_eta, print0, resolve_dtype
-from nanochat.continual_strategies import STRATEGY_CLASSES
+from nanochat.continual_adapters import LoRAStrategy, MergeStrategy, OLoRA
+from nanochat.continual_strategies import EWC, SSR, Replay, Strategy
 from nanochat.training import collate
 
+STRATEGY_CLASSES = {"naive": Strategy, "replay": Replay, "ewc": EWC, "lora": LoRAStrategy, "ssr": SSR,
+                    "merge": MergeStrategy, "olora": OLoRA}
 STRATEGIES = tuple(STRATEGY_CLASSES)
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanochat.continual import ContinualConfig, run_strategy, train_loop
-from nanochat.continual_strategies import OLoRA, Strategy
+from nanochat.continual_adapters import OLoRA
+from nanochat.continual_strategies import Strategy
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from nanochat.training import collate
