@@ -1,14 +1,15 @@
 """Inference-only bf16 Linears prepacked for oneDNN, for decoding on CPUs with native bf16; this module knows
-nothing about training, checkpoints or adapters: a packed model only runs forwards.
+nothing about training or checkpoints, and of adapters only enough to refuse them: a packed model only runs
+forwards.
 
     pack_linears(model)          # in place: every Linear -> PackedLinear (bf16 weights); returns model
 
 Why: a decode step is a handful of (rows x in) @ (in x out) products with 1-32 rows, and for those shapes the
 bf16 kernels F.linear reaches on CPU stream the weights slowly - at batch 1 no faster than fp32 with twice the
 bytes. oneDNN's inner product on a weight reordered once into its blocked layout (what inductor's freezing
-does) reads bf16 weights near the memory bandwidth at any row count. One packed copy serves every row count
-(prefill's hundreds of rows too): measured on a Xeon with AMX, batch 1 as fast as torch.mv on the plain
-weight, batch 8 1.3-2x F.linear - so no second layout is kept (see dev/notes_decode.md).
+does) does better: measured on a Xeon with AMX, 1 row as fast as torch.mv on the plain weight, 8 rows up to
+1.3x F.linear on the large shapes (lm_head, MLP), prefill's hundreds of rows ~3x fp32. One packed copy serves
+every row count, so no second layout is kept (see dev/notes_decode.md).
 
 Only on CPUs whose cpuinfo lists avx512_bf16 or amx_bf16 (nanochat.common.native_bf16_cpu): elsewhere
 bf16 matmuls are emulated, and on CUDA/MPS the packed layout does not exist. pack_linears raises there,
