@@ -5,12 +5,14 @@ tokens never sampled), tokens/s = batch x new tokens / wall time of the decode s
 Roofline: one decode step reads every matmul weight once plus each row's KV cache, so
     tok/s <= batch x bandwidth / (weight bytes + batch x cache bytes at the average context),
 bandwidth = the best large tensor copy measured in the same run (bytes read + written per second).
-Variants: fp32 weights; bf16 weights (what engine.inference_dtype picks on CUDA and bf16-capable CPUs);
+Variants: fp32 weights; bf16 weights (model.to(torch.bfloat16)); bf16-packed = nanochat.fastlinear.pack_linears
+(bf16 weights prepacked for oneDNN; CPUs with native bf16 only, what scripts/chat_cli.py decodes with there);
 bf16+compile = Engine(compile=True) (StaticKVCache, torch.compile; the first call compiles and is not timed).
 TTFT: a batch-1 prompt of N tokens to its first sampled token (one batched prefill forward).
 
     python -m dev.bench_decode                                     # d4,d8,d12 x batch 1,8,32, fp32 and bf16
     python -m dev.bench_decode --depths 8 --batches 1,8 --variants bf16,bf16+compile
+    python -m dev.bench_decode --depths 8 --batches 1,8 --variants fp32,bf16,bf16-packed --threads 1
 Results: dev/notes_decode.md.
 """
 import argparse
@@ -20,6 +22,7 @@ import torch
 
 from dev.bench_train import config_kwargs, sync
 from nanochat.engine import Engine
+from nanochat.fastlinear import PackedLinear, pack_linears
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -66,8 +69,10 @@ def build(depth, seq_len, vocab, device, dtype):
 
 
 def weight_bytes(model):
-    """Bytes of every weight a decode step reads: all matmuls (the lm_head included); one embedding row is noise."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "wte" not in n)
+    """Bytes of every weight a decode step reads: all matmuls (the lm_head included); one embedding row is noise.
+    Packed Linears hold their bf16 weight outside the parameters."""
+    packed = sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, PackedLinear))
+    return packed + sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "wte" not in n)
 
 
 def cache_bytes(model, ctx, itemsize):
@@ -103,7 +108,8 @@ def main():
     p.add_argument("--device", default=None)
     p.add_argument("--depths", default="4,8,12")
     p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--variants", default="fp32,bf16", help="comma list of fp32, bf16, bf16+compile, fp32+compile")
+    p.add_argument("--variants", default="fp32,bf16",
+                   help="comma list of fp32, bf16, bf16-packed, bf16+compile, fp32+compile")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -127,6 +133,8 @@ def main():
         engines = {}
         for v in variants:
             model = build(depth, seq_len, args.vocab_size, device, torch.bfloat16 if v.startswith("bf16") else torch.float32)
+            if v == "bf16-packed":
+                model = pack_linears(model)
             engines[v] = Engine(model, Specials(), compile="compile" in v)
         for batch in [int(b) for b in args.batches.split(",")]:
             best = {}
@@ -138,7 +146,7 @@ def main():
                     best[v] = min(best.get(v, r), r, key=lambda x: x[0])
             for v, (wall, util, cols) in best.items():
                 model = engines[v].model
-                itemsize = next(model.parameters()).element_size()
+                itemsize = 2 if v.startswith("bf16") else 4  # the KV cache (packed: bf16 Linear outputs)
                 tok_s = batch * len(cols) / wall
                 ctx = args.prompt_len + args.new_tokens / 2  # average context of the eager cache
                 if "compile" in v:  # the static cache is read to its (rounded) capacity every step

@@ -13,6 +13,8 @@ as its training script runs it). Runs alternate ours, ref, ours, ref... in one p
 on a shared machine hits both alike; each side's time is its fastest step (contention only slows a step
 down). Decode: greedy, a fixed random prompt, each side's own Engine.generate with batch-1 prefill and
 one row per sample, timed end to end (prefill included). util = process CPU time / (wall x threads).
+With --decode-dtypes bf16 a third side runs where the CPU has native bf16: ours with oneDNN-packed bf16
+Linears (nanochat.fastlinear, row "[ours-packed]"), against the reference's plain bf16 weights.
 Results: dev/notes_train.md, dev/notes_decode.md.
 """
 import argparse
@@ -24,6 +26,7 @@ import torch
 
 from dev.bench_train import config_kwargs, sync
 from nanochat.engine import Engine
+from nanochat.fastlinear import pack_linears, packing_supported
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -141,14 +144,21 @@ class FakeTokenizer:
 def bench_decode(ref, depth, batch, dtype, args, device):
     g = torch.Generator().manual_seed(2)
     prompt = torch.randint(0, args.vocab_size, (args.prompt_len,), generator=g).tolist()
-    engines, outputs, times = {}, {}, {"ours": [], "ref": []}
+    # bf16: a third side, ours with oneDNN-packed bf16 Linears (nanochat.fastlinear), where this machine has it;
+    # the reference keeps plain bf16 weights, its own best
+    sides = ["ours", "ref"]
+    if dtype == "bf16" and packing_supported(device)[0]:
+        sides.insert(1, "ours-packed")
+    engines, outputs, times = {}, {}, {side: [] for side in sides}
     # the reference picks its activation/cache dtype from a module global (COMPUTE_DTYPE): set it to match
     ref.gpt.COMPUTE_DTYPE = ref.engine.COMPUTE_DTYPE = torch.bfloat16 if dtype == "bf16" else torch.float32
-    for side in ("ours", "ref"):
-        model = build(side, ref, depth, args, device).eval()
-        if dtype == "bf16":
+    for side in sides:
+        model = build("ref" if side == "ref" else "ours", ref, depth, args, device).eval()
+        if side == "ours-packed":
+            model = pack_linears(model)
+        elif dtype == "bf16":
             model = model.to(torch.bfloat16)
-        engines[side] = Engine(model, FakeTokenizer()) if side == "ours" else ref.engine.Engine(model, FakeTokenizer())
+        engines[side] = ref.engine.Engine(model, FakeTokenizer()) if side == "ref" else Engine(model, FakeTokenizer())
 
     def run(side):
         c0, t0 = time.process_time(), time.perf_counter()
@@ -160,12 +170,14 @@ def bench_decode(ref, depth, batch, dtype, args, device):
         times[side].append((wall, (time.process_time() - c0) / (wall * torch.get_num_threads())))
 
     for _ in range(args.decode_warmup):
-        run("ours"), run("ref")
-    times = {"ours": [], "ref": []}
+        for side in sides:
+            run(side)
+    times = {side: [] for side in sides}
     for _ in range(args.rounds):
-        run("ours"), run("ref")
+        for side in sides:
+            run(side)
     res = {}
-    for side in ("ours", "ref"):
+    for side in sides:
         wall, util = min(times[side])
         res[side] = dict(tok_s=batch * args.new_tokens / wall, util=util, n=len(outputs[side]))
     return res
@@ -216,7 +228,7 @@ def main():
             for b in [int(x) for x in args.decode_batches.split(",")]:
                 r = bench_decode(ref, args.decode_depth, b, dtype, args, device)
                 rows.append((f"decode d{args.decode_depth} {dtype} batch {b} ({args.prompt_len}+{args.new_tokens})", r))
-                print(f"  decode b{b} {dtype}: ours {r['ours']['tok_s']:.1f} ref {r['ref']['tok_s']:.1f} tok/s",
+                print(f"  decode b{b} {dtype}: " + " ".join(f"{k} {v['tok_s']:.1f}" for k, v in r.items()) + " tok/s",
                       file=sys.stderr)
     print("| work | ref tok/s | ours tok/s | ours / ref | util ref / ours | loss ref / ours |")
     print("|---|---|---|---|---|---|")

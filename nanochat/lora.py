@@ -132,6 +132,9 @@ class LoRA:
         for i, block in enumerate(model.transformer.h):
             for t in self.targets:
                 self.modules[f"h.{i}.{t}"] = block.get_submodule(t)
+        if not all(isinstance(m, nn.Linear) for m in self.modules.values()):  # e.g. nanochat.fastlinear's
+            raise RuntimeError("LoRA needs the model's nn.Linear layers; this model's were replaced (packed for "
+                               "inference?): attach adapters to an unpacked model")
         self.base_hash = model_state_hash(model)
         self.adapters = {}
         self.stack = ()  # ((name, weight), ...) the hooks apply, in order; () is the base model

@@ -3,6 +3,12 @@
     python -m scripts.chat_cli                      # the SFT model, interactive
     python -m scripts.chat_cli -i mid -p "Hi!"      # one prompt to the midtrained model, then exit
     python -m scripts.chat_cli -i rl -t 0.8 -k 40 --max-tokens 256
+    python -m scripts.chat_cli --dtype bfloat16     # on a CPU with native bf16: packed bf16 Linears
+
+Numerics: --dtype auto is bf16 autocast on CUDA, fp32 elsewhere. --dtype bfloat16 on a CPU packs the Linears'
+weights to bf16 for oneDNN (nanochat.fastlinear; CPUs with avx512_bf16/amx_bf16 only): prompts prefill ~3x
+faster, but one-row decoding measured no faster than fp32 on this project's CPU (dev/notes_decode.md), so it
+is not the default; bf16 greedy tokens agree with fp32's at >= 99% of positions.
 
 Interactive commands: `quit` / `exit` (or Ctrl-D) to leave, `clear` to start a new conversation.
 Replies stream as they are generated; tool calls show with their output: [calculator: 2+3 → 5],
@@ -14,6 +20,7 @@ import sys
 
 from nanochat.common import autocast, resolve_dtype, script_argv
 from nanochat.engine import Engine, ReplyParser
+from nanochat.fastlinear import pack_linears
 from nanochat.tools import make_registry, parse_call
 
 
@@ -136,6 +143,15 @@ def chat_loop(engine, tokenizer, temperature=0.6, top_k=50, max_tokens=512, seed
         turn += 1
 
 
+def inference_numerics(flag, device_type):
+    """--dtype auto|float32|bfloat16 -> (autocast dtype name, whether to pack the Linears). bf16 on a CPU means
+    packed bf16 Linears (bf16 autocast is slower than fp32 there); auto is fp32 on CPU: the packed path was not
+    measured faster at batch 1 (see the module docstring)."""
+    if device_type != "cpu":
+        return resolve_dtype(flag, device_type), False
+    return "float32", flag == "bfloat16"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="which stage's model")
@@ -147,6 +163,8 @@ def parse_args(argv=None):
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bf16 on CUDA, else fp32; bfloat16 on CPU: packed bf16 Linears (native bf16 CPUs)")
     p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
     p.add_argument("--unsafe-exec", action="store_true", help="let the python tool run code without the bubblewrap sandbox")
     args = p.parse_args(script_argv(argv))
@@ -171,7 +189,14 @@ def main(argv=None):
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    autocast_ctx = autocast(resolve_dtype("auto", device.type), device.type)
+    dtype, pack = inference_numerics(args.dtype, device.type)
+    if pack:
+        try:
+            pack_linears(model)
+        except RuntimeError as e:  # --dtype bfloat16 on a CPU without native bf16
+            print(f"error: {e}; run without --dtype bfloat16", file=sys.stderr)
+            return 1
+    autocast_ctx = autocast(dtype, device.type)
     if args.unsafe_exec:
         from nanochat import sandbox
         sandbox.allow_unsafe_exec()
@@ -190,7 +215,9 @@ def main(argv=None):
                 print(f"error: {e}", file=sys.stderr)
                 return 1
             return 0
-        print(f"loaded the {args.source} model (step {meta.get('step', '?')}) on {device}; {tools_line}", file=sys.stderr)
+        numerics = "bf16 packed Linears" if pack else dtype
+        print(f"loaded the {args.source} model (step {meta.get('step', '?')}) on {device} ({numerics}); {tools_line}",
+              file=sys.stderr)
         chat_loop(engine, tokenizer, **kw)
     return 0
 

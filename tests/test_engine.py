@@ -1,6 +1,7 @@
 """Engine: KV-cache sampling vs naive recompute, batching, seeding, stopping, tool use, streaming decode,
 validation, and the chat CLI's turn/loop logic (no checkpoint needed)."""
 import copy
+import functools
 import io
 import random
 
@@ -10,7 +11,8 @@ import torch.nn as nn
 
 from nanochat.calculator import use_calculator
 from nanochat.engine import Engine, StreamDecoder
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.fastlinear import pack_linears, packing_supported
+from nanochat.gpt import GPT, GPTConfig, KVCache
 from nanochat.tokenizer import Tokenizer
 from scripts.chat_cli import ContextFullError, chat_loop, chat_turn
 
@@ -20,6 +22,7 @@ S = TOK.encode_special
 BOS, A_START, A_END = TOK.get_bos_token_id(), S("<|assistant_start|>"), S("<|assistant_end|>")
 PY_START, PY_END, OUT_START, OUT_END = S("<|python_start|>"), S("<|python_end|>"), S("<|output_start|>"), S("<|output_end|>")
 HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
+NEEDS_PACKING = pytest.mark.skipif(not packing_supported("cpu")[0], reason=packing_supported("cpu")[1])
 
 
 def b(ch):
@@ -148,7 +151,13 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 4
 
 def trained_tiny_gpt():
     """A depth-1 model trained for a few seconds on one repeated sentence: its greedy continuations are
-    confident, as a real model's mostly are (an untrained model's near-tied logits would flip on any noise)."""
+    confident, as a real model's mostly are (an untrained model's near-tied logits would flip on any noise).
+    Trained once per session; each caller gets its own copy."""
+    return copy.deepcopy(_trained_tiny_gpt())
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_tiny_gpt():
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=64, vocab_size=V, n_layer=1, n_head=2, n_kv_head=2, n_embd=64))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -162,12 +171,18 @@ def trained_tiny_gpt():
     return model.eval()
 
 
-def test_bf16_weights_give_the_same_greedy_tokens():
-    """Inference in bf16 weights (model.to(torch.bfloat16): half the bytes a decode step reads) against fp32:
+def to_bf16(model, packed):
+    """A bf16 copy of model: plain (model.to(torch.bfloat16)) or with oneDNN-packed Linears (nanochat.fastlinear)."""
+    return pack_linears(copy.deepcopy(model)) if packed else copy.deepcopy(model).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("packed", [False, pytest.param(True, marks=NEEDS_PACKING)])
+def test_bf16_weights_give_the_same_greedy_tokens(packed):
+    """Inference in bf16 weights (half the bytes a decode step reads; plain or packed for oneDNN) against fp32:
     the same greedy tokens at >= 99% of positions over a fixed prompt set."""
     model = trained_tiny_gpt()
     fp32 = Engine(model, TOK)
-    bf16 = Engine(copy.deepcopy(model).to(torch.bfloat16), TOK)
+    bf16 = Engine(to_bf16(model, packed), TOK)
     same = total = 0
     for start in range(0, 44, 4):
         prompt = [BOS] + TOK.encode(TEXT[start:start + 12])
@@ -178,6 +193,35 @@ def test_bf16_weights_give_the_same_greedy_tokens():
         total += 12
     assert same / total >= 0.99, f"{same}/{total}"
     assert TOK.decode(a[0]).startswith(TEXT[start + 12:start + 20])  # and the model did learn the text
+
+
+@NEEDS_PACKING
+@pytest.mark.parametrize("n_head,n_kv_head", HEADS)
+def test_packed_kv_cache_matches_full_forward(n_head, n_kv_head):
+    """Packed bf16 Linears: logits decoded through the KV cache (a prefill, then one token per forward) equal
+    the full forward's within bf16 rounding (a misplaced cache entry moves them by O(1)). An untrained model's
+    near-tied logits may still flip a greedy token, as plain bf16's do: tokens are checked on the trained model
+    (test_packed_greedy_matches_naive_recompute)."""
+    model = pack_linears(make_gpt(n_head=n_head, n_kv_head=n_kv_head, seed=n_kv_head))
+    c = model.config
+    seq = torch.tensor([[BOS] + [random.Random(n_kv_head).randrange(256) for _ in range(47)]])
+    with torch.no_grad():
+        full = model(seq)[0]
+        cache = KVCache(1, c.n_kv_head, 64, c.n_embd // c.n_head, c.n_layer)
+        steps = [model(seq[:, :20], kv_cache=cache)[0]] + [model(seq[:, t:t + 1], kv_cache=cache)[0] for t in range(20, 48)]
+    assert (torch.cat(steps) - full).abs().max() < 0.1  # logits span about +-5 here
+
+
+@NEEDS_PACKING
+def test_packed_greedy_matches_naive_recompute():
+    """Packed bf16 Linears, a trained (confident) model: KV-cache greedy == naive recompute, every token."""
+    trained = pack_linears(trained_tiny_gpt())
+    engine = Engine(trained, TOK)
+    for start in range(0, 44, 8):
+        prompt = [BOS] + TOK.encode(TEXT[start:start + 12])
+        ref, ref_masks = naive_generate(trained, prompt, 12)
+        rows, masks = stream(engine, prompt, max_tokens=12, temperature=0.0)
+        assert rows[0] == ref and masks[0] == ref_masks
 
 
 def test_greedy_runs_to_the_context_limit():
@@ -405,6 +449,18 @@ def chat_model():
     table = {A_START: ids[0], **{x: y for x, y in zip(ids, ids[1:])}}
     table.update({PY_END: b("!"), OUT_END: b("o"), b("o"): b("k"), b("k"): A_END})
     return BigramModel(table, seq_len=128)
+
+
+def test_chat_cli_numerics():
+    """--dtype bfloat16 on CPU packs the Linears (pack_linears says why if it can't); auto and float32 don't;
+    CUDA uses autocast."""
+    import scripts.chat_cli as cli
+    assert cli.inference_numerics("auto", "cpu") == ("float32", False)
+    assert cli.inference_numerics("float32", "cpu") == ("float32", False)
+    assert cli.inference_numerics("bfloat16", "cpu") == ("float32", True)
+    assert cli.inference_numerics("float32", "cuda") == ("float32", False)
+    assert cli.inference_numerics("bfloat16", "cuda") == ("bfloat16", False)
+    assert cli.inference_numerics("auto", "mps") == ("float32", False)
 
 
 def test_chat_turn_streams_and_shows_tool_calls():
