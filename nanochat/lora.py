@@ -234,6 +234,10 @@ class LoRA:
             h = (h.view(mask.size(0), -1, h.size(-1)) * mask[:, None, :]).view(-1, h.size(-1))
         out2 = output.reshape(-1, output.size(-1))
         if h.dtype == output.dtype:  # output + h B^T as one addmm: one op fewer per layer (decode is op-bound)
+            if not output.requires_grad:
+                # inference: add into the base output in place. A fresh (tokens x out) result per module cost
+                # more than the low-rank product itself (d8 prefill, c_fc: 3.8 ms out of place, 0.75 ms in place)
+                return out2.addmm_(h, Bt).view_as(output)
             return torch.addmm(out2, h, Bt).view_as(output)
         return (out2 + torch.mm(h, Bt).to(output.dtype)).view_as(output)
 
