@@ -39,6 +39,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.fastlinear import PackedLinear
 
 DEFAULT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 PACK_CACHE = 8  # packed stack mixes kept per LoRA
@@ -132,7 +133,7 @@ class LoRA:
         for i, block in enumerate(model.transformer.h):
             for t in self.targets:
                 self.modules[f"h.{i}.{t}"] = block.get_submodule(t)
-        if not all(isinstance(m, nn.Linear) for m in self.modules.values()):  # e.g. nanochat.fastlinear's
+        if any(isinstance(m, PackedLinear) for m in self.modules.values()):  # (quantized Linears are fine)
             raise RuntimeError("LoRA needs the model's nn.Linear layers; this model's were replaced (packed for "
                                "inference?): attach adapters to an unpacked model")
         self.base_hash = model_state_hash(model)
