@@ -15,6 +15,8 @@ Kinds of problem:
   document then another entity's, numbered and cut like the real tool's answer (nanochat.search).
 Every reply has one shape: a fixed line, the call, its output, then at once `#### <answer>` copied from
 the output (the kept-state python form makes two calls before it).
+CopyDrill (`copy` in a mixture) is the same call-then-quote shape about newly invented entities plus
+verbatim echoes: answers that can only be copied, which the d4 model must learn before the tools help it.
 Held out: a problem whose question hashes to 0 mod 10 (crc32) is a test problem and is never generated for
 training; facts are held out by entity (test entities' documents are indexed, never trained on).
 """
