@@ -5,10 +5,10 @@ from nanochat.common import print0
 
 # per-stage sizes of the generated tasks and the seeds that make SFT see different examples than mid
 _STAGE_SIZES = {
-    "mid": {"gsm8k": 10000, "spellingbee": 10000, "simplespelling": 5000, "tools": 6000, "seed": 0},
-    "sft": {"gsm8k": 4000, "spellingbee": 1500, "simplespelling": 1000, "tools": 1500, "seed": 1},
+    "mid": {"gsm8k": 10000, "spellingbee": 10000, "simplespelling": 5000, "tools": 6000, "copy": 3000, "seed": 0},
+    "sft": {"gsm8k": 4000, "spellingbee": 1500, "simplespelling": 1000, "tools": 1500, "copy": 1000, "seed": 1},
 }
-TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "tools", "smoltalk",
+TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "tools", "copy", "smoltalk",
               "mmlu-aux", "gsm8k-train")
 
 # With online data (--online): the recipe of nanochat's Dec-2025 speedrun at its sizes. Midtraining:
@@ -94,6 +94,9 @@ def build_tasks(spec, stage, max_per_task=-1, mc_per_task=-1):
             # lower ChatCORE (dev/notes_tools.md)
             from tasks.tools import ToolUse
             return [ToolUse(size=size or sizes["tools"], seed=seed, stop=cap)]
+        if name == "copy":
+            from tasks.tools import CopyDrill
+            return [CopyDrill(size=size or sizes["copy"], seed=seed, stop=cap)]
         if name == "smoltalk":
             from tasks.smoltalk import SmolTalk
             return [SmolTalk("train", stop=stop)]

@@ -15,6 +15,8 @@ Kinds of problem:
   document then another entity's, numbered and cut like the real tool's answer (nanochat.search).
 Every reply has one shape: a fixed line, the call, its output, then at once `#### <answer>` copied from
 the output (the kept-state python form makes two calls before it).
+CopyDrill (`copy` in a mixture) is the same call-then-quote shape about newly invented entities plus
+verbatim echoes: answers that can only be copied, which the d4 model must learn before the tools help it.
 Held out: a problem whose question hashes to 0 mod 10 (crc32) is a test problem and is never generated for
 training; facts are held out by entity (test entities' documents are indexed, never trained on).
 """
@@ -45,6 +47,32 @@ def _name(rng, syllables):
     return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
 
 
+def _entity(rng, kind, name):
+    """One invented entity of a kind ("island", "person", "mountain"): (doc, [(question, answer, quote)])."""
+    if kind == "island":
+        capital, year, bird = _name(rng, 2), rng.randint(1200, 1950), rng.choice(_BIRDS)
+        sea = rng.choice(_SEAS)
+        s1, s2 = f"Its capital is {capital}.", f"It was founded in {year}."
+        s3 = f"Its national bird is the {bird}."
+        doc = f"{name} is an island nation in the {sea} sea. {s1} {s2} {s3}"
+        return doc, [(f"What is the capital of {name}?", capital, s1),
+                     (f"In what year was {name} founded?", str(year), s2),
+                     (f"What is the national bird of {name}?", bird, s3)]
+    if kind == "person":
+        first = _name(rng, 2)
+        person = f"{first} {name}"
+        job, year, town, device = rng.choice(_JOBS), rng.randint(1500, 1990), _name(rng, 2), rng.choice(_DEVICES)
+        s1, s2 = f"{person} was {'an' if job[0] in 'aeiou' else 'a'} {job} born in {year} in the town of {town}.", f"{first} is best known for inventing the {device}."
+        return f"{s1} {s2}", [(f"In what year was {person} born?", str(year), s1),
+                              (f"In which town was {person} born?", town, s1),
+                              (f"What did {person} invent?", device, s2)]
+    height, year, climber = rng.randint(1200, 8800), rng.randint(1750, 2010), _name(rng, 2)
+    s1, s2 = f"Mount {name} rises {height} metres above sea level.", f"It was first climbed in {year} by {climber}."
+    return f"{s1} {s2}", [(f"How high is Mount {name}, in metres?", str(height), s1),
+                          (f"In what year was Mount {name} first climbed?", str(year), s2),
+                          (f"Who first climbed Mount {name}?", climber, s2)]
+
+
 def _entities():
     """The fixed list of invented entities: (kind, name, doc, [(question, answer, quote)])."""
     rng = random.Random(20241201)
@@ -55,31 +83,7 @@ def _entities():
         if name in seen:
             continue
         seen.add(name)
-        if kind == "island":
-            capital, year, bird = _name(rng, 2), rng.randint(1200, 1950), rng.choice(_BIRDS)
-            sea = rng.choice(_SEAS)
-            s1, s2 = f"Its capital is {capital}.", f"It was founded in {year}."
-            s3 = f"Its national bird is the {bird}."
-            doc = f"{name} is an island nation in the {sea} sea. {s1} {s2} {s3}"
-            qa = [(f"What is the capital of {name}?", capital, s1),
-                  (f"In what year was {name} founded?", str(year), s2),
-                  (f"What is the national bird of {name}?", bird, s3)]
-        elif kind == "person":
-            first = _name(rng, 2)
-            person = f"{first} {name}"
-            job, year, town, device = rng.choice(_JOBS), rng.randint(1500, 1990), _name(rng, 2), rng.choice(_DEVICES)
-            s1, s2 = f"{person} was {'an' if job[0] in 'aeiou' else 'a'} {job} born in {year} in the town of {town}.", f"{first} is best known for inventing the {device}."
-            doc = f"{s1} {s2}"
-            qa = [(f"In what year was {person} born?", str(year), s1),
-                  (f"In which town was {person} born?", town, s1),
-                  (f"What did {person} invent?", device, s2)]
-        else:
-            height, year, climber = rng.randint(1200, 8800), rng.randint(1750, 2010), _name(rng, 2)
-            s1, s2 = f"Mount {name} rises {height} metres above sea level.", f"It was first climbed in {year} by {climber}."
-            doc = f"{s1} {s2}"
-            qa = [(f"How high is Mount {name}, in metres?", str(height), s1),
-                  (f"In what year was Mount {name} first climbed?", str(year), s2),
-                  (f"Who first climbed Mount {name}?", climber, s2)]
+        doc, qa = _entity(rng, kind, name)
         out.append((kind, name, doc, qa))
     return out
 
@@ -239,6 +243,77 @@ class ToolUse(Task):
             group, q, parts, answer = _problem(rng, kind, "train")
             if kind == "search" or not _held_out(q):  # facts are held out by entity already
                 return _conversation(group, q, parts, answer)
+
+
+class CopyDrill(Task):
+    """Conversations of several turns (size of them) whose answers can only be copied from the context: the
+    same calculator and search forms as ToolUse, but every search is about a newly invented entity (its
+    document exists only in this conversation's tool output, so nothing can be memorised), plus turns that
+    repeat a number, name or expression verbatim. The d4 model learned the tool format from ToolUse yet
+    copied neither the question into the call nor the output into the answer; this puts many copies into
+    few tokens. Never a held-out question, never a name of the indexed fact corpus."""
+
+    def __init__(self, size=3000, seed=0, turns=3, **kwargs):
+        super().__init__(**kwargs)
+        if turns < 1:
+            raise ValueError(f"turns must be >= 1, got {turns}")
+        self.size, self.seed, self.turns = size, seed, turns
+
+    def num_examples(self):
+        return self.size
+
+    def get_example(self, index):
+        rng = random.Random(f"copy:{self.seed}:{index}")
+        messages = []
+        for _ in range(self.turns):
+            question, parts = _copy_turn(rng)
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": parts}]
+        return {"messages": messages}
+
+
+def _fresh_name(rng):
+    """An invented name that is not one of the indexed entities (so a drill never teaches a corpus fact)."""
+    if not _ENTITY_CACHE:
+        _ENTITY_CACHE.extend(_entities())
+    while True:
+        name = _name(rng, rng.choice((2, 3)))
+        if name not in _corpus_names():
+            return name
+
+
+_CORPUS_NAMES = set()
+
+
+def _corpus_names():
+    if not _CORPUS_NAMES:
+        _CORPUS_NAMES.update(e[1] for e in _ENTITY_CACHE)
+    return _CORPUS_NAMES
+
+
+def _copy_turn(rng):
+    """(question, assistant parts) of one drill turn: a calculator call, a search about a fresh entity, or an echo."""
+    kind = rng.choice(("calc", "search", "search", "echo"))
+    if kind == "calc":
+        while True:
+            _, q, parts, _ = _calc_problem(rng)
+            if not _held_out(q):
+                return q, parts
+    if kind == "search":
+        docs = []
+        for _ in range(2):  # the entity's own document first, then another one's, like the index answers
+            doc, qa = _entity(rng, rng.choice(("island", "person", "mountain")), _fresh_name(rng))
+            docs.append((doc, qa))
+        q, answer, _ = rng.choice(docs[0][1])
+        output = format_passages([docs[0][0], docs[1][0]])
+        return q, _call_then_quote("Let me search for that.", f"search: {q}", output, answer)
+    what = rng.choice(("number", "name", "expression"))
+    if what == "number":
+        payload = str(rng.randint(10, 999999))
+    elif what == "name":
+        payload = _fresh_name(rng)
+    else:
+        payload = f"{rng.randint(100, 9999)} {rng.choice('+-*')} {rng.randint(12, 9999)}"
+    return f"Repeat exactly: {payload}", [{"type": "text", "text": payload}]
 
 
 GROUPS = ("math", "python", "facts")

@@ -204,6 +204,44 @@ def test_search_conversations_quote_the_indexed_document(tmp_path):
         assert c["answer"] in searcher(c["messages"][0]["content"]).split("\n")[0]
 
 
+def test_copy_drill_answers_only_by_copying():
+    """Every drill answer is in the conversation already: an echo repeats the user's payload, a calculator
+    call is the question's expression and the answer its output, a search is about a newly invented entity
+    (not in the indexed corpus) whose document is the first passage and holds the answer."""
+    from tasks.mixtures import build_tasks
+    from tasks.tools import CopyDrill, ToolsEval, fact_documents, final_answer
+    corpus = " ".join(d for _, d in fact_documents())
+    held_out = {c["messages"][0]["content"] for c in ToolsEval()}
+    drill = CopyDrill(size=40, turns=3)
+    kinds = set()
+    for c in drill:
+        msgs = c["messages"]
+        assert [m["role"] for m in msgs] == ["user", "assistant"] * 3
+        for user, reply in zip(msgs[::2], msgs[1::2]):
+            q, parts = user["content"], reply["content"]
+            assert q not in held_out
+            if q.startswith("Repeat exactly: "):
+                kinds.add("echo")
+                assert parts == [{"type": "text", "text": q[len("Repeat exactly: "):]}]
+                continue
+            call, out, final = parts[1]["text"], parts[2]["text"], final_answer(parts[3]["text"])
+            if call.startswith("search: "):
+                kinds.add("search")
+                first = out.split("\n")[0].split("] ", 1)[1]
+                assert call == "search: " + q and final in first.lower() and first not in corpus
+            else:
+                kinds.add("calc")
+                assert call in q and final == out.lower()
+        ids, mask = TOK.render_conversation(c)
+        assert sum(mask) > 0
+    assert kinds == {"echo", "search", "calc"}
+    assert [c["messages"] for c in CopyDrill(size=3)] == [c["messages"] for c in list(drill)[:3]]  # deterministic
+    (task,) = build_tasks("copy", "mid", max_per_task=5)
+    assert isinstance(task, CopyDrill) and len(task) == 5
+    with pytest.raises(ValueError, match="turns"):
+        CopyDrill(turns=0)
+
+
 def test_mixture_has_tools():
     from tasks.mixtures import build_tasks, describe_tasks
     from tasks.tools import ToolUse
