@@ -37,11 +37,13 @@ case "$NANOCHAT_PROFILE" in
     CHAT_SFT="--device-batch-size=4 --examples-per-step=32 --save-every=200 --keep-last=2"
     CHAT_RL="--device-batch-size=8"
     CHAT_DPO="--device-batch-size=8"
-    CHAT_EVAL="" ;;
+    CHAT_EVAL=""
+    COPY_STEPS=0 ;;
   cpu)
     NPROC=1; DATA=offline; SHARDS=0; VOCAB=4096; TOK_CHARS=50000000
     # a tiny model for a fixed number of steps: 20 tokens/param would take hours on 2 cores
-    BASE_TRAIN="--depth=4 --max-seq-len=512 --device-batch-size=8 --total-batch-size=8192 --num-iterations=${CPU_BASE_STEPS:-200} --eval-every=50 --eval-tokens=65536 --sample-every=100 --save-every=50 --keep-last=2"
+    DEPTH=4
+    BASE_TRAIN="--depth=$DEPTH --max-seq-len=512 --device-batch-size=8 --total-batch-size=8192 --num-iterations=${CPU_BASE_STEPS:-200} --eval-every=50 --eval-tokens=65536 --sample-every=100 --save-every=50 --keep-last=2"
     BASE_LOSS="--split-tokens=65536 --device-batch-size=8"
     BASE_EVAL="--max-per-task=50"
     # chat stages: a few minutes each; the mixtures are capped so rendering them stays cheap
@@ -50,7 +52,12 @@ case "$NANOCHAT_PROFILE" in
     CHAT_RL="--num-steps=${CPU_RL_STEPS:-30} --prompts-per-step=4 --num-samples=8 --max-new-tokens=128 --eval-every=-1 --eval-problems=32 --eval-samples=4 --save-every=-1"
     # DPO samples as many answers as RL does (120 problems x 8 = 30 steps x 4 x 8)
     CHAT_DPO="--num-problems=120 --num-samples=8 --max-new-tokens=128 --pairs-per-step=8 --num-epochs=2 --eval-problems=32 --eval-samples=4"
-    CHAT_EVAL="--max-problems=128 --max-new-tokens=128" ;;
+    CHAT_EVAL="--max-problems=128 --max-new-tokens=128"
+    # CPU_COPY_STEPS>0: a copy-only drill (tasks/tools.py CopyDrill, all 3000 conversations) before midtraining,
+    # which then starts from it; the d4 model learns to copy questions into tool calls and outputs into answers
+    # (then the default mid mixture keeps `copy` in it: without it the facts' copying was lost, dev/notes_tools.md)
+    COPY_STEPS=${CPU_COPY_STEPS:-0}
+    MID_AFTER_COPY="chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling,tools,copy" ;;
   *) echo "unknown NANOCHAT_PROFILE=$NANOCHAT_PROFILE (expected gpu8, gpu1 or cpu)" >&2; exit 1 ;;
 esac
 DATA="${NANOCHAT_DATA:-$DATA}"
@@ -68,8 +75,9 @@ launch() {
 }
 # NANOCHAT_RESUME=1 bash speedrun.sh continues a killed run: training stages resume from their last
 # checkpoint (a stage that had finished just re-saves). Otherwise each stage starts fresh.
+# resume_flag STAGE [TAG]: a stage that writes two tags (the copy drill, then midtraining) resumes each on its own
 resume_flag() {
-  if [ "${NANOCHAT_RESUME:-0}" = 1 ] && ls "$NANOCHAT_BASE_DIR/$1_checkpoints"/*/meta_*.json >/dev/null 2>&1; then echo "--resume"; fi
+  if [ "${NANOCHAT_RESUME:-0}" = 1 ] && ls "$NANOCHAT_BASE_DIR/$1_checkpoints"/${2:-*}/meta_*.json >/dev/null 2>&1; then echo "--resume"; fi
 }
 STAGE=0
 stage() {
@@ -111,7 +119,15 @@ stage "base model loss" launch scripts.base_loss -- $BASE_LOSS
 stage "base model evaluation (CORE)" launch scripts.base_eval -- $BASE_EVAL $ONLINE
 
 # --- chat model -----------------------------------------------------------------------------
-stage "midtraining" launch scripts.mid_train -- $MID_TRAIN $ONLINE --run="$WANDB_RUN" $(resume_flag mid)
+if [ "$COPY_STEPS" -gt 0 ]; then
+  # its own tag (not d<N>, so no later stage picks it up); midtraining then continues from its weights
+  stage "copy drill (before midtraining)" launch scripts.mid_train -- $MID_TRAIN --mixture=copy --max-per-task=-1 \
+    --num-iterations="$COPY_STEPS" --save-tag=copydrill --run="$WANDB_RUN" $(resume_flag mid copydrill)
+  stage "midtraining" launch scripts.mid_train -- $MID_TRAIN $ONLINE --source=mid --model-tag=copydrill \
+    --mixture="$MID_AFTER_COPY" --save-tag="d$DEPTH" --run="$WANDB_RUN" $(resume_flag mid "d$DEPTH")
+else
+  stage "midtraining" launch scripts.mid_train -- $MID_TRAIN $ONLINE --run="$WANDB_RUN" $(resume_flag mid)
+fi
 stage "chat evaluation (mid)" launch scripts.chat_eval -- -i mid $CHAT_EVAL
 stage "supervised finetuning" launch scripts.chat_sft -- $CHAT_SFT $ONLINE --run="$WANDB_RUN" $(resume_flag chatsft)
 stage "chat evaluation (sft)" launch scripts.chat_eval -- -i sft $CHAT_EVAL

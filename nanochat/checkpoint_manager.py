@@ -185,6 +185,9 @@ def load_model(source, device, phase, model_tag=None, step=None):
         elif step not in complete_steps(checkpoint_dir):
             raise FileNotFoundError(f"no complete checkpoint for step {step} in {checkpoint_dir}")
     except FileNotFoundError as e:
+        tags = sorted(t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))) \
+            if os.path.isdir(checkpoints_dir) else []
         raise FileNotFoundError(f"{e}. No {source} model to load: run `python -m {script}` first "
-                                f"(or check NANOCHAT_BASE_DIR / --model-tag / --step)") from None
+                                f"(or check NANOCHAT_BASE_DIR / --model-tag / --step; tags there: "
+                                f"{', '.join(tags) or 'none'})") from None
     return build_model(checkpoint_dir, step, device, phase)

@@ -33,7 +33,7 @@ def close_figure(fig):
     import matplotlib.pyplot as plt
     plt.close(fig)
 
-# Report order; sections not listed here follow in the order they were written.
+# Report order; sections not listed here (nor a listed name plus " (...)") follow in the order they were written.
 SECTION_ORDER = [
     "Tokenizer training", "Tokenizer evaluation",
     "Base model training", "Base model loss", "Base model evaluation",
@@ -190,7 +190,9 @@ class Report:
             with open(p) as f:
                 metas.append((slug, json.load(f)))
         rank = {s: i for i, s in enumerate(SECTION_ORDER)}
-        metas.sort(key=lambda sm: (rank.get(sm[1]["section"], len(rank)), sm[1]["time"]))
+        # "Midtraining (copydrill)" sorts with "Midtraining": a variant sits by its stage, in the order written
+        metas.sort(key=lambda sm: (rank.get(sm[1]["section"], rank.get(sm[1]["section"].split(" (")[0], len(rank))),
+                                   sm[1]["time"]))
         return metas
 
     def summary_table(self, sections):

@@ -111,16 +111,23 @@ def make_optimizers(model, args, lr_frac=1.0):
                                   matrix_lr=args.matrix_lr * lr_frac, weight_decay=args.weight_decay)
 
 
-def load_start_model(args, source, out_dirname, run):
+def load_start_model(args, source, out_dirname, run, save_tag=""):
     """The model a later stage trains: the source stage's (--model-tag, --step), or with --resume this stage's
-    latest checkpoint. -> (model, tokenizer, tag, checkpoint_dir, start_step, rank_state, meta_or_None)."""
+    latest checkpoint. save_tag names the out_dirname/<tag> this run writes (default: the loaded tag), so one
+    stage can run twice in a row (a drill, then the real run starting from it) without overwriting its start.
+    -> (model, tokenizer, tag, checkpoint_dir, start_step, rank_state, meta_or_None)."""
+    if source not in SOURCES:
+        raise SystemExit(f"unknown source {source!r}: expected one of {', '.join(SOURCES)}")
     src_dir = os.path.join(get_base_dir(), SOURCES[source][0])
     tag = args.model_tag
     out_root = os.path.join(get_base_dir(), out_dirname)
     if args.resume:
-        tag = tag or find_largest_model(out_root)
+        tag = save_tag or tag or find_largest_model(out_root)
         checkpoint_dir = os.path.join(out_root, tag)
-        start_step = find_last_step(checkpoint_dir)
+        try:
+            start_step = find_last_step(checkpoint_dir)
+        except FileNotFoundError as e:
+            raise SystemExit(f"cannot resume: {e}. Start afresh without --resume (or check --save-tag/--model-tag)")
         model, tokenizer, meta = build_model(checkpoint_dir, start_step, run.device, "train")
         rank_state = load_training_state(checkpoint_dir, start_step, meta, run)
         return model, tokenizer, tag, checkpoint_dir, start_step, rank_state, meta
@@ -129,9 +136,14 @@ def load_start_model(args, source, out_dirname, run):
             tag = find_largest_model(src_dir)
         except FileNotFoundError:
             pass  # load_model below gives the helpful error
+    out_tag = save_tag or tag
+    if tag and os.path.join(src_dir, tag) == os.path.join(out_root, out_tag):
+        # starting afresh moves the tag's earlier checkpoints aside: that would be the model just loaded
+        raise SystemExit(f"this run would overwrite the checkpoint it starts from ({out_dirname}/{tag}): "
+                         "give --save-tag a different tag")
     model, tokenizer, _ = load_model(source, run.device, "train", model_tag=tag or None,
                                      step=args.step if args.step >= 0 else None)
-    return model, tokenizer, tag, os.path.join(out_root, tag), 0, None, None
+    return model, tokenizer, out_tag, os.path.join(out_root, out_tag), 0, None, None
 
 
 def check_resume(meta, same, num_iterations):

@@ -24,10 +24,17 @@ plus --identity-file when given. A held-out slice of the shuffled mixture (--val
 conversations) is never trained on and gives the validation bpb.
 
 --num-iterations -1 trains one epoch of the mixture. --resume continues an interrupted run of
---model-tag exactly (model, optimizers, data position, RNG).
+--save-tag (else --model-tag) exactly (model, optimizers, data position, RNG).
+
+Two phases (a copy drill, then midtraining from the drill's weights):
+    python -m scripts.mid_train --mixture=copy --num-iterations=300 --save-tag=copydrill
+    python -m scripts.mid_train --source=mid --model-tag=copydrill --save-tag=d4
+Later stages load the largest d<N> tag, so a drill tag not named d<N> is never picked up by them; its
+report section is "Midtraining (<tag>)", next to the real one.
 """
 import argparse
 import dataclasses
+import re
 import time
 
 import torch
@@ -51,6 +58,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p)
     add_finetune_args(p)
+    p.add_argument("--source", default="base", choices=["base", "mid"], help="where the starting model comes from "
+                   "(--model-tag/--step pick it): base, or mid to continue an earlier midtraining such as a drill")
+    p.add_argument("--save-tag", default="", help="mid_checkpoints/<tag> this run writes and --resume continues "
+                   "(default: the loaded tag)")
     p.add_argument("--online", action="store_true", help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
     p.add_argument("--mc-per-task", type=int, default=3000, help="cap on each multiple-choice train split")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (all ranks)")
@@ -68,7 +79,7 @@ def main(argv=None):
 
     # --- model -------------------------------------------------------------------------------------
     model, tokenizer, model_tag, checkpoint_dir, start_step, rank_state, resume_meta = \
-        load_start_model(args, "base", "mid_checkpoints", run)
+        load_start_model(args, args.source, "mid_checkpoints", run, args.save_tag)
     T = args.max_seq_len
     if T > model.rotary_len:
         raise SystemExit(f"--max-seq-len {T} exceeds the model's rotary table ({model.rotary_len})")
@@ -149,9 +160,13 @@ def main(argv=None):
     if run.master and step == num_iterations:
         from nanochat.report import get_report
         # no summary metric: val bpb on chat data is not comparable with the base row; chat_eval fills MID
-        get_report().log(section="Midtraining", stage="MID", data=[
+        # a run under a tag later stages do not pick (a drill) gets its own section, not the one they read
+        section = "Midtraining" if re.fullmatch(r"d\d+", model_tag) else f"Midtraining ({model_tag})"
+        get_report().log(section=section, stage="MID", data=[
             user_config,
             {
+                "Start": f"{args.source} {args.model_tag or '(largest)'}" if not args.resume else "resumed",
+                "Saved as": f"mid_checkpoints/{model_tag}",
                 "Mixture": spec,
                 "Tasks": ", ".join(f"{k}: {v}" for k, v in describe_tasks(tasks).items()),
                 "Training conversations": len(train_set),

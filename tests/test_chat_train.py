@@ -324,3 +324,53 @@ def test_kill_and_resume_matches_uninterrupted(trained, tmp_path, stage):
     b = torch.load(model_path(os.path.join(base, out_dir, "d1"), 6), weights_only=True)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=RTOL, atol=1e-6)
+
+
+def test_two_phase_midtraining_then_sft_loads_the_real_one(tiny_base_dir, tmp_path):
+    """A drill phase under its own tag, midtraining from its weights (--source mid), then chat_sft: SFT must
+    pick the real midtraining (d1), not the drill, even when the drill's directory is the newer one."""
+    from nanochat.report import Report
+    base = make_base(tmp_path / "base", tiny_base_dir)
+    mid_root = os.path.join(base, "mid_checkpoints")
+    run(base, MID + ["--mixture", custom(base), "--num-iterations", "4", "--save-tag", "drill"])
+    assert complete_steps(os.path.join(mid_root, "drill")) == [4] and not os.path.exists(os.path.join(mid_root, "d1"))
+
+    second = MID + ["--mixture", custom(base), "--source", "mid", "--model-tag", "drill", "--save-tag", "d1"]
+    run(base, second + ["--stop-after", "0"])  # saves the starting weights at step 0
+    start = torch.load(model_path(os.path.join(mid_root, "d1"), 0), weights_only=True)
+    drill = torch.load(model_path(os.path.join(mid_root, "drill"), 4), weights_only=True)
+    assert start.keys() == drill.keys()
+    for k in start:
+        torch.testing.assert_close(start[k], drill[k], rtol=0, atol=0)
+    run(base, second + ["--resume"])  # --resume continues the --save-tag, not the loaded tag
+    assert complete_steps(os.path.join(mid_root, "d1")) == [0, 6]
+    assert complete_steps(os.path.join(mid_root, "drill")) == [4]  # the drill is untouched
+
+    later = os.path.getmtime(os.path.join(mid_root, "d1")) + 100
+    os.utime(os.path.join(mid_root, "drill"), (later, later))
+    out = run(base, SFT + ["--mixture", custom(base), "--eval-mc", custom(base, "mc.jsonl")]).stdout
+    assert "model (mid d1)" in out
+    _, _, meta = load_checkpoint(os.path.join(base, "chatsft_checkpoints", "d1"), 6, "cpu")
+    assert meta["source"] == "mid"
+
+    sections = [m["section"] for _, m in Report(os.path.join(base, "report"))._sections()]
+    assert sections.index("Midtraining (drill)") + 1 == sections.index("Midtraining") < sections.index("Chat SFT")
+
+
+def test_second_phase_flags_fail_clearly(tiny_base_dir, tmp_path):
+    base = make_base(tmp_path / "base", tiny_base_dir)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=base, OMP_NUM_THREADS="1")
+
+    def fails(args):
+        p = subprocess.run([sys.executable, "-m"] + MID + ["--mixture", custom(base)] + args, cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0
+        return p.stderr
+
+    assert "invalid choice: 'sft'" in fails(["--source", "sft"])
+    err = fails(["--source", "mid", "--model-tag", "nosuch", "--save-tag", "d1"])
+    assert "mid_checkpoints/nosuch" in err and "scripts.mid_train" in err
+    err = fails(["--save-tag", "nosuch", "--resume"])
+    assert "cannot resume" in err and "nosuch" in err
+    run(base, MID + ["--mixture", custom(base), "--num-iterations", "1", "--save-tag", "drill"])
+    assert "give --save-tag a different tag" in fails(["--source", "mid", "--model-tag", "drill"])

@@ -45,3 +45,25 @@ def test_tokenizer_and_base_stages(tmp_path, write_shards, make_docs):
         assert f"## {section}" in report
     assert "| val bpb |" in report  # the summary table has the BASE column filled
     assert (cwd / "report_assets" / "base_loss_curve.png").exists()
+
+
+def test_speedrun_copy_drill_settings_and_per_tag_resume(tmp_path):
+    """speedrun.sh's cpu copy drill: off unless CPU_COPY_STEPS is set, its after-mixture names real tasks, and
+    resume_flag looks at one tag, so a finished drill does not make the midtraining after it resume."""
+    import re
+    from tasks.mixtures import TASK_NAMES
+    with open(os.path.join(ROOT, "speedrun.sh")) as f:
+        text = f.read()
+    assert "COPY_STEPS=${CPU_COPY_STEPS:-0}" in text
+    mix = re.search(r'MID_AFTER_COPY="([^"]*)"', text).group(1).split(",")
+    assert "copy" in mix and set(mix) <= set(TASK_NAMES)
+    func = re.search(r"resume_flag\(\) \{.*?\n\}", text, re.S).group(0)
+    os.makedirs(tmp_path / "mid_checkpoints" / "copydrill")
+    (tmp_path / "mid_checkpoints" / "copydrill" / "meta_000010.json").write_text("{}")
+    script = func + '\necho "[$(resume_flag mid copydrill)] [$(resume_flag mid d4)] [$(resume_flag mid)] [$(resume_flag chatsft)]"'
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), NANOCHAT_RESUME="1")
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[--resume] [] [--resume] []"
+    env["NANOCHAT_RESUME"] = "0"
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[] [] [] []"
