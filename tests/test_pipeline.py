@@ -48,13 +48,13 @@ def test_tokenizer_and_base_stages(tmp_path, write_shards, make_docs):
 
 
 def test_speedrun_copy_drill_settings_and_per_tag_resume(tmp_path):
-    """speedrun.sh's cpu copy drill: off unless CPU_COPY_STEPS is set, its after-mixture names real tasks, and
+    """speedrun.sh's cpu copy drill: 300 steps unless CPU_COPY_STEPS says otherwise, its after-mixture names real tasks, and
     resume_flag looks at one tag, so a finished drill does not make the midtraining after it resume."""
     import re
     from tasks.mixtures import TASK_NAMES
     with open(os.path.join(ROOT, "speedrun.sh")) as f:
         text = f.read()
-    assert "COPY_STEPS=${CPU_COPY_STEPS:-0}" in text
+    assert "COPY_STEPS=${CPU_COPY_STEPS:-300}" in text  # on by default: the tools only help a model that copies
     mix = re.search(r'MID_AFTER_COPY="([^"]*)"', text).group(1).split(",")
     assert "copy" in mix and set(mix) <= set(TASK_NAMES)
     func = re.search(r"resume_flag\(\) \{.*?\n\}", text, re.S).group(0)
