@@ -38,14 +38,24 @@ from nanochat.training import collate
 class LoRAStrategy(Strategy):
     name = "lora"
     prefix = ""  # of adapter names: strategies that share an adapter_dir must not overwrite each other
+    subspace_option = None  # (config field, its values): "inputs" confines each new adapter (merge, olora)
 
     def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
+        option = None
+        if self.subspace_option:  # checked before a LoRA is attached to the model
+            field, values = self.subspace_option
+            option = getattr(cfg, field)
+            if option not in values:
+                raise ValueError(f"{field} must be {' or '.join(repr(v) for v in values)}, got {option!r}")
         super().__init__(model, tokenizer, cfg, tasks, dtype)
         from nanochat.lora import LoRA
         self.lora = LoRA(model)
         self.names = []  # adapter of task i
         self.router_accuracy = []  # per evaluation: fraction of task j's items routed to adapter j
         self.subspace = None  # merge / olora with "inputs": the earlier tasks' input bases (lora_subspace.py)
+        if option == "inputs":
+            from nanochat.lora_subspace import InputSubspace
+            self.subspace = InputSubspace(self.lora, cfg.subspace_energy)
         self.subspace_dims = []  # after each task: mean basis size / input size per target
 
     def params(self, i):
@@ -164,13 +174,7 @@ class MergeStrategy(LoRAStrategy):
     name = "merge"
     prefix = "merge-"
 
-    def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
-        if cfg.merge_subspace not in ("none", "inputs"):  # before a LoRA is attached to the model
-            raise ValueError(f"merge_subspace must be 'none' or 'inputs', got {cfg.merge_subspace!r}")
-        super().__init__(model, tokenizer, cfg, tasks, dtype)
-        if cfg.merge_subspace == "inputs":
-            from nanochat.lora_subspace import InputSubspace
-            self.subspace = InputSubspace(self.lora, cfg.subspace_energy)
+    subspace_option = ("merge_subspace", ("none", "inputs"))
 
     def weight(self, i):
         """Each adapter's weight in the merge after task i. By default their mean: a sum of adapters that read
@@ -215,13 +219,7 @@ class OLoRA(LoRAStrategy):
     name = "olora"
     prefix = "olora-"
 
-    def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
-        if cfg.olora_subspace not in ("adapters", "inputs"):  # before a LoRA is attached to the model
-            raise ValueError(f"olora_subspace must be 'adapters' or 'inputs', got {cfg.olora_subspace!r}")
-        super().__init__(model, tokenizer, cfg, tasks, dtype)
-        if cfg.olora_subspace == "inputs":
-            from nanochat.lora_subspace import InputSubspace
-            self.subspace = InputSubspace(self.lora, cfg.subspace_energy)
+    subspace_option = ("olora_subspace", ("adapters", "inputs"))
 
     def before_task(self, i, task):
         super().before_task(i, task)
