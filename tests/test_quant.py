@@ -13,6 +13,23 @@ from tests.test_lora import make_model, train_on_frozen_base
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def adapter_round_trip(model, x, path):
+    """On a quantized base: an adapter trains (the base never moves), merging it is refused, and it saves to
+    `path` and loads back to the same outputs. -> (lora, adapter)."""
+    lora = LoRA(model)
+    ad = lora.add("q", rank=4, alpha=8, seed=0)
+    lora.activate("q")
+    train_on_frozen_base(model, ad, x, steps=8)
+    with pytest.raises(RuntimeError, match="quantized"):
+        lora.merge()
+    out = model(x)
+    save_adapter(lora, "q", str(path))
+    lora.remove("q")
+    load_adapter(lora, str(path), activate=True)
+    assert torch.equal(model(x), out)
+    return lora, ad
+
+
 def test_int8_linear_matches_its_dequantized_weight_and_passes_gradients():
     torch.manual_seed(0)
     lin = torch.nn.Linear(64, 48, bias=False)
@@ -41,17 +58,7 @@ def test_adapters_train_and_persist_on_a_quantized_base(tmp_path):
     assert isinstance(model.transformer.h[0].attn.c_q, Int8Linear)
     with torch.no_grad():
         assert (model(x) - fp(x)).abs().max() < 0.05 * fp(x).abs().max()
-    lora = LoRA(model)
-    ad = lora.add("q", rank=4, alpha=8, seed=0)
-    lora.activate("q")
-    train_on_frozen_base(model, ad, x, steps=8)  # the int8 base never moves
-    with pytest.raises(RuntimeError, match="quantized"):
-        lora.merge()
-    out = model(x)
-    save_adapter(lora, "q", str(tmp_path / "q"))
-    lora.remove("q")
-    load_adapter(lora, str(tmp_path / "q"), activate=True)
-    assert torch.equal(model(x), out)
+    lora, _ = adapter_round_trip(model, x, tmp_path / "q")
     # bound to the int8 base: the fp32 model refuses it
     with pytest.raises(AdapterBaseMismatch):
         load_adapter(LoRA(fp), str(tmp_path / "q"))
@@ -197,18 +204,8 @@ def test_adapters_train_and_persist_on_a_4bit_base(tmp_path):
     assert ((rows - emb[x]).abs() <= wte.scale[x].float().repeat_interleave(32, -1) * half_step * (1 + 1e-5)).all()
     with torch.no_grad():
         assert (model(x) - fp(x)).abs().max() < 0.3 * fp(x).abs().max()
-    lora = LoRA(model)
-    ad = lora.add("q", rank=4, alpha=8, seed=0)
+    _, ad = adapter_round_trip(model, x, tmp_path / "q")
     assert [tuple(a.shape) for a in ad.A][:2] == [(4, 64), (4, 64)]  # shapes from in/out features, not packed
-    lora.activate("q")
-    train_on_frozen_base(model, ad, x, steps=8)  # the 4-bit base never moves
-    with pytest.raises(RuntimeError, match="quantized"):
-        lora.merge()
-    out = model(x)
-    save_adapter(lora, "q", str(tmp_path / "q"))
-    lora.remove("q")
-    load_adapter(lora, str(tmp_path / "q"), activate=True)
-    assert torch.equal(model(x), out)
     # bound to the 4-bit base: the fp32 and the int8 model refuse it
     with pytest.raises(AdapterBaseMismatch):
         load_adapter(LoRA(fp), str(tmp_path / "q"))
