@@ -16,8 +16,9 @@
         checkpoint needed); otherwise the -i checkpoint and --sequence are used.
 
     python -m dev.bench_continual stack [--random-depth 4]
-        serving cost of adapter stacks: forward tokens/s with 0, 1, 2 and 5 rank-8 adapters active (and the
-        5 merged), on a prefill-shaped (4x256) and a decode-shaped (16x1) forward.
+        serving cost of adapter stacks: forward tokens/s with 0, 1, 2 and 5 rank-8 adapters active through
+        the hooks, the 5 served as the scheduler serves them (per_row, folded) and merged, on a
+        prefill-shaped (4x256) and decode-shaped (16x1, 1x1) forwards.
 
     python -m dev.bench_continual quant [--depth 2]
         int8 weight-only bases (nanochat/quant.py: blocks only, and blocks + embedding + lm_head) and 4-bit
@@ -263,44 +264,65 @@ def _tok_per_sec(model, x, repeat):
 
 
 def bench_stack(args, device):
+    from contextlib import nullcontext
     from nanochat.lora import LoRA
     model = _random_model(args.random_depth or 4, device)
     V = model.config.vocab_size
-    # a prefill-like forward (4 prompts x 256 tokens) and a decode-like one (16 rows x 1 token, timed 20x
-    # in a row: one such forward is too short to time alone)
+    # a prefill-like forward (4 prompts x 256 tokens) and decode-like ones (16 rows and 1 row x 1 token, timed
+    # 20x in a row: one such forward is too short to time alone)
     shapes = [("prefill 4x256", torch.randint(0, V, (4, 256), device=device), 1),
-              ("decode 16x1", torch.randint(0, V, (16, 1), device=device), 20)]
+              ("decode 16x1", torch.randint(0, V, (16, 1), device=device), 20),
+              ("decode 1x1", torch.randint(0, V, (1, 1), device=device), 20)]
     lora = LoRA(model)
     names = [f"a{k}" for k in range(5)]
     for k, n in enumerate(names):
         lora.add(n, rank=8, alpha=16, seed=k)
+    five = tuple((lora.adapters[n], 1.0) for n in names)
     print(f"model d{model.config.n_layer} n_embd {model.config.n_embd}, {model.num_params():,} parameters, "
           f"rank-8 adapters on all six block matrices, device {device}, {torch.get_num_threads()} threads, "
-          f"{'CPU' if device.type == 'cpu' else 'wall'} time, best of {args.repeat}")
-    configs = [(f"{k}", names[:k] or None, False) for k in (0, 1, 2, 5)] + [("5, merged into the weights", names, True)]
-    best = [[float("inf")] * len(configs) for _ in shapes]
+          f"{'CPU' if device.type == 'cpu' else 'wall'} time, {args.repeat} interleaved rounds")
+    # (label, stack to activate, merge, per_row: every row's stack for the scheduler's path, else None)
+    configs = [(f"{k}", names[:k] or None, False, None) for k in (0, 1, 2, 5)] + [
+        ("5, served as the scheduler does (per_row: folded)", None, False, five),
+        ("5, merged into the weights", names, True, None)]
+    times = [[[] for _ in configs] for _ in shapes]
     # on a CPU, this process's CPU time: what other jobs on a shared machine disturb least (run with
     # OMP_NUM_THREADS=1); on a GPU, wall time after a synchronize
     clock = time.process_time if device.type == "cpu" else time.perf_counter
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     with torch.no_grad():
         for _ in range(args.repeat):  # round-robin, so that load from other jobs hits every setting alike
-            for c, (_, stack, merge) in enumerate(configs):
+            for c, (_, stack, merge, rows) in enumerate(configs):
                 lora.activate(stack, merge=merge)
                 for s, (_, x, inner) in enumerate(shapes):
-                    model(x)  # a new stack's packs are built once, not timed: serving reuses them
+                    ctx = (lambda: lora.per_row([rows] * x.size(0))) if rows else nullcontext
+                    for _ in range(lora.fold_after):  # packs and folds are built once, not timed: serving reuses them
+                        with ctx():
+                            model(x)
                     sync()
                     t0 = clock()
                     for _ in range(inner):
-                        model(x)
+                        with ctx():
+                            model(x)
                     sync()
-                    best[s][c] = min(best[s][c], (clock() - t0) / inner)
+                    times[s][c].append((clock() - t0) / inner)
     print("| active adapters | " + " | ".join(f"{label} tokens/s | vs base" for label, _, _ in shapes) + " |")
     print("|---|" + "---|---|" * len(shapes))
-    for c, (label, _, _) in enumerate(configs):
-        cells = [f"{x.numel() / best[s][c]:,.0f} | {100 * (best[s][0] / best[s][c] - 1):+.1f}%"
+    for c, (label, *_) in enumerate(configs):
+        # tokens/s from the fastest round; the change from the median of the per-round ratios to the base,
+        # which a load that comes and goes disturbs less than a ratio of two minima
+        cells = [f"{x.numel() / min(times[s][c]):,.0f} | "
+                 f"{100 * (statistics.median(b / t for b, t in zip(times[s][0], times[s][c])) - 1):+.1f}%"
                  for s, (_, x, _) in enumerate(shapes)]
         print(f"| {label} | " + " | ".join(cells) + " |")
+    folded = sum(w.numel() * w.element_size() for w in lora._fold[2].values())
+    lora._fold, lora._fold_seen, lora.fold_after = None, (None, 0), 1
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        assert lora._folded_weights(five) is not None
+    fold_ms = 1000 * (time.perf_counter() - t0)
+    print(f"folding the 5-stack (once, after {lora.fold_after} forwards with it on every row): "
+          f"{fold_ms:.1f} ms and {folded / 2**20:.1f} MiB for the folded copy of the target weights")
 
 
 def bench_quant(args, device):

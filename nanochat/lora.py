@@ -22,6 +22,11 @@ layer computes W x + sum_k w_k (alpha_k / r_k) B_k A_k x - the same as merging t
 after the other. A nested adapter is trained with a stack beneath it (frozen) and is only meaningful
 on top of that stack; its adapter.json records it ("provenance": {"stacked_on": [...]}).
 
+Serving (per_row, the scheduler's path) folds by itself: a stack that stays on every row of the batch
+for FOLD_AFTER forwards is merged into a copy of the target weights, swapped in for those forwards (no
+hooks, the base model's speed) and kept for the next ones; a mixed batch uses the hooks on the untouched
+base. One such copy is kept.
+
 merge() folds the active stack into the weights (no extra matmuls at inference); it keeps a copy
 of the original weights, and unmerge() copies them back, so the base is restored bit for bit
 (subtracting B A again would leave rounding errors).
@@ -43,6 +48,8 @@ from nanochat.fastlinear import PackedLinear
 
 DEFAULT_TARGETS = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 PACK_CACHE = 8  # packed stack mixes kept per LoRA
+# per_row: forwards in a row with one stack on every row before it is folded into a copy of the weights
+FOLD_AFTER = 4
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
@@ -146,6 +153,10 @@ class LoRA:
         self._plan = None  # what the hooks apply in this forward (see _make_plan); None: work it out again
         self._packs = {}  # module key -> packed (A, B) of the plan's stacks (see _pack)
         self._pack_cache = {}  # plan signature -> its _packs, the last few (a batch's mix comes and goes)
+        self.fold_after = FOLD_AFTER  # per_row folding (see _folded_weights); 0: never
+        self._fold = None  # (signature, pairs, {module key: folded weight}): one folded stack, kept for reuse
+        self._fold_seen = (None, 0)  # the last uniform mix per_row saw, and how many forwards in a row
+        self._folded_now = False  # inside per_row with the fold swapped in: the hooks have nothing to add
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         for p in model.parameters():
             p.requires_grad_(False)
@@ -156,7 +167,8 @@ class LoRA:
 
     def _hook(self, key):
         def hook(module, inputs, output):
-            if not self._enabled or (self._rows is None and (not self.stack or self._merged_stack is not None)):
+            if not self._enabled or self._folded_now or (
+                    self._rows is None and (not self.stack or self._merged_stack is not None)):
                 return None
             plan = self._plan
             if plan is None or plan[4] != torch.is_grad_enabled():
@@ -282,13 +294,58 @@ class LoRA:
         keys = sorted(distinct)  # the same mix in any row order packs the same way: its cached packs are reused
         ordered, where = [distinct[k] for k in keys], {k: i for i, k in enumerate(keys)}
         index = [-1 if k is None else where[k] for k in rows]
+        uniform = len(ordered) == 1 and -1 not in index
+        folded = self._folded_weights(ordered[0]) if uniform else None
+        if folded is not None:  # swap the folded copies in: the block is the base model's forward, no hooks
+            saved = {k: self.modules[k]._parameters["weight"] for k in folded}
+            for k, w in folded.items():
+                self.modules[k]._parameters["weight"] = w
+            self._folded_now = True
+            try:
+                yield
+            finally:
+                self._folded_now = False
+                for k, w in saved.items():
+                    self.modules[k]._parameters["weight"] = w
+            return
         # one stack on every row: no mask needed, the same as activate() for the whole batch
-        row_stack = None if len(ordered) == 1 and -1 not in index else torch.tensor(index, device=self.model.get_device())
+        row_stack = None if uniform else torch.tensor(index, device=self.model.get_device())
         self._rows, self._plan = (row_stack, ordered), None
         try:
             yield
         finally:
             self._rows, self._plan = None, None
+
+    def _folded_weights(self, pairs):
+        """Serving's common case is one stack on every row for many forwards in a row (a batch of requests
+        for one adapter, or one request decoding): after fold_after such forwards, per_row serves it from a
+        copy of the target weights with the stack merged in (merge()'s arithmetic), which costs nothing per
+        token where the hooks cost 10-20% at decode (small matmuls against a small forward). One folded
+        stack is kept: the memory of the target weights once more. -> {module key: weight} or None (use
+        the hooks: not yet, folding off, gradients on for an adapter, or quantized weights)."""
+        sig = tuple((id(ad), w, _version(ad)) for ad, w in pairs)
+        if self._fold is not None and self._fold[0] == sig:
+            return self._fold[2]
+        seen = self._fold_seen[1] + 1 if self._fold_seen[0] == sig else 1
+        self._fold_seen = (sig, seen)
+        if not self.fold_after or seen < self.fold_after:
+            return None
+        keys = [k for k in self.modules if any(k in ad.index for ad, _ in pairs)]
+        if torch.is_grad_enabled() and any(p.requires_grad for ad, _ in pairs for p in ad.parameters()) or any(
+                self.modules[k].weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) for k in keys):
+            return None
+        self._fold = None  # the old copy goes before the new one is made
+        folded = {}
+        with torch.no_grad():
+            for k in keys:
+                w = self.modules[k].weight.detach().clone()
+                for ad, weight in pairs:
+                    i = ad.index.get(k)
+                    if i is not None:
+                        w.add_((ad.weight_delta(i) * weight).to(w.dtype))
+                folded[k] = nn.Parameter(w, requires_grad=False)
+        self._fold = (sig, pairs, folded)
+        return folded
 
     def close(self):
         """Remove the hooks, restore the base weights and the parameters' requires_grad flags."""
@@ -333,6 +390,8 @@ class LoRA:
         # its packs go too (a request still holding it repacks once), so they don't keep it in memory
         self._pack_cache = {sig: p for sig, p in self._pack_cache.items()
                             if not any(ad is gone for st in sig[0] for ad, _ in st)}
+        if self._fold is not None and any(ad is gone for ad, _ in self._fold[1]):
+            self._fold = None
 
     def make_stack(self, names, weights=None):
         """names (None, a name, or a list of names) and weights (default 1.0 each) -> ((name, weight), ...),

@@ -247,3 +247,47 @@ def test_ties_and_dare_of_one_adapter_reproduce_it(x):
         merge_adapters(lora, ["domain"], method, method=method, density=1.0)
         lora.activate(method)
         assert torch.allclose(model(x), ref, atol=1e-4), method
+
+
+def test_per_row_folds_a_lasting_stack_into_a_copy_of_the_weights(x):
+    model = make_model()
+    lora = five_adapters(model)
+    ads = lora.adapters
+    stack = ((ads["a0"], 1.0), (ads["a3"], 0.5))
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        lora.activate(["a0", "a3"], [1.0, 0.5], merge=True)
+        merged = model(x)
+        lora.activate(None)
+        hooked = []
+        for _ in range(lora.fold_after + 1):
+            with lora.per_row([stack, stack]):
+                hooked.append(model(x))
+        assert lora._fold is not None and lora._fold[1] == stack  # folded at the fold_after-th forward
+        for out in hooked[:lora.fold_after - 1]:  # before: the hooks, equal up to rounding
+            torch.testing.assert_close(out, merged, atol=1e-5, rtol=1e-5)
+        for out in hooked[lora.fold_after - 1:]:  # folded: merge()'s arithmetic, bit for bit
+            assert torch.equal(out, merged)
+        # outside per_row, and in a mixed batch meanwhile, the base weights are back and untouched
+        assert all(torch.equal(v, base[k]) for k, v in model.state_dict().items())
+        with lora.per_row([stack, None]):
+            mixed = model(x)
+        torch.testing.assert_close(mixed[0], merged[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[1], lora_off(lora, model, x)[1])
+        fold = lora._fold
+        ads["a3"].B[0].add_(1.0)  # an adapter changed in place: the old fold is not served again
+        with lora.per_row([stack, stack]):
+            changed = model(x)
+        assert lora._fold is fold and not torch.allclose(changed, merged, atol=1e-3)
+        lora.remove("a3")
+        assert lora._fold is None  # a removed adapter's fold goes with it
+        lora.fold_after = 0  # off: never folds
+        for _ in range(6):
+            with lora.per_row([ads["a1"]]):
+                model(x)
+        assert lora._fold is None
+
+
+def lora_off(lora, model, x):
+    with lora.base_only():
+        return model(x)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def adapter_round_trip(model, x, path):
     """On a quantized base: an adapter trains (the base never moves), merging it is refused, and it saves to
-    `path` and loads back to the same outputs. -> (lora, adapter)."""
+    `path` and loads back to the same outputs; serving it never folds it into the weights. -> (lora, adapter)."""
     lora = LoRA(model)
     ad = lora.add("q", rank=4, alpha=8, seed=0)
     lora.activate("q")
@@ -23,6 +23,11 @@ def adapter_round_trip(model, x, path):
     with pytest.raises(RuntimeError, match="quantized"):
         lora.merge()
     out = model(x)
+    with torch.no_grad():
+        for _ in range(lora.fold_after + 1):  # serving keeps the hooks: nothing to fold a stack into
+            with lora.per_row([ad] * len(x)):
+                torch.testing.assert_close(model(x), out)
+    assert lora._fold is None
     save_adapter(lora, "q", str(path))
     lora.remove("q")
     load_adapter(lora, str(path), activate=True)

@@ -333,6 +333,19 @@ def test_adapter_replaced_mid_request_keeps_serving_the_old_one():
     assert new.tokens == alone(model, prompt, max_tokens=12, temperature=0.0)  # the new (no-op) version
 
 
+def test_a_lasting_stack_is_served_folded_with_the_same_tokens():
+    model = make_gpt(seed=9)
+    lora = make_lora(model)
+    prompt = prompts_of([7], seed=9, end="?")[0]
+    stack = ((lora.adapters["a"], 1.0), (lora.adapters["b"], 0.5))
+    lora.activate(["a", "b"], [1.0, 0.5])
+    want = alone(model, prompt, max_tokens=12, temperature=0.0)
+    lora.activate(None)
+    got = run_staggered(Scheduler(model, TOK, lora=lora), [Request(prompt, max_tokens=12, temperature=0.0,
+                                                                   adapter=stack)], join_at=[0])
+    assert got[0].tokens == want and lora._fold is not None and lora._fold[1] == stack  # decoded from the fold
+
+
 # --- the background thread ----------------------------------------------------------------------
 
 def test_background_thread_serves_concurrent_submitters():
