@@ -283,16 +283,25 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_qkv = None  # inference only (fastlinear.pack_linears): c_q, c_k, c_v as one matrix
 
     def forward(self, x, cos, sin, kv_cache=None):
         B, T, C = x.shape
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # Order: rotary, then QK-norm. A rotary rotation preserves each vector's RMS, so the two orders
         # give the same result mathematically; norming last guarantees unit-RMS inputs to the dot product.
-        q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        if self.c_qkv is not None:
+            # one matmul, and the rotary and the norm over q's and k's heads together: a decode step is
+            # bound by the number of small ops, and this drops ~20 per layer (d8 batch 8: ~10% faster)
+            qkv = self.c_qkv(x).view(B, T, H + 2 * Hkv, D)
+            qk = norm(apply_rotary_emb(qkv[:, :, :H + Hkv], cos, sin)).transpose(1, 2)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, H, T, D)
+        else:
+            q = self.c_q(x).view(B, T, H, D)
+            k = self.c_k(x).view(B, T, Hkv, D)
+            v = self.c_v(x).view(B, T, Hkv, D)
+            q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         q_pos, mask = 0, None
         if kv_cache is not None:
             # a ragged batch (every row its own length) or a static cache: the mask alone says what to attend to

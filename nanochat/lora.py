@@ -134,15 +134,15 @@ class LoRA:
             raise ValueError(f"unknown LoRA targets {bad}; choose from {DEFAULT_TARGETS}")
         if getattr(model, "_lora", None) is not None:
             raise RuntimeError("this model already has a LoRA attached; reuse it (model._lora) or close() it first")
+        if any(isinstance(m, PackedLinear) for m in model.modules()):  # (quantized Linears are fine)
+            raise RuntimeError("LoRA needs the model's nn.Linear layers; this model's were replaced (packed for "
+                               "inference?): attach adapters to an unpacked model")
         self.model = model
         self.targets = tuple(targets)
         self.modules = {}  # "h.<layer>.<target>" -> nn.Linear, in block order
         for i, block in enumerate(model.transformer.h):
             for t in self.targets:
                 self.modules[f"h.{i}.{t}"] = block.get_submodule(t)
-        if any(isinstance(m, PackedLinear) for m in self.modules.values()):  # (quantized Linears are fine)
-            raise RuntimeError("LoRA needs the model's nn.Linear layers; this model's were replaced (packed for "
-                               "inference?): attach adapters to an unpacked model")
         self.base_hash = model_state_hash(model)
         self.adapters = {}
         self.stack = ()  # ((name, weight), ...) the hooks apply, in order; () is the base model

@@ -44,7 +44,9 @@ def test_pack_linears_swaps_every_linear_and_freezes():
         want = model(torch.tensor([[1, 2, 3, 4]]))
     model = pack_linears(tiny_gpt())
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
-    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 2 * 6 + 1  # 6 per block + lm_head
+    # per block q, k, v as one (c_qkv), c_proj, c_fc, c_proj; and the lm_head
+    assert sum(isinstance(m, PackedLinear) for m in model.modules()) == 2 * 4 + 1
+    assert model.transformer.h[0].attn.c_qkv.out_features == 64 + 2 * 32  # 2 query heads of 32, 1 kv head
     # the rest (the embedding) keeps its fp32; nothing trains
     assert not model.training and all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
     assert not any(k.endswith(("c_q.weight", "lm_head.weight")) for k in model.state_dict())  # not a checkpoint
