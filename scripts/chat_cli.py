@@ -3,12 +3,13 @@
     python -m scripts.chat_cli                      # the SFT model, interactive
     python -m scripts.chat_cli -i mid -p "Hi!"      # one prompt to the midtrained model, then exit
     python -m scripts.chat_cli -i rl -t 0.8 -k 40 --max-tokens 256
-    python -m scripts.chat_cli --dtype bfloat16     # on a CPU with native bf16: packed bf16 Linears
+    python -m scripts.chat_cli --dtype float32      # plain fp32 weights on a CPU
 
-Numerics: --dtype auto is bf16 autocast on CUDA, fp32 elsewhere. --dtype bfloat16 on a CPU packs the Linears'
-weights to bf16 for oneDNN (nanochat.fastlinear; CPUs with avx512_bf16/amx_bf16 only): prompts prefill ~3x
-faster, but one-row decoding measured no faster than fp32 on this project's CPU (dev/notes_decode.md), so it
-is not the default; bf16 greedy tokens agree with fp32's at >= 99% of positions.
+Numerics: --dtype auto is bf16 autocast on CUDA; on a CPU with native bf16 (avx512_bf16/amx_bf16) the
+Linears' weights packed to bf16 for oneDNN (nanochat.fastlinear, one q/k/v matrix per block), else fp32.
+Measured on this project's CPU against fp32 (dev/notes_decode.md): prompts prefill 1.5-2.5x faster, one-row
+decoding level to 1.4x faster (d4-d12, 1 or 2 threads), so it is the default; bf16 greedy tokens agree with
+fp32's at >= 99% of positions. --dtype bfloat16 asks for the packed path and says why when it can't.
 
 Interactive commands: `quit` / `exit` (or Ctrl-D) to leave, `clear` to start a new conversation.
 Replies stream as they are generated; tool calls show with their output: [calculator: 2+3 → 5],
@@ -20,7 +21,7 @@ import sys
 
 from nanochat.common import autocast, resolve_dtype, script_argv
 from nanochat.engine import Engine, ReplyParser
-from nanochat.fastlinear import pack_linears
+from nanochat.fastlinear import pack_linears, packing_supported
 from nanochat.tools import make_registry, parse_call
 
 
@@ -145,11 +146,11 @@ def chat_loop(engine, tokenizer, temperature=0.6, top_k=50, max_tokens=512, seed
 
 def inference_numerics(flag, device_type):
     """--dtype auto|float32|bfloat16 -> (autocast dtype name, whether to pack the Linears). bf16 on a CPU means
-    packed bf16 Linears (bf16 autocast is slower than fp32 there); auto is fp32 on CPU: the packed path was not
-    measured faster at batch 1 (see the module docstring)."""
+    packed bf16 Linears (bf16 autocast is slower than fp32 there); auto packs them where the CPU can (see the
+    module docstring), else stays fp32."""
     if device_type != "cpu":
         return resolve_dtype(flag, device_type), False
-    return "float32", flag == "bfloat16"
+    return "float32", flag == "bfloat16" or (flag == "auto" and packing_supported("cpu")[0])
 
 
 def parse_args(argv=None):
@@ -164,7 +165,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bf16 on CUDA, else fp32; bfloat16 on CPU: packed bf16 Linears (native bf16 CPUs)")
+                   help="auto: bf16 on CUDA, packed bf16 Linears on CPUs with native bf16, else fp32")
     p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
     p.add_argument("--unsafe-exec", action="store_true", help="let the python tool run code without the bubblewrap sandbox")
     args = p.parse_args(script_argv(argv))

@@ -451,10 +451,13 @@ def chat_model():
     return BigramModel(table, seq_len=128)
 
 
-def test_chat_cli_numerics():
-    """--dtype bfloat16 on CPU packs the Linears (pack_linears says why if it can't); auto and float32 don't;
-    CUDA uses autocast."""
+def test_chat_cli_numerics(monkeypatch):
+    """--dtype bfloat16 on CPU packs the Linears (pack_linears says why if it can't); auto packs them where the
+    CPU has native bf16; float32 doesn't; CUDA uses autocast."""
     import scripts.chat_cli as cli
+    monkeypatch.setattr(cli, "packing_supported", lambda device: (True, ""))
+    assert cli.inference_numerics("auto", "cpu") == ("float32", True)
+    monkeypatch.setattr(cli, "packing_supported", lambda device: (False, "no native bf16"))
     assert cli.inference_numerics("auto", "cpu") == ("float32", False)
     assert cli.inference_numerics("float32", "cpu") == ("float32", False)
     assert cli.inference_numerics("bfloat16", "cpu") == ("float32", True)
