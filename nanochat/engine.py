@@ -212,7 +212,7 @@ class Engine:
         reuse = num_samples == 1 and not self.compile  # the prefill cache becomes the decode cache
         prefill_cache = self._new_cache(1, capacity if reuse else len(tokens))
         ids = torch.tensor([tokens], dtype=torch.long, device=device)
-        logits = self.model(ids, kv_cache=prefill_cache)[:, -1, :]  # (1, V)
+        logits = self.model(ids, kv_cache=prefill_cache, logits_at=-1)  # (1, V)
         # 2) the decode cache: one row per sample (a batch-1 prefill is already it)
         forward = self.model
         if self.compile:

@@ -421,10 +421,13 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return optimizers
 
-    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean"):
+    def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_at=None):
         """idx: (B, T) token ids. Returns fp32 logits (B, T, V) when targets is None, else the
         cross-entropy (targets == -1 ignored): a scalar for "mean"/"sum", per-token losses of shape
-        (B, T) for "none" (0 at ignored positions). With kv_cache, idx continues the cached sequence."""
+        (B, T) for "none" (0 at ignored positions). With kv_cache, idx continues the cached sequence.
+        logits_at: one position per row (an int for all rows, or a (B,) tensor) -> logits (B, V) there only:
+        a prefill samples from one position, and the lm_head and softcap over every prompt position cost
+        ~15% of its forward (more with a large vocabulary)."""
         B, T = idx.shape
         if isinstance(kv_cache, (_RaggedRows, StaticKVCache)):  # positions come from the cache, maybe as a tensor
             t0 = kv_cache.positions(T, idx.device)  # an int when a ragged batch's rows are all at one position
@@ -443,6 +446,8 @@ class GPT(nn.Module):
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
+        if logits_at is not None:
+            x = x[:, logits_at] if isinstance(logits_at, int) else x[torch.arange(B, device=x.device), logits_at]
         logits = self.lm_head(norm(x)).float()
         if self.config.softcap:
             # softcap * tanh(logits / softcap), written as tanh(y) = 2 sigmoid(2y) - 1: the same function, but

@@ -244,7 +244,7 @@ class Scheduler:
             self.peak_batch = max(self.peak_batch, self.last_batch)
             logits = self._forward(decoding, [[r.last] for r in decoding])
             if logits is not None:
-                self._sample(decoding, logits[:, 0])
+                self._sample(decoding, logits)
         self.steps += 1
         if prefilling or decoding:
             self.busy_seconds += time.perf_counter() - t0
@@ -319,13 +319,14 @@ class Scheduler:
             r.prefilled += len(c)
             if r.prefilled == len(r.req.prompt):
                 done.append(r)
-                last.append(logits[i, len(c) - 1])
+                last.append(logits[i])
         if done:
             self._sample(done, torch.stack(last))
 
     def _forward(self, rows, inputs):
         """Run the model over rows (each continuing its slot with its list of input ids, right-padded).
-        -> logits (n, T, V), or None after failing every row (the error goes to each request)."""
+        -> logits (n, V) at each row's last input, or None after failing every row (the error goes to each
+        request)."""
         T = max(len(x) for x in inputs)
         ids = torch.zeros((len(rows), T), dtype=torch.long)
         for i, x in enumerate(inputs):
@@ -335,7 +336,8 @@ class Scheduler:
         per_row = self.lora.per_row(adapters) if self.lora is not None else nullcontext()
         try:
             with per_row, autocast(self.dtype, self.device.type):
-                return self.model(ids.to(self.device), kv_cache=view)
+                last = torch.tensor([len(x) - 1 for x in inputs], device=self.device)
+                return self.model(ids.to(self.device), kv_cache=view, logits_at=last)
         except Exception as e:  # noqa: BLE001 - one bad forward fails its rows, never the scheduler
             logger.exception("forward failed for %d rows", len(rows))
             for r in rows:

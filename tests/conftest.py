@@ -163,7 +163,7 @@ class EchoChatModel(torch.nn.Module):
         start = len(ids) - ids[::-1].index(S("<|user_start|>"))
         return self.reply_tokens(self.tokenizer.decode(ids[start:ids.index(S("<|user_end|>"), start)]))
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         import time
         self.calls += 1
         if self.delay:
@@ -179,7 +179,7 @@ class EchoChatModel(torch.nn.Module):
                 self.step += 1
             nxt = self.script[self.step] if self.step < len(self.script) else S("<|assistant_end|>")
             logits[:, -1, nxt] = 30.0
-            return logits
+            return at_positions(logits, logits_at)
         # the scheduler: rows continue their own slots of a ragged cache; keep its lengths right
         new = [kv_cache.cache.lengths[s] == 0 for s in slots]
         kv_cache.positions(T, idx.device)
@@ -194,7 +194,7 @@ class EchoChatModel(torch.nn.Module):
             script = self.scripts[slot]
             nxt = script[self.step] if self.step < len(script) else S("<|assistant_end|>")
             logits[i, count - 1, nxt] = 30.0
-        return logits
+        return at_positions(logits, logits_at)
 
 
 @pytest.fixture(name="echo_chat_model", scope="session")
@@ -208,3 +208,12 @@ def serve_app():
     port in a background thread, and stops it on exit."""
     from scripts.chat_web import serve_in_thread
     return serve_in_thread
+
+
+def at_positions(logits, logits_at):
+    """What GPT.forward(..., logits_at=...) returns, for the test models here that compute every position."""
+    if logits_at is None:
+        return logits
+    if isinstance(logits_at, int):
+        return logits[:, logits_at]
+    return logits[torch.arange(logits.size(0)), logits_at]

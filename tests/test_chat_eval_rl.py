@@ -16,6 +16,7 @@ from tasks.evaluate import chatcore, run_categorical_eval, run_generative_eval
 from scripts.chat_rl import (build_rl_batch, group_advantages, policy_gradient_loss, rollout, sample_completions,
                              train_on_rollout)
 from tasks.common import MultipleChoiceTask, Task, extract_final_number, mc_conversation
+from tests.conftest import at_positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -78,7 +79,7 @@ class RiggedModel(nn.Module):
     def get_device(self):
         return self.dummy.device
 
-    def forward(self, idx, targets=None, kv_cache=None):
+    def forward(self, idx, targets=None, kv_cache=None, logits_at=None):
         B, T = idx.shape
         logits = self.bias.expand(B, T, -1).clone()
         for b in range(B):
@@ -86,7 +87,7 @@ class RiggedModel(nn.Module):
                 nxt = self.table.get(int(idx[b, t]))
                 if nxt is not None:
                     logits[b, t, nxt] += 100.0
-        return logits
+        return at_positions(logits, logits_at)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

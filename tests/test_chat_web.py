@@ -422,10 +422,10 @@ def test_generation_errors_reach_the_client_and_the_server_recovers(byte_tokeniz
         """Raises on the fourth forward (after writing "You") while `fail` is set."""
         fail = True
 
-        def forward(self, idx, kv_cache=None):
+        def forward(self, idx, kv_cache=None, logits_at=None):
             if self.fail and idx.size(1) == 1 and self.step >= 2:
                 raise RuntimeError("boom")
-            return super().forward(idx, kv_cache)
+            return super().forward(idx, kv_cache, logits_at)
 
     model = Failing(byte_tokenizer)
     with serve_app(create_app([Worker(0, model, byte_tokenizer)], "failing")) as url:

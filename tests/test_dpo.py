@@ -18,6 +18,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from tasks.common import Task, extract_final_number
 from tasks.preference import pairs_from_samples, read_pairs, sample_pairs, validate_pair, write_pairs
+from tests.conftest import at_positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -173,14 +174,14 @@ class CoinModel(nn.Module):
     def get_device(self):
         return self.dummy.device
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         logits = torch.full((idx.size(0), idx.size(1), self.config.vocab_size), -50.0)
         for b in range(idx.size(0)):
             if idx[b, -1].item() == self.start:
                 logits[b, -1, self.digits] = 0.0
             else:
                 logits[b, -1, self.end] = 0.0
-        return logits
+        return at_positions(logits, logits_at)
 
 
 def test_sample_pairs_from_checkable_problems(byte_tokenizer):

@@ -15,6 +15,7 @@ from nanochat.fastlinear import pack_linears, packing_supported
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from nanochat.tokenizer import Tokenizer
 from scripts.chat_cli import ContextFullError, chat_loop, chat_turn
+from tests.conftest import at_positions
 
 TOK = Tokenizer.byte_level()
 V = TOK.get_vocab_size()  # 265
@@ -58,9 +59,9 @@ class BigramModel(nn.Module):
         self.W = nn.Parameter(W, requires_grad=False)
         self.calls = []
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         self.calls.append(tuple(idx.shape))
-        return self.W[idx]
+        return at_positions(self.W[idx], logits_at)
 
 
 class ScriptedGPT(nn.Module):
@@ -75,14 +76,14 @@ class ScriptedGPT(nn.Module):
     def get_device(self):
         return self.gpt.get_device()
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         logits = self.gpt(idx, kv_cache=kv_cache).clone()
         logits[..., self.suppress] = -30.0
         for a, nxt in self.script.items():
             hit = idx == a
             logits[hit] = -30.0
             logits[..., nxt][hit] = 30.0
-        return logits
+        return at_positions(logits, logits_at)
 
 
 @torch.no_grad()

@@ -36,6 +36,19 @@ def close(a, b):
 HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
 
 
+@torch.no_grad()
+def test_logits_at_returns_only_those_positions():
+    model = make_model()
+    idx = torch.randint(0, V, (3, 12))
+    full = model(idx)
+    assert torch.equal(model(idx, logits_at=-1), full[:, -1])
+    at = torch.tensor([0, 11, 5])
+    assert torch.equal(model(idx, logits_at=at), full[torch.arange(3), at])
+    cache = new_cache(model, 3)  # a prefill into the cache: the cache holds every position all the same
+    close(model(idx, kv_cache=cache, logits_at=-1), full[:, -1])
+    close(model(idx[:, :1], kv_cache=cache), model(torch.cat([idx, idx[:, :1]], 1))[:, -1:])
+
+
 @pytest.mark.parametrize("n_head,n_kv_head", HEADS)
 @torch.no_grad()
 def test_kv_cache_matches_full_forward(n_head, n_kv_head):

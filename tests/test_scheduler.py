@@ -16,6 +16,7 @@ from nanochat.scheduler import Request, Scheduler
 from nanochat.search import Searcher, build_index
 from nanochat.tokenizer import Tokenizer
 from nanochat.tools import ToolRegistry
+from tests.conftest import at_positions
 
 TOK = Tokenizer.byte_level()
 V = TOK.get_vocab_size()
@@ -57,13 +58,13 @@ class ScriptedGPT(nn.Module):
     def get_device(self):
         return self.gpt.get_device()
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         logits = self.gpt(idx, kv_cache=kv_cache).clone()
         for a, nxt in self.script.items():
             hit = idx == a
             logits[hit] = -30.0
             logits[..., nxt][hit] = 30.0
-        return logits
+        return at_positions(logits, logits_at)
 
 
 def alone(model, prompt, tools=None, **kw):
@@ -244,11 +245,11 @@ def test_top_p_small_is_greedy_and_frequency_penalty_breaks_repeats():
             self.W = nn.Parameter(table, requires_grad=False)
             self.k = nn.Linear(1, 1)
 
-        def forward(self, idx, kv_cache=None):  # a bigram table; the cache only advances
+        def forward(self, idx, kv_cache=None, logits_at=None):  # a bigram table; the cache only advances
             if kv_cache is not None:
                 kv_cache.positions(idx.size(1), idx.device)
                 kv_cache.insert_kv(0, torch.zeros(idx.size(0), 1, idx.size(1), 8), torch.zeros(idx.size(0), 1, idx.size(1), 8))
-            return self.W[idx]
+            return at_positions(self.W[idx], logits_at)
 
     sched = Scheduler(Fixed(), TOK)
     plain, nucleus, penalized = Collector(), Collector(), Collector()

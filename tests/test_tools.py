@@ -12,6 +12,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.search import Searcher, build_index, match_expression, split_passages
 from nanochat.tokenizer import Tokenizer
 from nanochat.tools import NO_TOOLS, PythonLimits, PythonREPL, ToolRegistry, parse_call
+from tests.conftest import at_positions
 
 TOK = Tokenizer.byte_level()
 V = TOK.get_vocab_size()
@@ -265,7 +266,7 @@ class SegmentModel(nn.Module):
         self.hist = None
         self.dummy = nn.Parameter(torch.zeros(1), requires_grad=False)
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         if idx.size(1) > 1 or self.hist is None:  # a prefill: a new generation
             self.prompt_len, self.hist = idx.size(1), [idx[0].tolist()]
         else:
@@ -280,7 +281,7 @@ class SegmentModel(nn.Module):
             since = len(h) - (len(h) - h[::-1].index(OUT_END) if OUT_END in h else 0)
             seg = self.segments[n_out] if n_out < len(self.segments) else []
             logits[r, -1, seg[since] if since < len(seg) else A_END] = 20.0
-        return logits
+        return at_positions(logits, logits_at)
 
 
 def call(text):
@@ -363,14 +364,14 @@ class RiggedGPT(nn.Module):
     def get_device(self):
         return self.gpt.get_device()
 
-    def forward(self, idx, kv_cache=None):
+    def forward(self, idx, kv_cache=None, logits_at=None):
         logits = self.gpt(idx, kv_cache=kv_cache).clone()
         logits[..., [A_END, BOS, PY_START]] = -30.0
         for a, nxt in self.script.items():
             hit = idx == a
             logits[hit] = -30.0
             logits[..., nxt][hit] = 30.0
-        return logits
+        return at_positions(logits, logits_at)
 
 
 def test_forced_tool_output_is_in_the_kv_cache():
