@@ -45,6 +45,11 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def take_positions(x, at):
+    """x (B, T, ...) at one position per row: an int for every row, or a (B,) tensor -> (B, ...)."""
+    return x[:, at] if isinstance(at, int) else x[torch.arange(x.size(0), device=x.device), at]
+
+
 def apply_rotary_emb(x, cos, sin):
     """Rotate pairs (x[..., i], x[..., i + D/2]) by position-dependent angles. x: (B, T, H, D)."""
     d = x.shape[-1] // 2
@@ -447,7 +452,7 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)
         if logits_at is not None:
-            x = x[:, logits_at] if isinstance(logits_at, int) else x[torch.arange(B, device=x.device), logits_at]
+            x = take_positions(x, logits_at)
         logits = self.lm_head(norm(x)).float()
         if self.config.softcap:
             # softcap * tanh(logits / softcap), written as tanh(y) = 2 sigmoid(2y) - 1: the same function, but

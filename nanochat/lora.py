@@ -331,21 +331,20 @@ class LoRA:
         if not self.fold_after or seen < self.fold_after:
             return None
         keys = [k for k in self.modules if any(k in ad.index for ad, _ in pairs)]
-        if torch.is_grad_enabled() and any(p.requires_grad for ad, _ in pairs for p in ad.parameters()) or any(
-                self.modules[k].weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) for k in keys):
+        if torch.is_grad_enabled() and any(p.requires_grad for ad, _ in pairs for p in ad.parameters()) or \
+                not self._mergeable(keys):
             return None
         self._fold = None  # the old copy goes before the new one is made
-        folded = {}
         with torch.no_grad():
-            for k in keys:
-                w = self.modules[k].weight.detach().clone()
-                for ad, weight in pairs:
-                    i = ad.index.get(k)
-                    if i is not None:
-                        w.add_((ad.weight_delta(i) * weight).to(w.dtype))
-                folded[k] = nn.Parameter(w, requires_grad=False)
+            weights = {k: self.modules[k].weight.detach().clone() for k in keys}
+            _add_deltas(weights, pairs)
+        folded = {k: nn.Parameter(w, requires_grad=False) for k, w in weights.items()}
         self._fold = (sig, pairs, folded)
         return folded
+
+    def _mergeable(self, keys):
+        """Whether the weights of these modules can take an adapter's delta (a quantized one cannot)."""
+        return all(self.modules[k].weight.dtype in (torch.float32, torch.bfloat16, torch.float16) for k in keys)
 
     def close(self):
         """Remove the hooks, restore the base weights and the parameters' requires_grad flags."""
@@ -455,14 +454,10 @@ class LoRA:
         if self._merged_stack is not None:
             raise RuntimeError(f"{self.merged!r} is already merged")
         keys = {k for n, _ in self.stack for k in self.adapters[n].modules_}
-        if any(self.modules[k].weight.dtype not in (torch.float32, torch.bfloat16, torch.float16) for k in keys):
+        if not self._mergeable(keys):
             raise RuntimeError("cannot merge into quantized base weights; serve the adapters unmerged (hooks)")
         self._saved_weights = {k: self.modules[k].weight.detach().clone() for k in keys}
-        for name, weight in self.stack:
-            ad = self.adapters[name]
-            for k, i in ad.index.items():
-                w = self.modules[k].weight
-                w.add_((ad.weight_delta(i) * weight).to(w.dtype))
+        _add_deltas({k: self.modules[k].weight for k in keys}, [(self.adapters[n], w) for n, w in self.stack])
         self._merged_stack = self.stack
 
     @torch.no_grad()
@@ -482,6 +477,15 @@ class LoRA:
         ad = self.adapters[name]
         return {"name": name, "rank": ad.rank, "alpha": ad.alpha, "targets": list(ad.targets),
                 "modules": len(ad.modules_), "trainable_params": ad.num_params(), "bytes": ad.num_bytes()}
+
+
+def _add_deltas(weights, pairs):
+    """weights {module key: tensor} += each (adapter, weight)'s weighted delta, in stack order: merge() and
+    per_row's fold share it, so a folded stack equals a merged one bit for bit."""
+    for ad, weight in pairs:
+        for k, i in ad.index.items():
+            w = weights[k]
+            w.add_((ad.weight_delta(i) * weight).to(w.dtype))
 
 
 def _version(ad):

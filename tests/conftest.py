@@ -212,8 +212,5 @@ def serve_app():
 
 def at_positions(logits, logits_at):
     """What GPT.forward(..., logits_at=...) returns, for the test models here that compute every position."""
-    if logits_at is None:
-        return logits
-    if isinstance(logits_at, int):
-        return logits[:, logits_at]
-    return logits[torch.arange(logits.size(0)), logits_at]
+    from nanochat.gpt import take_positions
+    return logits if logits_at is None else take_positions(logits, logits_at)
