@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from nanochat.adamw import DistAdamW
 from nanochat.muon import DistMuon, Muon
+from nanochat.softcap_loss import softcap, softcapped_cross_entropy
 
 # F.scaled_dot_product_attention grew `enable_gqa` in torch 2.5; older versions repeat the kv heads.
 _SDPA_HAS_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
@@ -453,17 +454,15 @@ class GPT(nn.Module):
             x = block(x, cos, sin, kv_cache)
         if logits_at is not None:
             x = take_positions(x, logits_at)
-        logits = self.lm_head(norm(x)).float()
-        if self.config.softcap:
-            # softcap * tanh(logits / softcap), written as tanh(y) = 2 sigmoid(2y) - 1: the same function, but
-            # on CPU the vectorized tanh costs far more than sigmoid's exp, and over (tokens x vocab) fp32
-            # logits that was a third of a small model's loss head (dev/notes_train.md)
-            c = self.config.softcap
-            logits = c * (2 * torch.sigmoid(logits * (2 / c)) - 1)
+        logits = self.lm_head(norm(x))
+        cap = self.config.softcap
         if targets is None:
-            return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
-                               reduction=loss_reduction)
+            return softcap(logits, cap) if cap else logits.float()
+        logits, targets = logits.view(-1, logits.size(-1)), targets.reshape(-1)
+        if cap:  # its own backward: the loss head fuses into one pass each way (nanochat/softcap_loss.py)
+            loss = softcapped_cross_entropy(logits, targets, cap, reduction=loss_reduction)
+        else:
+            loss = F.cross_entropy(logits.float(), targets, ignore_index=-1, reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
 
     @torch.no_grad()
