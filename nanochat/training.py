@@ -3,12 +3,11 @@ start fresh or resume, LR schedule, the step log and checkpoints. It knows nothi
 import dataclasses
 import json
 import os
-import time
 
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (SOURCES, build_model, find_largest_model, find_last_step, load_checkpoint,
+from nanochat.checkpoint_manager import (SOURCES, build_model, find_largest_model, find_last_step,
                                          load_model, optim_path, remove_stale_temp, save_checkpoint, start_fresh)
 from nanochat.common import all_reduce, autocast, compute_init, format_eta, get_base_dir, native_bf16_cpu, print0
 from nanochat.hardware import device_batch_flag, peak_flops_per_device, resolve_numerics

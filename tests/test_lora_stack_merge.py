@@ -1,6 +1,5 @@
 """Adapter stacks (several active, weighted, nested training) and merging adapters (linear, TIES, DARE)."""
 import json
-import os
 
 import pytest
 import torch
