@@ -16,6 +16,7 @@ import time
 
 import torch
 
+from nanochat.common import reuse_freed_memory
 from nanochat.gpt import GPT, GPTConfig
 
 
@@ -116,6 +117,8 @@ def main():
     args = p.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":  # as the training stages run (compute_init)
+        reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":

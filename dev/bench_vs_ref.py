@@ -25,6 +25,7 @@ import time
 import torch
 
 from dev.bench_train import config_kwargs, sync
+from nanochat.common import reuse_freed_memory
 from nanochat.engine import Engine
 from nanochat.fastlinear import pack_linears, packing_supported
 from nanochat.gpt import GPT, GPTConfig
@@ -208,6 +209,8 @@ def main():
     p.add_argument("--new-tokens", type=int, default=256)
     args = p.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":  # as our stages run (compute_init); process-wide, so both sides get it
+        reuse_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
     gpt, engine = load_ref(args.ref)
