@@ -47,6 +47,8 @@ class _SoftcappedNLL(torch.autograd.Function):
 def softcapped_cross_entropy(logits, targets, cap, reduction="mean"):
     """F.cross_entropy(softcap(logits, cap), targets, ignore_index=-1, reduction=reduction), the same function
     with a fused-friendly backward. logits (N, V) in any float dtype, targets (N,) with -1 = ignore."""
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     losses = _SoftcappedNLL.apply(logits, targets, cap)
     if reduction == "none":
         return losses

@@ -46,6 +46,12 @@ def test_loss_and_gradient_match_cross_entropy(reduction, dtype):
     assert (a.grad[targets == -1] == 0).all()
 
 
+def test_unknown_reduction_is_a_clear_error():
+    logits, targets = inputs(torch.float32)
+    with pytest.raises(ValueError, match="reduction must be"):
+        softcapped_cross_entropy(logits, targets, CAP, "average")
+
+
 def test_model_loss_uses_it_and_agrees_with_its_logits():
     from nanochat.gpt import GPT, GPTConfig
     torch.manual_seed(0)
