@@ -1,8 +1,11 @@
 """nanochat.common: keeping freed memory for reuse (measured in a fresh process, by its page faults)."""
+import os
 import subprocess
 import sys
 
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Allocate and touch 64 MB, free it, then allocate and touch 48 MB; print the page faults of the second one.
 SCRIPT = """
@@ -19,7 +22,8 @@ print(applied, faults() - before)
 
 
 def second_round_faults(mode):
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
     applied, faults = out.stdout.split()
     return applied, int(faults)
 
