@@ -41,9 +41,11 @@ def test_logits_at_returns_only_those_positions():
     model = make_model()
     idx = torch.randint(0, V, (3, 12))
     full = model(idx)
-    assert torch.equal(model(idx, logits_at=-1), full[:, -1])
+    # the head runs on 3 rows instead of 36: oneDNN may block those matmuls differently, so equal to rounding
+    close(model(idx, logits_at=-1), full[:, -1])
     at = torch.tensor([0, 11, 5])
-    assert torch.equal(model(idx, logits_at=at), full[torch.arange(3), at])
+    close(model(idx, logits_at=at), full[torch.arange(3), at])
+    assert model(idx, logits_at=at).shape == (3, V)
     cache = new_cache(model, 3)  # a prefill into the cache: the cache holds every position all the same
     close(model(idx, kv_cache=cache, logits_at=-1), full[:, -1])
     close(model(idx[:, :1], kv_cache=cache), model(torch.cat([idx, idx[:, :1]], 1))[:, -1:])
