@@ -94,7 +94,7 @@ stage "report reset" python -m nanochat.report reset
 # --- data -----------------------------------------------------------------------------------
 DATA_PID=""
 if [ "$DATA" = offline ]; then
-  stage "pretraining shards (offline sources)" python -m nanochat.dataset --source offline
+  stage "pretraining shards (offline sources)" python -m nanochat.offline
 else
   # enough shards for the tokenizer now; the rest download in the background while it trains
   stage "pretraining shards (first 8)" python -m nanochat.dataset -n 8

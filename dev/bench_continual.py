@@ -21,7 +21,7 @@
         prefill-shaped (4x256) and decode-shaped (16x1, 1x1) forwards.
 
     python -m dev.bench_continual quant [--depth 2]
-        int8 weight-only bases (nanochat/quant.py: blocks only, and blocks + embedding + lm_head) and 4-bit
+        int8 weight-only bases (nanochat/lora/quant.py: blocks only, and blocks + embedding + lm_head) and 4-bit
         ones (every matrix; --int4-formats nf4,int4 x --int4-groups 32,64) vs the fp32 base: weight memory
         (vs fp32 and bf16), forward tokens/s, and the new-task bpb of the same adapter (same seed, data,
         steps) trained on each base.
@@ -39,7 +39,7 @@ import time
 import torch
 
 from nanochat.common import compute_init, resolve_dtype
-from nanochat.continual import STRATEGIES, ContinualConfig, evaluate_tasks, run_strategy, train_loop
+from nanochat.continual.loop import STRATEGIES, ContinualConfig, evaluate_tasks, run_strategy, train_loop
 
 
 def _ms(fn, repeat=20):
@@ -54,8 +54,8 @@ def _ms(fn, repeat=20):
 
 def bench_lora(args, device):
     from nanochat.checkpoint_manager import load_model
-    from nanochat.lora import LoRA, model_state_hash
-    from nanochat.lora_io import load_adapter, save_adapter
+    from nanochat.lora.adapter import LoRA, model_state_hash
+    from nanochat.lora.storage import load_adapter, save_adapter
     if args.random_depth > 0:  # a larger model than the CPU profile trains, with random weights (timings only)
         from nanochat.gpt import GPT
         from scripts.base_train import model_config
@@ -178,7 +178,7 @@ def synthetic_docs(k, n, n_docs, seed):
 
 def synthetic_setup(n_domains, depth, seq_len, n_train, n_eval, pretrain_steps, device, dtype):
     """(tokenizer, tasks, model): byte-level domains; the model is pretrained briefly on all of them."""
-    from nanochat.continual_strategies import Strategy
+    from nanochat.continual.strategies import Strategy
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import Tokenizer
     from tasks.continual import LMTask
@@ -265,7 +265,7 @@ def _tok_per_sec(model, x, repeat):
 
 def bench_stack(args, device):
     from contextlib import nullcontext
-    from nanochat.lora import LoRA
+    from nanochat.lora.adapter import LoRA
     model = _random_model(args.random_depth or 4, device)
     V = model.config.vocab_size
     # a prefill-like forward (4 prompts x 256 tokens) and decode-like ones (16 rows and 1 row x 1 token, timed
@@ -329,9 +329,9 @@ def bench_quant(args, device):
     from functools import partial
 
     from nanochat.gpt import GPT
-    from nanochat.lora import LoRA
-    from nanochat.lora_train import AdapterRecipe
-    from nanochat.quant import quantize_base, quantize_blocks, weight_bytes
+    from nanochat.lora.adapter import LoRA
+    from nanochat.continual.adapter_train import AdapterRecipe
+    from nanochat.lora.quant import quantize_base, quantize_blocks, weight_bytes
     from tasks.continual import LMTask
     dtype = resolve_dtype("auto", device.type)
     quantizers = {"int8 blocks": quantize_blocks, "int8 all": quantize_base}

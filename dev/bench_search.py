@@ -1,4 +1,4 @@
-"""Benchmark BM25 backends for the search tool: SQLite FTS5 (what nanochat.search uses), bm25s and rank_bm25.
+"""Benchmark BM25 backends for the search tool: SQLite FTS5 (what nanochat.tools.search uses), bm25s and rank_bm25.
 
     python dev/bench_search.py                        # 100k passages, 200 queries
     python dev/bench_search.py --passages 300000 --queries 500
@@ -29,7 +29,7 @@ def _vm(field):
 
 
 def load_passages(n, seed=0):
-    from nanochat.search import split_passages
+    from nanochat.tools.search import split_passages
     passages, source = [], "generated"
     try:
         from nanochat.common import get_base_dir
@@ -74,7 +74,7 @@ def make_queries(passages, n, seed=1):
 
 
 def run_fts5(passages, queries, tmpdir):
-    from nanochat.search import Searcher, build_index
+    from nanochat.tools.search import Searcher, build_index
     path = os.path.join(tmpdir, "fts5.sqlite")
     build_index((("b", p) for p in passages), path, max_chars=10**9)  # one passage per input text
     s = Searcher(path, k=3)

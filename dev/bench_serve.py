@@ -16,7 +16,7 @@ route, with stream_options.include_usage), and times every request from the clie
 
 In-process mode (`--engine`, no HTTP, no checkpoint needed): the same clients (threads, --requests each)
 talk straight to a model replica, "before" = one request at a time through Engine.generate in FIFO order
-(what chat_web's worker did), "after" = nanochat.scheduler.Scheduler (continuous batching). The model is a
+(what chat_web's worker did), "after" = nanochat.serve.scheduler.Scheduler (continuous batching). The model is a
 randomly initialised GPT of the given depth (--depth 4 = the cpu profile's d4 shape, vocab 4096, context
 512) over a 4096-token BPE trained on the Python standard library's source (a few seconds); random weights
 sample near-uniformly, so replies run to --max-tokens like long answers do. With --adapters K, K random
@@ -145,7 +145,8 @@ class Sequential:
     def __init__(self, model, tokenizer, lora=None):
         import queue
         from nanochat.engine import Engine
-        self.engine, self.lora, self.jobs = Engine(model, tokenizer), lora, queue.Queue()
+        from nanochat.tools.registry import ToolRegistry
+        self.engine, self.lora, self.jobs = Engine(model, tokenizer, tools=ToolRegistry()), lora, queue.Queue()
         threading.Thread(target=self._loop, daemon=True).start()
 
     def _loop(self):
@@ -168,12 +169,12 @@ class Batched:
     """After: the continuous-batching scheduler on its own thread."""
 
     def __init__(self, model, tokenizer, lora=None):
-        from nanochat.scheduler import Scheduler
+        from nanochat.serve.scheduler import Scheduler
         self.sched, self.lora = Scheduler(model, tokenizer, lora=lora), lora
         self.sched.start()
 
     def submit(self, req, on_token):
-        from nanochat.scheduler import Request
+        from nanochat.serve.scheduler import Request
         adapter = self.lora.adapters[req["adapter"]] if req["adapter"] else None
         self.sched.submit(Request(req["prompt"], max_tokens=req["max_tokens"], temperature=req["temperature"],
                                   top_k=req["top_k"], seed=req["seed"], adapter=adapter),
@@ -222,7 +223,7 @@ def summarize(records, wall):
 
 def engine_main(args):
     import torch
-    from nanochat.lora import LoRA
+    from nanochat.lora.adapter import LoRA
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -100,10 +100,11 @@ def pass_at_1(source, task, n, args):
     import torch
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
+    from nanochat.tools.registry import ToolRegistry
     from scripts.chat_rl import evaluate_pass_at_k
     torch.manual_seed(0)
     model, tok, _ = load_model(source, "cpu", "eval")
-    return evaluate_pass_at_k(task, n, Engine(model, tok), tok, args.eval_samples, args.max_new_tokens, 1.0, 50,
+    return evaluate_pass_at_k(task, n, Engine(model, tok, tools=ToolRegistry()), tok, args.eval_samples, args.max_new_tokens, 1.0, 50,
                               model.config.sequence_len)
 
 

@@ -20,7 +20,7 @@ import tempfile
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.live import LiveLearning
+from nanochat.serve.live import LiveLearning
 from nanochat.tokenizer import Tokenizer
 from scripts.chat_web import Defaults, Limits, Worker, create_app, serve_in_thread
 

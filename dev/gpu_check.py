@@ -70,9 +70,10 @@ def decode(device_type, new_tokens, batch_sizes=(1, 8)):
     from nanochat.checkpoint_manager import load_model
     from nanochat.common import autocast, resolve_dtype
     from nanochat.engine import Engine
+    from nanochat.tools.registry import ToolRegistry
     device = torch.device(device_type)
     model, tokenizer, _ = load_model("sft", device, phase="eval")
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, tools=ToolRegistry())
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Count to twenty."},
                                                            {"role": "assistant", "content": ""}]})
     ctx = autocast(resolve_dtype("auto", device_type), device_type)

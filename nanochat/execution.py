@@ -23,7 +23,7 @@ Run untrusted Python written by the model (tool calls, HumanEval solutions + tes
   (sys._getframe(1).f_locals) could still forge it; it would have to do that on purpose, and the
   boundary holds either way.
 
-The calculator's arithmetic does not run code at all: nanochat/calculator.py.
+The calculator's arithmetic does not run code at all: nanochat/tools/calculator.py.
 """
 
 import math

@@ -21,7 +21,7 @@ from nanochat.checkpoint_manager import SOURCES, find_largest_model, find_last_s
 from nanochat.common import script_argv, atomic_write, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_data import TASKS, prepare_bundle, prepare_core_data
 from nanochat.core_eval import evaluate_core
-from nanochat.packages import file_lock
+from nanochat.offline.packages import file_lock
 
 
 def parse_args(argv=None):

@@ -16,7 +16,7 @@ import os
 import time
 
 from nanochat.common import get_base_dir, script_argv
-from nanochat.search import INDEX_FILE, build_index
+from nanochat.tools.search import INDEX_FILE, build_index
 
 TEXT_EXTS = (".txt", ".md", ".rst")
 

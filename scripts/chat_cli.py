@@ -22,7 +22,7 @@ import sys
 from nanochat.common import autocast, resolve_dtype, script_argv
 from nanochat.engine import Engine, ReplyParser
 from nanochat.fastlinear import pack_linears, packing_supported
-from nanochat.tools import make_registry, parse_call
+from nanochat.tools.registry import make_registry, parse_call
 
 
 class ContextFullError(ValueError):

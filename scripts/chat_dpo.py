@@ -180,6 +180,7 @@ def main(argv=None):
     # --- the model: the source stage's, or this stage's latest checkpoint --------------------------------
     from nanochat.checkpoint_manager import SOURCES, complete_steps, find_largest_model
     from nanochat.engine import Engine
+    from nanochat.tools.registry import ToolRegistry
     src_dir = os.path.join(get_base_dir(), SOURCES[args.source][0])
     tag = args.model_tag
     if not tag:
@@ -204,7 +205,7 @@ def main(argv=None):
                        "step": args.step if args.step >= 0 else complete_steps(os.path.join(src_dir, tag))[-1]}
     config = model.config
     T = args.max_seq_len or config.sequence_len
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, tools=ToolRegistry())
     optimizers = make_optimizers(model, args, args.init_lr_frac)
     print0(f"model: {source_meta['stage']}/{tag} step {source_meta['step']} | {config.n_layer} layers | "
            f"{model.num_params():,} parameters | dtype {run.dtype} | loss {args.loss} beta {args.beta}")

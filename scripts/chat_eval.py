@@ -122,8 +122,9 @@ def main(argv=None):
 
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
+    from nanochat.tools.registry import ToolRegistry
     model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, tools=ToolRegistry())
 
     tools_index = None
     if args.task_file:
@@ -188,15 +189,15 @@ def run_tools(args, model, tokenizer, index, rank, world_size, dtype, device):
     """ToolsEval per group with the tools on and off, and the RAG bpb (rank 0). -> {"groups": {(group,
     "on"|"off"): run_eval result}, "rag": rag_bpb result or None}."""
     from nanochat.engine import Engine
-    from nanochat.search import Searcher
-    from nanochat.tools import NO_TOOLS, ToolRegistry
+    from nanochat.tools.search import Searcher
+    from nanochat.tools.registry import ToolRegistry
     from tasks.tools import GROUPS, ToolsEval
     try:
         searcher = Searcher(index)
     except FileNotFoundError as e:
         raise SystemExit(f"chat_eval -a tools: {e}") from None
     engines = {"on": Engine(model, tokenizer, tools=ToolRegistry(searcher=searcher)),
-               "off": Engine(model, tokenizer, tools=NO_TOOLS)}
+               "off": Engine(model, tokenizer)}
     # The engine counts the tool's output (forced tokens) against max_tokens, and two search passages are
     # ~150 tokens: without this room a reply cut at -m 128 ended inside the passage, before any answer.
     # Both modes get it, so the comparison stays fair.

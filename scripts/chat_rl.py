@@ -227,6 +227,7 @@ def main(argv=None):
 
     from nanochat.checkpoint_manager import SOURCES, find_largest_model, find_last_step, load_checkpoint, load_model
     from nanochat.engine import Engine
+    from nanochat.tools.registry import ToolRegistry
     tag = args.model_tag
     if tag is None:
         try:
@@ -235,7 +236,7 @@ def main(argv=None):
             raise SystemExit(f"{e}. No {args.source} model to start from: run `python -m {SOURCES[args.source][1]}` "
                              "first (or pick another --source)") from None
     model, tokenizer, meta = load_model(args.source, device, phase="train", model_tag=tag, step=args.step)
-    engine = Engine(model, tokenizer)
+    engine = Engine(model, tokenizer, tools=ToolRegistry())
     context_len = model.config.sequence_len
     pad_id = tokenizer.encode_special("<|assistant_end|>")
 

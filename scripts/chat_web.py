@@ -1,6 +1,6 @@
 """Serve a chat model over HTTP: a chat page and an OpenAI-compatible API. This file only wires the parts:
-nanochat/serving.py (replicas, continuous batching), nanochat/openai_api.py (request bodies, limits, OpenAI
-translation), nanochat/live_routes.py (live learning).
+nanochat/serve/replicas.py (replicas, continuous batching), nanochat/serve/openai_api.py (request bodies, limits, OpenAI
+translation), nanochat/serve/live_routes.py (live learning).
 
     python -m scripts.chat_web                          # the SFT model on http://127.0.0.1:8000
     python -m scripts.chat_web -i rl --num-gpus 8 --host 0.0.0.0 --port 8000
@@ -8,7 +8,7 @@ translation), nanochat/live_routes.py (live learning).
     python -m scripts.chat_web --quantize int4          # a 4-bit frozen base: adapters learn and serve on it
 
 Endpoints
-    GET  /                      the chat page (nanochat/ui.html, self-contained)
+    GET  /                      the chat page (nanochat/serve/ui.html, self-contained)
     POST /chat/completions      the page's own stream (SSE): one JSON event per `data:` line, each with a
                                 "type": queued {position} | text {text} | python {text} | python_output {text}
                                 | done {finish_reason, usage} | error {message}
@@ -20,16 +20,16 @@ Endpoints
     "adapter_weights" list: a stack, all applied together (openai client: extra_body={"adapter": [...]}).
     GET  /health, GET /stats    liveness, queue depth; per-replica and total requests, tokens, tokens/s
     GET  /metrics               Prometheus text format
-    /learn, /adapters           live learning (nanochat/live_routes.py), unless --no-learn
+    /learn, /adapters           live learning (nanochat/serve/live_routes.py), unless --no-learn
 
 Every replica decodes all of its requests as one batch (requests join and leave at token boundaries;
 rows may use different adapters and stacks). A request waits only when its replica already holds --max-batch.
 
-Tools (nanochat/tools.py): calculator, a python REPL over the sandbox, and search over --index (default
+Tools (nanochat/tools/registry.py): calculator, a python REPL over the sandbox, and search over --index (default
 <base>/search_index when built; without one, search calls get no output). Each request has its own tool
 session; python and search calls run off the batch's thread, so their row sits out while the rest decode.
 
-Security (nanochat/web_security.py)
+Security (nanochat/serve/security.py)
     --api-key KEY (or NANOCHAT_API_KEY): every endpoint but GET /health and the page itself (GET /) needs
     "Authorization: Bearer KEY" (what the OpenAI client sends); the page asks for the key in its settings
     when the server answers 401, and keeps it in the browser's localStorage. --admin-key KEY (or
@@ -57,26 +57,26 @@ import nanochat
 from nanochat.common import script_argv
 from nanochat.engine import MIN_TEMPERATURE
 from nanochat.engine import ReplyParser  # noqa: F401 - re-exported for callers of the old location
-from nanochat.live_routes import live_router
-from nanochat.openai_api import (BodySizeLimit, CompletionRequest, Defaults, EventStream, Limits, OpenAIRequest,
+from nanochat.serve.live_routes import live_router
+from nanochat.serve.openai_api import (BodySizeLimit, CompletionRequest, Defaults, EventStream, Limits, OpenAIRequest,
                                  PageRequest, RequestError, check_adapter_stack, check_messages, check_openai_options,
                                  check_sampling,
                                  describe_validation_errors, error_response, legacy_logprobs,
                                  openai_text_as_parts, part_as_openai_text, sse, sum_usage)
-from nanochat.serving import Job, PoolMetrics, Worker, WorkerPool, load_workers  # noqa: F401 - re-exported
-from nanochat.tools import make_registry
-from nanochat.web_security import (SSE, ApiKeyAuth, check_exposure, documented_errors,
+from nanochat.serve.replicas import Job, PoolMetrics, Worker, WorkerPool, load_workers  # noqa: F401 - re-exported
+from nanochat.tools.registry import make_registry
+from nanochat.serve.security import (SSE, ApiKeyAuth, check_exposure, documented_errors,
                                    guarded_protocol, without_422)
 
 logger = logging.getLogger("nanochat.chat_web")
-UI_PATH = os.path.join(os.path.dirname(os.path.abspath(nanochat.__file__)), "ui.html")
+UI_PATH = os.path.join(os.path.dirname(os.path.abspath(nanochat.__file__)), "serve", "ui.html")
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks whether its client is still there
 
 
 def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up=True, learn=None,
                api_key=None, admin_key=None):
     """The FastAPI app serving `workers` (a list of Worker over replicas of one model and tokenizer).
-    learn: None (no live learning) or a function pool -> nanochat.live.LiveLearning.
+    learn: None (no live learning) or a function pool -> nanochat.serve.live.LiveLearning.
     api_key / admin_key: see web_security.ApiKeyAuth (None: open)."""
     limits = limits or Limits()
     defaults = defaults or Defaults()
@@ -379,7 +379,7 @@ def general_chats(n_replay=512, n_eval=32):
 def make_live_learning(workers, root):
     """pool -> LiveLearning: adapters under root, trained on a private copy of the served weights."""
     import copy
-    from nanochat.live import LiveLearning
+    from nanochat.serve.live import LiveLearning
     trainer = copy.deepcopy(workers[0].model)  # taken before the workers get their LoRA hooks
     return lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats)
 
@@ -440,7 +440,7 @@ def main(argv=None):
     defaults = Defaults(args.temperature, args.top_k, args.max_tokens)
     learn = None
     if not args.no_learn:
-        from nanochat.lora_io import adapters_dir
+        from nanochat.lora.storage import adapters_dir
         learn = make_live_learning(workers, args.adapters_dir or adapters_dir())
     app = create_app(workers, model_id, limits, defaults, learn=learn, api_key=args.api_key or None,
                      admin_key=args.admin_key or None)

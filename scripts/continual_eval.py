@@ -7,7 +7,7 @@ Reads what scripts/continual_train.py wrote (<base>/continual/<sequence>/<strate
 the "Continual learning" section of the report: per sequence, the R matrix of every strategy (row i =
 after learning task i, column j = task j, plus the starting model), a comparison table (ACC, LA, BWT,
 FWT, forgetting, forgetting relative to naive, added parameters and bytes, time) and a heat map of
-the matrices. Signs: see nanochat/continual.py (forgetting > 0 is worse, for bpb it is the increase
+the matrices. Signs: see nanochat/continual/loop.py (forgetting > 0 is worse, for bpb it is the increase
 in bits per byte; BWT < 0 means earlier tasks got worse).
 """
 import argparse
@@ -15,7 +15,7 @@ import json
 import os
 
 from nanochat.common import get_base_dir, print0, script_argv
-from nanochat.continual import STRATEGIES
+from nanochat.continual.loop import STRATEGIES
 from nanochat.report import subplots
 
 ORDER = list(STRATEGIES[:3]) + ["lora", "lora-router"] + list(STRATEGIES[4:])

@@ -8,7 +8,7 @@ strategy; turning them into the report section is scripts/continual_eval.py's jo
 
 Every strategy starts from the same model (-i: base, mid, sft or rl checkpoint) and learns the tasks
 of --sequence (tasks/sequences/*.json or a path; see tasks/continual.py) in order; after each task
-every task is evaluated (nanochat/continual.py explains the strategies, metrics and signs).
+every task is evaluated (nanochat/continual/loop.py explains the strategies, metrics and signs).
 Results go to $NANOCHAT_BASE_DIR/continual/<sequence>/<strategy>.json (written atomically, one file
 per strategy as soon as it finishes); --resume skips strategies whose file exists with the same
 settings. lora's adapters are saved under .../<sequence>/adapters/ with --save-adapters.
@@ -21,7 +21,7 @@ import time
 
 
 from nanochat.common import atomic_write, compute_init, get_base_dir, print0, resolve_dtype, script_argv
-from nanochat.continual import STRATEGIES, ContinualConfig, evaluate_tasks, run_strategy
+from nanochat.continual.loop import STRATEGIES, ContinualConfig, evaluate_tasks, run_strategy
 
 
 def parse_args(argv=None):

@@ -6,7 +6,7 @@ Online: the hub dataset allenai/ai2_arc.
 """
 import os
 
-from nanochat import packages
+from nanochat.offline import packages
 from tasks import fetch
 from tasks.common import MultipleChoiceTask, mc_conversation
 

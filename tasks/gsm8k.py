@@ -14,7 +14,7 @@ import random
 import re
 from fractions import Fraction
 
-from nanochat import packages
+from nanochat.offline import packages
 from tasks import fetch
 from tasks.common import Task, extract_final_number
 

@@ -12,7 +12,7 @@ import gzip
 import json
 import re
 
-from nanochat import packages
+from nanochat.offline import packages
 from tasks import fetch
 from tasks.common import Task, response_text
 

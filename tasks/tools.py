@@ -1,7 +1,7 @@
 """Generated conversations that teach the tools (ToolUse, for mid/SFT) and the held-out problems that measure
 them (ToolsEval), all from verifiable templates; plus the fictional fact corpus the search tool indexes.
 
-Call format (nanochat.tools): a plain expression is the calculator, `python:\\n<code>` the REPL,
+Call format (nanochat.tools.registry): a plain expression is the calculator, `python:\\n<code>` the REPL,
 `search: <query>` the local index. Every reply ends with `#### <answer>`; ToolsEval scores that answer
 exactly.
 
@@ -12,7 +12,7 @@ Kinds of problem:
 - search: facts about invented islands, people and mountains. They exist only in `fact_documents()`,
   which `scripts.build_index --facts` adds to the index, so a model can know them only by searching.
   The query is the question as asked; the tool output in a training conversation is the entity's own
-  document then another entity's, numbered and cut like the real tool's answer (nanochat.search).
+  document then another entity's, numbered and cut like the real tool's answer (nanochat.tools.search).
 Every reply has one shape: a fixed line, the call, its output, then at once `#### <answer>` copied from
 the output (the kept-state python form makes two calls before it).
 CopyDrill (`copy` in a mixture) is the same call-then-quote shape about newly invented entities plus
@@ -24,7 +24,7 @@ import datetime
 import random
 import zlib
 
-from nanochat.search import format_passages
+from nanochat.tools.search import format_passages
 from tasks.common import Task
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.engine import Engine
+from nanochat.tools.registry import ToolRegistry
 from nanochat.gpt import GPT, GPTConfig
 from tasks.evaluate import chatcore, run_categorical_eval, run_generative_eval
 from scripts.chat_rl import (build_rl_batch, group_advantages, policy_gradient_loss, rollout, sample_completions,
@@ -151,7 +152,7 @@ def test_generative_eval_with_rigged_model(cfg, byte_tokenizer):
     table = {tok(T, "<|assistant_start|>"): tok(T, "4"), tok(T, "4"): tok(T, "<|assistant_end|>")}
     model = RiggedModel(cfg, table=table)
     task = FakeMath([4, 5, 4, 4, 7, 4])
-    engine = Engine(model, T)
+    engine = Engine(model, T, tools=ToolRegistry())
     r = run_generative_eval(task, model, T, engine, num_samples=1, max_new_tokens=8, temperature=0.0)
     assert r == {"accuracy": pytest.approx(4 / 6), "correct": 4, "total": 6, "chance": 0.0}
     r = run_generative_eval(task, model, T, engine, num_samples=3, max_new_tokens=8, temperature=1.0, max_problems=2)
@@ -199,7 +200,7 @@ def test_sample_completions_masks_tool_output(cfg, byte_tokenizer):
     table = {S("<|assistant_start|>"): S("<|python_start|>"), S("<|python_start|>"): tok(T, "3"),
              tok(T, "3"): tok(T, "*"), tok(T, "*"): tok(T, "4"), tok(T, "4"): S("<|python_end|>"),
              S("<|output_end|>"): S("<|assistant_end|>")}
-    engine = Engine(RiggedModel(cfg, table=table), T)
+    engine = Engine(RiggedModel(cfg, table=table), T, tools=ToolRegistry())
     prompt = T.render_for_completion({"messages": [{"role": "user", "content": "3*4?"}]})
     toks, masks = sample_completions(engine, prompt, 2, 32, temperature=1.0, seed=1)
     want = [S("<|python_start|>"), tok(T, "3"), tok(T, "*"), tok(T, "4"), S("<|python_end|>"),
@@ -237,7 +238,7 @@ def test_rl_steps_increase_reward_probability(cfg, byte_tokenizer):
     T = byte_tokenizer
     torch.manual_seed(0)
     model = GPT(cfg)
-    engine = Engine(model, T)
+    engine = Engine(model, T, tools=ToolRegistry())
     task = EvenFirstToken(4)
     even = torch.tensor([b % 2 == 0 for b in range(256)] + [False] * (cfg.vocab_size - 256))
 

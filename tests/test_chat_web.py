@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.engine import Engine
+from nanochat.tools.registry import ToolRegistry
 from nanochat.gpt import GPT, GPTConfig
 from scripts.chat_web import (Defaults, ReplyParser, Worker, create_app, load_workers, main, openai_text_as_parts,
                               part_as_openai_text)
@@ -97,7 +98,7 @@ def page_events(url, body, timeout=60):
 def reference(gpt, messages, max_tokens):
     """What the engine itself generates, greedy: (prompt ids, generated ids including a stop token, stopped)."""
     prompt = gpt.tokenizer.render_for_completion(messages)
-    engine = Engine(gpt.worker.model, gpt.tokenizer)
+    engine = Engine(gpt.worker.model, gpt.tokenizer, tools=ToolRegistry())
     tokens = [col[0] for col, _ in engine.generate(prompt, max_tokens=max_tokens, temperature=0.0)]
     stopped = bool(tokens) and tokens[-1] in engine.stop_tokens
     return prompt, tokens, stopped
@@ -560,7 +561,7 @@ def test_openai_logprobs_top_p_and_penalties(gpt):
 def test_openai_text_completions(gpt):
     tok = gpt.tokenizer
     prompt = [tok.get_bos_token_id()] + tok.encode("The cat")
-    engine = Engine(gpt.worker.model, tok)
+    engine = Engine(gpt.worker.model, tok, tools=ToolRegistry())
     want = [col[0] for col, _ in engine.generate(prompt, max_tokens=8, temperature=0.0)]
     stopped = want[-1] in engine.stop_tokens
     resp = gpt.client.completions.create(model="m", prompt="The cat", max_tokens=8, temperature=0, logprobs=2)
@@ -579,7 +580,7 @@ def test_openai_text_completions(gpt):
 def live_app(sft_dir, adapters_root, quantize="none"):
     """The SFT checkpoint served greedily (16 tokens) with live learning on: -> (app, workers)."""
     import copy
-    from nanochat.live import LiveLearning
+    from nanochat.serve.live import LiveLearning
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", sft_dir)
         workers, _ = load_workers("sft", "cpu", quantize=quantize)
@@ -607,7 +608,7 @@ def test_adapter_chosen_by_model_and_metrics(sft_dir, serve_app, tmp_path):
         assert by_model.choices[0].message.content != base.choices[0].message.content
         lora.activate("facts")  # the same adapter alone, through the engine
         prompt = workers[0].tokenizer.render_for_completion(USER)
-        want = [col[0] for col, _ in Engine(workers[0].model, workers[0].tokenizer).generate(
+        want = [col[0] for col, _ in Engine(workers[0].model, workers[0].tokenizer, tools=ToolRegistry()).generate(
             prompt, max_tokens=16, temperature=0.0)]
         lora.activate(None)
         assert by_model.usage.completion_tokens == len(want)
@@ -625,8 +626,8 @@ def test_adapter_chosen_by_model_and_metrics(sft_dir, serve_app, tmp_path):
 
 
 def test_adapter_stacks_through_the_api_and_provenance(sft_dir, serve_app, tmp_path):
-    from nanochat.lora_io import save_adapter
-    from nanochat.lora_merge import merge_adapters
+    from nanochat.lora.storage import save_adapter
+    from nanochat.lora.merge import merge_adapters
     app, workers = live_app(sft_dir, str(tmp_path))
     lora, tok = workers[0].lora, workers[0].tokenizer
     for seed, name in enumerate(("domain", "facts")):
@@ -642,7 +643,7 @@ def test_adapter_stacks_through_the_api_and_provenance(sft_dir, serve_app, tmp_p
     def engine_reply(stack, weights=None):  # the stack active for the whole model, through the engine
         lora.activate(stack, weights)
         try:
-            return [col[0] for col, _ in Engine(workers[0].model, tok).generate(prompt, max_tokens=16, temperature=0.0)]
+            return [col[0] for col, _ in Engine(workers[0].model, tok, tools=ToolRegistry()).generate(prompt, max_tokens=16, temperature=0.0)]
         finally:
             lora.activate(None)
 
@@ -662,7 +663,7 @@ def test_adapter_stacks_through_the_api_and_provenance(sft_dir, serve_app, tmp_p
         text = client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0,
                                          extra_body=extra)
         lora.activate(stack, weights)
-        text_want = [c[0] for c, _ in Engine(workers[0].model, tok).generate(
+        text_want = [c[0] for c, _ in Engine(workers[0].model, tok, tools=ToolRegistry()).generate(
             [tok.get_bos_token_id()] + tok.encode("The cat"), max_tokens=8, temperature=0.0)]
         lora.activate(None)
         assert text.usage.completion_tokens == len(text_want)
@@ -700,8 +701,8 @@ def test_adapter_stacks_through_the_api_and_provenance(sft_dir, serve_app, tmp_p
 def test_a_4bit_base_learns_and_serves_adapters(sft_dir, serve_app, tmp_path):
     """--quantize int4: every replica is a 4-bit base, live learning's trainer is a copy of it, so an adapter
     learned through /learn is bound to that base and served through the 4-bit layers."""
-    from nanochat.lora import model_state_hash
-    from nanochat.quant import Int4Embedding, Int4Linear
+    from nanochat.lora.adapter import model_state_hash
+    from nanochat.lora.quant import Int4Embedding, Int4Linear
     from scripts.chat_web import parse_args
     assert parse_args(["--quantize", "int4"]).quantize == "int4" and parse_args([]).quantize == "none"
     with pytest.raises(ValueError, match="quantize 'int3'"):
@@ -733,8 +734,8 @@ def test_a_4bit_base_learns_and_serves_adapters(sft_dir, serve_app, tmp_path):
     # saved bound to the 4-bit base: the full-precision checkpoint refuses it
     meta = json.load(open(tmp_path / "facts" / "adapter.json"))
     assert meta["base_hash"] == workers[0].lora.base_hash
-    from nanochat.lora import AdapterBaseMismatch, LoRA
-    from nanochat.lora_io import load_adapter
+    from nanochat.lora.adapter import AdapterBaseMismatch, LoRA
+    from nanochat.lora.storage import load_adapter
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", sft_dir)
         plain, _ = load_workers("sft", "cpu")

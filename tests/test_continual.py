@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from nanochat.continual import ContinualConfig, continual_metrics, evaluate_tasks, run_strategy, train_loop
-from nanochat.continual_strategies import ReservoirBuffer, Strategy, sample_continuations
-from nanochat.lora_train import train_adapter
+from nanochat.continual.loop import ContinualConfig, continual_metrics, evaluate_tasks, run_strategy, train_loop
+from nanochat.continual.strategies import ReservoirBuffer, Strategy, sample_continuations
+from nanochat.continual.adapter_train import train_adapter
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from nanochat.training import collate
@@ -253,7 +253,7 @@ def test_ewc_and_ssr_run_and_record_everything(cl_dir, tok, pretrained):
 
 
 def test_ewc_penalty_is_zero_at_the_anchor_and_grows_away(cl_dir, tok):
-    from nanochat.continual_strategies import EWC
+    from nanochat.continual.strategies import EWC
     tasks = lm_tasks(cl_dir, tok, n_train=16, n_eval=4, names=["letters", "digits"])
     model = tiny_model()
     ewc = EWC(model, tok, fast_cfg(), tasks)
@@ -332,8 +332,8 @@ def test_chat_sequence_accuracy_pseudo_rows_and_lora_router(tmp_path, tok):
 # live learning
 
 def test_train_adapter_learns_conversations_and_persists(base_dir, tok, pretrained):
-    from nanochat.lora import LoRA
-    from nanochat.lora_io import adapter_path, list_adapters, load_adapter, save_adapter
+    from nanochat.lora.adapter import LoRA
+    from nanochat.lora.storage import adapter_path, list_adapters, load_adapter, save_adapter
     model = pretrained_model(pretrained)
     lora = LoRA(model)
     lora.add("other", rank=2, alpha=2)

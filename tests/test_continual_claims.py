@@ -7,9 +7,9 @@ import random
 import pytest
 import torch
 
-from nanochat.continual import ContinualConfig, run_strategy, train_loop
-from nanochat.continual_adapters import OLoRA
-from nanochat.continual_strategies import Strategy
+from nanochat.continual.loop import ContinualConfig, run_strategy, train_loop
+from nanochat.continual.adapters import OLoRA
+from nanochat.continual.strategies import Strategy
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from nanochat.training import collate

@@ -1,11 +1,11 @@
-"""The input-subspace bookkeeping behind merge / olora "inputs" (nanochat/lora_subspace.py): bases that
+"""The input-subspace bookkeeping behind merge / olora "inputs" (nanochat/lora/subspace.py): bases that
 hold the asked energy and grow task by task, and adapters confined off them (or inside a task's own
 directions) exactly."""
 import pytest
 import torch
 
-from nanochat.lora import LoRA
-from nanochat.lora_subspace import InputSubspace
+from nanochat.lora.adapter import LoRA
+from nanochat.lora.subspace import InputSubspace
 
 KEY = "h.0.attn.c_q"  # a 64-wide input in the tiny model
 

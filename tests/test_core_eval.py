@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from nanochat import core_data as cd
 from nanochat import core_eval as ce
-from nanochat import packages
+from nanochat.offline import packages
 from nanochat.tokenizer import Tokenizer
 
 TOK = Tokenizer.byte_level()

@@ -46,7 +46,7 @@ def test_iteration_covers_split_once(tmp_path, world):
 
 
 def test_iteration_without_shards_says_how_to_make_them(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--source offline"):
+    with pytest.raises(FileNotFoundError, match="python -m nanochat.offline"):
         next(D.parquets_iter_batched("train", data_dir=str(tmp_path / "empty")))
     assert D.list_parquet_files(str(tmp_path / "empty")) == []
 
@@ -163,7 +163,7 @@ def test_download_unreachable_fails_fast(tmp_path):
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
     t0 = time.time()
-    with pytest.raises(RuntimeError, match="--source offline"):
+    with pytest.raises(RuntimeError, match="python -m nanochat.offline"):
         D.download(2, base_url=f"http://127.0.0.1:{port}", data_dir=str(tmp_path))
     assert time.time() - t0 < 10
     assert D.main(["-n", "1", "--base-url", f"http://127.0.0.1:{port}", "--data-dir", str(tmp_path)]) == 1

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from nanochat.dpo import preference_loss, reference_logprobs, render_pair, render_reply, sequence_logprobs, tokens_to_parts
 from nanochat.engine import Engine
+from nanochat.tools.registry import ToolRegistry
 from nanochat.gpt import GPT, GPTConfig
 from tasks.common import Task, extract_final_number
 from tasks.preference import pairs_from_samples, read_pairs, sample_pairs, validate_pair, write_pairs
@@ -187,7 +188,7 @@ class CoinModel(nn.Module):
 def test_sample_pairs_from_checkable_problems(byte_tokenizer):
     T = byte_tokenizer
     task = Sum([2, 3, 7])  # 7: never right -> dropped
-    engine = Engine(CoinModel(T), T)
+    engine = Engine(CoinModel(T), T, tools=ToolRegistry())
     pairs, stats = sample_pairs(task, [0, 1, 2], engine, T, num_samples=8, max_new_tokens=4, temperature=1.0,
                                 top_k=None, seed=5, max_pairs=2)
     assert stats["problems"] == 3 and stats["samples"] == 24 and stats["none_correct"] == 1

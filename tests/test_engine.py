@@ -9,8 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.calculator import use_calculator
+from nanochat.tools.calculator import use_calculator
 from nanochat.engine import Engine, StreamDecoder
+from nanochat.tools.registry import ToolRegistry
 from nanochat.fastlinear import pack_linears, packing_supported
 from nanochat.gpt import GPT, GPTConfig, KVCache
 from nanochat.tokenizer import Tokenizer
@@ -123,7 +124,7 @@ def stream(engine, prompt, **kw):
 @pytest.mark.parametrize("n_head,n_kv_head", HEADS)
 def test_greedy_matches_naive_recompute(n_head, n_kv_head):
     model = make_gpt(n_head=n_head, n_kv_head=n_kv_head, seed=n_kv_head)
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     rng = random.Random(n_kv_head)
     for _ in range(3):
         prompt = [BOS] + [rng.randrange(256) for _ in range(rng.randint(0, 40))]
@@ -139,7 +140,7 @@ def test_compiled_decode_path_matches_eager(monkeypatch, num_samples):
     by the identity here so the test stays fast: the tokens must be exactly the eager path's."""
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
     model = make_gpt(n_head=4, n_kv_head=2, seed=3)
-    eager, static = Engine(model, TOK), Engine(model, TOK, compile=True)
+    eager, static = Engine(model, TOK, tools=ToolRegistry()), Engine(model, TOK, compile=True)
     rng = random.Random(3)
     for _ in range(3):
         prompt = [BOS] + [rng.randrange(256) for _ in range(rng.randint(1, 30))]
@@ -182,8 +183,8 @@ def test_bf16_weights_give_the_same_greedy_tokens(packed):
     """Inference in bf16 weights (half the bytes a decode step reads; plain or packed for oneDNN) against fp32:
     the same greedy tokens at >= 99% of positions over a fixed prompt set."""
     model = trained_tiny_gpt()
-    fp32 = Engine(model, TOK)
-    bf16 = Engine(to_bf16(model, packed), TOK)
+    fp32 = Engine(model, TOK, tools=ToolRegistry())
+    bf16 = Engine(to_bf16(model, packed), TOK, tools=ToolRegistry())
     same = total = 0
     for start in range(0, 44, 4):
         prompt = [BOS] + TOK.encode(TEXT[start:start + 12])
@@ -217,7 +218,7 @@ def test_packed_kv_cache_matches_full_forward(n_head, n_kv_head):
 def test_packed_greedy_matches_naive_recompute():
     """Packed bf16 Linears, a trained (confident) model: KV-cache greedy == naive recompute, every token."""
     trained = pack_linears(trained_tiny_gpt())
-    engine = Engine(trained, TOK)
+    engine = Engine(trained, TOK, tools=ToolRegistry())
     for start in range(0, 44, 8):
         prompt = [BOS] + TOK.encode(TEXT[start:start + 12])
         ref, ref_masks = naive_generate(trained, prompt, 12)
@@ -228,7 +229,7 @@ def test_packed_greedy_matches_naive_recompute():
 def test_greedy_runs_to_the_context_limit():
     # no stop tokens, so the row must run until the context is full
     model = ScriptedGPT(make_gpt(n_head=4, n_kv_head=2, seq=64), {}, suppress=[A_END, BOS])
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     prompt = [BOS] + TOK.encode("hello there")
     rows, _ = stream(engine, prompt, temperature=0.0)  # max_tokens None
     ref, _ = naive_generate(model, prompt, 10**6)
@@ -240,7 +241,7 @@ def test_greedy_runs_to_the_context_limit():
 
 def test_batch_greedy_rows_identical_and_prefill_once():
     model = BigramModel({b("a"): b("b"), b("b"): b("c"), b("c"): b("a")}, seq_len=64)
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     prompt = [BOS] + TOK.encode("xya")
     rows, masks = stream(engine, prompt, num_samples=3, max_tokens=7, temperature=0.0)
     assert rows[0] == rows[1] == rows[2] == TOK.encode("bcabcab")
@@ -251,7 +252,7 @@ def test_batch_greedy_rows_identical_and_prefill_once():
 
 def test_batch_greedy_real_model_rows_identical():
     model = make_gpt(n_head=4, n_kv_head=1)
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     prompt = [BOS] + TOK.encode("The cat")
     results, _ = engine.generate_batch(prompt, num_samples=4, max_tokens=20, temperature=0.0)
     single, _ = engine.generate_batch(prompt, num_samples=1, max_tokens=20, temperature=0.0)
@@ -260,7 +261,7 @@ def test_batch_greedy_real_model_rows_identical():
 
 def test_sampling_is_seeded_and_rows_differ():
     model = make_gpt(n_head=4, n_kv_head=2)
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     prompt = [BOS] + TOK.encode("Once upon")
     kw = dict(num_samples=4, max_tokens=20, temperature=1.0)
     r1, _ = stream(engine, prompt, seed=7, **kw)
@@ -273,7 +274,7 @@ def test_sampling_is_seeded_and_rows_differ():
 
 def test_top_k_1_is_greedy():
     model = make_gpt(n_head=4, n_kv_head=2)
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     prompt = [BOS] + TOK.encode("abc")
     greedy, _ = engine.generate_batch(prompt, max_tokens=15, temperature=0.0)
     topk1, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=15, temperature=1.5, top_k=1)
@@ -286,7 +287,7 @@ def test_top_k_restricts_choices():
     model = BigramModel(table, default=b("a"))
     model.W.data[b("a"), b("p")] = 21.0
     model.W.data[b("a"), b("q")] = 20.5
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     rows, _ = stream(engine, [BOS, b("a")], num_samples=64, max_tokens=1, temperature=2.0, top_k=2)
     assert {r[0] for r in rows} == {b("p"), b("q")}
 
@@ -295,7 +296,7 @@ def test_top_k_restricts_choices():
 
 def test_stop_token_ends_row_and_generate_batch_excludes_it():
     model = BigramModel({A_START: b("h"), b("h"): b("i"), b("i"): A_END})
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     rows, masks = stream(engine, [BOS, A_START], max_tokens=50, temperature=0.0)
     assert rows == [[b("h"), b("i"), A_END]] and masks == [[1, 1, 1]]
     results, rmasks = engine.generate_batch([BOS, A_START], max_tokens=50, temperature=0.0)
@@ -304,14 +305,14 @@ def test_stop_token_ends_row_and_generate_batch_excludes_it():
 
 def test_bos_also_stops():
     model = BigramModel({A_START: b("h"), b("h"): BOS})
-    results, _ = Engine(model, TOK).generate_batch([BOS, A_START], max_tokens=50, temperature=0.0)
+    results, _ = Engine(model, TOK, tools=ToolRegistry()).generate_batch([BOS, A_START], max_tokens=50, temperature=0.0)
     assert results == [[b("h")]]
 
 
 def test_rows_stop_independently_with_padding():
     # after 'x' the row stops or continues with equal odds, so rows finish at different steps
     model = BigramModel({b("x"): [b("x"), A_END]}, default=b("x"))
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     rows, masks = stream(engine, [BOS, b("x")], num_samples=8, max_tokens=40, temperature=1.0, seed=3)
     stops = [r.index(A_END) if A_END in r else None for r in rows]
     assert len(set(stops)) > 1 and all(s is not None for s in stops)
@@ -326,7 +327,7 @@ def test_rows_stop_independently_with_padding():
 
 def test_max_tokens_respected():
     model = BigramModel({}, default=b("z"))
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     for n in (0, 1, 5):
         rows, _ = stream(engine, [BOS], num_samples=2, max_tokens=n, temperature=0.0)
         assert [len(r) for r in rows] == [n, n]
@@ -355,7 +356,7 @@ def calculator_script(expr, after):
 
 def test_tool_use_forces_calculator_output():
     model = BigramModel(calculator_script("2+3", "ok"))
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     rows, masks = stream(engine, [BOS, A_START], num_samples=2, max_tokens=50, temperature=0.0)
     expected = [PY_START, b("2"), b("+"), b("3"), PY_END, OUT_START, b("5"), OUT_END, b("o"), b("k"), A_END]
     assert rows == [expected, expected]
@@ -366,7 +367,7 @@ def test_tool_use_forces_calculator_output():
 
 def test_tool_use_non_calculator_expression_forces_nothing():
     model = BigramModel(calculator_script("x", "ok"))
-    rows, masks = stream(Engine(model, TOK), [BOS, A_START], max_tokens=50, temperature=0.0)
+    rows, masks = stream(Engine(model, TOK, tools=ToolRegistry()), [BOS, A_START], max_tokens=50, temperature=0.0)
     assert rows == [[PY_START, b("x"), PY_END, b("!"), A_END]]
     assert masks == [[1] * 5]
 
@@ -381,7 +382,7 @@ def test_forced_tokens_go_through_the_model(n_head, n_kv_head):
     model = ScriptedGPT(make_gpt(n_head=n_head, n_kv_head=n_kv_head, seed=5), script, suppress=[A_END, BOS, PY_START])
     prompt = [BOS] + TOK.encode("What is 7*6?") + [A_START]
     ref, ref_masks = naive_generate(model, prompt, 30)
-    rows, masks = stream(Engine(model, TOK), prompt, max_tokens=30, temperature=0.0)
+    rows, masks = stream(Engine(model, TOK, tools=ToolRegistry()), prompt, max_tokens=30, temperature=0.0)
     assert ref[:9] == ids + [OUT_START, b("4"), b("2"), OUT_END]
     assert ref_masks == [1] * 5 + [0] * 4 + [1] * 21
     assert rows[0] == ref and masks[0] == ref_masks
@@ -429,7 +430,7 @@ def test_stream_decoder_matches_decode_on_specials_and_bad_bytes():
     (dict(tokens=[BOS], max_tokens=-1), "max_tokens"),
 ])
 def test_validation(kw, msg):
-    engine = Engine(BigramModel({}, seq_len=64), TOK)
+    engine = Engine(BigramModel({}, seq_len=64), TOK, tools=ToolRegistry())
     with pytest.raises(ValueError, match=msg):
         engine.generate(**kw)  # raised at the call, before iterating
     with pytest.raises(ValueError, match=msg):
@@ -468,7 +469,7 @@ def test_chat_cli_numerics(monkeypatch):
 
 
 def test_chat_turn_streams_and_shows_tool_calls():
-    engine = Engine(chat_model(), TOK)
+    engine = Engine(chat_model(), TOK, tools=ToolRegistry())
     conversation = [{"role": "user", "content": "add"}]
     out = io.StringIO()
     reply = chat_turn(engine, TOK, conversation, temperature=0.0, out=out)
@@ -498,7 +499,7 @@ def test_chat_turn_failed_tool_call_and_limits():
 
 def test_chat_loop_history_clear_and_errors():
     model = chat_model()
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     lines = iter(["", "   ", "hello", "x" * 300, "again", "clear", "hi", "exit", "never read"])
     out = io.StringIO()
     prompts = []

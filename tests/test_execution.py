@@ -1,4 +1,4 @@
-"""Tests for the code runner's behaviour and Python-level guards, and the calculator fast path (nanochat/execution.py, nanochat/calculator.py).
+"""Tests for the code runner's behaviour and Python-level guards, and the calculator fast path (nanochat/execution.py, nanochat/tools/calculator.py).
 The kernel boundary and the attacks it must contain are in test_sandbox.py."""
 
 import os
@@ -9,7 +9,7 @@ import uuid
 import psutil
 import pytest
 
-from nanochat.calculator import use_calculator
+from nanochat.tools.calculator import use_calculator
 from nanochat.execution import MAX_OUTPUT_BYTES, ExecutionResult, execute_code
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from nanochat import fastlinear
 from nanochat.fastlinear import PackedLinear, pack_linears, packing_supported
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.lora import LoRA
+from nanochat.lora.adapter import LoRA
 
 NEEDS_PACKING = pytest.mark.skipif(not packing_supported("cpu")[0], reason=packing_supported("cpu")[1])
 

@@ -17,7 +17,7 @@ import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.live import LiveLearning
+from nanochat.serve.live import LiveLearning
 from nanochat.training import collate
 from scripts.chat_web import Defaults, create_app, load_workers
 
@@ -221,12 +221,12 @@ def test_bad_input_is_refused_and_nothing_changes(server, tmp_path):
 
 @pytest.mark.parametrize("where", ["training", "saving"])
 def test_failed_job_leaves_no_adapter(server, tmp_path, monkeypatch, where):
-    import nanochat.live
+    import nanochat.serve.live
     import safetensors.torch
     if where == "training":
         def boom(*a, **k):
             raise RuntimeError("boom")
-        monkeypatch.setattr(nanochat.live, "train_adapter", boom)
+        monkeypatch.setattr(nanochat.serve.live, "train_adapter", boom)
     else:  # the disk fails half way through writing the adapter
         def half_write(tensors, path, metadata=None):
             with open(path, "wb") as f:

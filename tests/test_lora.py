@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.lora import DEFAULT_TARGETS, AdapterBaseMismatch, LoRA, model_state_hash
-from nanochat.lora_io import delete_adapter, list_adapters, load_adapter, read_adapter_meta, save_adapter
-from nanochat.lora_router import route, set_centroid
+from nanochat.lora.adapter import DEFAULT_TARGETS, AdapterBaseMismatch, LoRA, model_state_hash
+from nanochat.lora.storage import delete_adapter, list_adapters, load_adapter, read_adapter_meta, save_adapter
+from nanochat.lora.router import route, set_centroid
 
 
 def make_model(seed=0, n_layer=2):

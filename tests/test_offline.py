@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import dataset as D
-from nanochat import packages
+from nanochat.offline import packages
 from nanochat.offline import build as B
 from nanochat.offline import cleaning as C
 from nanochat.offline import sources as S
@@ -31,7 +31,7 @@ def _write(path, text, gz=False):
 
 def make_fake_trees(base_dir):
     """Tiny package trees with the same paths as the real packages, for five sources, marked as
-    fetched the way nanochat.packages marks them."""
+    fetched the way nanochat.offline.packages marks them."""
     def root(name):
         pkg = S.SOURCES_BY_NAME[name]["package"]
         r = packages.package_root(pkg, base_dir)

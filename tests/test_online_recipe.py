@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from fake_hub import FakeHub
-from nanochat import packages
+from nanochat.offline import packages
 
 
 def parquet(rows):

@@ -1,4 +1,4 @@
-"""nanochat.packages: the one fetcher (download once, extract only what is asked, markers, locks, the
+"""nanochat.offline.packages: the one fetcher (download once, extract only what is asked, markers, locks, the
 pip call, adopting caches of older versions) and the readers of the formats inside the packages.
 The registry clients are faked: nothing is downloaded."""
 import gzip
@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from nanochat import packages as P
+from nanochat.offline import packages as P
 
 NPM = P.Package("npm", "nlp-corpus@4.4.0")
 

@@ -4,9 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.lora import AdapterBaseMismatch, LoRA, model_state_hash
-from nanochat.lora_io import load_adapter, save_adapter
-from nanochat.quant import (Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, pack4, quantize_base, quantize_blocks,
+from nanochat.lora.adapter import AdapterBaseMismatch, LoRA, model_state_hash
+from nanochat.lora.storage import load_adapter, save_adapter
+from nanochat.lora.quant import (Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, pack4, quantize_base, quantize_blocks,
                             unpack4, weight_bytes)
 from tests.test_lora import make_model, train_on_frozen_base
 

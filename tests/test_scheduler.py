@@ -11,11 +11,11 @@ import torch.nn.functional as F
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig, RaggedKVCache
-from nanochat.lora import LoRA
-from nanochat.scheduler import Request, Scheduler
-from nanochat.search import Searcher, build_index
+from nanochat.lora.adapter import LoRA
+from nanochat.serve.scheduler import Request, Scheduler
+from nanochat.tools.search import Searcher, build_index
 from nanochat.tokenizer import Tokenizer
-from nanochat.tools import ToolRegistry
+from nanochat.tools.registry import ToolRegistry
 from tests.conftest import at_positions
 
 TOK = Tokenizer.byte_level()
@@ -435,7 +435,7 @@ def test_tiny_temperatures_are_greedy(temperature):
 
 @pytest.mark.parametrize("tool", ["python", "search"])
 def test_python_and_search_calls_in_a_batch_equal_each_alone(tool, tmp_path):
-    # calls dispatch through nanochat.tools as in Engine.generate; python/search run off the scheduler's
+    # calls dispatch through nanochat.tools.registry as in Engine.generate; python/search run off the scheduler's
     # thread while the other rows go on decoding
     if tool == "python":
         tools, call = ToolRegistry(), "python:x*7"

@@ -1,7 +1,7 @@
 """Tasks: slicing, mixtures, and every loader's conversion on small files with the real schemas.
 
 Nothing here downloads: the fake packages are zip files named like the real wheels, placed where
-nanochat.packages keeps downloaded archives, and pip / the hub are patched to fail.
+nanochat.offline.packages keeps downloaded archives, and pip / the hub are patched to fail.
 """
 import gzip
 import io
@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
 
-from nanochat import packages
+from nanochat.offline import packages
 from tasks import fetch
 from tasks.common import (Task, TaskMixture, TaskSequence, extract_final_number, mc_conversation, parse_letter,
                           render_mc)

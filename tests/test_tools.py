@@ -9,9 +9,9 @@ import torch.nn as nn
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.search import Searcher, build_index, match_expression, split_passages
+from nanochat.tools.search import Searcher, build_index, match_expression, split_passages
 from nanochat.tokenizer import Tokenizer
-from nanochat.tools import NO_TOOLS, PythonLimits, PythonREPL, ToolRegistry, parse_call
+from nanochat.tools.registry import NO_TOOLS, PythonLimits, PythonREPL, ToolRegistry, parse_call
 from tests.conftest import at_positions
 
 TOK = Tokenizer.byte_level()
@@ -186,7 +186,7 @@ def test_tool_conversations_call_then_quote():
 def test_search_conversations_quote_the_indexed_document(tmp_path):
     """The query is the question; the output is formatted like the real tool's, the entity's document
     first; and a real index of the fact corpus does put that document first, for the held-out questions too."""
-    from nanochat.search import format_passages
+    from nanochat.tools.search import format_passages
     from tasks.tools import ToolsEval, ToolUse, entities, fact_documents
     docs = {d for _, d in fact_documents()}
     test_names = {e[1] for e in entities("test")}
@@ -295,7 +295,7 @@ def run(engine, num_samples=1):
 
 def test_engine_python_state_across_calls():
     model = SegmentModel([call("python:\nx = 6"), call("python: x * 7"), TOK.encode("ok")])
-    texts, masks = run(Engine(model, TOK), num_samples=2)
+    texts, masks = run(Engine(model, TOK, tools=ToolRegistry()), num_samples=2)
     expected = ("<|python_start|>python:\nx = 6<|python_end|><|output_start|><|output_end|>"
                 "<|python_start|>python: x * 7<|python_end|><|output_start|>42<|output_end|>ok")
     assert texts == [expected, expected]
@@ -316,7 +316,7 @@ def test_engine_python_state_across_turns():
         {"role": "user", "content": "use it"}]}
     prompt = TOK.render_for_completion(convo)
     model = SegmentModel([call("python: x * 7"), TOK.encode("done")])
-    engine = Engine(model, TOK)
+    engine = Engine(model, TOK, tools=ToolRegistry())
     assert engine._prompt_calls(prompt) == [("python:\nx = 6", ""), ("python: y = 1/0", "ZeroDivisionError: division by zero"),
                                             ("python: while True: pass", "TimeoutError: the code ran longer than 5 seconds")]
     results, _ = engine.generate_batch(prompt, max_tokens=100, temperature=0.0)
@@ -325,7 +325,7 @@ def test_engine_python_state_across_turns():
 
 def test_engine_python_errors_and_tools_off():
     model = SegmentModel([call("python: undefined_name"), TOK.encode("ok")])
-    (text,), _ = run(Engine(model, TOK))
+    (text,), _ = run(Engine(model, TOK, tools=ToolRegistry()))
     assert "<|output_start|>NameError: name 'undefined_name' is not defined<|output_end|>ok" in text
     (text,), masks = run(Engine(SegmentModel([call("python: 1+1"), TOK.encode("ok")]), TOK, tools=NO_TOOLS))
     assert text == "<|python_start|>python: 1+1<|python_end|>" and set(masks[0]) == {1}
@@ -378,7 +378,7 @@ def test_forced_tool_output_is_in_the_kv_cache():
     ids, output = call("python: 6*7"), "42"
     model = RiggedGPT({A_START: PY_START, **dict(zip(ids, ids[1:]))})
     prompt = [BOS] + TOK.encode("Q?") + [A_START]
-    rows, masks = Engine(model, TOK).generate_batch(prompt, max_tokens=len(ids) + len(output) + 12, temperature=0.0)
+    rows, masks = Engine(model, TOK, tools=ToolRegistry()).generate_batch(prompt, max_tokens=len(ids) + len(output) + 12, temperature=0.0)
     expected_forced = [OUT_START] + TOK.encode(output) + [OUT_END]
     assert rows[0][:len(ids) + len(expected_forced)] == ids + expected_forced
     assert masks[0] == [1] * len(ids) + [0] * len(expected_forced) + [1] * 10

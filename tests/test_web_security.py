@@ -15,12 +15,12 @@ import torch
 
 from nanochat.checkpoint_manager import remove_stale_temp as remove_stale_checkpoint_temp, save_checkpoint, start_fresh
 from nanochat.gpt import GPT
-from nanochat.live import AdapterLimit, JobQueueFull, LearnJob, LiveLearning
-from nanochat.lora import LoRA
-from nanochat.lora_io import list_adapters, remove_stale_temp, save_adapter
-from nanochat.openai_api import Limits
-from nanochat.serving import Job, Worker, WorkerPool
-from nanochat.web_security import check_exposure
+from nanochat.serve.live import AdapterLimit, JobQueueFull, LearnJob, LiveLearning
+from nanochat.lora.adapter import LoRA
+from nanochat.lora.storage import list_adapters, remove_stale_temp, save_adapter
+from nanochat.serve.openai_api import Limits
+from nanochat.serve.replicas import Job, Worker, WorkerPool
+from nanochat.serve.security import check_exposure
 from scripts.chat_web import create_app, main, serve_in_thread
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency (pip install -e '.[dev]')")

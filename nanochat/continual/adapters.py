@@ -1,15 +1,15 @@
 """The adapter strategies of continual learning (lora, merge, olora): each task trains a new LoRA adapter on
 the frozen base, and they differ in how the adapters are served and kept apart; the strategy contract and the
-full fine-tuning strategies are in nanochat/continual_strategies.py, the adapters themselves in nanochat/lora.py.
+full fine-tuning strategies are in nanochat/continual/strategies.py, the adapters themselves in nanochat/lora/adapter.py.
 
-  lora    a new LoRA adapter per task on the frozen base (nanochat/lora.py). With the task id known at
+  lora    a new LoRA adapter per task on the frozen base (nanochat/lora/adapter.py). With the task id known at
           evaluation, task j is scored with adapter j (the base model for tasks not learned yet), so
           earlier tasks cannot change: zero forgetting by construction. A second matrix, "lora-router",
           scores every item with the adapter a router picks without the task id: the nearest centroid
           (cosine) of base-model hidden states; centroids are the mean over each task's training rows
           (lm: the first `route_prefix` tokens of a row; chat: the prompt).
   merge   one LoRA adapter per task, evaluated (served) as the merge of all adapters so far
-          (nanochat/lora_merge.py, `merge_method`, `merge_density`, each adapter times `merge_weight`):
+          (nanochat/lora/merge.py, `merge_method`, `merge_density`, each adapter times `merge_weight`):
           no task id, no router, no stored data. By default (merge_subspace "inputs", merge_stacked)
           each adapter trains on top of the frozen earlier ones with its A confined as below, and they
           are summed; merge_subspace "none" and merge_stacked False give the plain merge of adapters
@@ -19,7 +19,7 @@ full fine-tuning strategies are in nanochat/continual_strategies.py, the adapter
           olora_subspace "inputs" (the default): its A is confined as below. "adapters" (the paper's
           rule): the loss + olora_lambda * sum_t<i sum_layers ||A_i A_t^T||_F^2 pushes it into input
           directions the earlier adapters' A's do not read.
-  "inputs" (nanochat/lora_subspace.py): after each task, cfg.subspace_rows of its training rows go
+  "inputs" (nanochat/lora/subspace.py): after each task, cfg.subspace_rows of its training rows go
           through the model and every target layer keeps an orthonormal basis of their inputs holding
           cfg.subspace_energy of their energy (statistics, like EWC's Fisher: no rows are kept); a new
           adapter's A is kept off every basis so far, and (subspace_own) inside the directions of its
@@ -30,8 +30,8 @@ import os
 import random
 
 from nanochat.common import print0
-from nanochat.continual_strategies import Strategy
-from nanochat.lora_router import route, set_centroid
+from nanochat.continual.strategies import Strategy
+from nanochat.lora.router import route, set_centroid
 from nanochat.training import collate
 
 
@@ -48,13 +48,13 @@ class LoRAStrategy(Strategy):
             if option not in values:
                 raise ValueError(f"{field} must be {' or '.join(repr(v) for v in values)}, got {option!r}")
         super().__init__(model, tokenizer, cfg, tasks, dtype)
-        from nanochat.lora import LoRA
+        from nanochat.lora.adapter import LoRA
         self.lora = LoRA(model)
         self.names = []  # adapter of task i
         self.router_accuracy = []  # per evaluation: fraction of task j's items routed to adapter j
         self.subspace = None  # merge / olora with "inputs": the earlier tasks' input bases (lora_subspace.py)
         if option == "inputs":
-            from nanochat.lora_subspace import InputSubspace
+            from nanochat.lora.subspace import InputSubspace
             self.subspace = InputSubspace(self.lora, cfg.subspace_energy)
         self.subspace_dims = []  # after each task: mean basis size / input size per target
 
@@ -147,7 +147,7 @@ class LoRAStrategy(Strategy):
 
     def task_done(self, i, rows):
         if self.adapter_dir:  # keep each task's adapter, with what it scored, in the standard format
-            from nanochat.lora_io import save_adapter
+            from nanochat.lora.storage import save_adapter
             task = self.tasks[i]
             save_adapter(self.lora, self.names[i], os.path.join(self.adapter_dir, self.names[i]), task=task.name,
                          metrics={task.metric: rows[self.name][i]})
@@ -199,7 +199,7 @@ class MergeStrategy(LoRAStrategy):
         self.lora.activate(None)
 
     def evaluate(self, tasks, i):
-        from nanochat.lora_merge import merge_adapters
+        from nanochat.lora.merge import merge_adapters
         c = self.cfg
         merge_adapters(self.lora, self.names[:i + 1], "merged", method=c.merge_method, density=c.merge_density,
                        weights=[self.weight(i)] * (i + 1), seed=c.seed)

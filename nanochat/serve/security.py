@@ -7,7 +7,7 @@ import logging
 from pydantic import BaseModel
 from starlette.datastructures import Headers
 
-from nanochat.openai_api import error_response
+from nanochat.serve.openai_api import error_response
 
 logger = logging.getLogger("nanochat.chat_web")
 

@@ -4,7 +4,7 @@ shape, body-size limit, SSE responses). It knows nothing of models or scheduling
 
 OpenAI compatibility decisions
     Unknown fields are refused with 400, so a client never silently loses a setting it relies on.
-    Tool calls (calculator, python REPL, search; nanochat.tools) run on the server. In OpenAI content
+    Tool calls (calculator, python REPL, search; nanochat.tools.registry) run on the server. In OpenAI content
     they are visible text with the model's own markers, the tool named inside the call:
         "<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>"                   calculator
         "<|python_start|>python:\nx = 6\nx * 7<|python_end|><|output_start|>42<|output_end|>"   python

@@ -1,6 +1,6 @@
 """Input subspaces of the LoRA target layers: after a task, an orthonormal basis per layer of the inputs
 that task fed it, and a new adapter's A confined to the complement of every basis so far; it knows
-nothing of tasks, data or training loops (nanochat/continual_strategies.py drives it).
+nothing of tasks, data or training loops (nanochat/continual/strategies.py drives it).
 
 Why it protects earlier tasks. A layer with an adapter computes W x + s B A x. If every earlier task's
 inputs x to that layer lie (nearly) in span(U) and A U = 0, then B A x = 0 for them: the layer, and by

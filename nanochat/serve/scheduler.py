@@ -21,12 +21,12 @@ How a step runs (Scheduler.step):
 Each row has its own sampling settings and torch.Generator (seeded by its request), so its tokens do not
 depend on what else is in the batch: sampled exactly as Engine.generate samples one sequence (a sample is
 drawn every step, and the calculator's forced tokens replace it), greedy rows equal Engine's greedy rows.
-Per row too: tool state (engine.RowState with its own nanochat.tools session, dispatched by the call's
+Per row too: tool state (engine.RowState with its own nanochat.tools.registry session, dispatched by the call's
 text exactly as Engine.generate does: calculator, python REPL started from the prompt's python calls,
 search), stop tokens
 (<|assistant_end|>, <|bos|>), max_tokens and the model's context; presence/frequency penalties over the
 tokens it generated; and optionally logprobs (of the model's own distribution, before penalties and
-temperature) with the top alternatives. With a nanochat.lora.LoRA, a request may name an Adapter object
+temperature) with the top alternatives. With a nanochat.lora.adapter.LoRA, a request may name an Adapter object
 or a stack of (Adapter, weight) pairs: each row's low-rank update applies to its own rows only
 (LoRA.per_row), and because the row holds the objects, an adapter replaced while it runs keeps serving it;
 requests that start later get the new one.
@@ -49,9 +49,9 @@ import torch.nn.functional as F
 from nanochat.common import autocast, resolve_dtype
 from nanochat.engine import Engine, sample_next_token
 from nanochat.gpt import RaggedKVCache
-from nanochat.tools import parse_call
+from nanochat.tools.registry import ToolRegistry, parse_call
 
-logger = logging.getLogger("nanochat.scheduler")
+logger = logging.getLogger("nanochat.serve.scheduler")
 
 
 @dataclass
@@ -66,7 +66,7 @@ class Request:
     presence_penalty: float = 0.0  # subtracted from the logit of every token the row generated already
     frequency_penalty: float = 0.0  # subtracted once per earlier occurrence
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
-    adapter: object = None  # a nanochat.lora.Adapter, ((Adapter, weight), ...) for a stack, or None: the base
+    adapter: object = None  # a nanochat.lora.adapter.Adapter, ((Adapter, weight), ...) for a stack, or None: the base
 
 
 @dataclass
@@ -116,11 +116,12 @@ class _Row:
 class Scheduler:
     def __init__(self, model, tokenizer, max_batch=64, prefill_tokens=512, lora=None, dtype="auto", tools=None,
                  tool_threads=4):
-        """tools: a nanochat.tools.ToolRegistry, as Engine takes it (default: calculator + python REPL).
+        """tools: a nanochat.tools.registry.ToolRegistry, as Engine takes it (default: calculator + python REPL).
         tool_threads: python/search calls running at once, off the scheduler's thread."""
         if max_batch < 1 or prefill_tokens < 1:
             raise ValueError(f"need max_batch >= 1 and prefill_tokens >= 1, got {max_batch} and {prefill_tokens}")
         self.model, self.tokenizer, self.lora = model, tokenizer, lora
+        tools = ToolRegistry() if tools is None else tools
         self.engine = Engine(model, tokenizer, tools=tools)  # validation, stop tokens, tool use
         self._tools = ThreadPoolExecutor(tool_threads, thread_name_prefix="nanochat-tools")
         self.device = self.engine.device()

@@ -128,7 +128,7 @@ class Searcher:
         try:
             self.common = dict(self._con.execute("SELECT word, passages FROM common_words").fetchall())
         except sqlite3.OperationalError:
-            raise ValueError(f"{path} is not a search index built by this version of nanochat.search: rebuild it "
+            raise ValueError(f"{path} is not a search index built by this version of nanochat.tools.search: rebuild it "
                              "with `python -m scripts.build_index`") from None
 
     def __len__(self):

@@ -29,7 +29,7 @@ state into another; its cost grows with the history, which the limits below boun
 """
 from dataclasses import dataclass
 
-from nanochat.calculator import use_calculator
+from nanochat.tools.calculator import use_calculator
 from nanochat.execution import execute_code
 
 TOOL_NAMES = ("calculator", "python", "search")
@@ -165,7 +165,7 @@ class ToolSession:
 class ToolRegistry:
     """Which tools are on, with their limits. calculator: no state, no limits beyond its own (see
     use_calculator). python: a PythonREPL per session, with `python_limits`. search: `searcher`
-    (a nanochat.search.Searcher, or any callable query -> str) when given, else off."""
+    (a nanochat.tools.search.Searcher, or any callable query -> str) when given, else off."""
 
     def __init__(self, calculator=True, python=True, searcher=None, python_limits=None):
         self.calculator = calculator
@@ -206,7 +206,7 @@ def make_registry(index="", python=True):
     saying which tools are on)."""
     import os
     from nanochat.common import get_base_dir
-    from nanochat.search import INDEX_FILE, Searcher
+    from nanochat.tools.search import INDEX_FILE, Searcher
     path = index or os.path.join(get_base_dir(), "search_index")
     searcher = None
     if index or os.path.exists(os.path.join(path, INDEX_FILE)):

@@ -4,9 +4,9 @@ rows that measures it; it runs the continual-learning loop on one task and knows
 import torch
 
 from nanochat.common import autocast, resolve_dtype
-from nanochat.continual import ContinualConfig, train_loop
-from nanochat.continual_strategies import Strategy
-from nanochat.lora_router import set_centroid
+from nanochat.continual.loop import ContinualConfig, train_loop
+from nanochat.continual.strategies import Strategy
+from nanochat.lora.router import set_centroid
 from nanochat.training import collate
 
 
@@ -43,8 +43,8 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
     of that same stack. progress(info) gets step, steps, loss, tok_per_sec, elapsed_s, eta_s; should_stop()
     -> True cancels (the adapter is then removed and None returned). dtype: "float32" or "bfloat16"
     (default: bf16 on CUDA where supported, fp32 elsewhere).
-    Returns the Adapter (resident in the LoRA; persist it with nanochat.lora_io.save_adapter)."""
-    from nanochat.lora import LoRA
+    Returns the Adapter (resident in the LoRA; persist it with nanochat.lora.storage.save_adapter)."""
+    from nanochat.lora.adapter import LoRA
     lora = lora or getattr(model, "_lora", None) or LoRA(model)
     if not conversations:
         raise ValueError("train_adapter needs at least one conversation")

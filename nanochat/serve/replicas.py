@@ -23,9 +23,9 @@ import torch
 
 from nanochat.common import autocast
 from nanochat.engine import ReplyParser, token_bytes
-from nanochat.scheduler import Request, Scheduler
+from nanochat.serve.scheduler import Request, Scheduler
 
-logger = logging.getLogger("nanochat.serving")
+logger = logging.getLogger("nanochat.serve.replicas")
 QUEUE_NOTICE_S = 1.0  # while a request waits for a row, tell its client its place this often
 
 
@@ -92,7 +92,7 @@ class Worker:
 
     def __init__(self, index, model, tokenizer, max_batch=64, prefill_tokens=512, tools=None):
         """max_batch: most requests decoded together (more wait); prefill_tokens: most prompt tokens
-        prefilled per step (a longer prompt is spread over several steps); tools: a nanochat.tools.ToolRegistry
+        prefilled per step (a longer prompt is spread over several steps); tools: a nanochat.tools.registry.ToolRegistry
         (default: calculator + python REPL)."""
         self.index = index
         self.model, self.tokenizer = model, tokenizer
@@ -106,7 +106,7 @@ class Worker:
 
     @property
     def lora(self):
-        """A nanochat.lora.LoRA when live learning is on (set by LiveLearning), else None."""
+        """A nanochat.lora.adapter.LoRA when live learning is on (set by LiveLearning), else None."""
         return self.scheduler.lora
 
     @lora.setter
@@ -146,7 +146,7 @@ class WorkerPool:
         self.finished = {"stop": 0, "length": 0, "cancelled": 0, "error": 0}
         self.started_at = time.time()
         self.observer = observer or (lambda kind, **values: None)
-        self.leases = None  # nanochat.live.LiveLearning when adapters exist: held while a request uses one
+        self.leases = None  # nanochat.serve.live.LiveLearning when adapters exist: held while a request uses one
         self._started = False
 
     def start(self):
@@ -348,14 +348,14 @@ class WorkerPool:
             w.scheduler.stop()
 
 
-QUANTIZE = {"none": None, "int8": 8, "int4": 4}  # --quantize -> nanochat.quant bits
+QUANTIZE = {"none": None, "int8": 8, "int4": 4}  # --quantize -> nanochat.lora.quant bits
 
 
 def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None, max_batch=64, tools=None,
                  quantize="none"):
     """One Worker per device: cuda:0..num_gpus-1, or a single one on cpu/mps. -> (workers, meta).
     quantize "int8" / "int4": every weight matrix of each replica becomes weight-only quantized
-    (nanochat/quant.py, a frozen base ~2x / ~3.8x smaller than bf16) before it serves, so adapters
+    (nanochat/lora/quant.py, a frozen base ~2x / ~3.8x smaller than bf16) before it serves, so adapters
     learned and served on it are bound to that quantized base."""
     from nanochat.checkpoint_manager import load_model
     if quantize not in QUANTIZE:
@@ -371,7 +371,7 @@ def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None, max
     for i, device in enumerate(devices):
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
         if QUANTIZE[quantize]:
-            from nanochat.quant import quantize_base
+            from nanochat.lora.quant import quantize_base
             quantize_base(model, bits=QUANTIZE[quantize])
         workers.append(Worker(i, model, tokenizer, max_batch=max_batch, tools=tools))
     return workers, meta

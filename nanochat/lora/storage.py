@@ -1,5 +1,5 @@
 """Adapters on disk: saving, loading (checked against the base they were trained on), listing and deleting
-them under $NANOCHAT_BASE_DIR/adapters/; what an adapter is and how it applies is nanochat/lora.py's job.
+them under $NANOCHAT_BASE_DIR/adapters/; what an adapter is and how it applies is nanochat/lora/adapter.py's job.
 
     save_adapter(lora, "facts", adapter_path("facts"), task="facts", metrics={...})
     load_adapter(lora, adapter_path("facts"))   # refuses an adapter trained on another base
@@ -20,7 +20,7 @@ import time
 import torch
 
 from nanochat.common import get_base_dir, json_default
-from nanochat.lora import _NAME_RE, AdapterBaseMismatch, _now, validate_name
+from nanochat.lora.adapter import _NAME_RE, AdapterBaseMismatch, _now, validate_name
 
 FORMAT = "nanochat-lora"
 FORMAT_VERSION = 1

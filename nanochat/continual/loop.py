@@ -1,10 +1,10 @@
 """Continual learning's driver: learn a sequence of tasks with one strategy, score every task after each,
-and turn the scores into metrics; the strategies themselves are in nanochat/continual_strategies.py.
+and turn the scores into metrics; the strategies themselves are in nanochat/continual/strategies.py.
 
 A sequence of tasks (tasks/continual.py) is learned one task at a time. After task i every task j is
 evaluated, giving R[i][j]; base[j] is the starting model's score on task j.
 
-The strategies (naive, replay, ewc, lora, ssr, merge, olora) are described in nanochat/continual_strategies.py.
+The strategies (naive, replay, ewc, lora, ssr, merge, olora) are described in nanochat/continual/strategies.py.
 
 Metrics and their signs. The metric is bits per byte for language-modelling sequences (lower is
 better) and accuracy for chat sequences (higher is better). All numbers are in the metric's own
@@ -24,7 +24,7 @@ replay buffer (token ids as int32), EWC's Fisher and anchor (fp32), SSR's prompt
 bases of merge / olora "inputs" (fp32).
 
 Entry points: run_strategy (one strategy over a sequence, used by scripts/continual_train.py),
-train_loop (the loop itself, also used by nanochat/lora_train.py for live adapters), continual_metrics.
+train_loop (the loop itself, also used by nanochat/continual/adapter_train.py for live adapters), continual_metrics.
 """
 import random
 import time
@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nanochat.common import autocast, format_eta, print0, resolve_dtype
-from nanochat.continual_adapters import LoRAStrategy, MergeStrategy, OLoRA
-from nanochat.continual_strategies import EWC, SSR, Replay, Strategy
+from nanochat.continual.adapters import LoRAStrategy, MergeStrategy, OLoRA
+from nanochat.continual.strategies import EWC, SSR, Replay, Strategy
 from nanochat.training import collate
 
 STRATEGY_CLASSES = {"naive": Strategy, "replay": Replay, "ewc": EWC, "lora": LoRAStrategy, "ssr": SSR,
@@ -63,7 +63,7 @@ class ContinualConfig:
     ssr_len: int = 128  # pseudo-sample length in tokens (prompt included); sampling cost grows with it
     ssr_temperature: float = 1.0
     ssr_top_k: int = 0  # 0: sample from the full distribution (rehearses what the model knows)
-    merge_method: str = "linear"  # merge: linear, ties or dare (nanochat/lora_merge.py)
+    merge_method: str = "linear"  # merge: linear, ties or dare (nanochat/lora/merge.py)
     merge_density: float = 0.5  # merge: fraction of each delta ties/dare keep
     merge_weight: float = 0.0  # merge: every task's adapter enters the merge times this; 0: 1 / #adapters (their
                                # mean), or 1 (their sum) when stacked or confined to separate inputs

@@ -1,13 +1,13 @@
 """The live-learning routes of the server (POST /learn, GET /learn/{job}, GET /adapters, POST
-/adapters/{name}/activate, DELETE /adapters/{name}) as a FastAPI router over a nanochat.live.LiveLearning;
+/adapters/{name}/activate, DELETE /adapters/{name}) as a FastAPI router over a nanochat.serve.live.LiveLearning;
 the learning itself (jobs, adapters on disk and on the replicas) is live.py's."""
 import time
 
 from fastapi import APIRouter
 
-from nanochat.live import AdapterLimit, JobQueueFull, facts_to_conversations
-from nanochat.openai_api import PageMessage, RequestError, StrictBody, check_messages, content_chars, error_response
-from nanochat.web_security import documented_errors
+from nanochat.serve.live import AdapterLimit, JobQueueFull, facts_to_conversations
+from nanochat.serve.openai_api import PageMessage, RequestError, StrictBody, check_messages, content_chars, error_response
+from nanochat.serve.security import documented_errors
 
 
 class Fact(StrictBody):

@@ -1,5 +1,5 @@
 """Live learning for chat_web: teach the served model new facts as LoRA adapters while it keeps chatting;
-this module runs the jobs and keeps the adapter files, nanochat/lora_train.py does the training.
+this module runs the jobs and keeps the adapter files, nanochat/continual/adapter_train.py does the training.
 
     live = LiveLearning(pool, trainer_model, tokenizer, root, general_chats=load_chats)
     job = live.submit("facts", conversations, steps=150)     # trains in a background thread
@@ -41,12 +41,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from nanochat.common import atomic_write, resolve_dtype
-from nanochat.lora import LoRA, validate_name
-from nanochat.lora_io import delete_adapter, list_adapters, load_adapter, provenance_summary, remove_stale_temp, \
+from nanochat.lora.adapter import LoRA, validate_name
+from nanochat.lora.storage import delete_adapter, list_adapters, load_adapter, provenance_summary, remove_stale_temp, \
     save_adapter
-from nanochat.lora_train import mean_loss, train_adapter
+from nanochat.continual.adapter_train import mean_loss, train_adapter
 
-logger = logging.getLogger("nanochat.live")
+logger = logging.getLogger("nanochat.serve.live")
 RESERVED = ("none",)  # "none" means the base model in every endpoint that takes an adapter name
 
 

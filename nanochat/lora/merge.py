@@ -1,5 +1,5 @@
 """Combining trained LoRA adapters into one new adapter (linear, TIES or DARE); it works on adapters
-resident in one LoRA and leaves saving, loading and serving the result to nanochat/lora.py.
+resident in one LoRA and leaves saving, loading and serving the result to nanochat/lora/adapter.py.
 
     merged = merge_adapters(lora, ["domain", "facts"], "both", method="ties", density=0.5)
     save_adapter(lora, "both", adapter_path("both"))      # adapter.json keeps the provenance

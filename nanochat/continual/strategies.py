@@ -1,5 +1,5 @@
 """The continual-learning strategies: what each one trains, which rows it rehearses, what penalty it adds
-and how it is evaluated; nanochat/continual.py drives them through a sequence and scores them.
+and how it is evaluated; nanochat/continual/loop.py drives them through a sequence and scores them.
 
 Strategies:
   naive   full fine-tuning on each task in turn: the forgetting baseline.
@@ -11,12 +11,12 @@ Strategies:
   ssr     self-synthesized rehearsal: before task i, the model (as it is then) continues short prompts
           of each earlier task (a few prompt tokens per task are all that is kept) by sampling, and
           these pseudo-samples supply `replay_ratio` of every batch instead of stored data.
-  lora, merge, olora: adapter strategies on the frozen base, in nanochat/continual_adapters.py.
+  lora, merge, olora: adapter strategies on the frozen base, in nanochat/continual/adapters.py.
 
 All full fine-tuning strategies use the same AdamW settings and data order; lora, merge and olora train
 only the new adapter (AdamW, lora_lr).
 
-A strategy is what train_loop (nanochat/continual.py) needs to know: params(i), lr(), rehearsal(),
+A strategy is what train_loop (nanochat/continual/loop.py) needs to know: params(i), lr(), rehearsal(),
 penalty(), on_batch(rows), after_step(), cfg (a ContinualConfig), dtype ("float32" or "bfloat16") and
 pad_id; plus hooks before and after each task, evaluate(), added() and extra() for the driver.
 """

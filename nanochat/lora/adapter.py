@@ -1,7 +1,7 @@
 """LoRA adapters on the GPT's block matrices: creating, stacking and merging them into the weights, and
 applying them in the forward (a stack, or a different adapter per batch row); saving and loading is
-nanochat/lora_io.py's job, routing nanochat/lora_router.py's, training nanochat/lora_train.py's,
-combining nanochat/lora_merge.py's.
+nanochat/lora/storage.py's job, routing nanochat/lora/router.py's, training nanochat/continual/adapter_train.py's,
+combining nanochat/lora/merge.py's.
 
     lora = LoRA(model)                          # hooks every target Linear, freezes the base
     lora.add("facts", rank=8, alpha=16)         # A random, B zero: the model is unchanged
