@@ -37,7 +37,7 @@ from collections import deque
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import KVCache, StaticKVCache
+from nanochat.kv_cache import KVCache, StaticKVCache
 
 MIN_TEMPERATURE = 1e-6  # below this, logits / T overflows float32 (NaN probabilities): sample greedily instead
 

@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.adamw import DistAdamW
+from nanochat.kv_cache import KVCache
 from nanochat.muon import DistMuon, Muon
 from nanochat.softcap_loss import softcap, softcapped_cross_entropy
 
@@ -57,200 +58,6 @@ def apply_rotary_emb(x, cos, sin):
     x1, x2 = x[..., :d], x[..., d:]
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16 under autocast
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class KVCache:
-    """Keys and values of every layer for incremental decoding.
-
-    Storage: one tensor of shape (num_layers, 2, batch_size, num_heads, seq_len, head_dim) (heads before
-    time, the layout SDPA reads). `pos` counts the tokens already stored; the model reads it to offset
-    the rotary angles and the causal mask, and it advances after the last layer has inserted.
-    The tensor is allocated on the first insert (or `prefill`) with the keys' device/dtype unless
-    device/dtype are given, and grows if a sequence runs past `seq_len`.
-    """
-
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device=None, dtype=None):
-        self.batch_size, self.num_heads, self.head_dim, self.num_layers = batch_size, num_heads, head_dim, num_layers
-        self.seq_len = seq_len
-        self.pos = 0
-        self.kv = None
-        if device is not None and dtype is not None:
-            self._allocate(seq_len, device, dtype)
-
-    def _allocate(self, seq_len, device, dtype):
-        shape = (self.num_layers, 2, self.batch_size, self.num_heads, seq_len, self.head_dim)
-        self.kv = torch.empty(shape, device=device, dtype=dtype)
-        self.seq_len = seq_len
-
-    def _ensure_capacity(self, needed, device, dtype):
-        if self.kv is None:
-            self._allocate(max(needed, self.seq_len), device, dtype)
-        elif needed > self.kv.size(4):
-            old = self.kv
-            self._allocate(((needed + 255) // 256) * 256, old.device, old.dtype)
-            self.kv[..., : self.pos, :] = old[..., : self.pos, :]
-
-    def reset(self):
-        self.pos = 0
-
-    def get_pos(self):
-        return self.pos
-
-    def insert_kv(self, layer_idx, k, v):
-        """Store k, v (B, H_kv, T, D) at positions [pos, pos+T) of this layer and return views of
-        everything cached so far for this layer: (keys, values), each (B, H_kv, pos+T, D)."""
-        T = k.size(2)
-        end = self.pos + T
-        self._ensure_capacity(end, k.device, k.dtype)
-        self.kv[layer_idx, 0, :, :, self.pos:end] = k
-        self.kv[layer_idx, 1, :, :, self.pos:end] = v
-        keys, values = self.kv[layer_idx, 0, :, :, :end], self.kv[layer_idx, 1, :, :, :end]
-        if layer_idx == self.num_layers - 1:
-            self.pos = end
-        return keys, values
-
-    def prefill(self, other):
-        """Copy another cache's contents (and position) into this one. `other` may have batch size 1
-        (broadcast into every row, e.g. one prompt prefilled once, then N samples) or the same batch size."""
-        assert (other.num_layers, other.num_heads, other.head_dim) == (self.num_layers, self.num_heads, self.head_dim)
-        assert other.batch_size in (1, self.batch_size), "can only broadcast a batch-1 cache or copy an equal batch"
-        assert other.kv is not None or other.pos == 0
-        self.pos = 0
-        if other.kv is None:
-            return
-        self._ensure_capacity(other.pos, other.kv.device, other.kv.dtype)
-        self.kv[..., : other.pos, :] = other.kv[..., : other.pos, :]
-        self.pos = other.pos
-
-
-class StaticKVCache:
-    """A fixed-capacity cache whose position lives in a device tensor, so every decode step has the same shapes
-    and no host sync: attention reads the whole capacity under a mask of the filled positions, new keys and
-    values go in with index_copy_. That makes the step compilable once (and on CUDA capturable as a graph);
-    the price is reading the unused tail of the capacity, so size it to what the call can use.
-    Storage and layout as KVCache: (num_layers, 2, batch_size, num_heads, capacity, head_dim).
-    The model asks `positions(T, device)` first (rotary angles); attention then reads `mask`."""
-
-    def __init__(self, batch_size, num_heads, seq_len, head_dim, num_layers, device, dtype):
-        self.batch_size, self.num_heads, self.head_dim, self.num_layers = batch_size, num_heads, head_dim, num_layers
-        self.kv = torch.zeros(num_layers, 2, batch_size, num_heads, seq_len, head_dim, device=device, dtype=dtype)
-        self.Tk = seq_len  # attention always spans the whole capacity
-        self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens stored (same for every row)
-        self.slots = torch.arange(seq_len, device=device)
-        self.mask = self.times = None  # set by positions() at the start of every forward
-
-    def get_pos(self):
-        return int(self.pos)  # a host sync: for callers outside the decode loop
-
-    def load(self, other):
-        """Copy a KVCache's contents and position (batch 1 is broadcast into every row)."""
-        assert other.kv is not None and other.pos <= self.Tk, "the source cache is empty or longer than this one"
-        self.kv[..., : other.pos, :] = other.kv[..., : other.pos, :]
-        self.pos.fill_(other.pos)
-
-    def positions(self, T, device):
-        """(T,) absolute positions of the input tokens; sets mask (1, 1, T, capacity): True = attend."""
-        times = self.pos + self.slots[:T]
-        self.mask = self.slots[None, None, None, :] <= times[None, None, :, None]
-        self.times = times
-        return times
-
-    def insert_kv(self, layer_idx, k, v):
-        """Write k, v (B, H, T, D) at the positions given by the last positions() call; return the whole
-        capacity (keys, values), each (B, H, capacity, D)."""
-        store = self.kv[layer_idx]
-        store[0].index_copy_(2, self.times, k.to(store.dtype))
-        store[1].index_copy_(2, self.times, v.to(store.dtype))
-        if layer_idx == self.num_layers - 1:
-            self.pos += self.times.numel()
-        return store[0], store[1]
-
-
-class RaggedKVCache:
-    """Keys and values of many independent sequences ("slots") of different lengths, for continuous batching.
-
-    Storage: (num_layers, 2, num_slots, num_heads, capacity, head_dim), allocated on the first insert with the
-    keys' device/dtype and grown along time when a slot needs more. `lengths[s]` counts the tokens slot s holds.
-    A forward runs over some of the slots: `model(ids, kv_cache=cache.rows(slots, counts))`, where row i of
-    ids (n, T) continues slot slots[i] with counts[i] real tokens, right-padded to T. Each row gets its own
-    rotary positions and a mask so it attends only to its own slot: its cached prefix, then causally within
-    the chunk. Padding is written but never attended to (it lies past the row's length) and is overwritten
-    by the row's next tokens. After the last layer each slot's length grows by its count.
-    """
-
-    def __init__(self, num_slots, num_heads, head_dim, num_layers, seq_len=256):
-        self.num_slots, self.num_heads, self.head_dim, self.num_layers = num_slots, num_heads, head_dim, num_layers
-        self.seq_len = seq_len  # initial capacity along time
-        self.lengths = [0] * num_slots
-        self.kv = None
-
-    def _ensure_capacity(self, needed, device, dtype):
-        if self.kv is not None and needed <= self.kv.size(4):
-            return
-        size = max(self.seq_len, ((needed + 255) // 256) * 256)
-        shape = (self.num_layers, 2, self.num_slots, self.num_heads, size, self.head_dim)
-        new = torch.zeros(shape, device=device, dtype=dtype)
-        if self.kv is not None:
-            new[..., : self.kv.size(4), :] = self.kv
-        self.kv = new
-
-    def reset(self, slot):
-        """Forget slot's tokens (the slot is reused by another sequence)."""
-        self.lengths[slot] = 0
-
-    def rows(self, slots, counts):
-        """The view a forward over these slots uses (see the class docstring)."""
-        assert len(slots) == len(counts) and len(set(slots)) == len(slots), "each slot at most once per forward"
-        return _RaggedRows(self, list(slots), list(counts))
-
-
-class _RaggedRows:
-    """One forward's view of a RaggedKVCache: which slots the batch rows continue and how many real tokens each
-    brings. The model asks `positions(T, device)` first (rotary angles); attention then reads `mask`."""
-
-    def __init__(self, cache, slots, counts):
-        self.cache, self.slots, self.counts = cache, slots, counts
-        self.mask = None
-
-    def get_pos(self):
-        return self.start  # the rows' common start position, or None when they differ (see positions)
-
-    def positions(self, T, device):
-        """The input tokens' absolute positions: an int when every row starts at the same position (then
-        attention runs as for one sequence, no mask), else an (n, T) tensor, and `mask` (n, 1, T, Tk)."""
-        starts = [self.cache.lengths[s] for s in self.slots]
-        self.T, self.Tk = T, max(starts) + T
-        first = self.slots[0]
-        # a run of consecutive slots is read and written as a view (no copy); anything else is gathered
-        consecutive = self.slots == list(range(first, first + len(self.slots)))
-        self.span = slice(first, first + len(self.slots)) if consecutive else None
-        self.index = None if consecutive else torch.tensor(self.slots, device=device)
-        if len(set(starts)) == 1:
-            self.start, self.mask, self.times = starts[0], None, None
-            return self.start
-        self.start = None
-        self.times = torch.tensor(starts, device=device)[:, None] + torch.arange(T, device=device)[None, :]
-        self.mask = torch.arange(self.Tk, device=device)[None, None, None, :] <= self.times[:, None, :, None]
-        return self.times
-
-    def insert_kv(self, layer_idx, k, v):
-        """Write k, v (n, H_kv, T, D) at each row's positions; return (keys, values), each (n, H_kv, Tk, D)."""
-        cache = self.cache
-        cache._ensure_capacity(self.Tk, k.device, k.dtype)
-        rows = self.span if self.span is not None else self.index
-        out = []
-        for i, x in enumerate((k, v)):
-            store = cache.kv[layer_idx, i]  # (slots, H, capacity, D)
-            if self.times is None:
-                store[rows, :, self.start:self.Tk] = x.to(store.dtype)
-            else:
-                r = rows if self.span is None else torch.arange(rows.start, rows.stop, device=x.device)
-                store[r[:, None], :, self.times] = x.transpose(1, 2).to(store.dtype)  # -> (n, T, H, D)
-            out.append(store[rows, :, : self.Tk])
-        if layer_idx == cache.num_layers - 1:
-            for s, c in zip(self.slots, self.counts):
-                cache.lengths[s] += c
-        return out[0], out[1]
 
 
 def attention(q, k, v, q_pos, mask=None):
@@ -311,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         q_pos, mask = 0, None
         if kv_cache is not None:
             # a ragged batch (every row its own length) or a static cache: the mask alone says what to attend to
-            mask = getattr(kv_cache, "mask", None)
+            mask = kv_cache.mask
             q_pos = kv_cache.get_pos() if mask is None else 0  # (read before the insert advances it)
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         y = attention(q, k, v, q_pos, mask)
@@ -435,10 +242,7 @@ class GPT(nn.Module):
         a prefill samples from one position, and the lm_head and softcap over every prompt position cost
         ~15% of its forward (more with a large vocabulary)."""
         B, T = idx.shape
-        if isinstance(kv_cache, (_RaggedRows, StaticKVCache)):  # positions come from the cache, maybe as a tensor
-            t0 = kv_cache.positions(T, idx.device)  # an int when a ragged batch's rows are all at one position
-        else:
-            t0 = 0 if kv_cache is None else kv_cache.get_pos()
+        t0 = 0 if kv_cache is None else kv_cache.positions(T, idx.device)  # an int, or a tensor (nanochat/kv_cache.py)
         if isinstance(t0, torch.Tensor):  # positions as a tensor (B, T) or (T,): rotary angles gathered
             assert kv_cache.Tk <= self.rotary_len, f"sequence length exceeds the rotary table ({self.rotary_len})"
             cos, sin = self.cos[0, t0], self.sin[0, t0]  # (B, T, 1, D/2) or (T, 1, D/2)

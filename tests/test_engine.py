@@ -13,7 +13,8 @@ from nanochat.tools.calculator import use_calculator
 from nanochat.engine import Engine, StreamDecoder
 from nanochat.tools.registry import ToolRegistry
 from nanochat.fastlinear import pack_linears, packing_supported
-from nanochat.gpt import GPT, GPTConfig, KVCache
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import Tokenizer
 from scripts.chat_cli import ContextFullError, chat_loop, chat_turn
 from tests.conftest import at_positions

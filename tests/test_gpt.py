@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from nanochat.gpt import GPT, GPTConfig, KVCache, StaticKVCache
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import KVCache, StaticKVCache
 
 V = 256
 

@@ -10,7 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from nanochat.engine import Engine
-from nanochat.gpt import GPT, GPTConfig, RaggedKVCache
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.kv_cache import RaggedKVCache
 from nanochat.lora.adapter import LoRA
 from nanochat.serve.scheduler import Request, Scheduler
 from nanochat.tools.search import Searcher, build_index
@@ -69,7 +70,7 @@ class ScriptedGPT(nn.Module):
 
 def alone(model, prompt, tools=None, **kw):
     """Engine.generate on one request: [(token, sampled)], the stop token included."""
-    engine = Engine(model, TOK, tools=tools)
+    engine = Engine(model, TOK, tools=ToolRegistry() if tools is None else tools)  # what a Scheduler runs
     return [(col[0], bool(m[0])) for col, m in engine.generate(prompt, num_samples=1, **kw)]
 
 

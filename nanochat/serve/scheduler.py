@@ -8,7 +8,7 @@ token ids only (no HTTP, no chat template, no text: servers and the CLI render p
 
 How a step runs (Scheduler.step):
 1. Functions queued with call() run (e.g. loading an adapter): between two steps no forward is in flight.
-2. Waiting requests get a free slot of the ragged KV cache (gpt.RaggedKVCache), up to max_batch at once.
+2. Waiting requests get a free slot of the ragged KV cache (kv_cache.RaggedKVCache), up to max_batch at once.
    Cancelled ones leave: waiting or running, their slot is freed at once.
 3. Prefill: rows whose prompt is not fully in the cache feed their next chunk, several rows in one forward,
    at most `prefill_tokens` tokens (rows x padded length) per step, so a long prompt is spread over
@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 from nanochat.common import autocast, resolve_dtype
 from nanochat.engine import Engine, sample_next_token
-from nanochat.gpt import RaggedKVCache
+from nanochat.kv_cache import RaggedKVCache
 from nanochat.tools.registry import ToolRegistry, parse_call
 
 logger = logging.getLogger("nanochat.serve.scheduler")
