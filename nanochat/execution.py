@@ -144,7 +144,7 @@ def start_runner(policy, mode, args, *, max_memory_bytes, max_write_bytes=MAX_WR
     runner = sandbox.RUNNER_DIR + "/runner.py"
     files = {runner: os.path.join(here, "execution.py"),
              sandbox.RUNNER_DIR + "/plain_data.py": os.path.join(here, "plain_data.py")}
-    argv = [sandbox.python_executable(), "-I", "-S", "-B", runner, mode] + args + [str(MAX_THREADS)]
+    argv = [sandbox.python_executable(), "-I", "-S", "-B", runner, mode] + args + [str(sandbox.nproc_rlimit(MAX_THREADS))]
     return sandbox.start(argv, files, max_memory_bytes=max_memory_bytes, max_write_bytes=max_write_bytes,
                          max_tasks=MAX_THREADS, pass_fds=pass_fds, **popen_kwargs)
 

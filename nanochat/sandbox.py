@@ -213,6 +213,13 @@ def bwrap_command(argv, files, max_write_bytes, seccomp_fd, info_fd, block_fd):
     return args + ["--"] + list(argv)
 
 
+def nproc_rlimit(max_tasks):
+    """The RLIMIT_NPROC that lets the program have max_tasks tasks: the kernel counts the tasks of the
+    program's uid in its user namespace, where bwrap's reaper (pid 1) is one more when we are not root
+    (as root it stays uid 0)."""
+    return max_tasks if _as_root() else max_tasks + 1
+
+
 def _read_child_pid(fd, deadline):
     """bwrap's --info-fd JSON (written once, then closed) -> the pid of its child, the sandbox's pid 1."""
     data = b""
