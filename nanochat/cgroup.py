@@ -163,7 +163,7 @@ def _remove_dirs(dirs):
             except OSError:
                 if time.monotonic() > deadline:
                     break  # left for a later process's leftover sweep
-                time.sleep(0.005)
+                time.sleep(0.001)
 
 
 class RunCgroup:

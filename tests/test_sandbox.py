@@ -1,6 +1,8 @@
 """The kernel boundary around generated code (nanochat/sandbox.py via execute_code): each attack from the
-security review is replayed with the Python-level guards bypassed (re-importing posix gives back the real
-functions), so only the namespaces, mounts, limits and seccomp filter stand in the way."""
+security reviews is replayed with the Python-level guards bypassed (re-importing posix gives back the real
+functions), so only the namespaces, mounts, host uid, limits, seccomp filter and cgroup stand in the way.
+The second half replays issue 26's attacks as root (what CI runs as), checking from the host that their
+effect did not happen, and tries each memory and task limit with the other layers taken away."""
 
 import os
 import shutil
