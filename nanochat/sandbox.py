@@ -256,6 +256,8 @@ class Sandboxed:
         self._closed = False
 
     def kill(self):
+        if self.proc.poll() is not None:
+            return  # reaped: its pid may be someone else's by now (the sandbox's own processes die with it)
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):

@@ -334,18 +334,19 @@ def test_history_replay_through_the_python_tool_cannot_write_sysctls():
     assert host_sysctls() == before
 
 
-def test_memory_that_no_rlimit_counts_is_refused():
+def test_memory_that_no_rlimit_counts_and_new_namespaces_are_refused():
     r = run(CTYPES + "import os\nfor name, call in [('memfd_create', lambda: posix.memfd_create('x')),\n"
             "        ('memfd_secret', lambda: libc.syscall(447, 0)),\n"
             "        ('shmget', lambda: libc.shmget(0, 1 << 20, 0o1600)),\n"
             "        ('msgget', lambda: libc.msgget(0, 0o1600)),\n"
-            "        ('mq_open', lambda: libc.mq_open(b'/q', 0o102, 0o600, None))]:\n"
+            "        ('mq_open', lambda: libc.mq_open(b'/q', 0o102, 0o600, None)),\n"
+            "        ('unshare', lambda: libc.unshare(0x10000000))]:\n"  # a new user namespace
             "    ctypes.set_errno(0)\n"
             "    try:\n        result = call()\n        print(name, result, os.strerror(ctypes.get_errno()))\n"
             "    except OSError as e:\n        print(name, 'raised', e.strerror)\n")
     assert r.completed, r
     assert r.stdout.splitlines() == ["memfd_create raised Operation not permitted"] + [
-        f"{name} -1 Operation not permitted" for name in ("memfd_secret", "shmget", "msgget", "mq_open")]
+        f"{name} -1 Operation not permitted" for name in ("memfd_secret", "shmget", "msgget", "mq_open", "unshare")]
 
 
 MEMFD_FLOOD = ("import os\nfd = os.memfd_create('x')\nchunk = b'x' * (16 << 20)\nheld = 0\n"
