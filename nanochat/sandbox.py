@@ -9,9 +9,9 @@ What a sandboxed program gets (`start`):
   * an unprivileged host uid, whoever calls: inside it is uid/gid 65534, outside the caller's own uid or,
     when the caller is root, HOST_UID (65534), with no supplementary groups and no capabilities. As root,
     bubblewrap sets up the mounts as root (it must reach the Python install, often under /root) and
-    `setpriv` drops the program to 65534 before the interpreter starts; the id map, written by us, maps
-    nothing else but the set-up identity. Root-owned host files, /proc/sys included, are therefore
-    read-only to the program by ordinary permissions;
+    `setpriv` drops the program to 65534 before the interpreter starts; the id map we write has just
+    those two ids (0 -> 0 for the set-up, 65534 -> HOST_UID), and nothing can go back to 0. Root-owned
+    host files, /proc/sys included, are therefore out of the program's reach by ordinary permissions;
   * a root made of read-only binds of /usr (and /bin, /lib links), the Python installation and the
     runner files; the project, /etc, /home, /root and the caller's files are simply absent; /proc/sys
     is covered by an empty read-only tmpfs (bubblewrap leaves it writable), /proc/irq and /proc/bus are
