@@ -126,10 +126,12 @@ class _Unsandboxed:
         _kill_group(self.proc.pid)
 
     def close(self):
-        self.kill()
+        if self.workdir is None:
+            return  # closed already: the group's pid may be someone else's by now
+        self.kill()  # the whole group: anything the code started is in it
         self.proc.wait()
-        if os.path.exists(self.workdir):
-            _rmtree_force(self.workdir)
+        _rmtree_force(self.workdir)
+        self.workdir = None
 
 
 def start_runner(policy, mode, args, *, max_memory_bytes, max_write_bytes=MAX_WRITE_BYTES, pass_fds=(), **popen_kwargs):
