@@ -1,27 +1,30 @@
 """
-Run untrusted Python written by the model (tool calls, HumanEval solutions + tests); knows nothing of models or tasks.
+Run untrusted Python written by the model (tool calls, HumanEval solutions); knows nothing of models or tasks.
 
 `execute_code(code)` runs arbitrary code in a fresh `python -I -S -B` child process (this very file,
-  run as a script). Two layers:
+  run as a script: the runner) and reports its output and how it ended. Two layers:
     1. The boundary (nanochat.sandbox): bubblewrap namespaces, a read-only root without the project,
-       /etc or anyone's home, no network, a size-capped private /tmp (the only writable place: it
-       bounds the total bytes written), uid 65534, and a seccomp filter against new processes. If
-       that is not available, the code is refused unless the user passed --unsafe-exec (or set
-       NANOCHAT_UNSAFE_EXEC=1); then it runs with layer 2 only, in a temp dir that is deleted afterwards.
-    2. Python-level guards in the child: rlimits on memory (RLIMIT_AS; a MemoryError is reported
-       as `memory_exceeded`), CPU seconds, file size and processes; process creation, signalling,
-       raising rlimits, sockets and ctypes refused; writes outside the working dir refused. These
-       catch accidents and give readable errors; the code can dig the originals back out of the
-       interpreter (re-importing posix, for one), which is why layer 1 exists.
-  A wall-clock timeout kills the child's whole process group (and with it the sandbox's pid
-  namespace). stdout/stderr are captured and truncated to `MAX_OUTPUT_BYTES` each.
+       /etc or anyone's home, no network, a size-capped private /tmp (the only writable place), an
+       unprivileged host uid whoever calls, seccomp against new processes and unaccounted memory, and a
+       cgroup per run capping memory and tasks where the host allows one. If that is not available,
+       the code is refused unless the user passed --unsafe-exec (or set NANOCHAT_UNSAFE_EXEC=1); then it
+       runs with layer 2 only, in a temp dir that is deleted afterwards.
+    2. The runner's own limits and guards: rlimits on memory (RLIMIT_AS: a MemoryError is reported as
+       `memory_exceeded`), CPU seconds, file size, open files (MAX_OPEN_FILES: bounds pipe and socket
+       buffers), POSIX message queues and tasks (MAX_THREADS: RLIMIT_NPROC, which the kernel counts per
+       sandbox since the program has its own host uid there); process creation, signalling, raising
+       rlimits, sockets and ctypes refused; writes outside the working dir refused. These catch
+       accidents and give readable errors; the code can dig the originals back out of the interpreter
+       (re-importing posix, for one), which is why layer 1 exists.
+  A wall-clock timeout kills the child's whole process group and the sandbox with it. stdout/stderr
+  are captured and truncated to `MAX_OUTPUT_BYTES` each.
 
-  The verdict: the child writes how the code ended to a private status pipe, prefixed by a random
-  nonce the parent sent on stdin (read and dropped before the code runs). A status without the
-  nonce, extra bytes on the pipe, a SystemExit, os._exit or a killed child are never `completed`:
-  only code that ran to its last line is. Code that reads the nonce out of the runner's own frame
-  (sys._getframe(1).f_locals) could still forge it; it would have to do that on purpose, and the
-  boundary holds either way.
+  How the code ended: the child writes it to a private status pipe, prefixed by a random nonce the
+  parent sent on stdin. A status without the nonce, extra bytes on the pipe, a SystemExit, os._exit or
+  a killed child are never `completed`. That is good enough for a tool's output, not for a verdict: code
+  in the same process can read the nonce (sys._getframe(1).f_locals). Verdicts therefore never come
+  from here: nanochat.sandboxed_function runs the trusted test code in the caller's process and only
+  the function under test in the sandbox (this runner's `--serve` mode), with plain data in between.
 
 The calculator's arithmetic does not run code at all: nanochat/tools/calculator.py.
 """
@@ -40,7 +43,8 @@ from dataclasses import dataclass
 MAX_OUTPUT_BYTES = 64 * 1024      # per stream; the rest is read and dropped
 MAX_FILE_BYTES = 64 * 2**20       # largest single file (RLIMIT_FSIZE)
 MAX_WRITE_BYTES = 64 * 2**20      # all files together: the size of the sandbox's /tmp
-MAX_THREADS = 16                  # tasks (processes + threads) the sandbox's uid may have, counted in its namespace
+MAX_THREADS = 16                  # tasks (the main thread + threads) the program may have: RLIMIT_NPROC and the cgroup
+MAX_OPEN_FILES = 64               # RLIMIT_NOFILE: also caps what pipes and sockets can buffer (~1 MiB each at most)
 _TRUNCATED = "\n...[output truncated]"
 
 
@@ -103,6 +107,50 @@ def _warn_once(message):
         print(f"[nanochat.execution] {message}", file=sys.stderr, flush=True)
 
 
+class _Unsandboxed:
+    """--unsafe-exec without a sandbox: the runner as a plain child process in a temp dir that is deleted
+    afterwards (the Python guards and rlimits only). Same interface as nanochat.sandbox.Sandboxed."""
+    oom_killed = False
+
+    def __init__(self, argv, pass_fds, popen_kwargs):
+        self.workdir = tempfile.mkdtemp(prefix="nanochat-exec-")
+        env = {"PATH": "/usr/bin:/bin", "HOME": self.workdir, "TMPDIR": self.workdir, "LANG": "C.UTF-8"}
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-B"] + argv, cwd=self.workdir, env=env,
+                                         pass_fds=pass_fds, start_new_session=True, **popen_kwargs)
+        except BaseException:
+            _rmtree_force(self.workdir)
+            raise
+
+    def kill(self):
+        _kill_group(self.proc.pid)
+
+    def close(self):
+        if self.workdir is None:
+            return  # closed already: the group's pid may be someone else's by now
+        self.kill()  # the whole group: anything the code started is in it
+        self.proc.wait()
+        _rmtree_force(self.workdir)
+        self.workdir = None
+
+
+def start_runner(policy, mode, args, *, max_memory_bytes, max_write_bytes=MAX_WRITE_BYTES, pass_fds=(), **popen_kwargs):
+    """Start this file as the runner: `mode` is '--child' (run code) or '--serve' (serve one function),
+    `args` its arguments before the task limit. Sandboxed when `policy` (sandbox.exec_policy) is
+    'isolated', else ('unsafe') unsandboxed. -> an object with .proc (Popen), .kill(), .close() (kills
+    everything and cleans up) and, after close, .oom_killed. popen_kwargs: stdin, stdout, stderr."""
+    from nanochat import sandbox
+    here = os.path.dirname(os.path.abspath(__file__))
+    if policy != "isolated":
+        return _Unsandboxed([os.path.join(here, "execution.py"), mode] + args + ["0"], pass_fds, popen_kwargs)
+    runner = sandbox.RUNNER_DIR + "/runner.py"
+    files = {runner: os.path.join(here, "execution.py"),
+             sandbox.RUNNER_DIR + "/plain_data.py": os.path.join(here, "plain_data.py")}
+    argv = [sandbox.python_executable(), "-I", "-S", "-B", runner, mode] + args + [str(sandbox.nproc_rlimit(MAX_THREADS))]
+    return sandbox.start(argv, files, max_memory_bytes=max_memory_bytes, max_write_bytes=max_write_bytes,
+                         max_tasks=MAX_THREADS, pass_fds=pass_fds, **popen_kwargs)
+
+
 def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 2**20,
                  max_write_bytes: int = MAX_WRITE_BYTES) -> ExecutionResult:
     """Run `code` in the sandbox; never raises for anything the code does."""
@@ -115,28 +163,15 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
         _warn_once(message)
     nonce = secrets.token_hex(16)
     status_r, status_w = os.pipe()  # the child reports how the code ended here, apart from its stdout/stderr
-    seccomp = None
-    workdir = None
-    child_args = ["--child", str(status_w), str(timeout), str(int(max_memory_bytes))]
-    if policy == "isolated":
-        seccomp = sandbox.seccomp_fd()
-        argv = [sandbox.python_executable(), "-I", "-S", "-B", sandbox.RUNNER_PATH] + child_args + [str(MAX_THREADS)]
-        cmd = sandbox.bwrap_command(argv, os.path.abspath(__file__), max_write_bytes, seccomp_fd=seccomp)
-        env, cwd = {"PATH": "/usr/bin:/bin"}, "/"
-    else:
-        workdir = tempfile.mkdtemp(prefix="nanochat-exec-")
-        cmd = [sys.executable, "-I", "-S", "-B", os.path.abspath(__file__)] + child_args + ["0"]
-        env, cwd = {"PATH": "/usr/bin:/bin", "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8"}, workdir
-    pass_fds = (status_w,) if seccomp is None else (status_w, seccomp)
-    proc = None
+    runner = None
     try:
-        proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            cwd=cwd, env=env, pass_fds=pass_fds,
-            start_new_session=True,  # own process group, so a timeout kills everything it started
-        )
+        runner = start_runner(policy, "--child", [str(status_w), str(timeout), str(int(max_memory_bytes))],
+                              max_memory_bytes=max_memory_bytes, max_write_bytes=max_write_bytes,
+                              pass_fds=(status_w,), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
         os.close(status_w)
         status_w = None
+        proc = runner.proc
         out, err = {"kept": b"", "total": 0}, {"kept": b"", "total": 0}
         readers = [threading.Thread(target=_read_capped, args=(stream, sink, MAX_OUTPUT_BYTES), daemon=True)
                    for stream, sink in ((proc.stdout, out), (proc.stderr, err))]
@@ -152,28 +187,28 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
             proc.wait(timeout=timeout + (1.0 if policy == "isolated" else 0.0))  # + the sandbox's start-up
         except subprocess.TimeoutExpired:
             timed_out = True
-        _kill_group(proc.pid)  # on timeout, and anything left behind after a normal exit
-        proc.wait()
+        runner.close()  # on timeout, and anything left behind after a normal exit
         for t in readers:
             t.join(timeout=2.0)
         status = _read_status(status_r)
-        return _make_result(status, nonce, proc.returncode, _decode(out), _decode(err), timed_out, timeout)
+        result = _make_result(status, nonce, proc.returncode, _decode(out), _decode(err), timed_out, timeout)
+        if runner.oom_killed and not result.completed:
+            result.memory_exceeded, result.timed_out = True, False
+            result.error = (f"MemoryError: the sandbox's memory limit ({(max_memory_bytes + max_write_bytes) // 2**20} MiB, "
+                            "/tmp included) was reached and the program was killed")
+        return result
     except Exception as e:  # failing to start the child etc.: report, don't crash the caller
-        if proc is not None and proc.poll() is None:
-            _kill_group(proc.pid)
-            proc.wait()
         return ExecutionResult(success=False, error=f"sandbox failure: {type(e).__name__}: {e}")
     finally:
-        for fd in (status_r, status_w, seccomp):
+        for fd in (status_r, status_w):
             if fd is not None:
                 os.close(fd)
-        if proc is not None:  # (stdout/stderr are closed by their reader threads)
+        if runner is not None:  # (stdout/stderr are closed by their reader threads)
+            runner.close()
             try:
-                proc.stdin.close()
+                runner.proc.stdin.close()
             except OSError:
                 pass
-        if workdir is not None:
-            _rmtree_force(workdir)
 
 
 def _read_status(fd):
@@ -242,9 +277,12 @@ def _set_limits(timeout, max_memory_bytes, max_tasks):
         (resource.RLIMIT_CPU, cpu),               # backstop in case the parent's timer fails
         (resource.RLIMIT_FSIZE, MAX_FILE_BYTES),  # don't fill the disk from the temp dir
         (resource.RLIMIT_CORE, 0),
-        # Tasks of our uid: inside the sandbox they are counted in its own user namespace, so allow a
-        # few threads; unsandboxed, the count is the user's whole, so none (not enforced for root).
+        # Tasks of our uid: inside the sandbox the program has a host uid of its own, counted in its own
+        # user namespace, so this is the sandbox's task count; unsandboxed, the count is the user's
+        # whole, so none (and the kernel does not enforce it for root).
         (resource.RLIMIT_NPROC, max_tasks),
+        (resource.RLIMIT_NOFILE, MAX_OPEN_FILES),  # fds already open (the status pipe) stay usable
+        (resource.RLIMIT_MSGQUEUE, 0),             # POSIX message queues hold memory outside RLIMIT_AS
     ]
     for which, value in limits:
         try:
@@ -406,5 +444,58 @@ def _child_main(status_fd, timeout, max_memory_bytes, max_tasks):
     os._exit(0)  # done: threads the code left running don't get to hold the call up until the timeout
 
 
+def _describe(e):
+    import traceback
+    return "".join(traceback.format_exception_only(type(e), e)).strip()[:2000]
+
+
+def _serve_main(reply_fd, timeout, max_memory_bytes, max_tasks):
+    """--serve: load one program, then call its function for each request until stdin closes. stdin carries
+    frames of plain data (nanochat/plain_data.py, bound next to this file): first {"program", "entry_point"},
+    then [args, kwargs] per call; each answer is one frame on reply_fd: {"ready": True} once loaded, then
+    {"value": v} or {"error": "..."} per call. The parent believes none of it beyond "this is the value"."""
+    import builtins
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import plain_data
+    requests = os.dup(0)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)  # input() gets EOF, as in --child
+    os.close(null)
+
+    def answer(**message):
+        try:
+            payload = plain_data.encode(message)
+        except plain_data.PlainDataError as e:
+            payload = plain_data.encode({"error": f"the function returned something else than plain data: {e}"})
+        plain_data.write_frame(reply_fd, payload)
+
+    spec = plain_data.decode(plain_data.read_frame(requests))
+    _set_limits(timeout, max_memory_bytes, max_tasks)
+    _install_guards(os.path.realpath(os.getcwd()))
+    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        exec(compile(spec["program"], "<program>", "exec"), namespace)
+        function = namespace.get(spec["entry_point"])
+        if not callable(function):
+            raise NameError(f"the program defines no function {spec['entry_point']!r}")
+    except BaseException as e:  # SystemExit and KeyboardInterrupt included: the program did not load
+        answer(error=_describe(e))
+        os._exit(0)
+    answer(ready=True)
+    while True:
+        try:
+            args, kwargs = plain_data.decode(plain_data.read_frame(requests))
+        except EOFError:
+            os._exit(0)
+        try:
+            value = function(*args, **kwargs)
+        except BaseException as e:
+            answer(error=_describe(e))
+        else:
+            answer(value=value)
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
     _child_main(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
+    _serve_main(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
