@@ -37,13 +37,13 @@ print(json.dumps(times))
 _EXECUTE = "    r = execute_code('print(1)')\n    assert r.success and r.stdout == '1\\n', r\n"
 VARIANTS = {
     "execute_code, all layers": ("from nanochat.execution import execute_code", _EXECUTE),
-    "execute_code, no cgroup": ("from nanochat import cgroup\ncgroup.create = lambda *a: None\n"
+    "execute_code, no cgroup": ("from nanochat.sandbox import cgroup\ncgroup.create = lambda *a: None\n"
                                 "from nanochat.execution import execute_code", _EXECUTE),
     "execute_code, no sandbox (--unsafe-exec)": (
-        "from nanochat import sandbox\nsandbox._isolation = (False, 'bench')\nsandbox.allow_unsafe_exec()\n"
+        "from nanochat.sandbox import boundary as sandbox\nsandbox._isolation = (False, 'bench')\nsandbox.allow_unsafe_exec()\n"
         "from nanochat.execution import execute_code", _EXECUTE),
     "SandboxedFunction start + 1 call": (
-        "from nanochat.sandboxed_function import SandboxedFunction",
+        "from nanochat.sandbox.function import SandboxedFunction",
         "    with SandboxedFunction('def f(x):\\n    return x + 1\\n', 'f') as f:\n        assert f(1) == 2\n"),
 }
 
@@ -66,7 +66,7 @@ def main():
     if args.tree:
         variants[f"execute_code of {args.tree}"] = (os.path.abspath(args.tree), VARIANTS["execute_code, all layers"][0], _EXECUTE)
     sys.path.insert(0, ROOT)
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     print(f"host: {sandbox.isolation()[1]}")
     per_round = max(1, args.calls // args.rounds)
     times = {name: [] for name in variants}

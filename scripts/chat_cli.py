@@ -199,7 +199,7 @@ def main(argv=None):
             return 1
     autocast_ctx = autocast(dtype, device.type)
     if args.unsafe_exec:
-        from nanochat import sandbox
+        from nanochat.sandbox import boundary as sandbox
         sandbox.allow_unsafe_exec()
     try:
         tools, tools_line = make_registry(args.index)

@@ -106,7 +106,7 @@ def parse_args(argv=None):
 def check_code_execution(unsafe_exec, what="HumanEval"):
     """HumanEval and the python tool run the model's code: say once how it is contained, and stop before
     any work when it can't be."""
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     if unsafe_exec:
         sandbox.allow_unsafe_exec()
     policy, message = sandbox.exec_policy()

@@ -3,7 +3,7 @@
 The prompt is the signature + docstring; the reference reply is the whole function. evaluate() scores a
 reply 1 only if the problem's own check() passes against it, with the test code never in the same
 process as the reply's: the model's program (prompt + reply) is loaded in the sandbox and only its
-function is called from here (nanochat.sandboxed_function), while the dataset's prompt helpers and
+function is called from here (nanochat.sandbox.function), while the dataset's prompt helpers and
 check() run in this process and compare the plain values that come back. So nothing the reply does can
 speak for it: sys.exit(), os._exit(), a killed process, a forged status, frame tricks and objects whose
 __eq__ is always true all score 0.
@@ -69,7 +69,7 @@ def check_completion(problem, completion, timeout=10.0):
     `candidate` is the sandboxed function, which only ever answers plain values. Every call failing,
     the check raising or the function never being called scores 0. `timeout`: seconds for the whole
     program, loading and every call included (one call gets at most half of it)."""
-    from nanochat.sandboxed_function import CallFailed, SandboxedFunction
+    from nanochat.sandbox.function import CallFailed, SandboxedFunction
     trusted = {"__name__": "humaneval_check"}
     exec(compile(problem["prompt"], "<prompt>", "exec"), trusted)  # noqa: S102 -- the dataset's code
     exec(compile(problem["test"], "<test>", "exec"), trusted)  # noqa: S102

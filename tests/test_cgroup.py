@@ -1,4 +1,4 @@
-"""Per-run cgroups (nanochat/cgroup.py): where they can go on v1, v2 and container hosts (from the text of
+"""Per-run cgroups (nanochat/sandbox/cgroup.py): where they can go on v1, v2 and container hosts (from the text of
 /proc/self/cgroup and mountinfo, over folders made by the test), and one run's life on this host."""
 
 import os
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from nanochat import cgroup
+from nanochat.sandbox import cgroup
 
 V1_CGROUP = "12:pids:/\n4:memory:/jobs/42\n1:name=systemd:/\n0::/\n"
 V2_CGROUP = "0::/user.slice/app.scope\n"

@@ -349,7 +349,7 @@ def test_two_ranks(sft_base):
 
 
 def test_chat_eval_refuses_humaneval_without_a_sandbox(monkeypatch, capsys):
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     from scripts.chat_eval import check_code_execution
     monkeypatch.setattr(sandbox, "_isolation", (False, "bubblewrap is not installed"))
     monkeypatch.setenv(sandbox.UNSAFE_ENV, "0")  # (recorded, so restored after)

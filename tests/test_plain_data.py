@@ -1,4 +1,4 @@
-"""The value codec between the sandbox and trusted code (nanochat/plain_data.py): round trips keep type and
+"""The value codec between the sandbox and trusted code (nanochat/sandbox/plain_data.py): round trips keep type and
 value, anything with behaviour is refused on the way in, and hostile bytes are refused on the way out."""
 
 import collections
@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from nanochat.plain_data import MAX_BYTES, MAX_DEPTH, PlainDataError, decode, encode, read_frame, write_frame
+from nanochat.sandbox.plain_data import MAX_BYTES, MAX_DEPTH, PlainDataError, decode, encode, read_frame, write_frame
 
 VALUES = [None, True, False, 0, -1, 2**63 - 1, 2**63, -2**63 - 1, 7**500, 1.5, -0.0, 1e308, 5e-324, 1 + 2j, "",
           "h\u00e9\ud800", b"\x00\xff", bytearray(b"ab"), [], [1, [2, [3]]], (), (1, "a", (2.5,)), {}, {"a": 1},

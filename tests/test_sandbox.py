@@ -1,4 +1,4 @@
-"""The kernel boundary around generated code (nanochat/sandbox.py via execute_code): each attack from the
+"""The kernel boundary around generated code (nanochat/sandbox/boundary.py via execute_code): each attack from the
 security reviews is replayed with the Python-level guards bypassed (re-importing posix gives back the real
 functions), so only the namespaces, mounts, host uid, limits, seccomp filter and cgroup stand in the way.
 The second half replays issue 26's attacks as root (what CI runs as), checking from the host that their
@@ -15,8 +15,10 @@ import uuid
 import psutil
 import pytest
 
-from nanochat import cgroup, sandbox
-from nanochat.execution import MAX_OPEN_FILES, MAX_THREADS, execute_code
+from nanochat.sandbox import boundary as sandbox
+from nanochat.sandbox import cgroup
+from nanochat.execution import execute_code
+from nanochat.sandbox.runner import MAX_OPEN_FILES, MAX_THREADS
 
 pytestmark = pytest.mark.skipif(not sandbox.isolation()[0],
                                 reason=f"no sandbox here: {sandbox.isolation()[1]}")
@@ -321,7 +323,7 @@ def test_host_sysctls_cannot_be_written():
 @as_root
 def test_history_replay_through_the_python_tool_cannot_write_sysctls():
     # The HTTP route of the review: a history message carries a python cell, which the tool replays.
-    from nanochat.tools import ToolRegistry
+    from nanochat.tools.registry import ToolRegistry
     before = host_sysctls()
     cell = RAW + sysctl_attack(before).replace("print('written:', written)\n", "") + (
         "import threading, time\nthreading.stack_size(1 << 16)\nthreads = 0\n"
@@ -433,7 +435,7 @@ def test_an_unprivileged_caller_gets_its_own_uid_and_the_same_limits():
     # system Python, which that user can read). bwrap maps the program to the caller's uid.
     project = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     attack = RAW + "print(open('/proc/self/uid_map').read().split())\n" + THREAD_FLOOD + "time.sleep(0.5)\n"
-    script = (f"import sys\nsys.path.insert(0, {project!r})\nfrom nanochat import sandbox\n"
+    script = (f"import sys\nsys.path.insert(0, {project!r})\nfrom nanochat.sandbox import boundary as sandbox\n"
               f"from nanochat.execution import execute_code\nprint(sandbox.isolation())\n"
               f"r = execute_code({attack!r}, timeout=10)\nprint(r.stdout, r.error)\n")
     p, seen = host_view_of_the_runner(lambda: subprocess.run(

@@ -1,17 +1,17 @@
-"""Calling a function of an untrusted program from trusted code (nanochat/sandboxed_function.py): values come
+"""Calling a function of an untrusted program from trusted code (nanochat/sandbox/function.py): values come
 back as plain data, and every way the program can misbehave ends in CallFailed, never in a value."""
 
 import time
 
 import pytest
 
-from nanochat.sandboxed_function import CallFailed, SandboxedFunction
+from nanochat.sandbox.function import CallFailed, SandboxedFunction
 
 
 @pytest.fixture(autouse=True)
 def code_runs(monkeypatch):
     """The real runner: in the sandbox, or where none can be made here, with its Python guards alone."""
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     if not sandbox.isolation()[0]:
         monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
 
@@ -99,7 +99,7 @@ def test_arguments_must_be_plain_data():
 
 
 def test_refused_without_a_sandbox_unless_opted_in(monkeypatch):
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     monkeypatch.setattr(sandbox, "_isolation", (False, "bubblewrap is not installed"))
     monkeypatch.setenv(sandbox.UNSAFE_ENV, "0")
     with pytest.raises(CallFailed, match="not run: bubblewrap is not installed"):

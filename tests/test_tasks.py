@@ -306,7 +306,7 @@ PROBLEM = {"task_id": "HumanEval/0", "entry_point": "add",
 def code_runs(monkeypatch):
     """HumanEval runs the reply for real: in the sandbox, or where none can be made here, with the runner's
     Python guards alone (as --unsafe-exec does)."""
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     if not sandbox.isolation()[0]:
         monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
 
@@ -347,7 +347,7 @@ FORGERIES = {
 @pytest.mark.parametrize("reply", FORGERIES.values(), ids=FORGERIES.keys())
 def test_humaneval_verdicts_cannot_be_forged(monkeypatch, reply):
     # The real runner (with the kernel sandbox when there is one, else its Python guards alone).
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     from tasks.humaneval import HumanEval
     if not sandbox.isolation()[0]:
         monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")

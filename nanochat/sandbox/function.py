@@ -1,6 +1,6 @@
 """Call one function of an untrusted program from trusted code, as if it were local: the program is loaded
-once in a sandboxed child (nanochat.execution's runner in --serve mode, under nanochat.sandbox's boundary
-and limits), each call sends its arguments there and gets back plain data (nanochat.plain_data), so nothing
+once in a sandboxed child (the runner in --serve mode, under the kernel boundary and limits), each call sends
+its arguments there and gets back plain data (nanochat/sandbox/plain_data.py), so nothing
 the program does runs in, or speaks for, the caller's process. What it returns is only ever a value.
 
     with SandboxedFunction(program, "add") as add:
@@ -15,8 +15,9 @@ import os
 import subprocess
 import time
 
-from nanochat import plain_data
-from nanochat.execution import MAX_WRITE_BYTES, start_runner
+from nanochat.sandbox import boundary, plain_data
+from nanochat.sandbox.launch import start_runner
+from nanochat.sandbox.runner import MAX_WRITE_BYTES
 
 
 class CallFailed(BaseException):
@@ -50,8 +51,7 @@ class SandboxedFunction:
 
     def start(self):
         """Start the child and load the program; CallFailed if either fails (the program's error included)."""
-        from nanochat import sandbox
-        policy, message = sandbox.exec_policy()
+        policy, message = boundary.exec_policy()
         if policy == "refuse":
             self._fail(f"not run: {message}")
         self._deadline = time.monotonic() + self.timeout

@@ -21,12 +21,12 @@ What a sandboxed program gets (`start`):
   * a seccomp filter refusing new processes (fork, vfork, clone without CLONE_THREAD), ptrace, mount and
     namespace calls, and the kinds of memory no rlimit counts (memfd_create, memfd_secret, SysV shared
     memory and message queues, POSIX message queues);
-  * where the host lets us make cgroups (nanochat.cgroup), one per run holding everything the program
+  * where the host lets us make cgroups (nanochat/sandbox/cgroup.py), one per run holding everything the program
     holds, within max_memory_bytes + max_write_bytes of memory (anonymous, files in /tmp, pipes, inodes:
     the kernel kills the program past it) and max_tasks tasks (+1 for bubblewrap's reaper);
   * the pid namespace dies with its first process, and that dies with bwrap (--die-with-parent);
     `Sandboxed.close` kills what is left through the cgroup as well.
-The runner sets the rlimits inside (nanochat.execution: RLIMIT_AS, NPROC, NOFILE, ...); with the program
+The runner sets the rlimits inside (nanochat/sandbox/runner.py: RLIMIT_AS, NPROC, NOFILE, ...); with the program
 on its own host uid, the kernel counts RLIMIT_NPROC per sandbox, so it holds without a cgroup too.
 
 When bubblewrap is missing or cannot create namespaces here, `isolation()` says why, and callers refuse
@@ -44,7 +44,7 @@ import subprocess
 import sys
 import time
 
-from nanochat import cgroup
+from nanochat.sandbox import cgroup
 
 SANDBOX_UID = 65534           # "nobody" inside the sandbox
 HOST_UID = 65534              # what the program is on the host when the caller is root
