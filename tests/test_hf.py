@@ -183,6 +183,26 @@ def test_tokenizer_gives_our_ids(exported, src):
     assert len(at) == tok.get_vocab_size()
 
 
+def test_merges_reproduce_tiktoken_on_any_vocabulary():
+    """A vocabulary that BPE training would not make (random tokens, random ranks) is where merge lists
+    usually go wrong: tiktoken joins whatever adjacent pair concatenates to the lowest rank, so a token may be
+    built from several splits. The natural merges still give tiktoken's ids on every text."""
+    from nanochat.hf.tokenizer_json import to_tokenizers
+    rng = random.Random(0)
+
+    def text(n):
+        return "".join(rng.choice("aab \n-") for _ in range(n))
+
+    tokens = sorted({text(rng.randint(2, 7)).encode() for _ in range(400)} - {b"  "})
+    rng.shuffle(tokens)
+    ranks = {bytes([i]): i for i in range(256)}
+    ranks.update({t: 256 + i for i, t in enumerate(t for t in tokens if len(t) > 1)})
+    tok = Tokenizer(ranks, r"[^\n]+|\n")
+    hf = to_tokenizers(tok)
+    for t in [text(rng.randint(1, 60)) for _ in range(1000)]:
+        assert hf.encode(t, add_special_tokens=False).ids == tok.encode(t), t
+
+
 def test_chat_template_gives_our_rendering(exported, src):
     from transformers import AutoTokenizer
     out, _ = exported
