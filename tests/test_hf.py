@@ -420,6 +420,9 @@ def _pickle_only(folder):
     (lambda f: _edit_config(f, rope_parameters={"rope_type": "default", "rope_theta": 500000.0}),
      ["config.json", "theta 500000", "plain RoPE"]),
     (lambda f: _edit_config(f, hidden_act="silu"), ["config.json", "hidden_act is 'silu'", "ReLU^2"]),
+    (lambda f: _edit_config(f, hidden_size="64"), ["config.json", "hidden_size is '64'", "whole number"]),
+    (lambda f: _edit_config(f, max_position_embeddings=10**9), ["config.json", "max_position_embeddings is 1000000000"]),
+    (lambda f: _edit_config(f, sliding_window=64), ["config.json", "sliding_window", "cannot reproduce"]),
     (lambda f: (f / "tokenizer.json").unlink(), ["no tokenizer.json", "tokenizer it was trained with"]),
 ])
 def test_import_refuses_bad_folders_and_writes_nothing(hf_folder, tmp_path, damage, needles):

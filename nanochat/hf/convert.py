@@ -34,7 +34,9 @@ ROPE_THETA = 10000.0  # the base of GPT._rotary_tables
 # F.rms_norm with no eps uses the dtype's machine epsilon; written into config.json so transformers' RMSNorm
 # (x * rsqrt(mean(x^2) + eps)) matches ours on fp32 weights
 NORM_EPS = torch.finfo(torch.float32).eps
-MAX_IMPORT_EPS = 1e-5  # a larger eps changes small activations enough to matter: refused rather than approximated
+MAX_IMPORT_EPS = 1e-5
+# GPT keeps rotary tables for 10x its context: past this a config would make the checkpoint unloadable
+MAX_CONTEXT = 131072  # a larger eps changes small activations enough to matter: refused rather than approximated
 
 
 class ConversionError(ValueError):
@@ -137,6 +139,15 @@ def _known_nanochat_keys():
                                                 "_name_or_path", "rope_theta", "rope_scaling", "head_dim"}
 
 
+def _size(cfg, key, path, limit=2**24):
+    """cfg[key] as a positive integer no larger than limit, or ConversionError naming it."""
+    v = cfg.get(key)
+    if type(v) is not int or not 0 < v <= limit:
+        raise ConversionError(f"{path}: {key} is {v!r}: a NanoChat config.json needs it as a whole number from 1 to "
+                              f"{limit}")
+    return v
+
+
 def gpt_config_from_native(cfg, path):
     """A transformers NanoChat config.json (parsed) -> (GPTConfig, tied): checks every setting that changes
     the computation and refuses, naming it, what our GPT cannot do."""
@@ -149,13 +160,10 @@ def gpt_config_from_native(cfg, path):
     if unknown:
         raise refuse(f"has settings transformers' NanoChat does not define ({', '.join(unknown[:6])})",
                      "this is a modified NanoChat that nanochat's GPT cannot reproduce")
-    try:
-        hidden, layers, heads = int(cfg["hidden_size"]), int(cfg["num_hidden_layers"]), int(cfg["num_attention_heads"])
-        vocab = int(cfg["vocab_size"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise refuse(f"is missing or has a bad {e}", "a NanoChat config.json needs hidden_size, "
-                     "num_hidden_layers, num_attention_heads and vocab_size") from None
-    kv = int(cfg.get("num_key_value_heads") or heads)
+    hidden, layers, heads, vocab = (_size(cfg, k, path) for k in ("hidden_size", "num_hidden_layers",
+                                                                   "num_attention_heads", "vocab_size"))
+    kv = _size(cfg, "num_key_value_heads", path) if cfg.get("num_key_value_heads") is not None else heads
+    seq = _size(cfg, "max_position_embeddings", path, MAX_CONTEXT) if cfg.get("max_position_embeddings") else 2048
     if hidden % heads or heads % kv or (hidden // heads) % 2:
         raise refuse(f"hidden_size {hidden}, {heads} heads and {kv} key/value heads do not divide evenly "
                      "into even-sized heads")
@@ -180,9 +188,8 @@ def gpt_config_from_native(cfg, path):
         raise refuse(f"rms_norm_eps is {eps:g}", f"nanochat's RMSNorm uses the float epsilon ({NORM_EPS:.3g}); above "
                      f"{MAX_IMPORT_EPS:g} the difference changes the outputs")
     cap = cfg.get("final_logit_softcapping")
-    if cap is not None and not float(cap) > 0:
+    if cap is not None and not (type(cap) in (int, float) and 0 < cap < 1e6):
         raise refuse(f"final_logit_softcapping is {cap!r}", "it must be a positive number or null")
-    seq = int(cfg.get("max_position_embeddings") or 2048)
     config = GPTConfig(sequence_len=seq, vocab_size=vocab, n_layer=layers, n_head=heads, n_kv_head=kv,
                        n_embd=hidden, softcap=float(cap) if cap else 0.0)
     return config, bool(cfg.get("tie_word_embeddings", False))
@@ -201,7 +208,10 @@ def gpt_config_from_remote(cfg, path):
     if unknown:
         raise ConversionError(f"{path}: the model uses {unknown}, which this nanochat's GPT does not have: "
                               "update nanochat (git pull) to import it")
-    try:
-        return GPTConfig(**{k: cfg[k] for k in fields})
-    except (TypeError, ValueError) as e:
-        raise ConversionError(f"{path}: bad model settings ({e}): export it again") from None
+    values = {k: cfg[k] for k in fields}
+    for f in dataclasses.fields(GPTConfig):
+        if f.name in values and f.type in (int, "int"):
+            _size(values, f.name, path, MAX_CONTEXT if f.name == "sequence_len" else 2**24)
+    if type(values.get("softcap", 0.0)) not in (int, float) or not 0 <= values.get("softcap", 0.0) < 1e6:
+        raise ConversionError(f"{path}: softcap is {values['softcap']!r}: it must be a number >= 0")
+    return GPTConfig(**values)

@@ -147,8 +147,28 @@ def _write_adapter(folder, lora, name, config, layout, base_model):
     return {"name": name, "path": path, "rank": ad.rank, "alpha": ad.alpha}
 
 
+def _umask():
+    try:  # read, not set-and-restore: another thread may be creating files meanwhile
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+        return umask
+
+
+def usual_permissions(folder):
+    """What the folder would have had if made with os.makedirs/open (mkdtemp makes it private to its owner)."""
+    umask = _umask()
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 def _replace_dir(tmp, out_dir):
     """Rename the finished temp folder to out_dir; an existing one is moved aside first and removed after."""
+    usual_permissions(tmp)
     if os.path.exists(out_dir):
         old = tmp[:-len(".tmp")] + ".old"
         os.replace(out_dir, old)

@@ -70,11 +70,17 @@ def read_config(folder):
 def gpt_config(cfg, path):
     """-> (GPTConfig, layout, tied) for a config.json: transformers' NanoChat or our own export's layout."""
     kind = cfg.get("model_type")
-    if kind == "nanochat":
-        config, tied = gpt_config_from_native(cfg, path)
-        return config, "native", tied
-    if kind == "nanochat_gpt":
-        return gpt_config_from_remote(cfg, path), "remote", False
+    try:
+        if kind == "nanochat":
+            config, tied = gpt_config_from_native(cfg, path)
+            return config, "native", tied
+        if kind == "nanochat_gpt":
+            return gpt_config_from_remote(cfg, path), "remote", False
+    except ConversionError:
+        raise
+    except (TypeError, ValueError, AttributeError) as e:  # a setting of the wrong type (a string for a number...)
+        raise ConversionError(f"{path}: a setting has the wrong type ({type(e).__name__}: {e}): download the "
+                              "folder again") from None
     archs = cfg.get("architectures") or []
     raise ConversionError(
         f"{path}: model_type {kind!r} ({', '.join(map(str, archs)) or 'no architectures'}) is not NanoChat: nanochat "
@@ -130,8 +136,8 @@ def our_state(tensors, config, layout, tied, path):
         shapes = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     name = (lambda ours: ours) if layout == "remote" else hf_block_name
     tensors = dict(tensors)
-    if tied and name("lm_head.weight") not in tensors and name("transformer.wte.weight") in tensors:
-        tensors[name("lm_head.weight")] = tensors[name("transformer.wte.weight")].clone()  # tied: the same matrix
+    if tied and name("transformer.wte.weight") in tensors:  # as transformers does: the head is the embedding
+        tensors[name("lm_head.weight")] = tensors[name("transformer.wte.weight")].clone()
     wanted = {name(k): k for k in expected_names(config)}
     missing = [k for k in wanted if k not in tensors]
     extra = sorted(set(tensors) - set(wanted))
@@ -221,6 +227,7 @@ def _write(base, final, state, meta, tokenizer):
     """Stage the checkpoint (and tokenizer) in temp directories, then rename them into place; a failure
     part way puts back what was moved."""
     from nanochat.checkpoint_manager import save_checkpoint, start_fresh
+    from nanochat.hf.export import usual_permissions
     from nanochat.tokenizer import _load_cached
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
@@ -229,10 +236,12 @@ def _write(base, final, state, meta, tokenizer):
         tmp_ckpt = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(final)}.", suffix=".tmp")
         staged.append(tmp_ckpt)
         save_checkpoint(tmp_ckpt, 0, state, None, meta)
+        usual_permissions(tmp_ckpt)
         if tokenizer is not None:
             tok_dir, tmp_tok = os.path.join(base, "tokenizer"), tempfile.mkdtemp(dir=base, prefix=".tokenizer.", suffix=".tmp")
             staged.append(tmp_tok)
             tokenizer.save(tmp_tok)
+            usual_permissions(tmp_tok)
             if os.path.lexists(tok_dir):  # (force) one generation kept, as for checkpoints
                 prev = tok_dir + ".prev"
                 if os.path.isdir(prev) and not os.path.islink(prev):
