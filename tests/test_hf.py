@@ -149,11 +149,11 @@ def test_export_logits_greedy_and_pipeline_match(exported, src):
     _, tok, model = src
     assert info["layout"] == "native" and {"config.json", "model.safetensors", "generation_config.json",
                                            "tokenizer.json", "README.md"} <= set(info["files"])
-    cfg = json.load(open(out / "config.json"))
+    cfg = json.loads((out / "config.json").read_text())
     assert cfg["model_type"] == "nanochat" and cfg["architectures"] == ["NanoChatForCausalLM"]
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert type(hf).__name__ == "NanoChatForCausalLM"
-    prompt, want = check_logits_and_greedy(model, hf, tok)
+    _, want = check_logits_and_greedy(model, hf, tok)
     # the transformers pipeline chats with the same greedy reply as our engine
     chat = pipeline("text-generation", model=hf, tokenizer=AutoTokenizer.from_pretrained(out))
     reply = chat(CONVERSATION, max_new_tokens=32, do_sample=False)[0]["generated_text"][-1]
@@ -226,7 +226,7 @@ def test_peft_adapter_matches_ours(exported, src):
     out, info = exported
     root, tok, model = src
     assert info["adapter"]["path"] == "adapters/facts"
-    adapter_cfg = json.load(open(out / "adapters" / "facts" / "adapter_config.json"))
+    adapter_cfg = json.loads((out / "adapters" / "facts" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8 and not adapter_cfg["use_rslora"]
     assert set(adapter_cfg["target_modules"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                    "self_attn.o_proj", "mlp.fc1", "mlp.fc2"}
@@ -257,7 +257,7 @@ def test_merged_stack_and_remote_code(src, tmp_path):
         for name in ("facts", "style"):
             load_adapter(lora, adapter_path(name))
         lora.activate(["facts", "style"], [1.0, 0.5])
-    cfg = json.load(open(tmp_path / "remote" / "config.json"))
+    cfg = json.loads((tmp_path / "remote" / "config.json").read_text())
     assert info["layout"] == "remote" and cfg["model_type"] == "nanochat_gpt"
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat_gpt.NanoChatGPTForCausalLM"
     assert (tmp_path / "remote" / "modeling_nanochat_gpt.py").exists() and not (tmp_path / "remote" / "adapters").exists()
@@ -349,8 +349,7 @@ def test_import_transformers_nanochat_then_sft_and_learn(hf_folder, src, tmp_pat
 
     # one SFT step from it, by the real stage
     chats = [[{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}] for w in ("yes", "no", "ok", "hi")]
-    with open(base / "chats.jsonl", "w") as f:
-        f.writelines(json.dumps({"messages": c}) + "\n" for c in chats)
+    (base / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "scripts.chat_sft", "--source", "mid", "--model-tag", "hf",
                         "--mixture", f"custom:{base / 'chats.jsonl'}", "--eval-mc", "", "--num-iterations", "1",
@@ -388,9 +387,7 @@ def _copy(folder, dest):
 
 def _edit_config(folder, **changes):
     path = folder / "config.json"
-    cfg = json.load(open(path))
-    cfg.update(changes)
-    json.dump(cfg, open(path, "w"))
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
 
 
 def _truncate(folder):
@@ -471,6 +468,7 @@ def test_export_refusals_leave_nothing(src, tmp_path):
 
 def test_model_card_with_and_without_report(exported, src, tmp_path):
     from huggingface_hub import ModelCard
+    from nanochat.hf.model_card import model_card
     out, info = exported
     root, _, _ = src
     card = ModelCard((out / "README.md").read_text())
@@ -478,10 +476,13 @@ def test_model_card_with_and_without_report(exported, src, tmp_path):
     assert info["report"] and "| ChatCORE | - | - | 0.1234 |" in card.text
     assert "Mixture: custom:chats.jsonl" in card.text and "num_iterations" not in card.text.split("<details>")[0]
     assert 'subfolder="adapters/facts"' in card.text
-    with base_env(root):
-        info2 = export(str(tmp_path / "card"), license="apache-2.0", report_path=str(tmp_path / "none.md"))
-    card2 = ModelCard((tmp_path / "card" / "README.md").read_text())
-    assert not info2["report"] and card2.data.license == "apache-2.0" and "No report.md was found" in card2.text
+    # without a report the card is still valid, and says so
+    text = model_card(src[2].config, dict(info, license="apache-2.0", adapter=None), report_text=None)
+    card2 = ModelCard(text)
+    assert card2.data.license == "apache-2.0" and "No report.md was found" in card2.text
+    with base_env(root), pytest.raises(ConversionError, match="--report .*none.md: no such file"):
+        export(str(tmp_path / "card"), report_path=str(tmp_path / "none.md"))
+    assert not (tmp_path / "card").exists()
 
 
 def start_cli(args, base, tmp_path):

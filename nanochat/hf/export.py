@@ -107,6 +107,9 @@ def export(out_dir, source="sft", tag=None, step=None, dtype="fp32", adapters=()
         raise ConversionError("a stack of adapters exports as merged weights (a PEFT folder holds one adapter): "
                               "add --merge, or export the adapters one at a time")
     check_out_dir(out_dir, force)
+    if report_path and not os.path.isfile(report_path):
+        raise ConversionError(f"--report {report_path}: no such file")
+    report_path = report_path or os.path.join(get_base_dir(), "report", "report.md")
     model, tokenizer, meta, tag = load_checkpoint_for_export(source, tag, step)
     lora = attach_adapters(model, adapters) if adapters else None
     layout = "remote" if remote_code else choose_layout(model.config)
@@ -124,8 +127,10 @@ def export(out_dir, source="sft", tag=None, step=None, dtype="fp32", adapters=()
         if lora is not None and not merge:
             info["adapter"] = _write_adapter(tmp, lora, adapters[0][0], model.config, layout, repo_id or out_dir)
         save_pretrained_tokenizer(tokenizer, tmp, model.config.sequence_len)
-        report_path = report_path or os.path.join(get_base_dir(), "report", "report.md")
-        report = open(report_path, encoding="utf-8").read() if os.path.exists(report_path) else None
+        report = None
+        if os.path.exists(report_path):
+            with open(report_path, encoding="utf-8") as f:
+                report = f.read()
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
             f.write(model_card(model.config, info, report, get_base_dir()))
         _replace_dir(tmp, out_dir)

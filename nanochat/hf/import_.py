@@ -121,7 +121,7 @@ def read_weights(folder):
             raise ConversionError(f"{path} is missing (named by model.safetensors.index.json): download it again")
         try:
             with safe_open(path, framework="pt") as f:
-                for k in f.keys():
+                for k in f.keys():  # noqa: SIM118 - a safe_open handle is not a dict
                     tensors[k] = f.get_tensor(k)
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, or OSError
             raise ConversionError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}): "

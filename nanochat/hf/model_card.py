@@ -41,7 +41,7 @@ def _is_result(key):
 def report_parts(text):
     """What the card shows from a report: summary table lines, {stage: [(key, value)]}, data lines, commit."""
     sections = parse_report(text)
-    summary = [x for x in sections.get("Summary", []) if x.startswith("|") or x.startswith("Total wall clock")]
+    summary = [x for x in sections.get("Summary", []) if x.startswith(("|", "Total wall clock"))]
     stages, data = {}, []
     for title, lines in sections.items():
         stage = next((s for s in STAGE_SECTIONS if title == s or title.startswith(s + " (")), None)
@@ -91,18 +91,17 @@ def model_card(config, info, report_text=None, base_dir=None):
         "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
         "out = model.generate(**ids, max_new_tokens=256, do_sample=False)",
         "print(tokenizer.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", "",
-        "The chat template renders conversations exactly as nanochat does (a system message is folded into the "
-        "first user message; an assistant message may be a list of parts `{\"type\": \"text\" | \"python\" | "
-        "\"python_output\", \"text\": ...}` for calculator/python tool calls). `transformers` does not run tool "
-        "calls: when the model writes `<|python_end|>`, run the code yourself and continue with its output as a "
-        "`python_output` part.",
-        "Text given to the template is tokenized by `transformers`, so special-token strings inside messages become "
-        "special tokens there (nanochat encodes them as text).", "",
+        ("The chat template renders conversations exactly as nanochat does (a system message is folded into the "
+         "first user message; an assistant message may be a list of parts `{\"type\": \"text\" | \"python\" | "
+         "\"python_output\", \"text\": ...}` for calculator/python tool calls). `transformers` does not run tool "
+         "calls: when the model writes `<|python_end|>`, run the code yourself and continue with its output as a "
+         "`python_output` part. Text given to the template is tokenized by `transformers`, so special-token "
+         "strings inside messages become special tokens there (nanochat encodes them as text)."), "",
     ]
     if info.get("adapter"):
         ad = info["adapter"]
-        lines += ["## Adapter", "", f"`{ad['path']}` holds the LoRA adapter `{ad['name']}` (rank {ad['rank']}, alpha "
-                  f"{ad['alpha']:g}) in PEFT's layout:", "", "```python", "from peft import PeftModel",
+        lines += ["## Adapter", "", (f"`{ad['path']}` holds the LoRA adapter `{ad['name']}` (rank {ad['rank']}, "
+                                     f"alpha {ad['alpha']:g}) in PEFT's layout:"), "", "```python", "from peft import PeftModel",
                   f'model = PeftModel.from_pretrained(model, "{repo}", subfolder="{ad["path"]}")', "```", ""]
     if info.get("stack"):
         lines += ["The weights have these adapters merged in: " + ", ".join(
@@ -119,8 +118,8 @@ def model_card(config, info, report_text=None, base_dir=None):
 def _report_lines(report_text, base_dir):
     data_line = pretraining_data(base_dir) if base_dir else None
     if not report_text:
-        return ["## Training", "", "No report.md was found for this model, so its scores and recipe are not "
-                "listed here."] + ([f"Pretraining data: {data_line}."] if data_line else []) + [""]
+        return ["## Training", "", ("No report.md was found for this model, so its scores and recipe are not "
+                                    "listed here.")] + ([f"Pretraining data: {data_line}."] if data_line else []) + [""]
     summary, stages, data, commit = report_parts(report_text)
     out = ["## Evaluation", ""] + (summary or ["(the report has no summary table)"]) + [""]
     out += ["## Training data", ""] + ([f"- pretraining: {data_line}"] if data_line else []) + [f"- {d}" for d in data] + [""]

@@ -9,7 +9,7 @@ of width 4x; untied head; logits softcapped in fp32. SUPPORTED_FIELDS lists the 
 implements: a feature added to gpt.py is exported through this file once it is implemented here and listed.
 """
 import torch
-import torch.nn as nn
+from torch import nn
 import torch.nn.functional as F
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache

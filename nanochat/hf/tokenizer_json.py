@@ -10,7 +10,6 @@ two agree on every text: a token tiktoken builds inside a longer piece is always
 tiktoken never builds from its own bytes gets no merge; it is still found whole (ignore_merges), as in tiktoken.
 """
 import json
-import os
 from functools import lru_cache
 
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -202,5 +201,3 @@ def check_same_tokenizer(a, b):
     return a.pattern == b.pattern and a.mergeable_ranks == b.mergeable_ranks
 
 
-def tokenizer_files_present(folder):
-    return os.path.exists(os.path.join(folder, "tokenizer.json"))
