@@ -288,6 +288,23 @@ def test_layout_choice():
         choose_layout(Config())
 
 
+def test_bf16_export(src, tmp_path):
+    """--dtype bf16 writes bf16 weights; transformers then computes what our model does with those weights."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    root, tok, model = src
+    with base_env(root):
+        export(str(tmp_path / "bf16"), dtype="bf16")
+    with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 - not a dict
+    rounded = GPT(model.config)
+    rounded.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32)
+    x = torch.randint(0, tok.get_vocab_size(), (2, 50), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (rounded.eval()(x) - hf(x).logits).abs().max().item() < TOL
+
+
 def test_round_trip_is_exact(src, exported, tmp_path):
     """Our export imported back (both layouts) gives the very same weights and tokenizer."""
     root, tok, model = src
@@ -463,6 +480,11 @@ def test_export_refusals_leave_nothing(src, tmp_path):
             export(str(tmp_path / "x"), adapters=[("facts", 1.0), ("style", 1.0)])
         with pytest.raises(ConversionError, match="no adapter 'nope'"):
             export(str(tmp_path / "x"), adapters=[("nope", 1.0)])
+        lora = LoRA(load_model("sft", "cpu", "eval")[0])
+        lora.add("nested", rank=2, info={"provenance": {"stacked_on": [{"name": "facts", "weight": 1.0}]}})
+        save_adapter(lora, "nested", adapter_path("nested"))
+        with pytest.raises(ConversionError, match="on top of .'facts'.*--adapter facts:1 --adapter nested --merge"):
+            export(str(tmp_path / "x"), adapters=[("nested", 1.0)])
     assert tree(tmp_path) == ["taken", "taken/mine.txt"]
 
 

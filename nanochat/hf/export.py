@@ -57,6 +57,13 @@ def attach_adapters(model, adapters):
                                   "(chat_web) or look in $NANOCHAT_BASE_DIR/adapters") from None
         except AdapterBaseMismatch as e:
             raise ConversionError(f"{e} (choose the checkpoint with -i/-g/-s)") from None
+    if len(adapters) == 1:  # alone, a nested adapter would be applied without the stack it was trained on
+        under = (lora.adapters[adapters[0][0]].info.get("provenance") or {}).get("stacked_on") or []
+        if under:
+            names = " ".join(f"--adapter {u['name']}:{u.get('weight', 1.0):g}" for u in under)
+            raise ConversionError(f"adapter {adapters[0][0]!r} was trained on top of {[u['name'] for u in under]} and "
+                                  f"only works with them beneath it: export the stack merged ({names} --adapter "
+                                  f"{adapters[0][0]} --merge)")
     return lora
 
 

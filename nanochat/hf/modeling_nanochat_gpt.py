@@ -115,7 +115,6 @@ class NanoChatGPTForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = NanoChatGPTConfig
     base_model_prefix = "transformer"
     _no_split_modules = ["Block"]
-    _supports_sdpa = True
 
     def __init__(self, config):
         super().__init__(config)
