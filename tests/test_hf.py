@@ -3,18 +3,27 @@ tests make: an exported checkpoint gives our logits, greedy tokens, token ids an
 LoRA adapter gives our logits through PEFT; a NanoChat made by transformers comes in with its logits and then
 trains (one SFT step, one /learn job); bad folders are refused by name with nothing written; the hub
 being out of reach is a clear error."""
+import atexit
 import dataclasses
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 
 import pytest
 import torch
 
+# trust_remote_code copies an export's modeling file into transformers' module cache, read when transformers is
+# first imported: a temp dir of this session's keeps it out of the user's ~/.cache/huggingface
+if "transformers" not in sys.modules:
+    _modules = tempfile.mkdtemp(prefix="nanochat-test-hf-modules-")
+    atexit.register(shutil.rmtree, _modules, True)
+    os.environ.setdefault("HF_MODULES_CACHE", _modules)
 transformers = pytest.importorskip("transformers", minversion="5.0")
 pytest.importorskip("peft")
 pytest.importorskip("tokenizers")
@@ -397,7 +406,6 @@ def test_import_transformers_nanochat_then_sft_and_learn(hf_folder, src, tmp_pat
 
 
 def _copy(folder, dest):
-    import shutil
     shutil.copytree(folder, dest)
     return dest
 
