@@ -229,17 +229,25 @@ def test_chat_template_gives_our_rendering(exported, src):
         template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
 
 
-def test_peft_adapter_matches_ours(exported, src):
+@pytest.mark.parametrize("layout", ["native", "remote"])
+def test_peft_adapter_matches_ours(exported, src, tmp_path, layout):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
     out, info = exported
     root, tok, model = src
+    if layout == "remote":
+        with base_env(root):
+            info = export(str(tmp_path / "remote"), adapters=[("facts", 1.0)], remote_code=True)
+        out = tmp_path / "remote"
     assert info["adapter"]["path"] == "adapters/facts"
     adapter_cfg = json.loads((out / "adapters" / "facts" / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8 and not adapter_cfg["use_rslora"]
-    assert set(adapter_cfg["target_modules"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-                                                   "self_attn.o_proj", "mlp.fc1", "mlp.fc2"}
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert adapter_cfg["base_model_name_or_path"] == str(out)
+    names = {"native": {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.fc1",
+                        "mlp.fc2"},
+             "remote": {"attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}}[layout]
+    assert set(adapter_cfg["target_modules"]) == names
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=layout == "remote")
     peft_model = PeftModel.from_pretrained(hf, str(out), subfolder="adapters/facts").eval()
     with base_env(root):
         ours, _, _ = load_model("sft", "cpu", "eval")
@@ -429,6 +437,13 @@ def _llama(folder):
                                  num_attention_heads=2)).save_pretrained(folder)
 
 
+def _edit_tokenizer(folder, change):
+    path = folder / "tokenizer.json"
+    spec = json.loads(path.read_text())
+    change(spec)
+    path.write_text(json.dumps(spec))
+
+
 def _pickle_only(folder):
     (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
 
@@ -446,6 +461,10 @@ def _pickle_only(folder):
     (lambda f: _edit_config(f, max_position_embeddings=10**9), ["config.json", "max_position_embeddings is 1000000000"]),
     (lambda f: _edit_config(f, sliding_window=64), ["config.json", "sliding_window", "cannot reproduce"]),
     (lambda f: (f / "tokenizer.json").unlink(), ["no tokenizer.json", "tokenizer it was trained with"]),
+    (lambda f: _edit_tokenizer(f, lambda t: t["added_tokens"][0].update(content="<s>")),
+     ["tokenizer.json", "['<s>', '<|user_start|>'", "not a nanochat one"]),
+    (lambda f: _edit_tokenizer(f, lambda t: t.update(pre_tokenizer={"type": "Whitespace"})),
+     ["tokenizer.json", "pre-tokenizer is ['Whitespace']", "byte-level BPE"]),
 ])
 def test_import_refuses_bad_folders_and_writes_nothing(hf_folder, tmp_path, damage, needles):
     folder = _copy(hf_folder[0], tmp_path / "bad")
@@ -471,6 +490,8 @@ def test_import_keeps_what_is_there(hf_folder, src, tmp_path):
         Tokenizer.byte_level().save(str(base / "tokenizer"))
         with pytest.raises(ConversionError, match="different tokenizer.*fresh base dir.*--force"):
             import_model(str(hf_folder[0]), tag="y")
+        with pytest.raises(ConversionError, match="tag '../up'.*names a directory"):
+            import_model(str(hf_folder[0]), tag="../up")
         assert tree(base) == before
         import_model(str(hf_folder[0]), tag="x", force=True)
         assert {"chatsft_checkpoints/x.prev", "tokenizer.prev"} <= set(tree(base))

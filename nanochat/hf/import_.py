@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import shutil
 import tempfile
 
@@ -210,6 +211,8 @@ def import_model(src, as_="sft", tag=None, force=False, revision=None):
     from nanochat.common import get_base_dir
     if as_ not in SOURCES:
         raise ConversionError(f"--as must be one of {', '.join(SOURCES)}; got {as_!r}")
+    if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", tag):
+        raise ConversionError(f"tag {tag!r}: use 1-64 letters, digits, '.', '_' or '-' (it names a directory)")
     folder, rev = resolve_source(src, revision)
     config, state, tokenizer, notes = read_folder(folder)
     tag = tag or f"d{config.n_layer}"
