@@ -41,7 +41,8 @@ def _is_result(key):
 def report_parts(text):
     """What the card shows from a report: summary table lines, {stage: [(key, value)]}, data lines, commit."""
     sections = parse_report(text)
-    summary = [x for x in sections.get("Summary", []) if x.startswith(("|", "Total wall clock"))]
+    lines = sections.get("Summary", [])
+    summary = [x for x in lines if x.startswith("|")] + ["\n" + x for x in lines if x.startswith("Total wall clock")]
     stages, data = {}, []
     for title, lines in sections.items():
         stage = next((s for s in STAGE_SECTIONS if title == s or title.startswith(s + " (")), None)
