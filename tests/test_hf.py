@@ -33,8 +33,8 @@ from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 from nanochat.hf.convert import ConversionError, choose_layout  # noqa: E402
 from nanochat.hf.export import export  # noqa: E402
 from nanochat.hf.import_ import import_model  # noqa: E402
-from nanochat.lora import LoRA  # noqa: E402
-from nanochat.lora_io import adapter_path, save_adapter  # noqa: E402
+from nanochat.lora.adapter import LoRA  # noqa: E402
+from nanochat.lora.storage import adapter_path, save_adapter  # noqa: E402
 from nanochat.report import Report  # noqa: E402
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer  # noqa: E402
 
@@ -252,7 +252,7 @@ def test_peft_adapter_matches_ours(exported, src, tmp_path, layout):
     with base_env(root):
         ours, _, _ = load_model("sft", "cpu", "eval")
         lora = LoRA(ours)
-        from nanochat.lora_io import load_adapter
+        from nanochat.lora.storage import load_adapter
         load_adapter(lora, adapter_path("facts"), activate=True)
     x = torch.randint(0, tok.get_vocab_size(), (2, 60), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
@@ -270,7 +270,7 @@ def test_merged_stack_and_remote_code(src, tmp_path):
         info = export(str(tmp_path / "remote"), adapters=[("facts", 1.0), ("style", 0.5)], merge=True, remote_code=True)
         ours, _, _ = load_model("sft", "cpu", "eval")
         lora = LoRA(ours)
-        from nanochat.lora_io import load_adapter
+        from nanochat.lora.storage import load_adapter
         for name in ("facts", "style"):
             load_adapter(lora, adapter_path(name))
         lora.activate(["facts", "style"], [1.0, 0.5])
@@ -367,7 +367,7 @@ def hf_folder(src, tmp_path_factory):
 
 def test_import_transformers_nanochat_then_sft_and_learn(hf_folder, src, tmp_path, serve_app):
     import httpx
-    from nanochat.live import LiveLearning
+    from nanochat.serve.live import LiveLearning
     from scripts.chat_web import Defaults, create_app, load_workers
     folder, hf = hf_folder
     _, tok, _ = src

@@ -22,6 +22,8 @@ import dataclasses
 
 import torch
 
+from nanochat.gpt import GPTConfig
+
 # GPTConfig fields transformers' NanoChat expresses, and the values of other fields that leave the model
 # NanoChat-shaped (a feature switched off). Empty today: every GPTConfig field is a NanoChat one.
 NATIVE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "softcap")
@@ -54,7 +56,7 @@ def choose_layout(config, native_fields=NATIVE_FIELDS, neutral=NEUTRAL_VALUES, r
     beyond = [k for k, v in fields.items() if k not in native_fields and neutral.get(k, object()) != v]
     if not beyond:
         return "native"
-    if remote_fields is None:
+    if remote_fields is None:  # the modeling file imports transformers, an optional extra: only when needed
         from nanochat.hf.modeling_nanochat_gpt import SUPPORTED_FIELDS as remote_fields
     missing = [k for k in fields if k not in remote_fields]
     if missing:
@@ -151,8 +153,6 @@ def _size(cfg, key, path, limit=2**24):
 def gpt_config_from_native(cfg, path):
     """A transformers NanoChat config.json (parsed) -> (GPTConfig, tied): checks every setting that changes
     the computation and refuses, naming it, what our GPT cannot do."""
-    from nanochat.gpt import GPTConfig
-
     def refuse(what, why=""):
         return ConversionError(f"{path}: {what}{': ' + why if why else ''}")
 
@@ -198,7 +198,6 @@ def gpt_config_from_native(cfg, path):
 def gpt_config_from_remote(cfg, path):
     """The config.json of an export in our own layout (model_type "nanochat_gpt": GPTConfig's fields at the
     top level, named by its "nanochat_fields") -> GPTConfig."""
-    from nanochat.gpt import GPTConfig
     names = {f.name for f in dataclasses.fields(GPTConfig)}
     fields = cfg.get("nanochat_fields")
     if not isinstance(fields, list) or not all(isinstance(k, str) and k in cfg for k in fields):

@@ -15,8 +15,24 @@ import shutil
 import tempfile
 
 import torch
+from huggingface_hub import HfApi
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors.torch import save_file
 
-from nanochat.hf.convert import ConversionError, choose_layout, config_fields, native_config, to_native_state
+from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
+from nanochat.common import get_base_dir
+from nanochat.hf.convert import (
+    ConversionError,
+    choose_layout,
+    config_fields,
+    native_config,
+    to_native_state,
+)
+from nanochat.hf.model_card import model_card
+from nanochat.hf.peft import save_peft_adapter
+from nanochat.hf.tokenizer_json import save_pretrained_tokenizer
+from nanochat.lora.adapter import AdapterBaseMismatch, LoRA
+from nanochat.lora.storage import adapter_path, load_adapter
 
 REMOTE_FILE = "modeling_nanochat_gpt.py"
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
@@ -33,8 +49,6 @@ def check_out_dir(out_dir, force):
 
 def load_checkpoint_for_export(source, tag, step):
     """-> (model, tokenizer, meta, tag) of a stage's checkpoint on the CPU, fp32."""
-    from nanochat.checkpoint_manager import SOURCES, find_largest_model, load_model
-    from nanochat.common import get_base_dir
     if tag is None:
         try:
             tag = find_largest_model(os.path.join(get_base_dir(), SOURCES[source][0]))
@@ -46,8 +60,6 @@ def load_checkpoint_for_export(source, tag, step):
 
 def attach_adapters(model, adapters):
     """Load the saved adapters [(name, weight)] onto the model (each checked against its base) -> LoRA."""
-    from nanochat.lora import AdapterBaseMismatch, LoRA
-    from nanochat.lora_io import adapter_path, load_adapter
     lora = LoRA(model)
     for name, _ in adapters:
         try:
@@ -69,7 +81,6 @@ def attach_adapters(model, adapters):
 
 def write_model_files(folder, model, tokenizer, layout, dtype):
     """config.json, model.safetensors, generation_config.json (+ the modeling file for the remote layout)."""
-    from safetensors.torch import save_file
     from transformers import GenerationConfig
     config = model.config
     S = tokenizer.encode_special
@@ -80,7 +91,7 @@ def write_model_files(folder, model, tokenizer, layout, dtype):
         hf_config.architectures = ["NanoChatForCausalLM"]
         state = to_native_state(state, config)
     else:
-        from nanochat.hf.modeling_nanochat_gpt import NanoChatGPTConfig
+        from nanochat.hf.modeling_nanochat_gpt import NanoChatGPTConfig  # imports transformers (the hf extra)
         fields = config_fields(config)
         hf_config = NanoChatGPTConfig(
             **fields, bos_token_id=S("<|bos|>"), eos_token_id=S("<|assistant_end|>"),
@@ -104,9 +115,6 @@ def export(out_dir, source="sft", tag=None, step=None, dtype="fp32", adapters=()
            license="mit", repo_id=None, report_path=None, force=False):
     """Write the folder (see the module docstring). adapters: [(name, weight)]: one is exported in PEFT's
     layout beside the model, a stack needs merge=True (merged into the weights). -> a summary dict."""
-    from nanochat.common import get_base_dir
-    from nanochat.hf.model_card import model_card
-    from nanochat.hf.tokenizer_json import save_pretrained_tokenizer
     if dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of bf16, fp32; got {dtype!r}")
     adapters = list(adapters)
@@ -151,7 +159,6 @@ def export(out_dir, source="sft", tag=None, step=None, dtype="fp32", adapters=()
 
 
 def _write_adapter(folder, lora, name, config, layout, base_model):
-    from nanochat.hf.peft import save_peft_adapter
     ad = lora.adapters[name]
     path = f"adapters/{name}"
     os.makedirs(os.path.join(folder, path))
@@ -198,7 +205,6 @@ def _files(folder):
 
 def check_repo_id(repo_id):
     """A hub repo id (owner/name) or ConversionError, before anything is exported."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(repo_id)
     except HFValidationError as e:
@@ -210,7 +216,6 @@ def check_repo_id(repo_id):
 def push(out_dir, repo_id, private=False):
     """Upload the exported folder to the hub as repo_id (created if missing); the token comes from the usual
     places (HF_TOKEN, `hf auth login`). Any failure is a ConversionError saying what to do."""
-    from huggingface_hub import HfApi
     check_repo_id(repo_id)
     try:
         api = HfApi()

@@ -21,9 +21,28 @@ import shutil
 import tempfile
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import safe_open
 
-from nanochat.hf.convert import ConversionError, expected_names, from_native_state, gpt_config_from_native, \
-    gpt_config_from_remote, hf_block_name
+from nanochat.checkpoint_manager import SOURCES, save_checkpoint, start_fresh
+from nanochat.common import get_base_dir
+from nanochat.gpt import GPT
+from nanochat.hf.convert import (
+    ConversionError,
+    expected_names,
+    from_native_state,
+    gpt_config_from_native,
+    gpt_config_from_remote,
+    hf_block_name,
+)
+from nanochat.hf.export import usual_permissions
+from nanochat.hf.tokenizer_json import (
+    TokenizerConversionError,
+    check_same_tokenizer,
+    from_tokenizer_json,
+)
+from nanochat.tokenizer import Tokenizer, _load_cached
 
 HUB_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
              "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "README.md"]
@@ -35,8 +54,6 @@ def resolve_source(src, revision=None):
         return src, None
     if os.path.exists(src):
         raise ConversionError(f"{src} is a file: give the folder that holds config.json (or a hub id owner/name)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(src)
     except HFValidationError:
@@ -115,7 +132,6 @@ def safetensors_files(folder):
 
 def read_weights(folder):
     """{name: tensor} from every safetensors file; a truncated or garbled file is refused by name."""
-    from safetensors import safe_open
     tensors = {}
     for path in safetensors_files(folder):
         if not os.path.exists(path):
@@ -132,7 +148,6 @@ def read_weights(folder):
 
 def our_state(tensors, config, layout, tied, path):
     """The file's tensors -> our state_dict, every name and shape checked against our GPT."""
-    from nanochat.gpt import GPT
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in GPT(config).state_dict().items()}
     name = (lambda ours: ours) if layout == "remote" else hf_block_name
@@ -156,8 +171,6 @@ def our_state(tensors, config, layout, tied, path):
 
 def read_folder(folder):
     """Everything an import needs, checked, nothing written: -> (GPTConfig, state_dict, Tokenizer, notes)."""
-    from nanochat.gpt import GPT
-    from nanochat.hf.tokenizer_json import TokenizerConversionError, from_tokenizer_json
     cfg, cfg_path = read_config(folder)
     config, layout, tied = gpt_config(cfg, cfg_path)
     tok_path = os.path.join(folder, "tokenizer.json")
@@ -184,9 +197,6 @@ def read_folder(folder):
 def plan_writes(base, as_, tag, tokenizer, force):
     """Where the import goes and what it replaces; refuses to replace anything without force.
     -> (checkpoint dir, whether the tokenizer must be written)."""
-    from nanochat.checkpoint_manager import SOURCES
-    from nanochat.hf.tokenizer_json import check_same_tokenizer
-    from nanochat.tokenizer import Tokenizer
     final = os.path.join(base, SOURCES[as_][0], tag)
     if os.path.exists(final) and os.listdir(final) and not force:
         raise ConversionError(f"{final} already holds checkpoints: import under another tag (-g), or pass --force "
@@ -207,8 +217,6 @@ def plan_writes(base, as_, tag, tokenizer, force):
 
 def import_model(src, as_="sft", tag=None, force=False, revision=None):
     """Import (see the module docstring). -> a summary dict (where it went, the config, notes)."""
-    from nanochat.checkpoint_manager import SOURCES
-    from nanochat.common import get_base_dir
     if as_ not in SOURCES:
         raise ConversionError(f"--as must be one of {', '.join(SOURCES)}; got {as_!r}")
     if tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", tag):
@@ -229,9 +237,6 @@ def import_model(src, as_="sft", tag=None, force=False, revision=None):
 def _write(base, final, state, meta, tokenizer):
     """Stage the checkpoint (and tokenizer) in temp directories, then rename them into place; a failure
     part way puts back what was moved."""
-    from nanochat.checkpoint_manager import save_checkpoint, start_fresh
-    from nanochat.hf.export import usual_permissions
-    from nanochat.tokenizer import _load_cached
     parent = os.path.dirname(final)
     os.makedirs(parent, exist_ok=True)
     staged, undo = [], []

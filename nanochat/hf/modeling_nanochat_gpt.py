@@ -9,8 +9,8 @@ of width 4x; untied head; logits softcapped in fp32. SUPPORTED_FIELDS lists the 
 implements: a feature added to gpt.py is exported through this file once it is implemented here and listed.
 """
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
