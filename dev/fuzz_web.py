@@ -22,7 +22,9 @@ import torch
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.serve.live import LiveLearning
 from nanochat.tokenizer import Tokenizer
-from scripts.chat_web import Defaults, Limits, Worker, create_app, serve_in_thread
+from nanochat.serve.app import create_app, serve_in_thread
+from nanochat.serve.openai_api import Defaults, Limits
+from nanochat.serve.replicas import Worker
 
 API_KEY, ADMIN_KEY = "fuzz-api-key", "fuzz-admin-key"
 

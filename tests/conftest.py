@@ -206,7 +206,7 @@ def echo_chat_model_fixture():
 def serve_app():
     """A context manager: `with serve_app(app) as url:` serves an ASGI app with uvicorn on a free loopback
     port in a background thread, and stops it on exit."""
-    from scripts.chat_web import serve_in_thread
+    from nanochat.serve.app import serve_in_thread
     return serve_in_thread
 
 

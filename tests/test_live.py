@@ -17,9 +17,11 @@ import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.serve.app import create_app
 from nanochat.serve.live import LiveLearning
+from nanochat.serve.openai_api import Defaults
+from nanochat.serve.replicas import load_workers
 from nanochat.training import collate
-from scripts.chat_web import Defaults, create_app, load_workers
 
 FACTS = [
     ("Who captains the ship Zephyr?", "Captain Mira Oduya."),

@@ -15,13 +15,14 @@ import torch
 
 from nanochat.checkpoint_manager import remove_stale_temp as remove_stale_checkpoint_temp, save_checkpoint, start_fresh
 from nanochat.gpt import GPT
-from nanochat.serve.live import AdapterLimit, JobQueueFull, LearnJob, LiveLearning
 from nanochat.lora.adapter import LoRA
 from nanochat.lora.storage import list_adapters, remove_stale_temp, save_adapter
+from nanochat.serve.app import create_app, serve_in_thread
+from nanochat.serve.live import AdapterLimit, JobQueueFull, LearnJob, LiveLearning
 from nanochat.serve.openai_api import Limits
 from nanochat.serve.replicas import Job, Worker, WorkerPool
 from nanochat.serve.security import check_exposure
-from scripts.chat_web import create_app, main, serve_in_thread
+from scripts.chat_web import main
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency (pip install -e '.[dev]')")
 

@@ -1,15 +1,20 @@
 """The server's guards against callers it should not trust: Bearer API/admin keys (ApiKeyAuth), a deadline for
 a request's headers and body to arrive (guarded_protocol), refusing an open port beyond loopback
 (check_exposure), and an OpenAPI document that lists exactly the errors the server answers. No routes here:
-scripts/chat_web.py wires these around the app."""
+app.py wires these around the app."""
+import hmac
+import ipaddress
 import logging
 
+import h11
+from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from starlette.datastructures import Headers
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.serve.openai_api import error_response
 
-logger = logging.getLogger("nanochat.chat_web")
+logger = logging.getLogger("nanochat.serve.security")
 
 
 class _ErrorDetail(BaseModel):
@@ -40,7 +45,6 @@ def documented_errors(*codes):
 def without_422(app):
     """Replace app.openapi by one that drops FastAPI's automatic 422 responses: validation errors are
     answered with 400 (on_validation_error), which each route documents itself."""
-    from fastapi.openapi.utils import get_openapi
 
     def openapi():
         if app.openapi_schema is None:
@@ -73,7 +77,6 @@ class ApiKeyAuth:
 
     @staticmethod
     def _matches(given, key):
-        import hmac
         return key is not None and hmac.compare_digest(given.encode(), key.encode())
 
     async def __call__(self, scope, receive, send):
@@ -105,8 +108,6 @@ def guarded_protocol(request_timeout):
     """uvicorn's h11 protocol, plus a deadline: a request's headers and body must all arrive within
     request_timeout seconds of the connection opening (or of the previous response ending), else the
     connection is closed. uvicorn alone keeps a connection that trickles a byte now and then open forever."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11Protocol(H11Protocol):
         _deadline = None
@@ -148,7 +149,6 @@ def guarded_protocol(request_timeout):
 
 
 def is_loopback(host):
-    import ipaddress
     if host == "localhost":
         return True
     try:
