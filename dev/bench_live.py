@@ -161,11 +161,11 @@ def main(argv=None):
                 for i in range(args.switches):
                     name = args.adapter if i % 2 == 0 else "none"
                     t = time.perf_counter()
-                    r = http.post(f"{url}/adapters/{name}/activate")
+                    r = http.post(f"{url}/adapters/{name}/activate", json={})
                     client_ms.append((time.perf_counter() - t) * 1000)
                     r.raise_for_status()
                     server_ms.append(r.json()["switch_ms"])
-                http.post(f"{url}/adapters/none/activate").raise_for_status()  # leave the base as the default
+                http.post(f"{url}/adapters/none/activate", json={}).raise_for_status()  # leave the base as the default
                 floor_ms = []  # the HTTP round trip of a request that does nothing, for comparison
                 for _ in range(args.switches):
                     t = time.perf_counter()

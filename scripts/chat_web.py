@@ -35,8 +35,12 @@ Security (nanochat/serve/security.py)
     when the server answers 401, and keeps it in the browser's localStorage. --admin-key KEY (or
     NANOCHAT_ADMIN_KEY) is then needed for /learn and for changing adapters (activate, delete); without
     one, the API key is enough. Without any key the server listens on loopback only; another --host then
-    needs --insecure. A request (headers and body) must arrive within --request-timeout seconds of its
-    first byte, or the connection is closed.
+    needs --insecure. Without an API key, web pages the user visits must not reach the server through the
+    browser: the Host header must be a loopback name (or --host, or one of --allowed-hosts), so a page whose
+    DNS name was rebound to 127.0.0.1 is refused (400), and a POST must be JSON (Content-Type:
+    application/json, as the page and the OpenAI client send) or carry an X-Requested-With header, else 415:
+    `curl -X POST .../adapters/NAME/activate -H 'Content-Type: application/json'`. A request (headers and body)
+    must arrive within --request-timeout seconds of its first byte, or the connection is closed.
 """
 import argparse
 import copy
@@ -113,6 +117,8 @@ def parse_args(argv=None):
     p.add_argument("--admin-key", default=os.environ.get("NANOCHAT_ADMIN_KEY", ""),
                    help="key for /learn and adapter changes (default $NANOCHAT_ADMIN_KEY; none: the API key)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
+    p.add_argument("--allowed-hosts", default="", help="without --api-key: comma-separated names the Host header "
+                   "may carry besides loopback ones and --host, e.g. a LAN name with --insecure ('*': any)")
     d, lim = Defaults(), Limits()
     p.add_argument("-t", "--temperature", type=float, default=d.temperature, help="default temperature (0 = greedy)")
     p.add_argument("-k", "--top-k", type=int, default=d.top_k, help="default top-k (0 = none)")
@@ -129,8 +135,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     setup_logging()
+    allowed_hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()]
     try:
-        exposure = check_exposure(args.host, args.api_key, args.insecure)
+        exposure = check_exposure(args.host, args.api_key, args.insecure, allowed_hosts)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -148,8 +155,10 @@ def main(argv=None):
     learn = None
     if not args.no_learn:
         learn = make_live_learning(workers, args.adapters_dir or adapters_dir())
+    if args.host not in ("0.0.0.0", "::"):  # a wildcard is no name a client could use
+        allowed_hosts.append(args.host)
     app = create_app(workers, model_id, limits, defaults, learn=learn, api_key=args.api_key or None,
-                     admin_key=args.admin_key or None)
+                     admin_key=args.admin_key or None, allowed_hosts=allowed_hosts)
     devices = ", ".join(str(w.device) for w in workers)
     if args.quantize != "none":
         devices += f" ({args.quantize} weight-only base)"

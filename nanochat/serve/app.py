@@ -16,14 +16,15 @@ from nanochat.serve.openai_api import (BodySizeLimit, Defaults, Limits, RequestE
                                        error_response)
 from nanochat.serve.replicas import PoolMetrics, Worker, WorkerPool
 from nanochat.serve.routes import Served, completion_router, info_router
-from nanochat.serve.security import ApiKeyAuth, guarded_protocol, without_422
+from nanochat.serve.security import ApiKeyAuth, BrowserGuard, guarded_protocol, without_422
 
 
 def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up=True, learn=None,
-               api_key=None, admin_key=None):
+               api_key=None, admin_key=None, allowed_hosts=()):
     """The FastAPI app serving `workers` (a list of Worker over replicas of one model and tokenizer).
     learn: None (no live learning) or a function pool -> nanochat.serve.live.LiveLearning.
-    api_key / admin_key: see security.ApiKeyAuth (None: open)."""
+    api_key / admin_key: see security.ApiKeyAuth (None: open). Without an API key, security.BrowserGuard
+    checks the Host header (loopback names and `allowed_hosts`; "*": any) and that POSTs are JSON."""
     limits = limits or Limits()
     metrics = PoolMetrics()
     pool = WorkerPool(workers, observer=metrics)
@@ -34,9 +35,12 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         live.max_adapters, live.max_adapter_bytes = limits.max_adapters, limits.max_adapter_bytes
     served = Served(pool, metrics, live, model_id, limits, defaults or Defaults())
 
-    app = FastAPI(title="nanochat", lifespan=lifespan(pool, live, warm_up))
+    # no trailing-slash redirects: their Location would be built from the client's Host header
+    app = FastAPI(title="nanochat", lifespan=lifespan(pool, live, warm_up), redirect_slashes=False)
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
-    app.add_middleware(ApiKeyAuth, api_key=api_key, admin_key=admin_key)  # added last: runs first
+    app.add_middleware(ApiKeyAuth, api_key=api_key, admin_key=admin_key)
+    if not api_key:  # added last: runs first
+        app.add_middleware(BrowserGuard, allowed_hosts=tuple(allowed_hosts))
     without_422(app)
     add_error_handlers(app)
     app.state.pool = pool

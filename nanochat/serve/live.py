@@ -41,9 +41,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from nanochat.common import atomic_write, resolve_dtype
-from nanochat.lora.adapter import LoRA, validate_name
-from nanochat.lora.storage import delete_adapter, list_adapters, load_adapter, provenance_summary, remove_stale_temp, \
-    save_adapter
+from nanochat.lora.adapter import LoRA, check_values, validate_name
+from nanochat.lora.storage import (delete_adapter, list_adapters, load_adapter, provenance_summary, read_json,
+                                   remove_stale_temp, save_adapter)
 from nanochat.continual.adapter_train import mean_loss, train_adapter
 
 logger = logging.getLogger("nanochat.serve.live")
@@ -148,8 +148,7 @@ class LiveLearning:
 
     def _read_default(self):
         try:
-            with open(os.path.join(self.root, ".active.json"), encoding="utf-8") as f:
-                data = json.load(f)
+            data = read_json(os.path.join(self.root, ".active.json"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
@@ -304,6 +303,11 @@ class LiveLearning:
                 self.replay, self.general_eval, self._general_chats = list(replay), list(general_eval), None
             ad = train_adapter(lora.model, self.tokenizer, conversations, self.replay, steps=job.steps, name=job.adapter,
                                lora=lora, replace=True, task="live", progress=progress, **self.hparams)
+            try:
+                check_values(ad)
+            except ValueError as e:
+                raise ValueError(f"training produced an adapter that cannot serve, so it was neither saved nor "
+                                 f"loaded: {e}") from None
             metrics = dict(ad.info["metrics"])
             if self.general_eval:
                 model = lora.model

@@ -73,7 +73,7 @@ def live_router(live, tokenizer, context, limits):
             raise RequestError("live learning is off on this server (started with --no-learn)", status=404)
         return live
 
-    @router.post("/learn", status_code=202, responses=documented_errors(400, 401, 403, 404, 409, 413, 429))
+    @router.post("/learn", status_code=202, responses=documented_errors(400, 401, 403, 404, 409, 413, 415, 429))
     async def learn(body: LearnRequest):
         lv = need_live()
         if not 1 <= body.steps <= limits.max_learn_steps:
@@ -93,18 +93,18 @@ def live_router(live, tokenizer, context, limits):
         return {"job": job.id, "adapter": job.adapter, "status": job.status, "steps": job.steps,
                 "examples": job.examples, "url": f"/learn/{job.id}"}
 
-    @router.get("/learn/{job_id}", responses=documented_errors(401, 403, 404))
+    @router.get("/learn/{job_id}", responses=documented_errors(400, 401, 403, 404))
     async def learn_status(job_id: str):
         job = need_live().job(job_id)
         if job is None:
             raise RequestError(f"no learning job {job_id!r}", status=404)
         return job.view()
 
-    @router.get("/adapters", responses=documented_errors(401, 404))
+    @router.get("/adapters", responses=documented_errors(400, 401, 404))
     async def adapters():
         return need_live().describe()
 
-    @router.post("/adapters/{name}/activate", responses=documented_errors(401, 403, 404))
+    @router.post("/adapters/{name}/activate", responses=documented_errors(400, 401, 403, 404, 415))
     async def activate(name: str):
         lv = need_live()
         t0 = time.perf_counter()
@@ -114,7 +114,7 @@ def live_router(live, tokenizer, context, limits):
             raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
         return {"active": lv.default, "switch_ms": round((time.perf_counter() - t0) * 1000, 3)}
 
-    @router.delete("/adapters/{name}", responses=documented_errors(401, 403, 404, 409))
+    @router.delete("/adapters/{name}", responses=documented_errors(400, 401, 403, 404, 409))
     async def delete(name: str):
         lv = need_live()
         if lv.busy_with(name):

@@ -21,7 +21,7 @@ from nanochat.serve.security import SSE, documented_errors
 
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
 DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks whether its client is still there
-GENERATES = {200: {"content": SSE}} | documented_errors(400, 401, 404, 413)
+GENERATES = {200: {"content": SSE}} | documented_errors(400, 401, 404, 413, 415)
 
 
 @dataclass
@@ -94,26 +94,26 @@ def info_router(served):
     with open(UI_PATH, encoding="utf-8") as f:
         page = f.read()
 
-    @router.get("/", response_class=HTMLResponse)
+    @router.get("/", response_class=HTMLResponse, responses=documented_errors(400))
     async def index():
         return page
 
-    @router.get("/health")
+    @router.get("/health", responses=documented_errors(400))
     async def health():
         pool = served.pool
         return {"status": "ok", "model": served.model_id, "workers": len(pool.workers),
                 "idle_workers": sum(not w.busy for w in pool.workers), "queue_depth": pool.queue_depth()}
 
-    @router.get("/stats", responses=documented_errors(401))
+    @router.get("/stats", responses=documented_errors(400, 401))
     async def stats():
         return {"model": served.model_id, **served.pool.stats()}
 
-    @router.get("/metrics", response_class=PlainTextResponse, responses=documented_errors(401))  # Prometheus
+    @router.get("/metrics", response_class=PlainTextResponse, responses=documented_errors(400, 401))  # Prometheus
     async def prometheus_metrics():
         body, content_type = served.metrics.render()
         return Response(body, media_type=content_type)
 
-    @router.get("/v1/models", responses=documented_errors(401))
+    @router.get("/v1/models", responses=documented_errors(400, 401))
     async def models():
         live, created = served.live, served.created
         data = [{"id": served.model_id, "object": "model", "created": created, "owned_by": "nanochat"}]
