@@ -73,7 +73,8 @@ class RequestError(Exception):
 
 
 class StrictBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # unknown fields are refused, not silently ignored
+    # unknown fields are refused, not silently ignored; strict: a bool or a string is no number (JSON Schema agrees)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Part(StrictBody):
