@@ -31,6 +31,10 @@ merge() folds the active stack into the weights (no extra matmuls at inference);
 of the original weights, and unmerge() copies them back, so the base is restored bit for bit
 (subtracting B A again would leave rounding errors).
 
+Per-row mode keeps rows apart even when an adapter is broken: other rows' columns of the packed product are
+filled with 0 (not multiplied by it: 0 x NaN is NaN) and the packed B holds no NaN/inf. storage.load_adapter
+refuses such adapters anyway (check_values).
+
 An adapter only makes sense on the weights it was trained on: LoRA records a hash of the base
 model's state when it attaches (model_state_hash), saved adapters carry it in adapter.json, and
 load_adapter raises AdapterBaseMismatch for a different base.

@@ -8,7 +8,8 @@ On disk (one directory per adapter, e.g. $NANOCHAT_BASE_DIR/adapters/<name>/):
     adapter.safetensors   "<module>.lora_A", "<module>.lora_B" (+ "router.centroid" when set)
     adapter.json          name, rank, alpha, targets, modules, base_hash, task, metrics, created,
                           trainable_params, bytes, dtype, provenance
-written into a temp directory beside it and renamed into place.
+written into a temp directory beside it and renamed into place. Loading reads them as regular files only (no
+symlink, FIFO or device; size and JSON nesting bounded) and refuses NaN, inf or absurd values (check_values).
 """
 import errno
 import json
@@ -203,7 +204,7 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
         raise ValueError(f"adapter {meta['name']!r} targets modules this model does not hook: {missing[:4]}")
     # the most a file of this rank on these modules holds: 8 bytes a value (float64), plus room for the header
     limit = 8 * meta["rank"] * sum(lora.modules[k].in_features + lora.modules[k].out_features
-                                   for k in meta["modules"]) + (1 << 20)
+                                   for k in set(meta["modules"])) + (1 << 20)
     try:
         data = read_regular_file(os.path.join(directory, "adapter.safetensors"), limit)
     except FileNotFoundError:

@@ -17,11 +17,13 @@ ones (`general_eval`) measure what the adapter costs: general loss with the adap
 in the job's metrics and in adapter.json. Given as `general_chats` (a function returning both lists), they
 are read when the first job starts, so a server nobody teaches never reads (or downloads) them.
 
-Nothing half-done survives: an adapter is saved with save_adapter (temp dir + rename) only after its job
-has trained, and a failed or cancelled job leaves no directory behind. Saved adapters are reloaded when
-the server starts (temp leftovers of a killed save are removed first; a corrupt adapter is skipped with a
-warning and listed as unusable, never stops the start); the default adapter (POST
-/adapters/{name}/activate) is kept in <root>/.active.json.
+Nothing half-done or broken serves: an adapter is saved with save_adapter (temp dir + rename) only after its
+job has trained and its values are checked (NaN, inf or absurd magnitudes fail the job, and the adapter is neither
+saved nor loaded), and a failed or cancelled job leaves no directory behind. Saved adapters are reloaded when
+the server starts (temp leftovers of a killed save are removed first; files are read as regular files only, so
+a FIFO or device there cannot block the start; a corrupt adapter is skipped with a warning and listed as
+unusable, never stops the start); the default adapter (POST /adapters/{name}/activate) is kept in
+<root>/.active.json.
 
 Bounds: at most `max_jobs` jobs queued or running (more get JobQueueFull, which chat_web answers with 429
 and Retry-After), finished job records are forgotten after `job_ttl` seconds, and a new adapter is refused
