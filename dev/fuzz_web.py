@@ -24,11 +24,11 @@ import tempfile
 import torch
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.serve.live import LiveLearning
-from nanochat.tokenizer import Tokenizer
 from nanochat.serve.app import create_app, serve_in_thread
+from nanochat.serve.live import LiveLearning
 from nanochat.serve.openai_api import Defaults, Limits
 from nanochat.serve.replicas import Worker
+from nanochat.tokenizer import Tokenizer
 
 API_KEY, ADMIN_KEY = "fuzz-api-key", "fuzz-admin-key"
 

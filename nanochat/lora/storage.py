@@ -24,7 +24,7 @@ import safetensors.torch
 import torch
 
 from nanochat.common import get_base_dir, json_default
-from nanochat.lora.adapter import _NAME_RE, AdapterBaseMismatch, _now, check_values, validate_name
+from nanochat.lora.adapter import _NAME_RE, AdapterBaseMismatch, _now, validate_name
 
 FORMAT = "nanochat-lora"
 FORMAT_VERSION = 1
@@ -86,6 +86,26 @@ def save_adapter(lora, name, directory, task=None, metrics=None):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+# Trained adapters hold values of order 1 (A starts within 1/sqrt(in), an optimizer step moves a value by about lr);
+# one far beyond this is a corrupt file or a diverged run, and a forward through it overflows
+MAX_ADAPTER_VALUE = 1e4
+
+
+def check_values(ad):
+    """Raise ValueError naming the first tensor of adapter `ad` holding NaN, inf, or a value beyond
+    MAX_ADAPTER_VALUE (its router centroid: NaN or inf): such an adapter must not serve."""
+    named = [(f"{k}.lora_{kind}", t[i]) for kind, t in (("A", ad.A), ("B", ad.B)) for k, i in ad.index.items()]
+    for name, t in named + ([("router.centroid", ad.centroid)] if ad.centroid is not None else []):
+        peak = float(t.detach().abs().amax()) if t.numel() else 0.0
+        if peak != peak or peak == float("inf"):
+            raise ValueError(f"adapter {ad.name!r}: {name} holds NaN or infinite values (a corrupt file or a "
+                             "diverged training run), so it cannot serve")
+        if name != "router.centroid" and peak > MAX_ADAPTER_VALUE:
+            raise ValueError(f"adapter {ad.name!r}: {name} holds a value of {peak:.3g}; trained adapters stay far "
+                             f"below {MAX_ADAPTER_VALUE:g} (a corrupt file or a diverged training run), so it cannot "
+                             "serve")
 
 
 MAX_RANK = 1024  # far above any useful adapter; a bigger rank in adapter.json is corruption, not a choice

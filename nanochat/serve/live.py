@@ -43,9 +43,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from nanochat.common import atomic_write, resolve_dtype
-from nanochat.lora.adapter import LoRA, check_values, validate_name
-from nanochat.lora.storage import (delete_adapter, list_adapters, load_adapter, provenance_summary, read_json,
-                                   remove_stale_temp, save_adapter)
+from nanochat.lora.adapter import LoRA, validate_name
+from nanochat.lora.storage import (check_values, delete_adapter, list_adapters, load_adapter, provenance_summary,
+                                   read_json, remove_stale_temp, save_adapter)
 from nanochat.continual.adapter_train import mean_loss, train_adapter
 
 logger = logging.getLogger("nanochat.serve.live")
