@@ -20,6 +20,7 @@ import contextlib
 import os
 import random
 import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -217,7 +218,8 @@ def unjam_fifos(paths, after=20):
     """While inside: a FIFO opened for reading the ordinary way blocks until a writer comes, and from Rust
     (safetensors) it blocks holding the GIL, so no thread of the test can time it out. A separate process opens
     each FIFO for writing after `after` seconds, so such a reader gets EOF and the test fails instead of hanging."""
-    procs = [subprocess.Popen(["sh", "-c", 'sleep "$1"; : > "$2"', "sh", str(after), str(p)]) for p in paths]
+    opener = "import sys, time; time.sleep(float(sys.argv[1])); open(sys.argv[2], 'w').close()"
+    procs = [subprocess.Popen([sys.executable, "-c", opener, str(after), str(p)]) for p in paths]  # one process each
     try:
         yield
     finally:
