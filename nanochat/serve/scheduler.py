@@ -52,6 +52,7 @@ from nanochat.kv_cache import RaggedKVCache
 from nanochat.tools.registry import ToolRegistry, parse_call
 
 logger = logging.getLogger("nanochat.serve.scheduler")
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, ~1.2e-38
 
 
 @dataclass
@@ -149,6 +150,10 @@ class Scheduler:
                                                    request.top_k)
         if request.top_p is not None and not 0.0 < request.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {request.top_p!r}")
+        if request.top_p is not None:
+            # sampling compares top_p with float32 probabilities, where one below ~7e-46 rounds to 0 and keeps no
+            # token; any top_p below the best token's probability (>= 1/vocab) keeps just that one, as this does
+            request.top_p = max(request.top_p, FLOAT32_TINY)
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(request, name) <= 2.0:
                 raise ValueError(f"{name} must be between -2 and 2, got {getattr(request, name)!r}")
