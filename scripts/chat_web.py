@@ -16,8 +16,10 @@ Endpoints
                                 presence/frequency_penalty, seed, stream_options.include_usage
     POST /v1/completions        OpenAI (legacy) text completions of a plain prompt, for base models too
     GET  /v1/models             the served model and every loaded adapter (`model: "<adapter>"` selects one)
-    Every generating route takes "adapter": a name, "none" (the base), or a list of names with an optional
-    "adapter_weights" list: a stack, all applied together (openai client: extra_body={"adapter": [...]}).
+    Every generating route takes "adapter": a name, "none" (the base), "auto" (the adapter whose training
+    prompts the last user message resembles, else the base; --auto-route makes it the default), or a list of
+    names with an optional "adapter_weights" list: a stack, all applied together (openai client:
+    extra_body={"adapter": [...]}). A reply's "model" is the adapter that served it, else the served model.
     GET  /health, GET /stats    liveness, queue depth; per-replica and total requests, tokens, tokens/s
     GET  /metrics               Prometheus text format
     /learn, /adapters           live learning (nanochat/serve/live_routes.py), unless --no-learn
@@ -58,28 +60,29 @@ from nanochat.serve.openai_api import Defaults, Limits
 from nanochat.serve.replicas import load_workers
 from nanochat.serve.security import check_exposure, guarded_protocol
 from nanochat.tools.registry import make_registry
-from tasks.conversations import ChatterBot, ChitChat
+from tasks.conversations import ChitChat
+from tasks.general import battery_items, replay_chats
 
 logger = logging.getLogger("nanochat.chat_web")
 
 
 def general_chats(n_replay=512, n_eval=32):
-    """Offline human chats (tasks/conversations.py): train-split ones to replay while an adapter learns,
-    test-split ones to measure what it costs. ([], []) with a warning when they can't be read."""
+    """Train-split chats of the SFT mixture to replay while an adapter learns (tasks/general.py), and held-out
+    human chats (ChitChat test) to measure what it costs. ([], []) with a warning when they can't be read."""
     try:
-        replay = [ex["messages"] for task in (ChitChat("train"), ChatterBot("train"))
-                  for ex in (task[i] for i in range(min(len(task), n_replay // 2)))]
         held = ChitChat("test")
-        return replay, [held[i]["messages"] for i in range(min(len(held), n_eval))]
-    except (OSError, ValueError, ImportError) as e:
+        return replay_chats(n_replay), [held[i]["messages"] for i in range(min(len(held), n_eval))]
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
         logger.warning("no general chat data for replay (%s): adapters will learn without it", e)
         return [], []
 
 
-def make_live_learning(workers, root):
-    """pool -> LiveLearning: adapters under root, trained on a private copy of the served weights."""
+def make_live_learning(workers, root, auto_default=False):
+    """pool -> LiveLearning: adapters under root, trained on a private copy of the served weights; every job
+    reports the general battery (tasks/general.py). auto_default: "auto" routing for requests naming no adapter."""
     trainer = copy.deepcopy(workers[0].model)  # taken before the workers get their LoRA hooks
-    return lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats)
+    return lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats,
+                                     battery=battery_items, auto_default=auto_default)
 
 
 LIMIT_HELP = {  # one flag per field of openai_api.Limits
@@ -108,6 +111,9 @@ def parse_args(argv=None):
     p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
     p.add_argument("--adapters-dir", default="", help="where learned adapters live (default: $NANOCHAT_BASE_DIR/adapters)")
     p.add_argument("--no-learn", action="store_true", help="serve without live learning (no /learn, no adapters)")
+    p.add_argument("--auto-route", action="store_true", help="requests that name no adapter get \"auto\": the "
+                   "adapter whose training prompts they resemble, else the base model (overrides .active.json at "
+                   "start; POST /adapters/NAME/activate changes it)")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                    help="serve and learn adapters on a weight-only quantized frozen base (int8: ~2x, int4: ~3.8x "
                         "less weight memory than bf16; adapters are bound to the base they were learned on)")
@@ -154,7 +160,7 @@ def main(argv=None):
     defaults = Defaults(args.temperature, args.top_k, args.max_tokens)
     learn = None
     if not args.no_learn:
-        learn = make_live_learning(workers, args.adapters_dir or adapters_dir())
+        learn = make_live_learning(workers, args.adapters_dir or adapters_dir(), auto_default=args.auto_route)
     if args.host not in ("0.0.0.0", "::"):  # a wildcard is no name a client could use
         allowed_hosts.append(args.host)
     app = create_app(workers, model_id, limits, defaults, learn=learn, api_key=args.api_key or None,

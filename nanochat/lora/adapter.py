@@ -95,6 +95,7 @@ class Adapter(nn.Module):
         self.A = nn.ParameterList([nn.Parameter(torch.empty(rank, fin, device=device, dtype=dtype)) for fout, fin in shapes])
         self.B = nn.ParameterList([nn.Parameter(torch.zeros(fout, rank, device=device, dtype=dtype)) for fout, fin in shapes])
         self.centroid = None  # router: mean base hidden state of the adapter's training data
+        self.keys = self.general_keys = None  # router.route_auto: hidden means of its own and of general prompts
         self.info = {}  # task, metrics, created: what goes into adapter.json
         self._tensors = [*self.A, *self.B]  # a plain list: summing their versions every forward stays cheap
         self.reset_parameters()
@@ -121,8 +122,9 @@ class Adapter(nn.Module):
     def num_bytes(self):
         """Bytes of the adapter's weights (what adapter.safetensors holds, less the header)."""
         n = sum(p.numel() * p.element_size() for p in self.parameters())
-        if self.centroid is not None:
-            n += self.centroid.numel() * self.centroid.element_size()
+        for t in (self.centroid, self.keys, self.general_keys):
+            if t is not None:
+                n += t.numel() * t.element_size()
         return n
 
 

@@ -33,6 +33,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
     if live:
         live.max_jobs, live.job_ttl = limits.max_learn_jobs, limits.job_ttl
         live.max_adapters, live.max_adapter_bytes = limits.max_adapters, limits.max_adapter_bytes
+        live.attach_metrics(metrics.registry)
     served = Served(pool, metrics, live, model_id, limits, defaults or Defaults())
 
     # no trailing-slash redirects: their Location would be built from the client's Host header

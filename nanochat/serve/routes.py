@@ -12,6 +12,7 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 from fastapi.sse import format_sse_event
 
 from nanochat.engine import MIN_TEMPERATURE
+from nanochat.serve.live import AUTO
 from nanochat.serve.openai_api import (CompletionRequest, Defaults, EventStream, Limits, OpenAIRequest, PageRequest,
                                        RequestError, chat_messages, check_adapter_stack, check_chat_options,
                                        check_messages, check_openai_options, check_sampling, check_text_options,
@@ -63,9 +64,27 @@ class Served:
             return self.live.resolve(name)
         except KeyError as e:
             raise RequestError(f"no adapter {e.args[0]!r}; GET /adapters lists them", "adapter", status=404) from None
+        except ValueError as e:
+            raise RequestError(str(e), "adapter") from None
 
-    def make_jobs(self, prompt, temperature, top_k, max_tokens, seed, adapter=None, model=None, n=1,
-                  adapter_weights=None, **extra):
+    async def choose_adapter(self, prompt, name=None, model=None, weights=None):
+        """The adapter a request runs with (adapter_for): "auto" (asked for, or the server's default) becomes the
+        adapter the prompt resembles or None, the base model (LiveLearning.auto_adapter). Counted in /metrics
+        by adapter and by how it was chosen: request, default or auto."""
+        adapter = self.adapter_for(name, model, weights)
+        chosen = "default" if name is None and model not in self.adapter_names() else "request"
+        if adapter == AUTO:
+            adapter, chosen = await self.live.auto_adapter(prompt), "auto"
+        if self.live is not None:
+            self.live.count(adapter, chosen)
+        return adapter
+
+    def reply_model(self, job):
+        """The `model` of a reply: the adapter the job ran with, else (the base model, or a stack) the served model."""
+        return job.adapter if isinstance(job.adapter, str) else self.model_id
+
+    async def make_jobs(self, prompt, temperature, top_k, max_tokens, seed, adapter=None, model=None, n=1,
+                        adapter_weights=None, **extra):
         """One Job per choice (n), checked against the limits, the server's defaults filled in."""
         check_sampling(temperature, top_k, max_tokens, seed, self.limits)
         if len(prompt) >= self.context:
@@ -76,7 +95,8 @@ class Served:
         temperature = d.temperature if temperature is None else temperature
         job = Job(prompt=prompt, max_tokens=max_tokens or d.max_tokens,
                   temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
-                  top_k=d.top_k if top_k is None else top_k, adapter=self.adapter_for(adapter, model, adapter_weights),
+                  top_k=d.top_k if top_k is None else top_k,
+                  adapter=await self.choose_adapter(prompt, adapter, model, adapter_weights),
                   **{k: v for k, v in extra.items() if v is not None})
         if seed is not None:
             job.seed = seed
@@ -134,7 +154,7 @@ def completion_router(served):
     @router.post("/chat/completions", responses=GENERATES, openapi_extra={"x-sse-only": True})
     async def page_completion(body: PageRequest):
         messages = [m.model_dump() for m in body.messages]
-        (job,) = served.make_jobs(served.chat_prompt(messages), body.temperature, body.top_k, body.max_tokens,
+        (job,) = await served.make_jobs(served.chat_prompt(messages), body.temperature, body.top_k, body.max_tokens,
                                   body.seed, body.adapter, adapter_weights=body.adapter_weights)
 
         async def events():
@@ -149,7 +169,7 @@ def completion_router(served):
     async def openai_chat(body: OpenAIRequest, request: Request):
         n, stop = check_openai_options(body, served.limits)
         max_tokens = check_chat_options(body)
-        jobs = served.make_jobs(served.chat_prompt(chat_messages(body)), body.temperature, body.top_k, max_tokens,
+        jobs = await served.make_jobs(served.chat_prompt(chat_messages(body)), body.temperature, body.top_k, max_tokens,
                                 body.seed, body.adapter, body.model, n, body.adapter_weights, top_p=body.top_p,
                                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                                 stop=stop, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
@@ -160,7 +180,7 @@ def completion_router(served):
         n, stop = check_openai_options(body, served.limits)
         text = check_text_options(body, served.limits)
         prompt = [served.tokenizer.get_bos_token_id()] + served.tokenizer.encode(text)
-        jobs = served.make_jobs(prompt, body.temperature, body.top_k, body.max_tokens, body.seed, body.adapter,
+        jobs = await served.make_jobs(prompt, body.temperature, body.top_k, body.max_tokens, body.seed, body.adapter,
                                 body.model, n, body.adapter_weights, top_p=body.top_p,
                                 presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                                 stop=stop, logprobs=body.logprobs)
@@ -171,8 +191,7 @@ def completion_router(served):
 
 async def respond(served, jobs, body, request, kind):
     """Run the n jobs of an OpenAI request; kind "chat" (chat.completion) or "text" (text_completion)."""
-    # replies name the served model, or the adapter that `model` selected
-    reply_model = body.model if body.model in served.adapter_names() else served.model_id
+    reply_model = served.reply_model(jobs[0])  # the adapter that served it (chosen by model, adapter or auto)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     reply = OpenAIReply(kind, len(jobs), reply_model, jobs[0].logprobs is not None, include_usage)
     if body.stream:
