@@ -28,6 +28,7 @@ import torch
 
 from nanochat.common import get_base_dir, json_default
 from nanochat.lora.adapter import _NAME_RE, AdapterBaseMismatch, _now, validate_name
+from nanochat.lora.router import MAX_GENERAL_KEYS, MAX_KEYS
 
 FORMAT = "nanochat-lora"
 FORMAT_VERSION = 1
@@ -124,7 +125,7 @@ def _router_tensors(ad):
 
 
 MAX_RANK = 1024  # far above any useful adapter; a bigger rank in adapter.json is corruption, not a choice
-MAX_ROUTER_ROWS = 8192  # router keys in one file: far above what live learning keeps (router.MAX_KEYS + general)
+MAX_ROUTER_ROWS = MAX_KEYS + MAX_GENERAL_KEYS  # router keys in one file: what router.set_keys keeps at most
 MAX_EXAMPLES_BYTES = 64 << 20  # examples.json: what "add" mode trains on again; far above the request limits
 MAX_JSON_BYTES = 1 << 20  # adapter.json and .active.json are a few KB
 MAX_JSON_DEPTH = 32  # adapter.json nests 4 levels; Python's parser (and FastAPI's encoder) recurse once per level
