@@ -77,12 +77,13 @@ def general_chats(n_replay=512, n_eval=32):
         return [], []
 
 
-def make_live_learning(workers, root, auto_default=False):
+def make_live_learning(workers, root, auto_default=False, **training):
     """pool -> LiveLearning: adapters under root, trained on a private copy of the served weights; every job
-    reports the general battery (tasks/general.py). auto_default: "auto" routing for requests naming no adapter."""
+    reports the general battery (tasks/general.py). auto_default: "auto" routing for requests naming no adapter;
+    training: live.TRAINING's settings to change (dev/bench_live.py compares them)."""
     trainer = copy.deepcopy(workers[0].model)  # taken before the workers get their LoRA hooks
     return lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats,
-                                     battery=battery_items, auto_default=auto_default)
+                                     battery=battery_items, auto_default=auto_default, **training)
 
 
 LIMIT_HELP = {  # one flag per field of openai_api.Limits

@@ -334,13 +334,21 @@ def test_auto_routing_and_teaching_more(server, tmp_path):
         assert openai_reply(url, general[0]) == ("nanochat-live", base[general[0]])
 
 
+def files_of(directory):
+    out = {}
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
 def test_job_list_and_cancel(server, tmp_path):
     root = str(tmp_path / "adapters")
     fact = [{"question": "Q?", "answer": "A."}]
     with server(root) as url:
         r = httpx.post(url + "/learn", json={"adapter": "keep", "facts": fact, "steps": 3})
         assert wait_job(url, r.json()["job"])["status"] == "done"
-        keep_files = {n: open(os.path.join(root, "keep", n), "rb").read() for n in os.listdir(os.path.join(root, "keep"))}
+        keep_files = files_of(os.path.join(root, "keep"))
         keep_answer = chat(url, "Q?", adapter="keep")
         # a long retraining of "keep" runs, a new adapter waits behind it
         running = httpx.post(url + "/learn", json={"adapter": "keep", "facts": fact, "steps": 2000, "mode": "replace"})
@@ -352,7 +360,7 @@ def test_job_list_and_cancel(server, tmp_path):
             time.sleep(0.05)
         jobs = {j["id"]: j for j in httpx.get(url + "/learn").json()["jobs"]}
         assert list(jobs)[-2:] == [running, queued]  # oldest first
-        assert (jobs[running]["status"], jobs[running]["adapter"], jobs[running]["mode"]) == ("running", "keep", "replace")
+        assert [jobs[running][k] for k in ("status", "adapter", "mode")] == ["running", "keep", "replace"]
         assert 0 < jobs[running]["progress"] < 1 and "metrics" not in jobs[running]
         assert (jobs[queued]["status"], jobs[queued]["progress"]) == ("queued", 0.0)
 
@@ -371,8 +379,7 @@ def test_job_list_and_cancel(server, tmp_path):
         assert [a["name"] for a in httpx.get(url + "/adapters").json()["adapters"]] == ["keep"]
         assert chat(url, "Q?", adapter="keep") == keep_answer
         assert sorted(os.listdir(root)) == ["keep"]
-        assert {n: open(os.path.join(root, "keep", n), "rb").read() for n in os.listdir(os.path.join(root, "keep"))} \
-            == keep_files
+        assert files_of(os.path.join(root, "keep")) == keep_files
         # the queue is free again
         r = httpx.post(url + "/learn", json={"adapter": "fresh", "facts": fact, "steps": 2})
         assert wait_job(url, r.json()["job"])["status"] == "done"

@@ -12,7 +12,7 @@ from nanochat.lora.adapter import LoRA
 from nanochat.lora.router import route_auto, set_keys
 from nanochat.lora.storage import load_adapter, read_examples, save_adapter
 from nanochat.serve.battery import Battery, BatteryItem, answer_key, greedy_replies, score
-from nanochat.serve.live import routing_ids
+from nanochat.serve.live_jobs import routing_ids
 from nanochat.serve.scheduler import Scheduler
 from nanochat.training import collate
 
@@ -159,8 +159,9 @@ def test_subspace_keeps_the_adapter_off_general_inputs(tiny_gpt, byte_tokenizer)
                for n in ("Ann", "Bo", "Cy", "Dee")]
     lora = LoRA(tiny_gpt)
     rows = [byte_tokenizer.render_conversation(c) for c in general]
+    x = collate(rows, byte_tokenizer.get_bos_token_id())[0]
     with lora.base_only():
-        covs = InputSubspace(lora, 0.5).covariances(lambda: tiny_gpt(collate(rows, byte_tokenizer.get_bos_token_id())[0]))
+        covs = InputSubspace(lora, 0.5).covariances(lambda: tiny_gpt(x))
 
     def reads(ad):  # the mean over modules of A's share of the general inputs' energy, 1 for an isotropic A
         shares = [(A @ C @ A.T).trace() / ((A @ A.T).trace() * C.trace() / C.size(0))

@@ -51,7 +51,8 @@ class AdapterRecipe(Strategy):
         lora, device = self.model._lora, self.model.get_device()
 
         def term():
-            rows = [self.preserve_rows[self._rng.randrange(len(self.preserve_rows))] for _ in range(self.preserve_batch)]
+            pick = self._rng.randrange
+            rows = [self.preserve_rows[pick(len(self.preserve_rows))] for _ in range(self.preserve_batch)]
             x, y = collate(rows, self.pad_id, device)
             with autocast(self.dtype, device.type):
                 return self.preserve * preserve_loss(self.model, lora, x, y)

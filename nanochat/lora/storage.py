@@ -289,8 +289,8 @@ def _router_from(tensors, width, name):
     out = []
     for key, dims in (("router.centroid", 1), ("router.keys", 2), ("router.general_keys", 2)):
         t = tensors.get(key)
-        if t is not None and (t.dim() != dims or t.shape[-1] != width or (dims == 2 and not 0 < t.shape[0] <= MAX_ROUTER_ROWS)
-                              or not t.is_floating_point()):
+        if t is not None and not (t.dim() == dims and t.shape[-1] == width and t.is_floating_point()
+                                  and (dims == 1 or 0 < t.shape[0] <= MAX_ROUTER_ROWS)):
             raise ValueError(f"adapter {name!r}: {key} has shape {tuple(t.shape)} ({t.dtype}); this model's router "
                              f"needs {'(width,)' if dims == 1 else '(rows, width)'} floats with width {width}")
         out.append(None if t is None else t.float())

@@ -50,17 +50,17 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 
 from prometheus_client import Counter
 
-from nanochat.common import atomic_write, resolve_dtype
-from nanochat.continual.adapter_train import mean_loss, train_adapter
+from nanochat.common import atomic_write
+from nanochat.continual.adapter_train import train_adapter
 from nanochat.lora.adapter import LoRA, validate_name
 from nanochat.lora.router import route_auto
 from nanochat.lora.storage import (check_values, delete_adapter, list_adapters, load_adapter, provenance_summary,
-                                   read_examples, read_json, remove_stale_temp, save_adapter)
+                                   read_json, remove_stale_temp, save_adapter)
 from nanochat.serve.battery import Battery
+from nanochat.serve.live_jobs import LearnJob, battery_report, general_loss, routing_ids, saved_examples
 from nanochat.serve.scheduler import Scheduler
 
 logger = logging.getLogger("nanochat.serve.live")
@@ -69,7 +69,8 @@ RESERVED = ("none", AUTO)  # "none" means the base model in every endpoint that 
 MODES = ("new", "replace", "add")  # what POST /learn does to an adapter of that name
 # What a job trains with. preserve and the replay were chosen on the cpu speedrun's SFT model by the general
 # battery (dev/notes_live.md); subspace_energy > 0 confines A off general inputs (measured there, off by default).
-TRAINING = {"rank": 8, "alpha": 16.0, "lr": 1e-2, "batch_size": 8, "preserve": 1.0, "subspace_energy": 0.0}
+TRAINING = {"rank": 8, "alpha": 16.0, "lr": 1e-2, "batch_size": 8, "replay_ratio": 0.25, "preserve": 1.0,
+            "subspace_energy": 0.0}
 
 
 class JobQueueFull(Exception):
@@ -95,47 +96,6 @@ class _Cancelled(Exception):
 def facts_to_conversations(facts):
     """[{"question", "answer"}] -> one user/assistant exchange each."""
     return [[{"role": "user", "content": f["question"]}, {"role": "assistant", "content": f["answer"]}] for f in facts]
-
-
-def routing_ids(tokenizer, prompt):
-    """What "auto" routes a prompt on: its last user message as a one-turn chat prompt (earlier turns would blur
-    what this request asks; adapters keep one-turn prompts as keys), or the whole prompt when it has no user
-    message (a plain completion)."""
-    S = tokenizer.encode_special
-    start, end = S("<|user_start|>"), S("<|user_end|>")
-    prompt = list(prompt)
-    if start not in prompt:
-        return prompt
-    i = len(prompt) - 1 - prompt[::-1].index(start)
-    j = prompt.index(end, i) if end in prompt[i:] else len(prompt) - 1
-    return [tokenizer.get_bos_token_id()] + prompt[i:j + 1] + [S("<|assistant_start|>")]
-
-
-@dataclass
-class LearnJob:
-    id: str
-    adapter: str
-    steps: int
-    examples: int
-    mode: str = "new"
-    status: str = "queued"  # queued -> running -> done | failed | cancelled
-    phase: str | None = None  # while running: training -> battery -> saving (no cancelling from saving on)
-    step: int = 0
-    loss: float | None = None
-    eta_seconds: float | None = None
-    error: str | None = None
-    battery: str | None = None  # the general battery's one-line summary, once measured
-    metrics: dict = field(default_factory=dict)
-    created: float = field(default_factory=time.time)
-    finished: float | None = None
-    cancel_requested: bool = False
-
-    def view(self, brief=False):
-        out = asdict(self)
-        out["progress"] = round(self.step / self.steps, 4) if self.steps else None
-        if brief:  # the job list: what it is and where it stands, not every number it measured
-            out.pop("metrics")
-        return out
 
 
 class LiveLearning:
@@ -427,7 +387,11 @@ class LiveLearning:
             examples = list(conversations)
             if job.mode == "add":  # continue the saved adapter, on what it learned before and the new examples
                 load_adapter(lora, self.path(job.adapter), replace=True)
-                examples = self._saved_examples(job.adapter) + examples
+                old = saved_examples(self.tokenizer, self.path(job.adapter))
+                if not old:
+                    logger.warning("adapter %s has no saved examples: \"add\" trains it on the new ones only",
+                                   job.adapter)
+                examples = old + examples
             ad = train_adapter(lora.model, self.tokenizer, examples, self.replay, steps=job.steps, name=job.adapter,
                                lora=lora, replace=True, resume=job.mode == "add", task="live", progress=progress,
                                should_stop=lambda: job.cancel_requested, **self.hparams)
@@ -439,7 +403,7 @@ class LiveLearning:
                 raise ValueError(f"training produced an adapter that cannot serve, so it was neither saved nor "
                                  f"loaded: {e}") from None
             metrics = dict(ad.info["metrics"]) | {"examples_new": len(conversations), "examples": len(examples)}
-            metrics |= self._general_loss(job.adapter)
+            metrics |= general_loss(lora, self.tokenizer, self.general_eval, job.adapter)
             if self.battery is not None:
                 job.phase = "battery"
                 metrics["battery"] = self._battery(ad)
@@ -477,46 +441,12 @@ class LiveLearning:
             if items:
                 self.battery = Battery(items, self.tokenizer, self.trainer.model.config.sequence_len)
 
-    def _saved_examples(self, name):
-        """What adapter `name` was trained on (its examples.json), each checked to render."""
-        examples = read_examples(self.path(name))
-        if not examples:
-            logger.warning("adapter %s has no saved examples: mode add trains it on the new ones only", name)
-        for i, conv in enumerate(examples):
-            try:
-                self.tokenizer.render_conversation(conv, max_tokens=10 ** 9)
-            except (ValueError, TypeError, KeyError) as e:
-                raise ValueError(f"{self.path(name)}/examples.json: conversation {i} cannot be trained on: {e}") \
-                    from None
-        return examples
-
-    def _general_loss(self, name):
-        """Mean loss on the held-out general chats with adapter `name` and without it."""
-        if not self.general_eval:
-            return {}
-        lora = self.trainer
-        model = lora.model
-        rows = [self.tokenizer.render_conversation(c, max_tokens=model.config.sequence_len + 1)
-                for c in self.general_eval]
-        pad, dtype = self.tokenizer.get_bos_token_id(), resolve_dtype("auto", model.get_device().type)
-        base = mean_loss(model, rows, pad, dtype)  # nothing is active on the trainer between jobs
-        lora.activate(name)
-        try:
-            adapted = mean_loss(model, rows, pad, dtype)
-        finally:
-            lora.activate(None)
-        return {"general_loss_base": base, "general_loss_adapter": adapted,
-                "general_loss_change": (adapted - base) / base}
-
     def _battery(self, ad):
-        """The general battery with adapter `ad` on every prompt, and with "auto" choosing between it and the base
-        (nanochat/serve/battery.py), on the trainer: the served replicas go on answering requests."""
+        """The general battery of adapter `ad`, run on the trainer: the served replicas go on answering requests."""
         if self._battery_scheduler is None:
             self._battery_scheduler = Scheduler(self.trainer.model, self.tokenizer, lora=self.trainer,
                                                 tools=self.pool.workers[0].scheduler.engine.tools)
-        prompts = [routing_ids(self.tokenizer, ids) for ids, _ in self.battery.prompts]
-        routed = [name is not None for name in route_auto(self.trainer, prompts, [ad])]
-        return self.battery.run(self._battery_scheduler, lambda item: ad, routed)
+        return battery_report(self.battery, self._battery_scheduler, self.trainer, self.tokenizer, ad)
 
     def shutdown(self):
         self._executor.shutdown(wait=False, cancel_futures=True)
