@@ -79,7 +79,8 @@ def ask(http, url, messages, adapter=None, max_tokens=48):
     if adapter is not None:
         body["adapter"] = adapter
     r = http.post(url + "/v1/chat/completions", json=body)
-    r.raise_for_status()
+    if r.status_code != 200:
+        raise RuntimeError(f"{r.status_code} for {messages[-1]['content'][:80]!r}: {r.text[:300]}")
     return r.json()["model"], r.json()["choices"][0]["message"]["content"]
 
 
@@ -102,22 +103,23 @@ def recall(http, url, args, facts, adapter):
     return sum(a in ask(http, url, [{"role": "user", "content": q}], adapter, args.max_tokens)[1] for q, a, _ in facts)
 
 
-def ask_battery(http, url, items, adapter, threads=16):
-    """Every battery prompt, concurrently -> [(reply model, parts)]."""
+def ask_battery(http, url, battery, adapter, threads=16):
+    """Every battery prompt (a nanochat.serve.battery.Battery: the items that fit the context), concurrently ->
+    [(reply model, parts)]."""
     from nanochat.serve.openai_api import openai_text_as_parts
 
-    def one(item):
-        model, content = ask(http, url, item.messages, adapter, item.max_tokens)
+    def one(i):
+        model, content = ask(http, url, battery.items[i].messages, adapter, battery.prompts[i][1])
         parts = openai_text_as_parts(content)
         return model, [{"type": "text", "text": parts}] if isinstance(parts, str) else parts
     with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(one, items))
+        return list(pool.map(one, range(len(battery))))
 
 
-def compare(items, base, other, model_id):
+def compare(battery, base, other, model_id):
     """Battery replies [(model, parts)] vs the base's -> score() plus how many were served by the base model."""
     from nanochat.serve.battery import score
-    res = score(items, [p for _, p in base], [p for _, p in other])
+    res = score(battery.items, [p for _, p in base], [p for _, p in other])
     res["to_base"] = sum(m == model_id for m, _ in other)
     return res
 
@@ -173,10 +175,14 @@ def switch_times(http, url, args):
 
 
 def run(args, http, root, items):
+    from nanochat.serve.battery import Battery
     res = {}
     # --- server 1: base answers, then learn -----------------------------------------------------------
     t0 = time.perf_counter()
     app, args.model_id, meta = start_server(args, root)
+    worker = app.state.pool.workers[0]
+    items = Battery(items, worker.tokenizer, worker.model.config.sequence_len)  # the prompts that fit the context
+    res["battery_size"] = len(items)
     with serve_in_thread(app) as url:
         res["model"], res["model_step"] = args.model_id, meta.get("step")
         res["startup_s"] = round(time.perf_counter() - t0, 2)
@@ -303,9 +309,9 @@ def main(argv=None):
             shutil.rmtree(root, ignore_errors=True)
     res["config"] = {k: getattr(args, k) for k in ("source", "steps", "preserve", "subspace_energy", "replay_ratio",
                                                    "threads", "device_type")}
-    res["table"] = table(res, args, len(items))
+    res["table"] = table(res, args, res["battery_size"])
     print()
-    print(f"{res['model']} step {res['model_step']}, {res['config']}, battery of {len(items)} prompts, replay "
+    print(f"{res['model']} step {res['model_step']}, {res['config']}, battery of {res['battery_size']} prompts, replay "
           f"{res['job'].get('replay_conversations')} + preserve {res['job'].get('preserve_conversations')} chats")
     print(res["table"])
     if args.out:

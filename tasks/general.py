@@ -86,12 +86,20 @@ def battery_items():
 def replay_chats(n=512, max_per_task=400, spec=SFT_MIXTURE, seed=0):
     """n train-split conversations of the SFT mixture (each task capped at its first max_per_task, as the cpu
     speedrun trains), a fixed shuffled pick: what an adapter replays so that it keeps answering like the model
-    it starts from. Its messages only."""
+    it starts from. Its messages only. A task whose data cannot be read is left out, logged."""
     import random
 
     from tasks.common import TaskMixture
     from tasks.mixtures import build_tasks
-    mixture = TaskMixture(build_tasks(spec, "sft", max_per_task=max_per_task), seed=seed)
+    tasks = []
+    for name in spec.split(","):
+        try:
+            tasks += build_tasks(name, "sft", max_per_task=max_per_task)
+        except (OSError, ValueError, RuntimeError, ImportError) as e:
+            logger.warning("replay: no %s chats (%s)", name, e)
+    if not tasks:
+        return []
+    mixture = TaskMixture(tasks, seed=seed)
     order = list(range(len(mixture)))
     random.Random(seed).shuffle(order)
     return [mixture[i]["messages"] for i in order[:n]]
