@@ -57,13 +57,25 @@ MORE_FACTS = [
 ]
 
 
+def chitchat_only(n_replay=512, n_eval=32):
+    """The replay before issue 31 (--replay chitchat): ChitChat and ChatterBot train chats only."""
+    from tasks.conversations import ChatterBot, ChitChat
+    replay = [ex["messages"] for task in (ChitChat("train"), ChatterBot("train"))
+              for ex in (task[i] for i in range(min(len(task), n_replay // 2)))]
+    held = ChitChat("test")
+    return replay, [held[i]["messages"] for i in range(min(len(held), n_eval))]
+
+
 def start_server(args, root):
     """A fresh server: weights loaded from disk, live learning on adapters dir `root`. -> (app, model_id, meta)."""
     from nanochat.serve.app import create_app
     from nanochat.serve.openai_api import Defaults
     from nanochat.serve.replicas import load_workers
     from nanochat.tools.registry import make_registry
+    import scripts.chat_web
     from scripts.chat_web import make_live_learning
+    if args.replay == "chitchat":  # make_live_learning's jobs read scripts.chat_web.general_chats when they start
+        scripts.chat_web.general_chats = chitchat_only
     tools, _ = make_registry("")  # what chat_web serves with: calculator, python, search over the default index
     workers, meta = load_workers(args.source, args.device_type, model_tag=args.model_tag, tools=tools)
     model_id = f"nanochat-{args.source}-{args.model_tag or 'd%d' % workers[0].model.config.n_layer}"
@@ -281,6 +293,8 @@ def main(argv=None):
     p.add_argument("--subspace-energy", type=float, default=None, help="subspace confinement (default: the server's)")
     p.add_argument("--replay-ratio", type=float, default=None,
                    help="replay share of each batch (default: the server's)")
+    p.add_argument("--replay", default="sft", choices=["sft", "chitchat"],
+                   help="replayed chats: the SFT mixture's (chat_web's) or ChitChat/ChatterBot only (before issue 31)")
     p.add_argument("--adapter", default="bench-facts", help="adapter name to train")
     p.add_argument("--adapters-dir", default="", help="adapters dir (default: a temp dir, removed afterwards)")
     p.add_argument("--no-add", action="store_true", help="skip the mode add phase")
@@ -307,8 +321,8 @@ def main(argv=None):
     finally:
         if not args.adapters_dir:
             shutil.rmtree(root, ignore_errors=True)
-    res["config"] = {k: getattr(args, k) for k in ("source", "steps", "preserve", "subspace_energy", "replay_ratio",
-                                                   "threads", "device_type")}
+    res["config"] = {k: getattr(args, k) for k in ("source", "steps", "replay", "preserve", "subspace_energy",
+                                                   "replay_ratio", "threads", "device_type")}
     res["table"] = table(res, args, res["battery_size"])
     print()
     print(f"{res['model']} step {res['model_step']}, {res['config']}, battery of {res['battery_size']} prompts, replay "
