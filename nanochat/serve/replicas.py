@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanochat.common import autocast
 from nanochat.engine import ReplyParser, token_bytes
 from nanochat.serve.scheduler import Request, Scheduler
 
@@ -123,9 +122,8 @@ class Worker:
     def warm_up(self):
         """One short generation, so the first real request doesn't pay for lazy initialisation."""
         prompt = self.tokenizer.render_for_completion([{"role": "user", "content": "Hello"}])
-        with autocast(self.scheduler.dtype, self.device.type):
-            for _ in self.engine.generate(prompt, max_tokens=2, temperature=0.0):
-                pass
+        for _ in self.engine.generate(prompt, max_tokens=2, temperature=0.0):
+            pass
 
     def stats(self):
         busy = self.scheduler.busy_seconds
