@@ -55,7 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--num-problems", type=int, default=512, help="problems to sample (all ranks together)")
     p.add_argument("--train-size", type=int, default=100_000, help="size of the generated problem sets")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--task-file", default="", help=argparse.SUPPRESS)  # test aid: JSONL problems for sampling AND eval
+    p.add_argument("--task-file", default="", help="JSONL of problems ({messages, answer}, tasks/customjson.py) to "
+                   "sample pairs on and measure pass@k on, instead of --problems and GSM8K")
     p.add_argument("--num-samples", type=int, default=8, help="replies sampled per problem")
     p.add_argument("--pairs-per-problem", type=int, default=2, help="at most this many pairs per problem")
     p.add_argument("--max-new-tokens", type=int, default=256)

@@ -179,7 +179,8 @@ def parse_args(argv=None):
     p.add_argument("--online", action="store_true", help="train on the GSM8K train split (hub) instead of GSM8KSynthetic")
     p.add_argument("--train-size", type=int, default=100_000, help="GSM8KSynthetic problems")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--task-file", default="", help=argparse.SUPPRESS)  # test aid: JSONL problems used for training AND eval
+    p.add_argument("--task-file", default="", help="JSONL of problems ({messages, answer}, tasks/customjson.py) to "
+                   "train on and measure pass@k on, instead of the GSM8K-style sets")
     # rollouts
     p.add_argument("--num-steps", type=int, default=300)
     p.add_argument("--prompts-per-step", type=int, default=16, help="problems per step, all ranks together")
