@@ -159,6 +159,11 @@ def native_bf16_cpu(cpuinfo="/proc/cpuinfo"):
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def dtype_name(dtype):
+    """torch.bfloat16 -> "bfloat16": the spelling of --dtype and $NANOCHAT_DTYPE."""
+    return str(dtype).removeprefix("torch.")
+
+
 def compute_dtype(device_type, flag="auto"):
     """The one decision of the dtype a model computes in (its weights stay fp32): the --dtype flag when it is
     not auto, else $NANOCHAT_DTYPE, else what the hardware does fastest: bf16 on CUDA GPUs that have it, fp16

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
+from nanochat.common import all_reduce, compute_cleanup, dtype_name, get_base_dir, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.hardware import resolve_device_batch
@@ -125,7 +125,7 @@ def main(argv=None):
     B = resolve_device_batch(args, model, T, run)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     print0(f"model: {dataclasses.asdict(model.config)}")
-    print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e} | dtype: {run.dtype} | compile: {run.compile}")
+    print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e} | dtype: {dtype_name(run.dtype)} | compile: {run.compile}")
     grad_accum_steps = accumulation_steps(args.total_batch_size, B, T, run.world_size)
     num_iterations = horizon(args, num_params, flops_per_token)
     total_tokens = args.total_batch_size * num_iterations

@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from nanochat.checkpoint_manager import add_model_args, load_model
-from nanochat.common import DTYPES, compute_dtype, compute_init, script_argv
+from nanochat.common import compute_dtype, compute_init, dtype_name, script_argv
 from nanochat.engine import Engine, ReplyParser
 from nanochat.fastlinear import pack_linears, packing_supported
 from nanochat.tools.registry import make_registry, parse_call
@@ -150,7 +150,7 @@ def inference_numerics(flag, device_type):
     """--dtype -> (the dtype name the model computes in, whether to pack its Linears). compute_dtype decides; on a
     CPU bf16 is realised as packed bf16 Linears around an fp32 model (see the module docstring), and auto stays
     fp32 where packing cannot run (no oneDNN)."""
-    name = {v: k for k, v in DTYPES.items()}[compute_dtype(device_type, flag)]
+    name = dtype_name(compute_dtype(device_type, flag))
     if device_type != "cpu" or name != "bfloat16":
         return name, False
     return "float32", flag == "bfloat16" or packing_supported("cpu")[0]

@@ -27,7 +27,7 @@ import time
 import torch
 
 from nanochat.checkpoint_manager import SOURCES, complete_steps, load_model
-from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
+from nanochat.common import all_reduce, compute_cleanup, dtype_name, get_base_dir, print0, script_argv
 from nanochat.dpo import LOSSES, pair_logprobs, preference_loss, reference_logprobs, render_pair
 from nanochat.engine import Engine
 from nanochat.report import subplots
@@ -222,7 +222,7 @@ def main(argv=None):
     T = args.max_seq_len or model.config.sequence_len
     engine = Engine(model, tokenizer, tools=ToolRegistry())
     print0(f"model: {source['stage']}/{training.tag} step {source['step']} | {model.config.n_layer} layers | "
-           f"{model.num_params():,} parameters | dtype {run.dtype} | loss {args.loss} beta {args.beta}")
+           f"{model.num_params():,} parameters | dtype {dtype_name(run.dtype)} | loss {args.loss} beta {args.beta}")
     if not args.resume:
         training.start_fresh()  # earlier checkpoints and pairs aside before this run writes its pairs
 

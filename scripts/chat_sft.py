@@ -25,7 +25,7 @@ import random
 
 import torch
 
-from nanochat.common import all_reduce, compute_cleanup, print0, script_argv
+from nanochat.common import all_reduce, compute_cleanup, dtype_name, print0, script_argv
 from nanochat.training import (StepLog, add_finetune_args, add_training_args, collate, eval_due, init_wandb,
                                length_bucket, load_start_model, make_optimizers, start_run, train_loop)
 from tasks.arc import ARC
@@ -214,7 +214,7 @@ def main(argv=None):
     if T + 1 > model.rotary_len:
         raise SystemExit(f"--max-seq-len {T} exceeds the model's rotary table ({model.rotary_len})")
     print0(f"model ({args.source} {training.tag}): {dataclasses.asdict(model.config)} | parameters: "
-           f"{model.num_params():,} | dtype: {run.dtype}")
+           f"{model.num_params():,} | dtype: {dtype_name(run.dtype)}")
     data = sft_data(args)
     train_set, val_convs, mc_sets = data.train_set, data.val_convs, data.mc_sets
     if args.examples_per_step % (B * run.world_size):

@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from nanochat.common import all_reduce, compute_cleanup, print0, script_argv
+from nanochat.common import all_reduce, compute_cleanup, dtype_name, print0, script_argv
 from nanochat.dataloader import packed_loader, render_stream
 from nanochat.hardware import resolve_device_batch
 from nanochat.loss_eval import evaluate_bpb
@@ -108,7 +108,7 @@ def main(argv=None):
     if T > model.rotary_len:
         raise SystemExit(f"--max-seq-len {T} exceeds the model's rotary table ({model.rotary_len})")
     B = resolve_device_batch(args, model, T, run)
-    print0(f"model: {dataclasses.asdict(model.config)} | parameters: {model.num_params():,} | dtype: {run.dtype}")
+    print0(f"model: {dataclasses.asdict(model.config)} | parameters: {model.num_params():,} | dtype: {dtype_name(run.dtype)}")
     mix = load_mixture(args, tokenizer, run)
     grad_accum_steps = accumulation_steps(args.total_batch_size, B, T, run.world_size)
     # --num-iterations -1: one epoch; each row takes about T+1 tokens of the stream
