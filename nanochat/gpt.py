@@ -47,11 +47,11 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-def residual_in_compute_dtype(device, dtype):
-    """Whether the residual stream is carried in the compute dtype rather than the embedding's fp32: on GPUs in
+def residual_in_compute_dtype(x, dtype):
+    """Whether the residual stream x is carried in the compute dtype rather than the embedding's fp32: on GPUs in
     bf16, where it halves the saved activations (a d20 model at batch 32 x 2048 needs that to fit in 80 GB).
     CPUs keep fp32 sums (bf16 adds are slow there), and fp16's narrow range keeps them fp32 too."""
-    return device.type == "cuda" and dtype == torch.bfloat16
+    return x.is_cuda and dtype == torch.bfloat16
 
 
 def take_positions(x, at):
@@ -262,7 +262,7 @@ class GPT(nn.Module):
             assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"
             cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
         x = self.transformer.wte(idx)
-        if residual_in_compute_dtype(x.device, self.compute_dtype):
+        if residual_in_compute_dtype(x, self.compute_dtype):
             x = x.to(self.compute_dtype)
         x = norm(x)
         for block in self.transformer.h:

@@ -62,7 +62,7 @@ def test_residual_stream_is_bf16_under_cuda_style_settings(tiny_model, monkeypat
     seen, ref = block_input_dtypes(model, idx)  # default: only on CUDA, so fp32 here
     assert seen and set(seen) == {torch.float32}
     # what CUDA does
-    monkeypatch.setattr(nanochat.gpt, "residual_in_compute_dtype", lambda device, dtype: dtype == torch.bfloat16)
+    monkeypatch.setattr(nanochat.gpt, "residual_in_compute_dtype", lambda x, dtype: dtype == torch.bfloat16)
     seen, loss = block_input_dtypes(model, idx)
     assert set(seen) == {torch.bfloat16} and len(seen) == config.n_layer
     assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05  # same model, bf16 rounding only
