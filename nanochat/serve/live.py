@@ -42,7 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from nanochat.common import atomic_write, resolve_dtype
+from nanochat.common import atomic_write
 from nanochat.lora.adapter import LoRA, validate_name
 from nanochat.lora.storage import (check_values, delete_adapter, list_adapters, load_adapter, provenance_summary,
                                    read_json, remove_stale_temp, save_adapter)
@@ -315,11 +315,11 @@ class LiveLearning:
                 model = lora.model
                 rows = [self.tokenizer.render_conversation(c, max_tokens=model.config.sequence_len + 1)
                         for c in self.general_eval]
-                pad, dtype = self.tokenizer.get_bos_token_id(), resolve_dtype("auto", model.get_device().type)
-                base = mean_loss(model, rows, pad, dtype)  # nothing is active on the trainer between jobs
+                pad = self.tokenizer.get_bos_token_id()
+                base = mean_loss(model, rows, pad)  # nothing is active on the trainer between jobs
                 lora.activate(job.adapter)
                 try:
-                    adapted = mean_loss(model, rows, pad, dtype)
+                    adapted = mean_loss(model, rows, pad)
                 finally:
                     lora.activate(None)
                 metrics |= {"general_loss_base": base, "general_loss_adapter": adapted,
