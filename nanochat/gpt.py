@@ -47,6 +47,13 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def residual_in_compute_dtype(x, dtype):
+    """Whether the residual stream x is carried in the compute dtype rather than the embedding's fp32: on GPUs in
+    bf16, where it halves the saved activations (a d20 model at batch 32 x 2048 needs that to fit in 80 GB).
+    CPUs keep fp32 sums (bf16 adds are slow there), and fp16's narrow range keeps them fp32 too."""
+    return x.is_cuda and dtype == torch.bfloat16
+
+
 def take_positions(x, at):
     """x (B, T, ...) at one position per row: an int for every row, or a (B,) tensor -> (B, ...)."""
     return x[:, at] if isinstance(at, int) else x[torch.arange(x.size(0), device=x.device), at]
@@ -56,7 +63,7 @@ def apply_rotary_emb(x, cos, sin):
     """Rotate pairs (x[..., i], x[..., i + D/2]) by position-dependent angles. x: (B, T, H, D)."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16 under autocast
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -155,10 +162,9 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # Under autocast, carry the residual stream in the autocast dtype (bf16) instead of the embedding's
-        # fp32: half the saved activations, which a d20 model at batch 32 x 2048 needs to fit in 80 GB.
-        # None = on CUDA only; CPU runs keep fp32 sums (exact comparisons, and bf16 adds are slow there).
-        self.residual_in_autocast_dtype = None
+        # The dtype the forward computes in; nanochat.common.compute_dtype decides it and whoever builds or loads
+        # the model sets it. Weights stay fp32 (the optimizers' masters): bf16/fp16 run as autocast inside forward.
+        self.compute_dtype = torch.float32
         # Rotary tables cover 10x the training length so generation can run past it. Non-persistent:
         # they are recomputed by init_weights (after to_empty) and never stored in checkpoints.
         self.rotary_len = config.sequence_len * 10
@@ -210,10 +216,10 @@ class GPT(nn.Module):
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.sequence_len
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
-        """[AdamW for the embedding + lm_head, Muon for every 2-D block matrix]. The AdamW learning rates
-        are scaled by (n_embd/768)^-0.5. Under torch.distributed the sharded variants are used; they
-        also average gradients across ranks (no DDP wrapper needed). Each group records `initial_lr`
-        for LR schedules."""
+        """{"adamw": AdamW for the embedding + lm_head, "muon": Muon for every 2-D block matrix}. The AdamW
+        learning rates are scaled by (n_embd/768)^-0.5. Under torch.distributed the sharded variants are used;
+        they also average gradients across ranks (no DDP wrapper needed). Each group records `initial_lr` for
+        LR schedules."""
         matrix_params = [p for p in self.transformer.h.parameters() if p.requires_grad]
         assert all(p.ndim == 2 for p in matrix_params)
         scale = (self.config.n_embd / 768) ** -0.5
@@ -228,8 +234,8 @@ class GPT(nn.Module):
             fused = self.get_device().type == "cuda"
             adamw = torch.optim.AdamW(adam_groups, **adam_kwargs, fused=fused)
             muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
-        optimizers = [adamw, muon]
-        for opt in optimizers:
+        optimizers = {"adamw": adamw, "muon": muon}
+        for opt in optimizers.values():
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
         return optimizers
@@ -240,7 +246,13 @@ class GPT(nn.Module):
         (B, T) for "none" (0 at ignored positions). With kv_cache, idx continues the cached sequence.
         logits_at: one position per row (an int for all rows, or a (B,) tensor) -> logits (B, V) there only:
         a prefill samples from one position, and the lm_head and softcap over every prompt position cost
-        ~15% of its forward (more with a large vocabulary)."""
+        ~15% of its forward (more with a large vocabulary). Computes in self.compute_dtype."""
+        if self.compute_dtype == torch.float32:
+            return self._forward(idx, targets, kv_cache, loss_reduction, logits_at)
+        with torch.autocast(idx.device.type, dtype=self.compute_dtype):
+            return self._forward(idx, targets, kv_cache, loss_reduction, logits_at)
+
+    def _forward(self, idx, targets, kv_cache, loss_reduction, logits_at):
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.positions(T, idx.device)  # an int, or a tensor (nanochat/kv_cache.py)
         if isinstance(t0, torch.Tensor):  # positions as a tensor (B, T) or (T,): rotary angles gathered
@@ -250,9 +262,8 @@ class GPT(nn.Module):
             assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"
             cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
         x = self.transformer.wte(idx)
-        cast = self.residual_in_autocast_dtype
-        if (x.is_cuda if cast is None else cast) and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if residual_in_compute_dtype(x, self.compute_dtype):
+            x = x.to(self.compute_dtype)
         x = norm(x)
         for block in self.transformer.h:
             x = block(x, cos, sin, kv_cache)

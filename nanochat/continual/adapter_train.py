@@ -14,7 +14,6 @@ import random
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import autocast, resolve_dtype
 from nanochat.continual.loop import ContinualConfig, train_loop
 from nanochat.continual.strategies import Strategy
 from nanochat.lora.router import set_centroid, set_keys
@@ -27,9 +26,9 @@ class AdapterRecipe(Strategy):
     penalty on other general rows (preserve_rows, weight preserve) and A kept inside a subspace."""
     name = "adapter"
 
-    def __init__(self, model, tokenizer, cfg, adapter, replay_rows, dtype="float32", preserve_rows=(), preserve=0.0,
-                 preserve_batch=4, subspace=None):
-        super().__init__(model, tokenizer, cfg, [], dtype)
+    def __init__(self, model, tokenizer, cfg, adapter, replay_rows, preserve_rows=(), preserve=0.0, preserve_batch=4,
+                 subspace=None):
+        super().__init__(model, tokenizer, cfg, [])
         self.adapter, self.replay_rows = adapter, replay_rows
         self.preserve_rows, self.preserve, self.preserve_batch = list(preserve_rows), preserve, preserve_batch
         self.subspace = subspace
@@ -54,8 +53,7 @@ class AdapterRecipe(Strategy):
             pick = self._rng.randrange
             rows = [self.preserve_rows[pick(len(self.preserve_rows))] for _ in range(self.preserve_batch)]
             x, y = collate(rows, self.pad_id, device)
-            with autocast(self.dtype, device.type):
-                return self.preserve * preserve_loss(self.model, lora, x, y)
+            return self.preserve * preserve_loss(self.model, lora, x, y)
         return term
 
     def after_step(self):
@@ -77,7 +75,7 @@ def preserve_loss(model, lora, x, y):
 
 def train_adapter(model, tokenizer, conversations, replay_conversations=None, steps=50, name="adapter", lora=None,
                   rank=8, alpha=16.0, lr=1e-2, batch_size=4, replay_ratio=0.25, max_seq_len=None, seed=0,
-                  progress=None, should_stop=None, replace=False, task=None, dtype=None, stack_under=None,
+                  progress=None, should_stop=None, replace=False, task=None, stack_under=None,
                   stack_weights=None, preserve=0.0, preserve_batch=4, subspace_energy=0.0, subspace_own=0.98,
                   resume=False):
     """Train a new LoRA adapter `name` on `conversations` (tokenizer chat format), mixing in
@@ -88,8 +86,7 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
     again afterwards. stack_under: adapters that stay active (frozen, times stack_weights) beneath the new
     one while it trains - a nested adapter, recorded in its provenance and meant to be served on top
     of that same stack. progress(info) gets step, steps, loss, tok_per_sec, elapsed_s, eta_s; should_stop()
-    -> True cancels (the adapter is then removed and None returned). dtype: "float32" or "bfloat16"
-    (default: bf16 on CUDA where supported, fp32 elsewhere).
+    -> True cancels (the adapter is then removed and None returned). It trains in the model's compute dtype.
     preserve > 0: the loss also gets preserve * preserve_loss on replay rows (half of them go to it, half stay
     replay targets); subspace_energy > 0: A is kept off the replay rows' input directions holding that fraction
     of their energy, and inside the new rows' own directions holding subspace_own of theirs (module docstring).
@@ -121,7 +118,6 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
         if under:
             info["provenance"] = {"stacked_on": [{"name": n, "weight": w} for n, w in under]}
         ad = lora.add(name, rank=rank, alpha=alpha, seed=seed, info=info)
-    dtype = dtype or resolve_dtype("auto", model.get_device().type)
     cfg = ContinualConfig(steps=steps, batch_size=batch_size, lora_lr=lr, replay_ratio=replay_ratio,
                           warmup_steps=max(1, steps // 10), log_every=max(1, steps // 20), seed=seed)
     pad = tokenizer.get_bos_token_id()
@@ -131,19 +127,18 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
         if subspace_energy:
             subspace = confine_to_new_inputs(lora, ad, rows, replay + preserve_rows, pad, subspace_energy,
                                              subspace_own)
-        recipe = AdapterRecipe(model, tokenizer, cfg, ad, replay, dtype, preserve_rows, preserve, preserve_batch,
-                               subspace)
+        recipe = AdapterRecipe(model, tokenizer, cfg, ad, replay, preserve_rows, preserve, preserve_batch, subspace)
         for n in frozen:
             lora.freeze(n)
         lora.activate([n for n, _ in under] + [name], [w for _, w in under] + [1.0])
-        loss_before = mean_loss(model, rows, pad, dtype)
+        loss_before = mean_loss(model, rows, pad)
         with torch.enable_grad():
             stats = train_loop(model, rows, recipe, seed=seed, progress=progress, label=f"[adapter {name}] ",
                                should_stop=should_stop)
         if should_stop is not None and should_stop():
             lora.remove(name)
             return None
-        loss_after = mean_loss(model, rows, pad, dtype)
+        loss_after = mean_loss(model, rows, pad)
         prompts = [r[0][:_prompt_end(tokenizer, r[0])] for r in rows]
         set_centroid(lora, name, prompts)
         set_keys(lora, name, prompts, [r[0][:_prompt_end(tokenizer, r[0])] for r in replay + preserve_rows])
@@ -190,13 +185,12 @@ def _prompt_end(tokenizer, ids):
 
 
 @torch.no_grad()
-def mean_loss(model, rows, pad, dtype="float32", batch_size=8):
+def mean_loss(model, rows, pad, batch_size=8):
     """Mean loss per supervised token over rows ((ids, mask) pairs)."""
     device = model.get_device()
     total, count = 0.0, 0
     for b in range(0, len(rows), batch_size):
         x, y = collate(rows[b:b + batch_size], pad, device)
-        with autocast(dtype, device.type):
-            total += model(x, y, loss_reduction="sum").item()
+        total += model(x, y, loss_reduction="sum").item()
         count += int((y >= 0).sum().item())
     return total / count if count else float("nan")

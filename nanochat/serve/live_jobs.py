@@ -5,7 +5,6 @@ general battery with its adapter vs the base model, the examples an adapter keep
 import time
 from dataclasses import asdict, dataclass, field
 
-from nanochat.common import resolve_dtype
 from nanochat.continual.adapter_train import mean_loss
 from nanochat.lora.router import route_auto
 from nanochat.lora.storage import read_examples
@@ -71,11 +70,11 @@ def general_loss(lora, tokenizer, conversations, name):
         return {}
     model = lora.model
     rows = [tokenizer.render_conversation(c, max_tokens=model.config.sequence_len + 1) for c in conversations]
-    pad, dtype = tokenizer.get_bos_token_id(), resolve_dtype("auto", model.get_device().type)
-    base = mean_loss(model, rows, pad, dtype)
+    pad = tokenizer.get_bos_token_id()
+    base = mean_loss(model, rows, pad)
     lora.activate(name)
     try:
-        adapted = mean_loss(model, rows, pad, dtype)
+        adapted = mean_loss(model, rows, pad)
     finally:
         lora.activate(None)
     return {"general_loss_base": base, "general_loss_adapter": adapted, "general_loss_change": (adapted - base) / base}

@@ -23,7 +23,6 @@ import torch
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast
 from nanochat.engine import ReplyParser, token_bytes
 from nanochat.lora.quant import quantize_base
 from nanochat.serve.scheduler import Request, Scheduler
@@ -197,9 +196,8 @@ class Worker:
     def warm_up(self):
         """One short generation, so the first real request doesn't pay for lazy initialisation."""
         prompt = self.tokenizer.render_for_completion([{"role": "user", "content": "Hello"}])
-        with autocast(self.scheduler.dtype, self.device.type):
-            for _ in self.engine.generate(prompt, max_tokens=2, temperature=0.0):
-                pass
+        for _ in self.engine.generate(prompt, max_tokens=2, temperature=0.0):
+            pass
 
     def stats(self):
         busy = self.scheduler.busy_seconds

@@ -46,7 +46,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import autocast, resolve_dtype
 from nanochat.engine import Engine, sample_next_token
 from nanochat.kv_cache import RaggedKVCache
 from nanochat.tools.registry import ToolRegistry, parse_call
@@ -115,8 +114,7 @@ class _Row:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, max_batch=64, prefill_tokens=512, lora=None, dtype="auto", tools=None,
-                 tool_threads=4):
+    def __init__(self, model, tokenizer, max_batch=64, prefill_tokens=512, lora=None, tools=None, tool_threads=4):
         """tools: a nanochat.tools.registry.ToolRegistry, as Engine takes it (default: calculator + python REPL).
         tool_threads: python/search calls running at once, off the scheduler's thread."""
         if max_batch < 1 or prefill_tokens < 1:
@@ -126,7 +124,10 @@ class Scheduler:
         self.engine = Engine(model, tokenizer, tools=tools)  # validation, stop tokens, tool use
         self._tools = ThreadPoolExecutor(tool_threads, thread_name_prefix="nanochat-tools")
         self.device = self.engine.device()
-        self.dtype = resolve_dtype(dtype, self.device.type)
+        if self.device.type == "cpu":
+            # a CPU serves in fp32 even where bf16 is native: neither packed bf16 Linears nor bf16 autocast measured
+            # a clear win under continuous batching there (dev/notes_decode.md); elsewhere the model's dtype holds
+            model.compute_dtype = torch.float32
         c = model.config
         self.context = c.sequence_len
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
@@ -341,7 +342,7 @@ class Scheduler:
         adapters = [r.req.adapter for r in rows]
         per_row = self.lora.per_row(adapters) if self.lora is not None else nullcontext()
         try:
-            with per_row, autocast(self.dtype, self.device.type):
+            with per_row:
                 last = torch.tensor([len(x) - 1 for x in inputs], device=self.device)
                 return self.model(ids.to(self.device), kv_cache=view, logits_at=last)
         except Exception as e:  # noqa: BLE001 - one bad forward fails its rows, never the scheduler
