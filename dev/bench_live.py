@@ -68,11 +68,11 @@ def chitchat_only(n_replay=512, n_eval=32):
 
 def start_server(args, root):
     """A fresh server: weights loaded from disk, live learning on adapters dir `root`. -> (app, model_id, meta)."""
+    import scripts.chat_web
     from nanochat.serve.app import create_app
     from nanochat.serve.openai_api import Defaults
     from nanochat.serve.replicas import load_workers
     from nanochat.tools.registry import make_registry
-    import scripts.chat_web
     from scripts.chat_web import make_live_learning
     if args.replay == "chitchat":  # make_live_learning's jobs read scripts.chat_web.general_chats when they start
         scripts.chat_web.general_chats = chitchat_only

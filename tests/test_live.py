@@ -17,11 +17,11 @@ import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.lora.storage import read_examples
 from nanochat.serve.app import create_app
 from nanochat.serve.battery import BatteryItem
 from nanochat.serve.live import LiveLearning
 from nanochat.serve.openai_api import Defaults
-from nanochat.lora.storage import read_examples
 from nanochat.serve.replicas import load_workers
 from nanochat.training import collate
 
@@ -235,8 +235,9 @@ def test_bad_input_is_refused_and_nothing_changes(server, tmp_path):
 
 @pytest.mark.parametrize("where", ["training", "saving"])
 def test_failed_job_leaves_no_adapter(server, tmp_path, monkeypatch, where):
-    import nanochat.serve.live
     import safetensors.torch
+
+    import nanochat.serve.live
     if where == "training":
         def boom(*a, **k):
             raise RuntimeError("boom")
