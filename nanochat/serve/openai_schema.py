@@ -146,7 +146,7 @@ class CompletionRequest(SamplingFields):
 
 
 def _is_set(model, name):
-    return name in model.model_fields_set and getattr(model, name) not in (None, False, [], {})
+    return name in model.model_fields_set and getattr(model, name) is not None  # null: as if not sent
 
 
 def ignored_fields(body):
