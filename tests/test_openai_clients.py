@@ -361,6 +361,7 @@ def test_langchain_chat_openai_invoke_and_stream(echo):
     assert tuned.invoke("hi").content == "You"
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydantic on litellm's own TypedDicts, at import
 def test_litellm_completion_with_the_openai_prefix(echo, monkeypatch):
     monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download of its price list at import
     litellm = pytest.importorskip("litellm", reason="litellm is a dev dependency")
