@@ -4,12 +4,16 @@
     python -m scripts.chat_cli -i mid -p "Hi!"      # one prompt to the midtrained model, then exit
     python -m scripts.chat_cli -i rl -t 0.8 -k 40 --max-tokens 256
     python -m scripts.chat_cli --dtype float32      # plain fp32 weights on a CPU
+    python -m scripts.chat_cli --adapter facts      # with a learned LoRA adapter ($NANOCHAT_BASE_DIR/adapters/facts)
+    python -m scripts.chat_cli --adapter domain facts --adapter-weights 1 0.5   # a stack, each times its weight
 
 Numerics: --dtype auto is bf16 autocast on CUDA; on a CPU with native bf16 (avx512_bf16/amx_bf16) the
 Linears' weights packed to bf16 for oneDNN (nanochat.fastlinear, one q/k/v matrix per block), else fp32.
 Measured on this project's CPU against fp32 (dev/notes_decode.md): prompts prefill 1.5-2.5x faster, one-row
 decoding level to 1.4x faster (d4-d12, 1 or 2 threads), so it is the default; bf16 greedy tokens agree with
 fp32's at >= 99% of positions. --dtype bfloat16 asks for the packed path and says why when it can't.
+Adapters (--adapter, loaded and checked by nanochat.lora.storage) are folded into the weights, so replies cost what
+the base model's do; packed Linears cannot carry them, so with adapters the CPU runs the fp32 weights.
 
 Interactive commands: `quit` / `exit` (or Ctrl-D) to leave, `clear` to start a new conversation.
 Replies stream as they are generated; tool calls show with their output: [calculator: 2+3 → 5],
@@ -144,6 +148,19 @@ def chat_loop(engine, tokenizer, temperature=0.6, top_k=50, max_tokens=512, seed
         turn += 1
 
 
+def load_adapters(model, names, weights=None, root=None):
+    """--adapter: the named adapters (under `root`, default $NANOCHAT_BASE_DIR/adapters), checked against this
+    model's weights by nanochat.lora.storage, made one stack (each times its weight, default 1) and merged into
+    the weights. Raises FileNotFoundError / ValueError naming the adapter that cannot be used."""
+    from nanochat.lora.adapter import LoRA
+    from nanochat.lora.storage import adapter_path, load_adapter
+    lora = LoRA(model)
+    for name in names:
+        load_adapter(lora, adapter_path(name, root))
+    lora.activate(list(names), weights, merge=True)
+    return lora
+
+
 def inference_numerics(flag, device_type):
     """--dtype auto|float32|bfloat16 -> (autocast dtype name, whether to pack the Linears). bf16 on a CPU means
     packed bf16 Linears (bf16 autocast is slower than fp32 there); auto packs them where the CPU can (see the
@@ -168,7 +185,14 @@ def parse_args(argv=None):
                    help="auto: bf16 on CUDA, packed bf16 Linears on CPUs with native bf16, else fp32")
     p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
     p.add_argument("--unsafe-exec", action="store_true", help="let the python tool run code without the bubblewrap sandbox")
+    p.add_argument("--adapter", nargs="+", default=[], metavar="NAME",
+                   help="LoRA adapter(s) to chat with; several: a stack, all applied together")
+    p.add_argument("--adapter-weights", nargs="+", type=float, default=None, metavar="W",
+                   help="one weight per --adapter (default 1 each)")
+    p.add_argument("--adapters-dir", default="", help="where adapters live (default $NANOCHAT_BASE_DIR/adapters)")
     args = p.parse_args(script_argv(argv))
+    if args.adapter_weights is not None and len(args.adapter_weights) != len(args.adapter):
+        p.error(f"{len(args.adapter)} --adapter names but {len(args.adapter_weights)} --adapter-weights: one each")
     if args.temperature < 0:
         p.error("--temperature must be >= 0")
     if args.top_k < 0:
@@ -191,6 +215,18 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     dtype, pack = inference_numerics(args.dtype, device.type)
+    if pack and args.adapter:  # packed Linears cannot carry adapters
+        if args.dtype == "bfloat16":
+            print("error: --dtype bfloat16 on a CPU packs the Linears, which cannot carry adapters: use --dtype auto "
+                  "or float32", file=sys.stderr)
+            return 1
+        pack = False
+    if args.adapter:
+        try:
+            load_adapters(model, args.adapter, args.adapter_weights, args.adapters_dir or None)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if pack:
         try:
             pack_linears(model)
@@ -217,8 +253,9 @@ def main(argv=None):
                 return 1
             return 0
         numerics = "bf16 packed Linears" if pack else dtype
-        print(f"loaded the {args.source} model (step {meta.get('step', '?')}) on {device} ({numerics}); {tools_line}",
-              file=sys.stderr)
+        with_adapters = f" with adapter(s) {', '.join(args.adapter)}" if args.adapter else ""
+        print(f"loaded the {args.source} model (step {meta.get('step', '?')}){with_adapters} on {device} ({numerics}); "
+              f"{tools_line}", file=sys.stderr)
         chat_loop(engine, tokenizer, **kw)
     return 0
 
