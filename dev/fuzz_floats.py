@@ -8,14 +8,15 @@ import jsonschema_rs
 import schemathesis
 from hypothesis import strategies as st
 
-from nanochat.serve.openai_api import CompletionRequest, OpenAIRequest, PageRequest
+from nanochat.serve.openai_api import PageRequest
+from nanochat.serve.openai_schema import ChatRequest, CompletionRequest
 
 EXTREMES = (5e-324, -5e-324, 1e-46, 7e-46, 1.4e-45, 1e-40, 1.1754943508222875e-38, 1e-300, -0.0, 0.0, 1e-6, 1.0,
             2.0, 1e38, 3.4028234663852886e38, 3.5e38, 1.7976931348623157e308, -1.7976931348623157e308)
 FLOATS = ("temperature", "top_p", "presence_penalty", "frequency_penalty")
 USER = [{"role": "user", "content": "hi"}]
 # route -> (its body's model, the smallest body it accepts)
-ROUTES = {"/v1/chat/completions": (OpenAIRequest, {"messages": USER}), "/v1/completions": (CompletionRequest,
+ROUTES = {"/v1/chat/completions": (ChatRequest, {"messages": USER}), "/v1/completions": (CompletionRequest,
           {"prompt": "hi"}), "/chat/completions": (PageRequest, {"messages": USER})}
 # the JSON schema the OpenAPI document holds for each body (schemathesis's idea of a valid case)
 VALIDATORS = {model: jsonschema_rs.validator_for(model.model_json_schema()) for model, _ in ROUTES.values()}

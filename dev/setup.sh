@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent environment setup: .venv + nanochat installed editable (maturin builds rustbpe).
 # Used by speedrun.sh, run_continual.sh and .ci/run. A second run with nothing changed takes seconds.
-#   NANOCHAT_EXTRAS   pip extras to install (default "dev,hf": pytest, hypothesis, openai client, playwright;
+#   NANOCHAT_EXTRAS   pip extras to install (default "dev,hf": pytest, hypothesis, the openai, langchain-openai and
+#                     litellm clients, wandb, playwright;
 #                     transformers, peft, tokenizers for the Hugging Face export/import)
 #   TORCH_SPEC        torch requirement (default: the pinned CPU build when no NVIDIA GPU, else "torch>=2.4")
 set -euo pipefail

@@ -17,12 +17,14 @@ How a call runs:
 Tool use, per row: when the model writes <|python_start|>, the tokens up to <|python_end|> are decoded
 and passed to the row's tool session (nanochat.tools.registry: `python: ...` goes to the REPL, `search: ...` to the
 index, anything else to the calculator; each row has its own REPL state, started from the python calls
-already in the prompt, i.e. the conversation's earlier replies). If it gives a result, the row is forced
-to continue with
-<|output_start|> + encode(result) + <|output_end|>, one token per step, each with mask 0; the model's
+already in the prompt, i.e. the conversation's earlier replies). The row is then forced to continue with
+<|output_start|> + encode(output) + <|output_end|>, one token per step, each with mask 0; the model's
 own sample for those steps is discarded, but the forced tokens are fed back through the model like any
-other token, so it reads the result. If the tool returns None (the calculator on text it does not accept,
-a tool that is off) nothing is forced.
+other token, so it reads the output. A registry's session answers every call (a tool that is off or
+refuses the call answers an error saying so); with tools=None nothing is forced.
+Tool output only ever comes from the tool: <|output_start|> and <|output_end|> are never sampled (Engine.ban
+puts them at -inf before every sample), so a model that starts to write a tool's answer itself writes its
+next most likely token instead, and nothing it writes can pass for a tool's output.
 
 Stopping, per row: a row finishes on <|assistant_end|> or <|bos|>. The stop token itself is yielded
 (with the mask of how it was produced). After that, until every row has finished, a finished row yields
@@ -96,6 +98,15 @@ class Engine:
         self.python_start, self.python_end = S("<|python_start|>"), S("<|python_end|>")
         self.output_start, self.output_end = S("<|output_start|>"), S("<|output_end|>")
         self.stop_tokens = {self.assistant_end, self.bos}
+        self._banned = {}  # device -> ids of the tool-output markers, which only run_tool may write
+
+    def ban(self, logits):
+        """logits (B, V) -> a copy with <|output_start|> and <|output_end|> at -inf: they are only ever forced
+        (run_tool), so a model that tries to write a tool's output itself writes its next best token instead."""
+        ids = self._banned.get(logits.device)
+        if ids is None:
+            ids = self._banned[logits.device] = torch.tensor([self.output_start, self.output_end], device=logits.device)
+        return logits.index_fill(-1, ids, float("-inf"))
 
     def device(self):
         get_device = getattr(self.model, "get_device", None)
@@ -238,7 +249,7 @@ class Engine:
 
         rows = [self.new_row(tokens) for _ in range(num_samples)]  # each its own tool session
         for step in range(budget):
-            sampled = sample_next_token(logits, generator, temperature, top_k).tolist()
+            sampled = sample_next_token(self.ban(logits), generator, temperature, top_k).tolist()
             column, masks = [], []
             for row, tok in zip(rows, sampled):
                 if row.done:
@@ -322,17 +333,20 @@ TOOL_MARKERS = {"python": ("<|python_start|>", "<|python_end|>"),
 
 
 class ReplyParser:
-    """An assistant reply's token stream -> parts, as they complete: {"type": "text", "text"} deltas (UTF-8
-    safe), and for a calculator call the whole expression ({"type": "python"}) and then its output
-    ({"type": "python_output"}). The one reader of tool calls for the CLI and the server. A tool part
-    left unfinished (cut off, or interrupted by a new call) comes out as text with its opening marker,
-    so the events always add up to everything the model wrote. Feed it no stop tokens."""
+    """An assistant reply's token stream -> events, as they complete: {"type": "text", "text"} deltas (UTF-8
+    safe, never a special token's name), for a tool call the whole call ({"type": "python"}) and then its
+    output ({"type": "python_output"}), and {"type": "special", "text": name} for a special token written
+    where it means nothing (e.g. <|user_end|> in the middle of a reply). The one reader of tool calls for the
+    CLI and the server. A tool part left unfinished (cut off, or interrupted by a new call) still comes out
+    as its part, marked "open": True (no closing marker was written). So, written out with the markers, the
+    events always add up to everything the model wrote. Feed it no stop tokens."""
 
     def __init__(self, tokenizer):
         S = tokenizer.encode_special
         self.tokenizer = tokenizer
         self.python_start, self.python_end = S("<|python_start|>"), S("<|python_end|>")
         self.output_start, self.output_end = S("<|output_start|>"), S("<|output_end|>")
+        self.specials = {S(name) for name in tokenizer.get_special_tokens()}
         self.decoder = StreamDecoder(tokenizer)
         self.mode = "text"  # which part the next tokens belong to: text / python / python_output
         self.buf = []  # token ids of the current python or python_output part
@@ -341,10 +355,10 @@ class ReplyParser:
         return [{"type": "text", "text": s}] if s else []
 
     def _flush(self):
-        """Close the current part: held-back text bytes, or an unfinished tool part as text."""
+        """Close the current part: held-back text bytes, or an unfinished tool part (open)."""
         if self.mode == "text":
             return self._text(self.decoder.flush())
-        return self._text(TOOL_MARKERS[self.mode][0] + self.tokenizer.decode(self.buf))
+        return [{"type": self.mode, "text": self.tokenizer.decode(self.buf), "open": True}]
 
     def push(self, tok):
         """One token -> a list of zero or more events."""
@@ -356,10 +370,12 @@ class ReplyParser:
             event = {"type": self.mode, "text": self.tokenizer.decode(self.buf)}
             self.mode = "text"
             return [event]
-        if self.mode == "text":
-            return self._text(self.decoder.push(tok))
-        self.buf.append(tok)
-        return []
+        if self.mode != "text":  # inside a call or an output: its text is what the tool read or wrote
+            self.buf.append(tok)
+            return []
+        if tok in self.specials:
+            return self._flush() + [{"type": "special", "text": self.tokenizer.decode([tok])}]
+        return self._text(self.decoder.push(tok))
 
     def finish(self):
         """The end of the reply: whatever is still held back."""
@@ -367,3 +383,12 @@ class ReplyParser:
         self.mode = "text"
         return events
 
+
+def event_as_raw_text(event):
+    """A ReplyParser event as the model wrote it: tool parts between their markers (an open one without its
+    closing marker), a special token by its name."""
+    kind, text = event["type"], event["text"]
+    if kind in TOOL_MARKERS:
+        start, end = TOOL_MARKERS[kind]
+        return start + text + ("" if event.get("open") else end)
+    return text

@@ -98,8 +98,10 @@ def start_run(args, seed=42):
 
 
 def init_wandb(run, name, project, config):
-    """A wandb run on rank 0 when --run names one (not 'dummy'), else None. Without the wandb package the
-    training goes on unlogged and says so: a missing extra must not end a run hours in."""
+    """A wandb run on rank 0 when --run names one (not 'dummy'), else None. Without the wandb package, or when
+    wandb cannot start, the training goes on unlogged and says so: a missing extra must not end a run hours in.
+    Without credentials (no WANDB_API_KEY, no `wandb login` in ~/.netrc) it logs offline and says where: asking
+    for a key would stop an unattended run, and wandb raises without a terminal. WANDB_MODE, when set, decides."""
     if not run.master or not name or name == "dummy":
         return None
     try:
@@ -108,7 +110,35 @@ def init_wandb(run, name, project, config):
         print0(f"warning: --run {name} asks for wandb but the package is not installed (pip install wandb); "
                "training continues without it")
         return None
-    return wandb.init(project=project, name=name, config=config)
+    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_credentials() else "offline")
+    for attempt in dict.fromkeys([mode, "offline"]):  # online failing (bad key, no network): offline instead
+        try:
+            wandb_run = wandb.init(project=project, name=name, config=config, mode=attempt)
+        except Exception as e:  # noqa: BLE001 - wandb's errors vary by version; logging must not end a run
+            print0(f"warning: wandb ({attempt}) did not start: {type(e).__name__}: {e}")
+            continue
+        if attempt == "offline" and mode != "offline":
+            print0("warning: wandb could not log online")
+        if attempt == "offline":
+            where = os.path.dirname(wandb_run.dir.rstrip(os.sep))
+            print0(f"wandb: logging offline to {where} (no API key: `wandb login` or WANDB_API_KEY to log online; "
+                   f"`wandb sync {where}` uploads this run later)")
+        return wandb_run
+    print0("warning: training continues without wandb")
+    return None
+
+
+def _wandb_credentials():
+    """Whether wandb has a key without asking for one: WANDB_API_KEY, or `wandb login`'s entry in ~/.netrc."""
+    import netrc
+    from urllib.parse import urlparse
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc(os.environ.get("NETRC")).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
 
 
 def make_optimizers(model, args, lr_frac=1.0):

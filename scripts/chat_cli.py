@@ -4,6 +4,8 @@
     python -m scripts.chat_cli -i mid -p "Hi!"      # one prompt to the midtrained model, then exit
     python -m scripts.chat_cli -i rl -t 0.8 -k 40 --max-tokens 256
     python -m scripts.chat_cli --dtype float32      # plain fp32 weights on a CPU
+    python -m scripts.chat_cli --adapter facts      # with a learned LoRA adapter ($NANOCHAT_BASE_DIR/adapters/facts)
+    python -m scripts.chat_cli --adapter domain facts --adapter-weights 1 0.5   # a stack, each times its weight
 
 Numerics: the compute dtype is nanochat.common.compute_dtype's (--dtype, $NANOCHAT_DTYPE): bf16 on CUDA; on a
 CPU with native bf16 (avx512_bf16/amx_bf16) bf16 means the Linears' weights packed to bf16 for oneDNN
@@ -11,6 +13,8 @@ CPU with native bf16 (avx512_bf16/amx_bf16) bf16 means the Linears' weights pack
 CPU against fp32 (dev/notes_decode.md): prompts prefill 1.5-2.5x faster, one-row decoding level to 1.4x faster
 (d4-d12, 1 or 2 threads), while bf16 autocast decodes slower than fp32 there; bf16 greedy tokens agree with
 fp32's at >= 99% of positions. --dtype bfloat16 asks for the packed path and says why when it can't.
+Adapters (--adapter, loaded and checked by nanochat.lora.storage) are folded into the weights, so replies cost what
+the base model's do; packed Linears cannot carry them, so with adapters the CPU runs the fp32 weights.
 
 Interactive commands: `quit` / `exit` (or Ctrl-D) to leave, `clear` to start a new conversation.
 Replies stream as they are generated; tool calls show with their output: [calculator: 2+3 → 5],
@@ -24,6 +28,8 @@ from nanochat.checkpoint_manager import add_model_args, load_model
 from nanochat.common import compute_dtype, compute_init, dtype_name, script_argv
 from nanochat.engine import Engine, ReplyParser
 from nanochat.fastlinear import pack_linears, packing_supported
+from nanochat.lora.adapter import LoRA
+from nanochat.lora.storage import adapter_path, load_adapter
 from nanochat.tools.registry import make_registry, parse_call
 
 
@@ -146,6 +152,17 @@ def chat_loop(engine, tokenizer, temperature=0.6, top_k=50, max_tokens=512, seed
         turn += 1
 
 
+def load_adapters(model, names, weights=None, root=None):
+    """--adapter: the named adapters (under `root`, default $NANOCHAT_BASE_DIR/adapters), checked against this
+    model's weights by nanochat.lora.storage, made one stack (each times its weight, default 1) and merged into
+    the weights. Raises FileNotFoundError / ValueError naming the adapter that cannot be used."""
+    lora = LoRA(model)
+    for name in names:
+        load_adapter(lora, adapter_path(name, root))
+    lora.activate(list(names), weights, merge=True)
+    return lora
+
+
 def inference_numerics(flag, device_type):
     """--dtype -> (the dtype name the model computes in, whether to pack its Linears). compute_dtype decides; on a
     CPU bf16 is realised as packed bf16 Linears around an fp32 model (see the module docstring), and auto stays
@@ -166,7 +183,14 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
     p.add_argument("--unsafe-exec", action="store_true", help="let the python tool run code without the bubblewrap sandbox")
+    p.add_argument("--adapter", nargs="+", default=[], metavar="NAME",
+                   help="LoRA adapter(s) to chat with; several: a stack, all applied together")
+    p.add_argument("--adapter-weights", nargs="+", type=float, default=None, metavar="W",
+                   help="one weight per --adapter (default 1 each)")
+    p.add_argument("--adapters-dir", default="", help="where adapters live (default $NANOCHAT_BASE_DIR/adapters)")
     args = p.parse_args(script_argv(argv))
+    if args.adapter_weights is not None and len(args.adapter_weights) != len(args.adapter):
+        p.error(f"{len(args.adapter)} --adapter names but {len(args.adapter_weights)} --adapter-weights: one each")
     if args.temperature < 0:
         p.error("--temperature must be >= 0")
     if args.top_k < 0:
@@ -188,6 +212,18 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:  # no checkpoint; a $NANOCHAT_DTYPE that is not a dtype
         print(f"error: {e}", file=sys.stderr)
         return 1
+    if pack and args.adapter:  # packed Linears cannot carry adapters
+        if args.dtype == "bfloat16":
+            print("error: --dtype bfloat16 on a CPU packs the Linears, which cannot carry adapters: use --dtype auto "
+                  "or float32", file=sys.stderr)
+            return 1
+        pack = False
+    if args.adapter:
+        try:
+            load_adapters(model, args.adapter, args.adapter_weights, args.adapters_dir or None)
+        except (FileNotFoundError, ValueError, KeyError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     if pack:
         try:
             pack_linears(model)
@@ -212,8 +248,9 @@ def main(argv=None):
             return 1
         return 0
     numerics = "bf16 packed Linears" if pack else dtype
-    print(f"loaded the {args.source} model (step {meta.get('step', '?')}) on {device} ({numerics}); {tools_line}",
-          file=sys.stderr)
+    with_adapters = f" with adapter(s) {', '.join(args.adapter)}" if args.adapter else ""
+    print(f"loaded the {args.source} model (step {meta.get('step', '?')}){with_adapters} on {device} ({numerics}); "
+          f"{tools_line}", file=sys.stderr)
     chat_loop(engine, tokenizer, **kw)
     return 0
 

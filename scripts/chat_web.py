@@ -12,10 +12,15 @@ Endpoints
     POST /chat/completions      the page's own stream (SSE): one JSON event per `data:` line, each with a
                                 "type": queued {position} | text {text} | python {text} | python_output {text}
                                 | done {finish_reason, usage} | error {message}
-    POST /v1/chat/completions   OpenAI chat completions, stream or not; n, stop, logprobs + top_logprobs, top_p,
-                                presence/frequency_penalty, seed, stream_options.include_usage
-    POST /v1/completions        OpenAI (legacy) text completions of a plain prompt, for base models too
-    GET  /v1/models             the served model and every loaded adapter (`model: "<adapter>"` selects one)
+    POST /v1/chat/completions   OpenAI chat completions, stream or not: every field of OpenAI's request is accepted;
+                                n, stop, logprobs + top_logprobs, top_p, presence/frequency_penalty, logit_bias,
+                                seed, stream_options.include_usage honoured, `user` logged, response_format only
+                                "text"; the others are ignored and named in the x-nanochat-ignored-fields header.
+                                Built-in tool calls come as the message's nanochat_tool_calls (see
+                                nanochat/serve/openai_messages.py), content holds only the assistant's words
+    POST /v1/completions        OpenAI (legacy) text completions of prompts (texts or token ids), base models too
+    GET  /v1/models[/{id}]      the served model, its --served-model-name aliases and every loaded adapter
+                                (`model: "<adapter>"` selects one); another model name is a 404 model_not_found
     Every generating route takes "adapter": a name, "none" (the base), "auto" (the adapter whose training
     prompts the last user message resembles, else the base; --auto-route makes it the default), or a list of
     names with an optional "adapter_weights" list: a stack, all applied together (openai client:
@@ -54,6 +59,7 @@ import uvicorn
 
 from nanochat.common import autodetect_device_type, script_argv, setup_logging
 from nanochat.lora.storage import adapters_dir
+from nanochat.report import git_info
 from nanochat.serve.app import create_app
 from nanochat.serve.live import LiveLearning
 from nanochat.serve.openai_api import Defaults, Limits
@@ -100,6 +106,12 @@ LIMIT_HELP = {  # one flag per field of openai_api.Limits
 }
 
 
+def fingerprint(source, model_id, step):
+    """system_fingerprint: which checkpoint (stage, model, step) and which code (git commit) answered."""
+    commit = git_info()["commit"].replace(" (dirty)", "-dirty")
+    return f"{source}/{model_id}/step{step if step is not None else '?'}/git-{commit}"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="which stage's model")
@@ -126,6 +138,10 @@ def parse_args(argv=None):
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without --api-key")
     p.add_argument("--allowed-hosts", default="", help="without --api-key: comma-separated names the Host header "
                    "may carry besides loopback ones and --host, e.g. a LAN name with --insecure ('*': any)")
+    p.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
+                   help="names the OpenAI API answers to: the first is the one replies carry (default "
+                        "nanochat-<source>-<tag>), the others are aliases, '*' accepts any name (for clients that "
+                        "insist on e.g. gpt-4o); without it any other name is a 404 model_not_found")
     d, lim = Defaults(), Limits()
     p.add_argument("-t", "--temperature", type=float, default=d.temperature, help="default temperature (0 = greedy)")
     p.add_argument("-k", "--top-k", type=int, default=d.top_k, help="default top-k (0 = none)")
@@ -157,6 +173,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 1
     model_id = f"nanochat-{args.source}-{args.model_tag or 'd%d' % workers[0].model.config.n_layer}"
+    names = [n for n in args.served_model_name if n != "*"]
+    model_id, aliases = (names[0] if names else model_id), names[1:] + ["*"] * ("*" in args.served_model_name)
     limits = Limits(**{name: getattr(args, name) for name in vars(Limits())})
     defaults = Defaults(args.temperature, args.top_k, args.max_tokens)
     learn = None
@@ -165,7 +183,8 @@ def main(argv=None):
     if args.host not in ("0.0.0.0", "::"):  # a wildcard is no name a client could use
         allowed_hosts.append(args.host)
     app = create_app(workers, model_id, limits, defaults, learn=learn, api_key=args.api_key or None,
-                     admin_key=args.admin_key or None, allowed_hosts=allowed_hosts)
+                     admin_key=args.admin_key or None, allowed_hosts=allowed_hosts, model_aliases=aliases,
+                     fingerprint=fingerprint(args.source, model_id, meta.get("step")))
     devices = ", ".join(str(w.device) for w in workers)
     if args.quantize != "none":
         devices += f" ({args.quantize} weight-only base)"

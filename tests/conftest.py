@@ -167,6 +167,8 @@ class EchoChatModel(torch.nn.Module):
 
     def _script_for(self, ids):
         S = self.tokenizer.encode_special
+        if S("<|user_start|>") not in ids:  # a plain prompt (/v1/completions): echo all of it
+            return self.reply_tokens(self.tokenizer.decode(ids[1:]))
         start = len(ids) - ids[::-1].index(S("<|user_start|>"))
         return self.reply_tokens(self.tokenizer.decode(ids[start:ids.index(S("<|user_end|>"), start)]))
 

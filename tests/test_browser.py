@@ -1,4 +1,5 @@
-"""The chat page in a real browser: Debian's headless Chromium driven by Playwright for Python.
+"""The chat page in a real browser: Debian's headless Chromium driven by Playwright for Python: streaming, edits,
+the API key, conversations kept across reloads, and Markdown that no model output can turn into HTML.
 
 Playwright's own browser download does not work offline, so this launches the system `chromium`
 (`apt-get install chromium`; .ci/run installs it). The server is chat_web's app on a loopback port
@@ -146,5 +147,113 @@ def test_chat_page_asks_for_the_api_key(byte_tokenizer, echo_chat_model, serve_a
             assert assistant_text(page) == "You said: hello again ok"
             page.reload()  # the key is remembered by this browser
             assert page.input_value("#api-key") == "s3cret"
+        finally:
+            browser.close()
+
+
+def test_conversations_survive_a_reload_and_markdown_is_rendered_safely(byte_tokenizer, echo_chat_model, serve_app):
+    """The echo model repeats what it is sent, so a message with Markdown and HTML comes back in the reply."""
+    app = create_app([Worker(0, echo_chat_model(byte_tokenizer), byte_tokenizer)], "nanochat-echo")
+    hostile = ("x\n```python\nprint('<b>hi</b>')\n```\nsee **bold** and `code` <img src=x onerror=\"window.pwned=1\">"
+               "<script>window.pwned=2</script> [a](javascript:window.pwned=3) [b](https://example.invalid/)")
+    title = " ".join(hostile.split())[:80]  # a conversation is listed by its first message, on one line
+    with serve_app(app) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            context = browser.new_context()
+            context.grant_permissions(["clipboard-read", "clipboard-write"], origin=url)
+            page = context.new_page()
+            page_errors = []
+            page.on("pageerror", lambda e: page_errors.append(str(e)))
+            page.goto(url + "/")
+            page.fill("#input", hostile)
+            page.press("#input", "Enter")
+            wait_reply_done(page)
+            reply = page.locator(".msg.assistant").last
+            # Markdown: a code block (with its language and a copy button), bold, inline code, an http(s) link
+            assert reply.locator(".codeblock[data-lang='python'] pre code").inner_text() == "print('<b>hi</b>')"
+            assert reply.locator(".text strong").inner_text() == "bold"
+            assert reply.locator(".text p code").first.inner_text() == "code"
+            links = reply.locator(".text a")
+            assert links.count() == 1 and links.get_attribute("href") == "https://example.invalid/"
+            # nothing it wrote became an element or ran
+            assert reply.locator("img, script, b, iframe").count() == 0
+            assert page.evaluate("window.pwned") is None
+            assert "<img src=x onerror=" in reply.inner_text() and "<script>window.pwned=2</script>" in reply.inner_text()
+            # copy: the code block's own text, and the whole reply's text as the model wrote it
+            reply.locator(".codeblock button.copy").click()
+            page.wait_for_function("document.querySelector('.codeblock button.copy').dataset.copied !== undefined")
+            assert page.evaluate("navigator.clipboard.readText()") == "print('<b>hi</b>')"
+            reply.locator(".actions button.copy").click()
+            assert page.evaluate("navigator.clipboard.readText()") == "You said: " + hostile + " ok"
+
+            # a second conversation; both are listed, the newest first
+            page.click("#new-chat")
+            page.fill("#input", "second chat")
+            page.press("#input", "Enter")
+            wait_reply_done(page)
+            titles = lambda: page.locator("#conversations li .open").all_inner_texts()
+            assert titles() == ["second chat", title]
+
+            # reload: the conversation on screen and the list come back from localStorage
+            page.reload()
+            page.wait_for_selector(".msg.assistant")
+            assert page.locator(".msg.user .content").inner_text() == "second chat"
+            assert assistant_text(page) == "You said: second chat ok"
+            assert page.locator(".msg.assistant .tool.output code").inner_text() == "42"
+            assert titles() == ["second chat", title]
+            # switch to the first one, and it goes on from its history
+            page.locator("#conversations li .open").nth(1).click()
+            assert page.locator(".msg.assistant").last.locator(".codeblock").count() == 1
+            page.fill("#input", "more")
+            page.press("#input", "Enter")
+            page.wait_for_function("document.querySelectorAll('.msg').length === 4")
+            wait_reply_done(page)
+            assert assistant_text(page) == "You said: more ok"
+            assert titles()[0] == title  # the one just used comes first
+            # delete the other one; the current one stays on screen, and stays deleted after a reload
+            page.locator("#conversations li", has_text="second chat").locator(".delete").click()
+            assert titles() == [title] and page.locator(".msg").count() == 4
+            page.reload()
+            page.wait_for_selector(".msg.assistant")
+            assert titles() == [title] and page.locator(".msg").count() == 4
+            # deleting the conversation on screen leaves an empty one
+            page.locator("#conversations li .delete").click()
+            assert titles() == [] and page.locator(".empty").is_visible()
+            page.reload()
+            assert page.locator(".msg").count() == 0 and titles() == []
+            assert not page_errors
+        finally:
+            browser.close()
+
+
+def test_the_adapter_picker_lists_the_base_model_once(byte_tokenizer, echo_chat_model, serve_app, tmp_path):
+    import copy
+    import torch
+    from nanochat.gpt import GPT, GPTConfig
+    from nanochat.serve.live import LiveLearning
+    from tests.test_web_security import save_test_adapter
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=64, vocab_size=byte_tokenizer.get_vocab_size(), n_layer=1, n_head=1,
+                          n_kv_head=1, n_embd=64))
+    model.init_weights()
+    root = str(tmp_path / "adapters")
+    save_test_adapter(model, root, "facts")
+    app = create_app([Worker(0, model, byte_tokenizer)], "t", warm_up=False,
+                     learn=lambda pool: LiveLearning(pool, copy.deepcopy(model), byte_tokenizer, root))
+    visible = "[...document.querySelectorAll('#adapter option')].filter((o) => !o.hidden).map((o) => o.textContent)"
+    with serve_app(app) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.click("#settings summary")
+            page.wait_for_selector("#adapter option[value='facts']", state="attached")
+            assert page.evaluate(visible) == ["base model", "facts"]
+            assert httpx.post(url + "/adapters/facts/activate", json={}).status_code == 200
+            page.click("#settings summary")  # closed and opened again: the list is read again
+            page.click("#settings summary")
+            page.wait_for_function("document.querySelector('#adapter option').textContent === 'default (facts)'")
+            assert page.evaluate(visible) == ["default (facts)", "base model", "facts"]
         finally:
             browser.close()

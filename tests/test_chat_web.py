@@ -18,10 +18,12 @@ import torch
 import torch.nn as nn
 
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.engine import Engine, ReplyParser
+from nanochat.engine import Engine, ReplyParser, event_as_raw_text
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.serve.app import create_app
-from nanochat.serve.openai_api import Defaults, openai_text_as_parts, part_as_openai_text
+from nanochat.serve.openai_api import Defaults
+from nanochat.serve.openai_messages import conversation as conversation_of, openai_text_as_parts
+from nanochat.serve.openai_schema import ChatRequest
 from nanochat.serve.replicas import Worker, load_workers
 from nanochat.tools.registry import ToolRegistry
 from scripts.chat_web import main
@@ -107,9 +109,8 @@ def reference(gpt, messages, max_tokens):
 
 
 def as_text(events):
-    """A page stream's text and tool parts, written as in OpenAI content (tool parts between their markers)."""
-    return "".join(part_as_openai_text(e["type"], e["text"]) for e in events
-                   if e["type"] in ("text", "python", "python_output"))
+    """A stream's text and tool parts as the model wrote them (tool parts between their markers)."""
+    return "".join(event_as_raw_text(e) for e in events if e["type"] in ("text", "python", "python_output", "special"))
 
 
 def wait_for(predicate, timeout=5.0):
@@ -150,7 +151,7 @@ def test_page_health_models(gpt):
 def test_openai_client_non_streaming(gpt):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
     before = stats(gpt.url)
-    resp = gpt.client.chat.completions.create(model="whatever", messages=messages, temperature=0, max_tokens=24)
+    resp = gpt.client.chat.completions.create(model="nanochat-test", messages=messages, temperature=0, max_tokens=24)
     prompt, tokens, stopped = reference(gpt, messages, 24)
     text_tokens = tokens[:-1] if stopped else tokens
     choice = resp.choices[0]
@@ -233,20 +234,46 @@ def test_page_stream_shows_tool_calls_and_takes_them_back(echo):
     assert ids == first + expected_reply
 
 
-def test_openai_tool_markers_round_trip(echo):
-    resp = echo.client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
-    content = resp.choices[0].message.content
-    assert content == "You said: hi<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|> ok"
-    assert resp.choices[0].finish_reason == "stop"
-    assert openai_text_as_parts(content) == [{"type": "text", "text": "You said: hi"}, {"type": "python", "text": "6*7"},
-                                             {"type": "python_output", "text": "42"}, {"type": "text", "text": " ok"}]
-    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content},
-                    {"role": "user", "content": [{"type": "text", "text": "more"}]}]
-    resp = echo.client.chat.completions.create(model="x", messages=conversation, max_tokens=4)
-    as_parts = [conversation[0], {"role": "assistant", "content": openai_text_as_parts(content)},
-                {"role": "user", "content": "more"}]
-    assert resp.usage.prompt_tokens == len(echo.tokenizer.render_for_completion(as_parts))
-    assert resp.choices[0].message.content == "You " and resp.choices[0].finish_reason == "length"
+def test_openai_tool_calls_are_structured_and_round_trip(echo):
+    """content holds the assistant's words; the calculator's call and output come as nanochat_tool_calls, and the
+    message sent back as history renders to exactly the tokens the model wrote (raw_content too)."""
+    resp = echo.client.chat.completions.create(model="nanochat-echo", messages=[{"role": "user", "content": "hi"}])
+    message = resp.choices[0].message
+    assert message.content == "You said: hi ok" and message.tool_calls is None
+    assert message.nanochat_tool_calls == [{"index": 0, "id": message.nanochat_tool_calls[0]["id"], "type": "function",
+                                            "function": {"name": "calculator", "arguments": '{"expression": "6*7"}'},
+                                            "call": "6*7", "output": "42", "offset": len("You said: hi")}]
+    assert resp.choices[0].finish_reason == "stop" and resp.system_fingerprint is None  # none given to create_app
+    first = echo.tokenizer.render_for_completion([{"role": "user", "content": "hi"}])
+    model_wrote = echo.models[0].reply_tokens("hi")
+    # the message object itself sent back (the openai client keeps the extension field), and a plain dict of it
+    sent_dict = message.model_dump(exclude_none=True)
+    for sent in (message, sent_dict):
+        conversation = [{"role": "user", "content": "hi"}, sent, {"role": "user", "content": [{"type": "text", "text": "more"}]}]
+        again = echo.client.chat.completions.create(model="nanochat-echo", messages=conversation, max_tokens=4)
+        assert again.choices[0].message.content == "You " and again.choices[0].finish_reason == "length"
+    rendered, continues = conversation_of(ChatRequest.model_validate({"messages": conversation}).messages)
+    ids, _ = echo.tokenizer.render_conversation(rendered[:2])
+    assert ids == first + model_wrote and not continues  # exactly the tokens the model saw
+    assert again.usage.prompt_tokens == len(echo.tokenizer.render_for_completion(rendered))
+    # raw_content: the text as the model wrote it; sent back, the same prompt
+    raw = echo.client.chat.completions.create(model="nanochat-echo", messages=[{"role": "user", "content": "hi"}],
+                                              extra_body={"raw_content": True}).choices[0].message
+    assert raw.content == "You said: hi<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|> ok"
+    assert getattr(raw, "nanochat_tool_calls", None) is None
+    assert openai_text_as_parts(raw.content) == [{"type": "text", "text": "You said: hi"}, {"type": "python", "text": "6*7"},
+                                                 {"type": "python_output", "text": "42"}, {"type": "text", "text": " ok"}]
+    back = echo.client.chat.completions.create(model="nanochat-echo", max_tokens=4, messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": raw.content}, {"role": "user", "content": "more"}])
+    assert back.usage.prompt_tokens == again.usage.prompt_tokens
+    # streamed: the words as content deltas, the call and then its output as nanochat_tool_calls deltas
+    chunks = list(echo.client.chat.completions.create(model="nanochat-echo", messages=[{"role": "user", "content": "hi"}],
+                                                      stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == "You said: hi ok"
+    tools = [d.nanochat_tool_calls for d in deltas if getattr(d, "nanochat_tool_calls", None)]
+    assert [t[0].get("call") for t in tools] == ["6*7", None] and tools[1] == [{"index": 0, "output": "42"}]
+    assert not any("<|" in (d.content or "") for d in deltas)
 
 
 def test_two_workers_share_the_load(echo):
@@ -290,10 +317,7 @@ BAD = [  # (body, status, text the error message must contain)
     ({"messages": USER, "max_tokens": 5000}, 400, "--max-max-tokens"),
     ({"messages": USER, "seed": -1}, 400, "seed"),
     ({"messages": USER, "temperature": "hot"}, 400, "temperature"),
-    ({"messages": USER, "logit_bias": {"1": 2}}, 400, "unknown field 'logit_bias'"),
-    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400, "unknown field 'messages[0].name'"),
-    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]}, 400, "alternate"),
+    ({"messages": [{"role": "tool", "content": "hi"}]}, 400, "messages[0]"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "hi"}]}, 400, "system"),
     ({"messages": alternating(2)}, 400, "last message must be the user's"),
     ({"messages": []}, 400, "empty"),
@@ -303,10 +327,18 @@ BAD = [  # (body, status, text the error message must contain)
 ]
 
 
+# the page's own body is strict: a field it does not know is a bug in the page, not a client's extra
+PAGE_ONLY_BAD = [
+    ({"messages": USER, "logit_bias": {"1": 2}}, 400, "unknown field 'logit_bias'"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}]}, 400, "unknown field 'messages[0].name'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "user", "content": "hi"}]}, 400, "alternate"),
+]
+
+
 @pytest.mark.parametrize("endpoint", ["/chat/completions", "/v1/chat/completions"])
 def test_bad_requests_are_refused_and_the_server_keeps_serving(gpt, endpoint):
     with httpx.Client(base_url=gpt.url, timeout=30) as http:
-        for body, status, needle in BAD:
+        for body, status, needle in BAD + (PAGE_ONLY_BAD if endpoint == "/chat/completions" else []):
             r = http.post(endpoint, json=body)
             assert r.status_code == status, (body, r.text)
             assert needle in r.json()["error"]["message"], (needle, r.text)
@@ -333,9 +365,9 @@ def test_openai_only_limits_and_client_errors(gpt):
         r = httpx.post(gpt.url + "/v1/chat/completions", json=body)
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     with pytest.raises(openai.BadRequestError, match="--max-temperature"):
-        gpt.client.chat.completions.create(model="m", messages=USER, temperature=3)
+        gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=3)
     with pytest.raises(openai.BadRequestError, match="--max-message-chars"):
-        gpt.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "z" * 9000}], stream=True)
+        gpt.client.chat.completions.create(model="nanochat-test", messages=[{"role": "user", "content": "z" * 9000}], stream=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -437,11 +469,11 @@ def test_generation_errors_reach_the_client_and_the_server_recovers(byte_tokeniz
         assert "".join(e["text"] for e in events[:3]) == "You" and "RuntimeError: boom" in events[-1]["message"]
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
         with pytest.raises(openai.InternalServerError, match="boom"):
-            client.chat.completions.create(model="m", messages=USER)
+            client.chat.completions.create(model="failing", messages=USER)
         with pytest.raises(openai.APIError, match="boom"):
-            list(client.chat.completions.create(model="m", messages=USER, stream=True))
+            list(client.chat.completions.create(model="failing", messages=USER, stream=True))
         model.fail = False
-        assert client.chat.completions.create(model="m", messages=USER).choices[0].finish_reason == "stop"
+        assert client.chat.completions.create(model="failing", messages=USER).choices[0].finish_reason == "stop"
         s = stats(url)
         assert (s["requests_failed"], s["requests_served"], s["requests_active"]) == (3, 1, 0)
 
@@ -497,22 +529,24 @@ def test_reply_parser_events_add_up_to_what_the_model_wrote(byte_tokenizer):
         events = [e for t in tokens for e in parser.push(t)] + parser.finish()
         assert as_text(events) == byte_tokenizer.decode(tokens)
         assert all(e["text"] for e in events if e["type"] == "text")  # no empty deltas
+        assert not any("<|" in e["text"] for e in events if e["type"] == "text")  # no special token's name in text
 
     check()
-    # a finished call and its output are parts; an unfinished one stays text, marker included
+    # a finished call and its output are parts; an unfinished one is still a call, marked open
     parser = ReplyParser(byte_tokenizer)
     tokens = [S("<|python_start|>")] + byte_tokenizer.encode("2+3") + [S("<|python_end|>"), S("<|output_start|>")] \
-        + byte_tokenizer.encode("5") + [S("<|output_end|>"), S("<|python_start|>")] + byte_tokenizer.encode("4*")
+        + byte_tokenizer.encode("5") + [S("<|output_end|>"), S("<|user_end|>"), S("<|python_start|>")] \
+        + byte_tokenizer.encode("4*")
     events = [e for t in tokens for e in parser.push(t)] + parser.finish()
     assert events == [{"type": "python", "text": "2+3"}, {"type": "python_output", "text": "5"},
-                      {"type": "text", "text": "<|python_start|>4*"}]
+                      {"type": "special", "text": "<|user_end|>"}, {"type": "python", "text": "4*", "open": True}]
 
 
 # ---------------------------------------------------------------------------------------------
 # the OpenAI surface: n, stop, logprobs, top_p, penalties, usage, /v1/completions, adapters by model, /metrics
 
 def test_openai_n_choices_are_seeded_rows(gpt):
-    kw = dict(model="m", messages=USER, temperature=1.0, max_tokens=12)
+    kw = dict(model="nanochat-test", messages=USER, temperature=1.0, max_tokens=12)
     both = gpt.client.chat.completions.create(n=2, seed=5, **kw)
     one = [gpt.client.chat.completions.create(seed=s, **kw).choices[0].message.content for s in (5, 6)]
     assert [c.index for c in both.choices] == [0, 1]
@@ -531,10 +565,10 @@ def test_openai_n_choices_are_seeded_rows(gpt):
 def test_openai_stop_strings(echo):
     # the echo reply is "You said: <msg><|python_start|>6*7..."; a stop string ends it where it begins
     for stop in (["said"], ["zzz", ": hel"]):
-        resp = echo.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}], stop=stop)
+        resp = echo.client.chat.completions.create(model="nanochat-echo", messages=[{"role": "user", "content": "hello"}], stop=stop)
         assert resp.choices[0].message.content == ("You " if stop == ["said"] else "You said")
         assert resp.choices[0].finish_reason == "stop"
-        chunks = list(echo.client.chat.completions.create(model="m", messages=[{"role": "user", "content": "hello"}],
+        chunks = list(echo.client.chat.completions.create(model="nanochat-echo", messages=[{"role": "user", "content": "hello"}],
                                                           stop=stop, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == resp.choices[0].message.content
         assert chunks[-1].choices[0].finish_reason == "stop"
@@ -542,7 +576,7 @@ def test_openai_stop_strings(echo):
 
 def test_openai_logprobs_top_p_and_penalties(gpt):
     prompt, tokens, stopped = reference(gpt, USER, 10)
-    resp = gpt.client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=10, logprobs=True,
+    resp = gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=0, max_tokens=10, logprobs=True,
                                               top_logprobs=3)
     entries = resp.choices[0].logprobs.content
     assert len(entries) == len(tokens) - stopped  # every token but the stop token
@@ -550,12 +584,12 @@ def test_openai_logprobs_top_p_and_penalties(gpt):
         assert bytes(e.bytes) == gpt.tokenizer.enc.decode_single_token_bytes(tok)
         assert len(e.top_logprobs) == 3 and e.top_logprobs[0].logprob == pytest.approx(e.logprob)  # greedy: the best
         assert e.logprob <= 0
-    plain = gpt.client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=10)
+    plain = gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=0, max_tokens=10)
     assert plain.choices[0].logprobs is None
-    nucleus = gpt.client.chat.completions.create(model="m", messages=USER, temperature=1.5, top_p=1e-6, seed=1,
+    nucleus = gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=1.5, top_p=1e-6, seed=1,
                                                  max_tokens=10)
     assert nucleus.choices[0].message.content == plain.choices[0].message.content  # only the best token is left
-    penalized = gpt.client.chat.completions.create(model="m", messages=USER, temperature=0, max_tokens=10,
+    penalized = gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=0, max_tokens=10,
                                                    frequency_penalty=2.0, presence_penalty=1.0)
     assert penalized.choices[0].finish_reason in ("stop", "length")
 
@@ -566,17 +600,32 @@ def test_openai_text_completions(gpt):
     engine = Engine(gpt.worker.model, tok, tools=ToolRegistry())
     want = [col[0] for col, _ in engine.generate(prompt, max_tokens=8, temperature=0.0)]
     stopped = want[-1] in engine.stop_tokens
-    resp = gpt.client.completions.create(model="m", prompt="The cat", max_tokens=8, temperature=0, logprobs=2)
+    resp = gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0, logprobs=2)
     choice = resp.choices[0]
     assert resp.object == "text_completion" and choice.text == tok.decode(want[:-1] if stopped else want)
     assert resp.usage.prompt_tokens == len(prompt) and resp.usage.completion_tokens == len(want)
     assert len(choice.logprobs.tokens) == len(want) - stopped
     assert all(1 <= len(t) <= 2 for t in choice.logprobs.top_logprobs)  # keyed by text: two tokens may share one
     assert choice.logprobs.text_offset[0] == 0
-    chunks = list(gpt.client.completions.create(model="m", prompt="The cat", max_tokens=8, temperature=0, stream=True))
+    chunks = list(gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0, stream=True))
     assert "".join(c.choices[0].text for c in chunks) == choice.text
-    with pytest.raises(openai.BadRequestError, match="one prompt"):
-        gpt.client.completions.create(model="m", prompt=["a", "b"], max_tokens=2)
+    # several prompts (texts or token ids) x n: choices prompt-major, each prompt counted once in usage
+    many = gpt.client.completions.create(model="nanochat-test", prompt=["The cat", "A dog"], n=2, max_tokens=8,
+                                         temperature=0)
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    assert many.choices[0].text == many.choices[1].text == choice.text and many.choices[2].text != choice.text
+    dog = [tok.get_bos_token_id()] + tok.encode("A dog")
+    assert many.usage.prompt_tokens == len(prompt) + len(dog)
+    by_ids = gpt.client.completions.create(model="nanochat-test", prompt=prompt, max_tokens=8, temperature=0)
+    assert by_ids.choices[0].text == choice.text and by_ids.usage.prompt_tokens == len(prompt)
+    echoed = gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0, echo=True)
+    assert echoed.choices[0].text == "The cat" + choice.text
+    streamed = list(gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0,
+                                                  echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in streamed if c.choices) == "The cat" + choice.text
+    for bad, match in ((["a"] * 9, "limit is 8"), ([], "empty"), ([10 ** 6], "token ids")):
+        with pytest.raises(openai.BadRequestError, match=match):
+            gpt.client.completions.create(model="nanochat-test", prompt=bad, max_tokens=2)
 
 
 def live_app(sft_dir, adapters_root, quantize="none"):

@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from nanochat.tools.calculator import use_calculator
 from nanochat.engine import Engine, StreamDecoder
-from nanochat.tools.registry import ToolRegistry
+from nanochat.tools.registry import CALCULATOR_REFUSED, UNAVAILABLE, ToolRegistry
 from nanochat.fastlinear import pack_linears, packing_supported
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
@@ -95,6 +95,7 @@ def naive_generate(model, prompt, max_tokens):
     seq, out, masks, forced, expr, in_py = list(prompt), [], [], [], [], False
     while len(out) < max_tokens and len(seq) < model.config.sequence_len:
         logits = model(torch.tensor([seq]))[0, -1]
+        logits[[OUT_START, OUT_END]] = float("-inf")  # tool output is never sampled (Engine.ban)
         tok, m = (forced.pop(0), 0) if forced else (int(logits.argmax()), 1)
         out.append(tok)
         masks.append(m)
@@ -106,8 +107,7 @@ def naive_generate(model, prompt, max_tokens):
         elif tok == PY_END and in_py:
             in_py = False
             res = use_calculator(TOK.decode(expr))
-            if res is not None:
-                forced = [OUT_START] + TOK.encode(res) + [OUT_END]
+            forced = [OUT_START] + TOK.encode(CALCULATOR_REFUSED if res is None else res) + [OUT_END]
         elif in_py:
             expr.append(tok)
     return out, masks
@@ -366,11 +366,44 @@ def test_tool_use_forces_calculator_output():
     assert results == [expected[:-1]] and rmasks == [masks[0][:-1]]
 
 
-def test_tool_use_non_calculator_expression_forces_nothing():
-    model = BigramModel(calculator_script("x", "ok"))
-    rows, masks = stream(Engine(model, TOK, tools=ToolRegistry()), [BOS, A_START], max_tokens=50, temperature=0.0)
-    assert rows == [[PY_START, b("x"), PY_END, b("!"), A_END]]
-    assert masks == [[1] * 5]
+def test_tool_use_non_calculator_expression_is_answered_with_an_error():
+    model = BigramModel(calculator_script("x", "ok"), seq_len=512)  # room for the error
+    rows, masks = stream(Engine(model, TOK, tools=ToolRegistry()), [BOS, A_START], max_tokens=200, temperature=0.0)
+    answer = [OUT_START] + TOK.encode(CALCULATOR_REFUSED) + [OUT_END]
+    assert rows == [[PY_START, b("x"), PY_END] + answer + [b("o"), b("k"), A_END]]
+    assert masks == [[1] * 3 + [0] * len(answer) + [1] * 3]
+
+
+def liar(table, fallback):
+    """A BigramModel whose favourite next tokens come from `table`, with `fallback` (token -> token) its second
+    choice: what it writes when its favourite is not allowed."""
+    model = BigramModel(table, seq_len=512)
+    with torch.no_grad():
+        for a, nxt in fallback.items():
+            model.W[a, nxt] = 10.0
+    return model
+
+
+def test_a_model_never_writes_tool_output_itself():
+    # it wants to open an output block at once: it writes its second choice, greedy or sampled
+    model = liar({A_START: OUT_START, OUT_START: b("F"), b("F"): OUT_END, OUT_END: A_END, b("?"): A_END},
+                 {A_START: b("?"), b("F"): b("?")})
+    engine = Engine(model, TOK, tools=ToolRegistry())
+    rows, masks = stream(engine, [BOS, A_START], max_tokens=20, temperature=0.0)
+    assert rows == [[b("?"), A_END]] and masks == [[1, 1]]
+    rows, _ = stream(engine, [BOS, A_START], num_samples=8, max_tokens=20, temperature=1.0)
+    assert not {OUT_START, OUT_END} & {t for r in rows for t in r}
+    # after a search with no index it wants to write the result itself: the tool's real answer is forced instead
+    ids = [PY_START] + TOK.encode("search: Klow") + [PY_END]
+    table = {A_START: ids[0], **dict(zip(ids, ids[1:])), PY_END: OUT_START, OUT_START: b("["), b("["): b("1"),
+             b("1"): b("]"), b("]"): OUT_END, OUT_END: b("!"), b("!"): A_END}
+    for tools in (ToolRegistry(), ToolRegistry(python=False)):  # no searcher: search is off
+        rows, masks = stream(Engine(liar(table, {}), TOK, tools=tools), [BOS, A_START], max_tokens=300,
+                             temperature=0.0)
+        answer = [OUT_START] + TOK.encode(UNAVAILABLE["search"]) + [OUT_END]
+        assert rows[0][:len(ids) + len(answer)] == ids + answer
+        assert masks[0][len(ids):len(ids) + len(answer)] == [0] * len(answer)
+        assert rows[0].count(OUT_START) == rows[0].count(OUT_END) == 1  # only the forced block
 
 
 @pytest.mark.parametrize("n_head,n_kv_head", [(4, 2), (4, 1)])

@@ -216,7 +216,9 @@ def test_context_limit_and_zero_budget():
 # --- sampling options ---------------------------------------------------------------------------
 
 def test_logprobs_are_the_models_distribution():
+    """Of the distribution tokens are drawn from: the model's, without the tool output markers (never sampled)."""
     model = make_gpt()
+    markers = [TOK.encode_special("<|output_start|>"), TOK.encode_special("<|output_end|>")]
     prompt = prompts_of([10], seed=4)[0]
     c = Collector()
     sched = Scheduler(model, TOK)
@@ -225,7 +227,9 @@ def test_logprobs_are_the_models_distribution():
     seq = list(prompt)
     with torch.no_grad():
         for e in c.events:
-            lp = F.log_softmax(model(torch.tensor([seq]))[0, -1], dim=-1)
+            logits = model(torch.tensor([seq]))[0, -1]
+            logits[markers] = float("-inf")
+            lp = F.log_softmax(logits, dim=-1)
             assert e.logprob == pytest.approx(float(lp[e.token]), abs=1e-4)
             top = lp.topk(3)
             assert [t for t, _ in e.top_logprobs] == top.indices.tolist()

@@ -11,7 +11,8 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tools.search import Searcher, build_index, match_expression, split_passages
 from nanochat.tokenizer import Tokenizer
-from nanochat.tools.registry import NO_TOOLS, PythonLimits, PythonREPL, ToolRegistry, parse_call
+from nanochat.tools.registry import (CALCULATOR_REFUSED, NO_TOOLS, UNAVAILABLE, PythonLimits, PythonREPL, ToolRegistry,
+                                     parse_call)
 from tests.conftest import at_positions
 
 TOK = Tokenizer.byte_level()
@@ -71,11 +72,16 @@ def test_registry_sessions_and_switches():
     reg = ToolRegistry(searcher=lambda q: searches.append(q) or f"found {q}")
     assert reg.names == ["calculator", "python", "search"]
     s = reg.session()
-    assert s("6*7") == "42" and s("hello") is None and s("search: owls") == "found owls"
-    assert s.calls == [("calculator", "6*7", "42"), ("calculator", "hello", None), ("search", "owls", "found owls")]
+    # every call gets an answer: the tool's, or an error that says why there is none (never None: the model
+    # would go on to write one itself)
+    assert s("6*7") == "42" and s("hello") == CALCULATOR_REFUSED and s("search: owls") == "found owls"
+    assert s.calls == [("calculator", "6*7", "42"), ("calculator", "hello", CALCULATOR_REFUSED),
+                       ("search", "owls", "found owls")]
     off = NO_TOOLS.session()
-    assert NO_TOOLS.names == [] and off("6*7") is None and off("python: 1") is None and off("search: x") is None
-    assert ToolRegistry().session()("search: x") is None  # no index: search is off
+    assert NO_TOOLS.names == []
+    assert [off(c) for c in ("6*7", "python: 1", "search: x")] == [UNAVAILABLE[n] for n in ("calculator", "python", "search")]
+    assert ToolRegistry().session()("search: x") == UNAVAILABLE["search"]  # no index: search is off
+    assert "not available" in UNAVAILABLE["search"] and "no search index" in UNAVAILABLE["search"]
 
 
 # --- search ---------------------------------------------------------------------------------------
@@ -327,7 +333,12 @@ def test_engine_python_errors_and_tools_off():
     model = SegmentModel([call("python: undefined_name"), TOK.encode("ok")])
     (text,), _ = run(Engine(model, TOK, tools=ToolRegistry()))
     assert "<|output_start|>NameError: name 'undefined_name' is not defined<|output_end|>ok" in text
+    # the tool is off: the call is answered so (forced, mask 0), and the model goes on from that answer
     (text,), masks = run(Engine(SegmentModel([call("python: 1+1"), TOK.encode("ok")]), TOK, tools=NO_TOOLS))
+    assert text == f"<|python_start|>python: 1+1<|python_end|><|output_start|>{UNAVAILABLE['python']}<|output_end|>ok"
+    assert masks[0].count(0) == len(TOK.encode(UNAVAILABLE["python"])) + 2
+    # no tools at all (tools=None, what evals use to switch tools off): nothing is forced
+    (text,), masks = run(Engine(SegmentModel([call("python: 1+1"), TOK.encode("ok")]), TOK))
     assert text == "<|python_start|>python: 1+1<|python_end|>" and set(masks[0]) == {1}
 
 

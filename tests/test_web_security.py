@@ -246,7 +246,7 @@ def test_api_key_guards_everything_but_health_and_the_page(keyed):
     assert ask(keyed, "k", key="chat-key", max_tokens=64).status_code == 200
     assert ask(keyed, "k", key="admin-key", max_tokens=64).status_code == 200
     client = openai.OpenAI(base_url=keyed + "/v1", api_key="chat-key", max_retries=0)
-    assert client.chat.completions.create(model="x", messages=[{"role": "user", "content": "o"}]).choices
+    assert client.chat.completions.create(model="nanochat-keyed", messages=[{"role": "user", "content": "o"}]).choices
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=keyed + "/v1", api_key="nope", max_retries=0).models.list()
 

@@ -13,15 +13,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.serve.live_routes import live_router
 from nanochat.serve.openai_api import (BodySizeLimit, Defaults, Limits, RequestError, describe_validation_errors,
-                                       error_response)
+                                       error_response, validation_error_code)
 from nanochat.serve.replicas import PoolMetrics, Worker, WorkerPool
 from nanochat.serve.routes import Served, completion_router, info_router
 from nanochat.serve.security import ApiKeyAuth, BrowserGuard, guarded_protocol, without_422
 
 
 def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up=True, learn=None,
-               api_key=None, admin_key=None, allowed_hosts=()):
+               api_key=None, admin_key=None, allowed_hosts=(), model_aliases=(), fingerprint=None):
     """The FastAPI app serving `workers` (a list of Worker over replicas of one model and tokenizer).
+    model_id: the name replies carry; model_aliases: more names requests may give for it ("*": any name;
+    otherwise an unknown name is a 404 model_not_found); fingerprint: the replies' system_fingerprint.
     learn: None (no live learning) or a function pool -> nanochat.serve.live.LiveLearning.
     api_key / admin_key: see security.ApiKeyAuth (None: open). Without an API key, security.BrowserGuard
     checks the Host header (loopback names and `allowed_hosts`; "*": any) and that POSTs are JSON."""
@@ -34,7 +36,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
         live.max_jobs, live.job_ttl = limits.max_learn_jobs, limits.job_ttl
         live.max_adapters, live.max_adapter_bytes = limits.max_adapters, limits.max_adapter_bytes
         live.attach_metrics(metrics.registry)
-    served = Served(pool, metrics, live, model_id, limits, defaults or Defaults())
+    served = Served(pool, metrics, live, model_id, limits, defaults or Defaults(), tuple(model_aliases), fingerprint)
 
     # no trailing-slash redirects: their Location would be built from the client's Host header
     app = FastAPI(title="nanochat", lifespan=lifespan(pool, live, warm_up), redirect_slashes=False)
@@ -74,11 +76,11 @@ def add_error_handlers(app):
     422), and Starlette's own errors (404, 405 with its Allow header, 413)."""
     @app.exception_handler(RequestError)
     async def on_request_error(request, exc):
-        return error_response(exc.status, exc.message, exc.param)
+        return error_response(exc.status, exc.message, exc.param, code=exc.code)
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request, exc):
-        return error_response(400, describe_validation_errors(exc.errors()))
+        return error_response(400, describe_validation_errors(exc.errors()), code=validation_error_code(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request, exc):

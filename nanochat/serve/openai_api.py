@@ -1,22 +1,11 @@
-"""The HTTP surface's requests and replies: OpenAI-compatible and page request bodies, input limits, the
-translation between OpenAI content and the model's conversation parts, and the shared HTTP pieces (error
-shape, body-size limit, SSE responses). It knows nothing of models or scheduling.
+"""The HTTP surface's shared pieces: page request bodies, input limits and the checks of sampling fields common to
+every generating route, the error shape (OpenAI's, with its codes), the body-size limit and SSE responses. It knows
+nothing of models or scheduling; OpenAI's own bodies are openai_schema.py's, its messages openai_messages.py's.
 
-OpenAI compatibility decisions
-    Unknown fields are refused with 400, so a client never silently loses a setting it relies on.
-    Tool calls (calculator, python REPL, search; nanochat.tools.registry) run on the server. In OpenAI content
-    they are visible text with the model's own markers, the tool named inside the call:
-        "<|python_start|>2+3<|python_end|><|output_start|>5<|output_end|>"                   calculator
-        "<|python_start|>python:\nx = 6\nx * 7<|python_end|><|output_start|>42<|output_end|>"   python
-        "<|python_start|>search: capital of Velmora<|python_end|><|output_start|>[1] ...<|output_end|>"
-    and assistant messages sent back are split on those markers again, so a conversation re-renders to
-    exactly the tokens the model saw; the python REPL starts each reply from the python calls in the
-    messages, so its variables last the conversation.
-    usage.completion_tokens counts every token appended after the prompt: sampled, forced tool output,
-    and the closing <|assistant_end|>.
+usage.completion_tokens counts every token appended after the prompt: sampled, forced tool output, and the
+closing <|assistant_end|>.
 """
 import json
-import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -26,7 +15,6 @@ from pydantic import BaseModel, ConfigDict
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from nanochat.engine import TOOL_MARKERS
 from nanochat.tokenizer import validate_messages
 
 
@@ -65,11 +53,12 @@ class Defaults:
 
 
 class RequestError(Exception):
-    """A request we refuse; the message says what is wrong and, for a limit, which one."""
+    """A request we refuse; the message says what is wrong and, for a limit, which one. code: OpenAI's error
+    code where one fits (model_not_found, context_length_exceeded, ...), else one from the status."""
 
-    def __init__(self, message, param=None, status=400):
+    def __init__(self, message, param=None, status=400, code=None):
         super().__init__(message)
-        self.message, self.param, self.status = message, param, status
+        self.message, self.param, self.status, self.code = message, param, status, code
 
 
 class StrictBody(BaseModel):
@@ -99,95 +88,14 @@ class PageRequest(StrictBody):
     seed: int | None = None
 
 
-class TextPart(StrictBody):
-    type: Literal["text"]
-    text: str
-
-
-class OpenAIMessage(StrictBody):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-
-class StreamOptions(StrictBody):
-    include_usage: bool = False
-
-
-class OpenAIRequest(StrictBody):
-    model: str | None = None
-    messages: list[OpenAIMessage]
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    n: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    adapter: str | list[str] | None = None  # nanochat's own field (openai client: extra_body={"adapter": ...})
-    adapter_weights: list[float] | None = None
-
-
-class CompletionRequest(StrictBody):
-    """POST /v1/completions: plain text in, its continuation out (base models too)."""
-    model: str | None = None
-    prompt: str | list[str]
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    max_tokens: int | None = None
-    n: int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    logprobs: int | None = None  # the legacy API: how many alternatives per token (0: only the chosen one)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    adapter: str | list[str] | None = None
-    adapter_weights: list[float] | None = None
-
-
-# The model's tool markers appear as such in OpenAI message content (see the module docstring).
-_TOOL_SPLIT = re.compile("(" + "|".join(re.escape(a) + ".*?" + re.escape(b) for a, b in TOOL_MARKERS.values()) + ")",
-                         re.DOTALL)
-
-
-def part_as_openai_text(kind, text):
-    if kind == "text":
-        return text
-    start, end = TOOL_MARKERS[kind]
-    return start + text + end
-
-
-def openai_text_as_parts(text):
-    """An assistant's OpenAI content -> the str or list of parts render_conversation takes."""
-    pieces = [p for p in _TOOL_SPLIT.split(text) if p]
-    if not any(p.startswith(start) for p in pieces for start, _ in TOOL_MARKERS.values()):
-        return text
-    parts = []
-    for p in pieces:
-        for kind, (start, end) in TOOL_MARKERS.items():
-            if p.startswith(start) and p.endswith(end):
-                parts.append({"type": kind, "text": p[len(start):-len(end)]})
-                break
-        else:
-            parts.append({"type": "text", "text": p})
-    return parts
-
-
 def content_chars(content):
     return len(content) if isinstance(content, str) else sum(len(p["text"]) for p in content)
 
 
-def check_messages(messages, limits):
-    """messages: [{"role", "content"}] with content a str or a list of part dicts. Raises RequestError."""
+def check_messages(messages, limits, continues=False):
+    """messages: [{"role", "content"}] with content a str or a list of part dicts; continues: the conversation
+    ends inside the assistant's turn (after a tool's result) instead of with the user's message. Raises
+    RequestError."""
     if not messages:
         raise RequestError("messages is empty: send at least one user message", "messages")
     if len(messages) > limits.max_messages:
@@ -207,8 +115,9 @@ def check_messages(messages, limits):
         validate_messages(messages)  # roles: optional system first, then user/assistant alternating
     except ValueError as e:
         raise RequestError(str(e), "messages") from None
-    if messages[-1]["role"] != "user":
-        raise RequestError("the last message must be the user's: the reply to it is what gets generated", "messages")
+    if messages[-1]["role"] != ("assistant" if continues else "user"):
+        raise RequestError("the last message must be the user's (or a tool's result): the reply to it is what gets "
+                           "generated", "messages")
 
 
 def check_sampling(temperature, top_k, max_tokens, seed, limits):
@@ -246,10 +155,30 @@ def check_openai_options(body, limits):
     return n, stop
 
 
+def check_logit_bias(bias, vocab_size):
+    """A request's logit_bias ({"token id": bias}) -> {int id: float bias} for the sampler, or None."""
+    if not bias:
+        return None
+    out = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit() and int(key) < vocab_size):
+            raise RequestError(f"logit_bias keys are token ids from 0 to {vocab_size - 1} (as strings); got {key!r}",
+                               "logit_bias")
+        if not -100.0 <= value <= 100.0:  # also refuses NaN
+            raise RequestError(f"logit_bias values must be between -100 and 100; got {value} for token {key}",
+                               "logit_bias")
+        out[int(key)] = float(value)
+    return out
+
+
 def check_chat_options(body):
-    """The chat-only fields of an OpenAIRequest -> max_tokens (from max_tokens or max_completion_tokens)."""
+    """The chat-only fields of a ChatRequest -> max_tokens (from max_tokens or max_completion_tokens)."""
     if body.max_tokens is not None and body.max_completion_tokens is not None:
         raise RequestError("give max_tokens or max_completion_tokens, not both", "max_tokens")
+    if body.response_format is not None and body.response_format.type != "text":
+        raise RequestError(f"response_format {body.response_format.type!r} is not supported: this server cannot "
+                           "constrain a reply to JSON; leave response_format out (or send {\"type\": \"text\"}) "
+                           "and ask for JSON in the prompt", "response_format", code="unsupported_value")
     if body.top_logprobs is not None and not body.logprobs:
         raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
@@ -257,27 +186,26 @@ def check_chat_options(body):
     return body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
 
 
-def chat_messages(body):
-    """An OpenAIRequest's messages -> [{"role", "content"}] as render_conversation takes them (an assistant's
-    tool calls split out of its text)."""
-    messages = []
-    for m in body.messages:
-        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
-        messages.append({"role": m.role, "content": openai_text_as_parts(text) if m.role == "assistant" else text})
-    return messages
-
-
-def check_text_options(body, limits):
-    """The legacy-only fields of a CompletionRequest -> its one prompt's text."""
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(prompts) != 1:
-        raise RequestError(f"one prompt per request; got {len(prompts)}", "prompt")
-    if len(prompts[0]) > limits.max_total_chars:
-        raise RequestError(f"the prompt is {len(prompts[0])} characters; the limit is {limits.max_total_chars} "
-                           "(--max-total-chars)", "prompt")
+def check_text_options(body, limits, vocab_size):
+    """The legacy-only fields of a CompletionRequest -> its prompts, each a str or a list of token ids."""
+    prompt = body.prompt
+    prompts = [prompt] if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)) else list(prompt)
+    if not prompts:
+        raise RequestError("prompt is an empty list: send a text, a list of texts or token ids", "prompt")
+    n = 1 if body.n is None else body.n
+    if len(prompts) * n > limits.max_n:
+        raise RequestError(f"{len(prompts)} prompts x n={n} is {len(prompts) * n} choices; the limit is "
+                           f"{limits.max_n} (--max-n)", "prompt")
+    for p in prompts:
+        if isinstance(p, str) and len(p) > limits.max_total_chars:
+            raise RequestError(f"a prompt is {len(p)} characters; the limit is {limits.max_total_chars} "
+                               "(--max-total-chars)", "prompt")
+        if not isinstance(p, str) and (not p or not all(0 <= t < vocab_size for t in p)):
+            raise RequestError(f"a token prompt must be a non-empty list of token ids from 0 to {vocab_size - 1}",
+                               "prompt")
     if body.logprobs is not None and not 0 <= body.logprobs <= 5:
         raise RequestError(f"logprobs must be between 0 and 5; got {body.logprobs}", "logprobs")
-    return prompts[0]
+    return prompts
 
 
 MAX_ADAPTER_WEIGHT = 10.0  # a stack weight beyond this is a typo, not a setting: each adapter was trained at 1
@@ -314,9 +242,10 @@ def check_adapter_stack(adapter, weights, limits):
     return [(n, float(w)) for n, w in zip(names, weights)]
 
 
-def sum_usage(usages):
-    """Usage of n choices of one prompt: the prompt counted once, completions summed (as OpenAI)."""
-    prompt = usages[0]["prompt_tokens"]
+def sum_usage(usages, per_prompt=None):
+    """Usage of the choices of one request, per_prompt (default: all) choices per prompt: each prompt counted
+    once, completions summed (as OpenAI)."""
+    prompt = sum(u["prompt_tokens"] for u in usages[::per_prompt or len(usages)])
     completion = sum(u["completion_tokens"] for u in usages)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
@@ -332,6 +261,15 @@ def legacy_logprobs(entries, offset=0):
         out["text_offset"].append(offset)
         offset += len(e["token"])
     return out, offset
+
+
+VALIDATION_CODES = {"json_invalid": "invalid_json", "missing": "missing_required_parameter",
+                    "extra_forbidden": "unknown_parameter"}
+
+
+def validation_error_code(errors):
+    """OpenAI's code for pydantic's first error: a malformed body, a missing field, an unknown one, else a type."""
+    return VALIDATION_CODES.get(errors[0].get("type") if errors else None, "invalid_type")
 
 
 def describe_validation_errors(errors):
@@ -355,9 +293,16 @@ def describe_validation_errors(errors):
     return "; ".join(out)
 
 
-def error_response(status, message, param=None, kind="invalid_request_error"):
+# OpenAI's error codes where one fits a status (a RequestError may name a more precise one)
+STATUS_CODES = {400: "invalid_value", 401: "invalid_api_key", 403: "insufficient_permissions", 404: "not_found",
+                405: "method_not_allowed", 409: "conflict", 413: "request_too_large", 415: "unsupported_media_type",
+                429: "rate_limit_exceeded", 500: "server_error", 503: "server_overloaded"}
+
+
+def error_response(status, message, param=None, kind="invalid_request_error", code=None):
     # OpenAI's error shape: the openai client raises with this message, and the page shows it
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": None}}, status_code=status)
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param,
+                                   "code": code or STATUS_CODES.get(status, "error")}}, status_code=status)
 
 
 class BodySizeLimit:

@@ -3,8 +3,9 @@ them, and each request's tokens turned into reply events on the asyncio loop. No
 
     pool = WorkerPool([Worker(0, model, tokenizer)])
     async for event in pool.run(Job(prompt_ids, max_tokens=64, temperature=0.0, top_k=50)):
-        ...  # queued {position} | text {text} | python {text} | python_output {text}
-             # | done {finish_reason, usage, (logprobs)} | error {message}
+        ...  # queued {position} | text {text} | python {text, (open)} | python_output {text, (open)}
+             # | special {text} | done {finish_reason, usage, (logprobs)} | error {message}
+             # (the text and tool events are engine.ReplyParser's)
 
 A Worker owns a model replica and its Scheduler thread (on CUDA the thread sets its GPU). WorkerPool gives
 each new request to the replica with the fewest requests in it (active + waiting); there it joins the
@@ -46,6 +47,7 @@ class Job:
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
     stop: list = field(default_factory=list)  # strings: the reply's text ends before the first one
+    logit_bias: dict | None = None  # token id -> added to its logit before sampling
 
 
 class StopStrings:
@@ -151,7 +153,8 @@ class ReplyEvents:
         out = []
         if not cut:
             parts, _ = self.filtered(self.parser.finish())
-            out = [self.attach(e) for e in parts + [{"type": "text", "text": self.stops.flush()}] if e["text"]]
+            out = [self.attach(e) for e in parts + [{"type": "text", "text": self.stops.flush()}]
+                   if e["text"] or e["type"] != "text"]
         return out + [self.attach({"type": "done", "finish_reason": reason, "usage": usage})]
 
 
@@ -262,7 +265,8 @@ class WorkerPool:
         events = asyncio.Queue()
         request = Request(job.prompt, max_tokens=job.max_tokens, temperature=job.temperature, top_k=job.top_k or None,
                           top_p=job.top_p, seed=job.seed, presence_penalty=job.presence_penalty,
-                          frequency_penalty=job.frequency_penalty, logprobs=job.logprobs, adapter=adapter)
+                          frequency_penalty=job.frequency_penalty, logprobs=job.logprobs, adapter=adapter,
+                          logit_bias=job.logit_bias)
 
         def on_event(event):  # the scheduler's thread
             try:

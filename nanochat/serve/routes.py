@@ -1,40 +1,50 @@
-"""The chat routes of the server: the page, its SSE stream, the OpenAI-compatible completions, models, health,
-stats and metrics, each turning a request body into jobs for the replicas and their events into a reply. The
-app around them (middleware, error handlers, startup) is app.py's; the live-learning routes are live_routes.py's."""
+"""The chat routes of the server: the page, its SSE stream, the OpenAI-compatible completions and models, health,
+stats and metrics, each turning a request body into jobs for the replicas and their events into a reply (OpenAI's
+bodies: openai_schema.py, its messages: openai_messages.py, its replies: openai_reply.py). The app around them
+(middleware, error handlers, startup) is app.py's; the live-learning routes are live_routes.py's."""
+import logging
 import os
+import re
 import time
-import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
-from fastapi.sse import format_sse_event
 
 from nanochat.engine import MIN_TEMPERATURE
 from nanochat.serve.live import AUTO
-from nanochat.serve.openai_api import (CompletionRequest, Defaults, EventStream, Limits, OpenAIRequest, PageRequest,
-                                       RequestError, chat_messages, check_adapter_stack, check_chat_options,
-                                       check_messages, check_openai_options, check_sampling, check_text_options,
-                                       error_response, legacy_logprobs, part_as_openai_text, sse, sum_usage)
+from nanochat.serve.openai_api import (Defaults, EventStream, Limits, PageRequest, RequestError, check_adapter_stack,
+                                       check_chat_options, check_logit_bias, check_messages, check_openai_options,
+                                       check_sampling, check_text_options, sse)
+from nanochat.serve.openai_messages import conversation
+from nanochat.serve.openai_reply import OpenAIReply
+from nanochat.serve.openai_schema import ChatRequest, CompletionRequest, ignored_fields
 from nanochat.serve.replicas import Job, PoolMetrics, WorkerPool
 from nanochat.serve.security import SSE, documented_errors
 
+logger = logging.getLogger("nanochat.serve.routes")
 UI_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "ui.html")
-DISCONNECT_CHECK_S = 0.5  # how often a non-streaming request checks whether its client is still there
 GENERATES = {200: {"content": SSE}} | documented_errors(400, 401, 404, 413, 415)
+IGNORED_HEADER = "x-nanochat-ignored-fields"
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_.\[\]-]{1,64}")  # what a header may repeat of a client's field names
+MAX_LOGGED_NAMES = 1000  # ignored field names logged once each; a client inventing names can't grow this further
 
 
 @dataclass
 class Served:
-    """What the chat routes answer from: the replicas, live learning (None: off) and the server's settings."""
+    """What the chat routes answer from: the replicas, live learning (None: off) and the server's settings.
+    aliases: more names the served model answers to ("*": any name); fingerprint: system_fingerprint."""
     pool: WorkerPool
     metrics: PoolMetrics
     live: object  # nanochat.serve.live.LiveLearning or None
     model_id: str
     limits: Limits
     defaults: Defaults
+    aliases: tuple = ()
+    fingerprint: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
+    logged: set = field(default_factory=set)  # ignored field names already logged
 
     @property
     def tokenizer(self):
@@ -47,65 +57,109 @@ class Served:
     def adapter_names(self):
         return self.live.names() if self.live is not None else []
 
-    def adapter_for(self, name, model=None, weights=None):
-        """The adapter a request runs with: `model` naming a loaded adapter selects it (vLLM's way), as
-        does the `adapter` field (a name, or a list of names with adapter_weights: a stack); any other model
-        name means the served model."""
-        name = check_adapter_stack(name, weights, self.limits)
+    def answers_to(self, model):
+        """Whether `model` names the served model (its id, an alias, or any name with the alias "*")."""
+        return model == self.model_id or model in self.aliases or "*" in self.aliases
+
+    def resolve(self, model=None, adapter=None, weights=None):
+        """A request's `model`, `adapter` and `adapter_weights` -> (what its Job runs with: None for the base, an
+        adapter's name, or ((name, weight), ...) for a stack; the name its reply's `model` carries). The one place
+        these fields are read. `model` naming a loaded adapter selects it (vLLM's way), as does `adapter` (a name,
+        "none" for the base model, or a list of names: a stack); the served model's names mean the server's
+        default (the active adapter, if any). Any other model name is a 404 model_not_found."""
+        stack = check_adapter_stack(adapter, weights, self.limits)
         if model is not None and model in self.adapter_names():
-            if name not in (None, model):
-                raise RequestError(f"model {model!r} is an adapter but adapter is {name!r}: give one", "adapter")
-            name = model
+            if stack not in (None, model):
+                raise RequestError(f"model {model!r} is an adapter but adapter is {stack!r}: give one", "adapter")
+            stack = model
+        elif model is not None and not self.answers_to(model):
+            known = [self.model_id, *(a for a in self.aliases if a != "*"), *self.adapter_names()]
+            raise RequestError(f"the model {model[:200]!r} does not exist on this server; it serves "
+                               f"{', '.join(map(repr, known))} (GET /v1/models lists them; chat_web "
+                               "--served-model-name NAME adds a name it answers to)", "model", status=404,
+                               code="model_not_found")
         if self.live is None:
-            if name not in (None, "none"):
+            if stack not in (None, "none"):
                 raise RequestError("this server has no adapters (live learning is off)", "adapter")
-            return None
+            return None, self.model_id
         try:
-            return self.live.resolve(name)
+            spec = self.live.resolve(stack)
         except KeyError as e:
             raise RequestError(f"no adapter {e.args[0]!r}; GET /adapters lists them", "adapter", status=404) from None
         except ValueError as e:
             raise RequestError(str(e), "adapter") from None
+        return spec, served_name(spec, self.model_id)
 
-    async def choose_adapter(self, prompt, name=None, model=None, weights=None):
-        """The adapter a request runs with (adapter_for): "auto" (asked for, or the server's default) becomes the
-        adapter the prompt resembles or None, the base model (LiveLearning.auto_adapter). Counted in /metrics
-        by adapter and by how it was chosen: request, default or auto."""
-        adapter = self.adapter_for(name, model, weights)
-        chosen = "default" if name is None and model not in self.adapter_names() else "request"
-        if adapter == AUTO:
-            adapter, chosen = await self.live.auto_adapter(prompt), "auto"
+    async def route(self, prompt, spec, model=None, adapter=None):
+        """Where a request runs, given resolve()'s spec and the request's own `model` and `adapter` fields: "auto"
+        (asked for, or the server's default) becomes the adapter whose training prompts the prompt resembles, or None
+        for the base model (LiveLearning.auto_adapter). Counted in /metrics by adapter and by how it was chosen
+        (request, default, auto). -> (spec, the name the reply's `model` carries)."""
+        chosen = "request" if adapter is not None or model in self.adapter_names() else "default"
+        if spec == AUTO:
+            spec, chosen = await self.live.auto_adapter(prompt), "auto"
         if self.live is not None:
-            self.live.count(adapter, chosen)
-        return adapter
+            self.live.count(spec, chosen)
+        return spec, served_name(spec, self.model_id)
 
-    def reply_model(self, job):
-        """The `model` of a reply: the adapter the job ran with, else (the base model, or a stack) the served model."""
-        return job.adapter if isinstance(job.adapter, str) else self.model_id
+    def model_entry(self, name):
+        """GET /v1/models' entry for `name` (the served model, an alias, or an adapter), or None."""
+        entry = {"id": name, "object": "model", "created": self.created, "owned_by": "nanochat"}
+        if name == self.model_id or (name in self.aliases and name != "*"):
+            return entry if name == self.model_id else entry | {"root": self.model_id}
+        if name in self.adapter_names():
+            provenance = next((a["provenance"] for a in self.live.describe()["adapters"] if a["name"] == name), None)
+            # beside vLLM's fields: how a merged or nested adapter came about (GET /adapters has the rest)
+            return entry | {"parent": self.model_id, "root": self.model_id, "provenance": provenance}
+        return None
 
-    async def make_jobs(self, prompt, temperature, top_k, max_tokens, seed, adapter=None, model=None, n=1,
-                        adapter_weights=None, **extra):
-        """One Job per choice (n), checked against the limits, the server's defaults filled in."""
+    def make_jobs(self, prompt, temperature, top_k, max_tokens, seed, adapter=None, n=1, **extra):
+        """One Job per choice (n), checked against the limits, the server's defaults filled in. adapter: as
+        resolve() gives it."""
         check_sampling(temperature, top_k, max_tokens, seed, self.limits)
         if len(prompt) >= self.context:
             raise RequestError(f"the prompt is {len(prompt)} tokens but the model's context is {self.context} "
                                "tokens, with room needed for the reply: start a new conversation or shorten it",
-                               "messages")
+                               "messages", code="context_length_exceeded")
         d = self.defaults
         temperature = d.temperature if temperature is None else temperature
         job = Job(prompt=prompt, max_tokens=max_tokens or d.max_tokens,
                   temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
-                  top_k=d.top_k if top_k is None else top_k,
-                  adapter=await self.choose_adapter(prompt, adapter, model, adapter_weights),
+                  top_k=d.top_k if top_k is None else top_k, adapter=adapter,
                   **{k: v for k, v in extra.items() if v is not None})
         if seed is not None:
             job.seed = seed
         # n choices: rows of one batch, each with its own seed (seed, seed + 1, ...) so they differ
         return [Job(**{**vars(job), "seed": job.seed + i}) for i in range(n)]
 
-    def chat_prompt(self, messages):
-        check_messages(messages, self.limits)
+    def chat_prompt(self, messages, continues=False):
+        """The prompt ids of a conversation: for the next assistant turn, or (continues) going on with the
+        assistant's last turn, after a tool's result."""
+        check_messages(messages, self.limits, continues)
+        if continues:
+            return self.tokenizer.render_conversation(messages, max_tokens=10 ** 9)[0][:-1]  # open: no assistant_end
         return self.tokenizer.render_for_completion(messages)
+
+    def note_ignored(self, body, response):
+        """Name what `body` sent but nothing here acts on in the reply's header, and in the log once per name."""
+        names = ignored_fields(body)
+        if not names:
+            return
+        shown = [n for n in names if _FIELD_NAME.fullmatch(n)][:32]
+        response.headers[IGNORED_HEADER] = ", ".join(shown + ([f"(+{len(names) - len(shown)} more)"]
+                                                              if len(names) > len(shown) else []))
+        for name in names:
+            if name not in self.logged and len(self.logged) < MAX_LOGGED_NAMES:
+                self.logged.add(name)
+                logger.info("ignoring the request field %r: nothing on this server acts on it (each name is logged "
+                            "once; replies name them in %s)", name[:100], IGNORED_HEADER)
+
+
+def served_name(spec, model_id):
+    """The name a reply's `model` carries: the served model's, the adapter's, or a stack's names joined by '+'."""
+    if spec is None:
+        return model_id
+    return spec if isinstance(spec, str) else "+".join(name for name, _ in spec)
 
 
 def info_router(served):
@@ -135,14 +189,16 @@ def info_router(served):
 
     @router.get("/v1/models", responses=documented_errors(400, 401))
     async def models():
-        live, created = served.live, served.created
-        data = [{"id": served.model_id, "object": "model", "created": created, "owned_by": "nanochat"}]
-        provenance = {a["name"]: a["provenance"] for a in live.describe()["adapters"]} if live else {}
-        for name in served.adapter_names():
-            # beside vLLM's fields: how a merged or nested adapter came about (GET /adapters has the rest)
-            data.append({"id": name, "object": "model", "created": created, "owned_by": "nanochat",
-                         "parent": served.model_id, "root": served.model_id, "provenance": provenance.get(name)})
-        return {"object": "list", "data": data}
+        names = [served.model_id, *(a for a in served.aliases if a != "*"), *served.adapter_names()]
+        return {"object": "list", "data": [e for e in map(served.model_entry, names) if e is not None]}
+
+    @router.get("/v1/models/{model:path}", responses=documented_errors(400, 401, 404))
+    async def model(model: str):
+        entry = served.model_entry(model)
+        if entry is None:
+            raise RequestError(f"the model {model[:200]!r} does not exist on this server; GET /v1/models lists "
+                               "them", "model", status=404, code="model_not_found")
+        return entry
 
     return router
 
@@ -154,135 +210,71 @@ def completion_router(served):
     @router.post("/chat/completions", responses=GENERATES, openapi_extra={"x-sse-only": True})
     async def page_completion(body: PageRequest):
         messages = [m.model_dump() for m in body.messages]
-        (job,) = await served.make_jobs(served.chat_prompt(messages), body.temperature, body.top_k, body.max_tokens,
-                                  body.seed, body.adapter, adapter_weights=body.adapter_weights)
+        adapter, _ = served.resolve(None, body.adapter, body.adapter_weights)
+        prompt = served.chat_prompt(messages)
+        adapter, _ = await served.route(prompt, adapter, adapter=body.adapter)
+        (job,) = served.make_jobs(prompt, body.temperature, body.top_k, body.max_tokens, body.seed, adapter)
 
         async def events():
             async with aclosing(served.pool.run(job)) as stream:
                 async for event in stream:
-                    event.pop("logprobs", None)
-                    yield sse(event)
+                    if event["type"] != "special":  # a special token out of place is never shown
+                        event.pop("logprobs", None)
+                        yield sse(event)
 
         return EventStream(events())
 
     @router.post("/v1/chat/completions", responses=GENERATES)
-    async def openai_chat(body: OpenAIRequest, request: Request):
+    async def openai_chat(body: ChatRequest, request: Request, response: Response):
+        adapter, name = served.resolve(body.model, body.adapter, body.adapter_weights)
         n, stop = check_openai_options(body, served.limits)
         max_tokens = check_chat_options(body)
-        jobs = await served.make_jobs(served.chat_prompt(chat_messages(body)), body.temperature, body.top_k, max_tokens,
-                                body.seed, body.adapter, body.model, n, body.adapter_weights, top_p=body.top_p,
-                                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                                stop=stop, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
-        return await respond(served, jobs, body, request, "chat")
+        messages, continues = conversation(body.messages)
+        prompt = served.chat_prompt(messages, continues)
+        adapter, name = await served.route(prompt, adapter, body.model, body.adapter)
+        jobs = served.make_jobs(prompt, body.temperature, body.top_k, max_tokens, body.seed, adapter, n,
+                                top_p=body.top_p, presence_penalty=body.presence_penalty,
+                                frequency_penalty=body.frequency_penalty, stop=stop,
+                                logprobs=(body.top_logprobs or 0) if body.logprobs else None,
+                                logit_bias=check_logit_bias(body.logit_bias, served.tokenizer.get_vocab_size()))
+        reply = OpenAIReply("chat", jobs, name, served.fingerprint, jobs[0].logprobs is not None,
+                            include_usage(body), raw=bool(body.raw_content))
+        return await respond(served, reply, jobs, body, request, response)
 
     @router.post("/v1/completions", responses=GENERATES)
-    async def openai_text(body: CompletionRequest, request: Request):
+    async def openai_text(body: CompletionRequest, request: Request, response: Response):
+        adapter, name = served.resolve(body.model, body.adapter, body.adapter_weights)
         n, stop = check_openai_options(body, served.limits)
-        text = check_text_options(body, served.limits)
-        prompt = [served.tokenizer.get_bos_token_id()] + served.tokenizer.encode(text)
-        jobs = await served.make_jobs(prompt, body.temperature, body.top_k, body.max_tokens, body.seed, body.adapter,
-                                body.model, n, body.adapter_weights, top_p=body.top_p,
-                                presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                                stop=stop, logprobs=body.logprobs)
-        return await respond(served, jobs, body, request, "text")
+        tok = served.tokenizer
+        prompts = check_text_options(body, served.limits, tok.get_vocab_size())
+        prompts_ids = [[tok.get_bos_token_id()] + tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        # one reply, one `model`: "auto" routes a request of several prompts on its first
+        adapter, name = await served.route(prompts_ids[0], adapter, body.model, body.adapter)
+        jobs = []
+        for ids in prompts_ids:
+            jobs += served.make_jobs(ids, body.temperature, body.top_k, body.max_tokens, body.seed, adapter, n,
+                                     top_p=body.top_p, presence_penalty=body.presence_penalty,
+                                     frequency_penalty=body.frequency_penalty, stop=stop, logprobs=body.logprobs,
+                                     logit_bias=check_logit_bias(body.logit_bias, tok.get_vocab_size()))
+        echo = [p if isinstance(p, str) else tok.decode(p) for p in prompts for _ in range(n)] if body.echo else None
+        reply = OpenAIReply("text", jobs, name, served.fingerprint, body.logprobs is not None, include_usage(body),
+                            per_prompt=n, raw=bool(body.raw_content), echo=echo)
+        return await respond(served, reply, jobs, body, request, response)
 
     return router
 
 
-async def respond(served, jobs, body, request, kind):
-    """Run the n jobs of an OpenAI request; kind "chat" (chat.completion) or "text" (text_completion)."""
-    reply_model = served.reply_model(jobs[0])  # the adapter that served it (chosen by model, adapter or auto)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    reply = OpenAIReply(kind, len(jobs), reply_model, jobs[0].logprobs is not None, include_usage)
+def include_usage(body):
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+async def respond(served, reply, jobs, body, request, response):
+    """Run an OpenAI request's jobs into its reply: streamed, or one body. The fields it ignored go in a header."""
+    if body.user:
+        logger.info("%s for user %r", reply.id, body.user[:200])
     if body.stream:
-        return EventStream(reply.stream(served.pool, jobs))
+        stream = EventStream(reply.stream(served.pool, jobs))
+        served.note_ignored(body, stream)
+        return stream
+    served.note_ignored(body, response)
     return await reply.collect(served.pool, jobs, request)
-
-
-class OpenAIReply:
-    """The reply to an OpenAI request's n jobs, streamed as chunks or collected into one body: chat.completion
-    (kind "chat") or the legacy text_completion (kind "text"), with logprobs in the matching shape."""
-
-    def __init__(self, kind, n, model, want_logprobs, include_usage):
-        self.kind, self.n, self.model = kind, n, model
-        self.want_logprobs, self.include_usage = want_logprobs, include_usage
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        self.object = "chat.completion" if kind == "chat" else "text_completion"
-        self.created = int(time.time())
-        self.offsets = [0] * n  # legacy logprobs: text offset of each choice's next token
-
-    def choice(self, i, text=None, finish=None, entries=None, delta=None):
-        chat = self.kind == "chat"
-        c = {"index": i, "finish_reason": finish, "logprobs": None}
-        if self.want_logprobs and entries is not None:
-            if chat:
-                c["logprobs"] = {"content": entries}
-            else:
-                c["logprobs"], self.offsets[i] = legacy_logprobs(entries, self.offsets[i])
-        if chat and delta is not None:  # a stream chunk
-            c["delta"] = delta
-        elif chat:
-            c["message"] = {"role": "assistant", "content": text}
-        else:
-            c["text"] = text or ""
-        return c
-
-    def chunk(self, choices, usage=None):
-        out = {"id": self.id, "object": self.object + (".chunk" if self.kind == "chat" else ""),
-               "created": self.created, "model": self.model, "choices": choices}
-        if self.include_usage:
-            out["usage"] = usage  # as OpenAI: null on every chunk but the last
-        return out
-
-    async def stream(self, pool, jobs):
-        """SSE events: one chunk per piece of text and per finished choice, then [DONE]."""
-        chat = self.kind == "chat"
-        if chat:
-            yield sse(self.chunk([self.choice(i, delta={"role": "assistant", "content": ""}) for i in range(self.n)]))
-        usages = [None] * self.n
-        async with aclosing(pool.run_many(jobs)) as stream:
-            async for i, event in stream:
-                t = event["type"]
-                if t == "queued":  # a comment: keeps the connection alive, clients ignore it
-                    yield format_sse_event(comment=f"queued at position {event['position']}")
-                elif t == "error":
-                    yield sse({"error": {"message": event["message"], "type": "server_error"}})
-                    break
-                elif t == "done":
-                    usages[i] = event["usage"]
-                    yield sse(self.chunk([self.choice(i, finish=event["finish_reason"], entries=event.get("logprobs"),
-                                                      delta={} if chat else None)]))
-                else:
-                    text = part_as_openai_text(t, event["text"])
-                    yield sse(self.chunk([self.choice(i, text=text, entries=event.get("logprobs"),
-                                                      delta={"content": text} if chat else None)]))
-        if self.include_usage and all(usages):
-            yield sse(self.chunk([], sum_usage(usages)))
-        yield format_sse_event(data_str="[DONE]")
-
-    async def collect(self, pool, jobs, request):
-        """The whole reply as one body, or an error response; 499 when the client left meanwhile."""
-        n = self.n
-        pieces, entries, finishes, usages = [[] for _ in jobs], [[] for _ in jobs], [None] * n, [None] * n
-        last_check = time.monotonic()
-        async with aclosing(pool.run_many(jobs)) as stream:
-            async for i, event in stream:
-                t = event["type"]
-                entries[i].extend(event.get("logprobs") or [])
-                if t in ("text", "python", "python_output"):
-                    pieces[i].append(part_as_openai_text(t, event["text"]))
-                elif t == "done":
-                    finishes[i], usages[i] = event["finish_reason"], event["usage"]
-                elif t == "error":
-                    status = event.get("status", 500)
-                    return error_response(status, event["message"],
-                                          kind="server_error" if status >= 500 else "invalid_request_error")
-                if time.monotonic() - last_check > DISCONNECT_CHECK_S:
-                    last_check = time.monotonic()
-                    if await request.is_disconnected():  # nobody to answer: free the rows
-                        return Response(status_code=499)
-        if not all(usages):
-            return error_response(500, "generation ended without a result", kind="server_error")
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [self.choice(i, "".join(pieces[i]), finishes[i], entries[i]) for i in range(n)],
-                "usage": sum_usage(usages)}

@@ -18,6 +18,9 @@ How a step runs (Scheduler.step):
    A row whose token closed a python or search call sits out until the call (on a small thread pool)
    has queued its output; calculator calls run inline. When only tool calls are in flight, step waits.
 
+As in Engine.generate, <|output_start|> and <|output_end|> are never sampled (Engine.ban): a tool's output is
+only ever what run_tool forces, whatever the model tries to write.
+
 Each row has its own sampling settings and torch.Generator (seeded by its request), so its tokens do not
 depend on what else is in the batch: sampled exactly as Engine.generate samples one sequence (a sample is
 drawn every step, and the calculator's forced tokens replace it), greedy rows equal Engine's greedy rows.
@@ -25,8 +28,8 @@ Per row too: tool state (engine.RowState with its own nanochat.tools.registry se
 text exactly as Engine.generate does: calculator, python REPL started from the prompt's python calls,
 search), stop tokens
 (<|assistant_end|>, <|bos|>), max_tokens and the model's context; presence/frequency penalties over the
-tokens it generated; and optionally logprobs (of the model's own distribution, before penalties and
-temperature) with the top alternatives. With a nanochat.lora.adapter.LoRA, a request may name an Adapter object
+tokens it generated; logit_bias; and optionally logprobs (of the distribution it samples from, before penalties,
+bias and temperature) with the top alternatives. With a nanochat.lora.adapter.LoRA, a request may name an Adapter object
 or a stack of (Adapter, weight) pairs: each row's low-rank update applies to its own rows only
 (LoRA.per_row), and because the row holds the objects, an adapter replaced while it runs keeps serving it;
 requests that start later get the new one.
@@ -52,6 +55,7 @@ from nanochat.tools.registry import ToolRegistry, parse_call
 
 logger = logging.getLogger("nanochat.serve.scheduler")
 FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, ~1.2e-38
+IMPOSSIBLE_LOGPROB = -9999.0
 
 
 @dataclass
@@ -66,6 +70,7 @@ class Request:
     presence_penalty: float = 0.0  # subtracted from the logit of every token the row generated already
     frequency_penalty: float = 0.0  # subtracted once per earlier occurrence
     logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token's and the k most likely
+    logit_bias: dict | None = None  # token id -> added to its logit before sampling (-100 bans, 100 forces)
     adapter: object = None  # a nanochat.lora.adapter.Adapter, ((Adapter, weight), ...) for a stack, or None: the base
 
 
@@ -111,6 +116,7 @@ class _Row:
             self.generator.manual_seed(req.seed)
         self.penalized = bool(req.presence_penalty or req.frequency_penalty)
         self.counts = None  # per-token counts of generated tokens (penalties only), allocated on first use
+        self.bias = None  # (V,) logit_bias as a dense vector, made at admission
 
 
 class Scheduler:
@@ -160,6 +166,10 @@ class Scheduler:
                 raise ValueError(f"{name} must be between -2 and 2, got {getattr(request, name)!r}")
         if request.logprobs is not None and not 0 <= request.logprobs <= 20:
             raise ValueError(f"logprobs (the number of alternatives) must be between 0 and 20, got {request.logprobs!r}")
+        vocab = self.model.config.vocab_size
+        for tok, bias in (request.logit_bias or {}).items():
+            if not (isinstance(tok, int) and 0 <= tok < vocab and -100.0 <= bias <= 100.0):
+                raise ValueError(f"logit_bias maps token ids in [0, {vocab}) to numbers in [-100, 100], got {tok!r}: {bias!r}")
         if request.adapter is not None and self.lora is None:
             raise ValueError("this scheduler has no LoRA attached, so a request cannot use an adapter")
         request.prompt, request.temperature = prompt, temperature
@@ -299,6 +309,9 @@ class Scheduler:
             if req.max_tokens is not None:
                 budget = min(budget, req.max_tokens)
             row = _Row(handle, slot, budget, self.device, self.engine.new_row(req.prompt))
+            if req.logit_bias:
+                row.bias = torch.zeros(self.model.config.vocab_size, device=self.device)
+                row.bias[list(req.logit_bias)] = torch.tensor(list(req.logit_bias.values()), device=self.device)
             handle.slot = slot
             self.cache.reset(slot)
             if budget == 0:
@@ -353,22 +366,26 @@ class Scheduler:
 
     def _sample(self, rows, logits):
         """logits (n, V) fp32, row i's next-token logits -> each row's next token, events, finishes."""
-        greedy = logits.argmax(dim=-1).tolist()
+        allowed = self.engine.ban(logits)  # tool output markers are only ever forced
+        greedy = allowed.argmax(dim=-1).tolist()
         for i, r in enumerate(rows):
             try:
-                self._sample_row(r, logits[i], greedy[i])
+                self._sample_row(r, allowed[i], greedy[i])
             except Exception as e:  # noqa: BLE001 - e.g. a tool failing on what the model wrote: this row only
                 logger.exception("sampling failed for a row")
                 if r in self.rows:
                     self._release(r, Event(None, finish="error", error=f"{type(e).__name__}: {e}"))
 
     def _sample_row(self, r, logits, greedy):
-        """One row's next token from its logits (V,): sampling, forced tool output, logprobs, finish."""
+        """One row's next token from its logits (V,), the tool output markers banned: sampling, forced tool
+        output, logprobs (before penalties, bias and temperature), finish."""
         req = r.req
         lg = logits[None]
         if r.penalized and r.counts is not None:
             lg = lg - req.presence_penalty * (r.counts > 0) - req.frequency_penalty * r.counts
-        if req.temperature == 0.0 and not r.penalized:
+        if r.bias is not None:
+            lg = lg + r.bias
+        if req.temperature == 0.0 and not r.penalized and r.bias is None:
             tok = greedy
         else:
             tok = int(sample_next_token(lg, r.generator, req.temperature, req.top_k or None, req.top_p)[0])
@@ -377,7 +394,8 @@ class Scheduler:
             tok = r.state.forced.popleft()
         event = Event(tok, sampled)
         if req.logprobs is not None:
-            lp = F.log_softmax(logits.float(), dim=-1)
+            # OpenAI writes an impossible token's logprob as -9999 (JSON has no -inf): a forced output marker's
+            lp = F.log_softmax(logits.float(), dim=-1).clamp(min=IMPOSSIBLE_LOGPROB)
             event.logprob = float(lp[tok])
             if req.logprobs:
                 values, ids = lp.topk(min(req.logprobs, lp.size(0)))

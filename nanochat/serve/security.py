@@ -21,7 +21,7 @@ class _ErrorDetail(BaseModel):
     message: str
     type: str
     param: str | None = None
-    code: None = None
+    code: str | None = None  # OpenAI's error code (model_not_found, context_length_exceeded, invalid_value, ...)
 
 
 class ErrorBody(BaseModel):
@@ -31,7 +31,7 @@ class ErrorBody(BaseModel):
 
 _STATUS_WHY = {400: "invalid request (what is wrong is in error.message), or a Host header this server (no API "
                     "key) does not answer to", 401: "missing or wrong API key",
-               403: "the admin key is needed", 404: "no such adapter / job, or live learning is off",
+               403: "the admin key is needed", 404: "no such model / adapter / job, or live learning is off",
                405: "method not allowed", 409: "conflicts with an adapter or job", 413: "request body too large",
                415: "a POST that is not JSON, to a server without an API key",
                429: "too many learning jobs queued (see Retry-After)"}

@@ -10,13 +10,14 @@ CALL is read like this (leading whitespace ignored):
   - `search:` then the query                                   -> the `search` tool, BM25 over a local index
   - anything else                                              -> the `calculator` (arithmetic, 'ab'.count('a'),
                                                                   len('abc')), the fast path, no subprocess
-A tool answers a string, forced back between <|output_start|> and <|output_end|>, or None: nothing is
-forced and the model goes on writing (what the calculator does with text it does not accept, and what
-every tool that is switched off does). python and search always answer text, errors included, written
-so the model can read them ("NameError: name 'x' is not defined", "search: no passage matches ...").
+A session answers every call with a string, forced back between <|output_start|> and <|output_end|>: the
+model never writes a tool's output itself (the engine refuses to sample those markers), so it must get
+one. Errors are written so the model can read them ("NameError: name 'x' is not defined", "search: no
+passage matches ..."); a tool that is switched off (search without an index) answers that it is not
+available, and text the calculator does not accept gets an error naming what it does accept.
 
 Registry and state: `ToolRegistry` says which tools exist and their limits; `registry.session()` makes
-the per-conversation state (one per engine row): a `ToolSession` is a callable `str -> str | None`.
+the per-conversation state (one per engine row): a `ToolSession` is a callable `str -> str`.
 
 The python REPL keeps state by replaying: every cell that ran (to its end or to its own exception) is
 kept, and a new call runs, in one fresh sandboxed process (nanochat.execution.execute_code), the kept
@@ -146,9 +147,18 @@ class PythonREPL:
 # ---------------------------------------------------------------------------------------------
 # registry and per-conversation sessions
 
+# What a call gets when its tool cannot answer it: never nothing, or the model would go on to invent an answer.
+CALCULATOR_REFUSED = ("Error: the calculator evaluates arithmetic, 'text'.count('x') and len('text') only; "
+                      "for other code start the call with python:")
+UNAVAILABLE = {"calculator": "Error: the calculator is switched off on this server.",
+               "python": "Error: the python tool is switched off on this server.",
+               "search": "Error: search is not available on this server (no search index is loaded), so there "
+                         "are no results; answer without them."}
+
+
 class ToolSession:
-    """The tools of one conversation: __call__(call text) -> output or None. `calls` records
-    (tool, argument, output) of every call, for the CLI and the web server to show."""
+    """The tools of one conversation: __call__(call text) -> output, always a string (see the module
+    docstring). `calls` records (tool, argument, output) of every call, for the CLI and the web server to show."""
 
     def __init__(self, tools):
         self.tools = tools  # name -> callable(str) -> str | None (only the tools that are on)
@@ -157,7 +167,9 @@ class ToolSession:
     def __call__(self, text):
         name, arg = parse_call(text)
         tool = self.tools.get(name)
-        output = tool(arg) if tool is not None else None
+        output = tool(arg) if tool is not None else UNAVAILABLE[name]
+        if output is None:  # the calculator refuses text it cannot evaluate
+            output = CALCULATOR_REFUSED if name == "calculator" else f"Error: the {name} tool gave no result."
         self.calls.append((name, arg, output))
         return output
 
@@ -212,5 +224,7 @@ def make_registry(index="", python=True):
     if index or os.path.exists(os.path.join(path, INDEX_FILE)):
         searcher = Searcher(path)  # an explicit --index that is missing fails here, with the way to build one
     registry = ToolRegistry(python=python, searcher=searcher)
-    where = f" (search: {len(searcher):,} passages in {searcher.path})" if searcher else " (no search index)"
+    where = (f" (search: {len(searcher):,} passages in {searcher.path})" if searcher else
+             " (no search index: a search call is answered that search is not available; "
+             "python -m scripts.build_index builds one)")
     return registry, "tools: " + ", ".join(registry.names) + where
