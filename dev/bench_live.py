@@ -85,9 +85,10 @@ def start_server(args, root):
     return app, model_id, meta
 
 
-def ask(http, url, messages, adapter=None, max_tokens=48):
-    """One greedy chat completion -> (the reply's model, its content)."""
-    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0}
+def ask(http, url, messages, adapter=None, max_tokens=48, raw=False):
+    """One greedy chat completion -> (the reply's model, its content; raw: as the model wrote it, tool calls
+    included)."""
+    body = {"messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "raw_content": raw}
     if adapter is not None:
         body["adapter"] = adapter
     r = http.post(url + "/v1/chat/completions", json=body)
@@ -118,12 +119,11 @@ def recall(http, url, args, facts, adapter):
 def ask_battery(http, url, battery, adapter, threads=16):
     """Every battery prompt (a nanochat.serve.battery.Battery: the items that fit the context), concurrently ->
     [(reply model, parts)]."""
-    from nanochat.serve.openai_api import openai_text_as_parts
+    from nanochat.serve.openai_messages import openai_text_as_parts
 
-    def one(i):
-        model, content = ask(http, url, battery.items[i].messages, adapter, battery.prompts[i][1])
-        parts = openai_text_as_parts(content)
-        return model, [{"type": "text", "text": parts}] if isinstance(parts, str) else parts
+    def one(i):  # raw content: the tool calls stay in the text, where openai_text_as_parts finds them
+        model, content = ask(http, url, battery.items[i].messages, adapter, battery.prompts[i][1], raw=True)
+        return model, openai_text_as_parts(content)
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(one, range(len(battery))))
 

@@ -1,6 +1,6 @@
 """The general battery: fixed general prompts answered greedily with and without an adapter, scored by how many
 answers stayed the same and by task accuracy; it runs and scores prompts, which prompts is the caller's choice
-(tasks/battery.py builds them from held-out chat eval tasks).
+(tasks/general.py builds them from held-out chat eval tasks).
 
     battery = Battery(items)                                   # items: BatteryItem
     result = battery.run(scheduler, lambda item: adapter)     # -> {"unchanged", "total", "summary", ...}
