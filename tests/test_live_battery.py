@@ -11,7 +11,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.lora.adapter import LoRA
 from nanochat.lora.router import route_auto, set_keys
 from nanochat.lora.storage import load_adapter, read_examples, save_adapter
-from nanochat.serve.battery import Battery, BatteryItem, answer_key, greedy_replies, score
+from nanochat.serve.battery import Battery, BatteryItem, answer_key, greedy_replies, reply_text, score
 from nanochat.serve.live_jobs import routing_ids
 from nanochat.serve.scheduler import Scheduler
 from nanochat.training import collate
@@ -45,6 +45,11 @@ def test_answer_key_is_the_tool_calls_and_the_final_answer():
     # without "####" the whole reply counts, whitespace aside
     assert answer_key([text("Hello  there.\n")]) == answer_key([text("Hello there.")])
     assert answer_key([text("Hello there.")]) != answer_key([text("Hello there!")])
+    # a special token out of place is shown to no user: not part of the answer, but kept in the text checks read
+    stray = [text("Hello"), {"type": "special", "text": "<|user_start|>"}, text(" there.")]
+    assert answer_key(stray) == answer_key([text("Hello there.")])
+    assert reply_text(stray) == "Hello<|user_start|> there."
+    assert reply_text([call("6*7"), output("42")]) == "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>"
 
 
 def test_score_counts_unchanged_answers_accuracy_and_auto():

@@ -35,7 +35,8 @@ class BatteryItem:
 
 
 def answer_key(parts):
-    """What must stay the same for an answer to count as unchanged: (tool calls made, final answer)."""
+    """What must stay the same for an answer to count as unchanged: (tool calls made, final answer). A special token
+    out of place is not part of it: no reply shows one to the user."""
     calls = tuple(p["text"].strip() for p in parts if p["type"] == "python")
     text = "".join(p["text"] for p in parts if p["type"] == "text")
     if "####" in text:
@@ -44,9 +45,10 @@ def answer_key(parts):
 
 
 def reply_text(parts):
-    """Parts as one string, tool calls in the model's own markers (what chat_eval's checks read)."""
+    """Parts as one string, tool calls in the model's own markers (what chat_eval's checks read); a special token
+    out of place (a "special" part) by its name."""
     marks = {"python": ("<|python_start|>", "<|python_end|>"), "python_output": ("<|output_start|>", "<|output_end|>")}
-    return "".join(p["text"] if p["type"] == "text" else marks[p["type"]][0] + p["text"] + marks[p["type"]][1]
+    return "".join(marks[p["type"]][0] + p["text"] + marks[p["type"]][1] if p["type"] in marks else p["text"]
                    for p in parts)
 
 
