@@ -263,6 +263,7 @@ def _tok_per_sec(model, x, repeat):
 
 def bench_stack(args, device):
     from contextlib import nullcontext
+
     from nanochat.lora.adapter import LoRA
     model = _random_model(args.random_depth or 4, device)
     V = model.config.vocab_size
@@ -326,9 +327,9 @@ def bench_stack(args, device):
 def bench_quant(args, device):
     from functools import partial
 
+    from nanochat.continual.adapter_train import AdapterRecipe
     from nanochat.gpt import GPT
     from nanochat.lora.adapter import LoRA
-    from nanochat.continual.adapter_train import AdapterRecipe
     from nanochat.lora.quant import quantize_base, quantize_blocks, weight_bytes
     from tasks.continual import LMTask
     quantizers = {"int8 blocks": quantize_blocks, "int8 all": quantize_base}

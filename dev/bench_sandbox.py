@@ -76,7 +76,7 @@ def main():
             times[name] += run_variant(tree, setup, call, per_round)
     print(f"{per_round * args.rounds} calls per variant in {args.rounds} rounds, {time.time() - t0:.0f} s; "
           f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus\n")
-    print(f"| variant | median ms | p90 ms | min ms |\n|---|---|---|---|")
+    print("| variant | median ms | p90 ms | min ms |\n|---|---|---|---|")
     for name, ts in times.items():
         ts = sorted(ts)
         print(f"| {name} | {statistics.median(ts):.1f} | {ts[int(0.9 * (len(ts) - 1))]:.1f} | {ts[0]:.1f} |")

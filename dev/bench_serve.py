@@ -115,6 +115,7 @@ def bench_tokenizer(vocab_size=4096):
     """A BPE trained on the standard library's Python source: real-looking merges, no download."""
     import glob
     import sysconfig
+
     from nanochat.tokenizer import Tokenizer
     texts, n = [], 0
     for path in sorted(glob.glob(os.path.join(sysconfig.get_paths()["stdlib"], "*.py"))):
@@ -129,6 +130,7 @@ def bench_tokenizer(vocab_size=4096):
 def bench_model(depth, tokenizer, seq_len=512):
     """A randomly initialised GPT with the depth dial's shape (width 64 * depth, heads of 128)."""
     import torch
+
     from nanochat.gpt import GPT, GPTConfig
     torch.manual_seed(0)
     width = 64 * depth
@@ -144,6 +146,7 @@ class Sequential:
 
     def __init__(self, model, tokenizer, lora=None):
         import queue
+
         from nanochat.engine import Engine
         from nanochat.tools.registry import ToolRegistry
         self.engine, self.lora, self.jobs = Engine(model, tokenizer, tools=ToolRegistry()), lora, queue.Queue()
@@ -223,6 +226,7 @@ def summarize(records, wall):
 
 def engine_main(args):
     import torch
+
     from nanochat.lora.adapter import LoRA
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -268,8 +272,8 @@ def engine_main(args):
                 if mode == "after":
                     server.sched.stop()
     rows = [(*k, r) for k, r in best.items()]
-    print(f"\n| mode | adapters | clients | requests | tokens/request | aggregate tok/s | tok per CPU-s | TTFT p50 ms "
-          f"| TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |")
+    print("\n| mode | adapters | clients | requests | tokens/request | aggregate tok/s | tok per CPU-s | TTFT p50 ms "
+          "| TTFT p99 ms | inter-token p50 ms | inter-token p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for mode, label, clients, r in rows:
         print(f"| {mode} | {label or '-'} | {clients} | {r['requests']} | {r['tokens']:.0f} | {r['tok_s']:.0f} | "

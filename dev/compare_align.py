@@ -74,6 +74,7 @@ def run(module, *args, log):
 
 def build_sft(args, base, log):
     import torch
+
     from nanochat.checkpoint_manager import save_checkpoint
     from nanochat.gpt import GPT
     from nanochat.tokenizer import Tokenizer
@@ -98,6 +99,7 @@ def build_sft(args, base, log):
 def pass_at_1(source, task, n, args):
     """pass@1 and pass@k of a stage's model on the first n problems of task (temperature 1)."""
     import torch
+
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
     from nanochat.tools.registry import ToolRegistry

@@ -24,6 +24,7 @@ def make_data(base_dir, mb):
     docs: the check measures speed and failures, not quality) and a held-out eval set of synthetic problems."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     from tasks.gsm8k import GSM8KSynthetic
 
     texts, total = [], 0
@@ -67,6 +68,7 @@ def make_data(base_dir, mb):
 
 def decode(device_type, new_tokens, batch_sizes=(1, 8)):
     import torch
+
     from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
     from nanochat.tools.registry import ToolRegistry

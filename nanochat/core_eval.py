@@ -44,8 +44,15 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import print0
-from nanochat.core_data import (TASKS, bundle_tasks, load_bundle_task, load_task_data, prepare_bundle,
-                                 prepare_core_data, task_meta_for)
+from nanochat.core_data import (
+    TASKS,
+    bundle_tasks,
+    load_bundle_task,
+    load_task_data,
+    prepare_bundle,
+    prepare_core_data,
+    task_meta_for,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Prompts

@@ -3,9 +3,9 @@ token ids and loss masks; it knows nothing about models.
 
 Vocabulary = 256 byte tokens + merges + the special tokens below (specials take the last ids).
 """
+import copy
 import os
 import pickle
-import copy
 from functools import lru_cache
 
 import tiktoken

@@ -15,7 +15,7 @@ import os
 import time
 
 from nanochat.checkpoint_manager import SOURCES, add_model_args, find_largest_model, find_last_step, load_model
-from nanochat.common import script_argv, atomic_write, compute_cleanup, compute_init, get_base_dir, print0
+from nanochat.common import atomic_write, compute_cleanup, compute_init, get_base_dir, print0, script_argv
 from nanochat.core_data import TASKS, prepare_bundle, prepare_core_data
 from nanochat.core_eval import evaluate_core
 from nanochat.offline.packages import file_lock

@@ -32,8 +32,19 @@ from nanochat.dpo import LOSSES, pair_logprobs, preference_loss, reference_logpr
 from nanochat.engine import Engine
 from nanochat.report import subplots
 from nanochat.tools.registry import ToolRegistry
-from nanochat.training import (StepLog, Training, add_training_args, eval_due, gather_objects, init_wandb,
-                               make_optimizers, resume_training, source_model, start_run, train_loop)
+from nanochat.training import (
+    StepLog,
+    Training,
+    add_training_args,
+    eval_due,
+    gather_objects,
+    init_wandb,
+    make_optimizers,
+    resume_training,
+    source_model,
+    start_run,
+    train_loop,
+)
 from scripts.chat_rl import evaluate_pass_at_k
 from scripts.chat_sft import step_examples
 from tasks.customjson import JSONLTask

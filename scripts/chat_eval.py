@@ -23,9 +23,8 @@ import argparse
 import os
 import time
 
-
 from nanochat.checkpoint_manager import add_model_args, load_model
-from nanochat.common import get_base_dir, script_argv, compute_cleanup, compute_init, print0
+from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, script_argv
 from tasks.customjson import JSONLTask
 from tasks.evaluate import centered, chatcore, run_eval
 
@@ -181,8 +180,8 @@ def run_tools(args, model, tokenizer, index, rank, world_size, device):
     """ToolsEval per group with the tools on and off, and the RAG bpb (rank 0). -> {"groups": {(group,
     "on"|"off"): run_eval result}, "rag": rag_bpb result or None}."""
     from nanochat.engine import Engine
-    from nanochat.tools.search import Searcher
     from nanochat.tools.registry import ToolRegistry
+    from nanochat.tools.search import Searcher
     from tasks.tools import GROUPS, ToolsEval
     try:
         searcher = Searcher(index)

@@ -32,12 +32,19 @@ from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, s
 from nanochat.engine import Engine
 from nanochat.report import subplots
 from nanochat.tools.registry import ToolRegistry
-from nanochat.training import (StepLog, Training, eval_due, make_optimizers, resume_training, source_model, start_run,
-                               train_loop)
+from nanochat.training import (
+    StepLog,
+    Training,
+    eval_due,
+    make_optimizers,
+    resume_training,
+    source_model,
+    start_run,
+    train_loop,
+)
 from tasks.customjson import JSONLTask
 from tasks.gsm8k import GSM8K
 from tasks.mixtures import rl_train_task
-
 
 # ---------------------------------------------------------------------------------------------
 # the pieces of one GRPO step (each testable on its own)

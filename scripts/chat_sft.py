@@ -26,8 +26,19 @@ import random
 import torch
 
 from nanochat.common import all_reduce, compute_cleanup, dtype_name, print0, script_argv
-from nanochat.training import (StepLog, add_finetune_args, add_training_args, collate, eval_due, init_wandb,
-                               length_bucket, load_start_model, make_optimizers, start_run, train_loop)
+from nanochat.training import (
+    StepLog,
+    add_finetune_args,
+    add_training_args,
+    collate,
+    eval_due,
+    init_wandb,
+    length_bucket,
+    load_start_model,
+    make_optimizers,
+    start_run,
+    train_loop,
+)
 from tasks.arc import ARC
 from tasks.customjson import CustomJSON
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture

@@ -45,8 +45,19 @@ from nanochat.hardware import resolve_device_batch
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.reshard import reshard_stream_positions
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (Prefetch, StepLog, accumulation_steps, add_finetune_args, add_training_args, eval_due,
-                               init_wandb, load_start_model, make_optimizers, start_run, train_loop)
+from nanochat.training import (
+    Prefetch,
+    StepLog,
+    accumulation_steps,
+    add_finetune_args,
+    add_training_args,
+    eval_due,
+    init_wandb,
+    load_start_model,
+    make_optimizers,
+    start_run,
+    train_loop,
+)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
 MID_DEFAULT = "chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling,tools"

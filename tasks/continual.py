@@ -41,6 +41,7 @@ Every task becomes a CLTask: `train_rows` (token ids + loss mask, at most seq_le
 import json
 import math
 import os
+
 import torch
 
 from nanochat.common import sum_dtype
@@ -99,6 +100,7 @@ def read_domain_docs(split, sources, data_dir=None, max_chars=None):
     """Documents of the pretraining shards whose `source` is in `sources`, in shard order; stops
     once max_chars characters are collected. split: "train" (all shards but the last) or "val"."""
     import pyarrow.parquet as pq
+
     from nanochat.dataset import list_parquet_files
     paths = list_parquet_files(data_dir)
     if len(paths) < 2:

@@ -229,7 +229,9 @@ def test_conversations_survive_a_reload_and_markdown_is_rendered_safely(byte_tok
 
 def test_the_adapter_picker_lists_the_base_model_once(byte_tokenizer, echo_chat_model, serve_app, tmp_path):
     import copy
+
     import torch
+
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.serve.live import LiveLearning
     from tests.test_web_security import save_test_adapter

@@ -11,12 +11,18 @@ import torch
 import torch.nn as nn
 
 from nanochat.engine import Engine
-from nanochat.tools.registry import ToolRegistry
 from nanochat.gpt import GPT, GPTConfig
-from tasks.evaluate import chatcore, run_categorical_eval, run_generative_eval
-from scripts.chat_rl import (build_rl_batch, group_advantages, policy_gradient_loss, rollout, sample_completions,
-                             train_on_rollout)
+from nanochat.tools.registry import ToolRegistry
+from scripts.chat_rl import (
+    build_rl_batch,
+    group_advantages,
+    policy_gradient_loss,
+    rollout,
+    sample_completions,
+    train_on_rollout,
+)
 from tasks.common import MultipleChoiceTask, Task, extract_final_number, mc_conversation
+from tasks.evaluate import chatcore, run_categorical_eval, run_generative_eval
 from tests.conftest import at_positions
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

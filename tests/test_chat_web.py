@@ -22,7 +22,8 @@ from nanochat.engine import Engine, ReplyParser, event_as_raw_text
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.serve.app import create_app
 from nanochat.serve.openai_api import Defaults
-from nanochat.serve.openai_messages import conversation as conversation_of, openai_text_as_parts
+from nanochat.serve.openai_messages import conversation as conversation_of
+from nanochat.serve.openai_messages import openai_text_as_parts
 from nanochat.serve.openai_schema import ChatRequest
 from nanochat.serve.replicas import Worker, load_workers
 from nanochat.tools.registry import ToolRegistry
@@ -631,6 +632,7 @@ def test_openai_text_completions(gpt):
 def live_app(sft_dir, adapters_root, quantize="none"):
     """The SFT checkpoint served greedily (16 tokens) with live learning on: -> (app, workers)."""
     import copy
+
     from nanochat.serve.live import LiveLearning
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("NANOCHAT_BASE_DIR", sft_dir)
@@ -677,8 +679,8 @@ def test_adapter_chosen_by_model_and_metrics(sft_dir, serve_app, tmp_path):
 
 
 def test_adapter_stacks_through_the_api_and_provenance(sft_dir, serve_app, tmp_path):
-    from nanochat.lora.storage import save_adapter
     from nanochat.lora.merge import merge_adapters
+    from nanochat.lora.storage import save_adapter
     app, workers = live_app(sft_dir, str(tmp_path))
     lora, tok = workers[0].lora, workers[0].tokenizer
     for seed, name in enumerate(("domain", "facts")):

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from nanochat.continual.adapter_train import train_adapter
 from nanochat.continual.loop import ContinualConfig, continual_metrics, evaluate_tasks, run_strategy, train_loop
 from nanochat.continual.strategies import ReservoirBuffer, Strategy, sample_continuations
-from nanochat.continual.adapter_train import train_adapter
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from nanochat.training import collate

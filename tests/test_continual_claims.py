@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from nanochat.continual.loop import ContinualConfig, run_strategy, train_loop
 from nanochat.continual.adapters import OLoRA
+from nanochat.continual.loop import ContinualConfig, run_strategy, train_loop
 from nanochat.continual.strategies import Strategy
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer

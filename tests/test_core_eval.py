@@ -403,8 +403,8 @@ def test_evaluate_core_end_to_end_with_real_gpt(fake_base):
 
 
 def test_base_eval_script(fake_base, monkeypatch):
-    from nanochat.checkpoint_manager import save_checkpoint
     from nanochat import tokenizer as tok_mod
+    from nanochat.checkpoint_manager import save_checkpoint
     monkeypatch.setenv("NANOCHAT_BASE_DIR", fake_base)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(k, raising=False)
@@ -581,8 +581,8 @@ def test_bundle_download_is_verified(bundle_server, tmp_path, monkeypatch):
 
 
 def test_base_eval_online_reports_core(bundle_server, tmp_path, monkeypatch):
-    from nanochat.checkpoint_manager import save_checkpoint
     from nanochat import tokenizer as tok_mod
+    from nanochat.checkpoint_manager import save_checkpoint
     base = str(tmp_path / "base")
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):

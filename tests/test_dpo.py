@@ -13,10 +13,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.dpo import preference_loss, reference_logprobs, render_pair, render_reply, sequence_logprobs, tokens_to_parts
+from nanochat.dpo import (
+    preference_loss,
+    reference_logprobs,
+    render_pair,
+    render_reply,
+    sequence_logprobs,
+    tokens_to_parts,
+)
 from nanochat.engine import Engine
-from nanochat.tools.registry import ToolRegistry
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.tools.registry import ToolRegistry
 from tasks.common import Task, extract_final_number
 from tasks.preference import pairs_from_samples, read_pairs, sample_pairs, validate_pair, write_pairs
 from tests.conftest import at_positions

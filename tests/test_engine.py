@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-from nanochat.tools.calculator import use_calculator
 from nanochat.engine import Engine, StreamDecoder
-from nanochat.tools.registry import CALCULATOR_REFUSED, UNAVAILABLE, ToolRegistry
 from nanochat.fastlinear import pack_linears, packing_supported
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
 from nanochat.tokenizer import Tokenizer
+from nanochat.tools.calculator import use_calculator
+from nanochat.tools.registry import CALCULATOR_REFUSED, UNAVAILABLE, ToolRegistry
 from scripts.chat_cli import ContextFullError, chat_loop, chat_turn
 from tests.conftest import at_positions
 

@@ -9,8 +9,8 @@ import uuid
 import psutil
 import pytest
 
-from nanochat.tools.calculator import use_calculator
 from nanochat.execution import MAX_OUTPUT_BYTES, ExecutionResult, execute_code
+from nanochat.tools.calculator import use_calculator
 
 
 def run(code, **kwargs):

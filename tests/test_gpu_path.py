@@ -125,6 +125,7 @@ def test_device_batch_auto_halves_on_out_of_memory(capsys):
 def test_device_batch_auto_keeps_the_total_batch(tiny_model):
     """On a device with room, auto takes the largest power of two whose micro-batch fits in the total batch."""
     import argparse
+
     from nanochat.hardware import resolve_device_batch
     from nanochat.training import Run, accumulation_steps
     run = Run(False, 0, 1, torch.device("cpu"))

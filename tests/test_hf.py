@@ -344,6 +344,7 @@ def hf_folder(src, tmp_path_factory):
     """A NanoChat made by transformers (random weights, its own defaults, save_pretrained) with a tokenizer.json
     made by transformers' own tiktoken converter, as published nanochat models are."""
     import base64
+
     from transformers import NanoChatConfig, NanoChatForCausalLM
     from transformers.convert_slow_tokenizer import TikTokenConverter
     _, tok, _ = src
@@ -367,6 +368,7 @@ def hf_folder(src, tmp_path_factory):
 
 def test_import_transformers_nanochat_then_sft_and_learn(hf_folder, src, tmp_path, serve_app):
     import httpx
+
     from nanochat.serve.live import LiveLearning
     from scripts.chat_web import Defaults, create_app, load_workers
     folder, hf = hf_folder
@@ -519,6 +521,7 @@ def test_export_refusals_leave_nothing(src, tmp_path):
 
 def test_model_card_with_and_without_report(exported, src, tmp_path):
     from huggingface_hub import ModelCard
+
     from nanochat.hf.model_card import model_card
     out, info = exported
     root, _, _ = src

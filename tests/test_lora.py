@@ -8,8 +8,8 @@ import torch
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.lora.adapter import DEFAULT_TARGETS, AdapterBaseMismatch, LoRA, model_state_hash
-from nanochat.lora.storage import delete_adapter, list_adapters, load_adapter, read_adapter_meta, save_adapter
 from nanochat.lora.router import route, set_centroid
+from nanochat.lora.storage import delete_adapter, list_adapters, load_adapter, read_adapter_meta, save_adapter
 from tests.conftest import unjam_fifos
 
 

@@ -4,10 +4,10 @@ import json
 import pytest
 import torch
 
-from nanochat.lora.adapter import LoRA
-from nanochat.lora.storage import load_adapter, save_adapter
-from nanochat.lora.merge import dare, low_rank, merge_adapters, ties
 from nanochat.continual.adapter_train import train_adapter
+from nanochat.lora.adapter import LoRA
+from nanochat.lora.merge import dare, low_rank, merge_adapters, ties
+from nanochat.lora.storage import load_adapter, save_adapter
 from nanochat.tokenizer import Tokenizer
 from tests.test_lora import make_model, randomize
 

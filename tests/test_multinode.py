@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from test_base_train import losses, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -54,8 +54,18 @@ def test_the_model_applies_its_dtype_as_autocast_around_it_did():
 
 
 def test_every_model_loading_script_takes_the_same_model_flags():
-    from scripts import (base_eval, base_loss, base_train, chat_cli, chat_dpo, chat_eval, chat_rl, chat_sft,
-                         continual_train, mid_train)
+    from scripts import (
+        base_eval,
+        base_loss,
+        base_train,
+        chat_cli,
+        chat_dpo,
+        chat_eval,
+        chat_rl,
+        chat_sft,
+        continual_train,
+        mid_train,
+    )
     p = argparse.ArgumentParser()
     add_model_args(p, sources=["base", "sft"], source="sft")
     a = p.parse_args([])

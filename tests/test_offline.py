@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import dataset as D
-from nanochat.offline import packages
 from nanochat.offline import build as B
 from nanochat.offline import cleaning as C
+from nanochat.offline import packages
 from nanochat.offline import sources as S
 
 # -----------------------------------------------------------------------------

@@ -9,8 +9,8 @@ import types
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from fake_hub import FakeHub
+
 from nanochat.offline import packages
 
 

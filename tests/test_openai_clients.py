@@ -158,6 +158,7 @@ def test_every_schema_field_is_declared_and_the_docs_name_the_ignored_ones():
     has them all), and the README lists every ignored one."""
     from openai.types import completion_create_params as text_params
     from openai.types.chat import completion_create_params as chat_params
+
     from nanochat.serve.openai_schema import CHAT_IGNORED, TEXT_IGNORED
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
     for params, model, ignored in ((chat_params, ChatRequest, CHAT_IGNORED), (text_params, CompletionRequest, TEXT_IGNORED)):

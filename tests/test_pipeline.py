@@ -51,6 +51,7 @@ def test_speedrun_copy_drill_settings_and_per_tag_resume(tmp_path):
     """speedrun.sh's cpu copy drill: 300 steps unless CPU_COPY_STEPS says otherwise, its after-mixture names real tasks, and
     resume_flag looks at one tag, so a finished drill does not make the midtraining after it resume."""
     import re
+
     from tasks.mixtures import TASK_NAMES
     with open(os.path.join(ROOT, "speedrun.sh")) as f:
         text = f.read()

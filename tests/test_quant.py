@@ -5,9 +5,18 @@ import torch
 import torch.nn.functional as F
 
 from nanochat.lora.adapter import AdapterBaseMismatch, LoRA, model_state_hash
+from nanochat.lora.quant import (
+    Int4Embedding,
+    Int4Linear,
+    Int8Embedding,
+    Int8Linear,
+    pack4,
+    quantize_base,
+    quantize_blocks,
+    unpack4,
+    weight_bytes,
+)
 from nanochat.lora.storage import load_adapter, save_adapter
-from nanochat.lora.quant import (Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, pack4, quantize_base, quantize_blocks,
-                            unpack4, weight_bytes)
 from tests.test_lora import make_model, train_on_frozen_base
 
 pytestmark = pytest.mark.usefixtures("one_thread")

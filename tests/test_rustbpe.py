@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import regex
 import tiktoken
-from hypothesis import given, settings, HealthCheck
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import rustbpe

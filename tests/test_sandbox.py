@@ -15,9 +15,9 @@ import uuid
 import psutil
 import pytest
 
+from nanochat.execution import execute_code
 from nanochat.sandbox import boundary as sandbox
 from nanochat.sandbox import cgroup
-from nanochat.execution import execute_code
 from nanochat.sandbox.runner import MAX_OPEN_FILES, MAX_THREADS
 
 pytestmark = pytest.mark.skipif(not sandbox.isolation()[0],

@@ -14,9 +14,9 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import RaggedKVCache
 from nanochat.lora.adapter import LoRA
 from nanochat.serve.scheduler import Request, Scheduler
-from nanochat.tools.search import Searcher, build_index
 from nanochat.tokenizer import Tokenizer
 from nanochat.tools.registry import ToolRegistry
+from nanochat.tools.search import Searcher, build_index
 from tests.conftest import at_positions
 
 TOK = Tokenizer.byte_level()

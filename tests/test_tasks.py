@@ -17,9 +17,7 @@ import pytest
 
 from nanochat.offline import packages
 from tasks import fetch
-from tasks.common import (Task, TaskMixture, TaskSequence, extract_final_number, mc_conversation, parse_letter,
-                          render_mc)
-
+from tasks.common import Task, TaskMixture, TaskSequence, extract_final_number, mc_conversation, parse_letter, render_mc
 
 # ---------------------------------------------------------------------------------------------
 # fixtures and fake packages

@@ -9,10 +9,17 @@ import torch.nn as nn
 
 from nanochat.engine import Engine
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.tools.search import Searcher, build_index, match_expression, split_passages
 from nanochat.tokenizer import Tokenizer
-from nanochat.tools.registry import (CALCULATOR_REFUSED, NO_TOOLS, UNAVAILABLE, PythonLimits, PythonREPL, ToolRegistry,
-                                     parse_call)
+from nanochat.tools.registry import (
+    CALCULATOR_REFUSED,
+    NO_TOOLS,
+    UNAVAILABLE,
+    PythonLimits,
+    PythonREPL,
+    ToolRegistry,
+    parse_call,
+)
+from nanochat.tools.search import Searcher, build_index, match_expression, split_passages
 from tests.conftest import at_positions
 
 TOK = Tokenizer.byte_level()
@@ -163,6 +170,7 @@ def test_tool_tasks_are_verifiable_and_held_out():
 def test_python_conversations_match_the_real_repl():
     """Every python form's tool output in the training data is what the REPL really prints."""
     import random
+
     from tasks.tools import PYTHON_FORMS, _python_problem
     rng = random.Random(3)
     for form in range(PYTHON_FORMS):
@@ -421,6 +429,7 @@ def test_chat_eval_tools_end_to_end(base_dir, byte_tokenizer):
     import dataclasses
     import subprocess
     import sys
+
     from nanochat.checkpoint_manager import save_checkpoint
     from scripts.build_index import main as build
     cfg = GPTConfig(sequence_len=256, vocab_size=V, n_layer=1, n_head=1, n_kv_head=1, n_embd=64)
@@ -447,6 +456,7 @@ def test_chat_eval_tools_gives_room_for_the_tool_output(tmp_path):
     """A search answer is longer than -m; the reply still reaches its answer line with the tools on
     (the forced output does not eat the model's own budget), and off it has nothing to quote."""
     import types
+
     from scripts.chat_eval import run_tools
     from tasks.tools import ToolsEval, fact_documents
     build_index(fact_documents(), str(tmp_path / "facts.sqlite"))
@@ -461,6 +471,7 @@ def test_chat_eval_tools_gives_room_for_the_tool_output(tmp_path):
 
 def test_chat_cli_shows_each_call_with_its_tool(tmp_path):
     import io
+
     from scripts.chat_cli import chat_turn
     build_index(DOCS, str(tmp_path / "i.sqlite"))
     tools = ToolRegistry(searcher=Searcher(str(tmp_path / "i.sqlite"), k=1, max_chars=60))

@@ -14,7 +14,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from nanochat.checkpoint_manager import remove_stale_temp as remove_stale_checkpoint_temp, save_checkpoint, start_fresh
+from nanochat.checkpoint_manager import remove_stale_temp as remove_stale_checkpoint_temp
+from nanochat.checkpoint_manager import save_checkpoint, start_fresh
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.lora.adapter import LoRA
 from nanochat.lora.storage import list_adapters, remove_stale_temp, save_adapter

@@ -28,7 +28,6 @@ import torch
 from nanochat.common import print0
 from nanochat.training import collate
 
-
 # ---------------------------------------------------------------------------------------------
 # rehearsal: a reservoir of stored rows (replay), pseudo-samples from the model itself (ssr)
 

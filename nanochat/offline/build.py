@@ -20,9 +20,9 @@ import time
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.offline import packages
 from nanochat.common import atomic_write, logger, run_logged
 from nanochat.dataset import get_data_dir, list_parquet_files, shard_name
+from nanochat.offline import packages
 from nanochat.offline.cleaning import normalize_ws, split_long
 from nanochat.offline.sources import OFFLINE_SOURCES, SOURCE_KIND, SOURCES_BY_NAME, package_keep
 

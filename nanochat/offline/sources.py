@@ -9,8 +9,19 @@ import os
 import re
 import unicodedata
 
-from nanochat.offline.cleaning import (group_blocks, is_nsfw, normalize_ws, rewrap, split_long, strip_asciidoc,
-                                       strip_gutenberg, strip_html, strip_pod, strip_pos_tags, strip_rst)
+from nanochat.offline.cleaning import (
+    group_blocks,
+    is_nsfw,
+    normalize_ws,
+    rewrap,
+    split_long,
+    strip_asciidoc,
+    strip_gutenberg,
+    strip_html,
+    strip_pod,
+    strip_pos_tags,
+    strip_rst,
+)
 from nanochat.offline.packages import Package
 
 # Each extractor takes the root of the extracted package tree and returns a list of cleaned

@@ -17,7 +17,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.tokenizer import validate_messages
 
-
 # --------------------------------------------------------------------------------------------
 # limits and request bodies
 

@@ -4,7 +4,6 @@ import ast
 import math
 import re
 
-
 _MAX_EXPR_CHARS = 1000
 _MAX_INT_BITS = 10_000  # ~3000 digits: big enough for any calculator use, small enough to be instant
 

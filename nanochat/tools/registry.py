@@ -30,8 +30,8 @@ state into another; its cost grows with the history, which the limits below boun
 """
 from dataclasses import dataclass
 
-from nanochat.tools.calculator import use_calculator
 from nanochat.execution import execute_code
+from nanochat.tools.calculator import use_calculator
 
 TOOL_NAMES = ("calculator", "python", "search")
 
@@ -217,6 +217,7 @@ def make_registry(index="", python=True):
     (a folder or file; default <base>/search_index) when there is one there. -> (registry, a line
     saying which tools are on)."""
     import os
+
     from nanochat.common import get_base_dir
     from nanochat.tools.search import INDEX_FILE, Searcher
     path = index or os.path.join(get_base_dir(), "search_index")
