@@ -49,7 +49,8 @@ def test_answer_key_is_the_tool_calls_and_the_final_answer():
     stray = [text("Hello"), {"type": "special", "text": "<|user_start|>"}, text(" there.")]
     assert answer_key(stray) == answer_key([text("Hello there.")])
     assert reply_text(stray) == "Hello<|user_start|> there."
-    assert reply_text([call("6*7"), output("42")]) == "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>"
+    marked = "<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|>"
+    assert reply_text([call("6*7"), output("42")]) == marked
 
 
 def test_score_counts_unchanged_answers_accuracy_and_auto():
