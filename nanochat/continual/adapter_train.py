@@ -100,11 +100,7 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
     if resume and name not in lora.adapters:
         raise ValueError(f"resume: adapter {name!r} is not loaded, so there is nothing to continue")
     T = min(max_seq_len or model.config.sequence_len, model.config.sequence_len)
-    rows = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in conversations]
-    replay = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in (replay_conversations or [])]
-    preserve_rows = replay[1::2] if preserve and len(replay) > 1 else []
-    if preserve_rows:
-        replay = replay[0::2]
+    rows, replay, preserve_rows = _render(tokenizer, conversations, replay_conversations or [], T + 1, preserve)
     under = lora.make_stack(stack_under, stack_weights)
     if any(n == name for n, _ in under):
         raise ValueError(f"adapter {name!r} cannot be trained on top of itself")
@@ -156,6 +152,15 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
                           "seconds": stats["seconds"], "conversations": len(rows), "replay_conversations": len(replay),
                           "preserve_conversations": len(preserve_rows)}
     return ad
+
+
+def _render(tokenizer, conversations, replay_conversations, max_tokens, preserve):
+    """-> rows of the conversations, replay rows, preserve rows (with preserve: every other replay row)."""
+    rows = [tokenizer.render_conversation(c, max_tokens=max_tokens) for c in conversations]
+    replay = [tokenizer.render_conversation(c, max_tokens=max_tokens) for c in replay_conversations]
+    if preserve and len(replay) > 1:
+        return rows, replay[0::2], replay[1::2]
+    return rows, replay, []
 
 
 def confine_to_new_inputs(lora, ad, rows, general_rows, pad, energy, own, max_rows=64):

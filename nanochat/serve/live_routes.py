@@ -65,6 +65,32 @@ def learn_examples(body, tokenizer, context, limits):
     return convs
 
 
+def submit_job(lv, body, tokenizer, context, limits):
+    """POST /learn: queue the job a LearnRequest asks for on LiveLearning `lv` -> its 202 body, or a 429 response
+    when the queue is full; RequestError for what is wrong with the request."""
+    if not 1 <= body.steps <= limits.max_learn_steps:
+        raise RequestError(f"steps must be between 1 and {limits.max_learn_steps} (--max-learn-steps); "
+                           f"got {body.steps}", "steps")
+    if body.replace and body.mode not in (None, "replace"):
+        raise RequestError(f"\"replace\": true contradicts \"mode\": \"{body.mode}\"; send one of them", "mode")
+    convs = learn_examples(body, tokenizer, context, limits)
+    try:
+        job = lv.submit(body.adapter, convs, body.steps, replace=body.replace, mode=body.mode)
+    except ValueError as e:
+        raise RequestError(str(e), "adapter") from None
+    except KeyError:
+        raise RequestError(f"no adapter {body.adapter!r} to add to; leave out \"mode\" to create it "
+                           "(GET /adapters lists them)", "adapter", status=404) from None
+    except (FileExistsError, AdapterLimit) as e:
+        raise RequestError(str(e), "adapter", status=409) from None
+    except JobQueueFull as e:
+        response = error_response(429, str(e))
+        response.headers["Retry-After"] = str(e.retry_after)
+        return response
+    return {"job": job.id, "adapter": job.adapter, "mode": job.mode, "status": job.status, "steps": job.steps,
+            "examples": job.examples, "url": f"/learn/{job.id}"}
+
+
 def live_router(live, tokenizer, context, limits):
     """The routes for `live` (None: live learning is off, and every route answers 404 saying so).
     context: the model's context in tokens (longer examples are refused); limits: openai_api.Limits."""
@@ -77,28 +103,7 @@ def live_router(live, tokenizer, context, limits):
 
     @router.post("/learn", status_code=202, responses=documented_errors(400, 401, 403, 404, 409, 413, 415, 429))
     async def learn(body: LearnRequest):
-        lv = need_live()
-        if not 1 <= body.steps <= limits.max_learn_steps:
-            raise RequestError(f"steps must be between 1 and {limits.max_learn_steps} (--max-learn-steps); "
-                               f"got {body.steps}", "steps")
-        if body.replace and body.mode not in (None, "replace"):
-            raise RequestError(f"\"replace\": true contradicts \"mode\": \"{body.mode}\"; send one of them", "mode")
-        convs = learn_examples(body, tokenizer, context, limits)
-        try:
-            job = lv.submit(body.adapter, convs, body.steps, replace=body.replace, mode=body.mode)
-        except ValueError as e:
-            raise RequestError(str(e), "adapter") from None
-        except KeyError:
-            raise RequestError(f"no adapter {body.adapter!r} to add to; leave out \"mode\" to create it "
-                               "(GET /adapters lists them)", "adapter", status=404) from None
-        except (FileExistsError, AdapterLimit) as e:
-            raise RequestError(str(e), "adapter", status=409) from None
-        except JobQueueFull as e:
-            response = error_response(429, str(e))
-            response.headers["Retry-After"] = str(e.retry_after)
-            return response
-        return {"job": job.id, "adapter": job.adapter, "mode": job.mode, "status": job.status, "steps": job.steps,
-                "examples": job.examples, "url": f"/learn/{job.id}"}
+        return submit_job(need_live(), body, tokenizer, context, limits)
 
     @router.get("/learn", responses=documented_errors(400, 401, 403, 404))
     async def learn_jobs():
