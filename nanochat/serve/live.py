@@ -15,9 +15,9 @@ being answered by the workers while a job trains; only the finished adapter reac
 between two requests (WorkerPool.on_each_worker), where activating it is a pointer swap per request.
 Jobs run one at a time, in order; later ones wait.
 
-What keeps the rest of the model intact (chosen by measurement, dev/notes_live.md): replay of general chats
-(a quarter of each batch), a preserve term (KL to the frozen base on other general chats) and, with "auto",
-routing: a request goes to the adapter whose training prompts it resembles, else to the base model
+What keeps the rest of the model intact (the candidates and what was measured: dev/notes_live.md): replay of
+general chats (a quarter of each batch), a preserve term (KL to the frozen base on other general chats) and,
+with "auto", routing: a request goes to the adapter whose training prompts it resembles, else to the base model
 (nanochat/lora/router.py route_auto). `general_chats` (a function returning replay and held-out chats) and
 `battery` (a function returning nanochat.serve.battery.BatteryItem prompts) are read when the first job
 starts, so a server nobody teaches never reads (or downloads) them.
@@ -67,8 +67,8 @@ logger = logging.getLogger("nanochat.serve.live")
 AUTO = "auto"  # the adapter "auto" requests get: chosen per request by auto_adapter
 RESERVED = ("none", AUTO)  # "none" means the base model in every endpoint that takes an adapter name
 MODES = ("new", "replace", "add")  # what POST /learn does to an adapter of that name
-# What a job trains with. preserve and the replay were chosen on the cpu speedrun's SFT model by the general
-# battery (dev/notes_live.md); subspace_energy > 0 confines A off general inputs (measured there, off by default).
+# What a job trains with: replay of the SFT mixture and the preserve term on, subspace confinement off. Not yet
+# chosen on the speedrun's SFT model: dev/notes_live.md has what was measured (a base d4) and the runs still owed.
 TRAINING = {"rank": 8, "alpha": 16.0, "lr": 1e-2, "batch_size": 8, "replay_ratio": 0.25, "preserve": 1.0,
             "subspace_energy": 0.0}
 
