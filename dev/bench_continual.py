@@ -83,8 +83,8 @@ def bench_lora(args, device):
             for b in ad.B:
                 b.copy_(torch.randn(b.shape, generator=g).to(b) * 0.01)
         names.append(name)
-        print(f"adapter rank {r:2d}: {ad.num_params():>9,} trainable parameters ({100 * ad.num_params() / model.num_params():.2f}% "
-              f"of the model), {ad.num_bytes():>10,} bytes fp32")
+        print(f"adapter rank {r:2d}: {ad.num_params():>9,} trainable parameters "
+              f"({100 * ad.num_params() / model.num_params():.2f}% of the model), {ad.num_bytes():>10,} bytes fp32")
     x = torch.randint(0, c.vocab_size, (4, min(256, c.sequence_len)), device=device)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
@@ -159,7 +159,8 @@ def bench_sweep(args, device):
     print(f"| {param} | forgetting | cut vs naive % | LA | LA vs naive | ACC | BWT | added bytes | wall s |")
     print("|---|---|---|---|---|---|---|---|---|")
     for v, f, cut, la, dla, acc, bwt, added, wall in rows:
-        print(f"| {v} | {f:.4f} | {cut:.0f} | {la:.4f} | {dla:+.4f} | {acc:.4f} | {bwt:+.4f} | {added:,} | {wall:.0f} |")
+        print(f"| {v} | {f:.4f} | {cut:.0f} | {la:.4f} | {dla:+.4f} | {acc:.4f} | {bwt:+.4f} | {added:,} "
+              f"| {wall:.0f} |")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,9 +379,9 @@ def bench_quant(args, device):
         q_all = n_all + 4 * rows_all
         # 4-bit: half a byte per weight, one fp16 scale per group, 16 fp32 levels per matrix
         q4 = {g: n_all // 2 + 2 * n_all // g + 64 * len(mats) for g in (32, 64, 128)}
-        print(f"d20 (n_embd 1280, vocab 65536), weight matrices only, {name} base: {full / 2**20:,.0f} MiB; int8 blocks "
-              f"{q_blocks / 2**20:,.0f} MiB ({full / q_blocks:.2f}x less); int8 all {q_all / 2**20:,.0f} MiB "
-              f"({full / q_all:.3f}x less); "
+        print(f"d20 (n_embd 1280, vocab 65536), weight matrices only, {name} base: {full / 2**20:,.0f} MiB; "
+              f"int8 blocks {q_blocks / 2**20:,.0f} MiB ({full / q_blocks:.2f}x less); "
+              f"int8 all {q_all / 2**20:,.0f} MiB ({full / q_all:.3f}x less); "
               + "; ".join(f"4-bit g{g} all {q / 2**20:,.0f} MiB ({full / q:.2f}x less)" for g, q in q4.items()))
 
     # one new domain, learned as an adapter on each base with the same seed, data and steps
@@ -437,7 +438,8 @@ def main():
     p.add_argument("--eval-rows", type=int, default=32)
     p.add_argument("--random-depth", type=int, default=0, help="lora/stack/quant: time a random model of this depth")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="table: which strategies")
-    p.add_argument("--synthetic", type=int, default=0, help="table/sweep/quant: N synthetic domains and an in-process model")
+    p.add_argument("--synthetic", type=int, default=0,
+                   help="table/sweep/quant: N synthetic domains and an in-process model")
     p.add_argument("--depth", type=int, default=2, help="synthetic model depth (n_embd = 64 x depth)")
     p.add_argument("--pretrain-steps", type=int, default=150, help="synthetic model: steps on all domains first")
     p.add_argument("--repeat", type=int, default=10, help="stack/quant: forward passes timed (median)")

@@ -132,7 +132,8 @@ def main():
     for depth in [int(d) for d in args.depths.split(",")]:
         engines = {}
         for v in variants:
-            model = build(depth, seq_len, args.vocab_size, device, torch.bfloat16 if v.startswith("bf16") else torch.float32)
+            model = build(depth, seq_len, args.vocab_size, device,
+                          torch.bfloat16 if v.startswith("bf16") else torch.float32)
             if v == "bf16-packed":
                 model = pack_linears(model)
             engines[v] = Engine(model, Specials(), compile="compile" in v)

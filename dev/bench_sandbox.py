@@ -40,7 +40,8 @@ VARIANTS = {
     "execute_code, no cgroup": ("from nanochat.sandbox import cgroup\ncgroup.create = lambda *a: None\n"
                                 "from nanochat.execution import execute_code", _EXECUTE),
     "execute_code, no sandbox (--unsafe-exec)": (
-        "from nanochat.sandbox import boundary as sandbox\nsandbox._isolation = (False, 'bench')\nsandbox.allow_unsafe_exec()\n"
+        "from nanochat.sandbox import boundary as sandbox\nsandbox._isolation = (False, 'bench')\n"
+        "sandbox.allow_unsafe_exec()\n"
         "from nanochat.execution import execute_code", _EXECUTE),
     "SandboxedFunction start + 1 call": (
         "from nanochat.sandbox.function import SandboxedFunction",
@@ -64,7 +65,8 @@ def main():
     args = ap.parse_args()
     variants = {name: (ROOT,) + v for name, v in VARIANTS.items()}
     if args.tree:
-        variants[f"execute_code of {args.tree}"] = (os.path.abspath(args.tree), VARIANTS["execute_code, all layers"][0], _EXECUTE)
+        variants[f"execute_code of {args.tree}"] = (os.path.abspath(args.tree),
+                                                    VARIANTS["execute_code, all layers"][0], _EXECUTE)
     sys.path.insert(0, ROOT)
     from nanochat.sandbox import boundary as sandbox
     print(f"host: {sandbox.isolation()[1]}")

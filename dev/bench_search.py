@@ -6,9 +6,10 @@
 Passages come from the pretraining shards (<base>/base_data) when there are any, topped up with generated
 Zipf-distributed text over the system word list to reach --passages. Each backend runs in its own forked
 process; it prints passages/s indexed (from CPU time: on a shared, loaded machine wall time measures the
-neighbours; the backends are single-threaded, so on a quiet machine the two agree; wall seconds are shown too), peak memory added (VmHWM minus the RSS at the start), index size on
-disk (FTS5 only: the others live in memory), and query latency p50/p99 (CPU time) for top-3 retrieval. Backends that
-are not installed are skipped (pip install bm25s rank_bm25).
+neighbours; the backends are single-threaded, so on a quiet machine the two agree; wall seconds are shown
+too), peak memory added (VmHWM minus the RSS at the start), index size on disk (FTS5 only: the others live
+in memory), and query latency p50/p99 (CPU time) for top-3 retrieval. Backends that are not installed are
+skipped (pip install bm25s rank_bm25).
 """
 import argparse
 import os
@@ -53,7 +54,8 @@ def load_passages(n, seed=0):
                 words = [w.strip() for w in f if w.strip().isalpha()]
             break
     if not words:
-        words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9))) for _ in range(50000)]
+        words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(3, 9)))
+                 for _ in range(50000)]
     rng.shuffle(words)
     cum, total = [], 0.0
     for r in range(len(words)):  # Zipf: a few very common words, a long tail
@@ -112,8 +114,9 @@ def bench_one(name, passages, queries, max_queries):
             lat.append(time.process_time() - t0)
     lat.sort()
     pct = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000  # noqa: E731
-    return {"build_s": build, "wall_s": wall, "docs_per_s": len(passages) / build, "mem_mb": (_vm("VmHWM") - rss0) / 2**20,
-            "disk_mb": None if disk is None else disk / 2**20, "p50_ms": pct(0.50), "p99_ms": pct(0.99), "n_q": len(lat)}
+    return {"build_s": build, "wall_s": wall, "docs_per_s": len(passages) / build,
+            "mem_mb": (_vm("VmHWM") - rss0) / 2**20, "disk_mb": None if disk is None else disk / 2**20,
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "n_q": len(lat)}
 
 
 def main():
@@ -127,7 +130,8 @@ def main():
     queries = make_queries(passages, args.queries)
     mb = sum(map(len, passages)) / 2**20
     print(f"{len(passages):,} passages ({mb:.1f} MB of text; {source}), {len(queries)} queries of 4 words, top-3")
-    print(f"{'backend':<12} {'build s':>8} {'(wall)':>7} {'passages/s':>11} {'peak MB':>8} {'disk MB':>8} {'p50 ms':>8} {'p99 ms':>8} {'queries':>8}")
+    print(f"{'backend':<12} {'build s':>8} {'(wall)':>7} {'passages/s':>11} {'peak MB':>8} {'disk MB':>8} "
+          f"{'p50 ms':>8} {'p99 ms':>8} {'queries':>8}")
     for name in args.backends.split(","):
         module = BACKENDS[name][1]
         if module:
@@ -152,8 +156,8 @@ def main():
         os.waitpid(pid, 0)
         r = eval(data.decode())  # our own child's repr of a dict of numbers
         disk = "-" if r["disk_mb"] is None else f"{r['disk_mb']:.1f}"
-        print(f"{name:<12} {r['build_s']:>8.1f} {r['wall_s']:>7.0f} {r['docs_per_s']:>11,.0f} {r['mem_mb']:>8.0f} {disk:>8} "
-              f"{r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['n_q']:>8}")
+        print(f"{name:<12} {r['build_s']:>8.1f} {r['wall_s']:>7.0f} {r['docs_per_s']:>11,.0f} {r['mem_mb']:>8.0f} "
+              f"{disk:>8} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} {r['n_q']:>8}")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,8 @@ class Sequential:
                 self.lora.activate(req["adapter"])
             with torch.no_grad():
                 for column, _ in self.engine.generate(req["prompt"], max_tokens=req["max_tokens"],
-                                                      temperature=req["temperature"], top_k=req["top_k"], seed=req["seed"]):
+                                                      temperature=req["temperature"], top_k=req["top_k"],
+                                                      seed=req["seed"]):
                     on_token(False)
             on_token(None)  # the end (no token)
 
@@ -221,7 +222,8 @@ def summarize(records, wall):
     tokens = sum(len(r["times"]) for r in records)
     return {"requests": len(records), "tok_s": tokens / wall, "tokens": tokens / max(1, len(records)),
             "ttft50": statistics.median(ttft), "ttft99": pct(ttft, 0.99),
-            "itl50": statistics.median(gaps) if gaps else float("nan"), "itl99": pct(gaps, 0.99) if gaps else float("nan")}
+            "itl50": statistics.median(gaps) if gaps else float("nan"),
+            "itl99": pct(gaps, 0.99) if gaps else float("nan")}
 
 
 def engine_main(args):
@@ -253,8 +255,8 @@ def engine_main(args):
         for mode in args.modes.split(","):
             for label, adapters in setups:
                 server = (Sequential if mode == "before" else Batched)(model, tokenizer, lora)
-                run_engine_level(server, prompts, 1, argparse.Namespace(**{**vars(args), "requests": 1, "max_tokens": 4}),
-                                 adapters)  # warm-up
+                warm_up = argparse.Namespace(**{**vars(args), "requests": 1, "max_tokens": 4})
+                run_engine_level(server, prompts, 1, warm_up, adapters)  # warm-up
                 for clients in [int(c) for c in args.concurrency.split(",")]:
                     cpu0 = time.process_time()
                     records, wall = run_engine_level(server, prompts, clients, args, adapters)
@@ -308,7 +310,8 @@ def main():
     if url is None:
         source = pick_source(args.source)
         port = free_port()
-        cmd = [sys.executable, "-m", "scripts.chat_web", "-i", source, "--port", str(port), "--num-gpus", str(args.num_gpus)]
+        cmd = [sys.executable, "-m", "scripts.chat_web", "-i", source, "--port", str(port),
+               "--num-gpus", str(args.num_gpus)]
         if args.device_type:
             cmd += ["--device-type", args.device_type]
         if args.model_tag:
@@ -350,7 +353,8 @@ def main():
           "| total tok/s | inter-chunk p50 ms | inter-chunk p99 ms |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for c, n, p50, p99, mx, dec, tpr, tot, g50, g99 in rows:
-        print(f"| {c} | {n} | {p50:.0f} | {p99:.0f} | {mx:.0f} | {dec:.1f} | {tpr:.1f} | {tot:.1f} | {g50:.1f} | {g99:.1f} |")
+        print(f"| {c} | {n} | {p50:.0f} | {p99:.0f} | {mx:.0f} | {dec:.1f} | {tpr:.1f} | {tot:.1f} "
+              f"| {g50:.1f} | {g99:.1f} |")
     one = [r for r in rows if r[0] == 1]
     if one:
         print(f"\ngoal: TTFT < 500 ms at 1 client: p50 {one[0][2]:.0f} ms -> {'met' if one[0][2] < 500 else 'NOT met'}")

@@ -129,7 +129,8 @@ def main():
     peer_ok = os.path.exists(args.peer_python)
     if not peer_ok and {"pypi", "hf"} & set(trainers):
         print(f"NOTE: peer python {args.peer_python} not found: skipping the PyPI rustbpe and HF tokenizers runs.\n"
-              f"  Create it with: python3 -m venv /tmp/peer-venv && /tmp/peer-venv/bin/pip install rustbpe==0.1.0 tokenizers\n"
+              f"  Create it with: python3 -m venv /tmp/peer-venv && "
+              f"/tmp/peer-venv/bin/pip install rustbpe==0.1.0 tokenizers\n"
               f"  and/or pass --peer-python PATH.", file=sys.stderr)
         trainers = [t for t in trainers if t == "ours"]
     pythons = {"ours": sys.executable, "pypi": args.peer_python, "hf": args.peer_python}
@@ -149,7 +150,8 @@ def main():
             for kind in trainers:
                 best = min(runs[kind], key=lambda r: r["secs"])
                 peak = max(r["peak_mb"] for r in runs[kind])
-                print(f"| {labels[kind]:<22} | {vocab_size:>6} | {best['secs']:>8.1f} | {best['cpu_secs']:>7.1f} | {peak:>13.0f} |")
+                print(f"| {labels[kind]:<22} | {vocab_size:>6} | {best['secs']:>8.1f} | {best['cpu_secs']:>7.1f} "
+                      f"| {peak:>13.0f} |")
             if "ours" in runs and "pypi" in runs:
                 a, b = runs["ours"][0]["ranks"], runs["pypi"][0]["ranks"]
                 same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

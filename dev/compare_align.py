@@ -106,8 +106,8 @@ def pass_at_1(source, task, n, args):
     from scripts.chat_rl import evaluate_pass_at_k
     torch.manual_seed(0)
     model, tok, _ = load_model(source, "cpu", "eval")
-    return evaluate_pass_at_k(task, n, Engine(model, tok, tools=ToolRegistry()), tok, args.eval_samples, args.max_new_tokens, 1.0, 50,
-                              model.config.sequence_len)
+    return evaluate_pass_at_k(task, n, Engine(model, tok, tools=ToolRegistry()), tok, args.eval_samples,
+                              args.max_new_tokens, 1.0, 50, model.config.sequence_len)
 
 
 def chatcore(source, args, base, log):

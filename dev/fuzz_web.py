@@ -40,7 +40,9 @@ def tiny_server(adapters_root):
                           n_embd=64))
     model.init_weights()
     trainer = copy.deepcopy(model)
-    learn = lambda pool: LiveLearning(pool, trainer, tok, adapters_root)
+
+    def learn(pool):
+        return LiveLearning(pool, trainer, tok, adapters_root)
     limits = Limits(max_learn_steps=3, max_learn_jobs=2, max_adapters=4, max_message_chars=2000,
                     max_total_chars=4000)
     return create_app([Worker(0, model, tok)], "nanochat-fuzz", limits=limits,

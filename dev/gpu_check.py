@@ -96,7 +96,8 @@ def web(port, timeout=120):
     t0 = time.time()
     while True:  # the server loads the model before it listens
         try:
-            reply = client.chat.completions.create(model="nanochat", max_tokens=16,
+            served = client.models.list().data[0].id  # the server answers only to its own model names
+            reply = client.chat.completions.create(model=served, max_tokens=16,
                                                    messages=[{"role": "user", "content": "What is 2+2?"}])
             break
         except Exception as e:  # connection refused while it starts

@@ -126,7 +126,8 @@ def prune_checkpoints(checkpoint_dir, keep_last):
     interrupted leaves an incomplete (ignored) checkpoint, never a broken one."""
     for step in complete_steps(checkpoint_dir)[:-keep_last]:
         os.remove(meta_path(checkpoint_dir, step))
-        for p in [model_path(checkpoint_dir, step)] + glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt")):
+        optim_paths = glob.glob(os.path.join(checkpoint_dir, f"optim_{step:06d}_rank*.pt"))
+        for p in [model_path(checkpoint_dir, step)] + optim_paths:
             if os.path.exists(p):
                 os.remove(p)
 
@@ -135,7 +136,8 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     """-> (model_state, optim_states or None, meta). optim_states is what this rank saved."""
     mpath = meta_path(checkpoint_dir, step)
     if not os.path.exists(mpath):
-        raise FileNotFoundError(f"checkpoint step {step} in {checkpoint_dir} is missing or incomplete (no {os.path.basename(mpath)})")
+        raise FileNotFoundError(f"checkpoint step {step} in {checkpoint_dir} is missing or incomplete "
+                                f"(no {os.path.basename(mpath)})")
     with open(mpath) as f:
         meta = json.load(f)
     model_state = torch.load(model_path(checkpoint_dir, step), map_location=device, weights_only=True)
@@ -190,8 +192,8 @@ def build_model(checkpoint_dir, step, device, phase, dtype="auto"):
 
 
 def load_model(source, device, phase, model_tag=None, step=None, dtype="auto"):
-    """Load the model of a stage: source is a key of SOURCES ("base", "mid", "sft", "rl", "dpo"); the largest tag and the
-    latest step unless given; dtype: the --dtype flag (see build_model). -> (model, tokenizer, meta)."""
+    """Load the model of a stage: source is a key of SOURCES ("base", "mid", "sft", "rl", "dpo"); the largest tag
+    and the latest step unless given; dtype: the --dtype flag (see build_model). -> (model, tokenizer, meta)."""
     if source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {sorted(SOURCES)}")
     dirname, script = SOURCES[source]

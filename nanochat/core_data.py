@@ -88,7 +88,8 @@ def convert_hellaswag(rows):
 
 
 def convert_piqa(rows):
-    return [{"query": _qa(r["goal"].strip()), "choices": [r["sol1"].strip(), r["sol2"].strip()], "gold": int(r["label"])}
+    return [{"query": _qa(r["goal"].strip()), "choices": [r["sol1"].strip(), r["sol2"].strip()],
+             "gold": int(r["label"])}
             for r in rows]
 
 

@@ -121,7 +121,8 @@ class Engine:
         """Check generate's arguments (bad ones raise ValueError). -> (prompt as a list of ints, float temperature)."""
         if isinstance(tokens, torch.Tensor):
             if tokens.dim() != 1:
-                raise ValueError(f"prompt must be a 1-D sequence of token ids, got a tensor of shape {tuple(tokens.shape)}")
+                raise ValueError("prompt must be a 1-D sequence of token ids, "
+                                 f"got a tensor of shape {tuple(tokens.shape)}")
             tokens = tokens.tolist()
         if isinstance(tokens, (str, bytes)) or not hasattr(tokens, "__len__"):
             raise ValueError(f"prompt must be a list of token ids, got {type(tokens).__name__}")
@@ -141,7 +142,8 @@ class Engine:
                              f"it must be at most {context_len - 1} tokens to leave room for one new token")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
-        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0):
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
+                                       or max_tokens < 0):
             raise ValueError(f"max_tokens must be None or an integer >= 0, got {max_tokens!r}")
         try:
             temperature = float(temperature)
@@ -366,7 +368,8 @@ class ReplyParser:
             events = self._flush()
             self.mode, self.buf = ("python" if tok == self.python_start else "python_output"), []
             return events
-        if (tok == self.python_end and self.mode == "python") or (tok == self.output_end and self.mode == "python_output"):
+        if ((tok == self.python_end and self.mode == "python")
+                or (tok == self.output_end and self.mode == "python_output")):
             event = {"type": self.mode, "text": self.tokenizer.decode(self.buf)}
             self.mode = "text"
             return [event]

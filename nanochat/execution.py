@@ -132,7 +132,8 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
         result = _make_result(status, nonce, proc.returncode, _decode(out), _decode(err), timed_out, timeout)
         if runner.oom_killed and not result.completed:
             result.memory_exceeded, result.timed_out = True, False
-            result.error = (f"MemoryError: the sandbox's memory limit ({(max_memory_bytes + max_write_bytes) // 2**20} MiB, "
+            limit_mib = (max_memory_bytes + max_write_bytes) // 2**20
+            result.error = (f"MemoryError: the sandbox's memory limit ({limit_mib} MiB, "
                             "/tmp included) was reached and the program was killed")
         return result
     except Exception as e:  # failing to start the child etc.: report, don't crash the caller

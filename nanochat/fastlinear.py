@@ -26,7 +26,8 @@ def packing_supported(device):
     if torch.device(device).type != "cpu":
         return False, f"packed bf16 Linears are a CPU fast path; the model is on {device} (use bf16 weights there)"
     if not native_bf16_cpu():
-        return False, "this CPU has no native bf16 (avx512_bf16/amx_bf16): packed bf16 Linears would be slower than fp32"
+        return False, ("this CPU has no native bf16 (avx512_bf16/amx_bf16): "
+                       "packed bf16 Linears would be slower than fp32")
     if not torch.backends.mkldnn.is_available():
         return False, "this torch build has no oneDNN (mkldnn), which the packed Linears run on"
     return True, ""

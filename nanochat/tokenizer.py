@@ -22,7 +22,8 @@ SPECIAL_TOKENS = [
 
 # GPT-4's split pattern, except digits are grouped 1-2 (not 1-3): small vocabularies can't
 # afford tokens for every 3-digit number.
-SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPLIT_PATTERN = (r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}|"""
+                 r""" ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+""")
 
 VALID_ROLES = ("system", "user", "assistant")
 
@@ -47,7 +48,8 @@ class Tokenizer:
         import rustbpe
         min_vocab = 256 + len(SPECIAL_TOKENS)
         if vocab_size < min_vocab:
-            raise ValueError(f"vocab_size={vocab_size} is too small: need >= {min_vocab} (256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
+            raise ValueError(f"vocab_size={vocab_size} is too small: need >= {min_vocab} "
+                             f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
         trainer = rustbpe.Tokenizer()
         trainer.train_from_iterator(text_iterator, vocab_size - len(SPECIAL_TOKENS), pattern=pattern)
         # Two merges can in principle spell the same bytes ("a"+"bc", "ab"+"c"); keep the first and
@@ -177,7 +179,8 @@ class Tokenizer:
         if messages and isinstance(messages[-1], dict) and messages[-1].get("role") == "assistant":
             messages = messages[:-1]
         # a placeholder reply lets us reuse the renderer's validation; then drop it
-        ids, _ = self.render_conversation({"messages": messages + [{"role": "assistant", "content": ""}]}, max_tokens=10**9)
+        placeholder = {"role": "assistant", "content": ""}
+        ids, _ = self.render_conversation({"messages": messages + [placeholder]}, max_tokens=10**9)
         assert ids[-1] == self.encode_special("<|assistant_end|>")
         return ids[:-1]
 
@@ -207,9 +210,11 @@ def validate_messages(conversation):
                 for j, part in enumerate(content):
                     if not isinstance(part, dict) or part.get("type") not in ("text", "python", "python_output") \
                             or not isinstance(part.get("text"), str):
-                        raise ValueError(f"message {i} part {j} must be {{'type': 'text'|'python'|'python_output', 'text': str}}")
+                        raise ValueError(f"message {i} part {j} must be "
+                                         "{'type': 'text'|'python'|'python_output', 'text': str}")
             elif not isinstance(content, str):
-                raise ValueError(f"message {i} (assistant) content must be a string or a list of parts, got {type(content).__name__}")
+                raise ValueError(f"message {i} (assistant) content must be a string or a list of parts, "
+                                 f"got {type(content).__name__}")
     start = 1 if messages[0]["role"] == "system" else 0
     if len(messages) <= start:
         raise ValueError("conversation has a system message but no user message")

@@ -181,8 +181,10 @@ def parse_args(argv=None):
     p.add_argument("-k", "--top-k", type=int, default=50, help="0 = no top-k")
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
-    p.add_argument("--unsafe-exec", action="store_true", help="let the python tool run code without the bubblewrap sandbox")
+    p.add_argument("--index", default="",
+                   help="search index for the search tool (default <base>/search_index if built)")
+    p.add_argument("--unsafe-exec", action="store_true",
+                   help="let the python tool run code without the bubblewrap sandbox")
     p.add_argument("--adapter", nargs="+", default=[], metavar="NAME",
                    help="LoRA adapter(s) to chat with; several: a stack, all applied together")
     p.add_argument("--adapter-weights", nargs="+", type=float, default=None, metavar="W",

@@ -248,8 +248,9 @@ def main(argv=None):
            f"pairs ({num_iterations * args.pairs_per_step / len(train_pairs):.2f} epochs)")
     eval_task = dpo_eval_task(args)
     loop = {"history": [], "evals": []}
-    same = {"world_size": run.world_size, "pairs_per_step": args.pairs_per_step, "device_batch_size": args.device_batch_size,
-            "max_seq_len": T, "pairs_sha": pairs_sha, "loss": args.loss, "beta": args.beta}
+    same = {"world_size": run.world_size, "pairs_per_step": args.pairs_per_step,
+            "device_batch_size": args.device_batch_size, "max_seq_len": T, "pairs_sha": pairs_sha,
+            "loss": args.loss, "beta": args.beta}
     training.begin(make_optimizers(model, args, args.init_lr_frac), loop, num_iterations, same)
     log = StepLog(run, num_iterations, training.step, loop, args.loss_file, wandb_run, model.estimate_flops(),
                   args.peak_flops)
@@ -286,7 +287,8 @@ def main(argv=None):
         **{"pass@1": loop["evals"][-1].get("pass@1")}))
     log.close()
     if run.master and step == num_iterations:
-        write_report(args, training, source, loop, sample_stats, f"{len(pairs)} (train {len(train_pairs)}, val {n_val})")
+        write_report(args, training, source, loop, sample_stats,
+                     f"{len(pairs)} (train {len(train_pairs)}, val {n_val})")
     compute_cleanup()
     return loop
 

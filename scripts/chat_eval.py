@@ -82,8 +82,10 @@ def format_table(results):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, sources=list(STAGES))
-    p.add_argument("-a", "--task-name", default="all", help=f"'all' or names joined by '|': {'|'.join(ALL_TASKS + [TOOLS])}")
-    p.add_argument("--task-file", default="", help="evaluate these JSONL files of conversations (comma-separated) instead of -a")
+    p.add_argument("-a", "--task-name", default="all",
+                   help=f"'all' or names joined by '|': {'|'.join(ALL_TASKS + [TOOLS])}")
+    p.add_argument("--task-file", default="",
+                   help="evaluate these JSONL files of conversations (comma-separated) instead of -a")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="at most this many problems per task")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="generative: samples per problem (pass@n)")
     p.add_argument("-t", "--temperature", type=float, default=0.0)
@@ -133,7 +135,8 @@ def main(argv=None):
         if TOOLS in names:
             tools_index = args.index or os.path.join(get_base_dir(), "search_index")
             if not os.path.exists(tools_index) and args.task_name == "all":
-                print0(f"tools: skipped, no search index at {tools_index} (python -m scripts.build_index --shards --facts)")
+                print0(f"tools: skipped, no search index at {tools_index} "
+                       "(python -m scripts.build_index --shards --facts)")
                 tools_index = None
             if tools_index is not None:
                 check_code_execution(args.unsafe_exec, "tools (python)")
@@ -158,7 +161,8 @@ def main(argv=None):
         score = chatcore(results)
         summary = {name: r["accuracy"] for name, r in results.items()}
         summary["ChatCORE"] = score
-        data += [{name: f"{r['accuracy']:.4f} ({r['correct']}/{r['total']}, chance {r['chance']:.3f})" for name, r in results.items()},
+        data += [{name: f"{r['accuracy']:.4f} ({r['correct']}/{r['total']}, chance {r['chance']:.3f})"
+                  for name, r in results.items()},
                  {"ChatCORE": score}, "```\n" + table + "\n```"]
     if tools is not None:
         table = format_tools_table(tools)
@@ -171,7 +175,8 @@ def main(argv=None):
         results["tools"] = tools
     if rank == 0:
         from nanochat.report import get_report
-        get_report().log(section=f"Chat evaluation {args.source}", stage=STAGES[args.source], summary=summary, data=data)
+        get_report().log(section=f"Chat evaluation {args.source}", stage=STAGES[args.source],
+                         summary=summary, data=data)
     compute_cleanup()
     return results
 
@@ -202,7 +207,8 @@ def run_tools(args, model, tokenizer, index, rank, world_size, device):
                          temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems, rank=rank,
                          world_size=world_size, device=device)
             groups[(group, mode)] = r
-            print0(f"tools/{group} ({mode}): {r['correct']}/{r['total']} = {100 * r['accuracy']:.2f}% ({time.time() - t0:.1f}s)")
+            print0(f"tools/{group} ({mode}): {r['correct']}/{r['total']} = {100 * r['accuracy']:.2f}% "
+                   f"({time.time() - t0:.1f}s)")
     rag = None
     if args.rag_docs > 0 and rank == 0:
         rag = run_rag(model, tokenizer, searcher, args.rag_docs, device)
@@ -233,7 +239,8 @@ def format_tools_table(tools):
     rows = [f"{'group':<8} {'tools on':>9} {'tools off':>10} {'gain':>7} {'problems':>9}"]
     for g in GROUPS:
         on, off = tools["groups"][(g, "on")], tools["groups"][(g, "off")]
-        rows.append(f"{g:<8} {on['accuracy']:>9.4f} {off['accuracy']:>10.4f} {on['accuracy'] - off['accuracy']:>+7.4f} {on['total']:>9}")
+        rows.append(f"{g:<8} {on['accuracy']:>9.4f} {off['accuracy']:>10.4f} "
+                    f"{on['accuracy'] - off['accuracy']:>+7.4f} {on['total']:>9}")
     rag = tools.get("rag")
     if rag:
         rows.append(f"RAG bpb on {rag['documents']} held-out documents: {rag['bpb_without']:.4f} without retrieval, "

@@ -183,7 +183,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p, sources=["base", "mid", "sft", "rl"], source="sft")  # the output keeps the source's tag
     # data
-    p.add_argument("--online", action="store_true", help="train on the GSM8K train split (hub) instead of GSM8KSynthetic")
+    p.add_argument("--online", action="store_true",
+                   help="train on the GSM8K train split (hub) instead of GSM8KSynthetic")
     p.add_argument("--train-size", type=int, default=100_000, help="GSM8KSynthetic problems")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task-file", default="", help="JSONL of problems ({messages, answer}, tasks/customjson.py) to "
@@ -203,10 +204,12 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (embedding and lm_head)")
     p.add_argument("--init-lr-frac", type=float, default=0.05, help="all LRs are scaled by this (then decay to 0)")
     # evaluation and checkpoints
-    p.add_argument("--eval-every", type=int, default=60, help="pass@k every N steps (and before/after); <=0: before/after only")
+    p.add_argument("--eval-every", type=int, default=60,
+                   help="pass@k every N steps (and before/after); <=0: before/after only")
     p.add_argument("--eval-problems", type=int, default=100, help="held-out GSM8K test problems for pass@k")
     p.add_argument("--eval-samples", type=int, default=0, help="k for pass@k (default: --num-samples)")
-    p.add_argument("--save-every", type=int, default=60, help="checkpoint every N steps (and at the end); <=0: end only")
+    p.add_argument("--save-every", type=int, default=60,
+                   help="checkpoint every N steps (and at the end); <=0: end only")
     p.add_argument("--keep-last", type=int, default=-1, help="keep only the newest N checkpoints; -1: keep all")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this tag's RL run")
     p.add_argument("--stop-after", type=int, default=-1, help="debug: save a checkpoint after this many steps and "

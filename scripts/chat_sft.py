@@ -11,7 +11,8 @@ sum over its supervised tokens divided by their number across all micro-batches 
 every supervised token weighs the same however the conversations are batched.
 
 Data (--mixture, same syntax as mid_train): default arc,gsm8k,spellingbee,simplespelling,tools,chitchat,
-chatterbot (--online: ARC, GSM8K, SmolTalk, tools) (+ --identity-file). A held-out slice (--val-examples) gives the validation loss.
+chatterbot (--online: ARC, GSM8K, SmolTalk, tools) (+ --identity-file). A held-out slice (--val-examples)
+gives the validation loss.
 Multiple-choice accuracy (--eval-mc, default ARC-Easy and MMLU validation slices; custom:PATH for a
 JSONL of conversations with "letters") is read off the logits of the answer letters after
 <|assistant_start|>.
@@ -52,7 +53,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p, sources=["mid", "base"], source="mid")
     add_finetune_args(p)
-    p.add_argument("--online", action="store_true", help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
+    p.add_argument("--online", action="store_true",
+                   help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
     p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step (all ranks)")
     p.add_argument("--num-epochs", type=int, default=1, help="epochs over the mixture when --num-iterations is -1")
     p.add_argument("--eval-every", type=int, default=100, help="val loss every N steps (and at the end); <=0: end only")
@@ -178,7 +180,8 @@ def load_mc_eval(spec, n):
         elif entry.startswith("custom:"):
             name, task = entry, CustomJSON(entry[len("custom:"):])
         else:
-            raise ValueError(f"unknown --eval-mc entry {entry!r}; expected arc-easy, arc-challenge, mmlu or custom:PATH")
+            raise ValueError(f"unknown --eval-mc entry {entry!r}; "
+                             "expected arc-easy, arc-challenge, mmlu or custom:PATH")
         stride = max(1, len(task) // n)  # spread the slice over the whole set (MMLU is sorted by subject)
         convs = [task[i] for i in range(0, len(task), stride)][:n]
         bad = [i for i, c in enumerate(convs) if "letters" not in c]
@@ -240,7 +243,8 @@ def main(argv=None):
 
     loop = {"val_loss": None, "min_val_loss": float("inf"), "mc_acc": {}}
     same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T,
-            "examples_per_step": args.examples_per_step, "mixture": data.spec, "num_train_conversations": len(train_set)}
+            "examples_per_step": args.examples_per_step, "mixture": data.spec,
+            "num_train_conversations": len(train_set)}
     # the data order depends only on the step (no loader state), so any number of ranks continues it exactly
     training.begin(make_optimizers(model, args, args.init_lr_frac), loop, num_iterations, same,
                    lambda positions, world: positions[:1] * world)
@@ -273,7 +277,8 @@ def main(argv=None):
             log.eval(step, {"val loss": loop["val_loss"]})
         if mc_sets and eval_due(step, args.eval_mc_every, last_step, resumed_here):
             model.eval()
-            loop["mc_acc"] = {name: mc_accuracy(model, tokenizer, convs, B, T, run)[0] for name, convs in mc_sets.items()}
+            loop["mc_acc"] = {name: mc_accuracy(model, tokenizer, convs, B, T, run)[0]
+                              for name, convs in mc_sets.items()}
             model.train()
             log.eval(step, {f"{k} acc": v for k, v in loop["mc_acc"].items()})
 

@@ -66,7 +66,8 @@ def comparison(results):
         cut = None
         if f_naive and f_naive > 0 and name != "naive":
             cut = 100.0 * (1.0 - m["forgetting"] / f_naive)
-        rows.append({"strategy": name, "ACC": m["ACC"], "LA": m["LA"], "LA vs naive": None if la_naive is None else m["LA"] - la_naive,
+        rows.append({"strategy": name, "ACC": m["ACC"], "LA": m["LA"],
+                     "LA vs naive": None if la_naive is None else m["LA"] - la_naive,
                      "BWT": m["BWT"], "FWT": m["FWT"], "forgetting": m["forgetting"], "cut vs naive %": cut,
                      "added params": r["added_params"], "added bytes": r["added_bytes"],
                      "train s": r["train_seconds"], "wall s": r["wall_seconds"]})
@@ -135,7 +136,8 @@ def main(argv=None):
     if args.sequences:
         names = [s.strip() for s in args.sequences.split(",") if s.strip()]
     else:
-        names = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))) if os.path.isdir(root) else []
+        names = (sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+                 if os.path.isdir(root) else [])
     report = None if args.no_report else __import__("nanochat.report", fromlist=["get_report"]).get_report()
     data, images, summary = [], [], {}
     found = 0
@@ -159,7 +161,8 @@ def main(argv=None):
                      "metric": f"{metric} ({'higher' if hib else 'lower'} is better)",
                      "steps per task": cfg.get("steps"), "rows per step": cfg.get("batch_size"),
                      "row length (tokens)": settings.get("seq_len"), "lr (full)": cfg.get("lr"),
-                     "lr (lora)": cfg.get("lora_lr"), "lora rank/alpha": f"{cfg.get('lora_rank')}/{cfg.get('lora_alpha')}",
+                     "lr (lora)": cfg.get("lora_lr"),
+                     "lora rank/alpha": f"{cfg.get('lora_rank')}/{cfg.get('lora_alpha')}",
                      "replay buffer (rows) / ratio": f"{cfg.get('replay_size')} / {cfg.get('replay_ratio')}",
                      "ewc lambda": cfg.get("ewc_lambda"), "ssr pseudo-samples per task": cfg.get("ssr_samples"),
                      "router": "nearest centroid of base hidden states (task id unknown)"})

@@ -39,7 +39,8 @@ def parse_args(argv=None):
     for name, val in vars(d).items():  # every ContinualConfig field is a flag: --steps, --ewc-lambda, ...
         if name == "router":
             continue
-        kind = type(val) if not isinstance(val, bool) else (lambda s: s.lower() in ("1", "true", "yes"))  # bool("0") is True
+        # bool("0") is True, so booleans get their own parser
+        kind = type(val) if not isinstance(val, bool) else (lambda s: s.lower() in ("1", "true", "yes"))
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=val)
     p.add_argument("--no-router", action="store_true", help="lora: skip the task-agnostic (router) evaluation")
     p.add_argument("--out", default="", help="results directory (default <base>/continual/<sequence>)")

@@ -23,7 +23,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--to", required=True, choices=["hf"], help="the target format (hf: transformers + PEFT)")
     p.add_argument("out_dir", help="the folder to write (refused if it exists and is not empty, unless --force)")
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="which stage's model")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"],
+                   help="which stage's model")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="weights in the safetensors file")
@@ -35,7 +36,8 @@ def parse_args(argv=None):
                    "NanoChat can express the model")
     p.add_argument("--license", default="mit", help="the license in the model card's metadata")
     p.add_argument("--report", default=None, help="report.md for the model card (default: the base dir's)")
-    p.add_argument("--push", default=None, metavar="REPO_ID", help="upload the folder to the hub as REPO_ID (owner/name)")
+    p.add_argument("--push", default=None, metavar="REPO_ID",
+                   help="upload the folder to the hub as REPO_ID (owner/name)")
     p.add_argument("--private", action="store_true", help="with --push: create the repo private")
     p.add_argument("--force", action="store_true", help="replace out_dir if it exists")
     return p.parse_args(script_argv(argv))

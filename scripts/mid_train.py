@@ -69,7 +69,8 @@ def parse_args(argv=None):
     add_finetune_args(p)
     p.add_argument("--save-tag", default="", help="mid_checkpoints/<tag> this run writes and --resume continues "
                    "(default: the loaded tag)")
-    p.add_argument("--online", action="store_true", help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
+    p.add_argument("--online", action="store_true",
+                   help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
     p.add_argument("--mc-per-task", type=int, default=3000, help="cap on each multiple-choice train split")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (all ranks)")
     p.add_argument("--eval-every", type=int, default=150, help="val bpb every N steps (and at the end); <=0: end only")
@@ -101,7 +102,8 @@ def load_mixture(args, tokenizer, run):
     for name, n in describe_tasks(tasks).items():
         print0(f"  task {name}: {n:,} conversations")
     train_stream, train_starts = render_stream(train_set, tokenizer, run.rank, run.world_size)
-    val_stream, val_starts = render_stream(val_set, tokenizer, run.rank % len(val_set), min(run.world_size, len(val_set)))
+    val_stream, val_starts = render_stream(val_set, tokenizer, run.rank % len(val_set),
+                                           min(run.world_size, len(val_set)))
     shortest_train, shortest_val = all_reduce([len(train_stream), len(val_stream)], run.device, op="min")
     mix = Mixture(spec, tasks, train_set, val_set, train_stream, train_starts, val_stream, val_starts,
                   int(shortest_train) * run.world_size, int(shortest_val))
@@ -119,7 +121,8 @@ def main(argv=None):
     if T > model.rotary_len:
         raise SystemExit(f"--max-seq-len {T} exceeds the model's rotary table ({model.rotary_len})")
     B = resolve_device_batch(args, model, T, run)
-    print0(f"model: {dataclasses.asdict(model.config)} | parameters: {model.num_params():,} | dtype: {dtype_name(run.dtype)}")
+    print0(f"model: {dataclasses.asdict(model.config)} | parameters: {model.num_params():,} "
+           f"| dtype: {dtype_name(run.dtype)}")
     mix = load_mixture(args, tokenizer, run)
     grad_accum_steps = accumulation_steps(args.total_batch_size, B, T, run.world_size)
     # --num-iterations -1: one epoch; each row takes about T+1 tokens of the stream
@@ -130,8 +133,9 @@ def main(argv=None):
            f"tokens/step | steps: {num_iterations:,} | eval steps: {eval_steps}")
 
     loop = {"min_val_bpb": float("inf"), "val_bpb": None}
-    same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T, "total_batch_size": args.total_batch_size,
-            "mixture": mix.spec, "num_train_conversations": len(mix.train_set)}
+    same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T,
+            "total_batch_size": args.total_batch_size, "mixture": mix.spec,
+            "num_train_conversations": len(mix.train_set)}
     position = training.begin(make_optimizers(model, args, args.init_lr_frac), loop, num_iterations, same,
                               reshard_stream_positions)
     train_model = run.compiled(model)

@@ -61,7 +61,8 @@ def main(argv=None):
             enc = tiktoken.get_encoding(name)
             encoders[label] = enc.encode_ordinary
         except Exception as e:  # offline: tiktoken fetches these files on first use
-            notes.append(f"{label} comparison skipped: could not load tiktoken '{name}' ({type(e).__name__}; no network?)")
+            notes.append(f"{label} comparison skipped: could not load tiktoken '{name}' "
+                         f"({type(e).__name__}; no network?)")
 
     header = "| kind | bytes | " + " | ".join(f"{n} tokens | {n} bytes/token" for n in encoders) + " |"
     rows = [header, "|" + "---|" * (2 + 2 * len(encoders))]

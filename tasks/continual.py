@@ -363,7 +363,8 @@ def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_exa
                 sources = list(t.get("sources", []))
                 unknown_kinds = [k for k in t.get("kinds", []) if k not in SOURCE_KIND.values()]
                 if unknown_kinds:
-                    raise ValueError(f"task {t['name']!r}: unknown kinds {unknown_kinds}; known: {sorted(set(SOURCE_KIND.values()))}")
+                    raise ValueError(f"task {t['name']!r}: unknown kinds {unknown_kinds}; "
+                                     f"known: {sorted(set(SOURCE_KIND.values()))}")
                 sources += [s for s, k in SOURCE_KIND.items() if k in t.get("kinds", [])]
                 # ~8 characters per row token is plenty for any tokenizer (BPE averages ~4, bytes 1)
                 budget = 8 * seq_len

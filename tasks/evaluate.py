@@ -107,7 +107,8 @@ def run_eval(task, model, tokenizer, engine=None, **kwargs):
         from nanochat.engine import Engine
         from nanochat.tools.registry import ToolRegistry
         engine = Engine(model, tokenizer, tools=ToolRegistry())
-    gen = {k: kwargs[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_k", "seed", "verbose") if k in kwargs}
+    gen = {k: kwargs[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_k", "seed", "verbose")
+           if k in kwargs}
     return run_generative_eval(task, model, tokenizer, engine, **gen, **common)
 
 

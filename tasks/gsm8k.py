@@ -162,7 +162,8 @@ def _t_savings(r):
     thing = r.choice(["a board game", "a pair of shoes", "a concert ticket", "a bike helmet", "a gift"])
     q = (f"{name} saves ${per} every week. After {weeks} weeks, {he} spends ${spend} on {thing}. "
          f"How much of {his} savings is left?")
-    a = f"{name} saved {per} * {weeks} = ${c1}.\nAfter buying {thing}, {he} has {total} - {spend} = ${c2} left.\n#### {left}"
+    a = (f"{name} saved {per} * {weeks} = ${c1}.\n"
+         f"After buying {thing}, {he} has {total} - {spend} = ${c2} left.\n#### {left}")
     return q, a
 
 
@@ -172,7 +173,8 @@ def _t_reading(r):
     read, c1 = _calc(f"{per}*{days}")
     pages = read + r.randint(10, 300)
     left, c2 = _calc(f"{pages}-{read}")
-    q = f"A novel has {pages} pages. {name} reads {per} pages a day for {days} days. How many pages does {he} still have to read?"
+    q = (f"A novel has {pages} pages. {name} reads {per} pages a day for {days} days. "
+         f"How many pages does {he} still have to read?")
     a = f"{name} has read {per} * {days} = {c1} pages.\nThat leaves {pages} - {read} = {c2} pages.\n#### {left}"
     return q, a
 
@@ -184,7 +186,8 @@ def _t_groups(r):
     need, c2 = _calc(f"{size}*{each}")
     q = (f"A teacher splits {students} students into {groups} equal groups for a project. Every student in a group "
          f"needs {each} sheets of paper. How many sheets does one group need?")
-    a = f"Each group has {students} / {groups} = {c1} students.\nOne group needs {size} * {each} = {c2} sheets.\n#### {need}"
+    a = (f"Each group has {students} / {groups} = {c1} students.\n"
+         f"One group needs {size} * {each} = {c2} sheets.\n#### {need}")
     return q, a
 
 
@@ -197,7 +200,8 @@ def _t_garden(r):
     alive, c2 = _calc(f"{planted}-{lost}")
     q = (f"{name} plants {rows} rows of {crop} plants with {per} plants in each row. {lost} of the plants do not "
          f"survive the first frost. How many {crop} plants are left?")
-    a = f"{name} planted {rows} * {per} = {c1} plants.\nAfter the frost, {planted} - {lost} = {c2} plants are left.\n#### {alive}"
+    a = (f"{name} planted {rows} * {per} = {c1} plants.\n"
+         f"After the frost, {planted} - {lost} = {c2} plants are left.\n#### {alive}")
     return q, a
 
 
@@ -235,7 +239,8 @@ def _t_marbles(r):
     kept, c2 = _calc(f"{n}-{gave}")
     now, c3 = _calc(f"{kept}+{more}")
     obj = r.choice(["marbles", "stickers", "trading cards", "seashells", "stamps"])
-    q = f"{name} has {n} {obj}. {he.capitalize()} gives {frac} of them to a friend and then buys {more} more. How many {obj} does {he} have now?"
+    q = (f"{name} has {n} {obj}. {he.capitalize()} gives {frac} of them to a friend and then buys {more} more. "
+         f"How many {obj} does {he} have now?")
     a = (f"{name} gives away {n} / {k} = {c1} {obj}.\n{he.capitalize()} keeps {n} - {gave} = {c2}.\n"
          f"After buying more, {he} has {kept} + {more} = {c3} {obj}.\n#### {now}")
     return q, a
@@ -262,7 +267,8 @@ def _t_bakery(r):
     trays = r.randint(2, 10)
     made, c1 = _calc(f"{trays}*{per_tray}")
     boxes, c2 = _calc(f"{made}/{box}")
-    q = f"A bakery bakes {trays} trays of {item} with {per_tray} {item} on each tray. It packs them in boxes of {box}. How many boxes can it fill?"
+    q = (f"A bakery bakes {trays} trays of {item} with {per_tray} {item} on each tray. "
+         f"It packs them in boxes of {box}. How many boxes can it fill?")
     a = f"The bakery makes {trays} * {per_tray} = {c1} {item}.\nThat fills {made} / {box} = {c2} boxes.\n#### {boxes}"
     return q, a
 
@@ -286,7 +292,8 @@ def _t_fuel(r):
     price = r.randint(3, 6)
     gallons, c1 = _calc(f"{trip}/{per}")
     cost, c2 = _calc(f"{gallons}*{price}")
-    q = f"A car goes {per} miles on one gallon of gas. Gas costs ${price} a gallon. How much does the gas for a {trip}-mile trip cost?"
+    q = (f"A car goes {per} miles on one gallon of gas. Gas costs ${price} a gallon. "
+         f"How much does the gas for a {trip}-mile trip cost?")
     a = f"The trip needs {trip} / {per} = {c1} gallons.\nThe gas costs {gallons} * ${price} = ${c2}.\n#### {cost}"
     return q, a
 

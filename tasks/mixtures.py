@@ -38,8 +38,8 @@ _GENERATED = {
     "tools": ToolUse,
     "copy": CopyDrill,
 }
-TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "tools", "copy", "smoltalk",
-              "mmlu-aux", "gsm8k-train")
+TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "tools", "copy",
+              "smoltalk", "mmlu-aux", "gsm8k-train")
 
 # With online data (--online): the recipe of nanochat's Dec-2025 speedrun at its sizes. Midtraining:
 # all of SmolTalk, MMLU auxiliary_train, the GSM8K train split (calculator annotations become tool

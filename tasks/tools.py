@@ -44,7 +44,8 @@ N_ENTITIES = 1500
 
 
 def _name(rng, syllables):
-    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS) for _ in range(syllables)).capitalize()
+    return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) + rng.choice(_CODAS)
+                   for _ in range(syllables)).capitalize()
 
 
 def _entity(rng, kind, name):
@@ -62,7 +63,8 @@ def _entity(rng, kind, name):
         first = _name(rng, 2)
         person = f"{first} {name}"
         job, year, town, device = rng.choice(_JOBS), rng.randint(1500, 1990), _name(rng, 2), rng.choice(_DEVICES)
-        s1, s2 = f"{person} was {'an' if job[0] in 'aeiou' else 'a'} {job} born in {year} in the town of {town}.", f"{first} is best known for inventing the {device}."
+        s1 = f"{person} was {'an' if job[0] in 'aeiou' else 'a'} {job} born in {year} in the town of {town}."
+        s2 = f"{first} is best known for inventing the {device}."
         return f"{s1} {s2}", [(f"In what year was {person} born?", str(year), s1),
                               (f"In which town was {person} born?", town, s1),
                               (f"What did {person} invent?", device, s2)]
@@ -168,7 +170,8 @@ def _python_problem(rng, form=None):
         q = f"What is the largest number minus the smallest number in {xs}?"
         answer = str(max(xs) - min(xs))
         parts = [{"type": "text", "text": "I will store the list first."},
-                 {"type": "python", "text": f"python:\nxs = {xs}\nlen(xs)"}, {"type": "python_output", "text": str(len(xs))},
+                 {"type": "python", "text": f"python:\nxs = {xs}\nlen(xs)"},
+                 {"type": "python_output", "text": str(len(xs))},
                  {"type": "python", "text": "python:\nmax(xs) - min(xs)"}, {"type": "python_output", "text": answer},
                  _final(answer)]
         return "python", q, parts, answer
@@ -181,7 +184,8 @@ def _python_problem(rng, form=None):
     elif form == 6:
         d1 = datetime.date(rng.randint(1990, 2030), rng.randint(1, 12), rng.randint(1, 28))
         d2 = d1 + datetime.timedelta(days=rng.randint(5, 900))
-        code = f"from datetime import date\n(date({d2.year}, {d2.month}, {d2.day}) - date({d1.year}, {d1.month}, {d1.day})).days"
+        code = ("from datetime import date\n"
+                f"(date({d2.year}, {d2.month}, {d2.day}) - date({d1.year}, {d1.month}, {d1.day})).days")
         out = str((d2 - d1).days)
         q = f"How many days are there from {d1.isoformat()} to {d2.isoformat()}?"
     else:

@@ -45,7 +45,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if parts[4] == "tree":
                 return self._json([{"type": "file", "path": f, "size": len(d), "oid": hashlib.sha1(d).hexdigest()}
                                    for f, d in sorted(files.items())])
-        if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":  # datasets/<org>/<name>/resolve/<rev>/path
+        # datasets/<org>/<name>/resolve/<rev>/path
+        if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
             data = hub.repos.get(f"{parts[1]}/{parts[2]}", {}).get("/".join(parts[5:]))
             if data is None:
                 return self._missing()

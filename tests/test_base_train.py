@@ -134,8 +134,10 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, make_docs, make_ba
     resumed halfway (per-rank optimizer shards and loader states)."""
     B, T = 2, 32
     docs = iter((d * 20)[:B * T] for d in make_docs(20, seed=5))
-    base = make_base_dir(tmp_path / "base", [[[next(docs)] for _ in range(8)] for _ in range(2)] + [[[next(docs)] for _ in range(2)]])
-    flags = ["--depth", "2", "--max-seq-len", str(T), "--device-batch-size", str(B), "--total-batch-size", str(2 * B * T),
+    base = make_base_dir(tmp_path / "base",
+                         [[[next(docs)] for _ in range(8)] for _ in range(2)] + [[[next(docs)] for _ in range(2)]])
+    flags = ["--depth", "2", "--max-seq-len", str(T), "--device-batch-size", str(B),
+             "--total-batch-size", str(2 * B * T),
              "--num-iterations", "6", "--eval-every", "-1", "--eval-tokens", str(2 * B * T), "--sample-every", "-1",
              "--warmdown-ratio", "0.5", "--peak-flops", "1e11", "--dtype", "float32", "--compile", "off"]
     one, two = os.path.join(base, "one.jsonl"), os.path.join(base, "two.jsonl")
@@ -143,7 +145,8 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, make_docs, make_ba
     two_args = ["scripts.base_train", *flags, "--model-tag", "two", "--loss-file", two]
     run(base, two_args + ["--stop-after", "3"], nproc=2)
     ckpt = os.path.join(base, "base_checkpoints", "two")
-    assert sorted(f for f in os.listdir(ckpt) if f.startswith("optim")) == ["optim_000003_rank0.pt", "optim_000003_rank1.pt"]
+    assert (sorted(f for f in os.listdir(ckpt) if f.startswith("optim"))
+            == ["optim_000003_rank0.pt", "optim_000003_rank1.pt"])
     with open(os.path.join(ckpt, "meta_000003.json")) as f:
         assert len(json.load(f)["loader_states"]) == 2
     shutil.copytree(ckpt, os.path.join(base, "base_checkpoints", "three"))  # the same checkpoint, resumed on 1 rank

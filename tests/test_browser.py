@@ -106,7 +106,8 @@ def test_chat_page_streams_edits_and_regenerates(byte_tokenizer, echo_chat_model
             # stop a reply mid-stream: the partial reply stays, marked stopped, and the server's worker is freed
             page.fill("#input", "z" * 120)
             page.press("#input", "Enter")
-            page.wait_for_function("(document.querySelector('.msg.assistant:last-of-type .text')?.textContent || '').length > 5")
+            page.wait_for_function("(document.querySelector('.msg.assistant:last-of-type .text')?.textContent || '')"
+                                   ".length > 5")
             page.click("#stop")
             page.wait_for_function(f"{REPLY_STATE} === 'stopped'")
             assert "[stopped]" in page.locator(".msg.assistant").last.inner_text()
@@ -179,7 +180,8 @@ def test_conversations_survive_a_reload_and_markdown_is_rendered_safely(byte_tok
             # nothing it wrote became an element or ran
             assert reply.locator("img, script, b, iframe").count() == 0
             assert page.evaluate("window.pwned") is None
-            assert "<img src=x onerror=" in reply.inner_text() and "<script>window.pwned=2</script>" in reply.inner_text()
+            assert ("<img src=x onerror=" in reply.inner_text()
+                    and "<script>window.pwned=2</script>" in reply.inner_text())
             # copy: the code block's own text, and the whole reply's text as the model wrote it
             reply.locator(".codeblock button.copy").click()
             page.wait_for_function("document.querySelector('.codeblock button.copy').dataset.copied !== undefined")
@@ -192,7 +194,9 @@ def test_conversations_survive_a_reload_and_markdown_is_rendered_safely(byte_tok
             page.fill("#input", "second chat")
             page.press("#input", "Enter")
             wait_reply_done(page)
-            titles = lambda: page.locator("#conversations li .open").all_inner_texts()
+
+            def titles():
+                return page.locator("#conversations li .open").all_inner_texts()
             assert titles() == ["second chat", title]
 
             # reload: the conversation on screen and the list come back from localStorage

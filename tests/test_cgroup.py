@@ -31,7 +31,8 @@ def test_parsing():
 def test_v1_is_found_where_both_controllers_are_writable(tmp_path):
     (tmp_path / "memory" / "jobs" / "42").mkdir(parents=True)
     (tmp_path / "pids").mkdir()
-    info = mountinfo((str(tmp_path / "memory"), "/", "cgroup", "rw,memory"), (str(tmp_path / "pids"), "/", "cgroup", "rw,pids"))
+    info = mountinfo((str(tmp_path / "memory"), "/", "cgroup", "rw,memory"),
+                     (str(tmp_path / "pids"), "/", "cgroup", "rw,pids"))
     assert cgroup.find_parents(V1_CGROUP, info) == ("v1", {"memory": str(tmp_path / "memory" / "jobs" / "42"),
                                                            "pids": str(tmp_path / "pids")})
     kind, why = cgroup.find_parents(V1_CGROUP.replace("/jobs/42", "/jobs/43"), info)
@@ -50,7 +51,8 @@ def test_v2_needs_both_controllers_and_a_subtree_it_may_enable(tmp_path):
     assert cgroup.find_parents(V2_CGROUP, info) == ("v2", {"memory": str(own), "pids": str(own)})
     assert (own / "cgroup.subtree_control").read_text() == "+memory +pids"
     (own / "cgroup.subtree_control").unlink()
-    (own / "cgroup.subtree_control").mkdir()  # a write that fails even for root (as EBUSY does in a cgroup with processes)
+    # a write that fails even for root (as EBUSY does in a cgroup with processes)
+    (own / "cgroup.subtree_control").mkdir()
     kind, why = cgroup.find_parents(V2_CGROUP, info)
     assert kind is None and "cannot enable memory and pids" in why and "delegated" in why
 

@@ -61,7 +61,8 @@ class FakeMath(Task):
         return len(self.answers)
 
     def get_example(self, i):
-        return {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": str(self.answers[i])}],
+        return {"messages": [{"role": "user", "content": f"q{i}"},
+                             {"role": "assistant", "content": str(self.answers[i])}],
                 "answer": str(self.answers[i])}
 
     def evaluate(self, conversation, response):
@@ -298,7 +299,8 @@ def sft_base(base_dir, cfg, tmp_path):
     with open(math_file, "w") as f:
         for a, b in [(1, 1), (2, 3), (4, 4), (0, 5)]:
             f.write(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}?"},
-                                             {"role": "assistant", "content": f"#### {a + b}"}], "answer": a + b}) + "\n")
+                                             {"role": "assistant", "content": f"#### {a + b}"}],
+                                "answer": a + b}) + "\n")
     with open(mc_file, "w") as f:
         for i in range(5):
             f.write(json.dumps(mc_conversation(f"q{i}", ["x", "y", "z"], i % 3)) + "\n")

@@ -209,7 +209,8 @@ def test_packed_loader_rows_and_resume(byte_tokenizer):
 
 def test_mixture_parsing_and_split(tmp_path):
     from tasks.mixtures import build_tasks, parse_mixture, split_mixture
-    assert parse_mixture("chitchat, gsm8k*3,custom:/a/b.jsonl") == [("chitchat", 1), ("gsm8k", 3), ("custom:/a/b.jsonl", 1)]
+    assert parse_mixture("chitchat, gsm8k*3,custom:/a/b.jsonl") == [("chitchat", 1), ("gsm8k", 3),
+                                                                    ("custom:/a/b.jsonl", 1)]
     with pytest.raises(ValueError, match="unknown mixture entry"):
         parse_mixture("chitchat,nope")
     path = write_jsonl(tmp_path / "c.jsonl", make_conversations(30))

@@ -250,7 +250,8 @@ def test_openai_tool_calls_are_structured_and_round_trip(echo):
     # the message object itself sent back (the openai client keeps the extension field), and a plain dict of it
     sent_dict = message.model_dump(exclude_none=True)
     for sent in (message, sent_dict):
-        conversation = [{"role": "user", "content": "hi"}, sent, {"role": "user", "content": [{"type": "text", "text": "more"}]}]
+        conversation = [{"role": "user", "content": "hi"}, sent,
+                        {"role": "user", "content": [{"type": "text", "text": "more"}]}]
         again = echo.client.chat.completions.create(model="nanochat-echo", messages=conversation, max_tokens=4)
         assert again.choices[0].message.content == "You " and again.choices[0].finish_reason == "length"
     rendered, continues = conversation_of(ChatRequest.model_validate({"messages": conversation}).messages)
@@ -262,14 +263,17 @@ def test_openai_tool_calls_are_structured_and_round_trip(echo):
                                               extra_body={"raw_content": True}).choices[0].message
     assert raw.content == "You said: hi<|python_start|>6*7<|python_end|><|output_start|>42<|output_end|> ok"
     assert getattr(raw, "nanochat_tool_calls", None) is None
-    assert openai_text_as_parts(raw.content) == [{"type": "text", "text": "You said: hi"}, {"type": "python", "text": "6*7"},
-                                                 {"type": "python_output", "text": "42"}, {"type": "text", "text": " ok"}]
+    assert openai_text_as_parts(raw.content) == [{"type": "text", "text": "You said: hi"},
+                                                 {"type": "python", "text": "6*7"},
+                                                 {"type": "python_output", "text": "42"},
+                                                 {"type": "text", "text": " ok"}]
     back = echo.client.chat.completions.create(model="nanochat-echo", max_tokens=4, messages=[
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": raw.content}, {"role": "user", "content": "more"}])
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": raw.content},
+        {"role": "user", "content": "more"}])
     assert back.usage.prompt_tokens == again.usage.prompt_tokens
     # streamed: the words as content deltas, the call and then its output as nanochat_tool_calls deltas
-    chunks = list(echo.client.chat.completions.create(model="nanochat-echo", messages=[{"role": "user", "content": "hi"}],
-                                                      stream=True))
+    chunks = list(echo.client.chat.completions.create(model="nanochat-echo",
+                                                      messages=[{"role": "user", "content": "hi"}], stream=True))
     deltas = [c.choices[0].delta for c in chunks if c.choices]
     assert "".join(d.content or "" for d in deltas) == "You said: hi ok"
     tools = [d.nanochat_tool_calls for d in deltas if getattr(d, "nanochat_tool_calls", None)]
@@ -360,15 +364,18 @@ def test_openai_only_limits_and_client_errors(gpt):
     for body, needle in [({"messages": USER, "n": 9}, "n must be between 1 and 8"),
                          ({"messages": USER, "stop": ["a", "b", "c", "d", "e"]}, "stop has 5 strings"),
                          ({"messages": USER, "presence_penalty": 3}, "presence_penalty"),
-                         ({"messages": USER, "top_logprobs": 2}, "needs logprobs"), ({"messages": USER, "top_p": 0}, "top_p"),
+                         ({"messages": USER, "top_logprobs": 2}, "needs logprobs"),
+                         ({"messages": USER, "top_p": 0}, "top_p"),
                          ({"messages": USER, "max_tokens": 3, "max_completion_tokens": 3}, "not both"),
-                         ({"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]}, "content")]:
+                         ({"messages": [{"role": "user", "content": [{"type": "image_url", "text": "x"}]}]},
+                          "content")]:
         r = httpx.post(gpt.url + "/v1/chat/completions", json=body)
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     with pytest.raises(openai.BadRequestError, match="--max-temperature"):
         gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=3)
     with pytest.raises(openai.BadRequestError, match="--max-message-chars"):
-        gpt.client.chat.completions.create(model="nanochat-test", messages=[{"role": "user", "content": "z" * 9000}], stream=True)
+        gpt.client.chat.completions.create(model="nanochat-test", messages=[{"role": "user", "content": "z" * 9000}],
+                                           stream=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,7 +527,8 @@ def test_reply_parser_events_add_up_to_what_the_model_wrote(byte_tokenizer):
     hypothesis = pytest.importorskip("hypothesis")
     st = hypothesis.strategies
     S = byte_tokenizer.encode_special
-    specials = [S(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>", "<|user_start|>")]
+    specials = [S(n) for n in ("<|python_start|>", "<|python_end|>", "<|output_start|>", "<|output_end|>",
+                               "<|user_start|>")]
     pieces = byte_tokenizer.encode("a+1 é€🎉") + [0xFF, 0xE2]  # ASCII, multi-byte characters, bytes that never decode
 
     @hypothesis.given(st.lists(st.sampled_from(pieces + specials), max_size=40))
@@ -554,7 +562,8 @@ def test_openai_n_choices_are_seeded_rows(gpt):
     assert [c.message.content for c in both.choices] == one
     assert both.usage.completion_tokens == sum(
         gpt.client.chat.completions.create(seed=s, **kw).usage.completion_tokens for s in (5, 6))
-    chunks = list(gpt.client.chat.completions.create(n=2, seed=5, stream=True, stream_options={"include_usage": True}, **kw))
+    chunks = list(gpt.client.chat.completions.create(n=2, seed=5, stream=True, stream_options={"include_usage": True},
+                                                     **kw))
     streamed = ["", ""]
     for c in chunks:
         for ch in c.choices:
@@ -566,10 +575,12 @@ def test_openai_n_choices_are_seeded_rows(gpt):
 def test_openai_stop_strings(echo):
     # the echo reply is "You said: <msg><|python_start|>6*7..."; a stop string ends it where it begins
     for stop in (["said"], ["zzz", ": hel"]):
-        resp = echo.client.chat.completions.create(model="nanochat-echo", messages=[{"role": "user", "content": "hello"}], stop=stop)
+        resp = echo.client.chat.completions.create(model="nanochat-echo",
+                                                   messages=[{"role": "user", "content": "hello"}], stop=stop)
         assert resp.choices[0].message.content == ("You " if stop == ["said"] else "You said")
         assert resp.choices[0].finish_reason == "stop"
-        chunks = list(echo.client.chat.completions.create(model="nanochat-echo", messages=[{"role": "user", "content": "hello"}],
+        chunks = list(echo.client.chat.completions.create(model="nanochat-echo",
+                                                          messages=[{"role": "user", "content": "hello"}],
                                                           stop=stop, stream=True))
         assert "".join(c.choices[0].delta.content or "" for c in chunks) == resp.choices[0].message.content
         assert chunks[-1].choices[0].finish_reason == "stop"
@@ -577,8 +588,8 @@ def test_openai_stop_strings(echo):
 
 def test_openai_logprobs_top_p_and_penalties(gpt):
     prompt, tokens, stopped = reference(gpt, USER, 10)
-    resp = gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=0, max_tokens=10, logprobs=True,
-                                              top_logprobs=3)
+    resp = gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=0, max_tokens=10,
+                                              logprobs=True, top_logprobs=3)
     entries = resp.choices[0].logprobs.content
     assert len(entries) == len(tokens) - stopped  # every token but the stop token
     for e, tok in zip(entries, tokens):
@@ -587,8 +598,8 @@ def test_openai_logprobs_top_p_and_penalties(gpt):
         assert e.logprob <= 0
     plain = gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=0, max_tokens=10)
     assert plain.choices[0].logprobs is None
-    nucleus = gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=1.5, top_p=1e-6, seed=1,
-                                                 max_tokens=10)
+    nucleus = gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=1.5, top_p=1e-6,
+                                                 seed=1, max_tokens=10)
     assert nucleus.choices[0].message.content == plain.choices[0].message.content  # only the best token is left
     penalized = gpt.client.chat.completions.create(model="nanochat-test", messages=USER, temperature=0, max_tokens=10,
                                                    frequency_penalty=2.0, presence_penalty=1.0)
@@ -601,14 +612,16 @@ def test_openai_text_completions(gpt):
     engine = Engine(gpt.worker.model, tok, tools=ToolRegistry())
     want = [col[0] for col, _ in engine.generate(prompt, max_tokens=8, temperature=0.0)]
     stopped = want[-1] in engine.stop_tokens
-    resp = gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0, logprobs=2)
+    resp = gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0,
+                                         logprobs=2)
     choice = resp.choices[0]
     assert resp.object == "text_completion" and choice.text == tok.decode(want[:-1] if stopped else want)
     assert resp.usage.prompt_tokens == len(prompt) and resp.usage.completion_tokens == len(want)
     assert len(choice.logprobs.tokens) == len(want) - stopped
     assert all(1 <= len(t) <= 2 for t in choice.logprobs.top_logprobs)  # keyed by text: two tokens may share one
     assert choice.logprobs.text_offset[0] == 0
-    chunks = list(gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0, stream=True))
+    chunks = list(gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0,
+                                                stream=True))
     assert "".join(c.choices[0].text for c in chunks) == choice.text
     # several prompts (texts or token ids) x n: choices prompt-major, each prompt counted once in usage
     many = gpt.client.completions.create(model="nanochat-test", prompt=["The cat", "A dog"], n=2, max_tokens=8,
@@ -619,7 +632,8 @@ def test_openai_text_completions(gpt):
     assert many.usage.prompt_tokens == len(prompt) + len(dog)
     by_ids = gpt.client.completions.create(model="nanochat-test", prompt=prompt, max_tokens=8, temperature=0)
     assert by_ids.choices[0].text == choice.text and by_ids.usage.prompt_tokens == len(prompt)
-    echoed = gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0, echo=True)
+    echoed = gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0,
+                                           echo=True)
     assert echoed.choices[0].text == "The cat" + choice.text
     streamed = list(gpt.client.completions.create(model="nanochat-test", prompt="The cat", max_tokens=8, temperature=0,
                                                   echo=True, stream=True))
@@ -696,7 +710,8 @@ def test_adapter_stacks_through_the_api_and_provenance(sft_dir, serve_app, tmp_p
     def engine_reply(stack, weights=None):  # the stack active for the whole model, through the engine
         lora.activate(stack, weights)
         try:
-            return [col[0] for col, _ in Engine(workers[0].model, tok, tools=ToolRegistry()).generate(prompt, max_tokens=16, temperature=0.0)]
+            engine = Engine(workers[0].model, tok, tools=ToolRegistry())
+            return [col[0] for col, _ in engine.generate(prompt, max_tokens=16, temperature=0.0)]
         finally:
             lora.activate(None)
 
@@ -737,9 +752,11 @@ def test_adapter_stacks_through_the_api_and_provenance(sft_dir, serve_app, tmp_p
             with pytest.raises(error, match=match):
                 client.chat.completions.create(model="nanochat-test", messages=USER, extra_body=body)
         r = httpx.post(url + "/v1/chat/completions", content=b'{"messages": [{"role": "user", "content": "hi"}], '
-                       b'"adapter": ["domain"], "adapter_weights": [NaN]}', headers={"content-type": "application/json"})
+                       b'"adapter": ["domain"], "adapter_weights": [NaN]}',
+                       headers={"content-type": "application/json"})
         assert r.status_code == 400, r.text
-        r = httpx.post(url + "/chat/completions", json={"messages": USER, "adapter": ["facts"], "adapter_weights": [2, 3]})
+        r = httpx.post(url + "/chat/completions",
+                       json={"messages": USER, "adapter": ["facts"], "adapter_weights": [2, 3]})
         assert r.status_code == 400 and "one weight" in r.json()["error"]["message"]
         # /adapters and /v1/models show how the merged adapter came about
         listed = {a["name"]: a for a in httpx.get(url + "/adapters").json()["adapters"]}

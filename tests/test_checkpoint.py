@@ -39,7 +39,8 @@ def assert_same(a, b):
 
 def test_round_trip(tmp_path, tiny_model):
     model_state, optim_states = trained_state(tiny_model)
-    meta = meta_for(tiny_model, 5, val_bpb=torch.tensor(1.25), loader_states=[{"epoch": 0, "rg": 1, "doc": 2, "tok": 3}])
+    meta = meta_for(tiny_model, 5, val_bpb=torch.tensor(1.25),
+                    loader_states=[{"epoch": 0, "rg": 1, "doc": 2, "tok": 3}])
     d = str(tmp_path / "d1")
     cm.save_checkpoint(d, 5, model_state, {"optimizers": optim_states}, meta)
     assert sorted(os.listdir(d)) == ["meta_000005.json", "model_000005.pt", "optim_000005_rank0.pt"]

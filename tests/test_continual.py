@@ -41,7 +41,8 @@ def digits_doc(rng):
 
 def code_doc(rng):
     names = "foo bar baz qux spam eggs load save".split()
-    return "\n".join(f"def {rng.choice(names)}{rng.randint(0, 99)}(x):\n    return x*{rng.randint(0, 99)}+{rng.randint(0, 99)}"
+    return "\n".join(f"def {rng.choice(names)}{rng.randint(0, 99)}(x):\n"
+                     f"    return x*{rng.randint(0, 99)}+{rng.randint(0, 99)}"
                      for _ in range(rng.randint(8, 14)))
 
 
@@ -225,7 +226,8 @@ def test_naive_forgets_lora_does_not_and_replay_helps(cl_dir, tok, pretrained):
     assert lora["R"][0][1] == base[1]  # task 1 before its adapter exists = the base model
     assert lora["R"][0][0] < base[0] - 0.05 and lora["R"][1][1] < base[1] - 0.03  # each adapter learned its task
     # fp32 adapters plus one router centroid (n_embd floats) per task
-    assert res["lora"]["added_params"] > 0 and res["lora"]["added_bytes"] == 4 * res["lora"]["added_params"] + 2 * 64 * 4
+    assert res["lora"]["added_params"] > 0
+    assert res["lora"]["added_bytes"] == 4 * res["lora"]["added_params"] + 2 * 64 * 4
     router = res["lora"]["matrices"]["lora-router"]
     assert router["R"][1] == pytest.approx(lora["R"][1])  # distinct domains: the router finds the right adapter
     assert res["lora"]["router_accuracy"] == [[1.0, None], [1.0, 1.0]]
@@ -298,7 +300,8 @@ def chat_sequence(tmp_path):
     write_jsonl(tmp_path / "colors.jsonl", colors)
     write_jsonl(tmp_path / "echo.jsonl", echo)
     spec = {"name": "tiny-chat", "tasks": [{"name": "colors", "type": "chat", "jsonl": "colors.jsonl"},
-                                           {"name": "echo", "type": "chat", "jsonl": "echo.jsonl", "max_new_tokens": 8}]}
+                                           {"name": "echo", "type": "chat", "jsonl": "echo.jsonl",
+                                            "max_new_tokens": 8}]}
     (tmp_path / "tiny-chat.json").write_text(json.dumps(spec))
     return str(tmp_path / "tiny-chat.json")
 
@@ -374,8 +377,10 @@ def test_train_and_eval_scripts_write_the_report_section(cl_dir, tmp_path, monke
         os.symlink(os.path.join(cl_dir, name), root / name)
     monkeypatch.setenv("NANOCHAT_BASE_DIR", str(root))
     model = pretrained_model(pretrained)
-    cfg = {"sequence_len": 64, "vocab_size": 265, "n_layer": 1, "n_head": 1, "n_kv_head": 1, "n_embd": 64, "softcap": 15.0}
-    save_checkpoint(str(root / "base_checkpoints" / "d1"), 5, model.state_dict(), None, {"step": 5, "model_config": cfg})
+    cfg = {"sequence_len": 64, "vocab_size": 265, "n_layer": 1, "n_head": 1, "n_kv_head": 1, "n_embd": 64,
+           "softcap": 15.0}
+    save_checkpoint(str(root / "base_checkpoints" / "d1"), 5, model.state_dict(), None,
+                    {"step": 5, "model_config": cfg})
     from scripts import continual_eval, continual_train
     seq = os.path.join(cl_dir, "tiny-lm.json")
     args = ["-i", "base", "--sequence", seq, "--steps", "4", "--batch-size", "4", "--seq-len", "32",

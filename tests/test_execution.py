@@ -1,4 +1,5 @@
-"""Tests for the code runner's behaviour and Python-level guards, and the calculator fast path (nanochat/execution.py, nanochat/tools/calculator.py).
+"""Tests for the code runner's behaviour and Python-level guards, and the calculator fast path
+(nanochat/execution.py, nanochat/tools/calculator.py).
 The kernel boundary and the attacks it must contain are in test_sandbox.py."""
 
 import os

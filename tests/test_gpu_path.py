@@ -70,7 +70,8 @@ def test_residual_stream_is_bf16_under_cuda_style_settings(tiny_model, monkeypat
 
 def test_length_buckets():
     from nanochat.training import length_bucket
-    assert [length_bucket(n, 2048) for n in (1, 256, 257, 600, 1024, 1500, 2048)] == [256, 256, 512, 1024, 1024, 2048, 2048]
+    assert ([length_bucket(n, 2048) for n in (1, 256, 257, 600, 1024, 1500, 2048)]
+            == [256, 256, 512, 1024, 1024, 2048, 2048])
     assert length_bucket(300, 400) == 400 and length_bucket(10, 64) == 64  # capped at max-seq-len
 
 
@@ -145,7 +146,8 @@ def test_resharded_data_positions():
     # 1 rank at global 7 -> 2 ranks: rank 0 reads 0, 2, 4, 6, 8 (next: 8 = its 4th), rank 1 reads 1, 3, 5, 7
     one = [{"epoch": 1, "rg": 7, "doc": 2, "tok": 1}]
     assert [p["rg"] for p in reshard_row_group_positions(one, 2)] == [4, 3]
-    assert reshard_stream_positions([{"epoch": 0, "pos": 100}, {"epoch": 0, "pos": 120}], 1) == [{"epoch": 0, "pos": 200}]
+    assert (reshard_stream_positions([{"epoch": 0, "pos": 100}, {"epoch": 0, "pos": 120}], 1)
+            == [{"epoch": 0, "pos": 200}])
     assert reshard_stream_positions([{"epoch": 2, "pos": 100}], 4) == [{"epoch": 2, "pos": 25}] * 4
 
 

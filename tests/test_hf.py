@@ -277,7 +277,8 @@ def test_merged_stack_and_remote_code(src, tmp_path):
     cfg = json.loads((tmp_path / "remote" / "config.json").read_text())
     assert info["layout"] == "remote" and cfg["model_type"] == "nanochat_gpt"
     assert cfg["auto_map"]["AutoModelForCausalLM"] == "modeling_nanochat_gpt.NanoChatGPTForCausalLM"
-    assert (tmp_path / "remote" / "modeling_nanochat_gpt.py").exists() and not (tmp_path / "remote" / "adapters").exists()
+    assert (tmp_path / "remote" / "modeling_nanochat_gpt.py").exists()
+    assert not (tmp_path / "remote" / "adapters").exists()
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "remote", trust_remote_code=True, dtype=torch.float32).eval()
     assert type(hf).__name__ == "NanoChatGPTForCausalLM"
     check_logits_and_greedy(ours, hf, tok)
@@ -299,7 +300,8 @@ def test_layout_choice():
         value_embeds: bool = True
 
     assert choose_layout(GPTConfig()) == "native"
-    assert choose_layout(Config(), neutral={"value_embeds": False}, remote_fields=set(dataclasses.asdict(Config()))) == "remote"
+    assert choose_layout(Config(), neutral={"value_embeds": False},
+                         remote_fields=set(dataclasses.asdict(Config()))) == "remote"
     assert choose_layout(Config(value_embeds=False), neutral={"value_embeds": False}) == "native"
     with pytest.raises(ConversionError, match="value_embeds=True.*modeling_nanochat_gpt.py"):
         choose_layout(Config())
@@ -352,7 +354,8 @@ def hf_folder(src, tmp_path_factory):
     S = tok.encode_special
     config = NanoChatConfig(vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                            bos_token_id=S("<|bos|>"), eos_token_id=S("<|assistant_end|>"), pad_token_id=S("<|assistant_end|>"))
+                            bos_token_id=S("<|bos|>"), eos_token_id=S("<|assistant_end|>"),
+                            pad_token_id=S("<|assistant_end|>"))
     torch.manual_seed(3)
     model = NanoChatForCausalLM(config).eval()
     model.save_pretrained(folder)
@@ -384,7 +387,8 @@ def test_import_transformers_nanochat_then_sft_and_learn(hf_folder, src, tmp_pat
         assert (ours(x) - hf(x).logits).abs().max().item() < TOL
 
     # one SFT step from it, by the real stage
-    chats = [[{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}] for w in ("yes", "no", "ok", "hi")]
+    chats = [[{"role": "user", "content": f"Say {w}"}, {"role": "assistant", "content": w}]
+             for w in ("yes", "no", "ok", "hi")]
     (base / "chats.jsonl").write_text("".join(json.dumps({"messages": c}) + "\n" for c in chats))
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1")
     p = subprocess.run([sys.executable, "-m", "scripts.chat_sft", "--source", "mid", "--model-tag", "hf",
@@ -399,8 +403,10 @@ def test_import_transformers_nanochat_then_sft_and_learn(hf_folder, src, tmp_pat
     with base_env(base):
         workers, _ = load_workers("sft", "cpu", model_tag="hf")
         trainer = load_model("sft", "cpu", "eval", model_tag="hf")[0]
-        learn = lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, str(tmp_path / "adapters"),
-                                          general_chats=lambda: (chats, chats[:2]))
+
+        def learn(pool):
+            return LiveLearning(pool, trainer, workers[0].tokenizer, str(tmp_path / "adapters"),
+                                general_chats=lambda: (chats, chats[:2]))
         app = create_app(workers, "nanochat-hf", defaults=Defaults(temperature=0.0, max_tokens=8), learn=learn)
         with serve_app(app) as url:
             r = httpx.post(url + "/learn", json={"adapter": "fact", "steps": 4,
@@ -460,7 +466,8 @@ def _pickle_only(folder):
      ["config.json", "theta 500000", "plain RoPE"]),
     (lambda f: _edit_config(f, hidden_act="silu"), ["config.json", "hidden_act is 'silu'", "ReLU^2"]),
     (lambda f: _edit_config(f, hidden_size="64"), ["config.json", "hidden_size is '64'", "whole number"]),
-    (lambda f: _edit_config(f, max_position_embeddings=10**9), ["config.json", "max_position_embeddings is 1000000000"]),
+    (lambda f: _edit_config(f, max_position_embeddings=10**9),
+     ["config.json", "max_position_embeddings is 1000000000"]),
     (lambda f: _edit_config(f, sliding_window=64), ["config.json", "sliding_window", "cannot reproduce"]),
     (lambda f: (f / "tokenizer.json").unlink(), ["no tokenizer.json", "tokenizer it was trained with"]),
     (lambda f: _edit_tokenizer(f, lambda t: t["added_tokens"][0].update(content="<s>")),
@@ -553,7 +560,8 @@ def test_hub_out_of_reach_is_a_clear_error(src, tmp_path):
     root, _, _ = src
     # both at once: each spends most of its time importing torch and transformers
     pull = start_cli(["scripts.import_hf", "someone/nanochat-d32"], tmp_path / "empty", tmp_path)
-    push = start_cli(["scripts.export", "--to", "hf", str(tmp_path / "out"), "--push", "me/my-nanochat"], root, tmp_path)
+    push = start_cli(["scripts.export", "--to", "hf", str(tmp_path / "out"), "--push", "me/my-nanochat"],
+                     root, tmp_path)
     out, err = pull.communicate(timeout=300)
     assert pull.returncode == 1 and "could not download someone/nanochat-d32 from the Hugging Face hub" in err, err
     assert "download the folder another way and pass its path" in err

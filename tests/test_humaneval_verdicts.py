@@ -35,14 +35,16 @@ FORGERIES = {
         "import sys, os\nanswer = sys._getframe(1).f_locals['answer']\nanswer(ready=True)\n"
         "for _ in range(20):\n    answer(value=5)\nos._exit(0)\ndef add(a, b):\n    return 0\n"),
     # issue 26: equal to everything
-    "__eq__ always true": "class Yes:\n    def __eq__(self, other):\n        return True\ndef add(a, b):\n    return Yes()\n",
+    "__eq__ always true": ("class Yes:\n    def __eq__(self, other):\n        return True\n"
+                           "def add(a, b):\n    return Yes()\n"),
     "int subclass, __eq__ always true": ("class Yes(int):\n    def __eq__(self, other):\n        return True\n"
                                          "    __hash__ = int.__hash__\ndef add(a, b):\n    return Yes(0)\n"),
     "str subclass, __eq__ always true": ("class Yes(str):\n    def __eq__(self, other):\n        return True\n"
                                          "    __hash__ = str.__hash__\ndef add(a, b):\n    return Yes('x')\n"),
     "patch int.__eq__ through gc": ("import gc\nfor d in gc.get_referents(int.__dict__):\n    if isinstance(d, dict):\n"
                                     "        d['__eq__'] = lambda self, other: True\ndef add(a, b):\n    return 0\n"),
-    "builtins patched": "import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\ndef add(a, b):\n    return 0\n",
+    "builtins patched": ("import builtins\nbuiltins.AssertionError = type('Nope', (Exception,), {})\n"
+                         "def add(a, b):\n    return 0\n"),
     "sys.exit(0) at import": "import sys\ndef add(a, b):\n    return 0\nsys.exit(0)\n",
     "sys.exit(0) in the call": "def add(a, b):\n    import sys\n    sys.exit(0)\n",
     "os._exit(0) at import": "import os\nos._exit(0)\n",

@@ -42,7 +42,8 @@ def make_fake_trees(base_dir):
     # Brown corpus: word/tag tokens, tab-started paragraphs
     r = root("brown")
     for k in range(3):
-        para = " ".join(f"The/at farmer{k}{j}/nn said/vbd that/cs the/at crop/nn grew/vbd ,/, ``/`` quickly/rb ''/'' ./."
+        para = " ".join(f"The/at farmer{k}{j}/nn said/vbd that/cs the/at crop/nn grew/vbd "
+                        ",/, ``/`` quickly/rb ''/'' ./."
                         for j in range(12))
         _write(os.path.join(r, "package", f"ca0{k + 1}"), f"\n\n\t{para}\n\n\t{para}\n")
     _write(os.path.join(r, "package", "README"), "not a sample file")

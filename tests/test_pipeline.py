@@ -16,7 +16,8 @@ def run(module, *args, env):
 
 def test_tokenizer_and_base_stages(tmp_path, write_shards, make_docs):
     docs = iter(make_docs(3 * 2 * 20, seed=5))
-    write_shards(str(tmp_path / "base" / "base_data"), [[[next(docs) for _ in range(20)] for _ in range(2)] for _ in range(3)])
+    write_shards(str(tmp_path / "base" / "base_data"),
+                 [[[next(docs) for _ in range(20)] for _ in range(2)] for _ in range(3)])
     cwd = tmp_path / "cwd"
     cwd.mkdir()
     env = {**os.environ, "NANOCHAT_BASE_DIR": str(tmp_path / "base"), "PYTHONPATH": ROOT, "CWD": str(cwd),
@@ -36,7 +37,8 @@ def test_tokenizer_and_base_stages(tmp_path, write_shards, make_docs):
     run("scripts.base_train", "--depth", "1", "--max-seq-len", "64", "--device-batch-size", "2",
         "--total-batch-size", "256", "--num-iterations", "4", "--eval-every", "2", "--eval-tokens", "512",
         "--sample-every", "-1", "--dtype", "float32", "--compile", "off", env=env)
-    out = run("scripts.base_loss", "--split-tokens", "512", "--device-batch-size", "2", "--max-new-tokens", "4", env=env)
+    out = run("scripts.base_loss", "--split-tokens", "512", "--device-batch-size", "2", "--max-new-tokens", "4",
+              env=env)
     assert "val bpb" in out
 
     run("nanochat.report", "generate", env=env)
@@ -48,8 +50,8 @@ def test_tokenizer_and_base_stages(tmp_path, write_shards, make_docs):
 
 
 def test_speedrun_copy_drill_settings_and_per_tag_resume(tmp_path):
-    """speedrun.sh's cpu copy drill: 300 steps unless CPU_COPY_STEPS says otherwise, its after-mixture names real tasks, and
-    resume_flag looks at one tag, so a finished drill does not make the midtraining after it resume."""
+    """speedrun.sh's cpu copy drill: 300 steps unless CPU_COPY_STEPS says otherwise, its after-mixture names real
+    tasks, and resume_flag looks at one tag, so a finished drill does not make the midtraining after it resume."""
     import re
 
     from tasks.mixtures import TASK_NAMES
@@ -61,7 +63,8 @@ def test_speedrun_copy_drill_settings_and_per_tag_resume(tmp_path):
     func = re.search(r"resume_flag\(\) \{.*?\n\}", text, re.S).group(0)
     os.makedirs(tmp_path / "mid_checkpoints" / "copydrill")
     (tmp_path / "mid_checkpoints" / "copydrill" / "meta_000010.json").write_text("{}")
-    script = func + '\necho "[$(resume_flag mid copydrill)] [$(resume_flag mid d4)] [$(resume_flag mid)] [$(resume_flag chatsft)]"'
+    script = func + ('\necho "[$(resume_flag mid copydrill)] [$(resume_flag mid d4)] '
+                     '[$(resume_flag mid)] [$(resume_flag chatsft)]"')
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path), NANOCHAT_RESUME="1")
     out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[--resume] [] [--resume] []"

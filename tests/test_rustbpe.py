@@ -158,7 +158,8 @@ def test_split_every_code_point():
         assert rustbpe.split_text(text) == regex.findall(PATTERN, text), ctx
 
 
-INTERESTING = list("aZ0 '\t\r\n\u00a0\u2003\u3000\u0085!.,-_sStTlLvVeErRdDmM\u017f\u0301\u0663\u2167\u00bd👍\u200d\ufe0f日й")
+INTERESTING = list("aZ0 '\t\r\n\u00a0\u2003\u3000\u0085!.,-_sStTlLvVeErRdDmM"
+                   "\u017f\u0301\u0663\u2167\u00bd👍\u200d\ufe0f日й")
 text_strategy = st.text(
     alphabet=st.one_of(st.sampled_from(INTERESTING), st.characters(blacklist_categories=("Cs",))),
     max_size=60,

@@ -55,7 +55,8 @@ def test_parent_environment_does_not_leak(monkeypatch):
     monkeypatch.setenv("HF_TOKEN", secret)
     code = ("import os\nout = []\n"
             "for pid in ['self', str(os.getppid()), '1'] + os.listdir('/proc'):\n"
-            "    try:\n        out.append(open(f'/proc/{pid}/environ', 'rb').read())\n    except OSError:\n        pass\n"
+            "    try:\n        out.append(open(f'/proc/{pid}/environ', 'rb').read())\n"
+            "    except OSError:\n        pass\n"
             "print(b''.join(out))\nprint(os.getppid(), sorted(p for p in os.listdir('/proc') if p.isdigit()))")
     r = run(code)
     assert r.completed, r
@@ -214,7 +215,8 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="replays an attack that n
 with_cgroup = pytest.mark.skipif(cgroup.where()[0] is None, reason=f"no per-run cgroup here: {cgroup.where()[1]}")
 
 SYSCTLS = ["kernel/core_pattern", "kernel/panic", "vm/overcommit_memory", "kernel/randomize_va_space"]
-CTYPES = "for m in ('ctypes', '_ctypes'):\n    sys.modules.pop(m, None)\nimport ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+CTYPES = ("for m in ('ctypes', '_ctypes'):\n    sys.modules.pop(m, None)\n"
+          "import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n")
 
 
 def host_sysctls():
@@ -359,14 +361,18 @@ SHM_FLOOD = (CTYPES + "libc.shmat.restype = ctypes.c_void_p\nheld = 0\n"
              "    if shm < 0:\n        print('refused', ctypes.get_errno())\n        break\n"
              "    addr = libc.shmat(shm, None, 0)\n    ctypes.memset(addr, 1, 64 << 20)\n"
              "    libc.shmdt(ctypes.c_void_p(addr))\n    held += 64 << 20\n    print(held, flush=True)\n")
-ANON_FLOOD = "held, keep = 0, []\nwhile held < (1 << 30):\n    keep.append(bytearray(16 << 20))\n    held += 16 << 20\n    print(held, flush=True)\n"
+ANON_FLOOD = ("held, keep = 0, []\nwhile held < (1 << 30):\n    keep.append(bytearray(16 << 20))\n"
+              "    held += 16 << 20\n    print(held, flush=True)\n")
 FILES_FLOOD = ("import os, time\nn = 0\nt0 = time.time()\nwhile time.time() - t0 < 8:\n"
-               "    for _ in range(1000):\n        os.close(os.open(f'/tmp/{n}', os.O_CREAT | os.O_WRONLY))\n        n += 1\n"
-               "    print(n * 512, flush=True)\n")  # an empty file costs the kernel more than 512 bytes (inode + dentry)
+               "    for _ in range(1000):\n        os.close(os.open(f'/tmp/{n}', os.O_CREAT | os.O_WRONLY))\n"
+               "        n += 1\n"
+               # an empty file costs the kernel more than 512 bytes (inode + dentry)
+               "    print(n * 512, flush=True)\n")
 
 
 @with_cgroup
-@pytest.mark.parametrize("attack", [MEMFD_FLOOD, SHM_FLOOD, ANON_FLOOD, FILES_FLOOD], ids=["memfd", "shm", "anonymous", "inodes"])
+@pytest.mark.parametrize("attack", [MEMFD_FLOOD, SHM_FLOOD, ANON_FLOOD, FILES_FLOOD],
+                         ids=["memfd", "shm", "anonymous", "inodes"])
 def test_the_cgroup_alone_bounds_all_memory(monkeypatch, attack):
     # No runner (so no RLIMIT_AS) and the seccomp filter without its memory rules: the cgroup has to stop
     # each kind of memory on its own, at max_memory_bytes + max_write_bytes.
@@ -390,7 +396,8 @@ def test_execute_code_reports_the_cgroup_stopping_a_memfd_flood(monkeypatch):
 def test_pipes_hold_little_memory():
     # Pipe buffers count in no rlimit of their own; the open-file limit caps how many there are.
     r = run("import fcntl, os\nheld, pipes = 0, []\n"
-            "try:\n    while True:\n        pipes.append(os.pipe())\nexcept OSError as e:\n    print(len(pipes), e.strerror)\n"
+            "try:\n    while True:\n        pipes.append(os.pipe())\n"
+            "except OSError as e:\n    print(len(pipes), e.strerror)\n"
             "for r, w in pipes:\n    os.set_blocking(w, False)\n"
             "    try:\n        fcntl.fcntl(w, 1031, 1 << 20)\n    except OSError:\n        pass\n"
             "    try:\n        while True:\n            held += os.write(w, b'x' * 65536)\n"
@@ -402,7 +409,8 @@ def test_pipes_hold_little_memory():
     assert int(total) <= (MAX_OPEN_FILES // 2) * (1 << 20)
 
 
-THREAD_FLOOD = ("import threading, time\nthreading.stack_size(1 << 16)\nn = 0\n"  # small stacks: RLIMIT_AS is not what stops it
+# small stacks: RLIMIT_AS is not what stops it
+THREAD_FLOOD = ("import threading, time\nthreading.stack_size(1 << 16)\nn = 0\n"
                 "try:\n    for _ in range(1000):\n"
                 "        threading.Thread(target=time.sleep, args=(3,), daemon=True).start()\n        n += 1\n"
                 "except RuntimeError as e:\n    print('refused:', e)\nprint(n)\n")

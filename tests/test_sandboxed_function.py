@@ -45,7 +45,8 @@ def test_an_object_with_behaviour_is_not_a_value():
     ("raise SystemExit(0)", "SystemExit"),
     ("raise KeyboardInterrupt", "KeyboardInterrupt"),
     ("import os\n    os._exit(0)", "ended"),
-    ("import sys\n    del sys.modules['posix']\n    import posix\n    posix.kill(posix.getpid(), 9)", "ended"),  # past the guard
+    # past the guard
+    ("import sys\n    del sys.modules['posix']\n    import posix\n    posix.kill(posix.getpid(), 9)", "ended"),
 ])
 def test_a_failed_call_raises_and_so_does_every_later_one(body, why):
     with SandboxedFunction(f"def f():\n    {body}\n", "f") as f:
@@ -71,7 +72,8 @@ def test_a_program_that_does_not_load_fails_at_start(program, why):
 
 def test_deadlines_per_call_and_in_all():
     t0 = time.time()
-    with SandboxedFunction("def f(t):\n    while t:\n        pass\n    return 1\n", "f", timeout=5.0, call_timeout=0.5) as f:
+    with SandboxedFunction("def f(t):\n    while t:\n        pass\n    return 1\n", "f",
+                           timeout=5.0, call_timeout=0.5) as f:
         assert f(0) == 1
         with pytest.raises(CallFailed, match="deadline"):
             f(1)

@@ -23,7 +23,8 @@ TOK = Tokenizer.byte_level()
 V = TOK.get_vocab_size()
 S = TOK.encode_special
 BOS, A_START, A_END = TOK.get_bos_token_id(), S("<|assistant_start|>"), S("<|assistant_end|>")
-PY_START, PY_END, OUT_START, OUT_END = S("<|python_start|>"), S("<|python_end|>"), S("<|output_start|>"), S("<|output_end|>")
+PY_START, PY_END = S("<|python_start|>"), S("<|python_end|>")
+OUT_START, OUT_END = S("<|output_start|>"), S("<|output_end|>")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -253,7 +254,8 @@ def test_top_p_small_is_greedy_and_frequency_penalty_breaks_repeats():
         def forward(self, idx, kv_cache=None, logits_at=None):  # a bigram table; the cache only advances
             if kv_cache is not None:
                 kv_cache.positions(idx.size(1), idx.device)
-                kv_cache.insert_kv(0, torch.zeros(idx.size(0), 1, idx.size(1), 8), torch.zeros(idx.size(0), 1, idx.size(1), 8))
+                kv_cache.insert_kv(0, torch.zeros(idx.size(0), 1, idx.size(1), 8),
+                                   torch.zeros(idx.size(0), 1, idx.size(1), 8))
             return at_positions(self.W[idx], logits_at)
 
     sched = Scheduler(Fixed(), TOK)
@@ -376,7 +378,9 @@ def test_a_broken_adapter_reaches_no_other_row(value):
             p.normal_(std=0.2)
     bad = poisoned(lora, "bad", value)
     x = torch.randint(0, 256, (5, 9), generator=torch.Generator().manual_seed(0))
-    mix = lambda third: [None, a, third, ((a, 1.0), (b_, 0.5)), b_]
+
+    def mix(third):
+        return [None, a, third, ((a, 1.0), (b_, 0.5)), b_]
     with torch.no_grad():
         with lora.per_row(mix(clean)):
             want = model(x)
@@ -515,7 +519,8 @@ def test_python_and_search_calls_in_a_batch_equal_each_alone(tool, tmp_path):
         earlier = [PY_START] + TOK.encode("python:\nx = 6") + [PY_END, OUT_START, OUT_END]  # an earlier turn's cell
     else:
         build_index([("a", "Volk is a river. It ends in the Tarsk sea.")], str(tmp_path / "i.sqlite"))
-        tools, call, earlier = ToolRegistry(python=False, searcher=Searcher(str(tmp_path / "i.sqlite"), k=1)), "search:Volk", []
+        tools = ToolRegistry(python=False, searcher=Searcher(str(tmp_path / "i.sqlite"), k=1))
+        call, earlier = "search:Volk", []
     model = ScriptedGPT(make_gpt(seed=6), call=call)
     prompts = prompts_of([4, 20, 9, 31], seed=6)  # the "=" ones (0 and 2) call the tool at once
     prompts[2] = prompts[2][:1] + earlier + prompts[2][1:]

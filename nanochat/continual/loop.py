@@ -90,7 +90,7 @@ def continual_metrics(R, base, higher_is_better):
     T = len(R)
     s = 1.0 if higher_is_better else -1.0
     mean = lambda xs: sum(xs) / len(xs) if xs else float("nan")  # noqa: E731
-    forgetting = [max(s * R[l][j] for l in range(j, T - 1)) - s * R[T - 1][j] for j in range(T - 1)]
+    forgetting = [max(s * R[i][j] for i in range(j, T - 1)) - s * R[T - 1][j] for j in range(T - 1)]
     return {
         "ACC": mean(R[T - 1]),
         "LA": mean([R[i][i] for i in range(T)]),

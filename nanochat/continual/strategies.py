@@ -84,7 +84,8 @@ def sample_continuations(model, prompts, row_len, temperature=1.0, top_k=0, seed
                     out[n] = []
                 continue
             cache = KVCache(len(idx), c.n_kv_head, L + budget, c.n_embd // c.n_head, c.n_layer)
-            logits = model(torch.tensor([prompts[n] for n in idx], dtype=torch.long, device=device), kv_cache=cache)[:, -1]
+            batch = torch.tensor([prompts[n] for n in idx], dtype=torch.long, device=device)
+            logits = model(batch, kv_cache=cache)[:, -1]
             cols, done = [], torch.zeros(len(idx), dtype=torch.bool, device=device)
             for step in range(budget):
                 nxt = sample_next_token(logits, gen, temperature, top_k or None)
@@ -221,7 +222,8 @@ class EWC(Strategy):
         lam = self.cfg.ewc_lambda
 
         def fn():
-            return 0.5 * lam * sum((f * (p - a).float() ** 2).sum() for f, p, a in zip(self.fisher, params, self.anchor))
+            return 0.5 * lam * sum((f * (p - a).float() ** 2).sum()
+                                   for f, p, a in zip(self.fisher, params, self.anchor))
         return fn
 
     def added(self):

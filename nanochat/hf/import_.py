@@ -189,7 +189,8 @@ def read_folder(folder):
     with torch.device("meta"):
         model = GPT(config)
     model.load_state_dict(state, strict=True, assign=True)  # the last check: it really is our GPT
-    notes = {"layout": layout, "model_type": cfg.get("model_type"), "transformers_version": cfg.get("transformers_version"),
+    notes = {"layout": layout, "model_type": cfg.get("model_type"),
+             "transformers_version": cfg.get("transformers_version"),
              "rms_norm_eps": cfg.get("rms_norm_eps"), "tied_embeddings": tied}
     return config, state, tokenizer, notes
 
@@ -246,7 +247,8 @@ def _write(base, final, state, meta, tokenizer):
         save_checkpoint(tmp_ckpt, 0, state, None, meta)
         usual_permissions(tmp_ckpt)
         if tokenizer is not None:
-            tok_dir, tmp_tok = os.path.join(base, "tokenizer"), tempfile.mkdtemp(dir=base, prefix=".tokenizer.", suffix=".tmp")
+            tok_dir = os.path.join(base, "tokenizer")
+            tmp_tok = tempfile.mkdtemp(dir=base, prefix=".tokenizer.", suffix=".tmp")
             staged.append(tmp_tok)
             tokenizer.save(tmp_tok)
             usual_permissions(tmp_tok)

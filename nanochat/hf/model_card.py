@@ -89,7 +89,8 @@ def model_card(config, info, report_text=None, base_dir=None):
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f'tokenizer = AutoTokenizer.from_pretrained("{repo}")', f"model = {load}",
         'messages = [{"role": "user", "content": "Why is the sky blue?"}]',
-        "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)",
+        "ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, "
+        "return_tensors=\"pt\", return_dict=True)",
         "out = model.generate(**ids, max_new_tokens=256, do_sample=False)",
         "print(tokenizer.decode(out[0, ids[\"input_ids\"].shape[1]:], skip_special_tokens=True))", "```", "",
         ("The chat template renders conversations exactly as nanochat does (a system message is folded into the "
@@ -102,7 +103,8 @@ def model_card(config, info, report_text=None, base_dir=None):
     if info.get("adapter"):
         ad = info["adapter"]
         lines += ["## Adapter", "", (f"`{ad['path']}` holds the LoRA adapter `{ad['name']}` (rank {ad['rank']}, "
-                                     f"alpha {ad['alpha']:g}) in PEFT's layout:"), "", "```python", "from peft import PeftModel",
+                                     f"alpha {ad['alpha']:g}) in PEFT's layout:"),
+                  "", "```python", "from peft import PeftModel",
                   f'model = PeftModel.from_pretrained(model, "{repo}", subfolder="{ad["path"]}")', "```", ""]
     if info.get("stack"):
         lines += ["The weights have these adapters merged in: " + ", ".join(
@@ -123,7 +125,8 @@ def _report_lines(report_text, base_dir):
                                     "listed here.")] + ([f"Pretraining data: {data_line}."] if data_line else []) + [""]
     summary, stages, data, commit = report_parts(report_text)
     out = ["## Evaluation", ""] + (summary or ["(the report has no summary table)"]) + [""]
-    out += ["## Training data", ""] + ([f"- pretraining: {data_line}"] if data_line else []) + [f"- {d}" for d in data] + [""]
+    out += (["## Training data", ""] + ([f"- pretraining: {data_line}"] if data_line else [])
+            + [f"- {d}" for d in data] + [""])
     out += ["## Recipe", ""]
     for title, items in stages.items():
         out += [f"### {title}", ""] + [f"- {k}: {v}" for k, v in items] + [""]

@@ -58,7 +58,8 @@ class TokenizerConversionError(ValueError):
 def byte_to_char():
     """GPT-2's byte-level alphabet (what the `tokenizers` ByteLevel pre-tokenizer writes): printable bytes stand
     for themselves, the other 68 are moved up to U+0100 and on so that every token is a printable string."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+            + list(range(ord("®"), ord("ÿ") + 1)))
     table, moved = {}, 0
     for b in range(256):
         if b in keep:

@@ -169,7 +169,8 @@ def download(pkg, base_dir=None):
 def download_apt_batch(pkgs, base_dir=None):
     """Download the Debian packages that are not on disk yet with ONE apt-get call (much faster than
     one call each), then file each .deb under its own archive folder."""
-    missing = [p for p in pkgs if p.registry == "apt" and not glob.glob(os.path.join(archive_dir(p, base_dir), "*.deb"))]
+    missing = [p for p in pkgs
+               if p.registry == "apt" and not glob.glob(os.path.join(archive_dir(p, base_dir), "*.deb"))]
     if not missing:
         return
     tmp = os.path.join(cache_dir(base_dir), "archives", f".apt-batch{os.getpid()}")

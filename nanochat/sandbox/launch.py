@@ -58,7 +58,8 @@ def start_runner(policy, mode, args, *, max_memory_bytes, max_write_bytes=MAX_WR
     runner = boundary.RUNNER_DIR + "/runner.py"
     files = {runner: os.path.join(HERE, "runner.py"),
              boundary.RUNNER_DIR + "/plain_data.py": os.path.join(HERE, "plain_data.py")}
-    argv = [boundary.python_executable(), "-I", "-S", "-B", runner, mode] + args + [str(boundary.nproc_rlimit(MAX_THREADS))]
+    argv = ([boundary.python_executable(), "-I", "-S", "-B", runner, mode] + args
+            + [str(boundary.nproc_rlimit(MAX_THREADS))])
     return boundary.start(argv, files, max_memory_bytes=max_memory_bytes, max_write_bytes=max_write_bytes,
                           max_tasks=MAX_THREADS, pass_fds=pass_fds, **popen_kwargs)
 

@@ -150,7 +150,8 @@ def check_openai_options(body, limits):
         raise RequestError(f"stop has {len(stop)} strings; the limit is {limits.max_stop}", "stop")
     for s in stop:
         if not 1 <= len(s) <= limits.max_stop_chars:
-            raise RequestError(f"each stop string must be 1 to {limits.max_stop_chars} characters; got {len(s)}", "stop")
+            raise RequestError(f"each stop string must be 1 to {limits.max_stop_chars} characters; got {len(s)}",
+                               "stop")
     return n, stop
 
 

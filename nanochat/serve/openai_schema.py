@@ -157,7 +157,8 @@ def ignored_fields(body):
     options = body.stream_options
     if options is not None:
         extra = list(options.model_extra or {})
-        names += [f"stream_options.{n}" for n in ["include_obfuscation"] * _is_set(options, "include_obfuscation") + extra]
+        names += [f"stream_options.{n}"
+                  for n in ["include_obfuscation"] * _is_set(options, "include_obfuscation") + extra]
     for m in getattr(body, "messages", []):
         for n in [x for x in MESSAGE_IGNORED if _is_set(m, x)] + list(m.model_extra or {}):
             if f"messages[].{n}" not in names:

@@ -165,11 +165,13 @@ class Scheduler:
             if not -2.0 <= getattr(request, name) <= 2.0:
                 raise ValueError(f"{name} must be between -2 and 2, got {getattr(request, name)!r}")
         if request.logprobs is not None and not 0 <= request.logprobs <= 20:
-            raise ValueError(f"logprobs (the number of alternatives) must be between 0 and 20, got {request.logprobs!r}")
+            raise ValueError("logprobs (the number of alternatives) must be between 0 and 20, "
+                             f"got {request.logprobs!r}")
         vocab = self.model.config.vocab_size
         for tok, bias in (request.logit_bias or {}).items():
             if not (isinstance(tok, int) and 0 <= tok < vocab and -100.0 <= bias <= 100.0):
-                raise ValueError(f"logit_bias maps token ids in [0, {vocab}) to numbers in [-100, 100], got {tok!r}: {bias!r}")
+                raise ValueError(f"logit_bias maps token ids in [0, {vocab}) to numbers in [-100, 100], "
+                                 f"got {tok!r}: {bias!r}")
         if request.adapter is not None and self.lora is None:
             raise ValueError("this scheduler has no LoRA attached, so a request cannot use an adapter")
         request.prompt, request.temperature = prompt, temperature

@@ -117,7 +117,8 @@ class PythonREPL:
         if not code.strip():
             return "Error: empty python call; write code after 'python:'"
         if len(code) > lim.max_code_chars:
-            return f"Error: the code is {len(code)} characters; the limit is {lim.max_code_chars}. Split it into smaller calls."
+            return (f"Error: the code is {len(code)} characters; the limit is {lim.max_code_chars}. "
+                    "Split it into smaller calls.")
         if sum(map(len, self.cells)) + len(code) > lim.max_history_chars:
             return (f"Error: this conversation's python history passed {lim.max_history_chars} characters; "
                     "the REPL keeps no more state. Start a new conversation.")

@@ -120,7 +120,8 @@ class Searcher:
         if os.path.isdir(path):
             path = os.path.join(path, INDEX_FILE)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no search index at {path}: build one with `python -m scripts.build_index --shards` "
+            raise FileNotFoundError(f"no search index at {path}: "
+                                    "build one with `python -m scripts.build_index --shards` "
                                     "(or --input DIR for a folder of .txt/.md/.jsonl)")
         self.path, self.k, self.max_chars = path, k, max_chars
         self._con = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
