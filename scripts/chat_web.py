@@ -97,7 +97,8 @@ LIMIT_HELP = {  # one flag per field of openai_api.Limits
     "max_total_chars": "most characters in one request's messages (or prompt)",
     "max_temperature": "highest temperature a request may ask for", "max_top_k": "highest top_k a request may ask for",
     "max_max_tokens": "highest max_tokens a request may ask for", "max_body_bytes": "largest request body",
-    "max_learn_items": "most facts + conversations in one POST /learn", "max_learn_steps": "most steps of one /learn job",
+    "max_learn_items": "most facts + conversations in one POST /learn",
+    "max_learn_steps": "most steps of one /learn job",
     "max_learn_jobs": "most /learn jobs queued or running (more get 429)", "max_adapters": "most adapters kept",
     "max_adapter_bytes": "most bytes of adapters on disk, all together",
     "job_ttl": "seconds a finished /learn job stays visible", "request_timeout": "seconds for a request's headers "
@@ -114,15 +115,18 @@ def fingerprint(source, model_id, step):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="which stage's model")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"],
+                   help="which stage's model")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest model)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (ignored without CUDA)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
-    p.add_argument("--adapters-dir", default="", help="where learned adapters live (default: $NANOCHAT_BASE_DIR/adapters)")
+    p.add_argument("--index", default="",
+                   help="search index for the search tool (default <base>/search_index if built)")
+    p.add_argument("--adapters-dir", default="",
+                   help="where learned adapters live (default: $NANOCHAT_BASE_DIR/adapters)")
     p.add_argument("--no-learn", action="store_true", help="serve without live learning (no /learn, no adapters)")
     p.add_argument("--auto-route", action="store_true", help="requests that name no adapter get \"auto\": the "
                    "adapter whose training prompts they resemble, else the base model (overrides .active.json at "

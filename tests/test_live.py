@@ -102,8 +102,9 @@ def server(chat_dir, serve_app, tmp_path, monkeypatch):
         import copy
         workers, _ = load_workers("sft", "cpu")
         trainer = copy.deepcopy(workers[0].model)
-        learn = lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats,
-                                          battery=battery, **kw)
+        def learn(pool):
+            return LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats,
+                                battery=battery, **kw)
         app = create_app(workers, "nanochat-live", defaults=Defaults(temperature=0.0, top_k=50, max_tokens=40),
                          learn=learn)
         return serve_app(app)
@@ -134,7 +135,8 @@ def wait_job(url, job_id, timeout=300, during=None):
 
 
 def test_fixture_model_learned_general_chat(chat_dir):
-    assert chat_dir.final_loss < 1.2  # the tiny model really is a "general chat" model (echoing random text is most of the rest)
+    # the tiny model really is a "general chat" model (echoing random text is most of the rest)
+    assert chat_dir.final_loss < 1.2
 
 
 def test_teach_facts_restart_and_recall(server, tmp_path):
@@ -202,9 +204,12 @@ def test_bad_input_is_refused_and_nothing_changes(server, tmp_path):
         fact = {"question": "Q?", "answer": "A."}
         refused("POST", "/learn", 400, "nothing to learn", json={"adapter": "x", "facts": []})
         refused("POST", "/learn", 400, "nothing to learn", json={"adapter": "x"})
-        refused("POST", "/learn", 400, "missing field 'facts[0].answer'", json={"adapter": "x", "facts": [{"question": "Q"}]})
-        refused("POST", "/learn", 400, "facts[0].question", json={"adapter": "x", "facts": [{"question": 3, "answer": "A"}]})
-        refused("POST", "/learn", 400, "facts[0].answer is empty", json={"adapter": "x", "facts": [{"question": "Q", "answer": " "}]})
+        refused("POST", "/learn", 400, "missing field 'facts[0].answer'",
+                json={"adapter": "x", "facts": [{"question": "Q"}]})
+        refused("POST", "/learn", 400, "facts[0].question",
+                json={"adapter": "x", "facts": [{"question": 3, "answer": "A"}]})
+        refused("POST", "/learn", 400, "facts[0].answer is empty",
+                json={"adapter": "x", "facts": [{"question": "Q", "answer": " "}]})
         refused("POST", "/learn", 400, "unknown field 'facts[0].source'",
                 json={"adapter": "x", "facts": [{**fact, "source": "web"}]})
         refused("POST", "/learn", 400, "must end with the assistant",

@@ -251,7 +251,8 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     try:  # a truncated or garbage file: safetensors raises its own error type
         tensors = safetensors.torch.load(data)
     except Exception as e:  # noqa: BLE001 - whatever the file is, the answer is "this adapter is unusable"
-        raise ValueError(f"adapter {meta['name']!r}: adapter.safetensors is unreadable ({type(e).__name__}: {e})") from None
+        raise ValueError(f"adapter {meta['name']!r}: adapter.safetensors is unreadable "
+                         f"({type(e).__name__}: {e})") from None
     ad = lora.add(name, rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"])
     if ad.modules_ != meta["modules"]:
         lora.remove(name)

@@ -12,8 +12,15 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.serve.live_routes import live_router
-from nanochat.serve.openai_api import (BodySizeLimit, Defaults, Limits, RequestError, describe_validation_errors,
-                                       error_response, validation_error_code)
+from nanochat.serve.openai_api import (
+    BodySizeLimit,
+    Defaults,
+    Limits,
+    RequestError,
+    describe_validation_errors,
+    error_response,
+    validation_error_code,
+)
 from nanochat.serve.replicas import PoolMetrics, Worker, WorkerPool
 from nanochat.serve.routes import Served, completion_router, info_router
 from nanochat.serve.security import ApiKeyAuth, BrowserGuard, guarded_protocol, without_422

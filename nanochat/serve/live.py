@@ -57,8 +57,16 @@ from nanochat.common import atomic_write
 from nanochat.continual.adapter_train import train_adapter
 from nanochat.lora.adapter import LoRA, validate_name
 from nanochat.lora.router import route_auto
-from nanochat.lora.storage import (check_values, delete_adapter, list_adapters, load_adapter, provenance_summary,
-                                   read_json, remove_stale_temp, save_adapter)
+from nanochat.lora.storage import (
+    check_values,
+    delete_adapter,
+    list_adapters,
+    load_adapter,
+    provenance_summary,
+    read_json,
+    remove_stale_temp,
+    save_adapter,
+)
 from nanochat.serve.battery import Battery
 from nanochat.serve.live_jobs import LearnJob, battery_report, general_loss, routing_ids, saved_examples
 from nanochat.serve.scheduler import Scheduler

@@ -7,7 +7,14 @@ from typing import Literal
 from fastapi import APIRouter
 
 from nanochat.serve.live import AUTO, AdapterLimit, JobEnded, JobQueueFull, facts_to_conversations
-from nanochat.serve.openai_api import PageMessage, RequestError, StrictBody, check_messages, content_chars, error_response
+from nanochat.serve.openai_api import (
+    PageMessage,
+    RequestError,
+    StrictBody,
+    check_messages,
+    content_chars,
+    error_response,
+)
 from nanochat.serve.security import documented_errors
 
 

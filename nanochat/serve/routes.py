@@ -14,9 +14,21 @@ from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 
 from nanochat.engine import MIN_TEMPERATURE
 from nanochat.serve.live import AUTO
-from nanochat.serve.openai_api import (Defaults, EventStream, Limits, PageRequest, RequestError, check_adapter_stack,
-                                       check_chat_options, check_logit_bias, check_messages, check_openai_options,
-                                       check_sampling, check_text_options, sse)
+from nanochat.serve.openai_api import (
+    Defaults,
+    EventStream,
+    Limits,
+    PageRequest,
+    RequestError,
+    check_adapter_stack,
+    check_chat_options,
+    check_logit_bias,
+    check_messages,
+    check_openai_options,
+    check_sampling,
+    check_text_options,
+    sse,
+)
 from nanochat.serve.openai_messages import conversation
 from nanochat.serve.openai_reply import OpenAIReply
 from nanochat.serve.openai_schema import ChatRequest, CompletionRequest, ignored_fields
