@@ -21,8 +21,10 @@ Endpoints
     POST /v1/completions        OpenAI (legacy) text completions of prompts (texts or token ids), base models too
     GET  /v1/models[/{id}]      the served model, its --served-model-name aliases and every loaded adapter
                                 (`model: "<adapter>"` selects one); another model name is a 404 model_not_found
-    Every generating route takes "adapter": a name, "none" (the base), or a list of names with an optional
-    "adapter_weights" list: a stack, all applied together (openai client: extra_body={"adapter": [...]}).
+    Every generating route takes "adapter": a name, "none" (the base), "auto" (the adapter whose training
+    prompts the last user message resembles, else the base; --auto-route makes it the default), or a list of
+    names with an optional "adapter_weights" list: a stack, all applied together (openai client:
+    extra_body={"adapter": [...]}). A reply's "model" is the adapter that served it, else the served model.
     GET  /health, GET /stats    liveness, queue depth; per-replica and total requests, tokens, tokens/s
     GET  /metrics               Prometheus text format
     /learn, /adapters           live learning (nanochat/serve/live_routes.py), unless --no-learn
@@ -64,28 +66,30 @@ from nanochat.serve.openai_api import Defaults, Limits
 from nanochat.serve.replicas import load_workers
 from nanochat.serve.security import check_exposure, guarded_protocol
 from nanochat.tools.registry import make_registry
-from tasks.conversations import ChatterBot, ChitChat
+from tasks.conversations import ChitChat
+from tasks.general import battery_items, replay_chats
 
 logger = logging.getLogger("nanochat.chat_web")
 
 
 def general_chats(n_replay=512, n_eval=32):
-    """Offline human chats (tasks/conversations.py): train-split ones to replay while an adapter learns,
-    test-split ones to measure what it costs. ([], []) with a warning when they can't be read."""
+    """Train-split chats of the SFT mixture to replay while an adapter learns (tasks/general.py), and held-out
+    human chats (ChitChat test) to measure what it costs. ([], []) with a warning when they can't be read."""
     try:
-        replay = [ex["messages"] for task in (ChitChat("train"), ChatterBot("train"))
-                  for ex in (task[i] for i in range(min(len(task), n_replay // 2)))]
         held = ChitChat("test")
-        return replay, [held[i]["messages"] for i in range(min(len(held), n_eval))]
-    except (OSError, ValueError, ImportError) as e:
+        return replay_chats(n_replay), [held[i]["messages"] for i in range(min(len(held), n_eval))]
+    except (OSError, ValueError, RuntimeError, ImportError) as e:
         logger.warning("no general chat data for replay (%s): adapters will learn without it", e)
         return [], []
 
 
-def make_live_learning(workers, root):
-    """pool -> LiveLearning: adapters under root, trained on a private copy of the served weights."""
+def make_live_learning(workers, root, auto_default=False, **training):
+    """pool -> LiveLearning: adapters under root, trained on a private copy of the served weights; every job
+    reports the general battery (tasks/general.py). auto_default: "auto" routing for requests naming no adapter;
+    training: live.TRAINING's settings to change (dev/bench_live.py compares them)."""
     trainer = copy.deepcopy(workers[0].model)  # taken before the workers get their LoRA hooks
-    return lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats)
+    return lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats,
+                                     battery=battery_items, auto_default=auto_default, **training)
 
 
 LIMIT_HELP = {  # one flag per field of openai_api.Limits
@@ -93,7 +97,8 @@ LIMIT_HELP = {  # one flag per field of openai_api.Limits
     "max_total_chars": "most characters in one request's messages (or prompt)",
     "max_temperature": "highest temperature a request may ask for", "max_top_k": "highest top_k a request may ask for",
     "max_max_tokens": "highest max_tokens a request may ask for", "max_body_bytes": "largest request body",
-    "max_learn_items": "most facts + conversations in one POST /learn", "max_learn_steps": "most steps of one /learn job",
+    "max_learn_items": "most facts + conversations in one POST /learn",
+    "max_learn_steps": "most steps of one /learn job",
     "max_learn_jobs": "most /learn jobs queued or running (more get 429)", "max_adapters": "most adapters kept",
     "max_adapter_bytes": "most bytes of adapters on disk, all together",
     "job_ttl": "seconds a finished /learn job stays visible", "request_timeout": "seconds for a request's headers "
@@ -110,16 +115,22 @@ def fingerprint(source, model_id, step):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="which stage's model")
+    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"],
+                   help="which stage's model")
     p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest model)")
     p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("--num-gpus", type=int, default=1, help="model replicas, one per GPU (ignored without CUDA)")
     p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
-    p.add_argument("--adapters-dir", default="", help="where learned adapters live (default: $NANOCHAT_BASE_DIR/adapters)")
+    p.add_argument("--index", default="",
+                   help="search index for the search tool (default <base>/search_index if built)")
+    p.add_argument("--adapters-dir", default="",
+                   help="where learned adapters live (default: $NANOCHAT_BASE_DIR/adapters)")
     p.add_argument("--no-learn", action="store_true", help="serve without live learning (no /learn, no adapters)")
+    p.add_argument("--auto-route", action="store_true", help="requests that name no adapter get \"auto\": the "
+                   "adapter whose training prompts they resemble, else the base model (overrides .active.json at "
+                   "start; POST /adapters/NAME/activate changes it)")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                    help="serve and learn adapters on a weight-only quantized frozen base (int8: ~2x, int4: ~3.8x "
                         "less weight memory than bf16; adapters are bound to the base they were learned on)")
@@ -172,7 +183,7 @@ def main(argv=None):
     defaults = Defaults(args.temperature, args.top_k, args.max_tokens)
     learn = None
     if not args.no_learn:
-        learn = make_live_learning(workers, args.adapters_dir or adapters_dir())
+        learn = make_live_learning(workers, args.adapters_dir or adapters_dir(), auto_default=args.auto_route)
     if args.host not in ("0.0.0.0", "::"):  # a wildcard is no name a client could use
         allowed_hosts.append(args.host)
     app = create_app(workers, model_id, limits, defaults, learn=learn, api_key=args.api_key or None,

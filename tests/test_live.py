@@ -17,7 +17,9 @@ import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.lora.storage import read_examples
 from nanochat.serve.app import create_app
+from nanochat.serve.battery import BatteryItem
 from nanochat.serve.live import LiveLearning
 from nanochat.serve.openai_api import Defaults
 from nanochat.serve.replicas import load_workers
@@ -91,11 +93,18 @@ def server(chat_dir, serve_app, tmp_path, monkeypatch):
         loads.append(1)
         return chat_dir.replay, chat_dir.held_out
 
-    def start(root):
+    def battery():  # held-out general chats: the tiny model's "general battery"
+        return [BatteryItem(f"held-out/{i}", "chat", c[:1], max_tokens=24,
+                            evaluate=lambda reply, want=c[1]["content"]: reply == want)
+                for i, c in enumerate(chat_dir.held_out[:12])]
+
+    def start(root, **kw):
         import copy
         workers, _ = load_workers("sft", "cpu")
         trainer = copy.deepcopy(workers[0].model)
-        learn = lambda pool: LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats)
+        def learn(pool):
+            return LiveLearning(pool, trainer, workers[0].tokenizer, root, general_chats=general_chats,
+                                battery=battery, **kw)
         app = create_app(workers, "nanochat-live", defaults=Defaults(temperature=0.0, top_k=50, max_tokens=40),
                          learn=learn)
         return serve_app(app)
@@ -117,7 +126,7 @@ def wait_job(url, job_id, timeout=300, during=None):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = httpx.get(f"{url}/learn/{job_id}").json()
-        if job["status"] in ("done", "failed"):
+        if job["status"] in ("done", "failed", "cancelled"):
             return job
         if during:
             during(job)
@@ -126,7 +135,8 @@ def wait_job(url, job_id, timeout=300, during=None):
 
 
 def test_fixture_model_learned_general_chat(chat_dir):
-    assert chat_dir.final_loss < 1.2  # the tiny model really is a "general chat" model (echoing random text is most of the rest)
+    # the tiny model really is a "general chat" model (echoing random text is most of the rest)
+    assert chat_dir.final_loss < 1.2
 
 
 def test_teach_facts_restart_and_recall(server, tmp_path):
@@ -151,6 +161,10 @@ def test_teach_facts_restart_and_recall(server, tmp_path):
         m = job["metrics"]
         assert m["loss_after"] < 0.5 * m["loss_before"]
         assert m["general_loss_change"] < 0.05, m  # general chat costs less than 5%
+        b = m["battery"]  # greedy answers to held-out general chats, with the adapter vs without
+        assert b["total"] == 12 and job["battery"] == b["summary"]
+        assert b["summary"].startswith(f"general battery: {b['unchanged']}/12 answers unchanged")
+        assert b["auto"]["to_base"] >= 10, b  # "auto" leaves general chat to the base model
         listing = httpx.get(url + "/adapters").json()
         assert [a["name"] for a in listing["adapters"]] == ["facts"] and listing["active"] is None
         assert listing["adapters"][0]["trainable_params"] > 0 and listing["adapters"][0]["bytes"] > 0
@@ -190,9 +204,12 @@ def test_bad_input_is_refused_and_nothing_changes(server, tmp_path):
         fact = {"question": "Q?", "answer": "A."}
         refused("POST", "/learn", 400, "nothing to learn", json={"adapter": "x", "facts": []})
         refused("POST", "/learn", 400, "nothing to learn", json={"adapter": "x"})
-        refused("POST", "/learn", 400, "missing field 'facts[0].answer'", json={"adapter": "x", "facts": [{"question": "Q"}]})
-        refused("POST", "/learn", 400, "facts[0].question", json={"adapter": "x", "facts": [{"question": 3, "answer": "A"}]})
-        refused("POST", "/learn", 400, "facts[0].answer is empty", json={"adapter": "x", "facts": [{"question": "Q", "answer": " "}]})
+        refused("POST", "/learn", 400, "missing field 'facts[0].answer'",
+                json={"adapter": "x", "facts": [{"question": "Q"}]})
+        refused("POST", "/learn", 400, "facts[0].question",
+                json={"adapter": "x", "facts": [{"question": 3, "answer": "A"}]})
+        refused("POST", "/learn", 400, "facts[0].answer is empty",
+                json={"adapter": "x", "facts": [{"question": "Q", "answer": " "}]})
         refused("POST", "/learn", 400, "unknown field 'facts[0].source'",
                 json={"adapter": "x", "facts": [{**fact, "source": "web"}]})
         refused("POST", "/learn", 400, "must end with the assistant",
@@ -223,8 +240,9 @@ def test_bad_input_is_refused_and_nothing_changes(server, tmp_path):
 
 @pytest.mark.parametrize("where", ["training", "saving"])
 def test_failed_job_leaves_no_adapter(server, tmp_path, monkeypatch, where):
-    import nanochat.serve.live
     import safetensors.torch
+
+    import nanochat.serve.live
     if where == "training":
         def boom(*a, **k):
             raise RuntimeError("boom")
@@ -277,3 +295,126 @@ def test_page_picks_a_learned_adapter(server, tmp_path):
             finally:
                 browser.close()
     assert answer in replies["facts"] and answer not in replies["none"], replies
+
+
+def openai_reply(url, question, **extra):
+    body = {"messages": [{"role": "user", "content": question}], "max_tokens": 40, "temperature": 0.0} | extra
+    r = httpx.post(url + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["model"], r.json()["choices"][0]["message"]["content"]
+
+
+def test_auto_routing_and_teaching_more(server, tmp_path):
+    """"auto" sends fact questions to the adapter and general chat to the base model, the reply and /metrics say
+    which served; "mode": "add" continues the adapter on its old facts plus new ones, and all are recalled."""
+    root = str(tmp_path / "adapters")
+    first, more = FACTS[:3], FACTS[3:]
+    general = ["What is 2 plus 3?", "Hi, I am Bo.", "Say Kai twice.", "Repeat: hello world"]
+    with server(root) as url:
+        base = {q: chat(url, q) for q in general}
+        r = httpx.post(url + "/learn", json={"adapter": "facts", "steps": 150,
+                                             "facts": [{"question": q, "answer": a} for q, a in first]})
+        assert wait_job(url, r.json()["job"])["status"] == "done"
+        for q, a in first:
+            model, reply = openai_reply(url, q, adapter="auto")
+            assert (model, a in reply) == ("facts", True), (q, reply)
+        for q in general:
+            assert openai_reply(url, q, adapter="auto") == ("nanochat-live", base[q])
+        assert openai_reply(url, first[0][0], adapter="facts")[0] == "facts"  # named: the reply says so too
+        metrics = httpx.get(url + "/metrics").text
+        assert 'nanochat_adapter_requests_total{adapter="facts",chosen="auto"} 3.0' in metrics
+        assert 'nanochat_adapter_requests_total{adapter="none",chosen="auto"} 4.0' in metrics
+        assert 'nanochat_adapter_requests_total{adapter="facts",chosen="request"} 1.0' in metrics
+
+        r = httpx.post(url + "/learn", json={"adapter": "facts", "steps": 150, "mode": "add",
+                                             "facts": [{"question": q, "answer": a} for q, a in more]})
+        assert r.status_code == 202 and r.json()["mode"] == "add", r.text
+        job = wait_job(url, r.json()["job"])
+        assert job["status"] == "done" and job["metrics"]["examples"] == 5 and job["metrics"]["examples_new"] == 2
+    saved = read_examples(os.path.join(root, "facts"))  # the old facts are kept with the adapter, the new added
+    assert [c[0]["content"] for c in saved] == [q for q, _ in FACTS]
+    with server(root, auto_default=True) as url:  # a restart, "auto" the default: requests need not name it
+        answers = [openai_reply(url, q) for q, _ in FACTS]
+        assert sum(m == "facts" and a in reply for (m, reply), (_, a) in zip(answers, FACTS)) >= 4, answers
+        assert httpx.get(url + "/adapters").json()["active"] == "auto"
+        assert openai_reply(url, general[0]) == ("nanochat-live", base[general[0]])
+
+
+def files_of(directory):
+    out = {}
+    for name in os.listdir(directory):
+        with open(os.path.join(directory, name), "rb") as f:
+            out[name] = f.read()
+    return out
+
+
+def test_job_list_and_cancel(server, tmp_path):
+    root = str(tmp_path / "adapters")
+    fact = [{"question": "Q?", "answer": "A."}]
+    with server(root) as url:
+        r = httpx.post(url + "/learn", json={"adapter": "keep", "facts": fact, "steps": 3})
+        assert wait_job(url, r.json()["job"])["status"] == "done"
+        keep_files = files_of(os.path.join(root, "keep"))
+        keep_answer = chat(url, "Q?", adapter="keep")
+        # a long retraining of "keep" runs, a new adapter waits behind it
+        running = httpx.post(url + "/learn", json={"adapter": "keep", "facts": fact, "steps": 2000, "mode": "replace"})
+        queued = httpx.post(url + "/learn", json={"adapter": "fresh", "facts": fact, "steps": 2000})
+        running, queued = running.json()["job"], queued.json()["job"]
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/learn/{running}").json()["step"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        jobs = {j["id"]: j for j in httpx.get(url + "/learn").json()["jobs"]}
+        assert list(jobs)[-2:] == [running, queued]  # oldest first
+        assert [jobs[running][k] for k in ("status", "adapter", "mode")] == ["running", "keep", "replace"]
+        assert 0 < jobs[running]["progress"] < 1 and "metrics" not in jobs[running]
+        assert (jobs[queued]["status"], jobs[queued]["progress"]) == ("queued", 0.0)
+
+        r = httpx.delete(f"{url}/learn/{queued}")
+        assert r.json() == {"job": queued, "adapter": "fresh", "status": "cancelled"}
+        r = httpx.delete(f"{url}/learn/{running}")
+        assert r.json()["status"] == "cancelling"
+        assert wait_job(url, running)["status"] == "cancelled"
+        assert httpx.get(f"{url}/learn/{queued}").json()["status"] == "cancelled"
+        for job_id in (running, queued):  # an ended job cannot be cancelled again
+            r = httpx.delete(f"{url}/learn/{job_id}")
+            assert r.status_code == 409 and "already ended" in r.json()["error"]["message"]
+        r = httpx.delete(f"{url}/learn/learn-404")
+        assert r.status_code == 404 and "GET /learn lists them" in r.json()["error"]["message"]
+        # nothing half-written: "keep" serves as before, from the same files; "fresh" never existed
+        assert [a["name"] for a in httpx.get(url + "/adapters").json()["adapters"]] == ["keep"]
+        assert chat(url, "Q?", adapter="keep") == keep_answer
+        assert sorted(os.listdir(root)) == ["keep"]
+        assert files_of(os.path.join(root, "keep")) == keep_files
+        # the queue is free again
+        r = httpx.post(url + "/learn", json={"adapter": "fresh", "facts": fact, "steps": 2})
+        assert wait_job(url, r.json()["job"])["status"] == "done"
+
+
+def test_learn_modes_and_auto_are_checked(server, tmp_path):
+    root = str(tmp_path / "adapters")
+    fact = {"question": "Q?", "answer": "A."}
+
+    def refused(path, status, needle, method="POST", **body):
+        r = httpx.request(method, url + path, json=body or None, timeout=60)
+        assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+
+    with server(root) as url:
+        refused("/learn", 404, "no adapter 'ghost' to add to", adapter="ghost", facts=[fact], mode="add")
+        refused("/learn", 400, "contradicts", adapter="x", facts=[fact], mode="add", replace=True)
+        refused("/learn", 400, "mode", adapter="x", facts=[fact], mode="merge")
+        refused("/learn", 400, "reserved", adapter="auto", facts=[fact])
+        r = httpx.post(url + "/learn", json={"adapter": "keep", "facts": [fact], "steps": 2})
+        assert wait_job(url, r.json()["job"])["status"] == "done"
+        refused("/learn", 409, "\"mode\": \"add\"", adapter="keep", facts=[fact])
+        refused("/v1/chat/completions", 400, "cannot be part of a stack", adapter=["keep", "auto"],
+                messages=[{"role": "user", "content": "hi"}])
+        assert httpx.post(url + "/adapters/auto/activate", json={}).json()["active"] == "auto"
+        assert chat(url, "What is 1 plus 1?")  # routed: the base model (no keys match), still serving
+        # examples.json that is not conversations: "add" fails, saying where, and "keep" stays as it was
+        with open(os.path.join(root, "keep", "examples.json"), "w") as f:
+            f.write('{"not": "a list"}')
+        r = httpx.post(url + "/learn", json={"adapter": "keep", "facts": [fact], "steps": 2, "mode": "add"})
+        job = wait_job(url, r.json()["job"])
+        assert job["status"] == "failed" and "examples.json" in job["error"], job
+        assert [a["name"] for a in httpx.get(url + "/adapters").json()["adapters"]] == ["keep"]

@@ -92,9 +92,12 @@ class Adapter(nn.Module):
         self.targets = tuple(targets)
         self.modules_ = list(modules)  # module keys like "h.0.attn.c_q"
         self.index = {k: i for i, k in enumerate(self.modules_)}
-        self.A = nn.ParameterList([nn.Parameter(torch.empty(rank, fin, device=device, dtype=dtype)) for fout, fin in shapes])
-        self.B = nn.ParameterList([nn.Parameter(torch.zeros(fout, rank, device=device, dtype=dtype)) for fout, fin in shapes])
+        self.A = nn.ParameterList([nn.Parameter(torch.empty(rank, fin, device=device, dtype=dtype))
+                                   for fout, fin in shapes])
+        self.B = nn.ParameterList([nn.Parameter(torch.zeros(fout, rank, device=device, dtype=dtype))
+                                   for fout, fin in shapes])
         self.centroid = None  # router: mean base hidden state of the adapter's training data
+        self.keys = self.general_keys = None  # router.route_auto: hidden means of its own and of general prompts
         self.info = {}  # task, metrics, created: what goes into adapter.json
         self._tensors = [*self.A, *self.B]  # a plain list: summing their versions every forward stays cheap
         self.reset_parameters()
@@ -121,8 +124,9 @@ class Adapter(nn.Module):
     def num_bytes(self):
         """Bytes of the adapter's weights (what adapter.safetensors holds, less the header)."""
         n = sum(p.numel() * p.element_size() for p in self.parameters())
-        if self.centroid is not None:
-            n += self.centroid.numel() * self.centroid.element_size()
+        for t in (self.centroid, self.keys, self.general_keys):
+            if t is not None:
+                n += t.numel() * t.element_size()
         return n
 
 
@@ -210,7 +214,8 @@ class LoRA:
     def _pack(self, key, stacks):
         """For module `key`: A^T (in x C) and B^T (C x out) holding every stack's adapters side by side, B's
         columns pre-scaled by weight * alpha / r, and which stack each column belongs to (C,). None: nothing
-        targets key. Stored transposed and contiguous: small matmuls ran up to 2x faster than through a .t() view (CPU, decode sizes)."""
+        targets key. Stored transposed and contiguous: small matmuls ran up to 2x faster than through a .t() view
+        (CPU, decode sizes)."""
         if key in self._packs:
             return self._packs[key]
         As, Bs, owner = [], [], []

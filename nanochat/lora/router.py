@@ -1,13 +1,25 @@
-"""Routing when the task is unknown at inference: each adapter may carry a centroid, the mean of the base
-model's last-block hidden states over its training data, and route() picks for each prompt the adapter
-whose centroid is nearest (cosine) to the prompt's mean hidden state under the base model. It reads a
-LoRA's adapters and runs the base model; it never changes the active stack.
+"""Routing when the task is unknown at inference: it reads a LoRA's adapters and runs the base model, never
+changing the active stack. Two rules, on the mean of the base model's last-block hidden states over a prompt:
 
-    set_centroid(lora, "facts", [ids, ...])    # after training "facts"
-    route(lora, [prompt_ids, ...])              # -> ["facts", ...]
+  route()       nearest centroid: each adapter's centroid is the mean over its training prompts, and every
+                prompt goes to the adapter with the nearest one (cosine). The task is known to be one of them.
+  route_auto()  adapter or base model: each adapter keeps its training prompts' hidden means (keys) and those
+                of the general prompts it was trained beside (general keys). An adapter claims a prompt whose
+                nearest key (cosine) is one of its own rather than a general one; of several claims the one
+                with the widest lead wins, and a prompt no adapter claims goes to the base model. One
+                nearest neighbour and not a centroid: a fact question's neighbourhood is its own examples,
+                the general prompts are too varied for one mean to stand for them.
+
+    set_centroid(lora, "facts", [ids, ...])               # after training "facts"
+    set_keys(lora, "facts", [ids, ...], [general_ids, ...])
+    route(lora, [prompt_ids, ...])                        # -> ["facts", ...]
+    route_auto(lora, [prompt_ids, ...])                   # -> ["facts", None, ...]
 """
 import torch
 import torch.nn.functional as F
+
+MAX_KEYS = 1024  # an adapter's own prompts kept as keys (evenly spaced when it has more)
+MAX_GENERAL_KEYS = 128  # general prompts kept per adapter: enough neighbours, a small file (128 x n_embd fp32)
 
 
 @torch.no_grad()
@@ -43,6 +55,19 @@ def set_centroid(lora, name, ids_list):
     return lora.adapters[name].centroid
 
 
+def set_keys(lora, name, ids_list, general_ids_list=()):
+    """route_auto's keys of adapter `name`: hidden means of its training prompts (at most MAX_KEYS), and of
+    general prompts it must leave to the base model (at most MAX_GENERAL_KEYS; evenly spaced when more)."""
+    ad = lora.adapters[name]
+    ad.keys = hidden_means(lora, _spaced(list(ids_list), MAX_KEYS))
+    general = _spaced(list(general_ids_list), MAX_GENERAL_KEYS)
+    ad.general_keys = hidden_means(lora, general) if general else None
+
+
+def _spaced(items, n):
+    return items if len(items) <= n else [items[i * len(items) // n] for i in range(n)]
+
+
 def route(lora, ids_list, candidates=None):
     """For each token list, the name of the candidate adapter (default: all with a centroid)
     whose centroid is nearest by cosine similarity to its base hidden mean."""
@@ -52,3 +77,26 @@ def route(lora, ids_list, candidates=None):
     cents = F.normalize(torch.stack([lora.adapters[n].centroid.float().cpu() for n in names]), dim=-1)
     h = F.normalize(hidden_means(lora, ids_list), dim=-1)
     return [names[i] for i in (h @ cents.T).argmax(dim=1).tolist()]
+
+
+def route_auto(lora, ids_list, adapters=None):
+    """For each token list, the name of the adapter that claims it (module docstring) or None (the base model).
+    adapters: the Adapter objects to choose from (default: every adapter of the LoRA with keys)."""
+    adapters = [ad for ad in (adapters if adapters is not None else lora.adapters.values())
+                if getattr(ad, "keys", None) is not None and ad.general_keys is not None]
+    if not adapters or not ids_list:
+        return [None] * len(ids_list)
+    return [None if ad is None else ad.name for ad in pick_adapters(hidden_means(lora, ids_list), adapters)]
+
+
+def pick_adapters(h, adapters):
+    """route_auto's rule on hidden means h (n, d) -> for each row, the Adapter object claiming it, or None."""
+    h = F.normalize(h.float(), dim=-1)
+    leads = []
+    for ad in adapters:
+        own = (h @ F.normalize(ad.keys.float(), dim=-1).T).amax(dim=1)
+        general = (h @ F.normalize(ad.general_keys.float(), dim=-1).T).amax(dim=1)
+        leads.append(own - general)
+    leads = torch.stack(leads, dim=1)  # (n, adapters)
+    best, which = leads.max(dim=1)
+    return [adapters[i] if lead > 0 else None for lead, i in zip(best.tolist(), which.tolist())]

@@ -5,9 +5,12 @@ them under $NANOCHAT_BASE_DIR/adapters/; what an adapter is and how it applies i
     load_adapter(lora, adapter_path("facts"))   # refuses an adapter trained on another base
 
 On disk (one directory per adapter, e.g. $NANOCHAT_BASE_DIR/adapters/<name>/):
-    adapter.safetensors   "<module>.lora_A", "<module>.lora_B" (+ "router.centroid" when set)
+    adapter.safetensors   "<module>.lora_A", "<module>.lora_B" (+ "router.centroid", "router.keys" and
+                          "router.general_keys" when set: nanochat/lora/router.py)
     adapter.json          name, rank, alpha, targets, modules, base_hash, task, metrics, created,
                           trainable_params, bytes, dtype, provenance
+    examples.json         (optional) the conversations it was trained on: live learning's "add" mode trains
+                          on them again beside new ones (read_examples)
 written into a temp directory beside it and renamed into place. Loading reads them as regular files only (no
 symlink, FIFO or device; size and JSON nesting bounded) and refuses NaN, inf or absurd values (check_values).
 """
@@ -25,6 +28,7 @@ import torch
 
 from nanochat.common import get_base_dir, json_default
 from nanochat.lora.adapter import _NAME_RE, AdapterBaseMismatch, _now, validate_name
+from nanochat.lora.router import MAX_GENERAL_KEYS, MAX_KEYS
 
 FORMAT = "nanochat-lora"
 FORMAT_VERSION = 1
@@ -39,9 +43,10 @@ def adapter_path(name, root=None):
     return os.path.join(root or adapters_dir(), validate_name(name))
 
 
-def save_adapter(lora, name, directory, task=None, metrics=None):
-    """Write adapter `name` to `directory` (adapter.safetensors + adapter.json). Everything goes into a
-    temp directory beside it first and is renamed into place, replacing an older version."""
+def save_adapter(lora, name, directory, task=None, metrics=None, examples=None):
+    """Write adapter `name` to `directory` (adapter.safetensors + adapter.json, and examples.json when
+    `examples`, a list of conversations, is given). Everything goes into a temp directory beside it first and
+    is renamed into place, replacing an older version."""
     ad = lora.adapters[name]
     if task is not None:
         ad.info["task"] = task
@@ -51,8 +56,8 @@ def save_adapter(lora, name, directory, task=None, metrics=None):
     for k, i in ad.index.items():
         tensors[f"{k}.lora_A"] = ad.A[i].detach().to("cpu").contiguous()
         tensors[f"{k}.lora_B"] = ad.B[i].detach().to("cpu").contiguous()
-    if ad.centroid is not None:
-        tensors["router.centroid"] = ad.centroid.detach().to("cpu", torch.float32).contiguous()
+    for key, t in _router_tensors(ad):
+        tensors[key] = t.detach().to("cpu", torch.float32).contiguous()
     meta = {
         "format": FORMAT, "version": FORMAT_VERSION, "name": name, "rank": ad.rank, "alpha": ad.alpha,
         "targets": list(ad.targets), "modules": list(ad.modules_), "base_hash": lora.base_hash,
@@ -70,7 +75,12 @@ def save_adapter(lora, name, directory, task=None, metrics=None):
                                     metadata={"format": "pt", "name": name})
         with open(os.path.join(tmp, "adapter.json"), "w") as f:
             json.dump(meta, f, indent=2, default=json_default)
-        for fn in ("adapter.safetensors", "adapter.json"):
+        files = ["adapter.safetensors", "adapter.json"]
+        if examples is not None:
+            with open(os.path.join(tmp, "examples.json"), "w") as f:
+                json.dump(examples, f)
+            files.append("examples.json")
+        for fn in files:
             with open(os.path.join(tmp, fn), "rb") as f:
                 os.fsync(f.fileno())
         if os.path.exists(directory):
@@ -97,18 +107,26 @@ def check_values(ad):
     """Raise ValueError naming the first tensor of adapter `ad` holding NaN, inf, or a value beyond
     MAX_ADAPTER_VALUE (its router centroid: NaN or inf): such an adapter must not serve."""
     named = [(f"{k}.lora_{kind}", t[i]) for kind, t in (("A", ad.A), ("B", ad.B)) for k, i in ad.index.items()]
-    for name, t in named + ([("router.centroid", ad.centroid)] if ad.centroid is not None else []):
+    for name, t in named + _router_tensors(ad):
         peak = float(t.detach().abs().amax()) if t.numel() else 0.0
         if peak != peak or peak == float("inf"):
             raise ValueError(f"adapter {ad.name!r}: {name} holds NaN or infinite values (a corrupt file or a "
                              "diverged training run), so it cannot serve")
-        if name != "router.centroid" and peak > MAX_ADAPTER_VALUE:
+        if not name.startswith("router.") and peak > MAX_ADAPTER_VALUE:
             raise ValueError(f"adapter {ad.name!r}: {name} holds a value of {peak:.3g}; trained adapters stay far "
                              f"below {MAX_ADAPTER_VALUE:g} (a corrupt file or a diverged training run), so it cannot "
                              "serve")
 
 
+def _router_tensors(ad):
+    """[(file key, tensor)] of the router data an adapter holds (nanochat/lora/router.py)."""
+    pairs = (("router.centroid", ad.centroid), ("router.keys", ad.keys), ("router.general_keys", ad.general_keys))
+    return [(k, t) for k, t in pairs if t is not None]
+
+
 MAX_RANK = 1024  # far above any useful adapter; a bigger rank in adapter.json is corruption, not a choice
+MAX_ROUTER_ROWS = MAX_KEYS + MAX_GENERAL_KEYS  # router keys in one file: what router.set_keys keeps at most
+MAX_EXAMPLES_BYTES = 64 << 20  # examples.json: what "add" mode trains on again; far above the request limits
 MAX_JSON_BYTES = 1 << 20  # adapter.json and .active.json are a few KB
 MAX_JSON_DEPTH = 32  # adapter.json nests 4 levels; Python's parser (and FastAPI's encoder) recurse once per level
 _FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
@@ -225,6 +243,7 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     # the most a file of this rank on these modules holds: 8 bytes a value (float64), plus room for the header
     limit = 8 * meta["rank"] * sum(lora.modules[k].in_features + lora.modules[k].out_features
                                    for k in set(meta["modules"])) + (1 << 20)
+    limit += 8 * (MAX_ROUTER_ROWS + 1) * _hidden_size(lora)  # the router's keys and centroid
     try:
         data = read_regular_file(os.path.join(directory, "adapter.safetensors"), limit)
     except FileNotFoundError:
@@ -232,7 +251,8 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     try:  # a truncated or garbage file: safetensors raises its own error type
         tensors = safetensors.torch.load(data)
     except Exception as e:  # noqa: BLE001 - whatever the file is, the answer is "this adapter is unusable"
-        raise ValueError(f"adapter {meta['name']!r}: adapter.safetensors is unreadable ({type(e).__name__}: {e})") from None
+        raise ValueError(f"adapter {meta['name']!r}: adapter.safetensors is unreadable "
+                         f"({type(e).__name__}: {e})") from None
     ad = lora.add(name, rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"])
     if ad.modules_ != meta["modules"]:
         lora.remove(name)
@@ -247,8 +267,8 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
                     raise ValueError(f"adapter {meta['name']!r}: {k}.{kind} {have}, "
                                      f"this model needs {tuple(params[i].shape)}")
                 params[i].copy_(t)
-    ad.centroid = tensors.get("router.centroid")
     try:
+        ad.centroid, ad.keys, ad.general_keys = _router_from(tensors, _hidden_size(lora), meta["name"])
         check_values(ad)
     except ValueError:
         lora.remove(name)
@@ -258,6 +278,42 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     if activate:
         lora.activate(name)
     return name
+
+
+def _hidden_size(lora):
+    return lora.model.transformer.wte.embedding_dim
+
+
+def _router_from(tensors, width, name):
+    """(centroid, keys, general_keys) of a loaded adapter's tensors, None for each one absent; raises ValueError
+    for a shape that is not (width,) / (rows, width)."""
+    out = []
+    for key, dims in (("router.centroid", 1), ("router.keys", 2), ("router.general_keys", 2)):
+        t = tensors.get(key)
+        if t is not None and not (t.dim() == dims and t.shape[-1] == width and t.is_floating_point()
+                                  and (dims == 1 or 0 < t.shape[0] <= MAX_ROUTER_ROWS)):
+            raise ValueError(f"adapter {name!r}: {key} has shape {tuple(t.shape)} ({t.dtype}); this model's router "
+                             f"needs {'(width,)' if dims == 1 else '(rows, width)'} floats with width {width}")
+        out.append(None if t is None else t.float())
+    return tuple(out)
+
+
+def read_examples(directory):
+    """The conversations saved with an adapter (examples.json), [] when it has none. A conversation is a list of
+    {"role", "content"} dicts; anything else raises ValueError naming the file and what is wrong (whether the
+    messages render is the tokenizer's to say)."""
+    path = os.path.join(directory, "examples.json")
+    try:
+        data = read_json(path, max_bytes=MAX_EXAMPLES_BYTES, max_depth=8)
+    except FileNotFoundError:
+        return []
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of conversations")
+    for i, conv in enumerate(data):
+        if not isinstance(conv, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), (str, list)) for m in conv):
+            raise ValueError(f"{path}: conversation {i} is not a list of {{\"role\", \"content\"}} messages")
+    return data
 
 
 def provenance_summary(provenance):

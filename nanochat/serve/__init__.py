@@ -8,7 +8,9 @@
     replicas.py     one scheduler per device behind the server, tokens turned into reply events
     openai_api.py   the HTTP bodies: OpenAI-compatible and page requests, limits, replies, SSE
     security.py     API/admin keys, request deadlines, the exposure check, the documented errors
-    live.py         live learning: background adapter jobs with replay, adapters kept on disk
+    live.py         live learning: background adapter jobs with replay, adapters kept on disk, "auto" routing
+    live_jobs.py    a learning job's record and what it measures besides training (general loss, battery)
+    battery.py      the general battery: greedy answers to fixed general prompts with and without an adapter
     live_routes.py  /learn and /adapters routes over live.py
     ui.html         the chat page (one file, no CDN, no build step)
 """

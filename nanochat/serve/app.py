@@ -12,8 +12,15 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.serve.live_routes import live_router
-from nanochat.serve.openai_api import (BodySizeLimit, Defaults, Limits, RequestError, describe_validation_errors,
-                                       error_response, validation_error_code)
+from nanochat.serve.openai_api import (
+    BodySizeLimit,
+    Defaults,
+    Limits,
+    RequestError,
+    describe_validation_errors,
+    error_response,
+    validation_error_code,
+)
 from nanochat.serve.replicas import PoolMetrics, Worker, WorkerPool
 from nanochat.serve.routes import Served, completion_router, info_router
 from nanochat.serve.security import ApiKeyAuth, BrowserGuard, guarded_protocol, without_422
@@ -35,6 +42,7 @@ def create_app(workers, model_id="nanochat", limits=None, defaults=None, warm_up
     if live:
         live.max_jobs, live.job_ttl = limits.max_learn_jobs, limits.job_ttl
         live.max_adapters, live.max_adapter_bytes = limits.max_adapters, limits.max_adapter_bytes
+        live.attach_metrics(metrics.registry)
     served = Served(pool, metrics, live, model_id, limits, defaults or Defaults(), tuple(model_aliases), fingerprint)
 
     # no trailing-slash redirects: their Location would be built from the client's Host header

@@ -1,12 +1,20 @@
-"""The live-learning routes of the server (POST /learn, GET /learn/{job}, GET /adapters, POST
-/adapters/{name}/activate, DELETE /adapters/{name}) as a FastAPI router over a nanochat.serve.live.LiveLearning;
-the learning itself (jobs, adapters on disk and on the replicas) is live.py's."""
+"""The live-learning routes of the server (POST /learn, GET /learn, GET and DELETE /learn/{job}, GET /adapters,
+POST /adapters/{name}/activate, DELETE /adapters/{name}) as a FastAPI router over a
+nanochat.serve.live.LiveLearning; the learning itself (jobs, adapters on disk and on the replicas) is live.py's."""
 import time
+from typing import Literal
 
 from fastapi import APIRouter
 
-from nanochat.serve.live import AdapterLimit, JobQueueFull, facts_to_conversations
-from nanochat.serve.openai_api import PageMessage, RequestError, StrictBody, check_messages, content_chars, error_response
+from nanochat.serve.live import AUTO, AdapterLimit, JobEnded, JobQueueFull, facts_to_conversations
+from nanochat.serve.openai_api import (
+    PageMessage,
+    RequestError,
+    StrictBody,
+    check_messages,
+    content_chars,
+    error_response,
+)
 from nanochat.serve.security import documented_errors
 
 
@@ -20,7 +28,8 @@ class LearnRequest(StrictBody):
     facts: list[Fact] = []
     conversations: list[list[PageMessage]] = []
     steps: int = 150
-    replace: bool = False
+    replace: bool = False  # the same as "mode": "replace"
+    mode: Literal["new", "replace", "add"] | None = None  # default: "new" ("replace" with replace: true)
 
 
 def learn_examples(body, tokenizer, context, limits):
@@ -63,6 +72,32 @@ def learn_examples(body, tokenizer, context, limits):
     return convs
 
 
+def submit_job(lv, body, tokenizer, context, limits):
+    """POST /learn: queue the job a LearnRequest asks for on LiveLearning `lv` -> its 202 body, or a 429 response
+    when the queue is full; RequestError for what is wrong with the request."""
+    if not 1 <= body.steps <= limits.max_learn_steps:
+        raise RequestError(f"steps must be between 1 and {limits.max_learn_steps} (--max-learn-steps); "
+                           f"got {body.steps}", "steps")
+    if body.replace and body.mode not in (None, "replace"):
+        raise RequestError(f"\"replace\": true contradicts \"mode\": \"{body.mode}\"; send one of them", "mode")
+    convs = learn_examples(body, tokenizer, context, limits)
+    try:
+        job = lv.submit(body.adapter, convs, body.steps, replace=body.replace, mode=body.mode)
+    except ValueError as e:
+        raise RequestError(str(e), "adapter") from None
+    except KeyError:
+        raise RequestError(f"no adapter {body.adapter!r} to add to; leave out \"mode\" to create it "
+                           "(GET /adapters lists them)", "adapter", status=404) from None
+    except (FileExistsError, AdapterLimit) as e:
+        raise RequestError(str(e), "adapter", status=409) from None
+    except JobQueueFull as e:
+        response = error_response(429, str(e))
+        response.headers["Retry-After"] = str(e.retry_after)
+        return response
+    return {"job": job.id, "adapter": job.adapter, "mode": job.mode, "status": job.status, "steps": job.steps,
+            "examples": job.examples, "url": f"/learn/{job.id}"}
+
+
 def live_router(live, tokenizer, context, limits):
     """The routes for `live` (None: live learning is off, and every route answers 404 saying so).
     context: the model's context in tokens (longer examples are refused); limits: openai_api.Limits."""
@@ -75,30 +110,30 @@ def live_router(live, tokenizer, context, limits):
 
     @router.post("/learn", status_code=202, responses=documented_errors(400, 401, 403, 404, 409, 413, 415, 429))
     async def learn(body: LearnRequest):
-        lv = need_live()
-        if not 1 <= body.steps <= limits.max_learn_steps:
-            raise RequestError(f"steps must be between 1 and {limits.max_learn_steps} (--max-learn-steps); "
-                               f"got {body.steps}", "steps")
-        convs = learn_examples(body, tokenizer, context, limits)
-        try:
-            job = lv.submit(body.adapter, convs, body.steps, replace=body.replace)
-        except ValueError as e:
-            raise RequestError(str(e), "adapter") from None
-        except (FileExistsError, AdapterLimit) as e:
-            raise RequestError(str(e), "adapter", status=409) from None
-        except JobQueueFull as e:
-            response = error_response(429, str(e))
-            response.headers["Retry-After"] = str(e.retry_after)
-            return response
-        return {"job": job.id, "adapter": job.adapter, "status": job.status, "steps": job.steps,
-                "examples": job.examples, "url": f"/learn/{job.id}"}
+        return submit_job(need_live(), body, tokenizer, context, limits)
+
+    @router.get("/learn", responses=documented_errors(400, 401, 403, 404))
+    async def learn_jobs():
+        return {"jobs": [job.view(brief=True) for job in need_live().list_jobs()]}
 
     @router.get("/learn/{job_id}", responses=documented_errors(400, 401, 403, 404))
     async def learn_status(job_id: str):
         job = need_live().job(job_id)
         if job is None:
-            raise RequestError(f"no learning job {job_id!r}", status=404)
+            raise RequestError(f"no learning job {job_id!r}; GET /learn lists them", status=404)
         return job.view()
+
+    @router.delete("/learn/{job_id}", responses=documented_errors(400, 401, 403, 404, 409))
+    async def learn_cancel(job_id: str):
+        try:
+            job = need_live().cancel(job_id)
+        except KeyError:
+            raise RequestError(f"no learning job {job_id!r}; GET /learn lists them", status=404) from None
+        except JobEnded as e:
+            raise RequestError(str(e), status=409) from None
+        # a running job stops at its next step: "cancelling" until GET /learn/<job> says "cancelled"
+        return {"job": job.id, "adapter": job.adapter, "status": job.status if job.status == "cancelled"
+                else "cancelling"}
 
     @router.get("/adapters", responses=documented_errors(400, 401, 404))
     async def adapters():
@@ -109,7 +144,7 @@ def live_router(live, tokenizer, context, limits):
         lv = need_live()
         t0 = time.perf_counter()
         try:
-            lv.set_default(None if name == "none" else name)
+            lv.set_default(None if name == "none" else AUTO if name == AUTO else name)
         except KeyError:
             raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
         return {"active": lv.default, "switch_ms": round((time.perf_counter() - t0) * 1000, 3)}

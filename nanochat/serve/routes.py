@@ -13,9 +13,22 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, Response
 
 from nanochat.engine import MIN_TEMPERATURE
-from nanochat.serve.openai_api import (Defaults, EventStream, Limits, PageRequest, RequestError, check_adapter_stack,
-                                       check_chat_options, check_logit_bias, check_messages, check_openai_options,
-                                       check_sampling, check_text_options, sse)
+from nanochat.serve.live import AUTO
+from nanochat.serve.openai_api import (
+    Defaults,
+    EventStream,
+    Limits,
+    PageRequest,
+    RequestError,
+    check_adapter_stack,
+    check_chat_options,
+    check_logit_bias,
+    check_messages,
+    check_openai_options,
+    check_sampling,
+    check_text_options,
+    sse,
+)
 from nanochat.serve.openai_messages import conversation
 from nanochat.serve.openai_reply import OpenAIReply
 from nanochat.serve.openai_schema import ChatRequest, CompletionRequest, ignored_fields
@@ -85,6 +98,20 @@ class Served:
             spec = self.live.resolve(stack)
         except KeyError as e:
             raise RequestError(f"no adapter {e.args[0]!r}; GET /adapters lists them", "adapter", status=404) from None
+        except ValueError as e:
+            raise RequestError(str(e), "adapter") from None
+        return spec, served_name(spec, self.model_id)
+
+    async def route(self, prompt, spec, model=None, adapter=None):
+        """Where a request runs, given resolve()'s spec and the request's own `model` and `adapter` fields: "auto"
+        (asked for, or the server's default) becomes the adapter whose training prompts the prompt resembles, or None
+        for the base model (LiveLearning.auto_adapter). Counted in /metrics by adapter and by how it was chosen
+        (request, default, auto). -> (spec, the name the reply's `model` carries)."""
+        chosen = "request" if adapter is not None or model in self.adapter_names() else "default"
+        if spec == AUTO:
+            spec, chosen = await self.live.auto_adapter(prompt), "auto"
+        if self.live is not None:
+            self.live.count(spec, chosen)
         return spec, served_name(spec, self.model_id)
 
     def model_entry(self, name):
@@ -196,8 +223,9 @@ def completion_router(served):
     async def page_completion(body: PageRequest):
         messages = [m.model_dump() for m in body.messages]
         adapter, _ = served.resolve(None, body.adapter, body.adapter_weights)
-        (job,) = served.make_jobs(served.chat_prompt(messages), body.temperature, body.top_k, body.max_tokens,
-                                  body.seed, adapter)
+        prompt = served.chat_prompt(messages)
+        adapter, _ = await served.route(prompt, adapter, adapter=body.adapter)
+        (job,) = served.make_jobs(prompt, body.temperature, body.top_k, body.max_tokens, body.seed, adapter)
 
         async def events():
             async with aclosing(served.pool.run(job)) as stream:
@@ -215,6 +243,7 @@ def completion_router(served):
         max_tokens = check_chat_options(body)
         messages, continues = conversation(body.messages)
         prompt = served.chat_prompt(messages, continues)
+        adapter, name = await served.route(prompt, adapter, body.model, body.adapter)
         jobs = served.make_jobs(prompt, body.temperature, body.top_k, max_tokens, body.seed, adapter, n,
                                 top_p=body.top_p, presence_penalty=body.presence_penalty,
                                 frequency_penalty=body.frequency_penalty, stop=stop,
@@ -230,9 +259,11 @@ def completion_router(served):
         n, stop = check_openai_options(body, served.limits)
         tok = served.tokenizer
         prompts = check_text_options(body, served.limits, tok.get_vocab_size())
+        prompts_ids = [[tok.get_bos_token_id()] + tok.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        # one reply, one `model`: "auto" routes a request of several prompts on its first
+        adapter, name = await served.route(prompts_ids[0], adapter, body.model, body.adapter)
         jobs = []
-        for p in prompts:
-            ids = [tok.get_bos_token_id()] + tok.encode(p) if isinstance(p, str) else list(p)
+        for ids in prompts_ids:
             jobs += served.make_jobs(ids, body.temperature, body.top_k, body.max_tokens, body.seed, adapter, n,
                                      top_p=body.top_p, presence_penalty=body.presence_penalty,
                                      frequency_penalty=body.frequency_penalty, stop=stop, logprobs=body.logprobs,
