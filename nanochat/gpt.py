@@ -15,6 +15,7 @@ Design:
 Build it on the meta device, then `model.to_empty(device=d); model.init_weights()` (what the
 training scripts do), or construct it directly on CPU (it then initialises itself).
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,29 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA); must divide n_head
     n_embd: int = 768
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
+
+
+def config_overrides(text):
+    """'name=value,name=value' (e.g. base_train's --model-options) -> {GPTConfig field: value}, each value
+    converted to the field's type; booleans take 1/0, true/false, on/off. Raises ValueError naming what is wrong."""
+    fields = {f.name: f.type for f in dataclasses.fields(GPTConfig)}
+    out = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, eq, value = item.partition("=")
+        name, value = name.strip(), value.strip()
+        if not eq or name not in fields:
+            raise ValueError(f"model option {item!r}: expected name=value with name one of {', '.join(fields)}")
+        kind = fields[name]
+        if kind in (bool, "bool"):
+            if value.lower() not in ("1", "0", "true", "false", "on", "off"):
+                raise ValueError(f"model option {name}={value!r}: expected 1/0, true/false or on/off")
+            out[name] = value.lower() in ("1", "true", "on")
+        else:
+            try:
+                out[name] = {"int": int, "float": float, "str": str}.get(kind, kind)(value)
+            except ValueError:
+                raise ValueError(f"model option {name}={value!r}: expected a {getattr(kind, '__name__', kind)}") from None
+    return out
 
 
 def norm(x):

@@ -20,7 +20,7 @@ import torch
 from nanochat.checkpoint_manager import find_last_step, load_checkpoint
 from nanochat.common import compute_cleanup, get_base_dir, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.gpt import GPT, GPTConfig, config_overrides
 from nanochat.hardware import resolve_device_batch
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import subplots
@@ -43,6 +43,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p)
     p.add_argument("--depth", type=int, default=20, help="number of layers; width = 64 * depth")
+    p.add_argument("--model-options", default="", help="GPTConfig fields to change, name=value,... (e.g. "
+                   "value_embeds=1,window_pattern=SSSL; nanochat/gpt.py lists them)")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (all ranks)")
     # horizon: the first of these that is > 0 decides the number of steps
     p.add_argument("--target-flops", type=float, default=-1)
@@ -105,6 +107,10 @@ def main(argv=None):
     # --- model ---------------------------------------------------------------------------
     T = args.max_seq_len
     config = model_config(args.depth, T, tokenizer.get_vocab_size())
+    try:
+        config = dataclasses.replace(config, **config_overrides(args.model_options))
+    except ValueError as e:
+        raise SystemExit(f"--model-options: {e}")
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=run.device)
