@@ -12,6 +12,13 @@ Design:
 - the two output projections of each block (attn.c_proj, mlp.c_proj) start at zero, so every block
   is the identity at init and the loss starts at ~ln(vocab_size)
 
+Optional pieces (GPTConfig fields, off by default; dev/notes_recipe.md has where each comes from and what the
+race measured), with the names of the parameters they add:
+- value_embeds: layers i with i % 2 == (n_layer - 1) % 2 (every other one, the last included) own a table
+  value_embeds[i] (vocab x n_kv_head * head_dim), added to that layer's values per kv head h through a gate:
+      v_h = c_v(x)_h + 3 * sigmoid(attn.ve_gate(x[:, :12]))_h * value_embeds[i][token]_h
+  (x the block's normed input; the gate's Linear maps its first 12 channels to one logit per kv head)
+
 Build it on the meta device, then `model.to_empty(device=d); model.init_weights()` (what the
 training scripts do), or construct it directly on CPU (it then initialises itself).
 """
@@ -41,6 +48,9 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA); must divide n_head
     n_embd: int = 768
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
+    # Pieces of nanochat's 2026 recipe, each off unless the race (dev/bench_race.py) measured it faster to a loss;
+    # a checkpoint whose meta lacks a field loads with it off. Formulas: the module docstring.
+    value_embeds: bool = False  # a value-embedding table on alternating layers, mixed into v by a gate
 
 
 def config_overrides(text):
@@ -64,6 +74,14 @@ def config_overrides(text):
             except ValueError:
                 raise ValueError(f"model option {name}={value!r}: expected a {getattr(kind, '__name__', kind)}") from None
     return out
+
+
+VE_GATE_CHANNELS = 12  # the value-embedding gate reads this many channels of the block input
+
+
+def has_value_embed(layer_idx, n_layer):
+    """Whether a layer owns a value-embedding table: every other layer, the last one included."""
+    return layer_idx % 2 == (n_layer - 1) % 2
 
 
 def norm(x):
@@ -121,8 +139,12 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_qkv = None  # inference only (fastlinear.pack_linears): c_q, c_k, c_v as one matrix
+        self.ve_gate = None
+        if config.value_embeds and has_value_embed(layer_idx, config.n_layer):
+            self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None):
+    def forward(self, x, cos, sin, kv_cache=None, ve=None):
+        """ve: this layer's value embeddings of the input tokens (B, T, n_kv_head * head_dim), or None."""
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # Order: rotary, then QK-norm. A rotary rotation preserves each vector's RMS, so the two orders
@@ -132,13 +154,16 @@ class CausalSelfAttention(nn.Module):
             # bound by the number of small ops, and this drops ~20 per layer (d8 batch 8: ~10% faster)
             qkv = self.c_qkv(x).view(B, T, H + 2 * Hkv, D)
             qk = norm(apply_rotary_emb(qkv[:, :, :H + Hkv], cos, sin)).transpose(1, 2)
-            q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + Hkv:].transpose(1, 2)  # (B, H, T, D)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, :, H + Hkv:]
         else:
             q = self.c_q(x).view(B, T, H, D)
             k = self.c_k(x).view(B, T, Hkv, D)
             v = self.c_v(x).view(B, T, Hkv, D)
-            q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+            q, k = norm(apply_rotary_emb(q, cos, sin)).transpose(1, 2), norm(apply_rotary_emb(k, cos, sin)).transpose(1, 2)
+        if ve is not None:  # (0, 3) per kv head: the model decides per token how much of the table to take
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
+            v = v + gate.to(v.dtype).unsqueeze(-1) * ve.view(B, T, Hkv, D).to(v.dtype)
+        v = v.transpose(1, 2)  # (B, H, T, D) like q and k
         q_pos, mask = 0, None
         if kv_cache is not None:
             # a ragged batch (every row its own length) or a static cache: the mask alone says what to attend to
@@ -165,8 +190,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache)
+    def forward(self, x, cos, sin, kv_cache=None, ve=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, ve)
         return x + self.mlp(norm(x))
 
 
@@ -179,6 +204,10 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.value_embeds:
+            kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                               for i in range(config.n_layer) if has_value_embed(i, config.n_layer)})
         # Under autocast, carry the residual stream in the autocast dtype (bf16) instead of the embedding's
         # fp32: half the saved activations, which a d20 model at batch 32 x 2048 needs to fit in 80 GB.
         # None = on CUDA only; CPU runs keep fp32 sums (exact comparisons, and bf16 adds are slow there).
@@ -208,6 +237,10 @@ class GPT(nn.Module):
                 nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+            if block.attn.ve_gate is not None:  # small and positive: every gate starts just above 3 * 0.5
+                nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
+        for table in getattr(self, "value_embeds", {}).values():  # the scale of c_v's rows, which they add to
+            nn.init.normal_(table.weight, std=self.config.n_embd ** -0.5)
         cos, sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
         self.cos, self.sin = cos, sin
 
@@ -215,13 +248,17 @@ class GPT(nn.Module):
         return self.transformer.wte.weight.device
 
     def num_params(self):
-        """All parameters, embedding table included."""
+        """All parameters, embedding tables included."""
         return sum(p.numel() for p in self.parameters())
+
+    def num_lookup_params(self):
+        """Parameters read by lookup, not by a matmul: the token embedding and any value-embedding tables."""
+        return sum(p.numel() for m in self.modules() if isinstance(m, nn.Embedding) for p in m.parameters())
 
     def estimate_flops(self):
         """Training FLOPs per token (forward + backward), the convention used for MFU.
 
-        6 * N, N = parameters of every matmul (all of them except the embedding table, which is a lookup;
+        6 * N, N = parameters of every matmul (all of them except the embedding tables, which are lookups;
         the lm_head counts): forward 2 FLOPs per multiply-add, backward twice that.
         Plus attention scores and weighted values: per layer and token, q.k over seq_len keys and p.v over
         seq_len values = 2 * 2 * n_embd * seq_len forward, x3 for forward + backward, i.e.
@@ -230,14 +267,14 @@ class GPT(nn.Module):
         softcap and the softmax are not counted.
         """
         c = self.config
-        n_matmul = self.num_params() - self.transformer.wte.weight.numel()
+        n_matmul = self.num_params() - self.num_lookup_params()
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.sequence_len
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
-        """[AdamW for the embedding + lm_head, Muon for every 2-D block matrix]. The AdamW learning rates
-        are scaled by (n_embd/768)^-0.5. Under torch.distributed the sharded variants are used; they
-        also average gradients across ranks (no DDP wrapper needed). Each group records `initial_lr`
-        for LR schedules."""
+        """[AdamW for the embeddings, lm_head and the recipe's scalars, Muon for every 2-D block matrix]. The
+        AdamW learning rates of the tables are scaled by (n_embd/768)^-0.5. Under torch.distributed the sharded
+        variants are used; they also average gradients across ranks (no DDP wrapper needed). Each group records
+        `initial_lr` for LR schedules."""
         matrix_params = [p for p in self.transformer.h.parameters() if p.requires_grad]
         assert all(p.ndim == 2 for p in matrix_params)
         scale = (self.config.n_embd / 768) ** -0.5
@@ -245,6 +282,12 @@ class GPT(nn.Module):
             dict(params=[self.lm_head.weight], lr=unembedding_lr * scale),
             dict(params=[self.transformer.wte.weight], lr=embedding_lr * scale),
         ]
+        if self.config.value_embeds:  # half the token embedding's rate, as upstream tuned it
+            adam_groups.append(dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * scale * 0.5))
+        grouped = [p for g in adam_groups for p in g["params"]] + matrix_params
+        assert len(grouped) == len({id(p) for p in grouped}) and \
+            {id(p) for p in self.parameters() if p.requires_grad} <= {id(p) for p in grouped}, \
+            "every trainable parameter must be in exactly one optimizer group"
         adam_kwargs = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
         if dist.is_available() and dist.is_initialized():
             adamw, muon = DistAdamW(adam_groups, **adam_kwargs), DistMuon(matrix_params, lr=matrix_lr, momentum=0.95)
@@ -278,8 +321,9 @@ class GPT(nn.Module):
         if (x.is_cuda if cast is None else cast) and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x = norm(x)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, kv_cache)
+        for i, block in enumerate(self.transformer.h):
+            ve = self.value_embeds[str(i)](idx) if block.attn.ve_gate is not None else None
+            x = block(x, cos, sin, kv_cache, ve)
         if logits_at is not None:
             x = take_positions(x, logits_at)
         logits = self.lm_head(norm(x))

@@ -1,0 +1,258 @@
+"""The recipe's optional model pieces (GPTConfig fields) and Muon variants, each on its own and all together:
+incremental decoding equals the full forward under every cache, a few steps lower the loss, checkpoints round
+trip, a meta without the fields loads as the model before them, and LoRA, quantization and packing still work."""
+import dataclasses
+import json
+import os
+
+import pytest
+import torch
+
+from nanochat.checkpoint_manager import build_model, save_checkpoint
+from nanochat.fastlinear import pack_linears, packing_supported
+from nanochat.gpt import GPT, GPTConfig, config_overrides
+from nanochat.kv_cache import KVCache, RaggedKVCache, StaticKVCache
+from nanochat.lora.adapter import LoRA
+from nanochat.lora.quant import quantize_base
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+V = 265  # the byte-level tokenizer's vocabulary (build_model checks it)
+FEATURES = {
+    "value_embeds": dict(value_embeds=True),
+}
+FEATURES["all"] = {k: v for f in FEATURES.values() for k, v in f.items()}
+NEW_FIELDS = {k for f in FEATURES.values() for k in f}
+
+
+def make_model(seed=0, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, seq=64, **options):
+    """A tiny model with the options on, its zero- and constant-initialised parameters randomised so every
+    piece changes the output (at init several are exact no-ops, which would hide a broken cache path)."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(sequence_len=seq, vocab_size=V, n_layer=n_layer, n_head=n_head, n_kv_head=n_kv_head,
+                          n_embd=n_embd, **options))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("c_proj.weight") or name == "lm_head.weight":
+                p.normal_(std=0.1)
+            elif name.endswith("ve_gate.weight"):
+                p.normal_(std=1.0)
+    return model.eval()
+
+
+def close(a, b, tol=1e-4):
+    torch.testing.assert_close(a, b, atol=tol, rtol=tol)
+
+
+def cache_for(model, batch, seq_len=64):
+    c = model.config
+    return KVCache(batch, c.n_kv_head, seq_len, c.n_embd // c.n_head, c.n_layer)
+
+
+def test_config_overrides_parse_and_refuse():
+    assert config_overrides("") == {}
+    assert config_overrides("value_embeds=1, softcap=20,n_layer=3") == dict(value_embeds=True, softcap=20.0, n_layer=3)
+    assert config_overrides("value_embeds=off") == dict(value_embeds=False)
+    with pytest.raises(ValueError, match="name one of"):
+        config_overrides("value_embed=1")
+    with pytest.raises(ValueError, match="1/0"):
+        config_overrides("value_embeds=maybe")
+    with pytest.raises(ValueError, match="expected a float"):
+        config_overrides("softcap=high")
+
+
+def test_defaults_add_nothing():
+    """With every field at its default the model has exactly the parameters it had before the recipe."""
+    names = {n for n, _ in make_model().named_parameters()}
+    assert all(n.startswith(("transformer.wte.", "transformer.h.", "lm_head.")) for n in names)
+    assert not any("ve_gate" in n for n in names)
+    assert not NEW_FIELDS & {k for k, v in dataclasses.asdict(GPTConfig()).items() if v}
+
+
+def plain_copy(model):
+    """The model without any recipe piece, sharing every weight the two have in common."""
+    plain = GPT(dataclasses.replace(model.config, **{k: GPTConfig.__dataclass_fields__[k].default for k in NEW_FIELDS}))
+    missing, _ = plain.load_state_dict(model.state_dict(), strict=False)
+    assert not missing
+    return plain.eval()
+
+
+NEUTRAL = {  # values of each piece's parameters that make it a no-op, by parameter name suffix
+    "value_embeds.": 0.0,
+}
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+@torch.no_grad()
+def test_each_piece_reduces_to_the_plain_model_when_neutral(feature):
+    """The formulas: with its parameters at their neutral values a piece changes nothing; away from them it does."""
+    model = make_model(**FEATURES[feature])
+    idx = torch.randint(0, V, (2, 20))
+    before = model(idx)
+    for name, p in model.named_parameters():
+        for suffix, value in NEUTRAL.items():
+            if name.startswith(suffix) or name.endswith(suffix):
+                p.fill_(value)
+    close(model(idx), plain_copy(model)(idx), tol=1e-5)
+    assert not torch.allclose(before, model(idx), atol=1e-3)
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+@torch.no_grad()
+def test_decode_matches_full_forward(feature):
+    """KVCache: whole prefill, prefill + one token at a time, uneven chunks; a batch-1 prefill cloned into rows
+    that then diverge; StaticKVCache loaded from it."""
+    model = make_model(**FEATURES[feature])
+    idx = torch.randint(0, V, (2, 20))
+    full = model(idx)
+    close(model(idx, kv_cache=cache_for(model, 2)), full)
+    cache = cache_for(model, 2)
+    out = [model(idx[:, :7], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(7, 20)]
+    close(torch.cat(out, 1), full)
+    cache = cache_for(model, 2)
+    out = [model(idx[:, a:b], kv_cache=cache) for a, b in [(0, 5), (5, 6), (6, 13), (13, 20)]]
+    close(torch.cat(out, 1), full)
+
+    prompt, cont = torch.randint(0, V, (1, 9)), torch.randint(0, V, (3, 6))
+    one = cache_for(model, 1)
+    model(prompt, kv_cache=one)
+    many = cache_for(model, 3)
+    many.prefill(one)
+    c = model.config
+    static = StaticKVCache(3, c.n_kv_head, 32, c.n_embd // c.n_head, c.n_layer, "cpu", torch.float32)
+    static.load(one)
+    for cache in (many, static):
+        out = torch.cat([model(cont[:, t:t + 1], kv_cache=cache) for t in range(4)] + [model(cont[:, 4:], kv_cache=cache)], 1)
+        for r in range(3):
+            close(out[r], model(torch.cat([prompt[0], cont[r]])[None])[0, 9:])
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+@torch.no_grad()
+def test_ragged_rows_match_full_forward(feature):
+    """The server's cache: slots of different lengths in one forward (right-padded rows), a slot reused after
+    reset, rows continuing out of order."""
+    model = make_model(**FEATURES[feature])
+    c = model.config
+    cache = RaggedKVCache(3, c.n_kv_head, c.n_embd // c.n_head, c.n_layer, seq_len=64)
+    seqs = [torch.randint(0, V, (n,)) for n in (14, 5, 8)]
+    fed = [0, 0, 0]
+    out = [[], [], []]
+
+    def feed(slots, counts):
+        T = max(counts)
+        ids = torch.zeros(len(slots), T, dtype=torch.long)
+        for i, (s, n) in enumerate(zip(slots, counts)):
+            ids[i, :n] = seqs[s][fed[s]:fed[s] + n]
+        logits = model(ids, kv_cache=cache.rows(slots, counts))
+        for i, (s, n) in enumerate(zip(slots, counts)):
+            out[s].append(logits[i, :n])
+            fed[s] += n
+
+    feed([0, 1, 2], [4, 2, 5])   # prefills of different lengths
+    feed([2, 0], [1, 3])         # out of order, uneven
+    feed([0, 1, 2], [1, 1, 1])   # decode steps
+    feed([1, 0, 2], [2, 3, 1])
+    for s in range(3):
+        close(torch.cat(out[s]), model(seqs[s][None])[0, :fed[s]])
+    cache.reset(1)  # a new sequence in slot 1
+    fed[1], out[1], seqs[1] = 0, [], torch.randint(0, V, (6,))
+    feed([1], [4])
+    feed([1, 0], [2, 1])
+    close(torch.cat(out[1]), model(seqs[1][None])[0])
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_training_steps_lower_the_loss_and_move_every_parameter(feature):
+    model = make_model(**FEATURES[feature]).train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizers = model.setup_optimizers(unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.02)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, V, (4, 33), generator=g)
+    losses = []
+    for _ in range(8):
+        loss = model(x[:, :-1], x[:, 1:])
+        loss.backward()
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
+    still = [n for n, p in model.named_parameters() if torch.equal(p, before[n])]
+    assert not still, f"parameters the optimizers never moved: {still}"
+
+
+@pytest.mark.parametrize("feature", FEATURES)
+def test_checkpoint_round_trip(feature, base_dir, tmp_path):
+    model = make_model(**FEATURES[feature])
+    meta = {"step": 3, "model_config": dataclasses.asdict(model.config)}
+    save_checkpoint(str(tmp_path / "ck"), 3, model.state_dict(), None, meta)
+    loaded, _, meta2 = build_model(str(tmp_path / "ck"), 3, "cpu", "eval")
+    assert loaded.config == model.config and meta2["model_config"] == meta["model_config"]
+    idx = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+def test_old_meta_loads_with_every_piece_off(base_dir, tmp_path):
+    """A checkpoint saved before the recipe has none of its fields in the meta: it loads, as the model it was."""
+    model = make_model()
+    old = {k: v for k, v in dataclasses.asdict(model.config).items() if k not in NEW_FIELDS}
+    save_checkpoint(str(tmp_path / "ck"), 1, model.state_dict(), None, {"step": 1, "model_config": old})
+    with open(tmp_path / "ck" / "meta_000001.json") as f:
+        assert not NEW_FIELDS & set(json.load(f)["model_config"])
+    loaded, _, _ = build_model(str(tmp_path / "ck"), 1, "cpu", "eval")
+    assert loaded.config == GPTConfig(**old) and not any(getattr(loaded.config, k) for k in NEW_FIELDS)
+    idx = torch.randint(0, V, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), model(idx))
+
+
+@torch.no_grad()
+def test_lora_on_every_piece():
+    """Adapters hook the block Linears: with every piece on, a zero adapter changes nothing, a trained-looking
+    one changes the output, and decoding under it matches its full forward."""
+    model = make_model(**FEATURES["all"])
+    idx = torch.randint(0, V, (2, 12))
+    base = model(idx)
+    lora = LoRA(model)
+    lora.add("a", rank=4, alpha=8)
+    lora.activate("a")
+    close(model(idx), base, tol=1e-6)
+    for b in lora.adapters["a"].B:
+        b.normal_(std=0.05)
+    adapted = model(idx)
+    assert not torch.allclose(adapted, base, atol=1e-3)
+    cache = cache_for(model, 2)
+    out = [model(idx[:, :5], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(5, 12)]
+    close(torch.cat(out, 1), adapted)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@torch.no_grad()
+def test_quantized_base_with_every_piece(bits):
+    """quantize_base keeps every piece's own tables and gates as they are; the model stays close to the
+    unquantized one and decodes as its own full forward."""
+    model = make_model(**FEATURES["all"])
+    idx = torch.randint(0, V, (2, 12))
+    ref = model(idx)
+    quantize_base(model, bits=bits)
+    q = model(idx)
+    assert (q - ref).abs().mean() < (0.05 if bits == 8 else 0.3) * ref.abs().mean()
+    cache = cache_for(model, 2)
+    out = [model(idx[:, :5], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(5, 12)]
+    close(torch.cat(out, 1), q)
+
+
+@pytest.mark.skipif(not packing_supported("cpu")[0], reason=packing_supported("cpu")[1])
+@torch.no_grad()
+def test_packed_linears_with_every_piece():
+    model = make_model(**FEATURES["all"])
+    idx = torch.randint(0, V, (2, 12))
+    ref = model(idx)
+    pack_linears(model)
+    packed = model(idx)
+    assert (packed - ref).abs().max() < 0.1 * ref.abs().max()
+    cache = cache_for(model, 2)
+    out = [model(idx[:, :5], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(5, 12)]
+    close(torch.cat(out, 1).float(), packed.float(), tol=2e-2)
