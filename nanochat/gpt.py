@@ -18,6 +18,8 @@ race measured), with the names of the parameters they add:
   value_embeds[i] (vocab x n_kv_head * head_dim), added to that layer's values per kv head h through a gate:
       v_h = c_v(x)_h + 3 * sigmoid(attn.ve_gate(x[:, :12]))_h * value_embeds[i][token]_h
   (x the block's normed input; the gate's Linear maps its first 12 channels to one logit per kv head)
+- resid_scalars: before block i the residual stream h becomes resid_lambdas[i] * h + x0_lambdas[i] * x0, x0 the
+  normed embedding; initialised 1.15 -> 1.05 and 0.20 -> 0.05 linearly over the layers, as upstream does
 
 Build it on the meta device, then `model.to_empty(device=d); model.init_weights()` (what the
 training scripts do), or construct it directly on CPU (it then initialises itself).
@@ -51,6 +53,7 @@ class GPTConfig:
     # Pieces of nanochat's 2026 recipe, each off unless the race (dev/bench_race.py) measured it faster to a loss;
     # a checkpoint whose meta lacks a field loads with it off. Formulas: the module docstring.
     value_embeds: bool = False  # a value-embedding table on alternating layers, mixed into v by a gate
+    resid_scalars: bool = False  # learned per-layer scales of the residual stream and of the embedding x0
 
 
 def config_overrides(text):
@@ -208,6 +211,9 @@ class GPT(nn.Module):
             kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
             self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
                                                for i in range(config.n_layer) if has_value_embed(i, config.n_layer)})
+        if config.resid_scalars:  # (values set by init_weights)
+            self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
         # Under autocast, carry the residual stream in the autocast dtype (bf16) instead of the embedding's
         # fp32: half the saved activations, which a d20 model at batch 32 x 2048 needs to fit in 80 GB.
         # None = on CUDA only; CPU runs keep fp32 sums (exact comparisons, and bf16 adds are slow there).
@@ -241,6 +247,10 @@ class GPT(nn.Module):
                 nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         for table in getattr(self, "value_embeds", {}).values():  # the scale of c_v's rows, which they add to
             nn.init.normal_(table.weight, std=self.config.n_embd ** -0.5)
+        if self.config.resid_scalars:  # early layers lean more on the stream and on the embedding
+            depth = torch.linspace(0, 1, self.config.n_layer) if self.config.n_layer > 1 else torch.zeros(1)
+            self.resid_lambdas.copy_(1.15 - 0.10 * depth)
+            self.x0_lambdas.copy_(0.20 - 0.15 * depth)
         cos, sin = self._rotary_tables(self.rotary_len, device=self.lm_head.weight.device)
         self.cos, self.sin = cos, sin
 
@@ -270,9 +280,10 @@ class GPT(nn.Module):
         n_matmul = self.num_params() - self.num_lookup_params()
         return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.sequence_len
 
-    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0):
+    def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
         """[AdamW for the embeddings, lm_head and the recipe's scalars, Muon for every 2-D block matrix]. The
-        AdamW learning rates of the tables are scaled by (n_embd/768)^-0.5. Under torch.distributed the sharded
+        AdamW learning rates of the tables are scaled by (n_embd/768)^-0.5; the recipe's scalars use scalar_lr
+        (upstream's groups and rates). Under torch.distributed the sharded
         variants are used; they also average gradients across ranks (no DDP wrapper needed). Each group records
         `initial_lr` for LR schedules."""
         matrix_params = [p for p in self.transformer.h.parameters() if p.requires_grad]
@@ -284,6 +295,9 @@ class GPT(nn.Module):
         ]
         if self.config.value_embeds:  # half the token embedding's rate, as upstream tuned it
             adam_groups.append(dict(params=list(self.value_embeds.parameters()), lr=embedding_lr * scale * 0.5))
+        if self.config.resid_scalars:  # a multiplier compounds over the layers: it gets 1/100 of the additive's rate
+            adam_groups += [dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, weight_decay=0.0),
+                            dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0)]
         grouped = [p for g in adam_groups for p in g["params"]] + matrix_params
         assert len(grouped) == len({id(p) for p in grouped}) and \
             {id(p) for p in self.parameters() if p.requires_grad} <= {id(p) for p in grouped}, \
@@ -320,8 +334,10 @@ class GPT(nn.Module):
         cast = self.residual_in_autocast_dtype
         if (x.is_cuda if cast is None else cast) and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        x = norm(x)
+        x0 = x = norm(x)
         for i, block in enumerate(self.transformer.h):
+            if self.config.resid_scalars:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if block.attn.ve_gate is not None else None
             x = block(x, cos, sin, kv_cache, ve)
         if logits_at is not None:
