@@ -20,6 +20,9 @@ race measured), with the names of the parameters they add:
   (x the block's normed input; the gate's Linear maps its first 12 channels to one logit per kv head)
 - resid_scalars: before block i the residual stream h becomes resid_lambdas[i] * h + x0_lambdas[i] * x0, x0 the
   normed embedding; initialised 1.15 -> 1.05 and 0.20 -> 0.05 linearly over the layers, as upstream does
+- smear: the normed embedding e_t of each position (before x0 is taken) becomes
+      e_t + smear_lambda * sigmoid(smear_gate(e_t[:24])) * e_{t-1}      (e_{-1} = 0 at a sequence start)
+  smear_lambda starts at 0 (a no-op); a KV cache keeps each row's last token for the next input's first position
 
 Build it on the meta device, then `model.to_empty(device=d); model.init_weights()` (what the
 training scripts do), or construct it directly on CPU (it then initialises itself).
@@ -54,6 +57,7 @@ class GPTConfig:
     # a checkpoint whose meta lacks a field loads with it off. Formulas: the module docstring.
     value_embeds: bool = False  # a value-embedding table on alternating layers, mixed into v by a gate
     resid_scalars: bool = False  # learned per-layer scales of the residual stream and of the embedding x0
+    smear: bool = False  # each position's embedding takes in some of the previous token's, through a gate
 
 
 def config_overrides(text):
@@ -80,6 +84,7 @@ def config_overrides(text):
 
 
 VE_GATE_CHANNELS = 12  # the value-embedding gate reads this many channels of the block input
+SMEAR_GATE_CHANNELS = 24  # the smear gate reads this many channels of the embedding
 
 
 def has_value_embed(layer_idx, n_layer):
@@ -214,6 +219,9 @@ class GPT(nn.Module):
         if config.resid_scalars:  # (values set by init_weights)
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
             self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        if config.smear:
+            self.smear_gate = nn.Linear(min(SMEAR_GATE_CHANNELS, config.n_embd), 1, bias=False)
+            self.smear_lambda = nn.Parameter(torch.zeros(1))
         # Under autocast, carry the residual stream in the autocast dtype (bf16) instead of the embedding's
         # fp32: half the saved activations, which a d20 model at batch 32 x 2048 needs to fit in 80 GB.
         # None = on CUDA only; CPU runs keep fp32 sums (exact comparisons, and bf16 adds are slow there).
@@ -247,6 +255,9 @@ class GPT(nn.Module):
                 nn.init.uniform_(block.attn.ve_gate.weight, 0.0, 0.02)
         for table in getattr(self, "value_embeds", {}).values():  # the scale of c_v's rows, which they add to
             nn.init.normal_(table.weight, std=self.config.n_embd ** -0.5)
+        if self.config.smear:  # lambda 0: no smear at init; the gate starts just above sigmoid(0)
+            nn.init.zeros_(self.smear_lambda)
+            nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
         if self.config.resid_scalars:  # early layers lean more on the stream and on the embedding
             depth = torch.linspace(0, 1, self.config.n_layer) if self.config.n_layer > 1 else torch.zeros(1)
             self.resid_lambdas.copy_(1.15 - 0.10 * depth)
@@ -298,6 +309,10 @@ class GPT(nn.Module):
         if self.config.resid_scalars:  # a multiplier compounds over the layers: it gets 1/100 of the additive's rate
             adam_groups += [dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, weight_decay=0.0),
                             dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0)]
+        gates = [p for name in ("smear_gate", "smear_lambda") if hasattr(self, name)
+                 for p in ([getattr(self, name)] if name.endswith("lambda") else getattr(self, name).parameters())]
+        if gates:  # upstream's fixed rate for its smear (and backout) scalars
+            adam_groups.append(dict(params=gates, lr=0.2, weight_decay=0.0))
         grouped = [p for g in adam_groups for p in g["params"]] + matrix_params
         assert len(grouped) == len({id(p) for p in grouped}) and \
             {id(p) for p in self.parameters() if p.requires_grad} <= {id(p) for p in grouped}, \
@@ -315,6 +330,25 @@ class GPT(nn.Module):
                 group["initial_lr"] = group["lr"]
         return optimizers
 
+    def _embed(self, idx):
+        """The normed token embedding, the start of the residual stream."""
+        x = self.transformer.wte(idx)
+        cast = self.residual_in_autocast_dtype
+        if (x.is_cuda if cast is None else cast) and torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return norm(x)
+
+    def _smear(self, x, idx, kv_cache):
+        """Mix the previous position's embedding into each one (formula: module docstring). Under a cache the
+        first input position's predecessor is the cache's last token of that row."""
+        first = torch.zeros_like(x[:, :1])
+        if kv_cache is not None:
+            before = kv_cache.prev_tokens(idx)
+            first = torch.where((before >= 0)[:, None, None], self._embed(before.clamp(min=0)[:, None]), first)
+        prev = torch.cat([first, x[:, :-1]], dim=1)
+        gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))
+        return x + gate.to(x.dtype) * prev
+
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_at=None):
         """idx: (B, T) token ids. Returns fp32 logits (B, T, V) when targets is None, else the
         cross-entropy (targets == -1 ignored): a scalar for "mean"/"sum", per-token losses of shape
@@ -330,11 +364,10 @@ class GPT(nn.Module):
         else:
             assert t0 + T <= self.rotary_len, f"sequence length {t0 + T} exceeds the rotary table ({self.rotary_len})"
             cos, sin = self.cos[:, t0:t0 + T], self.sin[:, t0:t0 + T]
-        x = self.transformer.wte(idx)
-        cast = self.residual_in_autocast_dtype
-        if (x.is_cuda if cast is None else cast) and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
-        x0 = x = norm(x)
+        x = self._embed(idx)
+        if self.config.smear:
+            x = self._smear(x, idx, kv_cache)
+        x0 = x
         for i, block in enumerate(self.transformer.h):
             if self.config.resid_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0

@@ -21,6 +21,7 @@ V = 265  # the byte-level tokenizer's vocabulary (build_model checks it)
 FEATURES = {
     "value_embeds": dict(value_embeds=True),
     "resid_scalars": dict(resid_scalars=True),
+    "smear": dict(smear=True),
 }
 FEATURES["all"] = {k: v for f in FEATURES.values() for k, v in f.items()}
 NEW_FIELDS = {k for f in FEATURES.values() for k in f}
@@ -40,6 +41,8 @@ def make_model(seed=0, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, seq=64, **op
                 p.normal_(std=1.0)
             elif name.endswith("_lambdas"):
                 p.add_(torch.randn_like(p) * 0.2)
+            elif name == "smear_lambda":
+                p.fill_(0.7)
     return model.eval()
 
 
@@ -84,6 +87,7 @@ NEUTRAL = {  # values of each piece's parameters that make it a no-op, by parame
     "value_embeds.": 0.0,
     "resid_lambdas": 1.0,
     "x0_lambdas": 0.0,
+    "smear_lambda": 0.0,
 }
 
 
