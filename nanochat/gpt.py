@@ -23,6 +23,8 @@ race measured), with the names of the parameters they add:
 - smear: the normed embedding e_t of each position (before x0 is taken) becomes
       e_t + smear_lambda * sigmoid(smear_gate(e_t[:24])) * e_{t-1}      (e_{-1} = 0 at a sequence start)
   smear_lambda starts at 0 (a no-op); a KV cache keeps each row's last token for the next input's first position
+- backout: before the final norm h <- h - backout_lambda * h_mid, h_mid the residual stream after block
+  n_layer // 2 (lower-level features the head need not see); backout_lambda starts at 0.2
 
 Build it on the meta device, then `model.to_empty(device=d); model.init_weights()` (what the
 training scripts do), or construct it directly on CPU (it then initialises itself).
@@ -58,6 +60,7 @@ class GPTConfig:
     value_embeds: bool = False  # a value-embedding table on alternating layers, mixed into v by a gate
     resid_scalars: bool = False  # learned per-layer scales of the residual stream and of the embedding x0
     smear: bool = False  # each position's embedding takes in some of the previous token's, through a gate
+    backout: bool = False  # subtract a learned share of the middle layer's residual before the head
 
 
 def config_overrides(text):
@@ -222,6 +225,8 @@ class GPT(nn.Module):
         if config.smear:
             self.smear_gate = nn.Linear(min(SMEAR_GATE_CHANNELS, config.n_embd), 1, bias=False)
             self.smear_lambda = nn.Parameter(torch.zeros(1))
+        if config.backout:
+            self.backout_lambda = nn.Parameter(torch.zeros(1))
         # Under autocast, carry the residual stream in the autocast dtype (bf16) instead of the embedding's
         # fp32: half the saved activations, which a d20 model at batch 32 x 2048 needs to fit in 80 GB.
         # None = on CUDA only; CPU runs keep fp32 sums (exact comparisons, and bf16 adds are slow there).
@@ -258,6 +263,8 @@ class GPT(nn.Module):
         if self.config.smear:  # lambda 0: no smear at init; the gate starts just above sigmoid(0)
             nn.init.zeros_(self.smear_lambda)
             nn.init.uniform_(self.smear_gate.weight, 0.0, 0.02)
+        if self.config.backout:
+            nn.init.constant_(self.backout_lambda, 0.2)
         if self.config.resid_scalars:  # early layers lean more on the stream and on the embedding
             depth = torch.linspace(0, 1, self.config.n_layer) if self.config.n_layer > 1 else torch.zeros(1)
             self.resid_lambdas.copy_(1.15 - 0.10 * depth)
@@ -309,7 +316,7 @@ class GPT(nn.Module):
         if self.config.resid_scalars:  # a multiplier compounds over the layers: it gets 1/100 of the additive's rate
             adam_groups += [dict(params=[self.resid_lambdas], lr=scalar_lr * 0.01, weight_decay=0.0),
                             dict(params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95), weight_decay=0.0)]
-        gates = [p for name in ("smear_gate", "smear_lambda") if hasattr(self, name)
+        gates = [p for name in ("smear_gate", "smear_lambda", "backout_lambda") if hasattr(self, name)
                  for p in ([getattr(self, name)] if name.endswith("lambda") else getattr(self, name).parameters())]
         if gates:  # upstream's fixed rate for its smear (and backout) scalars
             adam_groups.append(dict(params=gates, lr=0.2, weight_decay=0.0))
@@ -373,6 +380,10 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if block.attn.ve_gate is not None else None
             x = block(x, cos, sin, kv_cache, ve)
+            if self.config.backout and i == self.config.n_layer // 2:
+                mid = x
+        if self.config.backout:
+            x = x - self.backout_lambda.to(x.dtype) * mid
         if logits_at is not None:
             x = take_positions(x, logits_at)
         logits = self.lm_head(norm(x))

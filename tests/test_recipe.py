@@ -22,6 +22,7 @@ FEATURES = {
     "value_embeds": dict(value_embeds=True),
     "resid_scalars": dict(resid_scalars=True),
     "smear": dict(smear=True),
+    "backout": dict(backout=True),
 }
 FEATURES["all"] = {k: v for f in FEATURES.values() for k, v in f.items()}
 NEW_FIELDS = {k for f in FEATURES.values() for k in f}
@@ -88,6 +89,7 @@ NEUTRAL = {  # values of each piece's parameters that make it a no-op, by parame
     "resid_lambdas": 1.0,
     "x0_lambdas": 0.0,
     "smear_lambda": 0.0,
+    "backout_lambda": 0.0,
 }
 
 
