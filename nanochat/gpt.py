@@ -25,6 +25,9 @@ race measured), with the names of the parameters they add:
   smear_lambda starts at 0 (a no-op); a KV cache keeps each row's last token for the next input's first position
 - backout: before the final norm h <- h - backout_lambda * h_mid, h_mid the residual stream after block
   n_layer // 2 (lower-level features the head need not see); backout_lambda starts at 0.2
+- window_pattern: a string of S and L tiled over the layers (e.g. "SSSL"), the last layer always L. An L layer
+  attends to the whole context; at an S layer a query at position p sees keys p - w .. p, w = sequence_len // 4.
+  No parameters. SDPA has no sliding-window kernel: a window is a mask, which saves no work (dev/notes_recipe.md)
 
 Build it on the meta device, then `model.to_empty(device=d); model.init_weights()` (what the
 training scripts do), or construct it directly on CPU (it then initialises itself).
@@ -61,6 +64,7 @@ class GPTConfig:
     resid_scalars: bool = False  # learned per-layer scales of the residual stream and of the embedding x0
     smear: bool = False  # each position's embedding takes in some of the previous token's, through a gate
     backout: bool = False  # subtract a learned share of the middle layer's residual before the head
+    window_pattern: str = "L"  # per-layer attention span, tiled over the layers: L full context, S a quarter
 
 
 def config_overrides(text):
@@ -93,6 +97,28 @@ SMEAR_GATE_CHANNELS = 24  # the smear gate reads this many channels of the embed
 def has_value_embed(layer_idx, n_layer):
     """Whether a layer owns a value-embedding table: every other layer, the last one included."""
     return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def window_sizes(config):
+    """Per layer: how many earlier positions a query may attend to (None: all of them). See window_pattern."""
+    pattern = config.window_pattern.upper()
+    if not pattern or set(pattern) - {"S", "L"}:
+        raise ValueError(f"window_pattern {config.window_pattern!r}: use the letters S (short) and L (long), e.g. SSSL")
+    short = max(1, config.sequence_len // 4)
+    sizes = [short if pattern[i % len(pattern)] == "S" else None for i in range(config.n_layer)]
+    sizes[-1] = None  # the last layer sees everything
+    return sizes
+
+
+def window_mask(positions, n_keys, window, mask=None):
+    """The attention mask (True = attend) of queries at `positions` ((T,) or (B, T) absolute positions) over
+    keys 0..n_keys-1 that see only the `window` positions before their own: the causal mask, or `mask` (a
+    cache's, (B, 1, T, n_keys)), with the keys further back removed."""
+    keys = torch.arange(n_keys, device=positions.device)
+    near = keys >= positions[..., None] - window  # (T, n_keys) or (B, T, n_keys)
+    if near.ndim == 3:
+        near = near[:, None]
+    return near & (keys <= positions[..., None] if mask is None else mask)
 
 
 def norm(x):
@@ -154,8 +180,10 @@ class CausalSelfAttention(nn.Module):
         if config.value_embeds and has_value_embed(layer_idx, config.n_layer):
             self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
 
-    def forward(self, x, cos, sin, kv_cache=None, ve=None):
-        """ve: this layer's value embeddings of the input tokens (B, T, n_kv_head * head_dim), or None."""
+    def forward(self, x, cos, sin, kv_cache=None, ve=None, mask=None):
+        """ve: this layer's value embeddings of the input tokens (B, T, n_kv_head * head_dim), or None.
+        mask: (..., T, Tk) True = attend, given when this layer's window hides some keys; it replaces the
+        causal rule and the cache's own mask."""
         B, T, C = x.shape
         H, Hkv, D = self.n_head, self.n_kv_head, self.head_dim
         # Order: rotary, then QK-norm. A rotary rotation preserves each vector's RMS, so the two orders
@@ -175,10 +203,11 @@ class CausalSelfAttention(nn.Module):
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
             v = v + gate.to(v.dtype).unsqueeze(-1) * ve.view(B, T, Hkv, D).to(v.dtype)
         v = v.transpose(1, 2)  # (B, H, T, D) like q and k
-        q_pos, mask = 0, None
+        q_pos = 0
         if kv_cache is not None:
             # a ragged batch (every row its own length) or a static cache: the mask alone says what to attend to
-            mask = kv_cache.mask
+            if mask is None:
+                mask = kv_cache.mask
             q_pos = kv_cache.get_pos() if mask is None else 0  # (read before the insert advances it)
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
         y = attention(q, k, v, q_pos, mask)
@@ -201,8 +230,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, kv_cache=None, ve=None):
-        x = x + self.attn(norm(x), cos, sin, kv_cache, ve)
+    def forward(self, x, cos, sin, kv_cache=None, ve=None, mask=None):
+        x = x + self.attn(norm(x), cos, sin, kv_cache, ve, mask)
         return x + self.mlp(norm(x))
 
 
@@ -210,6 +239,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        self.windows = window_sizes(config)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
@@ -292,11 +322,13 @@ class GPT(nn.Module):
         seq_len values = 2 * 2 * n_embd * seq_len forward, x3 for forward + backward, i.e.
         12 * n_layer * n_embd * seq_len. It is not halved for causality, and it uses n_head * head_dim =
         n_embd (GQA shares k/v projections but not the score computation). Norms, rotary, activations,
-        softcap and the softmax are not counted.
+        softcap and the softmax are not counted. A windowed layer counts the window's keys, not seq_len: the FLOPs a
+        kernel that skips the hidden keys does (SDPA with a mask does them all).
         """
         c = self.config
         n_matmul = self.num_params() - self.num_lookup_params()
-        return 6 * n_matmul + 12 * c.n_layer * c.n_embd * c.sequence_len
+        keys = sum(c.sequence_len if w is None else min(w + 1, c.sequence_len) for w in self.windows)
+        return 6 * n_matmul + 12 * c.n_embd * keys
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
         """[AdamW for the embeddings, lm_head and the recipe's scalars, Muon for every 2-D block matrix]. The
@@ -356,6 +388,18 @@ class GPT(nn.Module):
         gate = self.smear_lambda * torch.sigmoid(self.smear_gate(x[..., :self.smear_gate.in_features]))
         return x + gate.to(x.dtype) * prev
 
+    def _window_masks(self, t0, T, kv_cache, device):
+        """{window: the mask of the layers with that window} for this input, built once per forward and only for
+        windows that hide a key from some query (a prefill shorter than the window needs none)."""
+        masks = {}
+        for w in {w for w in self.windows if w is not None}:
+            if isinstance(t0, int):  # one start for every row: causal from t0, keys 0 .. t0+T-1
+                if t0 + T - 1 > w:
+                    masks[w] = window_mask(t0 + torch.arange(T, device=device), t0 + T, w)
+            else:  # per-row positions and the cache's own mask over its Tk keys
+                masks[w] = window_mask(t0, kv_cache.Tk, w, kv_cache.mask)
+        return masks
+
     def forward(self, idx, targets=None, kv_cache=None, loss_reduction="mean", logits_at=None):
         """idx: (B, T) token ids. Returns fp32 logits (B, T, V) when targets is None, else the
         cross-entropy (targets == -1 ignored): a scalar for "mean"/"sum", per-token losses of shape
@@ -375,11 +419,12 @@ class GPT(nn.Module):
         if self.config.smear:
             x = self._smear(x, idx, kv_cache)
         x0 = x
+        masks = self._window_masks(t0, T, kv_cache, idx.device)
         for i, block in enumerate(self.transformer.h):
             if self.config.resid_scalars:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             ve = self.value_embeds[str(i)](idx) if block.attn.ve_gate is not None else None
-            x = block(x, cos, sin, kv_cache, ve)
+            x = block(x, cos, sin, kv_cache, ve, masks.get(self.windows[i]))
             if self.config.backout and i == self.config.n_layer // 2:
                 mid = x
         if self.config.backout:

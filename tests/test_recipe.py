@@ -10,7 +10,7 @@ import torch
 
 from nanochat.checkpoint_manager import build_model, save_checkpoint
 from nanochat.fastlinear import pack_linears, packing_supported
-from nanochat.gpt import GPT, GPTConfig, config_overrides
+from nanochat.gpt import GPT, GPTConfig, config_overrides, window_mask, window_sizes
 from nanochat.kv_cache import KVCache, RaggedKVCache, StaticKVCache
 from nanochat.lora.adapter import LoRA
 from nanochat.lora.quant import quantize_base
@@ -23,8 +23,10 @@ FEATURES = {
     "resid_scalars": dict(resid_scalars=True),
     "smear": dict(smear=True),
     "backout": dict(backout=True),
+    "window": dict(window_pattern="SL"),
 }
 FEATURES["all"] = {k: v for f in FEATURES.values() for k, v in f.items()}
+WITH_PARAMS = [f for f in FEATURES if f != "window"]
 NEW_FIELDS = {k for f in FEATURES.values() for k in f}
 
 
@@ -70,15 +72,18 @@ def test_config_overrides_parse_and_refuse():
 
 def test_defaults_add_nothing():
     """With every field at its default the model has exactly the parameters it had before the recipe."""
-    names = {n for n, _ in make_model().named_parameters()}
+    model = make_model()
+    names = {n for n, _ in model.named_parameters()}
     assert all(n.startswith(("transformer.wte.", "transformer.h.", "lm_head.")) for n in names)
     assert not any("ve_gate" in n for n in names)
-    assert not NEW_FIELDS & {k for k, v in dataclasses.asdict(GPTConfig()).items() if v}
+    assert model.windows == [None] * 3
+    assert not any(getattr(GPTConfig(), k) for k in NEW_FIELDS if k != "window_pattern")
 
 
-def plain_copy(model):
-    """The model without any recipe piece, sharing every weight the two have in common."""
-    plain = GPT(dataclasses.replace(model.config, **{k: GPTConfig.__dataclass_fields__[k].default for k in NEW_FIELDS}))
+def plain_copy(model, keep=()):
+    """The model without any recipe piece (but those in keep), sharing every weight the two have in common."""
+    off = {k: GPTConfig.__dataclass_fields__[k].default for k in NEW_FIELDS if k not in keep}
+    plain = GPT(dataclasses.replace(model.config, **off))
     missing, _ = plain.load_state_dict(model.state_dict(), strict=False)
     assert not missing
     return plain.eval()
@@ -93,7 +98,7 @@ NEUTRAL = {  # values of each piece's parameters that make it a no-op, by parame
 }
 
 
-@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("feature", WITH_PARAMS)
 @torch.no_grad()
 def test_each_piece_reduces_to_the_plain_model_when_neutral(feature):
     """The formulas: with its parameters at their neutral values a piece changes nothing; away from them it does."""
@@ -104,7 +109,7 @@ def test_each_piece_reduces_to_the_plain_model_when_neutral(feature):
         for suffix, value in NEUTRAL.items():
             if name.startswith(suffix) or name.endswith(suffix):
                 p.fill_(value)
-    close(model(idx), plain_copy(model)(idx), tol=1e-5)
+    close(model(idx), plain_copy(model, keep=["window_pattern"])(idx), tol=1e-5)
     assert not torch.allclose(before, model(idx), atol=1e-3)
 
 
@@ -146,7 +151,7 @@ def test_ragged_rows_match_full_forward(feature):
     model = make_model(**FEATURES[feature])
     c = model.config
     cache = RaggedKVCache(3, c.n_kv_head, c.n_embd // c.n_head, c.n_layer, seq_len=64)
-    seqs = [torch.randint(0, V, (n,)) for n in (14, 5, 8)]
+    seqs = [torch.randint(0, V, (n,)) for n in (30, 7, 20)]  # past the window (16) of the S layers
     fed = [0, 0, 0]
     out = [[], [], []]
 
@@ -160,10 +165,10 @@ def test_ragged_rows_match_full_forward(feature):
             out[s].append(logits[i, :n])
             fed[s] += n
 
-    feed([0, 1, 2], [4, 2, 5])   # prefills of different lengths
-    feed([2, 0], [1, 3])         # out of order, uneven
+    feed([0, 1, 2], [12, 2, 5])  # prefills of different lengths
+    feed([2, 0], [1, 8])         # out of order, uneven
     feed([0, 1, 2], [1, 1, 1])   # decode steps
-    feed([1, 0, 2], [2, 3, 1])
+    feed([1, 0, 2], [2, 3, 6])
     for s in range(3):
         close(torch.cat(out[s]), model(seqs[s][None])[0, :fed[s]])
     cache.reset(1)  # a new sequence in slot 1
@@ -213,10 +218,43 @@ def test_old_meta_loads_with_every_piece_off(base_dir, tmp_path):
     with open(tmp_path / "ck" / "meta_000001.json") as f:
         assert not NEW_FIELDS & set(json.load(f)["model_config"])
     loaded, _, _ = build_model(str(tmp_path / "ck"), 1, "cpu", "eval")
-    assert loaded.config == GPTConfig(**old) and not any(getattr(loaded.config, k) for k in NEW_FIELDS)
+    assert loaded.config == GPTConfig(**old) == plain_copy(model).config and loaded.windows == [None] * 3
     idx = torch.randint(0, V, (2, 16))
     with torch.no_grad():
         assert torch.equal(loaded(idx), model(idx))
+
+
+def test_window_sizes_and_refusals():
+    c = GPTConfig(sequence_len=64, n_layer=6, window_pattern="ssl")
+    assert window_sizes(c) == [16, 16, None, 16, 16, None]
+    assert window_sizes(dataclasses.replace(c, window_pattern="S")) == [16] * 5 + [None]  # the last layer: full
+    with pytest.raises(ValueError, match="S \\(short\\) and L"):
+        window_sizes(dataclasses.replace(c, window_pattern="SXL"))
+    assert window_mask(torch.arange(5), 5, 2).int().tolist() == [
+        [1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+
+
+@torch.no_grad()
+def test_window_hides_keys_further_back():
+    """A windowed layer's output at position p does not move when an input more than w positions back does, and
+    does when one inside the window does; a whole model whose inputs fit in the window is the plain model."""
+    model = make_model(window_pattern="SL")
+    attn, w = model.transformer.h[0].attn, model.windows[0]
+    assert w == 16
+    T = 40
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+    mask = model._window_masks(0, T, None, "cpu")[w]
+    x = torch.randn(1, T, 64)
+    y = attn(x, cos, sin, mask=mask)
+    x2 = x.clone()
+    x2[0, 5] += 1.0
+    y2 = attn(x2, cos, sin, mask=mask)
+    assert torch.equal(y[0, 22:], y2[0, 22:]) and not torch.allclose(y[0, 5:22], y2[0, 5:22])
+    idx = torch.randint(0, V, (2, w + 1))  # every query sees all its keys: no mask at all
+    assert model._window_masks(0, w + 1, None, "cpu") == {}
+    assert torch.equal(model(idx), plain_copy(model)(idx))
+    long = torch.randint(0, V, (2, T))
+    assert not torch.allclose(model(long), plain_copy(model)(long), atol=1e-3)
 
 
 @torch.no_grad()
