@@ -28,6 +28,7 @@ race measured), with the names of the parameters they add:
 - window_pattern: a string of S and L tiled over the layers (e.g. "SSSL"), the last layer always L. An L layer
   attends to the whole context; at an S layer a query at position p sees keys p - w .. p, w = sequence_len // 4.
   No parameters. SDPA has no sliding-window kernel: a window is a mask, which saves no work (dev/notes_recipe.md)
+- polar_express, normuon, muon_weight_decay: options of Muon for the block matrices (nanochat/muon.py)
 
 Build it on the meta device, then `model.to_empty(device=d); model.init_weights()` (what the
 training scripts do), or construct it directly on CPU (it then initialises itself).
@@ -65,6 +66,10 @@ class GPTConfig:
     smear: bool = False  # each position's embedding takes in some of the previous token's, through a gate
     backout: bool = False  # subtract a learned share of the middle layer's residual before the head
     window_pattern: str = "L"  # per-layer attention span, tiled over the layers: L full context, S a quarter
+    # Muon's variants (nanochat/muon.py), chosen with the model so its checkpoints say how it was trained
+    polar_express: bool = False  # per-iteration Polar Express coefficients in the orthogonalisation
+    normuon: bool = False  # NorMuon's per-neuron normalisation of the update (second-moment EMA, beta2 0.9)
+    muon_weight_decay: float = 0.0  # cautious weight decay of the block matrices, scaled by the LR schedule
 
 
 def config_overrides(text):
@@ -357,12 +362,15 @@ class GPT(nn.Module):
             {id(p) for p in self.parameters() if p.requires_grad} <= {id(p) for p in grouped}, \
             "every trainable parameter must be in exactly one optimizer group"
         adam_kwargs = dict(betas=(0.8, 0.95), eps=1e-10, weight_decay=weight_decay)
+        c = self.config
+        muon_kwargs = dict(lr=matrix_lr, momentum=0.95, polar_express=c.polar_express,
+                           normuon_beta2=0.9 if c.normuon else 0.0, weight_decay=c.muon_weight_decay)
         if dist.is_available() and dist.is_initialized():
-            adamw, muon = DistAdamW(adam_groups, **adam_kwargs), DistMuon(matrix_params, lr=matrix_lr, momentum=0.95)
+            adamw, muon = DistAdamW(adam_groups, **adam_kwargs), DistMuon(matrix_params, **muon_kwargs)
         else:
             fused = self.get_device().type == "cuda"
             adamw = torch.optim.AdamW(adam_groups, **adam_kwargs, fused=fused)
-            muon = Muon(matrix_params, lr=matrix_lr, momentum=0.95)
+            muon = Muon(matrix_params, **muon_kwargs)
         optimizers = [adamw, muon]
         for opt in optimizers:
             for group in opt.param_groups:

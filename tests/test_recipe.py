@@ -14,6 +14,8 @@ from nanochat.gpt import GPT, GPTConfig, config_overrides, window_mask, window_s
 from nanochat.kv_cache import KVCache, RaggedKVCache, StaticKVCache
 from nanochat.lora.adapter import LoRA
 from nanochat.lora.quant import quantize_base
+from nanochat.muon import Muon, normalize_neurons, zeropower_via_newtonschulz5
+from nanochat.reshard import full_optimizer_states, load_resharded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,9 +27,16 @@ FEATURES = {
     "backout": dict(backout=True),
     "window": dict(window_pattern="SL"),
 }
-FEATURES["all"] = {k: v for f in FEATURES.values() for k, v in f.items()}
-WITH_PARAMS = [f for f in FEATURES if f != "window"]
-NEW_FIELDS = {k for f in FEATURES.values() for k in f}
+OPTIM = {  # Muon's variants: they change training, not the forward
+    "polar_express": dict(polar_express=True),
+    "normuon": dict(normuon=True),
+    "muon_wd": dict(muon_weight_decay=0.1),
+}
+WITH_PARAMS = list(FEATURES)
+WITH_PARAMS.remove("window")
+FEATURES["all"] = {k: v for f in [*FEATURES.values(), *OPTIM.values()] for k, v in f.items()}
+WITH_PARAMS.append("all")
+NEW_FIELDS = set(FEATURES["all"])
 
 
 def make_model(seed=0, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, seq=64, **options):
@@ -178,9 +187,9 @@ def test_ragged_rows_match_full_forward(feature):
     close(torch.cat(out[1]), model(seqs[1][None])[0])
 
 
-@pytest.mark.parametrize("feature", FEATURES)
+@pytest.mark.parametrize("feature", [*FEATURES, *OPTIM])
 def test_training_steps_lower_the_loss_and_move_every_parameter(feature):
-    model = make_model(**FEATURES[feature]).train()
+    model = make_model(**{**FEATURES, **OPTIM}[feature]).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizers = model.setup_optimizers(unembedding_lr=0.02, embedding_lr=0.2, matrix_lr=0.02)
     g = torch.Generator().manual_seed(0)
@@ -305,3 +314,76 @@ def test_packed_linears_with_every_piece():
     cache = cache_for(model, 2)
     out = [model(idx[:, :5], kv_cache=cache)] + [model(idx[:, t:t + 1], kv_cache=cache) for t in range(5, 12)]
     close(torch.cat(out, 1).float(), packed.float(), tol=2e-2)
+
+
+def conditioned(shape, cond, seed=0):
+    """A matrix with singular values spread log-evenly from 1 down to 1/cond."""
+    g = torch.Generator().manual_seed(seed)
+    n = min(shape)
+    U, _ = torch.linalg.qr(torch.randn(shape[0], n, generator=g))
+    W, _ = torch.linalg.qr(torch.randn(shape[1], n, generator=g))
+    return U @ torch.diag(torch.logspace(0, -torch.log10(torch.tensor(float(cond))).item(), n)) @ W.T
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96)])
+def test_polar_express_lands_closer_to_orthogonal(shape):
+    """Five iterations of either keep the direction; Polar Express's singular values end up nearer 1."""
+    G = conditioned(shape, 100)
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    devs = []
+    for pe in (False, True):
+        X = zeropower_via_newtonschulz5(G, dtype=torch.float32, polar_express=pe)
+        s = torch.linalg.svdvals(X)
+        devs.append((s - 1).abs().mean().item())
+        assert (X * (U @ Vh)).sum() / (X.norm() * (U @ Vh).norm()) > 0.95
+    assert 0.8 < s.min() and s.max() < 1.2
+    assert devs[1] < 0.6 * devs[0], devs
+
+
+def test_normalize_neurons_equalises_rows_and_keeps_the_norm():
+    g = torch.Generator().manual_seed(0)
+    update = torch.randn(2, 24, 8, generator=g) * torch.linspace(0.1, 3, 24)[:, None]  # tall: per-row scales
+    states = [{}, {}]
+    out = normalize_neurons(update, states, beta2=0.9)
+    assert states[0]["neuron_sq"].shape == (24, 1)
+    rms = out.square().mean(-1).sqrt()
+    assert (rms.max(-1).values / rms.min(-1).values < 1.001).all()  # one step: the EMA is the row's own square
+    torch.testing.assert_close(out.norm(dim=(-2, -1)), update.norm(dim=(-2, -1)))
+    assert normalize_neurons(torch.randn(1, 8, 24, generator=g), [{}], 0.9).shape == (1, 8, 24)
+    wide = [{}]
+    normalize_neurons(torch.randn(1, 8, 24, generator=g), wide, 0.9)
+    assert wide[0]["neuron_sq"].shape == (1, 24)  # wide: per column
+
+
+def test_cautious_weight_decay_only_where_the_update_pulls_to_zero():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(16, 16))
+    start = p.detach().clone()
+    opt = Muon([p], lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.5, ns_dtype=torch.float32)
+    p.grad = torch.zeros_like(p)  # no update: every entry "agrees", the whole matrix decays
+    opt.step()
+    torch.testing.assert_close(p.detach(), start * (1 - 0.1 * 0.5))
+    p.grad = torch.randn(16, 16)
+    before = p.detach().clone()
+    update = zeropower_via_newtonschulz5(p.grad[None], dtype=torch.float32)[0]
+    opt.step()
+    expected = before - 0.1 * update - 0.1 * 0.5 * before * ((update * before) >= 0)
+    torch.testing.assert_close(p.detach(), expected)
+    assert ((update * before) < 0).any()
+
+
+def test_reshard_carries_every_muon_state():
+    """A one-rank checkpoint of a NorMuon run resumes with the neuron EMA as well as the momentum."""
+    model = make_model(normuon=True).train()
+    optimizers = model.setup_optimizers()
+    model(torch.randint(0, V, (2, 17))[:, :-1], torch.randint(0, V, (2, 16))).backward()
+    for opt in optimizers:
+        opt.step()
+    shards = [[opt.state_dict() for opt in optimizers]]
+    adamw_params = [p for group in optimizers[0].param_groups for p in group["params"]]
+    muon_params = [p for group in optimizers[1].param_groups for p in group["params"]]
+    fresh = model.setup_optimizers()
+    load_resharded(fresh, *full_optimizer_states(adamw_params, muon_params, shards, 1), 0, 1)
+    for p in muon_params:
+        assert set(fresh[1].state[p]) == {"momentum_buffer", "neuron_sq"}
+        assert torch.equal(fresh[1].state[p]["neuron_sq"], optimizers[1].state[p]["neuron_sq"])
