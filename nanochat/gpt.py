@@ -28,6 +28,9 @@ race measured), with the names of the parameters they add:
 - window_pattern: a string of S and L tiled over the layers (e.g. "SSSL"), the last layer always L. An L layer
   attends to the whole context; at an S layer a query at position p sees keys p - w .. p, w = sequence_len // 4.
   No parameters. SDPA has no sliding-window kernel: a window is a mask, which saves no work (dev/notes_recipe.md)
+- qk_gain: attention weights softmax(qk_gain * q.k / sqrt(head_dim)) over the QK-normed q, k (1 = plain SDPA)
+- rope_base: the rotary angles of pair i at position t are t / rope_base^(2i / head_dim)
+- embed_init_std, fc_init_scale: the init std of wte, and of mlp.c_fc relative to 1 / sqrt(n_embd)
 - polar_express, normuon, muon_weight_decay: options of Muon for the block matrices (nanochat/muon.py)
 
 Build it on the meta device, then `model.to_empty(device=d); model.init_weights()` (what the
@@ -66,6 +69,10 @@ class GPTConfig:
     smear: bool = False  # each position's embedding takes in some of the previous token's, through a gate
     backout: bool = False  # subtract a learned share of the middle layer's residual before the head
     window_pattern: str = "L"  # per-layer attention span, tiled over the layers: L full context, S a quarter
+    qk_gain: float = 1.0  # attention logits q.k / sqrt(head_dim) times this (upstream: 1.2 on q and k, 1.44)
+    rope_base: float = 10000.0  # rotary base frequency (upstream: 100000)
+    embed_init_std: float = 1.0  # init std of the token embedding (upstream: 0.8)
+    fc_init_scale: float = 1.0  # init std of mlp.c_fc is this / sqrt(n_embd) (upstream: 0.4)
     # Muon's variants (nanochat/muon.py), chosen with the model so its checkpoints say how it was trained
     polar_express: bool = False  # per-iteration Polar Express coefficients in the orthogonalisation
     normuon: bool = False  # NorMuon's per-neuron normalisation of the update (second-moment EMA, beta2 0.9)
@@ -144,14 +151,14 @@ def apply_rotary_emb(x, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
-def attention(q, k, v, q_pos, mask=None):
+def attention(q, k, v, q_pos, mask=None, scale=None):
     """Causal attention of queries at absolute positions [q_pos, q_pos+Tq) to keys at [0, Tk), Tk = q_pos+Tq.
     With `mask` (B, 1, Tq, Tk; True = attend) the mask alone decides, as rows of a ragged batch need.
-    q: (B, H, Tq, D), k/v: (B, H_kv, Tk, D). Returns (B, H, Tq, D)."""
+    q: (B, H, Tq, D), k/v: (B, H_kv, Tk, D); scale: of the logits (None: 1/sqrt(D)). Returns (B, H, Tq, D)."""
     Tq, Tk = q.size(2), k.size(2)
     # SDPA only: on CUDA it runs its own flash kernel, and unlike the flash-attn package it needs no build
     # and does not break torch.compile's graph at every layer.
-    kwargs = {}
+    kwargs = {} if scale is None else {"scale": scale}
     if k.size(1) != q.size(1):
         if _SDPA_HAS_GQA:
             kwargs["enable_gqa"] = True
@@ -176,6 +183,8 @@ class CausalSelfAttention(nn.Module):
         self.layer_idx = layer_idx
         self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
+        # the gain rides on SDPA's own scaling: no extra op (None keeps SDPA's default, bit for bit)
+        self.scale = None if config.qk_gain == 1.0 else config.qk_gain / self.head_dim ** 0.5
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -215,7 +224,7 @@ class CausalSelfAttention(nn.Module):
                 mask = kv_cache.mask
             q_pos = kv_cache.get_pos() if mask is None else 0  # (read before the insert advances it)
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)
-        y = attention(q, k, v, q_pos, mask)
+        y = attention(q, k, v, q_pos, mask, self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -275,8 +284,8 @@ class GPT(nn.Module):
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
 
-    def _rotary_tables(self, seq_len, device, base=10000.0):
-        head_dim = self.config.n_embd // self.config.n_head
+    def _rotary_tables(self, seq_len, device):
+        head_dim, base = self.config.n_embd // self.config.n_head, self.config.rope_base
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
         return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]  # (1, T, 1, D/2)
@@ -284,11 +293,13 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self):
         """(Re)initialise every parameter and the rotary buffers in place (works after to_empty)."""
-        nn.init.normal_(self.transformer.wte.weight, std=1.0)  # RMSNorm follows, so the scale is free
+        # RMSNorm follows, so the scale only sets how far an AdamW step moves a row relative to its size
+        nn.init.normal_(self.transformer.wte.weight, std=self.config.embed_init_std)
         nn.init.normal_(self.lm_head.weight, std=0.001)  # near-zero logits: loss starts at ~ln(vocab)
         for block in self.transformer.h:
-            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc):
+            for lin in (block.attn.c_q, block.attn.c_k, block.attn.c_v):
                 nn.init.normal_(lin.weight, std=lin.in_features ** -0.5)
+            nn.init.normal_(block.mlp.c_fc.weight, std=self.config.fc_init_scale * block.mlp.c_fc.in_features ** -0.5)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
             if block.attn.ve_gate is not None:  # small and positive: every gate starts just above 3 * 0.5

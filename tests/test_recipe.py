@@ -26,6 +26,7 @@ FEATURES = {
     "smear": dict(smear=True),
     "backout": dict(backout=True),
     "window": dict(window_pattern="SL"),
+    "init": dict(qk_gain=1.44, rope_base=1e5, embed_init_std=0.8, fc_init_scale=0.4),
 }
 OPTIM = {  # Muon's variants: they change training, not the forward
     "polar_express": dict(polar_express=True),
@@ -34,6 +35,7 @@ OPTIM = {  # Muon's variants: they change training, not the forward
 }
 WITH_PARAMS = list(FEATURES)
 WITH_PARAMS.remove("window")
+WITH_PARAMS.remove("init")
 FEATURES["all"] = {k: v for f in [*FEATURES.values(), *OPTIM.values()] for k, v in f.items()}
 WITH_PARAMS.append("all")
 NEW_FIELDS = set(FEATURES["all"])
@@ -86,7 +88,9 @@ def test_defaults_add_nothing():
     assert all(n.startswith(("transformer.wte.", "transformer.h.", "lm_head.")) for n in names)
     assert not any("ve_gate" in n for n in names)
     assert model.windows == [None] * 3
-    assert not any(getattr(GPTConfig(), k) for k in NEW_FIELDS if k != "window_pattern")
+    assert not any(getattr(GPTConfig(), k) for k in NEW_FIELDS if k in ("value_embeds", "resid_scalars", "smear",
+                                                                       "backout", "muon_weight_decay"))
+    assert model.transformer.h[0].attn.scale is None and model.config.rope_base == 10000.0
 
 
 def plain_copy(model, keep=()):
@@ -118,7 +122,7 @@ def test_each_piece_reduces_to_the_plain_model_when_neutral(feature):
         for suffix, value in NEUTRAL.items():
             if name.startswith(suffix) or name.endswith(suffix):
                 p.fill_(value)
-    close(model(idx), plain_copy(model, keep=["window_pattern"])(idx), tol=1e-5)
+    close(model(idx), plain_copy(model, keep=["window_pattern", *FEATURES["init"]])(idx), tol=1e-5)
     assert not torch.allclose(before, model(idx), atol=1e-3)
 
 
@@ -264,6 +268,29 @@ def test_window_hides_keys_further_back():
     assert torch.equal(model(idx), plain_copy(model)(idx))
     long = torch.randint(0, V, (2, T))
     assert not torch.allclose(model(long), plain_copy(model)(long), atol=1e-3)
+
+
+@torch.no_grad()
+def test_qk_gain_scales_the_attention_logits_and_init_follows_its_fields():
+    """The attention of a qk_gain model is softmax(gain * q.k / sqrt(D)) of its own QK-normed rotated q and k."""
+    model = make_model(n_head=2, n_kv_head=2, qk_gain=1.44, embed_init_std=0.8, fc_init_scale=0.4, rope_base=1e5)
+    attn, T, D = model.transformer.h[0].attn, 10, 32
+    x = torch.randn(1, T, 64)
+    cos, sin = model.cos[:, :T], model.sin[:, :T]
+    from nanochat.gpt import apply_rotary_emb, norm
+    q = norm(apply_rotary_emb(attn.c_q(x).view(1, T, 2, D), cos, sin)).transpose(1, 2)
+    k = norm(apply_rotary_emb(attn.c_k(x).view(1, T, 2, D), cos, sin)).transpose(1, 2)
+    v = attn.c_v(x).view(1, T, 2, D).transpose(1, 2)
+    logits = 1.44 * q @ k.mT / D ** 0.5
+    logits = logits.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    y = (logits.softmax(-1) @ v).transpose(1, 2).reshape(1, T, 64)
+    close(attn(x, cos, sin), attn.c_proj(y), tol=1e-5)
+    fresh = GPT(dataclasses.replace(model.config, n_embd=256, n_head=2, n_kv_head=2))
+    assert abs(fresh.transformer.wte.weight.std().item() - 0.8) < 0.01
+    assert abs(fresh.transformer.h[0].mlp.c_fc.weight.std().item() - 0.4 / 16) < 0.001
+    assert abs(fresh.transformer.h[0].attn.c_q.weight.std().item() - 1 / 16) < 0.002
+    angle = torch.atan2(fresh.sin[0, 1, 0, 1], fresh.cos[0, 1, 0, 1])  # position 1, pair 1: 1 / base^(2/128)
+    close(angle, torch.tensor(1e5 ** (-2 / 128)))
 
 
 @torch.no_grad()
