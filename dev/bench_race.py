@@ -19,7 +19,7 @@ What happens:
    (ours: base_data/, nanochat master: base_data_climbmix/), the last one its validation shard.
 2. Each checkout trains its own tokenizer (its tok_train, same text, same vocabulary size); the table says
    whether the two tokenize the held-out text identically.
-3. Each side, one after another, never side by side: a calibration run of --calib-steps steps measures its step
+3. Each side, one after another, never side by side (with --steps N: N steps each, no calibration): a calibration run of --calib-steps steps measures its step
    time; the real run then gets budget / step time steps (both scripts fix their LR schedule from the step
    count, so the horizon must be known up front). Its training time is the sum of the step times its own log
    prints, the first 3 steps (compilation) counted at the median step time instead; the table shows it, so a
@@ -111,25 +111,47 @@ def prepare_data(work, corpus, doc_chars, val_bytes):
     return data
 
 
-def side_env(base, kind, shim):
-    """The environment of a side's processes: its base dir, the numerics its kind asks for, and for the reference
-    a stub `wandb` module (its base_train imports wandb at the top; the race never logs to it)."""
+def side_env(base, kind):
+    """The environment of a side's processes: its base dir and the numerics its kind asks for."""
     env = {k: v for k, v in os.environ.items() if k not in ("NANOCHAT_DTYPE", "PYTHONPATH")}
     env["NANOCHAT_BASE_DIR"] = base
-    if kind != "ours":
-        env["PYTHONPATH"] = shim
     if kind == "ref-bf16":
         env["NANOCHAT_DTYPE"] = "bfloat16"
     return env
 
 
+LAUNCHER = '''"""Run a module of the checkout in the working directory as __main__ (the race's launcher for the reference).
+Our checkout is installed in this interpreter, so its paths come off sys.path first: its `scripts` is a regular
+package and would win over the checkout's namespace package of the same name. This directory stays on the path
+for its stub `wandb` (the reference imports wandb at the top of base_train; the race never logs to it)."""
+import os
+import runpy
+import sys
+
+ours, module = os.path.abspath(sys.argv[1]), sys.argv[2]
+sys.path[:] = [os.getcwd()] + [p for p in sys.path if p and os.path.abspath(p) != ours]
+sys.argv = [module] + sys.argv[3:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+'''
+
+
 def make_shim(work):
+    """work/shim: the launcher and a stub wandb module."""
     shim = os.path.join(work, "shim")
     os.makedirs(os.path.join(shim, "wandb"), exist_ok=True)
     with open(os.path.join(shim, "wandb", "__init__.py"), "w") as f:
         f.write('"""Stub for the race: runs are never logged to wandb."""\n\n\ndef init(*args, **kwargs):\n'
                 '    raise RuntimeError("the race runs without wandb: pass --run dummy")\n')
+    with open(os.path.join(shim, "run_module.py"), "w") as f:
+        f.write(LAUNCHER)
     return shim
+
+
+def module_cmd(kind, module, args, shim):
+    """The command line that runs `module` of the side's checkout (the working directory of the run)."""
+    if kind == "ours":
+        return [args.python, "-m", module]
+    return [args.python, os.path.join(shim, "run_module.py"), OURS, module]
 
 
 def prepare_base(work, kind, code, data, args, shim):
@@ -137,15 +159,15 @@ def prepare_base(work, kind, code, data, args, shim):
     base = os.path.join(work, "base_ours" if kind == "ours" else "base_ref")
     layout = os.path.join(base, KINDS[kind])
     os.makedirs(layout, exist_ok=True)
+    for name in os.listdir(layout):  # links of an earlier data build may not all exist now
+        os.unlink(os.path.join(layout, name))
     for path in sorted(glob.glob(os.path.join(data, "shard_*.parquet"))):
-        dst = os.path.join(layout, os.path.basename(path))
-        if not os.path.exists(dst):
-            os.symlink(path, dst)
+        os.symlink(path, os.path.join(layout, os.path.basename(path)))
     if not os.path.exists(os.path.join(base, "tokenizer", "tokenizer.pkl")):
         log(f"training the tokenizer of {code} (vocab {args.vocab_size}, {args.tok_chars:,} chars)")
-        cmd = [args.python, "-m", "scripts.tok_train", "--vocab-size", str(args.vocab_size),
-               "--max-chars", str(args.tok_chars)]
-        run_logged(cmd, code, side_env(base, kind, shim), os.path.join(base, "tok_train.log"), timeout=3600)
+        cmd = module_cmd(kind, "scripts.tok_train", args, shim) + ["--vocab-size", str(args.vocab_size),
+                                                                   "--max-chars", str(args.tok_chars)]
+        run_logged(cmd, code, side_env(base, kind), os.path.join(base, "tok_train.log"), timeout=3600)
     return base
 
 
@@ -161,7 +183,7 @@ def run_logged(cmd, cwd, env, log_path, timeout):
         r = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     text = open(log_path).read()
     if r.returncode != 0:
-        raise RuntimeError(f"{cmd[2]} failed (exit {r.returncode}) in {cwd}; log {log_path}:\n{text[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed (exit {r.returncode}) in {cwd}; log {log_path}:\n{text[-3000:]}")
     return text
 
 
@@ -203,7 +225,7 @@ def run_side(spec, args, work, data, shim):
         raise SystemExit(f"unknown side {spec!r}: a side starts with one of {', '.join(KINDS)}")
     code = OURS if kind == "ours" else os.path.abspath(args.ref)
     base = prepare_base(work, kind, code, data, args, shim)
-    env = side_env(base, kind, shim)
+    env = side_env(base, kind)
     tag = "race_" + re.sub(r"[^A-Za-z0-9]+", "_", spec).strip("_")[:80]
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
@@ -211,16 +233,20 @@ def run_side(spec, args, work, data, shim):
     budget = args.minutes * 60
 
     def train(steps, suffix):
-        cmd = [args.python, "-m", "scripts.base_train", *flags, "--num-iterations", str(steps),
-               "--model-tag", tag + suffix]
+        cmd = module_cmd(kind, "scripts.base_train", args, shim) + [*flags, "--num-iterations", str(steps),
+                                                                    "--model-tag", tag + suffix]
         return run_logged(cmd, code, env, os.path.join(logs, f"{tag}{suffix}.log"), timeout=3 * budget + 1800)
 
-    log(f"{spec}: calibrating ({args.calib_steps} steps)")
-    _, step_s = train_time(step_times(train(args.calib_steps, "_calib")))
-    shutil.rmtree(os.path.join(base, "base_checkpoints", tag + "_calib"), ignore_errors=True)
-    steps = max(COMPILE_STEPS + 1, int(budget / step_s))
+    if args.steps:
+        steps = args.steps
+    else:
+        log(f"{spec}: calibrating ({args.calib_steps} steps)")
+        _, step_s = train_time(step_times(train(args.calib_steps, "_calib")))
+        shutil.rmtree(os.path.join(base, "base_checkpoints", tag + "_calib"), ignore_errors=True)
+        steps = max(COMPILE_STEPS + 1, int(budget / step_s))
+        log(f"{spec}: {step_s * 1000:.0f} ms/step -> {steps} steps for {args.minutes} min")
     load = os.getloadavg()[0]
-    log(f"{spec}: {step_s * 1000:.0f} ms/step -> {steps} steps for {args.minutes} min (load {load:.2f})")
+    log(f"{spec}: training {steps} steps (load {load:.2f})")
     t0 = time.time()
     text = train(steps, "")
     wall = time.time() - t0
@@ -261,8 +287,9 @@ def machine():
 
 def table(results, args):
     lines = [f"machine: {machine()}",
-             f"race: depth {args.depth}, seq {args.seq_len}, {args.batch_tokens:,} tokens/step, {args.minutes:g} min "
-             f"each, vocab {args.vocab_size}, held-out {results[0]['bytes']:,} bytes", "",
+             f"race: depth {args.depth}, seq {args.seq_len}, {args.batch_tokens:,} tokens/step, "
+             + (f"{args.steps} steps" if args.steps else f"{args.minutes:g} min") +
+             f" each, vocab {args.vocab_size}, held-out {results[0]['bytes']:,} bytes", "",
              "| side | dtype | compile | params | load before | steps | tokens | train s | tok/s | val bpb |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -272,7 +299,7 @@ def table(results, args):
     hashes = {r["side"].split()[0]: r["token_hash"] for r in results}
     same = len(set(hashes.values())) == 1
     lines += ["", f"tokenizers: {'identical' if same else 'DIFFERENT'} on the held-out text ("
-              + ", ".join(f"{k} {r['tokens']:,} tokens" for k, r in {r['side'].split()[0]: r for r in results}.items())
+              + ", ".join(f"{k} {r['heldout_tokens']:,} tokens" for k, r in {r['side'].split()[0]: r for r in results}.items())
               + ")"]
     return "\n".join(lines)
 
@@ -286,6 +313,8 @@ def main():
     p.add_argument("--batch-tokens", type=int, default=8192, help="tokens per optimizer step (one micro-batch)")
     p.add_argument("--minutes", type=float, default=10, help="training budget of each side")
     p.add_argument("--calib-steps", type=int, default=12, help="steps of the calibration run")
+    p.add_argument("--steps", type=int, default=0, help="train every side this many steps instead of --minutes: "
+                   "the per-step race (quality per step, whatever the machine's load; time it with dev/bench_recipe.py)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--tok-chars", type=int, default=50_000_000, help="characters each tokenizer trains on")
     p.add_argument("--doc-chars", type=int, default=2000, help="longest document, in characters")

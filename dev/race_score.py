@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import sys
 import time
 
@@ -30,7 +31,8 @@ def main():
     p.add_argument("--text", required=True, help="JSON list of held-out documents")
     p.add_argument("--batch", type=int, default=16, help="windows per forward")
     args = p.parse_args()
-    sys.path.insert(0, args.code)
+    # only this checkout's nanochat: every other directory holding one (our editable install's) comes off the path
+    sys.path[:] = [args.code] + [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "nanochat"))]
     import torch
     from nanochat.checkpoint_manager import load_model
 
@@ -47,6 +49,7 @@ def main():
         n_tokens += len(ids) - 1
         digest.update(json.dumps(ids).encode())
         rows += windows(ids, T)
+    rows.sort(key=lambda r: len(r[0]))  # batches of similar lengths: little padding
     nats = 0.0
     with torch.no_grad():
         for b in range(0, len(rows), args.batch):
@@ -59,7 +62,7 @@ def main():
                 y[i, :len(tgt)] = torch.tensor(tgt)
             nats += model(x, y, loss_reduction="none").double().sum().item()  # 0 where the target is -1
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    print(json.dumps({"bpb": nats / math.log(2) / n_bytes, "nats": nats, "bytes": n_bytes, "tokens": n_tokens,
+    print(json.dumps({"bpb": nats / math.log(2) / n_bytes, "nats": nats, "bytes": n_bytes, "heldout_tokens": n_tokens,
                       "token_hash": digest.hexdigest(), "step": meta.get("step"),
                       "params": sum(p.numel() for p in model.parameters()), "seconds": time.time() - t0}))
 
