@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nanochat.checkpoint_manager import build_model, save_checkpoint
+from nanochat.engine import Engine
 from nanochat.fastlinear import pack_linears, packing_supported
 from nanochat.gpt import GPT, GPTConfig, config_overrides, window_mask, window_sizes
 from nanochat.kv_cache import KVCache, RaggedKVCache, StaticKVCache
@@ -16,6 +17,8 @@ from nanochat.lora.adapter import LoRA
 from nanochat.lora.quant import quantize_base
 from nanochat.muon import Muon, normalize_neurons, zeropower_via_newtonschulz5
 from nanochat.reshard import full_optimizer_states, load_resharded
+from nanochat.tokenizer import Tokenizer
+from nanochat.tools.registry import ToolRegistry
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -291,6 +294,23 @@ def test_qk_gain_scales_the_attention_logits_and_init_follows_its_fields():
     assert abs(fresh.transformer.h[0].attn.c_q.weight.std().item() - 1 / 16) < 0.002
     angle = torch.atan2(fresh.sin[0, 1, 0, 1], fresh.cos[0, 1, 0, 1])  # position 1, pair 1: 1 / base^(2/128)
     close(angle, torch.tensor(1e5 ** (-2 / 128)))
+
+
+def test_engine_decodes_every_piece_as_a_full_recompute(monkeypatch):
+    """The Engine's two decode paths (a growing KVCache; compile=True's StaticKVCache, with torch.compile
+    replaced by the identity to stay fast) give the tokens a greedy full recompute gives."""
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
+    model = make_model(**FEATURES["all"])
+    tok = Tokenizer.byte_level()
+    prompt = [tok.get_bos_token_id()] + list(range(40, 70))
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    for engine in (Engine(model, tok, tools=ToolRegistry()), Engine(model, tok, compile=True)):
+        rows, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=0.0)
+        stop = next((i for i, t in enumerate(ids[len(prompt):]) if t in engine.stop_tokens), 12)
+        assert rows == [ids[len(prompt):len(prompt) + stop]] * 2
 
 
 @torch.no_grad()
