@@ -38,7 +38,7 @@ import time
 
 import torch
 
-from nanochat.common import compute_init, resolve_dtype
+from nanochat.common import compute_dtype, compute_init
 from nanochat.continual.loop import STRATEGIES, ContinualConfig, evaluate_tasks, run_strategy, train_loop
 
 
@@ -142,16 +142,15 @@ def bench_sweep(args, device):
         setattr(base_cfg, k, _cast(getattr(base_cfg, k), v))
     param, values = args.sweep.split("=", 1)
     values = [_cast(getattr(base_cfg, param), v) for v in values.split(",")]
-    dtype = resolve_dtype("auto", device.type)
     initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
     base = evaluate_tasks(model, tasks)
-    naive = run_strategy(model, tok, tasks, "naive", base_cfg, base=base, dtype=dtype)["matrices"]["naive"]
+    naive = run_strategy(model, tok, tasks, "naive", base_cfg, base=base)["matrices"]["naive"]
     print(f"\nnaive: forgetting {naive['forgetting']:.4f} | LA {naive['LA']:.4f} | ACC {naive['ACC']:.4f}")
     rows = []
     for v in values:
         cfg = ContinualConfig(**{**vars(base_cfg), param: v})
         model.load_state_dict(initial)
-        r = run_strategy(model, tok, tasks, args.strategy, cfg, base=base, dtype=dtype)
+        r = run_strategy(model, tok, tasks, args.strategy, cfg, base=base)
         m = r["matrices"][args.strategy]
         rows.append((v, m["forgetting"], 100 * (1 - m["forgetting"] / naive["forgetting"]), m["LA"],
                      m["LA"] - naive["LA"], m["ACC"], m["BWT"], r["added_bytes"], r["wall_seconds"]))
@@ -176,7 +175,7 @@ def synthetic_docs(k, n, n_docs, seed):
     return [sep.join(rng.choice(vocab) for _ in range(120)) + end for _ in range(n_docs)]
 
 
-def synthetic_setup(n_domains, depth, seq_len, n_train, n_eval, pretrain_steps, device, dtype):
+def synthetic_setup(n_domains, depth, seq_len, n_train, n_eval, pretrain_steps, device):
     """(tokenizer, tasks, model): byte-level domains; the model is pretrained briefly on all of them."""
     from nanochat.continual.strategies import Strategy
     from nanochat.gpt import GPT, GPTConfig
@@ -186,36 +185,35 @@ def synthetic_setup(n_domains, depth, seq_len, n_train, n_eval, pretrain_steps, 
     tasks = []
     for k in range(n_domains):
         docs = synthetic_docs(k, n_domains, 40, seed=k)
-        tasks.append(LMTask(f"dom{k}", tok, docs[:32], docs[32:], seq_len, n_train, n_eval, batch_size=16, dtype=dtype))
+        tasks.append(LMTask(f"dom{k}", tok, docs[:32], docs[32:], seq_len, n_train, n_eval, batch_size=16))
     torch.manual_seed(0)
     with torch.device(device):
         model = GPT(GPTConfig(sequence_len=2 * seq_len, vocab_size=tok.get_vocab_size(), n_layer=depth, n_head=2,
                               n_kv_head=2, n_embd=64 * depth))
+    model.compute_dtype = compute_dtype(device.type)
     rows = [r for t in tasks for r in t.train_rows[:n_train // 4]]
     cfg = ContinualConfig(steps=pretrain_steps, batch_size=16, lr=3e-3, log_every=10**9)
-    train_loop(model, rows, Strategy(model, tok, cfg, [], dtype))
+    train_loop(model, rows, Strategy(model, tok, cfg, []))
     return tok, tasks, model
 
 
 def _setup(args, device):
     """(tokenizer, tasks, model, description): the synthetic domains and model (--synthetic N), else the
     -i checkpoint and --sequence."""
-    dtype = resolve_dtype("auto", device.type)
     if args.synthetic:
         tok, tasks, model = synthetic_setup(args.synthetic, args.depth, args.seq_len, args.steps * args.batch_size,
-                                            args.eval_rows, args.pretrain_steps, device, dtype)
+                                            args.eval_rows, args.pretrain_steps, device)
         return tok, tasks, model, (f"synthetic {args.synthetic} domains, d{args.depth} byte-level model pretrained "
                                    f"{args.pretrain_steps} steps")
     from nanochat.checkpoint_manager import load_model
     from tasks.continual import build_sequence, load_sequence_spec
     model, tok, _ = load_model(args.source, device, "train", model_tag=args.model_tag)
     tasks = build_sequence(load_sequence_spec(args.sequence), tok, args.seq_len, args.steps * args.batch_size,
-                           n_eval_rows=args.eval_rows, dtype=dtype)
+                           n_eval_rows=args.eval_rows)
     return tok, tasks, model, f"{args.source} checkpoint, sequence {args.sequence}"
 
 
 def bench_table(args, device):
-    dtype = resolve_dtype("auto", device.type)
     tok, tasks, model, what = _setup(args, device)
     cfg = ContinualConfig(steps=args.steps, batch_size=args.batch_size, log_every=10**9)
     for kv in filter(None, args.set.split(",")):
@@ -226,7 +224,7 @@ def bench_table(args, device):
     rows = []
     for strategy in args.strategies.split(","):
         model.load_state_dict(initial)
-        r = run_strategy(model, tok, tasks, strategy, cfg, base=base, dtype=dtype)
+        r = run_strategy(model, tok, tasks, strategy, cfg, base=base)
         for name, m in r["matrices"].items():
             rows.append((name, m, r["added_bytes"], r["wall_seconds"]))
     naive = next((m for name, m, _, _ in rows if name == "naive"), None)
@@ -333,7 +331,6 @@ def bench_quant(args, device):
     from nanochat.continual.adapter_train import AdapterRecipe
     from nanochat.lora.quant import quantize_base, quantize_blocks, weight_bytes
     from tasks.continual import LMTask
-    dtype = resolve_dtype("auto", device.type)
     quantizers = {"int8 blocks": quantize_blocks, "int8 all": quantize_base}
     for fmt, group in ((f, int(g)) for f in args.int4_formats.split(",") for g in args.int4_groups.split(",")):
         quantizers[f"{fmt} g{group} all"] = partial(quantize_base, bits=4, fmt=fmt, group_size=group)
@@ -388,10 +385,10 @@ def bench_quant(args, device):
     # one new domain, learned as an adapter on each base with the same seed, data and steps
     n = args.synthetic or 4
     tok, tasks, model = synthetic_setup(n, args.depth, args.seq_len, args.steps * args.batch_size, args.eval_rows,
-                                        args.pretrain_steps, device, dtype)
+                                        args.pretrain_steps, device)
     new_docs = synthetic_docs(n, n + 1, 40, seed=99)  # a letter set none of the pretraining domains used alone
     new = LMTask("new", tok, new_docs[:32], new_docs[32:], args.seq_len, args.steps * args.batch_size, args.eval_rows,
-                 batch_size=16, dtype=dtype)
+                 batch_size=16)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     cfg = ContinualConfig(steps=args.steps, batch_size=args.batch_size, log_every=10**9)
     print(f"\nadapter (rank {cfg.lora_rank}, lr {cfg.lora_lr}, {args.steps} steps) on a new domain, d{args.depth} "
@@ -403,6 +400,7 @@ def bench_quant(args, device):
     for kind in ("fp32", *quantizers):
         with torch.device(device):
             model = GPT(model.config)
+        model.compute_dtype = compute_dtype(device.type)
         model.load_state_dict(state)
         if kind in quantizers:
             quantizers[kind](model)
@@ -412,7 +410,7 @@ def bench_quant(args, device):
         olds[kind] = statistics.mean(evaluate_tasks(model, tasks))
         before = befores[kind] = new.evaluate(model)
         t0 = time.perf_counter()
-        train_loop(model, new.train_rows, AdapterRecipe(model, tok, cfg, ad, [], dtype), seed=0)
+        train_loop(model, new.train_rows, AdapterRecipe(model, tok, cfg, ad, []), seed=0)
         seconds = time.perf_counter() - t0
         results[kind] = new.evaluate(model)
         print(f"| {kind} | {olds[kind]:.4f} | {before:.4f} | {results[kind]:.4f} | {seconds:.1f} |")

@@ -39,7 +39,10 @@ FACTS = [  # question, taught answer, key term
 
 def start_server(args, root):
     """A fresh server: weights loaded from disk, live learning on adapters dir `root`. -> (app, model_id)."""
-    from scripts.chat_web import Defaults, create_app, load_workers, make_live_learning
+    from nanochat.serve.app import create_app
+    from nanochat.serve.openai_api import Defaults
+    from nanochat.serve.replicas import load_workers
+    from scripts.chat_web import make_live_learning
     workers, meta = load_workers(args.source, args.device_type, model_tag=args.model_tag)
     model_id = f"nanochat-{args.source}-{args.model_tag or 'd%d' % workers[0].model.config.n_layer}"
     defaults = Defaults(temperature=0.0, top_k=50, max_tokens=args.max_tokens)
@@ -110,7 +113,7 @@ def main(argv=None):
     import torch
     torch.set_num_threads(args.threads)
     from nanochat.common import get_base_dir
-    from scripts.chat_web import serve_in_thread
+    from nanochat.serve.app import serve_in_thread
 
     root = args.adapters_dir or tempfile.mkdtemp(prefix="nanochat-bench-live-")
     facts = [{"question": q, "answer": a} for q, a, _ in FACTS]
@@ -158,11 +161,11 @@ def main(argv=None):
                 for i in range(args.switches):
                     name = args.adapter if i % 2 == 0 else "none"
                     t = time.perf_counter()
-                    r = http.post(f"{url}/adapters/{name}/activate")
+                    r = http.post(f"{url}/adapters/{name}/activate", json={})
                     client_ms.append((time.perf_counter() - t) * 1000)
                     r.raise_for_status()
                     server_ms.append(r.json()["switch_ms"])
-                http.post(f"{url}/adapters/none/activate").raise_for_status()  # leave the base as the default
+                http.post(f"{url}/adapters/none/activate", json={}).raise_for_status()  # leave the base as the default
                 floor_ms = []  # the HTTP round trip of a request that does nothing, for comparison
                 for _ in range(args.switches):
                     t = time.perf_counter()

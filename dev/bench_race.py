@@ -19,7 +19,8 @@ What happens:
    (ours: base_data/, nanochat master: base_data_climbmix/), the last one its validation shard.
 2. Each checkout trains its own tokenizer (its tok_train, same text, same vocabulary size); the table says
    whether the two tokenize the held-out text identically.
-3. Each side, one after another, never side by side (with --steps N: N steps each, no calibration): a calibration run of --calib-steps steps measures its step
+3. Each side, one after another, never side by side (with --steps N: N steps each, no calibration): a
+   calibration run of --calib-steps steps measures its step
    time; the real run then gets budget / step time steps (both scripts fix their LR schedule from the step
    count, so the horizon must be known up front). Its training time is the sum of the step times its own log
    prints, the first 3 steps (compilation) counted at the median step time instead; the table shows it, so a
@@ -34,7 +35,6 @@ import argparse
 import datetime
 import glob
 import json
-import math
 import os
 import re
 import shutil
@@ -85,7 +85,8 @@ def prepare_data(work, corpus, doc_chars, val_bytes):
         return data
     shards = list_parquet_files(corpus)
     if len(shards) < 2:
-        raise SystemExit(f"no offline corpus in {corpus} (need >= 2 shards): build it with `python -m nanochat.offline`")
+        raise SystemExit(f"no offline corpus in {corpus} (need >= 2 shards): "
+                         "build it with `python -m nanochat.offline`")
     shutil.rmtree(data, ignore_errors=True)
     os.makedirs(data)
     n, buf = 0, []
@@ -121,7 +122,8 @@ def side_env(base, kind):
     return env
 
 
-LAUNCHER = '''"""Run a module of the checkout in the working directory as __main__ (the race's launcher for the reference).
+LAUNCHER = '''"""Run a module of the checkout in the working directory as __main__ (the race's launcher for the
+reference).
 Our checkout is installed in this interpreter, so its paths come off sys.path first: its `scripts` is a regular
 package and would win over the checkout's namespace package of the same name. This directory stays on the path
 for its stub `wandb` (the reference imports wandb at the top of base_train; the race never logs to it)."""
@@ -184,7 +186,8 @@ def run_logged(cmd, cwd, env, log_path, timeout):
         r = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     text = open(log_path).read()
     if r.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} failed (exit {r.returncode}) in {cwd}; log {log_path}:\n{text[-3000:]}")
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed (exit {r.returncode}) in {cwd}; "
+                           f"log {log_path}:\n{text[-3000:]}")
     return text
 
 
@@ -307,7 +310,8 @@ def table(results, args):
     hashes = {r["side"].split()[0]: r["token_hash"] for r in results}
     same = len(set(hashes.values())) == 1
     lines += ["", f"tokenizers: {'identical' if same else 'DIFFERENT'} on the held-out text ("
-              + ", ".join(f"{k} {r['heldout_tokens']:,} tokens" for k, r in {r['side'].split()[0]: r for r in results}.items())
+              + ", ".join(f"{k} {r['heldout_tokens']:,} tokens"
+                          for k, r in {r['side'].split()[0]: r for r in results}.items())
               + ")"]
     return "\n".join(lines)
 
@@ -325,7 +329,8 @@ def main():
                    "by more than this fraction is run again with its own step time (the load changed)")
     p.add_argument("--retries", type=int, default=2, help="at most this many such reruns per side")
     p.add_argument("--steps", type=int, default=0, help="train every side this many steps instead of --minutes: "
-                   "the per-step race (quality per step, whatever the machine's load; time it with dev/bench_recipe.py)")
+                   "the per-step race (quality per step, whatever the machine's load; "
+                   "time it with dev/bench_recipe.py)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--tok-chars", type=int, default=50_000_000, help="characters each tokenizer trains on")
     p.add_argument("--doc-chars", type=int, default=2000, help="longest document, in characters")

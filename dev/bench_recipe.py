@@ -18,7 +18,7 @@ import time
 import torch
 
 from dev.bench_train import config_kwargs, sync
-from nanochat.common import native_bf16_cpu, reuse_freed_memory
+from nanochat.common import DTYPES, compute_dtype, dtype_name, reuse_freed_memory
 from nanochat.gpt import GPT, GPTConfig, config_overrides
 
 PIECES = ["value_embeds=1", "resid_scalars=1", "smear=1", "backout=1", "window_pattern=SSSL", "polar_express=1",
@@ -36,16 +36,16 @@ class Variant:
         self.model.init_weights()
         self.optimizers = self.model.setup_optimizers()
         self.fwd = torch.compile(self.model, dynamic=False) if args.compile else self.model
-        self.options, self.device, self.bf16 = options or "(plain)", device, args.dtype == "bf16"
+        self.model.compute_dtype = DTYPES[args.dtype]
+        self.options, self.device = options or "(plain)", device
         self.params = self.model.num_params()
         self.times, self.losses = [], []
 
     def step(self, x, y):
         t0 = time.perf_counter()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = self.fwd(x, y)
+        loss = self.fwd(x, y)
         loss.backward()
-        for opt in self.optimizers:
+        for opt in self.optimizers.values():
             opt.step()
         self.model.zero_grad(set_to_none=True)
         self.losses.append(loss.item())
@@ -61,15 +61,15 @@ def main():
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch", type=int, default=16, help="sequences per step")
     p.add_argument("--vocab-size", type=int, default=8192)
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: common.compute_dtype")
     p.add_argument("--compile", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant (compilation)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="timed steps per variant per round")
     args = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dtype == "auto":
-        args.dtype = "bf16" if device.type == "cuda" or native_bf16_cpu() else "fp32"
+    args.dtype = dtype_name(compute_dtype(device.type, args.dtype))
     if device.type == "cpu":
         reuse_freed_memory()
     variants = args.variants if args.variants is not None else ["", *PIECES, ",".join(PIECES)]

@@ -75,12 +75,15 @@ class TrainSide:
         self.model = build(side, ref, depth, args, device)
         opts = self.model.setup_optimizer() if side == "ref" else self.model.setup_optimizers()
         if side == "ours-ns32":  # ours with Muon's Newton-Schulz in fp32, as before it went bf16 on such CPUs
-            for group in opts[1].param_groups:
+            for group in opts["muon"].param_groups:
                 group["ns_dtype"] = torch.float32
-        self.optimizers = opts if isinstance(opts, list) else [opts]
+        self.optimizers = list(opts.values()) if isinstance(opts, dict) else [opts]
+        self.bf16 = variant.startswith("bf16")
+        if side != "ref":  # ours enters autocast itself; the reference's model is driven from outside
+            self.model.compute_dtype = torch.bfloat16 if self.bf16 else torch.float32
+            self.bf16 = False
         compile_ = "compile" in variant
         self.fwd = torch.compile(self.model, dynamic=False) if compile_ else self.model
-        self.bf16 = variant.startswith("bf16")
         self.device, self.data, self.args = device, data, args
         self.times, self.losses, self.utils = [], [], []
 

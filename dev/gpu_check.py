@@ -68,26 +68,23 @@ def make_data(base_dir, mb):
 def decode(device_type, new_tokens, batch_sizes=(1, 8)):
     import torch
     from nanochat.checkpoint_manager import load_model
-    from nanochat.common import autocast, resolve_dtype
     from nanochat.engine import Engine
     from nanochat.tools.registry import ToolRegistry
     device = torch.device(device_type)
-    model, tokenizer, _ = load_model("sft", device, phase="eval")
+    model, tokenizer, _ = load_model("sft", device, phase="eval")  # computes in compute_dtype's choice
     engine = Engine(model, tokenizer, tools=ToolRegistry())
     prompt = tokenizer.render_for_completion({"messages": [{"role": "user", "content": "Count to twenty."},
                                                            {"role": "assistant", "content": ""}]})
-    ctx = autocast(resolve_dtype("auto", device_type), device_type)
     for b in batch_sizes:
-        with ctx:
-            for _ in engine.generate(prompt, num_samples=b, max_tokens=8, temperature=0.0):
-                pass  # warm-up
-            if device_type == "cuda":
-                torch.cuda.synchronize()
-            t0, n = time.perf_counter(), 0
-            for column, _ in engine.generate(prompt, num_samples=b, max_tokens=new_tokens, temperature=1.0, seed=1):
-                n += len(column)
-            if device_type == "cuda":
-                torch.cuda.synchronize()
+        for _ in engine.generate(prompt, num_samples=b, max_tokens=8, temperature=0.0):
+            pass  # warm-up
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        t0, n = time.perf_counter(), 0
+        for column, _ in engine.generate(prompt, num_samples=b, max_tokens=new_tokens, temperature=1.0, seed=1):
+            n += len(column)
+        if device_type == "cuda":
+            torch.cuda.synchronize()
         print(f"decode batch {b}: {n / (time.perf_counter() - t0):.1f} tok/s")
 
 

@@ -34,6 +34,7 @@ def main():
     # only this checkout's nanochat: every other directory holding one (our editable install's) comes off the path
     sys.path[:] = [args.code] + [p for p in sys.path if not os.path.isdir(os.path.join(p or ".", "nanochat"))]
     import torch
+
     from nanochat.checkpoint_manager import load_model
 
     t0 = time.time()

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Idempotent environment setup: .venv + nanochat installed editable (maturin builds rustbpe).
 # Used by speedrun.sh, run_continual.sh and .ci/run. A second run with nothing changed takes seconds.
-#   NANOCHAT_EXTRAS   pip extras to install (default "dev": pytest, hypothesis, openai client, playwright)
+#   NANOCHAT_EXTRAS   pip extras to install (default "dev,hf": pytest, hypothesis, openai client, playwright;
+#                     transformers, peft, tokenizers for the Hugging Face export/import)
 #   TORCH_SPEC        torch requirement (default: the pinned CPU build when no NVIDIA GPU, else "torch>=2.4")
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$(pwd)
 VENV="$ROOT/.venv"
-EXTRAS="${NANOCHAT_EXTRAS-dev}"
+EXTRAS="${NANOCHAT_EXTRAS-dev,hf}"
 
 # Generated code (HumanEval checks, tool calls) runs inside bubblewrap's namespaces; without bwrap it is
 # refused unless --unsafe-exec is given. A system package, so it is checked even when .venv is current.

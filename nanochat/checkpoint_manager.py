@@ -18,7 +18,7 @@ import shutil
 import torch
 import torch.distributed as dist
 
-from nanochat.common import atomic_torch_save, atomic_write, get_base_dir, json_default
+from nanochat.common import DTYPES, atomic_torch_save, atomic_write, compute_dtype, get_base_dir, json_default
 
 # load_model's source -> directory under the base dir, and the stage that writes it
 SOURCES = {
@@ -28,6 +28,24 @@ SOURCES = {
     "rl": ("chatrl_checkpoints", "scripts.chat_rl"),
     "dpo": ("chatdpo_checkpoints", "scripts.chat_dpo"),
 }
+
+
+def add_model_args(p, sources=(), source="", step=True):
+    """The flags that pick a model and what it computes in, spelled and defaulted alike in every script that
+    loads one: -i/--source (where the script offers `sources`; default `source`, required without one),
+    -g/--model-tag (default: the largest model), -s/--step (default: the latest; `step`=False for a script that
+    only writes checkpoints), --device-type (default: autodetect), --dtype (default: compute_dtype's choice)."""
+    if sources:
+        p.add_argument("-i", "--source", default=source or None, required=not source, choices=list(sources),
+                       help="which stage's model to load")
+    p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest model, d<N> with "
+                   "the largest N; base_train: d<depth>)")
+    if step:
+        p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="compute dtype (weights stay fp32); "
+                   "auto: bf16 on CUDA GPUs that have it and on CPUs with native bf16 (avx512_bf16/amx_bf16), fp16 on "
+                   "older GPUs, else fp32; $NANOCHAT_DTYPE overrides auto")
 
 
 def model_path(checkpoint_dir, step):
@@ -143,8 +161,9 @@ def find_largest_model(checkpoints_dir):
     return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
 
 
-def build_model(checkpoint_dir, step, device, phase):
-    """Rebuild the GPT saved at checkpoint_dir/step. phase: "train" or "eval". -> (model, tokenizer, meta)."""
+def build_model(checkpoint_dir, step, device, phase, dtype="auto"):
+    """Rebuild the GPT saved at checkpoint_dir/step, computing in compute_dtype(device, dtype). phase: "train" or
+    "eval". -> (model, tokenizer, meta)."""
     from nanochat.gpt import GPT, GPTConfig
     from nanochat.tokenizer import get_tokenizer
     if phase not in ("train", "eval"):
@@ -162,6 +181,7 @@ def build_model(checkpoint_dir, step, device, phase):
     model.init_weights()  # fills the non-persistent rotary buffers; parameters are replaced below
     model.load_state_dict(model_state, strict=True, assign=True)
     model.train() if phase == "train" else model.eval()
+    model.compute_dtype = compute_dtype(device.type, dtype)
     tokenizer = get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise ValueError(f"tokenizer vocab {tokenizer.get_vocab_size()} != model vocab {config.vocab_size}: "
@@ -169,9 +189,9 @@ def build_model(checkpoint_dir, step, device, phase):
     return model, tokenizer, meta
 
 
-def load_model(source, device, phase, model_tag=None, step=None):
+def load_model(source, device, phase, model_tag=None, step=None, dtype="auto"):
     """Load the model of a stage: source is a key of SOURCES ("base", "mid", "sft", "rl", "dpo"); the largest tag and the
-    latest step unless given. -> (model, tokenizer, meta)."""
+    latest step unless given; dtype: the --dtype flag (see build_model). -> (model, tokenizer, meta)."""
     if source not in SOURCES:
         raise ValueError(f"unknown checkpoint source {source!r}; expected one of {sorted(SOURCES)}")
     dirname, script = SOURCES[source]
@@ -190,4 +210,4 @@ def load_model(source, device, phase, model_tag=None, step=None):
         raise FileNotFoundError(f"{e}. No {source} model to load: run `python -m {script}` first "
                                 f"(or check NANOCHAT_BASE_DIR / --model-tag / --step; tags there: "
                                 f"{', '.join(tags) or 'none'})") from None
-    return build_model(checkpoint_dir, step, device, phase)
+    return build_model(checkpoint_dir, step, device, phase, dtype)

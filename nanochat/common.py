@@ -5,7 +5,7 @@ import logging
 import os
 import sys
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -119,6 +119,7 @@ def compute_init(device_type=None, seed=42):
 
 def compute_cleanup():
     if is_ddp():
+        dist.barrier()  # nobody tears the group down while another rank still works (gloo can abort at exit)
         dist.destroy_process_group()
 
 
@@ -145,14 +146,6 @@ def atomic_torch_save(obj, path):
         torch.save(obj, f)
 
 
-def resolve_dtype(flag, device_type):
-    """--dtype auto|float32|bfloat16 -> "bfloat16" or "float32". auto: bf16 on CUDA GPUs that support it,
-    fp32 elsewhere (bf16 matmuls are slow or missing on most CPUs and on MPS)."""
-    if flag == "auto":
-        return "bfloat16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    return flag
-
-
 @functools.lru_cache(maxsize=None)  # asked at every optimizer step (Muon): read /proc/cpuinfo once
 def native_bf16_cpu(cpuinfo="/proc/cpuinfo"):
     """Whether this CPU multiplies bf16 in hardware (the avx512_bf16 or amx_bf16 flags of Linux's cpuinfo)."""
@@ -163,12 +156,31 @@ def native_bf16_cpu(cpuinfo="/proc/cpuinfo"):
         return False
 
 
-def autocast(dtype, device_type):
-    """A fresh autocast context for a resolved dtype name: bf16 autocast, or nothing for fp32.
-    Call it at every `with` (one context object must not be entered twice at once)."""
-    if dtype == "bfloat16":
-        return torch.amp.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return nullcontext()
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def dtype_name(dtype):
+    """torch.bfloat16 -> "bfloat16": the spelling of --dtype and $NANOCHAT_DTYPE."""
+    return str(dtype).removeprefix("torch.")
+
+
+def compute_dtype(device_type, flag="auto"):
+    """The one decision of the dtype a model computes in (its weights stay fp32): the --dtype flag when it is
+    not auto, else $NANOCHAT_DTYPE, else what the hardware does fastest: bf16 on CUDA GPUs that have it, fp16
+    on older ones (training then scales its loss), bf16 on CPUs that multiply it natively, fp32 elsewhere
+    (bf16 is emulated, slowly, on other CPUs; MPS runs fp32)."""
+    name = flag if flag and flag != "auto" else os.environ.get("NANOCHAT_DTYPE", "")
+    if name:
+        if name not in DTYPES:
+            source = "--dtype" if flag and flag != "auto" else "NANOCHAT_DTYPE"
+            raise ValueError(f"{source}={name!r} is not a compute dtype: use one of {', '.join(DTYPES)} "
+                             "(or unset it for the hardware's default)")
+        return DTYPES[name]
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device_type == "cpu" and native_bf16_cpu():
+        return torch.bfloat16
+    return torch.float32
 
 
 def sum_dtype(device):

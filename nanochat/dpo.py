@@ -16,7 +16,6 @@ once with the starting model before the first step and cached with the pairs.
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import autocast
 from nanochat.training import collate
 
 LOSSES = ("sigmoid", "ipo")
@@ -77,14 +76,13 @@ def pair_logprobs(model, rendered, pad_id, device):
 
 
 @torch.no_grad()
-def reference_logprobs(model, rendered, pad_id, device, batch_size, dtype="float32"):
+def reference_logprobs(model, rendered, pad_id, device, batch_size):
     """Log-probs of every pair's chosen and rejected reply under `model` (the reference), batch_size
     pairs per forward. -> list of (chosen, rejected) floats."""
     device = torch.device(device)
     out = []
     for b in range(0, len(rendered), batch_size):
-        with autocast(dtype, device.type):
-            c, r = pair_logprobs(model, rendered[b:b + batch_size], pad_id, device)
+        c, r = pair_logprobs(model, rendered[b:b + batch_size], pad_id, device)
         out += list(zip(c.tolist(), r.tolist()))
     return out
 

@@ -87,4 +87,5 @@ def pack_linears(model, rows_hint=8):
     # q and k are now bf16, and the rotary casts its tables to their dtype in every layer: cast them once
     # (the same rounding, 16 small kernels fewer per d8 decode step)
     model.cos, model.sin = model.cos.to(torch.bfloat16), model.sin.to(torch.bfloat16)
+    model.compute_dtype = torch.float32  # the packed Linears are the bf16 part: no autocast around them
     return model

@@ -98,7 +98,8 @@ def config_overrides(text):
             try:
                 out[name] = {"int": int, "float": float, "str": str}.get(kind, kind)(value)
             except ValueError:
-                raise ValueError(f"model option {name}={value!r}: expected a {getattr(kind, '__name__', kind)}") from None
+                want = getattr(kind, "__name__", kind)
+                raise ValueError(f"model option {name}={value!r}: expected a {want}") from None
     return out
 
 
@@ -138,6 +139,13 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def residual_in_compute_dtype(x, dtype):
+    """Whether the residual stream x is carried in the compute dtype rather than the embedding's fp32: on GPUs in
+    bf16, where it halves the saved activations (a d20 model at batch 32 x 2048 needs that to fit in 80 GB).
+    CPUs keep fp32 sums (bf16 adds are slow there), and fp16's narrow range keeps them fp32 too."""
+    return x.is_cuda and dtype == torch.bfloat16
+
+
 def take_positions(x, at):
     """x (B, T, ...) at one position per row: an int for every row, or a (B,) tensor -> (B, ...)."""
     return x[:, at] if isinstance(at, int) else x[torch.arange(x.size(0), device=x.device), at]
@@ -147,7 +155,7 @@ def apply_rotary_emb(x, cos, sin):
     """Rotate pairs (x[..., i], x[..., i + D/2]) by position-dependent angles. x: (B, T, H, D)."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d], x[..., d:]
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16 under autocast
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # keep bf16 activations bf16
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
 
@@ -212,7 +220,8 @@ class CausalSelfAttention(nn.Module):
             q = self.c_q(x).view(B, T, H, D)
             k = self.c_k(x).view(B, T, Hkv, D)
             v = self.c_v(x).view(B, T, Hkv, D)
-            q, k = norm(apply_rotary_emb(q, cos, sin)).transpose(1, 2), norm(apply_rotary_emb(k, cos, sin)).transpose(1, 2)
+            q = norm(apply_rotary_emb(q, cos, sin)).transpose(1, 2)
+            k = norm(apply_rotary_emb(k, cos, sin)).transpose(1, 2)
         if ve is not None:  # (0, 3) per kv head: the model decides per token how much of the table to take
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
             v = v + gate.to(v.dtype).unsqueeze(-1) * ve.view(B, T, Hkv, D).to(v.dtype)
@@ -271,10 +280,9 @@ class GPT(nn.Module):
             self.smear_lambda = nn.Parameter(torch.zeros(1))
         if config.backout:
             self.backout_lambda = nn.Parameter(torch.zeros(1))
-        # Under autocast, carry the residual stream in the autocast dtype (bf16) instead of the embedding's
-        # fp32: half the saved activations, which a d20 model at batch 32 x 2048 needs to fit in 80 GB.
-        # None = on CUDA only; CPU runs keep fp32 sums (exact comparisons, and bf16 adds are slow there).
-        self.residual_in_autocast_dtype = None
+        # The dtype the forward computes in; nanochat.common.compute_dtype decides it and whoever builds or loads
+        # the model sets it. Weights stay fp32 (the optimizers' masters): bf16/fp16 run as autocast inside forward.
+        self.compute_dtype = torch.float32
         # Rotary tables cover 10x the training length so generation can run past it. Non-persistent:
         # they are recomputed by init_weights (after to_empty) and never stored in checkpoints.
         self.rotary_len = config.sequence_len * 10
@@ -347,11 +355,10 @@ class GPT(nn.Module):
         return 6 * n_matmul + 12 * c.n_embd * keys
 
     def setup_optimizers(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02, weight_decay=0.0, scalar_lr=0.5):
-        """[AdamW for the embeddings, lm_head and the recipe's scalars, Muon for every 2-D block matrix]. The
-        AdamW learning rates of the tables are scaled by (n_embd/768)^-0.5; the recipe's scalars use scalar_lr
-        (upstream's groups and rates). Under torch.distributed the sharded
-        variants are used; they also average gradients across ranks (no DDP wrapper needed). Each group records
-        `initial_lr` for LR schedules."""
+        """{"adamw": AdamW for the embeddings, lm_head and the recipe's scalars, "muon": Muon for every 2-D block
+        matrix}. The AdamW learning rates of the tables are scaled by (n_embd/768)^-0.5; the recipe's scalars use
+        scalar_lr (upstream's groups and rates). Under torch.distributed the sharded variants are used; they also
+        average gradients across ranks (no DDP wrapper needed). Each group records `initial_lr` for LR schedules."""
         matrix_params = [p for p in self.transformer.h.parameters() if p.requires_grad]
         assert all(p.ndim == 2 for p in matrix_params)
         scale = (self.config.n_embd / 768) ** -0.5
@@ -382,8 +389,8 @@ class GPT(nn.Module):
             fused = self.get_device().type == "cuda"
             adamw = torch.optim.AdamW(adam_groups, **adam_kwargs, fused=fused)
             muon = Muon(matrix_params, **muon_kwargs)
-        optimizers = [adamw, muon]
-        for opt in optimizers:
+        optimizers = {"adamw": adamw, "muon": muon}
+        for opt in optimizers.values():
             for group in opt.param_groups:
                 group["initial_lr"] = group["lr"]
         return optimizers
@@ -391,9 +398,8 @@ class GPT(nn.Module):
     def _embed(self, idx):
         """The normed token embedding, the start of the residual stream."""
         x = self.transformer.wte(idx)
-        cast = self.residual_in_autocast_dtype
-        if (x.is_cuda if cast is None else cast) and torch.is_autocast_enabled(x.device.type):
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        if residual_in_compute_dtype(x, self.compute_dtype):
+            x = x.to(self.compute_dtype)
         return norm(x)
 
     def _smear(self, x, idx, kv_cache):
@@ -425,7 +431,13 @@ class GPT(nn.Module):
         (B, T) for "none" (0 at ignored positions). With kv_cache, idx continues the cached sequence.
         logits_at: one position per row (an int for all rows, or a (B,) tensor) -> logits (B, V) there only:
         a prefill samples from one position, and the lm_head and softcap over every prompt position cost
-        ~15% of its forward (more with a large vocabulary)."""
+        ~15% of its forward (more with a large vocabulary). Computes in self.compute_dtype."""
+        if self.compute_dtype == torch.float32:
+            return self._forward(idx, targets, kv_cache, loss_reduction, logits_at)
+        with torch.autocast(idx.device.type, dtype=self.compute_dtype):
+            return self._forward(idx, targets, kv_cache, loss_reduction, logits_at)
+
+    def _forward(self, idx, targets, kv_cache, loss_reduction, logits_at):
         B, T = idx.shape
         t0 = 0 if kv_cache is None else kv_cache.positions(T, idx.device)  # an int, or a tensor (nanochat/kv_cache.py)
         if isinstance(t0, torch.Tensor):  # positions as a tensor (B, T) or (T,): rotary angles gathered

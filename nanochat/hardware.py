@@ -1,22 +1,18 @@
-"""What the hardware allows a training stage: the numerics (bf16 or fp32, compiled or not), the largest
-device batch that fits in memory, and the peak FLOP/s that MFU is measured against. Knows nothing of models'
-internals or of any stage's data."""
+"""What the hardware allows a training stage: whether to compile, the largest device batch that fits in memory,
+and the peak FLOP/s that MFU is measured against (the compute dtype is nanochat.common.compute_dtype's). Knows
+nothing of models' internals or of any stage's data."""
 import argparse
 import time
 
 import torch
 
-from nanochat.common import all_reduce, gpu_peak_flops, print0, resolve_dtype
+from nanochat.common import all_reduce, gpu_peak_flops, print0
 
 
-def resolve_numerics(dtype, compile, device_type, native_bf16=False):
-    """--dtype and --compile for a training stage. auto picks what measured fastest: bf16 autocast + compile on
-    CUDA, and on CPUs with native bf16; fp32 + compile on other CPUs; no compile on MPS.
-    -> (dtype name, use_compile)."""
-    if dtype == "auto" and device_type == "cpu":
-        dtype = "bfloat16" if native_bf16 else "float32"
-    use_compile = compile == "on" or (compile == "auto" and device_type in ("cuda", "cpu"))
-    return resolve_dtype(dtype, device_type), use_compile
+def resolve_compile(flag, device_type):
+    """--compile auto|on|off -> whether to torch.compile the model. auto: on CUDA and CPU, where it measured
+    faster (inductor fuses the elementwise work around the matmuls); not on MPS."""
+    return flag == "on" or (flag == "auto" and device_type in ("cuda", "cpu"))
 
 
 def fit_device_batch(probe, largest, run):
@@ -61,9 +57,7 @@ def resolve_device_batch(args, model, T, run):
 
     def probe(b):
         x = torch.randint(0, model.config.vocab_size, (b, T), device=run.device, generator=gen)
-        with run.autocast():
-            loss = model(x, x)
-        loss.backward()
+        model(x, x).backward()
         model.zero_grad(set_to_none=True)
     return fit_device_batch(probe, largest, run)
 
@@ -97,6 +91,6 @@ def peak_flops_per_device(flag, run):
             print0(f"peak FLOP/s of {name!r} unknown: no MFU in the log (pass --peak-flops to get it)")
             return None
     else:
-        peak = measure_peak_flops(run.device, torch.bfloat16 if run.dtype == "bfloat16" else torch.float32)
+        peak = measure_peak_flops(run.device, run.dtype)
     print0(f"peak FLOP/s per device for MFU: {peak:.3e}")
     return peak

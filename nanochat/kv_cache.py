@@ -162,6 +162,7 @@ class RaggedKVCache:
         self.num_slots, self.num_heads, self.head_dim, self.num_layers = num_slots, num_heads, head_dim, num_layers
         self.seq_len = seq_len  # initial capacity along time
         self.lengths = [0] * num_slots
+        self.written = [0] * num_slots  # positions of slot s written since its last reset (padding included)
         self.kv = None
         self.last = None  # (num_slots,) each slot's last token (prev_tokens), on the model's device
 
@@ -176,8 +177,11 @@ class RaggedKVCache:
         self.kv = new
 
     def reset(self, slot):
-        """Forget slot's tokens (the slot is reused by another sequence)."""
-        self.lengths[slot] = 0
+        """Forget slot's tokens (the slot is reused by another sequence). What they wrote is zeroed: a ragged batch
+        reads past a row's length (masked, weight 0), and 0 x NaN left there by a broken sequence would be NaN."""
+        if self.kv is not None and self.written[slot]:
+            self.kv[:, :, slot, :, : self.written[slot]].zero_()
+        self.lengths[slot] = self.written[slot] = 0
 
     def rows(self, slots, counts):
         """The view a forward over these slots uses (see the class docstring)."""
@@ -242,5 +246,6 @@ class _RaggedRows:
             out.append(store[rows, :, : self.Tk])
         if layer_idx == cache.num_layers - 1:
             for s, c in zip(self.slots, self.counts):
+                cache.written[s] = max(cache.written[s], cache.lengths[s] + self.T)
                 cache.lengths[s] += c
         return out[0], out[1]

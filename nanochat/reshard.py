@@ -1,7 +1,8 @@
 """Optimizer state and data positions across a change in the number of ranks, so a run saved on W GPUs resumes
 on W' (after losing a node, or moving to a smaller machine). It knows the state layouts of setup_optimizers'
 optimizers (AdamW/DistAdamW: per-parameter moments, dim-0 slices when sharded; Muon/DistMuon: whole per-matrix
-state, a momentum buffer and any variant's, kept by the rank that owns the matrix) and nothing of models or training loops."""
+state, a momentum buffer and any variant's, kept by the rank that owns the matrix) and nothing of models or
+training loops."""
 import torch
 
 from nanochat.muon import DistMuon
@@ -13,13 +14,13 @@ def _adamw_sharded(p, world):
 
 
 def full_optimizer_states(adamw_params, muon_params, shards, world):
-    """Every rank's saved [adamw, muon] state_dicts (shards[r] = rank r's) -> {param: full state} for the
+    """Every rank's saved {"adamw", "muon"} state_dicts (shards[r] = rank r's) -> {param: full state} for the
     AdamW and Muon parameters. adamw_params / muon_params: the parameters in the order setup_optimizers gave
     them (a world-independent order; DistMuon's grouping by shape is redone here)."""
     muon_order = [p for group in DistMuon.group_by_shape(muon_params) for p in group] if world > 1 else muon_params
     adamw, muon = {}, {}
     for i, p in enumerate(adamw_params):
-        states = [shard[0]["state"].get(i) for shard in shards]
+        states = [shard["adamw"]["state"].get(i) for shard in shards]
         if states[0] is None:
             continue
         full = {"step": int(float(states[0]["step"]))}
@@ -27,14 +28,14 @@ def full_optimizer_states(adamw_params, muon_params, shards, world):
             full[k] = torch.cat([st[k] for st in states]) if _adamw_sharded(p, world) else states[0][k]
         adamw[p] = full
     for shard in shards:
-        for i, st in shard[1]["state"].items():
+        for i, st in shard["muon"]["state"].items():
             muon[muon_order[int(i)]] = st  # the momentum buffer, and NorMuon's neuron_sq when on
     return adamw, muon
 
 
 def load_resharded(optimizers, adamw_state, muon_state, rank, world):
-    """Give this rank's [adamw, muon] (made for `world` ranks) its part of the full states."""
-    adamw, muon = optimizers
+    """Give this rank's {"adamw", "muon"} (made for `world` ranks) its part of the full states."""
+    adamw, muon = optimizers["adamw"], optimizers["muon"]
     for group in adamw.param_groups:
         for p in group["params"]:
             if p not in adamw_state:

@@ -103,9 +103,6 @@ class Tokenizer:
             raise KeyError(f"unknown special token {name!r}; known: {SPECIAL_TOKENS}")
         return self._special_ids[name]
 
-    def id_to_token(self, token_id):
-        return self.enc.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
-
     # --- encode / decode ----------------------------------------------------------------
     def _as_id(self, tok):
         return tok if isinstance(tok, int) else self.encode_special(tok)
@@ -183,11 +180,6 @@ class Tokenizer:
         ids, _ = self.render_conversation({"messages": messages + [{"role": "assistant", "content": ""}]}, max_tokens=10**9)
         assert ids[-1] == self.encode_special("<|assistant_end|>")
         return ids[:-1]
-
-    def visualize_tokenization(self, ids, mask):
-        """Debug view: supervised tokens in green, others in grey."""
-        green, grey, reset = "\033[92m", "\033[90m", "\033[0m"
-        return "|".join(f"{green if m else grey}{self.id_to_token(i)}{reset}" for i, m in zip(ids, mask))
 
 
 def validate_messages(conversation):

@@ -13,11 +13,8 @@ import argparse
 import csv
 import os
 import time
-from contextlib import nullcontext
 
-import torch
-
-from nanochat.checkpoint_manager import SOURCES, find_largest_model, find_last_step, load_model
+from nanochat.checkpoint_manager import SOURCES, add_model_args, find_largest_model, find_last_step, load_model
 from nanochat.common import script_argv, atomic_write, compute_cleanup, compute_init, get_base_dir, print0
 from nanochat.core_data import TASKS, prepare_bundle, prepare_core_data
 from nanochat.core_eval import evaluate_core
@@ -26,13 +23,11 @@ from nanochat.offline.packages import file_lock
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="CORE-style evaluation of a base model")
-    p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the largest d<N>)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_model_args(p)
     p.add_argument("--max-per-task", type=int, default=-1, help="evaluate at most N items per task (-1: all)")
     p.add_argument("--tasks", default="", help=f"comma-separated subset (offline: {','.join(TASKS)}; "
                    "online: the bundle's labels, e.g. hellaswag_zeroshot)")
     p.add_argument("--online", action="store_true", help="the real CORE: download + verify the DCLM eval bundle")
-    p.add_argument("--device-type", default=None, help="cuda|cpu|mps (default: autodetect)")
     return p.parse_args(script_argv(argv))
 
 
@@ -74,16 +69,13 @@ def main(argv=None):
         step = step if step is not None else find_last_step(os.path.join(checkpoints_dir, model_tag))
     except FileNotFoundError:
         pass  # load_model raises the helpful error
-    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=model_tag, step=step)
+    model, tokenizer, meta = load_model("base", device, "eval", model_tag=model_tag, step=step, dtype=args.dtype)
     step = meta.get("step", step)
     print0(f"base_eval: model {model_tag} step {step} ({sum(p.numel() for p in model.parameters()):,} params), "
            f"context {model.config.sequence_len}, {world_size} rank(s) on {device.type}")
 
-    autocast = torch.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     t0 = time.time()
-    with autocast:
-        results = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, tasks=tasks,
-                                bundle=args.online)
+    results = evaluate_core(model, tokenizer, device, max_per_task=args.max_per_task, tasks=tasks, bundle=args.online)
     elapsed = time.time() - t0
 
     if rank == 0:

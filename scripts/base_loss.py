@@ -5,8 +5,8 @@
 """
 import argparse
 
-from nanochat.checkpoint_manager import load_model
-from nanochat.common import autocast, resolve_dtype, script_argv, compute_cleanup, compute_init, print0
+from nanochat.checkpoint_manager import add_model_args, load_model
+from nanochat.common import compute_cleanup, compute_init, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
@@ -24,23 +24,18 @@ PROMPTS = [
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--model-tag", default=None, help="checkpoint tag (default: the largest model)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_model_args(p)
     p.add_argument("--device-batch-size", type=int, default=32)
     p.add_argument("--split-tokens", type=int, default=20 * 524288, help="tokens evaluated per split (all ranks)")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens per greedy sample")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     return p.parse_args(script_argv(argv))
 
 
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None)
-    dtype = resolve_dtype(args.dtype, device.type)
-    autocast_ctx = autocast(dtype, device.type)
-
-    model, tokenizer, meta = load_model("base", device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta = load_model("base", device, "eval", model_tag=args.model_tag, step=args.step,
+                                        dtype=args.dtype)
     B, T = args.device_batch_size, model.config.sequence_len
     tokens_per_step = B * T * world_size
     steps = max(1, args.split_tokens // tokens_per_step)
@@ -50,16 +45,14 @@ def main(argv=None):
     bpb = {}
     for split in ("train", "val"):
         loader = tokenizing_distributed_data_loader(B, T, split, tokenizer, device)
-        with autocast_ctx:
-            bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
+        bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {bpb[split]:.4f}")
 
     samples = []
     if rank == 0:
         for prompt in PROMPTS:
             ids = tokenizer.encode(prompt, prepend="<|bos|>")
-            with autocast_ctx:
-                new = list(model.generate(ids, args.max_new_tokens, temperature=0))
+            new = list(model.generate(ids, args.max_new_tokens, temperature=0))
             samples.append(prompt + tokenizer.decode(new))
             print0(f"  sample: {samples[-1]!r}")
         from nanochat.report import get_report

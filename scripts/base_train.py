@@ -13,12 +13,10 @@ step, RNG) and gives the same losses as a run that was never interrupted.
 import argparse
 import dataclasses
 import os
-import time
 
 import torch
 
-from nanochat.checkpoint_manager import find_last_step, load_checkpoint
-from nanochat.common import compute_cleanup, get_base_dir, print0, script_argv
+from nanochat.common import all_reduce, compute_cleanup, dtype_name, get_base_dir, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.gpt import GPT, GPTConfig, config_overrides
 from nanochat.hardware import resolve_device_batch
@@ -26,9 +24,19 @@ from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import subplots
 from nanochat.reshard import reshard_row_group_positions
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulation_steps, add_training_args,
-                               checkpoint_meta, eval_due, init_wandb, load_training_state, make_optimizers,
-                               optimizer_step, resume_or_start_fresh, save_due, save_training_checkpoint, start_run)
+from nanochat.training import (
+    Prefetch,
+    StepLog,
+    Training,
+    accumulation_steps,
+    add_training_args,
+    eval_due,
+    init_wandb,
+    make_optimizers,
+    resume_training,
+    start_run,
+    train_loop,
+)
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -47,7 +55,7 @@ def parse_args(argv=None):
                    "value_embeds=1,window_pattern=SSSL; nanochat/gpt.py lists them)")
     p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (all ranks)")
     # horizon: the first of these that is > 0 decides the number of steps
-    p.add_argument("--target-flops", type=float, default=-1)
+    p.add_argument("--target-flops", type=float, default=-1, help="training FLOPs to spend (sets the steps)")
     p.add_argument("--target-param-data-ratio", type=float, default=20, help="training tokens per parameter")
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end); <=0: end only")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation (all ranks)")
@@ -66,14 +74,44 @@ def model_config(depth, seq_len, vocab_size):
                      n_kv_head=n_head, n_embd=n_embd)
 
 
+def start_training(args, run):
+    """A fresh model from the --depth dial, or with --resume the latest checkpoint of base_checkpoints/<tag>."""
+    tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", tag)
+    if args.resume:
+        return resume_training(run, args, checkpoint_dir, tag)
+    tokenizer = get_tokenizer()
+    config = model_config(args.depth, args.max_seq_len, tokenizer.get_vocab_size())
+    try:
+        config = dataclasses.replace(config, **config_overrides(args.model_options))
+    except ValueError as e:
+        raise SystemExit(f"--model-options: {e}")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=run.device)
+    model.init_weights()
+    return Training(run, args, model, tokenizer, tag, checkpoint_dir)
+
+
+def horizon(args, num_params, flops_per_token):
+    """The number of optimizer steps: --num-iterations, else --target-flops, else --target-param-data-ratio."""
+    if args.num_iterations > 0:
+        steps = args.num_iterations
+    elif args.target_flops > 0:
+        steps = round(args.target_flops / (flops_per_token * args.total_batch_size))
+    elif args.target_param_data_ratio > 0:
+        steps = int(args.target_param_data_ratio * num_params) // args.total_batch_size
+    else:
+        raise SystemExit("set one of --num-iterations, --target-flops, --target-param-data-ratio")
+    return max(1, steps)
+
+
 @torch.no_grad()
-def sample_greedy(model, tokenizer, prompts, max_tokens, run):
+def sample_greedy(model, tokenizer, prompts, max_tokens):
     out = []
     for prompt in prompts:
         ids = tokenizer.encode(prompt, prepend="<|bos|>")
-        with run.autocast():
-            new = list(model.generate(ids, max_tokens, temperature=0))
-        out.append(prompt + tokenizer.decode(new))
+        out.append(prompt + tokenizer.decode(list(model.generate(ids, max_tokens, temperature=0))))
     return out
 
 
@@ -98,129 +136,94 @@ def save_loss_plot(history, val_history, path_fn):
 
 def main(argv=None):
     args = parse_args(argv)
-    user_config = vars(args).copy()
-    run = start_run(args.device_type, args.dtype, args.compile)
-    wandb_run = init_wandb(run, args.run, "nanochat", user_config)
-    tokenizer = get_tokenizer()
-    token_bytes = get_token_bytes(run.device)
-
-    # --- model ---------------------------------------------------------------------------
-    T = args.max_seq_len
-    config = model_config(args.depth, T, tokenizer.get_vocab_size())
-    try:
-        config = dataclasses.replace(config, **config_overrides(args.model_options))
-    except ValueError as e:
-        raise SystemExit(f"--model-options: {e}")
-    with torch.device("meta"):
-        model = GPT(config)
-    model.to_empty(device=run.device)
-    model.init_weights()
+    run = start_run(args)
+    wandb_run = init_wandb(run, args.run, "nanochat", vars(args).copy())
+    training = start_training(args, run)
+    model, tokenizer, T = training.model, training.tokenizer, args.max_seq_len  # model: uncompiled
     B = resolve_device_batch(args, model, T, run)
-    orig_model = model  # uncompiled: for checkpoints, sampling and counting
-    num_params = model.num_params()
-    flops_per_token = model.estimate_flops()
-    print0(f"model: {dataclasses.asdict(config)}")
-    print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e} | dtype: {run.dtype} | compile: {run.compile}")
-
-    # --- batch and horizon -----------------------------------------------------------------
+    num_params, flops_per_token = model.num_params(), model.estimate_flops()
+    print0(f"model: {dataclasses.asdict(model.config)}")
+    print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e} | dtype: {dtype_name(run.dtype)} | compile: {run.compile}")
     grad_accum_steps = accumulation_steps(args.total_batch_size, B, T, run.world_size)
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    elif args.target_flops > 0:
-        num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
-    elif args.target_param_data_ratio > 0:
-        num_iterations = int(args.target_param_data_ratio * num_params) // args.total_batch_size
-    else:
-        raise SystemExit("set one of --num-iterations, --target-flops, --target-param-data-ratio")
-    num_iterations = max(1, num_iterations)
+    num_iterations = horizon(args, num_params, flops_per_token)
     total_tokens = args.total_batch_size * num_iterations
     print0(f"batch: {B} x {T} x {run.world_size} ranks x {grad_accum_steps} accumulation = {args.total_batch_size:,} tokens/step")
     print0(f"steps: {num_iterations:,} | training tokens: {total_tokens:,} | tokens:params = {total_tokens / num_params:.2f} "
            f"| total FLOPs: {flops_per_token * total_tokens:e}")
 
-    # --- start fresh or resume -----------------------------------------------------------------
-    optimizers = make_optimizers(orig_model, args)
-    checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", args.model_tag or f"d{args.depth}")
-    start_step, rank_state, meta = 0, None, None
-    if args.resume:
-        start_step = find_last_step(checkpoint_dir)
-        model_state, _, meta = load_checkpoint(checkpoint_dir, start_step, run.device)
-        rank_state = load_training_state(checkpoint_dir, start_step, meta, run)
-        orig_model.load_state_dict(model_state)
-        del model_state
-    loop = {"min_val_bpb": float("inf"), "val_bpb": None, "history": [], "val_history": []}
+    loop = {"min_val_bpb": float("inf"), "val_bpb": None, "val_history": []}
     same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T, "total_batch_size": args.total_batch_size}
-    loader_state = resume_or_start_fresh(args.resume, checkpoint_dir, orig_model, optimizers, loop, run, rank_state,
-                                         meta, same, num_iterations, reshard_row_group_positions)
-    if run.compile:
-        model = torch.compile(model, dynamic=False)
-
-    train_data = Prefetch(tokenizing_distributed_data_loader(B, T, "train", tokenizer, run.device,
-                                                             resume_state=loader_state), loader_state)
+    position = training.begin(make_optimizers(model, args), loop, num_iterations, same, reshard_row_group_positions)
+    train_model = run.compiled(model)
+    data = Prefetch(tokenizing_distributed_data_loader(B, T, "train", tokenizer, run.device, resume_state=position),
+                    position)
+    token_bytes = get_token_bytes(run.device)
     eval_steps = max(1, args.eval_tokens // (B * T * run.world_size))
-    log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, flops_per_token, args.peak_flops)
-    for step in range(start_step, num_iterations + 1):
-        last_step = step == num_iterations
-        resumed_here = args.resume and step == start_step  # already evaluated/saved before the interruption
+    log = StepLog(run, num_iterations, training.step, loop, args.loss_file, wandb_run, flops_per_token,
+                  args.peak_flops, curve=True)
 
+    def train_step(step):
+        """One optimizer step: forward and backward over the micro-batches, then the update."""
+        loss = torch.zeros((), device=run.device)
+        for _ in range(grad_accum_steps):
+            micro = train_model(data.x, data.y)
+            run.backward(micro / grad_accum_steps)  # each rank averages its micro-batches, the optimizers the ranks
+            loss += micro.detach()
+            data.advance()  # the next batch is read while the device works
+        loss = all_reduce(loss.item() / grad_accum_steps, run.device) / run.world_size
+        return loss, training.scheduled_update(step), args.total_batch_size, None
+
+    def evaluate(step, last_step, resumed_here):
         if eval_due(step, args.eval_every, last_step, resumed_here):
-            model.eval()
+            train_model.eval()
             val_loader = tokenizing_distributed_data_loader(B, T, "val", tokenizer, run.device)
-            with run.autocast():
-                val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
-            model.train()
+            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
+            train_model.train()
             loop["val_bpb"], loop["min_val_bpb"] = val_bpb, min(loop["min_val_bpb"], val_bpb)
             loop["val_history"].append([step, val_bpb])
             log.eval(step, {"val bpb": val_bpb})
-
         if run.master and args.sample_every > 0 and (last_step or (step > 0 and step % args.sample_every == 0)):
-            orig_model.eval()
-            for text in sample_greedy(orig_model, tokenizer, SAMPLE_PROMPTS, 16, run):
+            model.eval()
+            for text in sample_greedy(model, tokenizer, SAMPLE_PROMPTS, 16):
                 print0(f"  sample: {text!r}")
-            orig_model.train()
+            model.train()
 
-        if save_due(step, args.save_every, last_step, args.stop_after, resumed_here):
-            meta = checkpoint_meta(step, orig_model, user_config, run, num_iterations, train_data.position, loop,
-                                   val_bpb=loop["val_bpb"], device_batch_size=B, max_seq_len=T,
-                                   total_batch_size=args.total_batch_size)
-            save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, run.rank, args.keep_last)
-        if last_step or step == args.stop_after:
-            break  # step stays: == num_iterations only when training finished
-
-        t0 = time.time()
-        loss = accumulate_packed(model, train_data, grad_accum_steps, run)  # .item() inside waits for the device
-        lrm = optimizer_step(model, optimizers, step, num_iterations, args)
-        smooth = log.step(step, loss, lrm, time.time() - t0, args.total_batch_size)
-        loop["history"].append([step, round(smooth, 5)])
-
-    # --- wrap up ----------------------------------------------------------------------------------
+    step = train_loop(training, log, train_step, evaluate, lambda step: training.checkpoint_meta(
+        step, data.position, val_bpb=loop["val_bpb"], device_batch_size=B, max_seq_len=T,
+        total_batch_size=args.total_batch_size))
     log.close()
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val bpb: {loop['min_val_bpb']:.4f}")
     if run.master and step == num_iterations:
-        from nanochat.report import get_report
-        report = get_report()
-        plot = save_loss_plot(loop["history"], loop["val_history"], report.save_plot)
-        peak_mem = torch.cuda.max_memory_allocated() / 2**20 if run.device.type == "cuda" else None
-        report.log(section="Base model training", stage="BASE", summary={"val bpb": loop["val_bpb"]}, data=[
-            user_config,
-            {
-                "Number of parameters": num_params,
-                "Number of FLOPs per token": f"{flops_per_token:e}",
-                "Number of training steps": num_iterations,
-                "Number of training tokens": total_tokens,
-                "Tokens : Params ratio": total_tokens / num_params,
-                "World size": run.world_size,
-                "Gradient accumulation steps": grad_accum_steps,
-                "Minimum validation bpb": loop["min_val_bpb"],
-                "Final validation bpb": loop["val_bpb"],
-                "Last step MFU %": log.mfu,
-                "Last step tok/s": log.tok_per_sec,
-                "Total training FLOPs": f"{flops_per_token * total_tokens:e}",
-                "Total training time (min)": loop["total_training_time"] / 60,
-                "Peak memory (MiB)": peak_mem if peak_mem is not None else "n/a",
-            },
-        ], images=[("Training loss and validation bpb", plot)])
+        write_report(args, run, model, loop, log, grad_accum_steps)
     compute_cleanup()
+
+
+def write_report(args, run, model, loop, log, grad_accum_steps):
+    from nanochat.report import get_report
+    report = get_report()
+    plot = save_loss_plot(loop["history"], loop["val_history"], report.save_plot)
+    num_params, flops_per_token = model.num_params(), model.estimate_flops()
+    total_tokens = args.total_batch_size * log.num_iterations
+    peak_mem = torch.cuda.max_memory_allocated() / 2**20 if run.device.type == "cuda" else None
+    report.log(section="Base model training", stage="BASE", summary={"val bpb": loop["val_bpb"]}, data=[
+        vars(args),
+        {
+            "Number of parameters": num_params,
+            "Number of FLOPs per token": f"{flops_per_token:e}",
+            "Number of training steps": log.num_iterations,
+            "Number of training tokens": total_tokens,
+            "Tokens : Params ratio": total_tokens / num_params,
+            "World size": run.world_size,
+            "Gradient accumulation steps": grad_accum_steps,
+            "Minimum validation bpb": loop["min_val_bpb"],
+            "Final validation bpb": loop["val_bpb"],
+            "Last step MFU %": log.mfu,
+            "Last step tok/s": log.tok_per_sec,
+            "Total training FLOPs": f"{flops_per_token * total_tokens:e}",
+            "Total training time (min)": loop["total_training_time"] / 60,
+            "Peak memory (MiB)": peak_mem if peak_mem is not None else "n/a",
+        },
+    ], images=[("Training loss and validation bpb", plot)])
 
 
 if __name__ == "__main__":

@@ -5,10 +5,11 @@
     python -m scripts.chat_cli -i rl -t 0.8 -k 40 --max-tokens 256
     python -m scripts.chat_cli --dtype float32      # plain fp32 weights on a CPU
 
-Numerics: --dtype auto is bf16 autocast on CUDA; on a CPU with native bf16 (avx512_bf16/amx_bf16) the
-Linears' weights packed to bf16 for oneDNN (nanochat.fastlinear, one q/k/v matrix per block), else fp32.
-Measured on this project's CPU against fp32 (dev/notes_decode.md): prompts prefill 1.5-2.5x faster, one-row
-decoding level to 1.4x faster (d4-d12, 1 or 2 threads), so it is the default; bf16 greedy tokens agree with
+Numerics: the compute dtype is nanochat.common.compute_dtype's (--dtype, $NANOCHAT_DTYPE): bf16 on CUDA; on a
+CPU with native bf16 (avx512_bf16/amx_bf16) bf16 means the Linears' weights packed to bf16 for oneDNN
+(nanochat.fastlinear, one q/k/v matrix per block) around an fp32 model, else fp32. Measured on this project's
+CPU against fp32 (dev/notes_decode.md): prompts prefill 1.5-2.5x faster, one-row decoding level to 1.4x faster
+(d4-d12, 1 or 2 threads), while bf16 autocast decodes slower than fp32 there; bf16 greedy tokens agree with
 fp32's at >= 99% of positions. --dtype bfloat16 asks for the packed path and says why when it can't.
 
 Interactive commands: `quit` / `exit` (or Ctrl-D) to leave, `clear` to start a new conversation.
@@ -19,7 +20,8 @@ last the whole conversation (until `clear`).
 import argparse
 import sys
 
-from nanochat.common import autocast, resolve_dtype, script_argv
+from nanochat.checkpoint_manager import add_model_args, load_model
+from nanochat.common import compute_dtype, compute_init, dtype_name, script_argv
 from nanochat.engine import Engine, ReplyParser
 from nanochat.fastlinear import pack_linears, packing_supported
 from nanochat.tools.registry import make_registry, parse_call
@@ -145,27 +147,23 @@ def chat_loop(engine, tokenizer, temperature=0.6, top_k=50, max_tokens=512, seed
 
 
 def inference_numerics(flag, device_type):
-    """--dtype auto|float32|bfloat16 -> (autocast dtype name, whether to pack the Linears). bf16 on a CPU means
-    packed bf16 Linears (bf16 autocast is slower than fp32 there); auto packs them where the CPU can (see the
-    module docstring), else stays fp32."""
-    if device_type != "cpu":
-        return resolve_dtype(flag, device_type), False
-    return "float32", flag == "bfloat16" or (flag == "auto" and packing_supported("cpu")[0])
+    """--dtype -> (the dtype name the model computes in, whether to pack its Linears). compute_dtype decides; on a
+    CPU bf16 is realised as packed bf16 Linears around an fp32 model (see the module docstring), and auto stays
+    fp32 where packing cannot run (no oneDNN)."""
+    name = dtype_name(compute_dtype(device_type, flag))
+    if device_type != "cpu" or name != "bfloat16":
+        return name, False
+    return "float32", flag == "bfloat16" or packing_supported("cpu")[0]
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="which stage's model")
-    p.add_argument("-g", "--model-tag", default=None, help="checkpoint tag (default: the largest model)")
-    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    add_model_args(p, sources=["base", "mid", "sft", "rl", "dpo"], source="sft")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("-t", "--temperature", type=float, default=0.6, help="0 = greedy")
     p.add_argument("-k", "--top-k", type=int, default=50, help="0 = no top-k")
     p.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-                   help="auto: bf16 on CUDA, packed bf16 Linears on CPUs with native bf16, else fp32")
     p.add_argument("--index", default="", help="search index for the search tool (default <base>/search_index if built)")
     p.add_argument("--unsafe-exec", action="store_true", help="let the python tool run code without the bubblewrap sandbox")
     args = p.parse_args(script_argv(argv))
@@ -182,24 +180,22 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from nanochat.checkpoint_manager import load_model
-    from nanochat.common import compute_init
     _, _, _, _, device = compute_init(args.device_type or None)
     try:
-        model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
-    except FileNotFoundError as e:
+        dtype, pack = inference_numerics(args.dtype, device.type)
+        model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step,
+                                            dtype=dtype)
+    except (FileNotFoundError, ValueError) as e:  # no checkpoint; a $NANOCHAT_DTYPE that is not a dtype
         print(f"error: {e}", file=sys.stderr)
         return 1
-    dtype, pack = inference_numerics(args.dtype, device.type)
     if pack:
         try:
             pack_linears(model)
         except RuntimeError as e:  # --dtype bfloat16 on a CPU without native bf16
             print(f"error: {e}; run without --dtype bfloat16", file=sys.stderr)
             return 1
-    autocast_ctx = autocast(dtype, device.type)
     if args.unsafe_exec:
-        from nanochat import sandbox
+        from nanochat.sandbox import boundary as sandbox
         sandbox.allow_unsafe_exec()
     try:
         tools, tools_line = make_registry(args.index)
@@ -208,18 +204,17 @@ def main(argv=None):
         return 1
     engine = Engine(model, tokenizer, tools=tools)
     kw = dict(temperature=args.temperature, top_k=args.top_k or None, max_tokens=args.max_tokens, seed=args.seed)
-    with autocast_ctx:
-        if args.prompt is not None:
-            try:
-                chat_turn(engine, tokenizer, [{"role": "user", "content": args.prompt}], **kw)
-            except ContextFullError as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            return 0
-        numerics = "bf16 packed Linears" if pack else dtype
-        print(f"loaded the {args.source} model (step {meta.get('step', '?')}) on {device} ({numerics}); {tools_line}",
-              file=sys.stderr)
-        chat_loop(engine, tokenizer, **kw)
+    if args.prompt is not None:
+        try:
+            chat_turn(engine, tokenizer, [{"role": "user", "content": args.prompt}], **kw)
+        except ContextFullError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        return 0
+    numerics = "bf16 packed Linears" if pack else dtype
+    print(f"loaded the {args.source} model (step {meta.get('step', '?')}) on {device} ({numerics}); {tools_line}",
+          file=sys.stderr)
+    chat_loop(engine, tokenizer, **kw)
     return 0
 
 

@@ -23,9 +23,9 @@ import argparse
 import os
 import time
 
-import torch.distributed as dist
 
-from nanochat.common import get_base_dir, resolve_dtype, script_argv, compute_cleanup, compute_init, print0
+from nanochat.checkpoint_manager import add_model_args, load_model
+from nanochat.common import get_base_dir, script_argv, compute_cleanup, compute_init, print0
 from tasks.customjson import JSONLTask
 from tasks.evaluate import centered, chatcore, run_eval
 
@@ -82,7 +82,7 @@ def format_table(results):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--source", required=True, choices=list(STAGES), help="which stage's model to load")
+    add_model_args(p, sources=list(STAGES))
     p.add_argument("-a", "--task-name", default="all", help=f"'all' or names joined by '|': {'|'.join(ALL_TASKS + [TOOLS])}")
     p.add_argument("--task-file", default="", help="evaluate these JSONL files of conversations (comma-separated) instead of -a")
     p.add_argument("-x", "--max-problems", type=int, default=None, help="at most this many problems per task")
@@ -91,10 +91,6 @@ def parse_args(argv=None):
     p.add_argument("-k", "--top-k", type=int, default=50)
     p.add_argument("-m", "--max-new-tokens", type=int, default=512)
     p.add_argument("-b", "--batch-size", type=int, default=8, help="categorical: problems per forward pass")
-    p.add_argument("-g", "--model-tag", default=None)
-    p.add_argument("-s", "--step", type=int, default=None)
-    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--index", default="", help="tools: the search index (default <base>/search_index)")
     p.add_argument("--rag-docs", type=int, default=32, help="tools: held-out documents for the RAG bpb (0: skip)")
     p.add_argument("--unsafe-exec", action="store_true",
@@ -106,7 +102,7 @@ def parse_args(argv=None):
 def check_code_execution(unsafe_exec, what="HumanEval"):
     """HumanEval and the python tool run the model's code: say once how it is contained, and stop before
     any work when it can't be."""
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     if unsafe_exec:
         sandbox.allow_unsafe_exec()
     policy, message = sandbox.exec_policy()
@@ -118,12 +114,10 @@ def check_code_execution(unsafe_exec, what="HumanEval"):
 def main(argv=None):
     args = parse_args(argv)
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type or None)
-    dtype = resolve_dtype(args.dtype, device.type)
-
-    from nanochat.checkpoint_manager import load_model
     from nanochat.engine import Engine
     from nanochat.tools.registry import ToolRegistry
-    model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta = load_model(args.source, device, "eval", model_tag=args.model_tag, step=args.step,
+                                        dtype=args.dtype)
     engine = Engine(model, tokenizer, tools=ToolRegistry())
 
     tools_index = None
@@ -153,10 +147,10 @@ def main(argv=None):
         task = make()
         r = run_eval(task, model, tokenizer, engine, batch_size=args.batch_size, num_samples=args.num_samples,
                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                     max_problems=args.max_problems, rank=rank, world_size=world_size, dtype=dtype, device=device)
+                     max_problems=args.max_problems, rank=rank, world_size=world_size, device=device)
         results[name] = r
         print0(f"{name}: {r['correct']}/{r['total']} = {100 * r['accuracy']:.2f}% ({time.time() - t0:.1f}s)")
-    tools = None if tools_index is None else run_tools(args, model, tokenizer, tools_index, rank, world_size, dtype, device)
+    tools = None if tools_index is None else run_tools(args, model, tokenizer, tools_index, rank, world_size, device)
 
     data, summary = [vars(args)], {}
     if results:
@@ -179,13 +173,11 @@ def main(argv=None):
     if rank == 0:
         from nanochat.report import get_report
         get_report().log(section=f"Chat evaluation {args.source}", stage=STAGES[args.source], summary=summary, data=data)
-    if ddp:
-        dist.barrier()  # nobody tears gloo down while another rank still works (it can abort at exit)
     compute_cleanup()
     return results
 
 
-def run_tools(args, model, tokenizer, index, rank, world_size, dtype, device):
+def run_tools(args, model, tokenizer, index, rank, world_size, device):
     """ToolsEval per group with the tools on and off, and the RAG bpb (rank 0). -> {"groups": {(group,
     "on"|"off"): run_eval result}, "rag": rag_bpb result or None}."""
     from nanochat.engine import Engine
@@ -209,19 +201,18 @@ def run_tools(args, model, tokenizer, index, rank, world_size, dtype, device):
             t0 = time.time()
             r = run_eval(task, model, tokenizer, engine, num_samples=args.num_samples, max_new_tokens=max_tokens,
                          temperature=args.temperature, top_k=args.top_k, max_problems=args.max_problems, rank=rank,
-                         world_size=world_size, dtype=dtype, device=device)
+                         world_size=world_size, device=device)
             groups[(group, mode)] = r
             print0(f"tools/{group} ({mode}): {r['correct']}/{r['total']} = {100 * r['accuracy']:.2f}% ({time.time() - t0:.1f}s)")
     rag = None
     if args.rag_docs > 0 and rank == 0:
-        rag = run_rag(model, tokenizer, searcher, args.rag_docs, dtype, device)
+        rag = run_rag(model, tokenizer, searcher, args.rag_docs, device)
     return {"groups": groups, "rag": rag}
 
 
-def run_rag(model, tokenizer, searcher, n_docs, dtype, device):
+def run_rag(model, tokenizer, searcher, n_docs, device):
     """rag_bpb over the first n_docs documents of the validation shard (which build_index --shards leaves
     out of the index); None, with a line saying why, when there are no shards."""
-    from nanochat.common import autocast
     from nanochat.dataset import parquets_iter_batched
     from nanochat.loss_eval import rag_bpb
     from nanochat.tokenizer import get_token_bytes
@@ -235,8 +226,7 @@ def run_rag(model, tokenizer, searcher, n_docs, dtype, device):
         print0(f"RAG bpb: skipped ({e})")
         return None
     retrieve = lambda q: "\n".join(text for _, _, text in searcher.search(q, k=2))  # noqa: E731
-    with autocast(dtype, device.type):
-        return rag_bpb(model, tokenizer, docs[:n_docs], retrieve, get_token_bytes(device))
+    return rag_bpb(model, tokenizer, docs[:n_docs], retrieve, get_token_bytes(device))
 
 
 def format_tools_table(tools):

@@ -22,15 +22,16 @@ epochs. The order of conversations depends only on the step, so --resume is exac
 import argparse
 import dataclasses
 import random
-import time
 
 import torch
 
-from nanochat.common import all_reduce, compute_cleanup, print0, script_argv
-from nanochat.training import (StepLog, add_finetune_args, add_training_args, checkpoint_meta, collate, eval_due,
-                               init_wandb, length_bucket, load_start_model, make_optimizers, optimizer_step,
-                               resume_or_start_fresh, save_due, save_training_checkpoint, start_run)
+from nanochat.common import all_reduce, compute_cleanup, dtype_name, print0, script_argv
+from nanochat.training import (StepLog, add_finetune_args, add_training_args, collate, eval_due, init_wandb,
+                               length_bucket, load_start_model, make_optimizers, start_run, train_loop)
+from tasks.arc import ARC
+from tasks.customjson import CustomJSON
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
+from tasks.mmlu import MMLU
 
 SFT_DEFAULT = "arc,gsm8k,spellingbee,simplespelling,tools,chitchat,chatterbot"
 MC_EVAL_DEFAULT = "arc-easy,mmlu"
@@ -38,9 +39,8 @@ MC_EVAL_DEFAULT = "arc-easy,mmlu"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(p)
+    add_training_args(p, sources=["mid", "base"], source="mid")
     add_finetune_args(p)
-    p.add_argument("--source", default="mid", choices=["mid", "base"], help="which stage's model to finetune")
     p.add_argument("--online", action="store_true", help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
     p.add_argument("--examples-per-step", type=int, default=32, help="conversations per optimizer step (all ranks)")
     p.add_argument("--num-epochs", type=int, default=1, help="epochs over the mixture when --num-iterations is -1")
@@ -119,8 +119,7 @@ def evaluate_loss(model, tokenizer, conversations, B, T, run):
     for b in range(0, len(mine), B):
         rendered = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in mine[b:b + B]]
         x, y = collate(rendered, pad_id, run.device, T=T)
-        with run.autocast():
-            total += model(x, y, loss_reduction="sum").item()
+        total += model(x, y, loss_reduction="sum").item()
         count += int((y >= 0).sum().item())
     total, count = all_reduce([total, count], run.device)
     return total / count if count else float("nan")
@@ -141,8 +140,7 @@ def mc_accuracy(model, tokenizer, conversations, B, T, run):
         x = torch.full((len(prompts), L), pad_id, dtype=torch.long)
         for i, p in enumerate(prompts):
             x[i, :len(p)] = torch.tensor(p, dtype=torch.long)
-        with run.autocast():
-            logits = model(x.to(run.device))
+        logits = model(x.to(run.device))
         for i, (c, p) in enumerate(zip(chunk, prompts)):
             letter_ids = []
             for letter in c["letters"]:
@@ -162,14 +160,11 @@ def load_mc_eval(spec, n):
     out = {}
     for entry in [e.strip() for e in spec.split(",") if e.strip()]:
         if entry in ("arc-easy", "arc-challenge"):
-            from tasks.arc import ARC
             name = "ARC-Easy" if entry == "arc-easy" else "ARC-Challenge"
             task = ARC(name, "validation")
         elif entry == "mmlu":
-            from tasks.mmlu import MMLU
             name, task = "MMLU", MMLU("all", "validation")
         elif entry.startswith("custom:"):
-            from tasks.customjson import CustomJSON
             name, task = entry, CustomJSON(entry[len("custom:"):])
         else:
             raise ValueError(f"unknown --eval-mc entry {entry!r}; expected arc-easy, arc-challenge, mmlu or custom:PATH")
@@ -185,130 +180,119 @@ def load_mc_eval(spec, n):
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class SFTData:
+    """The conversations of a run: the mixture, split into train and held-out, and the multiple-choice eval sets."""
+    spec: str
+    tasks: list
+    train_set: object
+    val_convs: list
+    mc_sets: dict  # {name: conversations}
+
+
+def sft_data(args):
+    spec = mixture_spec(args, SFT_DEFAULT, "sft")
+    tasks = build_tasks(spec, "sft", args.max_per_task)
+    train_set, val_set = split_mixture(tasks, args.val_examples)
+    for name, n in describe_tasks(tasks).items():
+        print0(f"  task {name}: {n:,} conversations")
+    mc_sets = load_mc_eval(args.eval_mc, args.eval_mc_examples) if args.eval_mc else {}
+    print0(f"mixture: {spec} | train: {len(train_set):,} conversations | val: {len(val_set):,} | "
+           f"mc eval: {', '.join(f'{k} ({len(v)})' for k, v in mc_sets.items()) or 'none'}")
+    return SFTData(spec, tasks, train_set, list(val_set), mc_sets)
+
+
 def main(argv=None):
     args = parse_args(argv)
-    user_config = vars(args).copy()
-    run = start_run(args.device_type, args.dtype, args.compile)
-    wandb_run = init_wandb(run, args.run, "nanochat-sft", user_config)
-
-    model, tokenizer, model_tag, checkpoint_dir, start_step, rank_state, resume_meta = \
-        load_start_model(args, args.source, "chatsft_checkpoints", run)
+    run = start_run(args)
+    wandb_run = init_wandb(run, args.run, "nanochat-sft", vars(args).copy())
+    training = load_start_model(args, args.source, "chatsft_checkpoints", run)
+    model, tokenizer = training.model, training.tokenizer  # model: uncompiled
     B, T = args.device_batch_size, args.max_seq_len
     if B == "auto":
         raise SystemExit("chat_sft takes a number for --device-batch-size (auto is for the packed stages)")
     if T + 1 > model.rotary_len:
         raise SystemExit(f"--max-seq-len {T} exceeds the model's rotary table ({model.rotary_len})")
-    num_params = model.num_params()
-    print0(f"model ({args.source} {model_tag}): {dataclasses.asdict(model.config)} | parameters: {num_params:,} | "
-           f"dtype: {run.dtype}")
-
-    # --- data --------------------------------------------------------------------------------------
-    spec = mixture_spec(args, SFT_DEFAULT, "sft")
-    tasks = build_tasks(spec, "sft", args.max_per_task)
-    train_set, val_set = split_mixture(tasks, args.val_examples)
-    val_convs = list(val_set)
-    for name, n in describe_tasks(tasks).items():
-        print0(f"  task {name}: {n:,} conversations")
-    mc_sets = load_mc_eval(args.eval_mc, args.eval_mc_examples) if args.eval_mc else {}
-    print0(f"mixture: {spec} | train: {len(train_set):,} conversations | val: {len(val_convs):,} | "
-           f"mc eval: {', '.join(f'{k} ({len(v)})' for k, v in mc_sets.items()) or 'none'}")
-
-    per_fwdbwd = B * run.world_size
-    if args.examples_per_step % per_fwdbwd:
+    print0(f"model ({args.source} {training.tag}): {dataclasses.asdict(model.config)} | parameters: "
+           f"{model.num_params():,} | dtype: {dtype_name(run.dtype)}")
+    data = sft_data(args)
+    train_set, val_convs, mc_sets = data.train_set, data.val_convs, data.mc_sets
+    if args.examples_per_step % (B * run.world_size):
         raise SystemExit(f"--examples-per-step {args.examples_per_step} must be a multiple of device_batch_size x "
-                         f"world_size = {B} x {run.world_size} = {per_fwdbwd}")
-    grad_accum_steps = args.examples_per_step // per_fwdbwd
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    else:
-        num_iterations = max(1, args.num_epochs * len(train_set) // args.examples_per_step)
+                         f"world_size = {B} x {run.world_size} = {B * run.world_size}")
+    grad_accum_steps = args.examples_per_step // (B * run.world_size)
+    num_iterations = args.num_iterations if args.num_iterations > 0 else \
+        max(1, args.num_epochs * len(train_set) // args.examples_per_step)
     print0(f"batch: {B} conversations x {run.world_size} ranks x {grad_accum_steps} accumulation = "
            f"{args.examples_per_step} per step | steps: {num_iterations:,} "
            f"({num_iterations * args.examples_per_step / len(train_set):.2f} epochs)")
 
-    # --- start fresh or resume -----------------------------------------------------------------------
-    optimizers = make_optimizers(model, args, args.init_lr_frac)
     loop = {"val_loss": None, "min_val_loss": float("inf"), "mc_acc": {}}
     same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T,
-            "examples_per_step": args.examples_per_step, "mixture": spec, "num_train_conversations": len(train_set)}
+            "examples_per_step": args.examples_per_step, "mixture": data.spec, "num_train_conversations": len(train_set)}
     # the data order depends only on the step (no loader state), so any number of ranks continues it exactly
-    resume_or_start_fresh(args.resume, checkpoint_dir, model, optimizers, loop, run, rank_state, resume_meta, same,
-                          num_iterations, lambda positions, world: positions[:1] * world)
-    orig_model = model
-    if run.compile:
-        model = torch.compile(model, dynamic=False)
-
-    log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, orig_model.estimate_flops(),
+    training.begin(make_optimizers(model, args, args.init_lr_frac), loop, num_iterations, same,
+                   lambda positions, world: positions[:1] * world)
+    train_model = run.compiled(model)
+    log = StepLog(run, num_iterations, training.step, loop, args.loss_file, wandb_run, model.estimate_flops(),
                   args.peak_flops)
-    for step in range(start_step, num_iterations + 1):
-        last_step = step == num_iterations
-        resumed_here = args.resume and step == start_step
 
-        if eval_due(step, args.eval_every, last_step, resumed_here):
-            orig_model.eval()
-            val_loss = evaluate_loss(orig_model, tokenizer, val_convs, B, T, run)
-            orig_model.train()
-            loop["val_loss"], loop["min_val_loss"] = val_loss, min(loop["min_val_loss"], val_loss)
-            log.eval(step, {"val loss": val_loss})
-        if mc_sets and eval_due(step, args.eval_mc_every, last_step, resumed_here):
-            orig_model.eval()
-            loop["mc_acc"] = {name: mc_accuracy(orig_model, tokenizer, convs, B, T, run)[0]
-                              for name, convs in mc_sets.items()}
-            orig_model.train()
-            log.eval(step, {f"{k} acc": v for k, v in loop["mc_acc"].items()})
-
-        if save_due(step, args.save_every, last_step, args.stop_after, resumed_here):
-            meta = checkpoint_meta(step, orig_model, user_config, run, num_iterations, {"step": step}, loop,
-                                   source=args.source, val_loss=loop["val_loss"], mc_acc=loop["mc_acc"],
-                                   device_batch_size=B, max_seq_len=T, examples_per_step=args.examples_per_step,
-                                   mixture=spec, num_train_conversations=len(train_set))
-            save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, run.rank, args.keep_last)
-        if last_step or step == args.stop_after:
-            break  # step stays: == num_iterations only when training finished
-
-        # --- one optimizer step ------------------------------------------------------------------
-        t0 = time.time()
+    def train_step(step):
+        """One optimizer step: forward and backward over the step's conversations, then the update."""
         batches = micro_batches(train_set, tokenizer, step, args, run.rank, run.world_size, grad_accum_steps, T,
                                 run.compile, run.device)
         # every supervised token of the step (all micro-batches, all ranks) weighs the same
-        supervised, processed = all_reduce([sum(int((y >= 0).sum().item()) for _, y in batches),
-                                            sum(x.numel() for x, _ in batches)], run.device)
-        supervised, processed = int(supervised), int(processed)
-        # the optimizers average gradients over ranks, hence the world_size factor
-        scale = run.world_size / max(1, supervised)
-        train_loss = torch.zeros((), device=run.device, dtype=torch.float32)
+        supervised, processed = (int(n) for n in all_reduce([sum(int((y >= 0).sum().item()) for _, y in batches),
+                                                             sum(x.numel() for x, _ in batches)], run.device))
+        scale = run.world_size / max(1, supervised)  # the optimizers average gradients over ranks
+        loss = torch.zeros((), device=run.device, dtype=torch.float32)
         for x, y in batches:
-            with run.autocast():
-                loss = model(x, y, loss_reduction="sum")
-            train_loss += loss.detach().float()
-            (loss * scale).backward()
-        lrm = optimizer_step(model, optimizers, step, num_iterations, args)
-        loss_value = all_reduce(train_loss.item(), run.device) / max(1, supervised)
-        log.step(step, loss_value, lrm, time.time() - t0, processed, {"tokens": supervised})
+            micro = train_model(x, y, loss_reduction="sum")
+            run.backward(micro * scale)
+            loss += micro.detach().float()
+        loss = all_reduce(loss.item(), run.device) / max(1, supervised)
+        return loss, training.scheduled_update(step), processed, {"tokens": supervised}
 
+    def evaluate(step, last_step, resumed_here):
+        if eval_due(step, args.eval_every, last_step, resumed_here):
+            model.eval()
+            loop["val_loss"] = evaluate_loss(model, tokenizer, val_convs, B, T, run)
+            model.train()
+            loop["min_val_loss"] = min(loop["min_val_loss"], loop["val_loss"])
+            log.eval(step, {"val loss": loop["val_loss"]})
+        if mc_sets and eval_due(step, args.eval_mc_every, last_step, resumed_here):
+            model.eval()
+            loop["mc_acc"] = {name: mc_accuracy(model, tokenizer, convs, B, T, run)[0] for name, convs in mc_sets.items()}
+            model.train()
+            log.eval(step, {f"{k} acc": v for k, v in loop["mc_acc"].items()})
+
+    step = train_loop(training, log, train_step, evaluate, lambda step: training.checkpoint_meta(
+        step, {"step": step}, source=args.source, val_loss=loop["val_loss"], mc_acc=loop["mc_acc"], **same))
     log.close()
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val loss: {loop['min_val_loss']:.4f}")
     if run.master and step == num_iterations:
-        from nanochat.report import get_report
-        # the summary column comes from chat_eval, which scores these tasks on more examples
-        get_report().log(section="Chat SFT", stage="SFT", data=[
-            user_config,
-            {
-                "Source": f"{args.source} {model_tag}",
-                "Mixture": spec,
-                "Tasks": ", ".join(f"{k}: {v}" for k, v in describe_tasks(tasks).items()),
-                "Training conversations": len(train_set),
-                "Validation conversations": len(val_convs),
-                "Number of parameters": num_params,
-                "Number of training steps": num_iterations,
-                "Epochs": num_iterations * args.examples_per_step / len(train_set),
-                "Minimum validation loss": loop["min_val_loss"],
-                "Final validation loss": loop["val_loss"],
-                **{f"{k} accuracy ({len(mc_sets.get(k, []))} examples)": v for k, v in loop["mc_acc"].items()},
-                "Total training time (min)": loop["total_training_time"] / 60,
-            },
-        ])
+        write_report(args, training, data, loop)
     compute_cleanup()
+
+
+def write_report(args, training, data, loop):
+    from nanochat.report import get_report
+    num_iterations = training.num_iterations
+    # the summary column comes from chat_eval, which scores these tasks on more examples
+    get_report().log(section="Chat SFT", stage="SFT", data=[vars(args), {
+        "Source": f"{args.source} {training.tag}",
+        "Mixture": data.spec,
+        "Tasks": ", ".join(f"{k}: {v}" for k, v in describe_tasks(data.tasks).items()),
+        "Training conversations": len(data.train_set),
+        "Validation conversations": len(data.val_convs),
+        "Number of parameters": training.model.num_params(),
+        "Number of training steps": num_iterations,
+        "Epochs": num_iterations * args.examples_per_step / len(data.train_set),
+        "Minimum validation loss": loop["min_val_loss"],
+        "Final validation loss": loop["val_loss"],
+        **{f"{k} accuracy ({len(data.mc_sets.get(k, []))} examples)": v for k, v in loop["mc_acc"].items()},
+        "Total training time (min)": loop["total_training_time"] / 60,
+    }])
 
 
 if __name__ == "__main__":

@@ -19,18 +19,15 @@ import json
 import os
 import time
 
-
-from nanochat.common import atomic_write, compute_init, get_base_dir, print0, resolve_dtype, script_argv
+from nanochat.checkpoint_manager import add_model_args, load_model
+from nanochat.common import atomic_write, compute_init, get_base_dir, print0, script_argv
 from nanochat.continual.loop import STRATEGIES, ContinualConfig, evaluate_tasks, run_strategy
 
 
 def parse_args(argv=None):
     d = ContinualConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl", "dpo"], help="starting model")
-    p.add_argument("-g", "--model-tag", default=None)
-    p.add_argument("--step", type=int, default=None)
-    p.add_argument("--device-type", default="", help="cuda|cpu|mps (default: autodetect)")
+    add_model_args(p, sources=["base", "mid", "sft", "rl", "dpo"], source="sft")
     p.add_argument("--sequence", default="lm-domains", help="a name in tasks/sequences/ or a path to a JSON file")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated, from {','.join(STRATEGIES)}")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per training/eval row (<= the model's context)")
@@ -39,7 +36,6 @@ def parse_args(argv=None):
     p.add_argument("--eval-rows", type=int, default=32, help="held-out rows per lm task")
     p.add_argument("--eval-examples", type=int, default=100, help="held-out items per chat task")
     p.add_argument("--max-new-tokens", type=int, default=64, help="chat: reply length cap for generative tasks")
-    p.add_argument("--route-prefix", type=int, default=64, help="lm: tokens of a row the router sees")
     for name, val in vars(d).items():  # every ContinualConfig field is a flag: --steps, --ewc-lambda, ...
         if name == "router":
             continue
@@ -55,8 +51,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     _, _, _, _, device = compute_init(args.device_type or None, seed=args.seed)
-    from nanochat.checkpoint_manager import load_model
-    from tasks.continual import build_sequence, load_sequence_spec
+    from tasks.continual import ROUTE_PREFIX, build_sequence, load_sequence_spec
 
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -69,21 +64,20 @@ def main(argv=None):
     out_dir = args.out or os.path.join(get_base_dir(), "continual", spec["name"])
     os.makedirs(out_dir, exist_ok=True)
 
-    model, tokenizer, meta = load_model(args.source, device, "train", model_tag=args.model_tag, step=args.step)
+    model, tokenizer, meta = load_model(args.source, device, "train", model_tag=args.model_tag, step=args.step,
+                                        dtype=args.dtype)
     if args.seq_len + 1 > model.config.sequence_len:
         raise SystemExit(f"--seq-len {args.seq_len} + 1 exceeds the model's context ({model.config.sequence_len})")
-    dtype = resolve_dtype("auto", device.type)
     n_train = args.train_rows if args.train_rows > 0 else cfg.steps * cfg.batch_size
     t0 = time.time()
     tasks = build_sequence(spec, tokenizer, args.seq_len, n_train, n_eval_rows=args.eval_rows,
-                           n_eval_examples=args.eval_examples, max_new_tokens=args.max_new_tokens,
-                           route_prefix=args.route_prefix, dtype=dtype)
+                           n_eval_examples=args.eval_examples, max_new_tokens=args.max_new_tokens)
     print0(f"sequence {spec['name']}: " + ", ".join(f"{t.name} ({len(t.train_rows)} train / {len(t.eval_items)} eval)"
                                                    for t in tasks) + f" | built in {time.time() - t0:.1f}s")
     settings = {"source": args.source, "model_tag": args.model_tag, "step": meta.get("step"), "sequence": spec["name"],
                 "seq_len": args.seq_len, "train_rows": n_train, "eval_rows": args.eval_rows,
                 "eval_examples": args.eval_examples, "max_new_tokens": args.max_new_tokens,
-                "route_prefix": args.route_prefix, "device": device.type}
+                "route_prefix": ROUTE_PREFIX, "device": device.type}
 
     # the starting model's scores are shared by every strategy (and computed once)
     base_path = os.path.join(out_dir, "base.json")
@@ -113,8 +107,7 @@ def main(argv=None):
         model.load_state_dict(initial)
         print0(f"=== {strategy} ===")
         adapter_dir = os.path.join(out_dir, "adapters") if args.save_adapters else None
-        result = run_strategy(model, tokenizer, tasks, strategy, cfg, base=base, dtype=dtype,
-                              adapter_dir=adapter_dir)
+        result = run_strategy(model, tokenizer, tasks, strategy, cfg, base=base, adapter_dir=adapter_dir)
         result["settings"] = settings
         result["sequence"] = spec["name"]
         result["description"] = spec.get("description", "")

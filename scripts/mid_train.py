@@ -39,16 +39,14 @@ import time
 
 import torch
 
-from nanochat.common import all_reduce, compute_cleanup, print0, script_argv
+from nanochat.common import all_reduce, compute_cleanup, dtype_name, print0, script_argv
 from nanochat.dataloader import packed_loader, render_stream
+from nanochat.hardware import resolve_device_batch
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.reshard import reshard_stream_positions
-from nanochat.hardware import resolve_device_batch
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import (Prefetch, StepLog, accumulate_packed, accumulation_steps, add_finetune_args,
-                               add_training_args, checkpoint_meta, eval_due, init_wandb, load_start_model,
-                               make_optimizers, optimizer_step, resume_or_start_fresh, save_due,
-                               save_training_checkpoint, start_run)
+from nanochat.training import (Prefetch, StepLog, accumulation_steps, add_finetune_args, add_training_args, eval_due,
+                               init_wandb, load_start_model, make_optimizers, start_run, train_loop)
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 
 MID_DEFAULT = "chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling,tools"
@@ -56,10 +54,8 @@ MID_DEFAULT = "chitchat,chatterbot,mc,gsm8k,spellingbee,simplespelling,tools"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_training_args(p)
+    add_training_args(p, sources=["base", "mid"], source="base")
     add_finetune_args(p)
-    p.add_argument("--source", default="base", choices=["base", "mid"], help="where the starting model comes from "
-                   "(--model-tag/--step pick it): base, or mid to continue an earlier midtraining such as a drill")
     p.add_argument("--save-tag", default="", help="mid_checkpoints/<tag> this run writes and --resume continues "
                    "(default: the loaded tag)")
     p.add_argument("--online", action="store_true", help="train on the online recipe (tasks/mixtures.py ONLINE_MIXTURES; downloads from the hub)")
@@ -71,24 +67,22 @@ def parse_args(argv=None):
     return p.parse_args(script_argv(argv))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    user_config = vars(args).copy()
-    run = start_run(args.device_type, args.dtype, args.compile)
-    wandb_run = init_wandb(run, args.run, "nanochat-mid", user_config)
+@dataclasses.dataclass
+class Mixture:
+    """The rendered conversations of a run: this rank's token streams (train and held-out) and what they hold."""
+    spec: str
+    tasks: list
+    train_set: object
+    val_set: object
+    train_stream: list
+    train_starts: list
+    val_stream: list
+    val_starts: list
+    train_tokens: int  # in the shortest rank's stream, times the ranks
+    val_tokens: int  # in the shortest rank's held-out stream
 
-    # --- model -------------------------------------------------------------------------------------
-    model, tokenizer, model_tag, checkpoint_dir, start_step, rank_state, resume_meta = \
-        load_start_model(args, args.source, "mid_checkpoints", run, args.save_tag)
-    T = args.max_seq_len
-    if T > model.rotary_len:
-        raise SystemExit(f"--max-seq-len {T} exceeds the model's rotary table ({model.rotary_len})")
-    B = resolve_device_batch(args, model, T, run)
-    num_params = model.num_params()
-    token_bytes = get_token_bytes(run.device)
-    print0(f"model: {dataclasses.asdict(model.config)} | parameters: {num_params:,} | dtype: {run.dtype}")
 
-    # --- data --------------------------------------------------------------------------------------
+def load_mixture(args, tokenizer, run):
     t0 = time.time()
     spec = mixture_spec(args, MID_DEFAULT, "mid")
     tasks = build_tasks(spec, "mid", args.max_per_task, args.mc_per_task)
@@ -98,89 +92,96 @@ def main(argv=None):
     train_stream, train_starts = render_stream(train_set, tokenizer, run.rank, run.world_size)
     val_stream, val_starts = render_stream(val_set, tokenizer, run.rank % len(val_set), min(run.world_size, len(val_set)))
     shortest_train, shortest_val = all_reduce([len(train_stream), len(val_stream)], run.device, op="min")
-    train_tokens = int(shortest_train) * run.world_size
-    print0(f"mixture: {spec}\n  train: {len(train_set):,} conversations, ~{train_tokens:,} tokens | "
+    mix = Mixture(spec, tasks, train_set, val_set, train_stream, train_starts, val_stream, val_starts,
+                  int(shortest_train) * run.world_size, int(shortest_val))
+    print0(f"mixture: {spec}\n  train: {len(train_set):,} conversations, ~{mix.train_tokens:,} tokens | "
            f"val: {len(val_set):,} conversations | rendered in {time.time() - t0:.1f}s")
+    return mix
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = start_run(args)
+    wandb_run = init_wandb(run, args.run, "nanochat-mid", vars(args).copy())
+    training = load_start_model(args, args.source, "mid_checkpoints", run, args.save_tag)
+    model, tokenizer, T = training.model, training.tokenizer, args.max_seq_len  # model: uncompiled
+    if T > model.rotary_len:
+        raise SystemExit(f"--max-seq-len {T} exceeds the model's rotary table ({model.rotary_len})")
+    B = resolve_device_batch(args, model, T, run)
+    print0(f"model: {dataclasses.asdict(model.config)} | parameters: {model.num_params():,} | dtype: {dtype_name(run.dtype)}")
+    mix = load_mixture(args, tokenizer, run)
     grad_accum_steps = accumulation_steps(args.total_batch_size, B, T, run.world_size)
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    else:  # one epoch: each row takes about T+1 tokens of the stream
-        num_iterations = max(1, train_tokens // ((T + 1) * B * run.world_size * grad_accum_steps))
-    val_rows = max(1, int(shortest_val) // (T + 1))
-    eval_steps = max(1, min(args.eval_tokens // (B * T * run.world_size), val_rows // B))
+    # --num-iterations -1: one epoch; each row takes about T+1 tokens of the stream
+    num_iterations = args.num_iterations if args.num_iterations > 0 else \
+        max(1, mix.train_tokens // ((T + 1) * B * run.world_size * grad_accum_steps))
+    eval_steps = max(1, min(args.eval_tokens // (B * T * run.world_size), max(1, mix.val_tokens // (T + 1)) // B))
     print0(f"batch: {B} x {T} x {run.world_size} ranks x {grad_accum_steps} accumulation = {args.total_batch_size:,} "
            f"tokens/step | steps: {num_iterations:,} | eval steps: {eval_steps}")
 
-    # --- start fresh or resume -----------------------------------------------------------------------
-    optimizers = make_optimizers(model, args, args.init_lr_frac)
     loop = {"min_val_bpb": float("inf"), "val_bpb": None}
-    same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T,
-            "total_batch_size": args.total_batch_size, "mixture": spec, "num_train_conversations": len(train_set)}
-    loader_state = resume_or_start_fresh(args.resume, checkpoint_dir, model, optimizers, loop, run, rank_state,
-                                         resume_meta, same, num_iterations, reshard_stream_positions)
-    orig_model = model
-    if run.compile:
-        model = torch.compile(model, dynamic=False)
-
-    bos = tokenizer.get_bos_token_id()
-    train_data = Prefetch(packed_loader(train_stream, train_starts, B, T, bos, run.device, resume_state=loader_state),
-                          loader_state)
-    log = StepLog(run, num_iterations, start_step, loop, args.loss_file, wandb_run, orig_model.estimate_flops(),
+    same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T, "total_batch_size": args.total_batch_size,
+            "mixture": mix.spec, "num_train_conversations": len(mix.train_set)}
+    position = training.begin(make_optimizers(model, args, args.init_lr_frac), loop, num_iterations, same,
+                              reshard_stream_positions)
+    train_model = run.compiled(model)
+    bos, token_bytes = tokenizer.get_bos_token_id(), get_token_bytes(run.device)
+    data = Prefetch(packed_loader(mix.train_stream, mix.train_starts, B, T, bos, run.device, resume_state=position),
+                    position)
+    log = StepLog(run, num_iterations, training.step, loop, args.loss_file, wandb_run, model.estimate_flops(),
                   args.peak_flops)
-    for step in range(start_step, num_iterations + 1):
-        last_step = step == num_iterations
-        resumed_here = args.resume and step == start_step
 
+    def train_step(step):
+        """One optimizer step: forward and backward over the micro-batches, then the update."""
+        loss = torch.zeros((), device=run.device)
+        for _ in range(grad_accum_steps):
+            micro = train_model(data.x, data.y)
+            run.backward(micro / grad_accum_steps)  # each rank averages its micro-batches, the optimizers the ranks
+            loss += micro.detach()
+            data.advance()  # the next batch is read while the device works
+        loss = all_reduce(loss.item() / grad_accum_steps, run.device) / run.world_size
+        return loss, training.scheduled_update(step), args.total_batch_size, None
+
+    def evaluate(step, last_step, resumed_here):
         if eval_due(step, args.eval_every, last_step, resumed_here):
-            model.eval()
-            val_loader = packed_loader(val_stream, val_starts, B, T, bos, run.device)
-            with run.autocast():
-                val_bpb = evaluate_bpb(model, val_loader, eval_steps, token_bytes)
-            model.train()
+            train_model.eval()
+            val_loader = packed_loader(mix.val_stream, mix.val_starts, B, T, bos, run.device)
+            val_bpb = evaluate_bpb(train_model, val_loader, eval_steps, token_bytes)
+            train_model.train()
             loop["val_bpb"], loop["min_val_bpb"] = val_bpb, min(loop["min_val_bpb"], val_bpb)
             log.eval(step, {"val bpb": val_bpb})
 
-        if save_due(step, args.save_every, last_step, args.stop_after, resumed_here):
-            meta = checkpoint_meta(step, orig_model, user_config, run, num_iterations, train_data.position, loop,
-                                   val_bpb=loop["val_bpb"], device_batch_size=B, max_seq_len=T,
-                                   total_batch_size=args.total_batch_size, mixture=spec,
-                                   num_train_conversations=len(train_set))
-            save_training_checkpoint(checkpoint_dir, step, orig_model, optimizers, meta, run.rank, args.keep_last)
-        if last_step or step == args.stop_after:
-            break  # step stays: == num_iterations only when training finished
-
-        t0 = time.time()
-        loss = accumulate_packed(model, train_data, grad_accum_steps, run)
-        lrm = optimizer_step(model, optimizers, step, num_iterations, args)
-        log.step(step, loss, lrm, time.time() - t0, args.total_batch_size)
-
+    step = train_loop(training, log, train_step, evaluate, lambda step: training.checkpoint_meta(
+        step, data.position, val_bpb=loop["val_bpb"], **same))
     log.close()
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val bpb: {loop['min_val_bpb']:.4f}")
     if run.master and step == num_iterations:
-        from nanochat.report import get_report
-        # no summary metric: val bpb on chat data is not comparable with the base row; chat_eval fills MID
-        # a run under a tag later stages do not pick (a drill) gets its own section, not the one they read
-        section = "Midtraining" if re.fullmatch(r"d\d+", model_tag) else f"Midtraining ({model_tag})"
-        get_report().log(section=section, stage="MID", data=[
-            user_config,
-            {
-                "Start": f"{args.source} {args.model_tag or '(largest)'}" if not args.resume else "resumed",
-                "Saved as": f"mid_checkpoints/{model_tag}",
-                "Mixture": spec,
-                "Tasks": ", ".join(f"{k}: {v}" for k, v in describe_tasks(tasks).items()),
-                "Training conversations": len(train_set),
-                "Validation conversations": len(val_set),
-                "Number of parameters": num_params,
-                "Number of training steps": num_iterations,
-                "Number of training tokens": args.total_batch_size * num_iterations,
-                "Minimum validation bpb": loop["min_val_bpb"],
-                "Final validation bpb": loop["val_bpb"],
-                "Last step tok/s": log.tok_per_sec,
-                "Total training time (min)": loop["total_training_time"] / 60,
-            },
-        ])
+        write_report(args, training, mix, loop, log)
     compute_cleanup()
+
+
+def write_report(args, training, mix, loop, log):
+    from nanochat.report import get_report
+    # no summary metric: val bpb on chat data is not comparable with the base row; chat_eval fills MID
+    # a run under a tag later stages do not pick (a drill) gets its own section, not the one they read
+    section = "Midtraining" if re.fullmatch(r"d\d+", training.tag) else f"Midtraining ({training.tag})"
+    get_report().log(section=section, stage="MID", data=[
+        vars(args),
+        {
+            "Start": f"{args.source} {args.model_tag or '(largest)'}" if not args.resume else "resumed",
+            "Saved as": f"mid_checkpoints/{training.tag}",
+            "Mixture": mix.spec,
+            "Tasks": ", ".join(f"{k}: {v}" for k, v in describe_tasks(mix.tasks).items()),
+            "Training conversations": len(mix.train_set),
+            "Validation conversations": len(mix.val_set),
+            "Number of parameters": training.model.num_params(),
+            "Number of training steps": log.num_iterations,
+            "Number of training tokens": args.total_batch_size * log.num_iterations,
+            "Minimum validation bpb": loop["min_val_bpb"],
+            "Final validation bpb": loop["val_bpb"],
+            "Last step tok/s": log.tok_per_sec,
+            "Total training time (min)": loop["total_training_time"] / 60,
+        },
+    ])
 
 
 if __name__ == "__main__":

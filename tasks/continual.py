@@ -43,7 +43,7 @@ import math
 import os
 import torch
 
-from nanochat.common import autocast, sum_dtype
+from nanochat.common import sum_dtype
 from nanochat.training import collate
 from tasks.common import read_jsonl
 from tasks.customjson import JSONLTask
@@ -51,6 +51,7 @@ from tasks.evaluate import run_eval
 
 SEQUENCES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sequences")
 CHAT_TASKS = ("arc-easy", "arc-challenge", "gsm8k", "spellingbee", "simplespelling")
+ROUTE_PREFIX = 64  # the tokens of an lm row the adapter router sees
 
 
 def list_sequences():
@@ -175,7 +176,7 @@ class LMTask(CLTask):
     kind, metric, higher_is_better = "lm", "bpb", False
 
     def __init__(self, name, tokenizer, train_docs, eval_docs, T, n_train, n_eval, batch_size=8,
-                 route_prefix=64, dtype="float32"):
+                 route_prefix=ROUTE_PREFIX):
         self.name, self.tokenizer = name, tokenizer
         self.train_rows = chunk_docs(tokenizer, train_docs, T, n_train)
         self.eval_items = chunk_docs(tokenizer, eval_docs, T, n_eval)
@@ -183,7 +184,6 @@ class LMTask(CLTask):
             raise ValueError(f"lm task {name!r}: no text ({len(self.train_rows)} training rows, "
                              f"{len(self.eval_items)} held-out rows)")
         self.batch_size, self.route_prefix = batch_size, route_prefix
-        self.dtype = dtype  # autocast dtype of the scoring forward passes
         self._token_bytes = {}
 
     def token_bytes(self, device):
@@ -201,8 +201,7 @@ class LMTask(CLTask):
         nats, nbytes = 0.0, 0
         for b in range(0, len(items), self.batch_size):
             x, y = collate(items[b:b + self.batch_size], pad, device)
-            with autocast(self.dtype, device.type):
-                losses = model(x, y, loss_reduction="none").reshape(-1).to(sum_dtype(device))
+            losses = model(x, y, loss_reduction="none").reshape(-1).to(sum_dtype(device))
             y = y.reshape(-1)
             valid = y >= 0
             n = torch.where(valid, tb[torch.where(valid, y, 0)], 0)
@@ -229,15 +228,13 @@ class LMTask(CLTask):
 class ChatTask(CLTask):
     kind, metric, higher_is_better = "chat", "accuracy", True
 
-    def __init__(self, name, tokenizer, train_convs, eval_task, T, n_eval, batch_size=8, max_new_tokens=64,
-                 dtype="float32"):
+    def __init__(self, name, tokenizer, train_convs, eval_task, T, n_eval, batch_size=8, max_new_tokens=64):
         self.name, self.tokenizer, self.T = name, tokenizer, T
         self.train_convs = list(train_convs)
         self.train_rows = [tokenizer.render_conversation(c, max_tokens=T + 1) for c in self.train_convs]
         self.eval_task = eval_task  # a tasks.common.Task: evaluate() and eval_type
         self.eval_items = list(range(min(n_eval, len(eval_task))))
         self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.dtype = dtype
         S = tokenizer.encode_special
         self.user_start, self.user_end = S("<|user_start|>"), S("<|user_end|>")
         self.assistant_start, self.assistant_end = S("<|assistant_start|>"), S("<|assistant_end|>")
@@ -249,7 +246,7 @@ class ChatTask(CLTask):
         if not len(task):
             return 0, 0
         r = run_eval(task, model, self.tokenizer, batch_size=self.batch_size, num_samples=1,
-                     max_new_tokens=self.max_new_tokens, temperature=0.0, dtype=self.dtype)
+                     max_new_tokens=self.max_new_tokens, temperature=0.0)
         return r["correct"], r["total"]
 
     def prompts(self, n, k):
@@ -341,10 +338,10 @@ def _chat_split(name, n_train, n_eval):
 
 
 def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_examples=100, batch_size=8,
-                   max_new_tokens=64, route_prefix=64, data_dir=None, dtype="float32"):
+                   max_new_tokens=64, route_prefix=ROUTE_PREFIX, data_dir=None):
     """CLTasks for a sequence spec (load_sequence_spec). n_train: training rows (lm) or conversations
-    (chat) per task; n_eval_rows: held-out rows per lm task; n_eval_examples: held-out chat items;
-    dtype: the autocast dtype the tasks score with ("float32" or "bfloat16")."""
+    (chat) per task; n_eval_rows: held-out rows per lm task; n_eval_examples: held-out chat items; route_prefix:
+    the tokens of an lm row the adapter router sees."""
     from nanochat.offline.sources import SOURCE_KIND
     if isinstance(spec, str):
         spec = load_sequence_spec(spec)
@@ -374,7 +371,7 @@ def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_exa
                     raise ValueError(f"task {t['name']!r}: no documents with source in {sources} in the "
                                      f"{'train' if not train_docs else 'validation'} shards")
             tasks.append(LMTask(t["name"], tokenizer, train_docs, eval_docs, seq_len, n_train, n_eval_rows,
-                                batch_size=batch_size, route_prefix=route_prefix, dtype=dtype))
+                                batch_size=batch_size, route_prefix=route_prefix))
         else:
             if "jsonl" in t:
                 full = JSONLTask(resolve(t["jsonl"]))
@@ -387,6 +384,5 @@ def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_exa
             else:
                 train_convs, eval_task = _chat_split(t["task"], n_train, n_eval_examples)
             tasks.append(ChatTask(t["name"], tokenizer, train_convs, eval_task, seq_len, n_eval_examples,
-                                  batch_size=batch_size, max_new_tokens=t.get("max_new_tokens", max_new_tokens),
-                                  dtype=dtype))
+                                  batch_size=batch_size, max_new_tokens=t.get("max_new_tokens", max_new_tokens)))
     return tasks

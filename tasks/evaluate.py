@@ -16,7 +16,7 @@ Under torchrun every rank takes problems rank, rank + world, ... and the counts 
 """
 import torch
 
-from nanochat.common import all_reduce, autocast
+from nanochat.common import all_reduce
 
 
 def rank_indices(n, max_problems, rank, world_size):
@@ -42,12 +42,10 @@ def letter_token_ids(tokenizer, letters):
 
 
 @torch.no_grad()
-def run_categorical_eval(task, model, tokenizer, batch_size=8, max_problems=None, rank=0, world_size=1,
-                         dtype="float32", device=None):
+def run_categorical_eval(task, model, tokenizer, batch_size=8, max_problems=None, rank=0, world_size=1, device=None):
     """Accuracy on a multiple-choice task from one forward pass per batch of problems; the answer is
     the letter whose token has the largest logit at the last prompt position (only the item's letters
-    compete). dtype: "float32" or "bfloat16" (autocast). -> {"accuracy", "correct", "total", "chance"},
-    summed over ranks when distributed."""
+    compete). -> {"accuracy", "correct", "total", "chance"}, summed over ranks when distributed."""
     device = device or next(model.parameters()).device
     limit = model.config.sequence_len
     pad = tokenizer.encode_special("<|assistant_end|>")
@@ -60,8 +58,7 @@ def run_categorical_eval(task, model, tokenizer, batch_size=8, max_problems=None
         ids = torch.full((len(prompts), T), pad, dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
-        with autocast(dtype, device.type):
-            logits = model(ids.to(device))  # (B, T, V)
+        logits = model(ids.to(device))  # (B, T, V)
         for r, (conv, p) in enumerate(zip(convs, prompts)):
             letters = conv["letters"]
             letter_logits = logits[r, len(p) - 1, letter_token_ids(tokenizer, letters)]
@@ -75,8 +72,7 @@ def run_categorical_eval(task, model, tokenizer, batch_size=8, max_problems=None
 
 
 def run_generative_eval(task, model, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0,
-                        top_k=50, max_problems=None, rank=0, world_size=1, dtype="float32", device=None,
-                        seed=42, verbose=False):
+                        top_k=50, max_problems=None, rank=0, world_size=1, device=None, seed=42, verbose=False):
     """Fraction of problems for which at least one of num_samples sampled replies passes task.evaluate.
     -> {"accuracy", "correct", "total", "chance": 0.0}, summed over ranks when distributed."""
     device = device or next(model.parameters()).device
@@ -87,9 +83,8 @@ def run_generative_eval(task, model, tokenizer, engine, num_samples=1, max_new_t
         conv = task[i]
         # leave room for the reply (at least half the context) if the prompt is too long
         prompt = fit_prompt(tokenizer.render_for_completion(conv), max(context_len // 2, context_len - max_new_tokens))
-        with autocast(dtype, device.type):
-            results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
-                                               temperature=temperature, top_k=top_k, seed=seed + i)
+        results, _ = engine.generate_batch(prompt, num_samples=num_samples, max_tokens=max_new_tokens,
+                                           temperature=temperature, top_k=top_k, seed=seed + i)
         replies = [tokenizer.decode(r) for r in results]
         passed = any(task.evaluate(conv, reply) for reply in replies)
         correct += int(passed)
@@ -105,7 +100,7 @@ def run_generative_eval(task, model, tokenizer, engine, num_samples=1, max_new_t
 def run_eval(task, model, tokenizer, engine=None, **kwargs):
     """run_categorical_eval or run_generative_eval, by task.eval_type (kwargs that the other runner does
     not take are dropped: batch_size is categorical only, the sampling settings generative only)."""
-    common = {k: kwargs[k] for k in ("max_problems", "rank", "world_size", "dtype", "device") if k in kwargs}
+    common = {k: kwargs[k] for k in ("max_problems", "rank", "world_size", "device") if k in kwargs}
     if task.eval_type == "categorical":
         return run_categorical_eval(task, model, tokenizer, batch_size=kwargs.get("batch_size", 8), **common)
     if engine is None:

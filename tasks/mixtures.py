@@ -2,11 +2,41 @@
 becomes Task objects, split once into train and validation. `name@N` sets a task's size: N generated
 problems for the generated tasks, the first N conversations for the others."""
 from nanochat.common import print0
+from tasks.arc import ARC
+from tasks.common import TaskMixture
+from tasks.conversations import ChatterBot, ChitChat
+from tasks.customjson import CustomJSON
+from tasks.gsm8k import GSM8K, GSM8KSynthetic
+from tasks.mc_train import mc_train_tasks
+from tasks.mmlu import MMLU
+from tasks.smoltalk import SmolTalk
+from tasks.spellingbee import SimpleSpelling, SpellingBee
+from tasks.tools import CopyDrill, ToolUse
 
 # per-stage sizes of the generated tasks and the seeds that make SFT see different examples than mid
 _STAGE_SIZES = {
     "mid": {"gsm8k": 10000, "spellingbee": 10000, "simplespelling": 5000, "tools": 6000, "copy": 3000, "seed": 0},
     "sft": {"gsm8k": 4000, "spellingbee": 1500, "simplespelling": 1000, "tools": 1500, "copy": 1000, "seed": 1},
+}
+# tasks read from data: stop -> the first `stop` conversations (name@N and --max-per-task, the smaller)
+_READ = {
+    "chitchat": lambda stop: [ChitChat("train", stop=stop)],
+    "chatterbot": lambda stop: [ChatterBot("train", stop=stop)],
+    "arc": lambda stop: [ARC(subset, "train", stop=stop) for subset in ("ARC-Easy", "ARC-Challenge")],
+    "smoltalk": lambda stop: [SmolTalk("train", stop=stop)],
+    "mmlu-aux": lambda stop: [MMLU("all", "auxiliary_train", stop=stop)],
+    "gsm8k-train": lambda stop: [GSM8K("train", stop=stop)],
+}
+# generated tasks: name@N problems (default: the stage's size) from the stage's seed, capped at --max-per-task.
+# "tools" is one task for the three tools, so the cap holds for all of them together: one task per tool (3x the
+# tool conversations under the cpu profile's --max-per-task) measured no tool gain and a lower ChatCORE
+# (dev/notes_tools.md)
+_GENERATED = {
+    "gsm8k": GSM8KSynthetic,
+    "spellingbee": lambda **kw: SpellingBee(split="train", **kw),
+    "simplespelling": lambda **kw: SimpleSpelling(split="train", **kw),
+    "tools": ToolUse,
+    "copy": CopyDrill,
 }
 TASK_NAMES = ("chitchat", "chatterbot", "mc", "arc", "gsm8k", "spellingbee", "simplespelling", "tools", "copy", "smoltalk",
               "mmlu-aux", "gsm8k-train")
@@ -55,64 +85,23 @@ def parse_mixture(spec):
 
 def build_tasks(spec, stage, max_per_task=-1, mc_per_task=-1):
     """The list of Task objects of a mixture spec (repeats listed repeatedly). max_per_task > 0 caps
-    every task to its first max_per_task examples."""
+    every task to its first max_per_task examples; mc_per_task > 0 caps each multiple-choice split."""
     sizes = _STAGE_SIZES[stage]
-    seed = sizes["seed"]
     cap = max_per_task if max_per_task and max_per_task > 0 else None
 
-    def one(name):
-        name, size = _split_size(name)
+    def one(entry):
+        name, size = _split_size(entry)
         stop = min(c for c in (cap, size) if c) if cap or size else None
         if name.startswith("custom:"):
-            from tasks.customjson import CustomJSON
             return [CustomJSON(name[len("custom:"):], stop=stop)]
-        if name == "chitchat":
-            from tasks.conversations import ChitChat
-            return [ChitChat("train", stop=stop)]
-        if name == "chatterbot":
-            from tasks.conversations import ChatterBot
-            return [ChatterBot("train", stop=stop)]
         if name == "mc":
-            from tasks.mc_train import mc_train_tasks
             caps = [c for c in (cap, mc_per_task if mc_per_task and mc_per_task > 0 else None) if c]
             return mc_train_tasks(max_per_task=min(caps) if caps else None)
-        if name == "arc":
-            from tasks.arc import ARC
-            return [ARC(subset, "train", stop=stop) for subset in ("ARC-Easy", "ARC-Challenge")]
-        if name == "gsm8k":
-            from tasks.gsm8k import GSM8KSynthetic
-            return [GSM8KSynthetic(size=size or sizes["gsm8k"], seed=seed, stop=cap)]
-        if name == "spellingbee":
-            from tasks.spellingbee import SpellingBee
-            return [SpellingBee(size=size or sizes["spellingbee"], split="train", seed=seed, stop=cap)]
-        if name == "simplespelling":
-            from tasks.spellingbee import SimpleSpelling
-            return [SimpleSpelling(size=size or sizes["simplespelling"], split="train", seed=seed, stop=cap)]
-        if name == "tools":
-            # one task for the three tools, so the cap holds for all of them together: one task per tool (3x
-            # the tool conversations under the cpu profile's --max-per-task) measured no tool gain and a
-            # lower ChatCORE (dev/notes_tools.md)
-            from tasks.tools import ToolUse
-            return [ToolUse(size=size or sizes["tools"], seed=seed, stop=cap)]
-        if name == "copy":
-            from tasks.tools import CopyDrill
-            return [CopyDrill(size=size or sizes["copy"], seed=seed, stop=cap)]
-        if name == "smoltalk":
-            from tasks.smoltalk import SmolTalk
-            return [SmolTalk("train", stop=stop)]
-        if name == "mmlu-aux":
-            from tasks.mmlu import MMLU
-            return [MMLU("all", "auxiliary_train", stop=stop)]
-        if name == "gsm8k-train":
-            from tasks.gsm8k import GSM8K
-            return [GSM8K("train", stop=stop)]
-        raise ValueError(name)
+        if name in _READ:
+            return _READ[name](stop)
+        return [_GENERATED[name](size=size or sizes[name], seed=sizes["seed"], stop=cap)]
 
-    tasks = []
-    for name, repeat in parse_mixture(spec):
-        built = one(name)
-        tasks.extend(built * repeat)
-    return tasks
+    return [task for entry, repeat in parse_mixture(spec) for task in one(entry) * repeat]
 
 
 def mixture_spec(args, default, stage):
@@ -136,7 +125,6 @@ def mixture_spec(args, default, stage):
 
 def rl_train_task(online, size, seed):
     """RL problems: the GSM8K train split online, else template-generated GSM8K-style problems."""
-    from tasks.gsm8k import GSM8K, GSM8KSynthetic
     if online:
         return GSM8K(split="train")
     print0(f"offline data: RL trains on {size:,} GSM8KSynthetic problems, standing in for the GSM8K train "
@@ -147,7 +135,6 @@ def rl_train_task(online, size, seed):
 def split_mixture(tasks, val_examples, seed=42):
     """(train, val): one seeded shuffle of all examples; the first val_examples (at most a tenth of
     the mixture, at least one) are held out for validation, the rest are for training."""
-    from tasks.common import TaskMixture
     n = len(TaskMixture(tasks, seed=seed))
     if n < 2:
         raise ValueError(f"the mixture has {n} conversation(s); need at least 2 (train + val)")

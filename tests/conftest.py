@@ -16,13 +16,20 @@ Everything is made locally and cheaply; nothing is downloaded.
     echo_chat_model  (session) the EchoChatModel class: a scripted chat model with a known reply and tool call
     serve_app        (session) `with serve_app(app) as url:` runs an ASGI app with uvicorn on a loopback port
 """
+import contextlib
 import os
 import random
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+
+# compute_dtype's auto choice follows the CPU (bf16 where it is native): pin fp32 so that the suite computes the
+# same numbers on every machine (subprocesses inherit it); the tests of the choice itself unset it
+os.environ["NANOCHAT_DTYPE"] = "float32"
 
 _WORDS = ("the a one every some cat dog bird fish child teacher river city garden house tree sun moon "
           "runs sees finds eats likes makes takes gives sits walks big small red green old new happy quiet "
@@ -206,8 +213,23 @@ def echo_chat_model_fixture():
 def serve_app():
     """A context manager: `with serve_app(app) as url:` serves an ASGI app with uvicorn on a free loopback
     port in a background thread, and stops it on exit."""
-    from scripts.chat_web import serve_in_thread
+    from nanochat.serve.app import serve_in_thread
     return serve_in_thread
+
+
+@contextlib.contextmanager
+def unjam_fifos(paths, after=20):
+    """While inside: a FIFO opened for reading the ordinary way blocks until a writer comes, and from Rust
+    (safetensors) it blocks holding the GIL, so no thread of the test can time it out. A separate process opens
+    each FIFO for writing after `after` seconds, so such a reader gets EOF and the test fails instead of hanging."""
+    opener = "import sys, time; time.sleep(float(sys.argv[1])); open(sys.argv[2], 'w').close()"
+    procs = [subprocess.Popen([sys.executable, "-c", opener, str(after), str(p)]) for p in paths]  # one process each
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def at_positions(logits, logits_at):

@@ -122,8 +122,8 @@ def test_depth_dial():
         assert c.n_embd == 64 * depth and c.n_embd % c.n_head == 0 and head_dim % 2 == 0
         assert head_dim == 128 or depth % 2 == 1  # even depths: exactly 128-wide heads
     assert model_config(1, 128, 300).n_head == 1 and model_config(20, 128, 300).n_head == 10
-    sched = [lr_multiplier(s, 10, 0.2, 0.5, 0.1) for s in range(10)]
-    assert sched[:2] == [0.5, 1.0] and sched[5] == 1.0 and sched[6] == pytest.approx(0.1 + 0.9 * 0.8)
+    sched = [lr_multiplier(s, 10, 0.5) for s in range(11)]
+    assert sched[:6] == [1.0] * 6 and sched[6] == pytest.approx(0.8) and sched[10] == 0.0
 
 
 def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, make_docs, make_base_dir):

@@ -12,7 +12,8 @@ import time
 import httpx
 import pytest
 
-from scripts.chat_web import Worker, create_app
+from nanochat.serve.app import create_app
+from nanochat.serve.replicas import Worker
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency (pip install -e '.[dev]')")
 CHROMIUM = shutil.which("chromium") or next(

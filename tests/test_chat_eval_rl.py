@@ -169,10 +169,7 @@ def test_group_advantages():
     adv = group_advantages([1, 0, 0, 1, 1, 1])
     assert adv.tolist() == pytest.approx([1 / 3, -2 / 3, -2 / 3, 1 / 3, 1 / 3, 1 / 3])
     assert adv.sum().item() == pytest.approx(0, abs=1e-6)
-    std = group_advantages([1, 0, 0, 1], normalize_std=True)
-    assert std.tolist() == pytest.approx([1, -1, -1, 1], rel=1e-4)
     assert group_advantages([1, 1, 1]).tolist() == [0, 0, 0]
-    assert group_advantages([0, 0], normalize_std=True).tolist() == [0, 0]
 
 
 def test_build_rl_batch_masks_prompt_forced_and_padding():
@@ -256,7 +253,7 @@ def test_rl_steps_increase_reward_probability(cfg, byte_tokenizer):
         data = rollout(task, range(len(task)), engine, T, num_samples=8, max_new_tokens=2, temperature=1.0,
                        top_k=None, seed=100 * step, context_len=cfg.sequence_len)
         train_on_rollout(model, data, "cpu", 16, T.encode_special("<|assistant_end|>"))
-        for opt in optimizers:
+        for opt in optimizers.values():
             opt.step()
         model.zero_grad(set_to_none=True)
     after = p_even()
@@ -349,7 +346,7 @@ def test_two_ranks(sft_base):
 
 
 def test_chat_eval_refuses_humaneval_without_a_sandbox(monkeypatch, capsys):
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     from scripts.chat_eval import check_code_execution
     monkeypatch.setattr(sandbox, "_isolation", (False, "bubblewrap is not installed"))
     monkeypatch.setenv(sandbox.UNSAFE_ENV, "0")  # (recorded, so restored after)

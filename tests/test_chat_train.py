@@ -254,7 +254,7 @@ def test_mc_accuracy_reads_the_letter_logits_at_the_last_prompt_token(byte_token
             return logits
 
     from nanochat.training import Run
-    acc, n = mc_accuracy(Fake(), byte_tokenizer, convs, 3, 10_000, Run(False, 0, 1, torch.device("cpu"), "float32", False))
+    acc, n = mc_accuracy(Fake(), byte_tokenizer, convs, 3, 10_000, Run(False, 0, 1, torch.device("cpu")))
     want = sum(c["messages"][-1]["content"] == "B" for c in convs) / len(convs)
     assert n == 10 and acc == pytest.approx(want)
     assert 0 < want < 1  # the test data has both kinds

@@ -18,11 +18,13 @@ import torch
 import torch.nn as nn
 
 from nanochat.checkpoint_manager import save_checkpoint
-from nanochat.engine import Engine
-from nanochat.tools.registry import ToolRegistry
+from nanochat.engine import Engine, ReplyParser
 from nanochat.gpt import GPT, GPTConfig
-from scripts.chat_web import (Defaults, ReplyParser, Worker, create_app, load_workers, main, openai_text_as_parts,
-                              part_as_openai_text)
+from nanochat.serve.app import create_app
+from nanochat.serve.openai_api import Defaults, openai_text_as_parts, part_as_openai_text
+from nanochat.serve.replicas import Worker, load_workers
+from nanochat.tools.registry import ToolRegistry
+from scripts.chat_web import main
 
 openai = pytest.importorskip("openai", reason="the openai client is a dev dependency (pip install -e '.[dev]')")
 

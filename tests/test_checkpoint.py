@@ -13,9 +13,9 @@ def trained_state(model):
     opts = model.setup_optimizers()
     x = torch.randint(0, model.config.vocab_size, (2, 16))
     model(x, x).backward()
-    for opt in opts:
+    for opt in opts.values():
         opt.step()
-    return model.state_dict(), [opt.state_dict() for opt in opts]
+    return model.state_dict(), [opt.state_dict() for opt in opts.values()]
 
 
 def meta_for(model, step, **extra):

@@ -54,8 +54,7 @@ def test_each_remedy_forgets_less_than_naive(setup):
     variants.append(("merge-from-base", "merge", {"merge_stacked": False}))
     for name, strategy, option in variants:
         model.load_state_dict(init)
-        r = run_strategy(model, tok, tasks, strategy, dataclasses.replace(config(), **option), base=base,
-                         dtype="float32")
+        r = run_strategy(model, tok, tasks, strategy, dataclasses.replace(config(), **option), base=base)
         base = r["base"]
         forgetting[name], runs[name] = r["matrices"][strategy]["forgetting"], r
     print(forgetting)

@@ -457,7 +457,10 @@ def chat_model():
 def test_chat_cli_numerics(monkeypatch):
     """--dtype bfloat16 on CPU packs the Linears (pack_linears says why if it can't); auto packs them where the
     CPU has native bf16; float32 doesn't; CUDA uses autocast."""
+    import nanochat.common
     import scripts.chat_cli as cli
+    monkeypatch.delenv("NANOCHAT_DTYPE")
+    monkeypatch.setattr(nanochat.common, "native_bf16_cpu", lambda: True)
     monkeypatch.setattr(cli, "packing_supported", lambda device: (True, ""))
     assert cli.inference_numerics("auto", "cpu") == ("float32", True)
     monkeypatch.setattr(cli, "packing_supported", lambda device: (False, "no native bf16"))

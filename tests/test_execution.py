@@ -23,7 +23,7 @@ def sandbox_or_guards(monkeypatch):
     """These tests are about the runner's behaviour and its Python guards: where the machine can't make a
     sandbox (no bubblewrap, user namespaces forbidden) they run with the guards alone rather than being
     refused. The kernel boundary itself is tested in test_sandbox.py."""
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     if not sandbox.isolation()[0]:
         monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
 
@@ -31,7 +31,7 @@ def sandbox_or_guards(monkeypatch):
 @pytest.fixture
 def guards_only(monkeypatch):
     """No kernel sandbox: the Python-level guards alone, as with --unsafe-exec on a machine without bubblewrap."""
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     monkeypatch.setattr(sandbox, "_isolation", (False, "disabled by the test"))
     monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
 

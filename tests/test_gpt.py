@@ -182,14 +182,14 @@ def test_training_steps_reduce_loss():
     torch.manual_seed(0)
     model = GPT(GPTConfig(sequence_len=32, vocab_size=V, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     optimizers = model.setup_optimizers()
-    assert isinstance(optimizers[0], torch.optim.AdamW)
+    assert isinstance(optimizers["adamw"], torch.optim.AdamW)
     idx = torch.randint(0, V, (4, 33))
     x, y = idx[:, :-1], idx[:, 1:]
     losses = []
     for _ in range(10):
         loss = model(x, y)
         loss.backward()
-        for opt in optimizers:
+        for opt in optimizers.values():
             opt.step()
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())

@@ -34,7 +34,7 @@ def test_gpu_profiles_save_periodically_and_keep_two(profile):
 def test_wandb_run_without_wandb_installed_warns_and_continues(monkeypatch, capsys):
     from nanochat.training import Run, init_wandb
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    run = Run(False, 0, 1, torch.device("cpu"), "float32", False)
+    run = Run(False, 0, 1, torch.device("cpu"))
     assert init_wandb(run, "myrun", "nanochat", {}) is None
     out = capsys.readouterr().out
     assert "not installed" in out and "training continues" in out
@@ -45,24 +45,25 @@ def test_wandb_run_without_wandb_installed_warns_and_continues(monkeypatch, caps
 def block_input_dtypes(model, idx):
     seen = []
     hooks = [b.register_forward_pre_hook(lambda m, args: seen.append(args[0].dtype)) for b in model.transformer.h]
-    with torch.amp.autocast(device_type="cpu", dtype=torch.bfloat16):
+    model.compute_dtype = torch.bfloat16
+    try:
         loss = model(idx, idx)
+    finally:
+        model.compute_dtype = torch.float32
     for h in hooks:
         h.remove()
     return seen, loss
 
 
-def test_residual_stream_is_bf16_under_cuda_style_settings(tiny_model):
+def test_residual_stream_is_bf16_under_cuda_style_settings(tiny_model, monkeypatch):
+    import nanochat.gpt
     model, config = tiny_model, tiny_model.config
     idx = torch.randint(0, config.vocab_size, (2, 16))
-    assert model.residual_in_autocast_dtype is None  # default: only on CUDA, so fp32 here
-    seen, ref = block_input_dtypes(model, idx)
+    seen, ref = block_input_dtypes(model, idx)  # default: only on CUDA, so fp32 here
     assert seen and set(seen) == {torch.float32}
-    model.residual_in_autocast_dtype = True  # what CUDA does by default
-    try:
-        seen, loss = block_input_dtypes(model, idx)
-    finally:
-        model.residual_in_autocast_dtype = None
+    # what CUDA does
+    monkeypatch.setattr(nanochat.gpt, "residual_in_compute_dtype", lambda x, dtype: dtype == torch.bfloat16)
+    seen, loss = block_input_dtypes(model, idx)
     assert set(seen) == {torch.bfloat16} and len(seen) == config.n_layer
     assert loss.dtype == torch.float32 and abs(loss.item() - ref.item()) < 0.05  # same model, bf16 rounding only
 
@@ -101,7 +102,7 @@ def test_bucketed_sft_padding_gives_the_unpadded_loss(byte_tokenizer, tiny_model
 def test_device_batch_auto_halves_on_out_of_memory(capsys):
     from nanochat.hardware import device_batch_flag, fit_device_batch
     from nanochat.training import Run
-    run = Run(False, 0, 1, torch.device("cpu"), "float32", False)
+    run = Run(False, 0, 1, torch.device("cpu"))
     tried = []
 
     def probe(b):  # pretends only 6 rows fit
@@ -126,7 +127,7 @@ def test_device_batch_auto_keeps_the_total_batch(tiny_model):
     import argparse
     from nanochat.hardware import resolve_device_batch
     from nanochat.training import Run, accumulation_steps
-    run = Run(False, 0, 1, torch.device("cpu"), "float32", False)
+    run = Run(False, 0, 1, torch.device("cpu"))
     args = argparse.Namespace(device_batch_size="auto", total_batch_size=256)
     B = resolve_device_batch(args, tiny_model, 32, run)
     assert B == 8 and accumulation_steps(256, B, 32, 1) == 1
@@ -165,23 +166,26 @@ def test_base_eval_prepares_data_before_the_process_group(monkeypatch, base_dir)
     assert calls == [("prepare", ["arc_easy", "copa"]), "compute_init"]
 
 
-def test_auto_numerics_follow_the_hardware(tmp_path):
-    from nanochat.common import native_bf16_cpu
-    from nanochat.hardware import resolve_numerics
+def test_auto_numerics_follow_the_hardware(tmp_path, monkeypatch):
+    import nanochat.common
+    from nanochat.common import compute_dtype, native_bf16_cpu
+    from nanochat.hardware import resolve_compile
     amx, plain = tmp_path / "amx", tmp_path / "plain"
     amx.write_text("processor : 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile amx_bf16\n")
     plain.write_text("processor : 0\nflags\t\t: fpu sse2 avx2\n")
     assert native_bf16_cpu(str(amx)) and not native_bf16_cpu(str(plain))
     assert not native_bf16_cpu(str(tmp_path / "missing"))
-    assert resolve_numerics("auto", "auto", "cpu", native_bf16=True) == ("bfloat16", True)
-    assert resolve_numerics("auto", "auto", "cpu", native_bf16=False) == ("float32", True)
-    assert resolve_numerics("float32", "off", "cpu", native_bf16=True) == ("float32", False)
-    assert resolve_numerics("auto", "auto", "mps") == ("float32", False)
+    monkeypatch.delenv("NANOCHAT_DTYPE")
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(nanochat.common, "native_bf16_cpu", lambda: native)
+        assert compute_dtype("cpu") == want and resolve_compile("auto", "cpu")
+    assert compute_dtype("cpu", "float32") == torch.float32 and not resolve_compile("off", "cpu")
+    assert compute_dtype("mps") == torch.float32 and not resolve_compile("auto", "mps")
 
 
 def test_progress_line_marks_compile_warm_up(capsys):
     from nanochat.training import Run, StepLog
-    log = StepLog(Run(False, 0, 1, torch.device("cpu"), "float32", True), 10, 0, {})
+    log = StepLog(Run(False, 0, 1, torch.device("cpu"), compile=True), 10, 0, {})
     for step in range(4):
         log.step(step, 2.0, 1.0, 0.5, 1000)
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]

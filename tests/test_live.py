@@ -17,9 +17,11 @@ import torch
 
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.serve.app import create_app
 from nanochat.serve.live import LiveLearning
+from nanochat.serve.openai_api import Defaults
+from nanochat.serve.replicas import load_workers
 from nanochat.training import collate
-from scripts.chat_web import Defaults, create_app, load_workers
 
 FACTS = [
     ("Who captains the ship Zephyr?", "Captain Mira Oduya."),
@@ -162,13 +164,13 @@ def test_teach_facts_restart_and_recall(server, tmp_path):
         assert sum(a in ans for (_, a), ans in zip(FACTS, before)) == 0  # the base model never knew them
         assert chat(url, FACTS[0][0], adapter="none") == before[0]  # "none": the base weights, unchanged
         # the default adapter: activate it, and requests that name none use it; it survives a restart too
-        r = httpx.post(url + "/adapters/facts/activate")
+        r = httpx.post(url + "/adapters/facts/activate", json={})
         assert r.status_code == 200 and r.json()["active"] == "facts"
         assert chat(url, FACTS[1][0]) == answers[1]
     with server(root) as url:
         assert httpx.get(url + "/adapters").json()["active"] == "facts"
         assert chat(url, FACTS[1][0]) == answers[1]
-        assert httpx.post(url + "/adapters/none/activate").json()["active"] is None
+        assert httpx.post(url + "/adapters/none/activate", json={}).json()["active"] is None
         assert chat(url, FACTS[0][0]) == before[0]
 
 
@@ -205,14 +207,14 @@ def test_bad_input_is_refused_and_nothing_changes(server, tmp_path):
         big = {"adapter": "x", "facts": [{"question": "q" * 1000, "answer": "a"}] * 10_000}  # ~10 MB
         refused("POST", "/learn", 413, "--max-body-bytes", json=big)
         refused("GET", "/learn/learn-404", 404, "no learning job")
-        refused("POST", "/adapters/ghost/activate", 404, "no adapter 'ghost'")
+        refused("POST", "/adapters/ghost/activate", 404, "no adapter 'ghost'", json={})
         refused("DELETE", "/adapters/ghost", 404, "no adapter 'ghost'")
         refused("POST", "/v1/chat/completions", 404, "no adapter 'ghost'",
                 json={"messages": [{"role": "user", "content": "hi"}], "adapter": "ghost"})
         assert (sorted(os.listdir(root)), httpx.get(url + "/adapters").json()) == snapshot
         # delete, then the deleted adapter can't be activated or used, and is gone from disk
         assert httpx.delete(url + "/adapters/keep").json() == {"deleted": "keep", "active": None}
-        refused("POST", "/adapters/keep/activate", 404, "no adapter 'keep'")
+        refused("POST", "/adapters/keep/activate", 404, "no adapter 'keep'", json={})
         refused("POST", "/chat/completions", 404, "no adapter 'keep'",
                 json={"messages": [{"role": "user", "content": "hi"}], "adapter": "keep"})
         assert os.listdir(root) == [] and httpx.get(url + "/adapters").json()["adapters"] == []

@@ -10,6 +10,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.lora.adapter import DEFAULT_TARGETS, AdapterBaseMismatch, LoRA, model_state_hash
 from nanochat.lora.storage import delete_adapter, list_adapters, load_adapter, read_adapter_meta, save_adapter
 from nanochat.lora.router import route, set_centroid
+from tests.conftest import unjam_fifos
 
 
 def make_model(seed=0, n_layer=2):
@@ -192,6 +193,78 @@ def test_refuses_a_different_base(tmp_path):
     assert "a" not in other.adapters
     with pytest.raises(FileNotFoundError):
         read_adapter_meta(str(tmp_path / "missing"))
+
+
+
+@pytest.mark.parametrize("value,why", [(float("nan"), "NaN or infinite"), (float("-inf"), "NaN or infinite"),
+                                       (1e38, "far below")])
+def test_an_adapter_with_nan_or_absurd_values_is_refused_at_load(tmp_path, value, why):
+    """A well-formed adapter.safetensors holding NaN, inf or 1e38 (a corrupt file, a diverged run) is refused at
+    load, naming the tensor, and nothing of it stays loaded."""
+    lora = LoRA(make_model())
+    ad = lora.add("bad", rank=2, alpha=4)
+    randomize(ad, 5)
+    with torch.no_grad():
+        ad.B[3][0, 1] = value
+    save_adapter(lora, "bad", str(tmp_path / "bad"))
+    lora2 = LoRA(make_model())
+    with pytest.raises(ValueError, match=why) as e:
+        load_adapter(lora2, str(tmp_path / "bad"))
+    assert f"{ad.modules_[3]}.lora_B" in str(e.value) and "bad" not in lora2.adapters
+    with torch.no_grad():  # the router's centroid too
+        ad.B[3][0, 1] = 0.0
+    set_centroid(lora, "bad", [[1, 2, 3]])
+    ad.centroid[0] = float("nan")
+    save_adapter(lora, "bad", str(tmp_path / "bad"))
+    with pytest.raises(ValueError, match="router.centroid holds NaN"):
+        load_adapter(lora2, str(tmp_path / "bad"))
+    ad.centroid[0] = 1e6  # a hidden-state mean may be large: only NaN/inf refuse a centroid
+    save_adapter(lora, "bad", str(tmp_path / "bad"))
+    assert load_adapter(lora2, str(tmp_path / "bad")) == "bad"
+
+
+def test_adapter_files_are_read_as_regular_files_only(tmp_path):
+    """A FIFO (opened the ordinary way it blocks until a writer comes: forever), a symlink, a directory, an
+    oversized or deeply nested adapter.json: each refused at once, saying what it is."""
+    lora = LoRA(make_model())
+    randomize(lora.add("a", rank=2, alpha=4), 1)
+    d = tmp_path / "a"
+    save_adapter(lora, "a", str(d))
+    lora2 = LoRA(make_model())
+    weights, meta = d / "adapter.safetensors", d / "adapter.json"
+    good_meta = meta.read_text()
+    os.replace(weights, tmp_path / "weights")
+    os.mkfifo(weights)
+    with unjam_fifos([weights]), pytest.raises(ValueError, match="FIFO, not a regular file"):
+        load_adapter(lora2, str(d))
+    os.remove(weights)
+    os.symlink(tmp_path / "weights", weights)
+    with pytest.raises(ValueError, match="symbolic link"):
+        load_adapter(lora2, str(d))
+    os.remove(weights)
+    os.mkdir(weights)
+    with pytest.raises(ValueError, match="a directory, not a regular file"):
+        load_adapter(lora2, str(d))
+    os.rmdir(weights)
+    with open(tmp_path / "weights", "ab") as f:  # far more than rank 2 on these modules can hold
+        f.write(b"\0" * (2 << 20))
+    os.replace(tmp_path / "weights", weights)
+    with pytest.raises(ValueError, match="the most it can be is"):
+        load_adapter(lora2, str(d))
+    meta.unlink()
+    os.mkfifo(meta)
+    with unjam_fifos([meta]), pytest.raises(ValueError, match="FIFO"):
+        read_adapter_meta(str(d))
+    meta.unlink()
+    meta.write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(ValueError, match="nests deeper than 32 levels"):
+        read_adapter_meta(str(d))
+    meta.write_text(good_meta[:-1] + ', "pad": "' + "x" * (1 << 20) + '"}')
+    with pytest.raises(ValueError, match="bytes; the most it can be is"):
+        read_adapter_meta(str(d))
+    meta.write_text(good_meta[:-1] + ', "note": "' + "[" * 100 + '"}')  # brackets inside a string are no nesting
+    assert read_adapter_meta(str(d))["note"] == "[" * 100
+    assert not lora2.adapters
 
 
 def test_hash_ignores_load_dtype_but_not_weights():

@@ -148,13 +148,13 @@ def test_dist_model_optimizers_train():
             torch.manual_seed(0)
             model = GPT(GPTConfig(sequence_len=16, vocab_size=128, n_layer=1, n_head=2, n_kv_head=1, n_embd=64))
             opts = model.setup_optimizers()
-            assert isinstance(opts[0], DistAdamW) and isinstance(opts[1], DistMuon)
+            assert isinstance(opts["adamw"], DistAdamW) and isinstance(opts["muon"], DistMuon)
             idx = torch.randint(0, 128, (2, 17))
             losses = []
             for _ in range(5):
                 loss = model(idx[:, :-1], idx[:, 1:])
                 loss.backward()
-                for o in opts:
+                for o in opts.values():
                     o.step()
                 model.zero_grad(set_to_none=True)
                 losses.append(loss.item())

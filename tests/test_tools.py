@@ -443,7 +443,7 @@ def test_chat_eval_tools_gives_room_for_the_tool_output(tmp_path):
     segments = [call("search: " + problem["messages"][0]["content"]), TOK.encode("#### " + problem["answer"])]
     assert len(TOK.encode(Searcher(str(tmp_path / "facts.sqlite"))(problem["messages"][0]["content"]))) > 128
     args = types.SimpleNamespace(num_samples=1, max_new_tokens=128, temperature=0.0, top_k=50, max_problems=1, rag_docs=0)
-    out = run_tools(args, SegmentModel(segments, seq_len=1024), TOK, str(tmp_path / "facts.sqlite"), 0, 1, "float32",
+    out = run_tools(args, SegmentModel(segments, seq_len=1024), TOK, str(tmp_path / "facts.sqlite"), 0, 1,
                     torch.device("cpu"))
     assert out["groups"][("facts", "on")]["correct"] == 1 and out["groups"][("facts", "off")]["correct"] == 0
 

@@ -40,14 +40,14 @@ class LoRAStrategy(Strategy):
     prefix = ""  # of adapter names: strategies that share an adapter_dir must not overwrite each other
     subspace_option = None  # (config field, its values): "inputs" confines each new adapter (merge, olora)
 
-    def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
+    def __init__(self, model, tokenizer, cfg, tasks):
         option = None
         if self.subspace_option:  # checked before a LoRA is attached to the model
             field, values = self.subspace_option
             option = getattr(cfg, field)
             if option not in values:
                 raise ValueError(f"{field} must be {' or '.join(repr(v) for v in values)}, got {option!r}")
-        super().__init__(model, tokenizer, cfg, tasks, dtype)
+        super().__init__(model, tokenizer, cfg, tasks)
         from nanochat.lora.adapter import LoRA
         self.lora = LoRA(model)
         self.names = []  # adapter of task i
@@ -88,8 +88,7 @@ class LoRAStrategy(Strategy):
         def forward():
             for b in range(0, len(rows), self.cfg.batch_size):
                 x, _ = collate(rows[b:b + self.cfg.batch_size], self.pad_id, device)
-                with self.autocast():
-                    self.model(x)
+                self.model(x)
         self.model.eval()
         covs = self.subspace.covariances(forward)
         self.model.train()

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from nanochat.common import autocast, format_eta, print0, resolve_dtype
+from nanochat.common import format_eta, print0
 from nanochat.continual.adapters import LoRAStrategy, MergeStrategy, OLoRA
 from nanochat.continual.strategies import EWC, SSR, Replay, Strategy
 from nanochat.training import collate
@@ -111,7 +111,8 @@ def train_loop(model, rows, strategy, task_index=0, *, seed=0, label="", progres
     The strategy also supplies rehearsal() -> None or a function (k, rng) -> k extra rows (replay /
     pseudo-samples) that replace round(cfg.replay_ratio * batch_size) rows of each batch; penalty() ->
     None or a function returning a scalar added to the loss (EWC); on_batch(rows), which sees the task
-    rows of each step; after_step(), called after every optimizer step; and dtype, pad_id. progress(info)
+    rows of each step; after_step(), called after every optimizer step; and pad_id. The model computes in its
+    compute_dtype; under fp16 the loss is scaled (torch.amp.GradScaler) so small gradients survive. progress(info)
     is called every cfg.log_every steps and at the end with step, steps, loss, tok_per_sec, elapsed_s,
     eta_s, label (default: a printed line).
     should_stop() -> True ends training early. Returns {"loss", "steps", "tokens", "seconds"}."""
@@ -127,6 +128,7 @@ def train_loop(model, rows, strategy, task_index=0, *, seed=0, label="", progres
     n_extra = round(cfg.replay_ratio * batch_size) if rehearsal else 0
     n_extra = min(n_extra, batch_size - 1)  # always some rows of the task being learned
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device.type) if model.compute_dtype == torch.float16 else None
     t_start = time.time()
     tokens, smooth, done = 0, None, 0
     for step in range(steps):
@@ -142,10 +144,11 @@ def train_loop(model, rows, strategy, task_index=0, *, seed=0, label="", progres
             batch.append(rows[order.pop()])
         strategy.on_batch(batch)
         x, y = collate(batch + extra, strategy.pad_id, device)
-        with autocast(strategy.dtype, device.type):
-            loss = model(x, y)
+        loss = model(x, y)
         total = loss + penalty() if penalty is not None else loss
-        total.backward()
+        (total if scaler is None else scaler.scale(total)).backward()
+        if scaler is not None:
+            scaler.unscale_(opt)  # clip the true gradients
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         # linear warmup, then linear decay to final_lr_frac
@@ -153,7 +156,11 @@ def train_loop(model, rows, strategy, task_index=0, *, seed=0, label="", progres
         lrm *= 1.0 - (1.0 - cfg.final_lr_frac) * step / max(1, steps - 1)
         for g in opt.param_groups:
             g["lr"] = lr * lrm
-        opt.step()
+        if scaler is None:
+            opt.step()
+        else:
+            scaler.step(opt)  # skipped when the gradients overflowed
+            scaler.update()
         opt.zero_grad(set_to_none=True)
         strategy.after_step()
         loss_value = loss.item()
@@ -185,15 +192,13 @@ def evaluate_tasks(model, tasks):
     return row
 
 
-def run_strategy(model, tokenizer, tasks, strategy, cfg, base=None, dtype=None, progress=None, adapter_dir=None):
+def run_strategy(model, tokenizer, tasks, strategy, cfg, base=None, progress=None, adapter_dir=None):
     """Learn `tasks` in order with `strategy`; the model is modified in place (reload it before the next
     strategy). base: the starting model's scores (evaluated here when None); adapter_dir: lora saves
-    each task's adapter there; dtype: "float32" or "bfloat16" (default: bf16 autocast on CUDA where
-    supported, as the training stages do, fp32 elsewhere). Returns a JSON-able dict: "matrices"
+    each task's adapter there. The model computes in its compute_dtype. Returns a JSON-able dict: "matrices"
     ({"<strategy>": {"R", ACC, ...}}, plus "lora-router" for lora), added params/bytes, timings, the config."""
     if strategy not in STRATEGY_CLASSES:
         raise ValueError(f"unknown strategy {strategy!r}; expected one of {STRATEGIES}")
-    dtype = dtype or resolve_dtype("auto", model.get_device().type)
     torch.manual_seed(cfg.seed)
     t_start = time.time()
     eval_seconds = 0.0
@@ -201,7 +206,7 @@ def run_strategy(model, tokenizer, tasks, strategy, cfg, base=None, dtype=None, 
         t0 = time.time()
         base = evaluate_tasks(model, tasks)
         eval_seconds += time.time() - t0
-    strat = STRATEGY_CLASSES[strategy](model, tokenizer, cfg, tasks, dtype=dtype)
+    strat = STRATEGY_CLASSES[strategy](model, tokenizer, cfg, tasks)
     if adapter_dir:
         strat.adapter_dir = adapter_dir
     matrices = {}

@@ -17,15 +17,15 @@ All full fine-tuning strategies use the same AdamW settings and data order; lora
 only the new adapter (AdamW, lora_lr).
 
 A strategy is what train_loop (nanochat/continual/loop.py) needs to know: params(i), lr(), rehearsal(),
-penalty(), on_batch(rows), after_step(), cfg (a ContinualConfig), dtype ("float32" or "bfloat16") and
-pad_id; plus hooks before and after each task, evaluate(), added() and extra() for the driver.
+penalty(), on_batch(rows), after_step(), cfg (a ContinualConfig) and pad_id (the model computes in its own
+compute_dtype); plus hooks before and after each task, evaluate(), added() and extra() for the driver.
 """
 import random
 import time
 
 import torch
 
-from nanochat.common import autocast, print0
+from nanochat.common import print0
 from nanochat.training import collate
 
 
@@ -109,14 +109,10 @@ class Strategy:
     and hook in before/after each task."""
     name = "naive"
 
-    def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
+    def __init__(self, model, tokenizer, cfg, tasks):
         self.model, self.tokenizer, self.cfg, self.tasks = model, tokenizer, cfg, tasks
-        self.dtype = dtype  # autocast dtype of every forward pass
         self.pad_id = tokenizer.get_bos_token_id()
         self.adapter_dir = None  # where lora keeps each task's adapter (run_strategy sets it)
-
-    def autocast(self):
-        return autocast(self.dtype, self.model.get_device().type)
 
     def params(self, i):
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -168,8 +164,8 @@ class Strategy:
 class Replay(Strategy):
     name = "replay"
 
-    def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
-        super().__init__(model, tokenizer, cfg, tasks, dtype)
+    def __init__(self, model, tokenizer, cfg, tasks):
+        super().__init__(model, tokenizer, cfg, tasks)
         self.buffer = ReservoirBuffer(cfg.replay_size, seed=cfg.seed)
         self.seen_rows = []
 
@@ -193,8 +189,8 @@ class Replay(Strategy):
 class EWC(Strategy):
     name = "ewc"
 
-    def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
-        super().__init__(model, tokenizer, cfg, tasks, dtype)
+    def __init__(self, model, tokenizer, cfg, tasks):
+        super().__init__(model, tokenizer, cfg, tasks)
         self.fisher = None
         self.anchor = None
 
@@ -208,8 +204,7 @@ class EWC(Strategy):
         device = self.model.get_device()
         for row in rows:  # one row at a time: the empirical Fisher is a mean of squared per-example gradients
             x, y = collate([row], self.pad_id, device)
-            with self.autocast():
-                loss = self.model(x, y)
+            loss = self.model(x, y)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             for f, g in zip(fisher, grads):
                 if g is not None:
@@ -239,8 +234,8 @@ class EWC(Strategy):
 class SSR(Strategy):
     name = "ssr"
 
-    def __init__(self, model, tokenizer, cfg, tasks, dtype="float32"):
-        super().__init__(model, tokenizer, cfg, tasks, dtype)
+    def __init__(self, model, tokenizer, cfg, tasks):
+        super().__init__(model, tokenizer, cfg, tasks)
         self.prompts = {}  # task index -> short prompts (all that is kept of a task's data)
         self.pool = []
         # never longer than the tasks' own rows (nor than the model's context: see sample_continuations)
@@ -260,9 +255,8 @@ class SSR(Strategy):
                 owners.append(j)
         stops = {self.tokenizer.get_bos_token_id(), self.tokenizer.encode_special("<|assistant_end|>")}
         self.model.eval()
-        with self.autocast():
-            generated = sample_continuations(self.model, prompts, self.row_len, self.cfg.ssr_temperature,
-                                             self.cfg.ssr_top_k, seed=self.cfg.seed + 1000 * i, stop_ids=stops)
+        generated = sample_continuations(self.model, prompts, self.row_len, self.cfg.ssr_temperature,
+                                         self.cfg.ssr_top_k, seed=self.cfg.seed + 1000 * i, stop_ids=stops)
         self.model.train()
         for j, prompt, gen in zip(owners, prompts, generated):
             row = self.tasks[j].pseudo_row(prompt, gen)

@@ -31,6 +31,10 @@ merge() folds the active stack into the weights (no extra matmuls at inference);
 of the original weights, and unmerge() copies them back, so the base is restored bit for bit
 (subtracting B A again would leave rounding errors).
 
+Per-row mode keeps rows apart even when an adapter is broken: other rows' columns of the packed product are
+filled with 0 (not multiplied by it: 0 x NaN is NaN) and the packed B holds no NaN/inf. storage.load_adapter
+refuses such adapters anyway (storage.check_values).
+
 An adapter only makes sense on the weights it was trained on: LoRA records a hash of the base
 model's state when it attaches (model_state_hash), saved adapters carry it in adapter.json, and
 load_adapter raises AdapterBaseMismatch for a different base.
@@ -216,7 +220,10 @@ class LoRA:
                     i = ad.index.get(key)
                     if i is not None:
                         As.append(ad.A[i].detach())
-                        Bs.append(ad.B[i].detach() * (ad.scale * w))
+                        # a non-finite B would turn the zeros other rows hold in its columns into NaN (0 x inf);
+                        # its own rows are garbage either way (A's NaN/inf reach them through h)
+                        Bs.append(torch.nan_to_num(ad.B[i].detach() * (ad.scale * w), nan=0.0, posinf=0.0,
+                                                   neginf=0.0))
                         owner += [s] * ad.rank
         pack = None
         if As:
@@ -241,10 +248,11 @@ class LoRA:
         x2 = x.reshape(-1, x.size(-1))
         h = torch.mm(x2 if x2.dtype == At.dtype else x2.to(At.dtype), At)
         if row_stack is not None:  # row r keeps only the columns of its own stack (-1: none, the base model)
-            mask = masks.get(layout)
-            if mask is None:
-                mask = masks[layout] = (row_stack[:, None] == owner[None, :]).to(h.dtype)
-            h = (h.view(mask.size(0), -1, h.size(-1)) * mask[:, None, :]).view(-1, h.size(-1))
+            drop = masks.get(layout)
+            if drop is None:
+                drop = masks[layout] = row_stack[:, None] != owner[None, :]
+            # filled, not multiplied by 0: another row's NaN/inf (from a broken adapter's A) must not survive
+            h.view(drop.size(0), -1, h.size(-1)).masked_fill_(drop[:, None, :], 0.0)
         out2 = output.reshape(-1, output.size(-1))
         if h.dtype == output.dtype:  # output + h B^T as one addmm: one op fewer per layer (decode is op-bound)
             if not output.requires_grad:

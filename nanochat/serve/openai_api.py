@@ -73,7 +73,8 @@ class RequestError(Exception):
 
 
 class StrictBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # unknown fields are refused, not silently ignored
+    # unknown fields are refused, not silently ignored; strict: a bool or a string is no number (JSON Schema agrees)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class Part(StrictBody):
@@ -243,6 +244,40 @@ def check_openai_options(body, limits):
         if not 1 <= len(s) <= limits.max_stop_chars:
             raise RequestError(f"each stop string must be 1 to {limits.max_stop_chars} characters; got {len(s)}", "stop")
     return n, stop
+
+
+def check_chat_options(body):
+    """The chat-only fields of an OpenAIRequest -> max_tokens (from max_tokens or max_completion_tokens)."""
+    if body.max_tokens is not None and body.max_completion_tokens is not None:
+        raise RequestError("give max_tokens or max_completion_tokens, not both", "max_tokens")
+    if body.top_logprobs is not None and not body.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", "top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        raise RequestError(f"top_logprobs must be between 0 and 20; got {body.top_logprobs}", "top_logprobs")
+    return body.max_tokens if body.max_tokens is not None else body.max_completion_tokens
+
+
+def chat_messages(body):
+    """An OpenAIRequest's messages -> [{"role", "content"}] as render_conversation takes them (an assistant's
+    tool calls split out of its text)."""
+    messages = []
+    for m in body.messages:
+        text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+        messages.append({"role": m.role, "content": openai_text_as_parts(text) if m.role == "assistant" else text})
+    return messages
+
+
+def check_text_options(body, limits):
+    """The legacy-only fields of a CompletionRequest -> its one prompt's text."""
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise RequestError(f"one prompt per request; got {len(prompts)}", "prompt")
+    if len(prompts[0]) > limits.max_total_chars:
+        raise RequestError(f"the prompt is {len(prompts[0])} characters; the limit is {limits.max_total_chars} "
+                           "(--max-total-chars)", "prompt")
+    if body.logprobs is not None and not 0 <= body.logprobs <= 5:
+        raise RequestError(f"logprobs must be between 0 and 5; got {body.logprobs}", "logprobs")
+    return prompts[0]
 
 
 MAX_ADAPTER_WEIGHT = 10.0  # a stack weight beyond this is a typo, not a setting: each adapter was trained at 1

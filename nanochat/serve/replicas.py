@@ -20,9 +20,11 @@ from contextlib import aclosing
 from dataclasses import dataclass, field
 
 import torch
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from nanochat.common import autocast
+from nanochat.checkpoint_manager import load_model
 from nanochat.engine import ReplyParser, token_bytes
+from nanochat.lora.quant import quantize_base
 from nanochat.serve.scheduler import Request, Scheduler
 
 logger = logging.getLogger("nanochat.serve.replicas")
@@ -82,6 +84,77 @@ def stack_names(adapter):
     return [adapter] if isinstance(adapter, str) else [n for n, _ in adapter]
 
 
+def adapter_objects(adapter, lora):
+    """A Job's `adapter` (None, a name, or ((name, weight), ...)) -> what a scheduler Request takes: None, the
+    Adapter object, or ((Adapter, weight), ...). Taken now, these versions serve the whole request even if one
+    is replaced meanwhile. Raises KeyError naming the first adapter that is not loaded."""
+    missing = [n for n in stack_names(adapter) if lora is None or n not in lora.adapters]
+    if missing:
+        raise KeyError(missing[0])
+    if adapter is None:
+        return None
+    if isinstance(adapter, str):
+        return lora.adapters[adapter]
+    return tuple((lora.adapters[n], w) for n, w in adapter)
+
+
+def logprob_entry(tokenizer, event):
+    """A token's logprob in OpenAI's chat shape: {token, logprob, bytes, top_logprobs: [...]}."""
+    def one(tok, lp):
+        b = token_bytes(tokenizer, tok)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
+    return {**one(event.token, event.logprob), "top_logprobs": [one(t, lp) for t, lp in (event.top_logprobs or [])]}
+
+
+class ReplyEvents:
+    """One reply's tokens -> its events: text and tool parts (ReplyParser) cut at the first stop string, each
+    event carrying the logprob entries of the tokens since the previous one (when the job asks for them)."""
+
+    def __init__(self, job, tokenizer):
+        self.tokenizer, self.logprobs = tokenizer, job.logprobs is not None
+        self.parser, self.stops = ReplyParser(tokenizer), StopStrings(job.stop)
+        self.pending = []  # logprob entries not yet attached to an event
+
+    def attach(self, e):
+        if self.logprobs:
+            e["logprobs"] = self.pending[:]
+            self.pending.clear()
+        return e
+
+    def filtered(self, parts):
+        """Parser events through the stop strings -> (events, stopped)."""
+        out = []
+        for e in parts:
+            if e["type"] == "text":
+                text, hit = self.stops.push(e["text"])
+                if text:
+                    out.append({"type": "text", "text": text})
+                if hit:
+                    return out, True
+            else:
+                held = self.stops.flush()
+                if held:
+                    out.append({"type": "text", "text": held})
+                out.append(e)
+        return out, False
+
+    def token(self, event):
+        """A scheduler Event with a (non-stop) token -> (events to send, whether a stop string ended the reply)."""
+        if self.logprobs:
+            self.pending.append(logprob_entry(self.tokenizer, event))
+        out, hit = self.filtered(self.parser.push(event.token))
+        return [self.attach(e) for e in out], hit
+
+    def finish(self, reason, usage, cut):
+        """The last events of a reply that ended with `reason`: what the parser and the stop strings still
+        held (nothing when a stop string cut it: the text ends where that begins), then done."""
+        out = []
+        if not cut:
+            parts, _ = self.filtered(self.parser.finish())
+            out = [self.attach(e) for e in parts + [{"type": "text", "text": self.stops.flush()}] if e["text"]]
+        return out + [self.attach({"type": "done", "finish_reason": reason, "usage": usage})]
+
+
 def usage(prompt_tokens, completion_tokens):
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -123,9 +196,8 @@ class Worker:
     def warm_up(self):
         """One short generation, so the first real request doesn't pay for lazy initialisation."""
         prompt = self.tokenizer.render_for_completion([{"role": "user", "content": "Hello"}])
-        with autocast(self.scheduler.dtype, self.device.type):
-            for _ in self.engine.generate(prompt, max_tokens=2, temperature=0.0):
-                pass
+        for _ in self.engine.generate(prompt, max_tokens=2, temperature=0.0):
+            pass
 
     def stats(self):
         busy = self.scheduler.busy_seconds
@@ -182,18 +254,11 @@ class WorkerPool:
                 self.leases.release(name)
 
     async def _run(self, job, worker, loop):
-        lora = worker.lora
-        missing = [n for n in stack_names(job.adapter) if lora is None or n not in lora.adapters]
-        if missing:
-            yield {"type": "error", "status": 404, "message": f"adapter {missing[0]!r} is not loaded"}
+        try:
+            adapter = adapter_objects(job.adapter, worker.lora)
+        except KeyError as e:
+            yield {"type": "error", "status": 404, "message": f"adapter {e.args[0]!r} is not loaded"}
             return
-        # these versions (Adapter objects) serve the whole request, even if one is replaced meanwhile
-        if job.adapter is None:
-            adapter = None
-        elif isinstance(job.adapter, str):
-            adapter = lora.adapters[job.adapter]
-        else:
-            adapter = tuple((lora.adapters[n], w) for n, w in job.adapter)
         events = asyncio.Queue()
         request = Request(job.prompt, max_tokens=job.max_tokens, temperature=job.temperature, top_k=job.top_k or None,
                           top_p=job.top_p, seed=job.seed, presence_penalty=job.presence_penalty,
@@ -209,34 +274,9 @@ class WorkerPool:
         worker.requests += 1
         self.active += 1
         self.observer("request")
-        parser, stops = ReplyParser(worker.tokenizer), StopStrings(job.stop)
-        stop_tokens = worker.engine.stop_tokens
-        n, finish, cut, pending = 0, None, False, []  # pending: logprob entries not yet attached to an event
+        reply, stop_tokens = ReplyEvents(job, worker.tokenizer), worker.engine.stop_tokens
+        n, finish, cut = 0, None, False
         t_start = t_last = time.perf_counter()
-
-        def attach(e):
-            if job.logprobs is not None:
-                e["logprobs"] = pending[:]
-                pending.clear()
-            return e
-
-        def filtered(parts):
-            """Parser events through the stop strings -> (events, stopped)."""
-            out = []
-            for e in parts:
-                if e["type"] == "text":
-                    text, hit = stops.push(e["text"])
-                    if text:
-                        out.append({"type": "text", "text": text})
-                    if hit:
-                        return out, True
-                else:
-                    held = stops.flush()
-                    if held:
-                        out.append({"type": "text", "text": held})
-                    out.append(e)
-            return out, False
-
         try:
             while True:
                 position = worker.scheduler.position(handle) if n == 0 else 0
@@ -251,20 +291,17 @@ class WorkerPool:
                 if event.token is not None:
                     now = time.perf_counter()
                     self.observer("token", first=n == 0, seconds=now - (t_start if n == 0 else t_last))
-                    t_last = now
-                    n += 1
+                    t_last, n = now, n + 1
                     worker.tokens += 1
                     if event.token in stop_tokens:
                         finish = event.finish
                         break
-                    if job.logprobs is not None:
-                        pending.append(self._logprob_entry(worker.tokenizer, event))
-                    out, hit = filtered(parser.push(event.token))
+                    out, cut = reply.token(event)
                     for e in out:
-                        yield attach(e)
-                    if hit:
+                        yield e
+                    if cut:
                         handle.cancel()  # the reply is complete: its row leaves at the next step
-                        finish, cut = "stop", True
+                        finish = "stop"
                         break
                 if event.finish is not None:
                     finish = event.finish
@@ -272,26 +309,13 @@ class WorkerPool:
             if finish == "error":
                 yield {"type": "error", "message": f"generation failed: {event.error}"}
             elif finish != "cancelled":
-                if not cut:  # (a stop string ends the text where it begins)
-                    out, _ = filtered(parser.finish())
-                    for e in out + [{"type": "text", "text": stops.flush()}]:
-                        if e["text"]:
-                            yield attach(e)
-                yield attach({"type": "done", "finish_reason": finish, "usage": usage(len(job.prompt), n)})
+                for e in reply.finish(finish, usage(len(job.prompt), n), cut):
+                    yield e
         finally:
             handle.cancel()
             self.active -= 1
             self.finished[finish if finish in self.finished else "cancelled"] += 1
             self.observer("finish", reason=finish or "cancelled")
-
-    @staticmethod
-    def _logprob_entry(tokenizer, event):
-        """A token's logprob in OpenAI's chat shape: {token, logprob, bytes, top_logprobs: [...]}."""
-        def one(tok, lp):
-            b = token_bytes(tokenizer, tok)
-            return {"token": b.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(b)}
-        return {**one(event.token, event.logprob),
-                "top_logprobs": [one(t, lp) for t, lp in (event.top_logprobs or [])]}
 
     async def run_many(self, jobs):
         """The events of several jobs (the n choices of one request) as (index, event), as they come; closing
@@ -357,7 +381,6 @@ def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None, max
     quantize "int8" / "int4": every weight matrix of each replica becomes weight-only quantized
     (nanochat/lora/quant.py, a frozen base ~2x / ~3.8x smaller than bf16) before it serves, so adapters
     learned and served on it are bound to that quantized base."""
-    from nanochat.checkpoint_manager import load_model
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize {quantize!r}: choose one of {sorted(QUANTIZE)}")
     if device_type == "cuda":
@@ -371,7 +394,6 @@ def load_workers(source, device_type, num_gpus=1, model_tag=None, step=None, max
     for i, device in enumerate(devices):
         model, tokenizer, meta = load_model(source, device, phase="eval", model_tag=model_tag, step=step)
         if QUANTIZE[quantize]:
-            from nanochat.lora.quant import quantize_base
             quantize_base(model, bits=QUANTIZE[quantize])
         workers.append(Worker(i, model, tokenizer, max_batch=max_batch, tools=tools))
     return workers, meta
@@ -383,7 +405,6 @@ class PoolMetrics:
     the last decode batch size. Its own registry, so several servers in one process don't collide."""
 
     def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         self.registry = r = CollectorRegistry()
         self.requests = Counter("nanochat_requests", "Requests by how they finished", ["finish_reason"], registry=r)
         self.started = Counter("nanochat_requests_started", "Requests given to a replica", registry=r)
@@ -414,6 +435,5 @@ class PoolMetrics:
 
     def render(self):
         """(body, content type) of the text exposition format."""
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 

@@ -46,12 +46,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanochat.common import autocast, resolve_dtype
 from nanochat.engine import Engine, sample_next_token
 from nanochat.kv_cache import RaggedKVCache
 from nanochat.tools.registry import ToolRegistry, parse_call
 
 logger = logging.getLogger("nanochat.serve.scheduler")
+FLOAT32_TINY = torch.finfo(torch.float32).tiny  # the smallest normal float32, ~1.2e-38
 
 
 @dataclass
@@ -114,8 +114,7 @@ class _Row:
 
 
 class Scheduler:
-    def __init__(self, model, tokenizer, max_batch=64, prefill_tokens=512, lora=None, dtype="auto", tools=None,
-                 tool_threads=4):
+    def __init__(self, model, tokenizer, max_batch=64, prefill_tokens=512, lora=None, tools=None, tool_threads=4):
         """tools: a nanochat.tools.registry.ToolRegistry, as Engine takes it (default: calculator + python REPL).
         tool_threads: python/search calls running at once, off the scheduler's thread."""
         if max_batch < 1 or prefill_tokens < 1:
@@ -125,7 +124,10 @@ class Scheduler:
         self.engine = Engine(model, tokenizer, tools=tools)  # validation, stop tokens, tool use
         self._tools = ThreadPoolExecutor(tool_threads, thread_name_prefix="nanochat-tools")
         self.device = self.engine.device()
-        self.dtype = resolve_dtype(dtype, self.device.type)
+        if self.device.type == "cpu":
+            # a CPU serves in fp32 even where bf16 is native: neither packed bf16 Linears nor bf16 autocast measured
+            # a clear win under continuous batching there (dev/notes_decode.md); elsewhere the model's dtype holds
+            model.compute_dtype = torch.float32
         c = model.config
         self.context = c.sequence_len
         self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
@@ -149,6 +151,10 @@ class Scheduler:
                                                    request.top_k)
         if request.top_p is not None and not 0.0 < request.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {request.top_p!r}")
+        if request.top_p is not None:
+            # sampling compares top_p with float32 probabilities, where one below ~7e-46 rounds to 0 and keeps no
+            # token; any top_p below the best token's probability (>= 1/vocab) keeps just that one, as this does
+            request.top_p = max(request.top_p, FLOAT32_TINY)
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(request, name) <= 2.0:
                 raise ValueError(f"{name} must be between -2 and 2, got {getattr(request, name)!r}")
@@ -336,7 +342,7 @@ class Scheduler:
         adapters = [r.req.adapter for r in rows]
         per_row = self.lora.per_row(adapters) if self.lora is not None else nullcontext()
         try:
-            with per_row, autocast(self.dtype, self.device.type):
+            with per_row:
                 last = torch.tensor([len(x) - 1 for x in inputs], device=self.device)
                 return self.model(ids.to(self.device), kv_cache=view, logits_at=last)
         except Exception as e:  # noqa: BLE001 - one bad forward fails its rows, never the scheduler

@@ -1,15 +1,20 @@
-"""The server's guards against callers it should not trust: Bearer API/admin keys (ApiKeyAuth), a deadline for
-a request's headers and body to arrive (guarded_protocol), refusing an open port beyond loopback
-(check_exposure), and an OpenAPI document that lists exactly the errors the server answers. No routes here:
-scripts/chat_web.py wires these around the app."""
+"""The server's guards against callers it should not trust: Bearer API/admin keys (ApiKeyAuth), the Host and
+JSON checks that keep web pages out of a server without keys (BrowserGuard), a deadline for a request's headers
+and body to arrive (guarded_protocol), refusing an open port beyond loopback (check_exposure), and an OpenAPI
+document that lists exactly the errors the server answers. No routes here: app.py wires these around the app."""
+import hmac
+import ipaddress
 import logging
 
+import h11
+from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 from starlette.datastructures import Headers
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nanochat.serve.openai_api import error_response
 
-logger = logging.getLogger("nanochat.chat_web")
+logger = logging.getLogger("nanochat.serve.security")
 
 
 class _ErrorDetail(BaseModel):
@@ -24,9 +29,11 @@ class ErrorBody(BaseModel):
     error: _ErrorDetail
 
 
-_STATUS_WHY = {400: "invalid request (what is wrong is in error.message)", 401: "missing or wrong API key",
+_STATUS_WHY = {400: "invalid request (what is wrong is in error.message), or a Host header this server (no API "
+                    "key) does not answer to", 401: "missing or wrong API key",
                403: "the admin key is needed", 404: "no such adapter / job, or live learning is off",
                405: "method not allowed", 409: "conflicts with an adapter or job", 413: "request body too large",
+               415: "a POST that is not JSON, to a server without an API key",
                429: "too many learning jobs queued (see Retry-After)"}
 SSE = {"text/event-stream": {"schema": {"description": "server-sent events: one JSON object per data line"}}}
 
@@ -40,7 +47,6 @@ def documented_errors(*codes):
 def without_422(app):
     """Replace app.openapi by one that drops FastAPI's automatic 422 responses: validation errors are
     answered with 400 (on_validation_error), which each route documents itself."""
-    from fastapi.openapi.utils import get_openapi
 
     def openapi():
         if app.openapi_schema is None:
@@ -73,7 +79,6 @@ class ApiKeyAuth:
 
     @staticmethod
     def _matches(given, key):
-        import hmac
         return key is not None and hmac.compare_digest(given.encode(), key.encode())
 
     async def __call__(self, scope, receive, send):
@@ -101,12 +106,60 @@ class ApiKeyAuth:
         return await response(scope, receive, send)
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+def host_name(host_header):
+    """A Host header's name, without its port, lower case, without a trailing dot: "[::1]:8000" -> "::1"."""
+    host = host_header.strip().lower()
+    if host.startswith("["):  # an IPv6 literal
+        host = host[1:host.find("]")] if "]" in host else host[1:]
+    elif host.count(":") == 1:
+        host = host.split(":")[0]
+    return host.rstrip(".")
+
+
+class BrowserGuard:
+    """ASGI middleware for a server without keys, where any web page its user visits is a possible caller:
+    1. the Host header must name this server (a loopback name, or one of allowed_hosts; "*" allows any): a page
+       whose DNS name was rebound to 127.0.0.1 sends its own name, and is refused;
+    2. a POST must be JSON (Content-Type application/json) or carry an X-Requested-With header: a page can send
+       another site a form, text/plain or a body without a type without the browser asking that site first, but
+       nothing else, and this server answers no such question (no CORS). Other methods that change things (DELETE)
+       always need the browser to ask first."""
+
+    def __init__(self, app, allowed_hosts=()):
+        self.app = app
+        self.any_host = "*" in allowed_hosts
+        self.hosts = {host_name(h) for h in (*LOOPBACK_NAMES, *allowed_hosts) if h != "*"}
+
+    def host_allowed(self, header):
+        name = host_name(header)
+        return self.any_host or name in self.hosts or is_loopback(name)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if host is not None and not self.host_allowed(host):
+            message = (f"Host {host[:100]!r} is not a name of this server, which has no API key: open it as "
+                       "http://127.0.0.1:<port>/ or http://localhost:<port>/, or start it with --allowed-hosts NAME")
+            return await error_response(400, message)(scope, receive, send)
+        kind = headers.get("content-type", "").split(";")[0].strip().lower()
+        is_json = kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+        if scope["method"] == "POST" and not is_json and "x-requested-with" not in headers:
+            message = (f"a POST to this server (no API key) must be JSON: send \"Content-Type: application/json\" "
+                       f"(got {kind or 'none'!r}) or an X-Requested-With header; a web page cannot send either "
+                       "to another site unasked")
+            return await error_response(415, message)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 def guarded_protocol(request_timeout):
     """uvicorn's h11 protocol, plus a deadline: a request's headers and body must all arrive within
     request_timeout seconds of the connection opening (or of the previous response ending), else the
     connection is closed. uvicorn alone keeps a connection that trickles a byte now and then open forever."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11Protocol(H11Protocol):
         _deadline = None
@@ -148,7 +201,6 @@ def guarded_protocol(request_timeout):
 
 
 def is_loopback(host):
-    import ipaddress
     if host == "localhost":
         return True
     try:
@@ -157,13 +209,18 @@ def is_loopback(host):
         return False
 
 
-def check_exposure(host, api_key, insecure):
+def check_exposure(host, api_key, insecure, allowed_hosts=()):
     """Refuse to serve an unauthenticated API beyond this machine unless asked to: -> a line to print."""
     if api_key:
-        return f"API key required (Bearer) on every endpoint but /health and the page"
+        if allowed_hosts:
+            raise ValueError("--allowed-hosts is for servers without --api-key (a key already keeps web pages out): "
+                             "drop one of them")
+        return "API key required (Bearer) on every endpoint but /health and the page"
     if is_loopback(host):
-        return "no --api-key: listening on loopback only, so only this machine can reach the server"
+        return ("no --api-key: listening on loopback only, so only this machine can reach the server; web pages "
+                "cannot reach it through the browser (Host checked, POSTs must be JSON)")
     if not insecure:
         raise ValueError(f"--host {host} without --api-key would let anyone who can reach the port chat, train and "
                          "delete adapters: set --api-key (or NANOCHAT_API_KEY), or pass --insecure to do it anyway")
-    return f"WARNING: --insecure: no API key, listening on {host}: anyone who can reach the port can use everything"
+    return (f"WARNING: --insecure: no API key, listening on {host}: anyone who can reach the port can use everything "
+            "(clients must call it by a loopback name, --host, or a name in --allowed-hosts)")
