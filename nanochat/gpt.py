@@ -198,6 +198,8 @@ class CausalSelfAttention(nn.Module):
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.c_qkv = None  # inference only (fastlinear.pack_linears): c_q, c_k, c_v as one matrix
+        self.window = window_sizes(config)[layer_idx]  # None: the whole context
+        self.fa3 = None  # Flash Attention 3's interface when nanochat.accel.use_fa3 set it (full sequences only)
         self.ve_gate = None
         if config.value_embeds and has_value_embed(layer_idx, config.n_layer):
             self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
@@ -225,6 +227,13 @@ class CausalSelfAttention(nn.Module):
         if ve is not None:  # (0, 3) per kv head: the model decides per token how much of the table to take
             gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
             v = v + gate.to(v.dtype).unsqueeze(-1) * ve.view(B, T, Hkv, D).to(v.dtype)
+        if self.fa3 is not None and kv_cache is None:  # FA3 reads (B, T, H, D) and skips the window's hidden keys
+            # (a custom op: autocast does not cast its inputs, and the norm may have left q, k in fp32)
+            q, k = q.transpose(1, 2).to(v.dtype), k.transpose(1, 2).to(v.dtype)
+            y = self.fa3.flash_attn_func(q, k, v, softmax_scale=self.scale, causal=True,
+                                         window_size=(-1 if self.window is None else self.window, 0))
+            y = y[0] if isinstance(y, tuple) else y  # some builds also return the softmax's log-sum-exp
+            return self.c_proj(y.reshape(B, T, C))
         v = v.transpose(1, 2)  # (B, H, T, D) like q and k
         q_pos = 0
         if kv_cache is not None:

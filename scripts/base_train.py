@@ -18,6 +18,7 @@ import os
 
 import torch
 
+from nanochat.accel import enable_fp8, load_fa3, use_fa3
 from nanochat.common import all_reduce, compute_cleanup, dtype_name, get_base_dir, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.dial import LR_FLAGS, apply_dial, derive
@@ -64,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end); <=0: end only")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation (all ranks)")
     p.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (and at the end); <=0: never")
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls through torchao (sm89+ GPUs; elsewhere it says why "
+                   "and trains in the compute dtype). Not yet verified on a GPU of ours: dev/gpu_check.sh")
+    p.add_argument("--fa3", action="store_true", help="Flash Attention 3 through the `kernels` package (CUDA, bf16; "
+                   "elsewhere it says why and uses SDPA). Not yet verified on a GPU of ours: dev/gpu_check.sh")
     # the LR flags' defaults are their values at the dial's reference batch; None = not given, the dial sets it
     lr_defaults = {name: p.get_default(name) for name in LR_FLAGS}
     p.set_defaults(**dict.fromkeys(LR_FLAGS))
@@ -166,6 +171,12 @@ def main(argv=None):
     wandb_run = init_wandb(run, args.run, "nanochat", vars(args).copy())
     training = start_training(args, run, dial)
     model, tokenizer, T = training.model, training.tokenizer, args.max_seq_len  # model: uncompiled
+    if args.fp8:  # before the optimizers are built (the swap keeps the Parameters, but not the modules)
+        print0(enable_fp8(model, run.device))
+    if args.fa3:
+        fa3, message = load_fa3(run.device, run.dtype)
+        print0(message)
+        use_fa3(model, fa3)
     B = resolve_device_batch(args, model, T, run)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     print0(f"model: {dataclasses.asdict(model.config)}")
