@@ -242,7 +242,8 @@ def write_report(args, run, model, loop, log, grad_accum_steps, dial):
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     total_tokens = args.total_batch_size * log.num_iterations
     peak_mem = torch.cuda.max_memory_allocated() / 2**20 if run.device.type == "cuda" else None
-    report.log(section="Base model training", stage="BASE", summary={"val bpb": loop["val_bpb"]}, data=[
+    report.log(section="Base model training", stage="BASE", summary={"val bpb": loop["val_bpb"]},
+               facts={"training_minutes": loop["total_training_time"] / 60}, data=[
         vars(args),
         {f"dial: {k}": v for k, v in dial.as_dict().items()},
         {
