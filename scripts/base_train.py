@@ -230,6 +230,8 @@ def main(argv=None):
         total_batch_size=args.total_batch_size, dial=dial.as_dict()))
     log.close()
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val bpb: {loop['min_val_bpb']:.4f}")
+    if run.device.type == "cuda":  # (dev/gpu_check.sh compares runs by it)
+        print0(f"peak memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     if run.master and step == num_iterations:
         write_report(args, run, model, loop, log, grad_accum_steps, dial)
     compute_cleanup()
