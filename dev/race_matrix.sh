@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The race matrix of issue 27 (dev/notes_recipe.md): ours before the recipe, each piece alone, every piece
-# together, and nanochat master in bf16, at d4 for 10 minutes and d8 for 20 minutes each, one side after another.
+# together, the pieces the smoke race favoured, and nanochat master in bf16, at d4 for 10 minutes and d8 for 20 minutes each, one side after another.
 # Run it on a quiet machine (nothing else training: the budget is wall time), from the repo root:
 #
 #     bash dev/race_matrix.sh /path/to/nanochat-master            # both depths (~9 h on 2 cores)
@@ -15,6 +15,8 @@ DEPTHS=${DEPTHS:-"4 8"}
 
 # every piece at once: the model's and Muon's (window_pattern is raced on its own: on CPU it only costs time)
 ALL="value_embeds=1,resid_scalars=1,smear=1,backout=1,qk_gain=1.44,rope_base=100000,embed_init_std=0.8,fc_init_scale=0.4,polar_express=1,normuon=1,muon_weight_decay=0.1"
+# the pieces the per-step smoke race favoured (dev/notes_recipe.md): the candidate default
+FAVOURED="value_embeds=1,qk_gain=1.44,rope_base=100000,embed_init_std=0.8,fc_init_scale=0.4"
 SIDES=(
   "ours"
   "ours --model-options value_embeds=1"
@@ -28,6 +30,7 @@ SIDES=(
   "ours --model-options normuon=1"
   "ours --model-options muon_weight_decay=0.1"
   "ours --model-options $ALL"
+  "ours --model-options $FAVOURED"
   "ref-bf16"
 )
 for d in $DEPTHS; do
