@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The race matrix of issue 27 (dev/notes_recipe.md): ours before the recipe, each piece alone, every piece
-# together, the pieces the smoke race favoured, and nanochat master in bf16, at d4 for 10 minutes and d8 for 20 minutes each, one side after another.
+# together, the pieces the smoke race favoured, and nanochat master in bf16, at d4 for 10 minutes and d8 for
+# 20 minutes each, one side after another.
 # Run it on a quiet machine (nothing else training: the budget is wall time), from the repo root:
 #
 #     bash dev/race_matrix.sh /path/to/nanochat-master            # both depths (~9 h on 2 cores)
