@@ -4,8 +4,8 @@
 # 20 minutes each, one side after another.
 # Run it on a quiet machine (nothing else training: the budget is wall time), from the repo root:
 #
-#     bash dev/race_matrix.sh /path/to/nanochat-master            # both depths (~9 h on 2 cores)
-#     DEPTHS=4 bash dev/race_matrix.sh /path/to/nanochat-master    # d4 only (~3 h)
+#     bash dev/race_matrix.sh /path/to/nanochat-master            # both depths (~10 h on 2 cores)
+#     DEPTHS=4 bash dev/race_matrix.sh /path/to/nanochat-master    # d4 only (~3.5 h)
 #
 # Each depth prints its table and writes $NANOCHAT_BASE_DIR/race/results_<time>.json; paste both into
 # dev/notes_recipe.md. A piece stays on only where it lowers val bpb at equal time at d4 and d8.
