@@ -34,6 +34,8 @@ SIDES=(
   "ours --model-options $FAVOURED"
   "ref-bf16"
 )
+# what each piece costs per step (interleaved, so the two halves of "faster to a loss" come from the same machine)
+"$PY" -m dev.bench_recipe --depth 4 --seq-len 512
 for d in $DEPTHS; do
   case $d in
     4) MIN=10 ;;
