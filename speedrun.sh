@@ -7,7 +7,9 @@
 #   gpu1  1 GPU : the same, with gradient accumulation instead of 8 ranks -- 8x the time: base training alone
 #         is ~21k steps of 8 micro-steps, about a day on one H100 (resumable: NANOCHAT_RESUME=1)
 #   cpu   no GPU: a tiny model on text the package registries carry, done in well under an hour
-# NANOCHAT_DATA=online|offline overrides where the pretraining text comes from.
+# NANOCHAT_DATA=online|offline overrides where the pretraining text comes from; NANOCHAT_DATA_SOURCE=climbmix
+# downloads ClimbMix instead of FineWeb-Edu (upstream's 2026 data; not yet run here, see README).
+# NANOCHAT_BASE_EXTRA="--fp8 --fa3" adds flags to base training (both unverified on our GPUs: dev/gpu_check.sh).
 # NANOCHAT_ALIGN=rl|dpo|both picks how the SFT model is aligned: RL (GRPO, the default), DPO on
 # on-policy pairs from checkable problems, or both (each from the SFT model, evaluated side by side).
 # WANDB_RUN=name logs training to wandb (otherwise nothing goes over the network but data downloads).
@@ -97,8 +99,9 @@ if [ "$DATA" = offline ]; then
   stage "pretraining shards (offline sources)" python -m nanochat.offline
 else
   # enough shards for the tokenizer now; the rest download in the background while it trains
-  stage "pretraining shards (first 8)" python -m nanochat.dataset -n 8
-  python -m nanochat.dataset -n "$SHARDS" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
+  SOURCE="--source=${NANOCHAT_DATA_SOURCE:-fineweb-edu}"
+  stage "pretraining shards (first 8)" python -m nanochat.dataset -n 8 "$SOURCE"
+  python -m nanochat.dataset -n "$SHARDS" "$SOURCE" > "$NANOCHAT_BASE_DIR/download.log" 2>&1 &
   DATA_PID=$!
 fi
 
@@ -115,7 +118,7 @@ fi
 stage "search index" python -m scripts.build_index --shards --facts --max-docs=200000
 
 # --- base model -----------------------------------------------------------------------------
-stage "base model training" launch scripts.base_train -- $BASE_TRAIN --run="$WANDB_RUN" $(resume_flag base)
+stage "base model training" launch scripts.base_train -- $BASE_TRAIN ${NANOCHAT_BASE_EXTRA:-} --run="$WANDB_RUN" $(resume_flag base)
 stage "base model loss" launch scripts.base_loss -- $BASE_LOSS
 stage "base model evaluation (CORE)" launch scripts.base_eval -- $BASE_EVAL $ONLINE
 

@@ -125,9 +125,10 @@ def table(log_dir, base_dir):
         detail = ""
         if name == "data":
             detail = last(r"data: ([^\n]*)", text)
-        elif name == "base_train":
-            detail = (f"tok/s {last(r'tok/s ([0-9,]+)', text)} | mfu {last(r'mfu ([0-9.]+)%', text)}% | "
-                      f"peak memory (MiB) {peak}")
+        elif name.startswith("base_train"):  # the plain run, then --fp8 / --fa3 (each says if it fell back)
+            used = " | ".join(re.findall(r"^(--(?:fp8|fa3): [^\n]*)", text, re.M)) or "plain"
+            detail = (f"{used} | tok/s {last(r'tok/s ([0-9,]+)', text)} | mfu {last(r'mfu ([0-9.]+)%', text)}% | "
+                      f"peak memory (MiB) {last(r'peak memory: ([0-9.]+) MiB', text, peak)}")
         elif name in ("mid_train", "chat_sft"):
             detail = f"tok/s {last(r'tok/s ([0-9,]+)', text)}"
         elif name == "base_loss":

@@ -2,7 +2,9 @@
 # A short check of the whole GPU path on any machine with 1..N GPUs, in a few minutes and without network:
 # a small tokenizer, a d8 base_train for 50 steps under torchrun on every visible GPU (bf16, torch.compile),
 # base_loss, 20 steps each of midtraining and SFT, chat_eval on 16 problems, engine decode tokens/s, and
-# chat_web answering one OpenAI-client request. Prints one table and exits non-zero if any stage failed.
+# chat_web answering one OpenAI-client request. On CUDA, base_train also runs with --fp8, --fa3 and both (rows
+# base_train_fp8, base_train_fa3, base_train_fp8_fa3: each says whether it ran or fell back, and its tok/s, MFU
+# and peak memory beside the plain run's). Prints one table and exits non-zero if any stage failed.
 #
 #   bash dev/gpu_check.sh                      # CUDA, all visible GPUs
 #   bash dev/gpu_check.sh --device cpu         # the same stages, tiny, on CPU (CI runs this)
@@ -78,6 +80,15 @@ stage tok_train "$PY" -m scripts.tok_train --max-chars="$TOK_CHARS" --vocab-size
 stage base_train launch scripts.base_train -- --depth="$DEPTH" --max-seq-len="$T" --device-batch-size="$B" \
   --total-batch-size="$TOTAL" --num-iterations="$STEPS" --eval-every=-1 --eval-tokens="$((TOTAL * 2))" \
   --sample-every=-1 --device-type="$DEVICE" $NUMERICS
+if [ "$DEVICE" = cuda ]; then  # the GPU-only options, each against the plain run above (own tags: base_loss and
+  # the chat stages read the plain model); a profile turns one on only after its row here is ok and faster
+  for flags in "--fp8" "--fa3" "--fp8 --fa3"; do
+    tag=${flags//--/}; tag=${tag// /_}  # fp8, fa3, fp8_fa3
+    stage "base_train_$tag" launch scripts.base_train -- --depth="$DEPTH" --max-seq-len="$T" \
+      --device-batch-size="$B" --total-batch-size="$TOTAL" --num-iterations="$STEPS" --eval-every=-1 \
+      --eval-tokens="$((TOTAL * 2))" --sample-every=-1 --device-type="$DEVICE" $NUMERICS $flags --model-tag="check_$tag"
+  done
+fi
 stage base_loss launch scripts.base_loss -- --device-batch-size="$B" --split-tokens="$((TOTAL * 2))" --device-type="$DEVICE"
 # chat stages on the synthetic GSM8K problems alone: the one chat task that needs no downloaded data
 CHAT="--mixture=gsm8k --max-seq-len=$T --device-type=$DEVICE --num-iterations=$CHAT_STEPS --val-examples=32 $NUMERICS"

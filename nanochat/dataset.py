@@ -1,4 +1,4 @@
-"""Pretraining shards: read them, and download FineWeb-Edu's from the HuggingFace hub.
+"""Pretraining shards: read them, and download FineWeb-Edu's or ClimbMix's from the HuggingFace hub.
 Building shards without internet is nanochat/offline's job (`python -m nanochat.offline`).
 
 Layout: <base>/base_data/shard_00000.parquet, shard_00001.parquet, ... Every shard has a `text`
@@ -10,6 +10,8 @@ shard (by sorted name) is the validation split, all the others are train.
         and so becomes the validation shard. `-n -1` = all 1823. Downloads run in parallel, retry
         with exponential backoff, resume partial `.part` files with HTTP Range requests, check the
         parquet footer, and rename into place atomically.
+    python -m nanochat.dataset -n 8 --source climbmix
+        the same for ClimbMix (last shard 6542); a folder keeps one source (its _SOURCE file says which).
     python -m nanochat.offline
         builds shards in the same layout from registry packages (nanochat/offline/build.py).
 
@@ -77,10 +79,16 @@ def parquets_iter_batched(split, start=0, step=1, data_dir=None):
 
 
 # -----------------------------------------------------------------------------
-# Online: FineWeb-Edu shards from the HuggingFace hub
+# Online: FineWeb-Edu (the default) or ClimbMix shards from the HuggingFace hub
 
-BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
-MAX_SHARD = 1822  # shards 0..1822 exist; the last one we fetch always serves as validation
+SOURCES = {  # name -> (base URL, index of its last shard, which always serves as validation)
+    "fineweb-edu": ("https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main", 1822),
+    # upstream's pretraining data since 2026-03 (NVIDIA's ClimbMix, reshuffled into the same shard layout): its
+    # largest single gain in time to GPT-2 CORE (2 h 46 -> 2 h 01 on 8xH100). Not yet trained on here (no GPU).
+    "climbmix": ("https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main", 6542),
+}
+BASE_URL, MAX_SHARD = SOURCES["fineweb-edu"]
+SOURCE_FILE = "_SOURCE"  # in a download folder: which source its shards came from (they must not mix)
 
 
 def shard_name(index):
@@ -187,16 +195,39 @@ def download_shard(index, data_dir=None, base_url=None, retries=5, backoff=2.0, 
     return download_file(shard_url(index, base_url), path, verify_parquet, retries, backoff, timeout)
 
 
-def download(num_files=-1, workers=4, base_url=None, data_dir=None, retries=5, backoff=2.0):
-    """Download the first num_files shards (-1: all) plus the last one (validation). Returns paths."""
+def claim_source(data_dir, source):
+    """Record `source` in data_dir, or refuse when the folder holds another source's shards (a folder of shards
+    without the record holds FineWeb-Edu: downloads before the record existed)."""
+    path = os.path.join(data_dir, SOURCE_FILE)
+    if os.path.exists(path):
+        with open(path) as f:
+            held = f.read().strip()
+    else:
+        held = "fineweb-edu" if list_parquet_files(data_dir) else source
+    if held != source:
+        raise RuntimeError(f"{data_dir} holds {held} shards; {source} shards would mix with them (the last shard "
+                           f"is the validation split). Use another NANOCHAT_BASE_DIR, or --source {held}.")
+    os.makedirs(data_dir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(source + "\n")
+
+
+def download(num_files=-1, workers=4, base_url=None, data_dir=None, retries=5, backoff=2.0, source="fineweb-edu"):
+    """Download the first num_files shards (-1: all) of `source` (a SOURCES name) plus its last one
+    (validation). Returns paths."""
+    if source not in SOURCES:
+        raise ValueError(f"unknown data source {source!r}: use one of {', '.join(SOURCES)}")
     data_dir = data_dir or get_data_dir()
     if any(os.path.exists(os.path.join(data_dir, f)) for f in ("_SUCCESS", "_BUILDING")):
         raise RuntimeError(f"{data_dir} holds an offline build (it has _SUCCESS); downloaded shards would mix "
                            f"with it. Remove that folder or point NANOCHAT_BASE_DIR elsewhere.")
+    base_url = base_url or os.environ.get("NANOCHAT_DATA_URL") or SOURCES[source][0]
+    last = SOURCES[source][1]
+    claim_source(data_dir, source)
     check_reachable(base_url)
-    n = MAX_SHARD + 1 if num_files < 0 else min(num_files, MAX_SHARD)
-    ids = list(range(n)) + ([MAX_SHARD] if n <= MAX_SHARD else [])
-    logger.info(f"downloading {len(ids)} shards ({n} train + shard {MAX_SHARD} as validation) "
+    n = last + 1 if num_files < 0 else min(num_files, last)
+    ids = list(range(n)) + ([last] if n <= last else [])
+    logger.info(f"downloading {len(ids)} {source} shards ({n} train + shard {last} as validation) "
                 f"to {data_dir} with {workers} workers")
     t0 = time.time()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -209,16 +240,20 @@ def download(num_files=-1, workers=4, base_url=None, data_dir=None, retries=5, b
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Download FineWeb-Edu shards (the last shard is the validation "
-                                                 f"split); without the hub, build shards with `{OFFLINE_HINT}`.")
+    parser = argparse.ArgumentParser(description="Download FineWeb-Edu or ClimbMix shards (the last shard is the "
+                                                 f"validation split); without the hub, build shards with "
+                                                 f"`{OFFLINE_HINT}`.")
     parser.add_argument("-n", "--num-files", type=int, default=-1,
-                        help="hub: number of train shards to download (-1 = all 1823); the last hub shard "
-                             f"({MAX_SHARD}) is always fetched too and serves as validation")
+                        help="hub: number of train shards to download (-1 = all); the source's last shard "
+                             f"(FineWeb-Edu {MAX_SHARD}, ClimbMix {SOURCES['climbmix'][1]}) is always fetched "
+                             "too and serves as validation")
+    parser.add_argument("--source", default="fineweb-edu", choices=list(SOURCES), help="which pretraining data")
     parser.add_argument("-w", "--num-workers", type=int, default=4, help="parallel downloads")
     parser.add_argument("--base-url", default=None, help=f"hub base URL (env NANOCHAT_DATA_URL; default {BASE_URL})")
     parser.add_argument("--data-dir", default=None, help="output folder (default $NANOCHAT_BASE_DIR/base_data)")
     args = parser.parse_args(argv)
-    return run_logged(download, args.num_files, args.num_workers, base_url=args.base_url, data_dir=args.data_dir)
+    return run_logged(download, args.num_files, args.num_workers, base_url=args.base_url, data_dir=args.data_dir,
+                      source=args.source)
 
 
 if __name__ == "__main__":

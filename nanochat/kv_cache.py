@@ -10,6 +10,9 @@ cache it has:
     Tk                     the keys' length when positions are a tensor (the rotary table must cover it)
     insert_kv(layer, k, v) store this layer's k, v (B, H_kv, T, D) and return the keys and values to attend to
     get_pos()              the tokens already stored, for callers outside the forward
+    prev_tokens(idx)       the token before each row's first input ((B,) long, -1 where a row starts its sequence),
+                           remembering the input's last tokens for the next call; once per forward, by a model
+                           that mixes the previous token's embedding in (GPTConfig.smear)
 
 Three caches: KVCache (one sequence, or equal rows; grows as needed: the Engine's), StaticKVCache (fixed
 capacity, position in a device tensor: a compiled decode step), RaggedKVCache (many sequences of different
@@ -34,6 +37,7 @@ class KVCache:
         self.pos = 0
         self.kv = None
         self.mask = None  # rows are equal-length: attention is causal from pos
+        self.last = None  # (B,) each row's last token so far (prev_tokens)
         if device is not None and dtype is not None:
             self._allocate(seq_len, device, dtype)
 
@@ -59,6 +63,11 @@ class KVCache:
     def positions(self, T, device):
         return self.pos
 
+    def prev_tokens(self, idx):
+        before = self.last if self.pos > 0 and self.last is not None else torch.full_like(idx[:, 0], -1)
+        self.last = idx[:, -1].clone()
+        return before
+
     def insert_kv(self, layer_idx, k, v):
         """Store k, v (B, H_kv, T, D) at positions [pos, pos+T) of this layer and return views of
         everything cached so far for this layer: (keys, values), each (B, H_kv, pos+T, D)."""
@@ -79,6 +88,7 @@ class KVCache:
         assert other.batch_size in (1, self.batch_size), "can only broadcast a batch-1 cache or copy an equal batch"
         assert other.kv is not None or other.pos == 0
         self.pos = 0
+        self.last = None if other.last is None else other.last.expand(self.batch_size).clone()
         if other.kv is None:
             return
         self._ensure_capacity(other.pos, other.kv.device, other.kv.dtype)
@@ -101,6 +111,7 @@ class StaticKVCache:
         self.pos = torch.zeros((), dtype=torch.long, device=device)  # tokens stored (same for every row)
         self.slots = torch.arange(seq_len, device=device)
         self.mask = self.times = None  # set by positions() at the start of every forward
+        self.last = torch.full((batch_size,), -1, dtype=torch.long, device=device)  # (prev_tokens)
 
     def get_pos(self):
         return int(self.pos)  # a host sync: for callers outside the decode loop
@@ -110,6 +121,7 @@ class StaticKVCache:
         assert other.kv is not None and other.pos <= self.Tk, "the source cache is empty or longer than this one"
         self.kv[..., : other.pos, :] = other.kv[..., : other.pos, :]
         self.pos.fill_(other.pos)
+        self.last.copy_(other.last.expand_as(self.last) if other.last is not None else torch.full_like(self.last, -1))
 
     def positions(self, T, device):
         """(T,) absolute positions of the input tokens; sets mask (1, 1, T, capacity): True = attend."""
@@ -117,6 +129,11 @@ class StaticKVCache:
         self.mask = self.slots[None, None, None, :] <= times[None, None, :, None]
         self.times = times
         return times
+
+    def prev_tokens(self, idx):
+        before = torch.where(self.pos > 0, self.last, -1)  # tensors only: no host sync in a compiled step
+        self.last.copy_(idx[:, -1])
+        return before
 
     def insert_kv(self, layer_idx, k, v):
         """Write k, v (B, H, T, D) at the positions given by the last positions() call; return the whole
@@ -147,6 +164,7 @@ class RaggedKVCache:
         self.lengths = [0] * num_slots
         self.written = [0] * num_slots  # positions of slot s written since its last reset (padding included)
         self.kv = None
+        self.last = None  # (num_slots,) each slot's last token (prev_tokens), on the model's device
 
     def _ensure_capacity(self, needed, device, dtype):
         if self.kv is not None and needed <= self.kv.size(4):
@@ -181,6 +199,18 @@ class _RaggedRows:
 
     def get_pos(self):
         return self.start  # the rows' common start position, or None when they differ (see positions)
+
+    def prev_tokens(self, idx):
+        """Each row's slot's last token (-1 for a slot starting afresh); then each row's last real token is kept."""
+        cache, device = self.cache, idx.device
+        if cache.last is None:
+            cache.last = torch.full((cache.num_slots,), -1, dtype=torch.long, device=device)
+        slots = torch.tensor(self.slots, device=device)
+        started = torch.tensor([cache.lengths[s] > 0 for s in self.slots], device=device)
+        before = torch.where(started, cache.last[slots], -1)
+        ends = torch.tensor(self.counts, device=device) - 1  # rows are right-padded past their counts
+        cache.last[slots] = idx[torch.arange(len(self.slots), device=device), ends]
+        return before
 
     def positions(self, T, device):
         """The input tokens' absolute positions: an int when every row starts at the same position (then

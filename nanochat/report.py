@@ -135,10 +135,11 @@ class Report:
         self.dir = report_dir
         os.makedirs(report_dir, exist_ok=True)
 
-    def log(self, section, data, stage=None, summary=None, images=None):
+    def log(self, section, data, stage=None, summary=None, images=None, facts=None):
         """Write one section. data: list of dicts (rendered as `- key: value`) and strings (verbatim).
         stage: the summary column (one of STAGES); summary: {metric: value} for that
-        column; images: [(title, png_path)] embedded in the section."""
+        column; images: [(title, png_path)] embedded in the section; facts: {name: number} kept for the
+        summary's own lines (e.g. base training's minutes for the time to GPT-2 CORE), not printed."""
         slug = slugify(section)
         lines = [f"## {section}", f"timestamp: {datetime.datetime.now():%Y-%m-%d %H:%M:%S}", ""]
         for item in data or []:
@@ -152,7 +153,8 @@ class Report:
         with atomic_write(os.path.join(self.dir, slug + ".md"), "w") as f:
             f.write("\n".join(lines))
         with atomic_write(os.path.join(self.dir, slug + ".json"), "w") as f:
-            json.dump({"section": section, "stage": stage, "summary": summary or {}, "time": time.time()}, f)
+            json.dump({"section": section, "stage": stage, "summary": summary or {}, "facts": facts or {},
+                       "time": time.time()}, f)
         return os.path.join(self.dir, slug + ".md")
 
     def save_plot(self, fig, name):
@@ -221,7 +223,7 @@ class Report:
         sections = self._sections()
         for slug, _ in sections:
             parts.append(open(os.path.join(self.dir, slug + ".md")).read())
-        summary = ["## Summary", ""] + self.summary_table(sections)
+        summary = ["## Summary", ""] + self.summary_table(sections) + time_to_core(sections)
         start = None
         if os.path.exists(os.path.join(self.dir, "header.json")):
             with open(os.path.join(self.dir, "header.json")) as f:
@@ -247,6 +249,22 @@ class Report:
             with atomic_write(os.path.join(copy_to, "report.md"), "w") as f:
                 f.write(copied)
         return out
+
+
+GPT2_CORE = 0.2565  # GPT-2 (1.5B)'s CORE in nanochat's leaderboard: the bar its "time to GPT-2" measures
+
+
+def time_to_core(sections):
+    """The summary's "time to GPT-2 CORE" line: base training's wall time when the base model's CORE (the online
+    metric; the offline stand-in is not comparable) reaches GPT2_CORE. Nothing when CORE was not measured."""
+    core = [m["summary"]["CORE"] for _, m in sections if m.get("stage") == "BASE" and "CORE" in m["summary"]]
+    minutes = [m.get("facts", {}).get("training_minutes") for _, m in sections if m["section"] == "Base model training"]
+    if not core or not minutes or minutes[-1] is None:
+        return []
+    took = f"{int(minutes[-1] // 60)}h{int(minutes[-1] % 60):02d}m of base training"
+    if core[-1] >= GPT2_CORE:
+        return ["", f"Time to GPT-2 CORE ({GPT2_CORE}): {took} (CORE {core[-1]:.4f})"]
+    return ["", f"Time to GPT-2 CORE ({GPT2_CORE}): not reached (CORE {core[-1]:.4f} after {took})"]
 
 
 def get_report():

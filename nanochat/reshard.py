@@ -1,7 +1,8 @@
 """Optimizer state and data positions across a change in the number of ranks, so a run saved on W GPUs resumes
 on W' (after losing a node, or moving to a smaller machine). It knows the state layouts of setup_optimizers'
-optimizers (AdamW/DistAdamW: per-parameter moments, dim-0 slices when sharded; Muon/DistMuon: one momentum
-buffer per matrix, kept by the rank that owns the matrix) and nothing of models or training loops."""
+optimizers (AdamW/DistAdamW: per-parameter moments, dim-0 slices when sharded; Muon/DistMuon: whole per-matrix
+state, a momentum buffer and any variant's, kept by the rank that owns the matrix) and nothing of models or
+training loops."""
 import torch
 
 from nanochat.muon import DistMuon
@@ -28,7 +29,7 @@ def full_optimizer_states(adamw_params, muon_params, shards, world):
         adamw[p] = full
     for shard in shards:
         for i, st in shard["muon"]["state"].items():
-            muon[muon_order[int(i)]] = st["momentum_buffer"]
+            muon[muon_order[int(i)]] = st  # the momentum buffer, and NorMuon's neuron_sq when on
     return adamw, muon
 
 
@@ -55,7 +56,7 @@ def load_resharded(optimizers, adamw_state, muon_state, rank, world):
         for i, p in enumerate(group["params"]):
             # DistMuon: within a shape group, rank r owns parameters r, r + world, ...
             if p in muon_state and (world == 1 or i % world == rank):
-                muon.state[p] = {"momentum_buffer": muon_state[p].clone().to(p.device)}
+                muon.state[p] = {k: v.clone().to(p.device) for k, v in muon_state[p].items()}
 
 
 def reshard_row_group_positions(states, world):

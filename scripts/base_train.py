@@ -4,8 +4,10 @@
     torchrun --standalone --nproc_per_node=8 -m scripts.base_train -- --depth 20 --run myrun
 
 One dial, --depth: width 64*depth, heads of dim 128, and (unless --num-iterations or --target-flops
-say otherwise) 20 training tokens per parameter. Distributed runs need no DDP wrapper: the
-optimizers from model.setup_optimizers average gradients across ranks themselves.
+say otherwise) 20 training tokens per parameter; without --total-batch-size the batch, learning rates and
+weight decay follow from the depth too (nanochat/dial.py has each rule and its source; the run prints them and
+records them in the checkpoint meta and the report). A flag given explicitly is kept as given. Distributed runs
+need no DDP wrapper: the optimizers from model.setup_optimizers average gradients across ranks themselves.
 
 --resume continues from the latest checkpoint of --model-tag (model, optimizers, data position,
 step, RNG) and gives the same losses as a run that was never interrupted.
@@ -16,16 +18,29 @@ import os
 
 import torch
 
+from nanochat.accel import enable_fp8, load_fa3, use_fa3
 from nanochat.common import all_reduce, compute_cleanup, dtype_name, get_base_dir, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
-from nanochat.gpt import GPT, GPTConfig
+from nanochat.dial import LR_FLAGS, apply_dial, derive
+from nanochat.gpt import GPT, GPTConfig, config_overrides
 from nanochat.hardware import resolve_device_batch
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import subplots
 from nanochat.reshard import reshard_row_group_positions
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import (Prefetch, StepLog, Training, accumulation_steps, add_training_args, eval_due,
-                               init_wandb, make_optimizers, resume_training, start_run, train_loop)
+from nanochat.training import (
+    Prefetch,
+    StepLog,
+    Training,
+    accumulation_steps,
+    add_training_args,
+    eval_due,
+    init_wandb,
+    make_optimizers,
+    resume_training,
+    start_run,
+    train_loop,
+)
 
 SAMPLE_PROMPTS = [
     "The capital of France is",
@@ -40,14 +55,26 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_args(p)
     p.add_argument("--depth", type=int, default=20, help="number of layers; width = 64 * depth")
-    p.add_argument("--total-batch-size", type=int, default=524288, help="tokens per optimizer step (all ranks)")
+    p.add_argument("--model-options", default="", help="GPTConfig fields to change, name=value,... (e.g. "
+                   "value_embeds=1,window_pattern=SSSL; nanochat/gpt.py lists them)")
+    p.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (all ranks); "
+                   "-1: from the depth (nanochat/dial.py), which then also scales the default LRs and weight decay")
     # horizon: the first of these that is > 0 decides the number of steps
     p.add_argument("--target-flops", type=float, default=-1, help="training FLOPs to spend (sets the steps)")
     p.add_argument("--target-param-data-ratio", type=float, default=20, help="training tokens per parameter")
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end); <=0: end only")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation (all ranks)")
     p.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (and at the end); <=0: never")
-    return p.parse_args(script_argv(argv))
+    p.add_argument("--fp8", action="store_true", help="fp8 matmuls through torchao (sm89+ GPUs; elsewhere it says why "
+                   "and trains in the compute dtype). Not yet verified on a GPU of ours: dev/gpu_check.sh")
+    p.add_argument("--fa3", action="store_true", help="Flash Attention 3 through the `kernels` package (CUDA, bf16; "
+                   "elsewhere it says why and uses SDPA). Not yet verified on a GPU of ours: dev/gpu_check.sh")
+    # the LR flags' defaults are their values at the dial's reference batch; None = not given, the dial sets it
+    lr_defaults = {name: p.get_default(name) for name in LR_FLAGS}
+    p.set_defaults(**dict.fromkeys(LR_FLAGS))
+    args = p.parse_args(script_argv(argv))
+    args.lr_defaults = lr_defaults
+    return args
 
 
 def model_config(depth, seq_len, vocab_size):
@@ -61,15 +88,36 @@ def model_config(depth, seq_len, vocab_size):
                      n_kv_head=n_head, n_embd=n_embd)
 
 
-def start_training(args, run):
+def depth_config(args, vocab_size, depth=None):
+    """The GPTConfig of --depth (or `depth`) with --model-options applied."""
+    config = model_config(depth or args.depth, args.max_seq_len, vocab_size)
+    try:
+        return dataclasses.replace(config, **config_overrides(args.model_options))
+    except ValueError as e:
+        raise SystemExit(f"--model-options: {e}")
+
+
+def start_dial(args, vocab_size):
+    """The --depth dial for these flags (nanochat/dial.py): sets the batch, the unset LRs and the weight decay."""
+    dial = derive(args.depth, lambda d: depth_config(args, vocab_size, d), args.target_param_data_ratio,
+                  args.total_batch_size)
+    apply_dial(dial, args, args.lr_defaults)
+    for line in dial.lines():
+        print0(line)
+    return dial
+
+
+def start_training(args, run, dial):
     """A fresh model from the --depth dial, or with --resume the latest checkpoint of base_checkpoints/<tag>."""
     tag = args.model_tag or f"d{args.depth}"
     checkpoint_dir = os.path.join(get_base_dir(), "base_checkpoints", tag)
     if args.resume:
         return resume_training(run, args, checkpoint_dir, tag)
     tokenizer = get_tokenizer()
+    config = depth_config(args, tokenizer.get_vocab_size())
+    config.muon_weight_decay *= dial.weight_decay_scale
     with torch.device("meta"):
-        model = GPT(model_config(args.depth, args.max_seq_len, tokenizer.get_vocab_size()))
+        model = GPT(config)
     model.to_empty(device=run.device)
     model.init_weights()
     return Training(run, args, model, tokenizer, tag, checkpoint_dir)
@@ -119,9 +167,16 @@ def save_loss_plot(history, val_history, path_fn):
 def main(argv=None):
     args = parse_args(argv)
     run = start_run(args)
+    dial = start_dial(args, get_tokenizer().get_vocab_size())
     wandb_run = init_wandb(run, args.run, "nanochat", vars(args).copy())
-    training = start_training(args, run)
+    training = start_training(args, run, dial)
     model, tokenizer, T = training.model, training.tokenizer, args.max_seq_len  # model: uncompiled
+    if args.fp8:  # before the optimizers are built (the swap keeps the Parameters, but not the modules)
+        print0(enable_fp8(model, run.device))
+    if args.fa3:
+        fa3, message = load_fa3(run.device, run.dtype)
+        print0(message)
+        use_fa3(model, fa3)
     B = resolve_device_batch(args, model, T, run)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     print0(f"model: {dataclasses.asdict(model.config)}")
@@ -172,23 +227,27 @@ def main(argv=None):
 
     step = train_loop(training, log, train_step, evaluate, lambda step: training.checkpoint_meta(
         step, data.position, val_bpb=loop["val_bpb"], device_batch_size=B, max_seq_len=T,
-        total_batch_size=args.total_batch_size))
+        total_batch_size=args.total_batch_size, dial=dial.as_dict()))
     log.close()
     print0(f"training time: {loop['total_training_time'] / 60:.2f} min | min val bpb: {loop['min_val_bpb']:.4f}")
+    if run.device.type == "cuda":  # (dev/gpu_check.sh compares runs by it)
+        print0(f"peak memory: {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB")
     if run.master and step == num_iterations:
-        write_report(args, run, model, loop, log, grad_accum_steps)
+        write_report(args, run, model, loop, log, grad_accum_steps, dial)
     compute_cleanup()
 
 
-def write_report(args, run, model, loop, log, grad_accum_steps):
+def write_report(args, run, model, loop, log, grad_accum_steps, dial):
     from nanochat.report import get_report
     report = get_report()
     plot = save_loss_plot(loop["history"], loop["val_history"], report.save_plot)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     total_tokens = args.total_batch_size * log.num_iterations
     peak_mem = torch.cuda.max_memory_allocated() / 2**20 if run.device.type == "cuda" else None
-    report.log(section="Base model training", stage="BASE", summary={"val bpb": loop["val_bpb"]}, data=[
+    report.log(section="Base model training", stage="BASE", summary={"val bpb": loop["val_bpb"]},
+               facts={"training_minutes": loop["total_training_time"] / 60}, data=[
         vars(args),
+        {f"dial: {k}": v for k, v in dial.as_dict().items()},
         {
             "Number of parameters": num_params,
             "Number of FLOPs per token": f"{flops_per_token:e}",

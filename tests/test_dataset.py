@@ -167,3 +167,20 @@ def test_download_unreachable_fails_fast(tmp_path):
         D.download(2, base_url=f"http://127.0.0.1:{port}", data_dir=str(tmp_path))
     assert time.time() - t0 < 10
     assert D.main(["-n", "1", "--base-url", f"http://127.0.0.1:{port}", "--data-dir", str(tmp_path)]) == 1
+
+
+def test_download_climbmix_and_sources_do_not_mix(server, tmp_path):
+    """--source climbmix fetches its own last shard as validation and records the source; FineWeb-Edu shards
+    into the same folder (or ClimbMix into a folder of FineWeb-Edu shards) are refused by name."""
+    climb = tmp_path / "climb"
+    paths = D.download(1, base_url=server.url, data_dir=str(climb), backoff=0.01, source="climbmix")
+    assert sorted(os.path.basename(p) for p in paths) == ["shard_00000.parquet", "shard_06542.parquet"]
+    assert (climb / D.SOURCE_FILE).read_text() == "climbmix\n"
+    with pytest.raises(RuntimeError, match="holds climbmix shards; fineweb-edu shards would mix"):
+        D.download(1, base_url=server.url, data_dir=str(climb), backoff=0.01)
+    old = tmp_path / "old"  # shards from before the _SOURCE record: FineWeb-Edu
+    make_shards(str(old), n_files=2)
+    with pytest.raises(RuntimeError, match="holds fineweb-edu shards; climbmix shards would mix"):
+        D.download(1, base_url=server.url, data_dir=str(old), backoff=0.01, source="climbmix")
+    with pytest.raises(ValueError, match="unknown data source 'c4'"):
+        D.download(1, data_dir=str(tmp_path / "x"), source="c4")

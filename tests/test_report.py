@@ -35,3 +35,17 @@ def test_report_sections_summary_and_plots(tmp_path):
     rep.reset()
     assert "Chat SFT" not in open(rep.generate()).read()
     assert not os.path.exists(tmp_path / "report" / "chat-sft.md")
+
+
+def test_time_to_gpt2_core(tmp_path):
+    """Online CORE at or past GPT-2's gives the base training time; below it, "not reached"; offline, no line."""
+    rep = Report(str(tmp_path / "report"))
+    rep.reset()
+    rep.log("Base model training", [{"depth": 4}], stage="BASE", summary={"val bpb": 0.9},
+            facts={"training_minutes": 99.5})
+    rep.log("Base model evaluation", [], stage="BASE", summary={"CORE-offline": 0.4})
+    assert "Time to GPT-2 CORE" not in open(rep.generate()).read()
+    rep.log("Base model evaluation", [], stage="BASE", summary={"CORE": 0.2581})
+    assert "Time to GPT-2 CORE (0.2565): 1h39m of base training (CORE 0.2581)" in open(rep.generate()).read()
+    rep.log("Base model evaluation", [], stage="BASE", summary={"CORE": 0.2201})
+    assert "not reached (CORE 0.2201 after 1h39m of base training)" in open(rep.generate()).read()

@@ -24,15 +24,18 @@ import torch
 
 from nanochat.gpt import GPTConfig
 
+ROPE_THETA = 10000.0  # the base of GPT._rotary_tables at GPTConfig's default rope_base
 # GPTConfig fields transformers' NanoChat expresses, and the values of other fields that leave the model
-# NanoChat-shaped (a feature switched off). Empty today: every GPTConfig field is a NanoChat one.
+# NanoChat-shaped (a recipe piece switched off: nanochat/gpt.py's docstring has each piece's formula).
 NATIVE_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "softcap")
-NEUTRAL_VALUES = {}
+NEUTRAL_VALUES = {"value_embeds": False, "resid_scalars": False, "smear": False, "backout": False,
+                  "window_pattern": "L", "qk_gain": 1.0, "rope_base": ROPE_THETA}
+# Fields that say how the weights were initialised and trained, not what the forward computes: any value exports.
+TRAINING_FIELDS = ("embed_init_std", "fc_init_scale", "polar_express", "normuon", "muon_weight_decay")
 BLOCK_NAMES = {  # ours -> transformers' NanoChat, inside a block
     "attn.c_q": "self_attn.q_proj", "attn.c_k": "self_attn.k_proj", "attn.c_v": "self_attn.v_proj",
     "attn.c_proj": "self_attn.o_proj", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2",
 }
-ROPE_THETA = 10000.0  # the base of GPT._rotary_tables
 # F.rms_norm with no eps uses the dtype's machine epsilon; written into config.json so transformers' RMSNorm
 # (x * rsqrt(mean(x^2) + eps)) matches ours on fp32 weights
 NORM_EPS = torch.finfo(torch.float32).eps
@@ -49,16 +52,18 @@ def config_fields(config):
     return dataclasses.asdict(config)
 
 
-def choose_layout(config, native_fields=NATIVE_FIELDS, neutral=NEUTRAL_VALUES, remote_fields=None):
+def choose_layout(config, native_fields=NATIVE_FIELDS, neutral=NEUTRAL_VALUES, remote_fields=None, remote=False):
     """"native" or "remote" for a GPTConfig (see the module docstring); ConversionError when neither can
-    express it. remote_fields: what the modeling file implements (default: its SUPPORTED_FIELDS)."""
-    fields = config_fields(config)
+    express it. remote_fields: what the modeling file implements (default: its SUPPORTED_FIELDS); remote: the
+    caller asks for our modeling file, which must still implement every piece the model has on."""
+    fields = {k: v for k, v in config_fields(config).items() if k not in TRAINING_FIELDS}
+    neutral = {**NEUTRAL_VALUES, **neutral}  # a caller's values add to (or change) the known "off" values
     beyond = [k for k, v in fields.items() if k not in native_fields and neutral.get(k, object()) != v]
-    if not beyond:
+    if not beyond and not remote:
         return "native"
     if remote_fields is None:  # the modeling file imports transformers, an optional extra: only when needed
         from nanochat.hf.modeling_nanochat_gpt import SUPPORTED_FIELDS as remote_fields
-    missing = [k for k in fields if k not in remote_fields]
+    missing = [k for k in beyond if k not in remote_fields]
     if missing:
         raise ConversionError(
             f"the model uses {', '.join(f'{k}={fields[k]!r}' for k in missing)}, which neither transformers' "

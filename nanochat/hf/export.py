@@ -127,7 +127,7 @@ def export(out_dir, source="sft", tag=None, step=None, dtype="fp32", adapters=()
     report_path = report_path or os.path.join(get_base_dir(), "report", "report.md")
     model, tokenizer, meta, tag = load_checkpoint_for_export(source, tag, step)
     lora = attach_adapters(model, adapters) if adapters else None
-    layout = "remote" if remote_code else choose_layout(model.config)
+    layout = choose_layout(model.config, remote=remote_code)
     out_dir = os.path.abspath(out_dir)
     info = dict(repo_id=repo_id, license=license, layout=layout, dtype=dtype, source=source, tag=tag,
                 step=meta.get("step"), adapter=None, stack=None)
