@@ -113,7 +113,8 @@ def code_size():
     root = _repo_root()
     files = _run(["git", "-C", root, "ls-files"]).splitlines()
     if not files:  # not a git checkout: walk the tree
-        files = [os.path.relpath(p, root) for ext in ("py", "rs", "sh", "html") for p in glob.glob(f"{root}/**/*.{ext}", recursive=True) if "/.venv/" not in p]
+        files = [os.path.relpath(p, root) for ext in ("py", "rs", "sh", "html")
+                 for p in glob.glob(f"{root}/**/*.{ext}", recursive=True) if "/.venv/" not in p]
     by_ext, lines, chars = {}, 0, 0
     for f in files:
         ext = os.path.splitext(f)[1]
@@ -127,7 +128,8 @@ def code_size():
         by_ext[ext] = by_ext.get(ext, 0) + n
         lines += n
         chars += len(text)
-    return {"files": len(files), "lines": lines, "characters": chars, "lines by type": ", ".join(f"{k} {v}" for k, v in sorted(by_ext.items()))}
+    by_type = ", ".join(f"{k} {v}" for k, v in sorted(by_ext.items()))
+    return {"files": len(files), "lines": lines, "characters": chars, "lines by type": by_type}
 
 
 class Report:

@@ -10,9 +10,18 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanochat.checkpoint_manager import (SOURCES, add_model_args, build_model, find_largest_model,
-                                         find_last_step, load_model, optim_path, remove_stale_temp, save_checkpoint,
-                                         start_fresh)
+from nanochat.checkpoint_manager import (
+    SOURCES,
+    add_model_args,
+    build_model,
+    find_largest_model,
+    find_last_step,
+    load_model,
+    optim_path,
+    remove_stale_temp,
+    save_checkpoint,
+    start_fresh,
+)
 from nanochat.common import compute_dtype, compute_init, format_eta, get_base_dir, print0
 from nanochat.hardware import device_batch_flag, peak_flops_per_device, resolve_compile
 from nanochat.reshard import full_optimizer_states, load_resharded
@@ -143,8 +152,9 @@ def _wandb_credentials():
 
 def make_optimizers(model, args, lr_frac=1.0):
     """{"adamw", "muon"} from the LR flags, every LR times lr_frac (each group records its initial_lr)."""
-    return model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_frac, embedding_lr=args.embedding_lr * lr_frac,
-                                  matrix_lr=args.matrix_lr * lr_frac, weight_decay=args.weight_decay)
+    return model.setup_optimizers(unembedding_lr=args.unembedding_lr * lr_frac,
+                                  embedding_lr=args.embedding_lr * lr_frac, matrix_lr=args.matrix_lr * lr_frac,
+                                  weight_decay=args.weight_decay)
 
 
 @dataclasses.dataclass

@@ -64,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--target-param-data-ratio", type=float, default=20, help="training tokens per parameter")
     p.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (and at the end); <=0: end only")
     p.add_argument("--eval-tokens", type=int, default=20 * 524288, help="val tokens per evaluation (all ranks)")
-    p.add_argument("--sample-every", type=int, default=2000, help="greedy samples every N steps (and at the end); <=0: never")
+    p.add_argument("--sample-every", type=int, default=2000,
+                   help="greedy samples every N steps (and at the end); <=0: never")
     p.add_argument("--fp8", action="store_true", help="fp8 matmuls through torchao (sm89+ GPUs; elsewhere it says why "
                    "and trains in the compute dtype). Not yet verified on a GPU of ours: dev/gpu_check.sh")
     p.add_argument("--fa3", action="store_true", help="Flash Attention 3 through the `kernels` package (CUDA, bf16; "
@@ -180,16 +181,19 @@ def main(argv=None):
     B = resolve_device_batch(args, model, T, run)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()
     print0(f"model: {dataclasses.asdict(model.config)}")
-    print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e} | dtype: {dtype_name(run.dtype)} | compile: {run.compile}")
+    print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e} | dtype: {dtype_name(run.dtype)} "
+           f"| compile: {run.compile}")
     grad_accum_steps = accumulation_steps(args.total_batch_size, B, T, run.world_size)
     num_iterations = horizon(args, num_params, flops_per_token)
     total_tokens = args.total_batch_size * num_iterations
-    print0(f"batch: {B} x {T} x {run.world_size} ranks x {grad_accum_steps} accumulation = {args.total_batch_size:,} tokens/step")
-    print0(f"steps: {num_iterations:,} | training tokens: {total_tokens:,} | tokens:params = {total_tokens / num_params:.2f} "
-           f"| total FLOPs: {flops_per_token * total_tokens:e}")
+    print0(f"batch: {B} x {T} x {run.world_size} ranks x {grad_accum_steps} accumulation "
+           f"= {args.total_batch_size:,} tokens/step")
+    print0(f"steps: {num_iterations:,} | training tokens: {total_tokens:,} "
+           f"| tokens:params = {total_tokens / num_params:.2f} | total FLOPs: {flops_per_token * total_tokens:e}")
 
     loop = {"min_val_bpb": float("inf"), "val_bpb": None, "val_history": []}
-    same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T, "total_batch_size": args.total_batch_size}
+    same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T,
+            "total_batch_size": args.total_batch_size}
     position = training.begin(make_optimizers(model, args), loop, num_iterations, same, reshard_row_group_positions)
     train_model = run.compiled(model)
     data = Prefetch(tokenizing_distributed_data_loader(B, T, "train", tokenizer, run.device, resume_state=position),
