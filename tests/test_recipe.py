@@ -298,15 +298,17 @@ def test_qk_gain_scales_the_attention_logits_and_init_follows_its_fields():
 
 def test_engine_decodes_every_piece_as_a_full_recompute(monkeypatch):
     """The Engine's two decode paths (a growing KVCache; compile=True's StaticKVCache, with torch.compile
-    replaced by the identity to stay fast) give the tokens a greedy full recompute gives."""
+    replaced by the identity to stay fast) give the tokens a greedy full recompute gives (which, like the
+    Engine, never picks the tool-output markers: only a tool writes those)."""
     monkeypatch.setattr(torch, "compile", lambda model, **kw: model)
     model = make_model(**FEATURES["all"])
     tok = Tokenizer.byte_level()
     prompt = [tok.get_bos_token_id()] + list(range(40, 70))
     ids = list(prompt)
+    ban = Engine(model, tok).ban
     with torch.no_grad():
         for _ in range(12):
-            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+            ids.append(int(ban(model(torch.tensor([ids]))[:, -1]).argmax()))
     for engine in (Engine(model, tok, tools=ToolRegistry()), Engine(model, tok, compile=True)):
         rows, _ = engine.generate_batch(prompt, num_samples=2, max_tokens=12, temperature=0.0)
         stop = next((i for i, t in enumerate(ids[len(prompt):]) if t in engine.stop_tokens), 12)
