@@ -21,7 +21,8 @@ from nanochat.tools.registry import make_registry
 from scripts.chat_cli import chat_turn
 
 PROMPTS = ["Hello! Who are you?", "What is the capital of France?", "Why is the sky blue?",
-           "Write a short poem about the sea.", "Tell me a fun fact about cats."]
+           "Write a short poem about the sea.", "Tell me a fun fact about cats.", "How are you today?",
+           "What do you like to do?", "Can you help me with my homework?"]
 
 
 def chat_cli_replies(source, prompts, max_tokens):
@@ -58,16 +59,24 @@ def main():
         print(f"exported {args.source} ({info['layout']} layout): {', '.join(sorted(info['files']))}")
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         chat = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(folder))
-        same = 0
+        same = until_tool = 0
         ours_all = chat_cli_replies(args.source, PROMPTS, args.max_tokens)
         print("| prompt | transformers pipeline (greedy) | chat_cli -t 0 | same |\n|---|---|---|---|")
+        # chat_cli runs the model's tool calls (shown as [tool: call -> output]); the pipeline has no tools and
+        # lets the model write an output itself, so a reply with a tool call can only agree up to the call
+
         for prompt, ours in zip(PROMPTS, ours_all):
             conv = [{"role": "user", "content": prompt}]
             theirs = chat(conv, max_new_tokens=args.max_tokens, do_sample=False)[0]["generated_text"][-1]["content"]
-            same += theirs.strip() == ours
-            print(f"| {prompt} | {cell(theirs.strip())} | {cell(ours)} | {'yes' if theirs.strip() == ours else 'NO'} |")
-        print(f"\n{same}/{len(PROMPTS)} greedy replies identical")
-        return 0 if same == len(PROMPTS) else 1
+            theirs = theirs.strip()
+            before_call = "[" in ours and theirs.startswith(ours.split("[", 1)[0])
+            same += theirs == ours
+            until_tool += before_call and theirs != ours
+            verdict = "yes" if theirs == ours else "up to the tool call" if before_call else "NO"
+            print(f"| {prompt} | {cell(theirs)} | {cell(ours)} | {verdict} |")
+        print(f"\n{same}/{len(PROMPTS)} greedy replies identical, {until_tool} more identical up to a tool call "
+              "that chat_cli ran")
+        return 0 if same + until_tool == len(PROMPTS) else 1
 
 
 if __name__ == "__main__":
