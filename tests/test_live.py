@@ -20,7 +20,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.lora.storage import read_examples
 from nanochat.serve.app import create_app
 from nanochat.serve.battery import BatteryItem
-from nanochat.serve.live import LiveLearning
+from nanochat.serve.live import LiveLearning, question_forms
 from nanochat.serve.openai_api import Defaults
 from nanochat.serve.replicas import load_workers
 from nanochat.training import collate
@@ -330,9 +330,11 @@ def test_auto_routing_and_teaching_more(server, tmp_path):
                                              "facts": [{"question": q, "answer": a} for q, a in more]})
         assert r.status_code == 202 and r.json()["mode"] == "add", r.text
         job = wait_job(url, r.json()["job"])
-        assert job["status"] == "done" and job["metrics"]["examples"] == 5 and job["metrics"]["examples_new"] == 2
+        forms = len(question_forms(FACTS[0][0]))  # each fact is trained in this many wordings
+        assert job["status"] == "done" and job["metrics"]["examples"] == 5 * forms
+        assert job["metrics"]["examples_new"] == 2 * forms
     saved = read_examples(os.path.join(root, "facts"))  # the old facts are kept with the adapter, the new added
-    assert [c[0]["content"] for c in saved] == [q for q, _ in FACTS]
+    assert [c[0]["content"] for c in saved] == [f for q, _ in FACTS for f in question_forms(q)]
     with server(root, auto_default=True) as url:  # a restart, "auto" the default: requests need not name it
         answers = [openai_reply(url, q) for q, _ in FACTS]
         assert sum(m == "facts" and a in reply for (m, reply), (_, a) in zip(answers, FACTS)) >= 4, answers

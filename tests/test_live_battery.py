@@ -12,6 +12,7 @@ from nanochat.lora.adapter import LoRA
 from nanochat.lora.router import route_auto, set_keys
 from nanochat.lora.storage import load_adapter, read_examples, save_adapter
 from nanochat.serve.battery import Battery, BatteryItem, answer_key, greedy_replies, reply_text, score
+from nanochat.serve.live import facts_to_conversations, question_forms
 from nanochat.serve.live_jobs import routing_ids
 from nanochat.serve.scheduler import Scheduler
 from nanochat.training import collate
@@ -200,11 +201,36 @@ def test_route_auto_picks_the_adapter_whose_prompts_match(tiny_gpt, byte_tokeniz
     assert route_auto(lora, [prompt("Where is Velmora?")], [lora.adapters["keyless"]]) == [None]
 
 
+def test_anchors_keep_a_lookalike_question_about_another_name_with_the_base(tiny_gpt, byte_tokenizer):
+    def prompt(q):
+        return byte_tokenizer.render_for_completion(user(q))
+
+    lora = LoRA(tiny_gpt)
+    general_texts = ["What is the capital of France?", "Which city is the capital of Spain? Madrid is."]
+    general = [prompt(t) for t in general_texts]
+    taught = ["What is the capital of Velmora?", "Who captains the Zephyrstar?"]
+    lora.add("facts", rank=2, seed=0)
+    set_keys(lora, "facts", [prompt(q) for q in taught], general, taught, general_texts)
+    assert lora.adapters["facts"].anchors == {"velmo", "zephy", "capta"}  # "capital", "what" are general words
+    asked = ["What is the capital of Velmora?", "Velmora's capital city?", "What is the capital of Zuxgund?"]
+    ids = [prompt(q) for q in asked]
+    plain = route_auto(lora, ids)  # no texts: an adapter with anchors claims nothing
+    assert plain == [None, None, None]
+    routed = route_auto(lora, ids, texts=asked)
+    assert routed[2] is None  # no anchor named: the base model, however close the question's shape
+    assert routed[0] == "facts"  # its own taught question
+    # one taught prompt made of general words only: no anchors, hidden states alone decide
+    lora.add("common", rank=2, seed=0)
+    set_keys(lora, "common", [prompt(q) for q in taught[:1] + general_texts[:1]], general,
+             taught[:1] + general_texts[:1], general_texts)
+    assert lora.adapters["common"].anchors is None
+
+
 def test_router_keys_and_examples_survive_a_save_and_bad_ones_are_refused(tiny_gpt, byte_tokenizer, tmp_path):
     lora = LoRA(tiny_gpt)
     lora.add("facts", rank=2, seed=0)
     prompts = [byte_tokenizer.render_for_completion(user(q)) for q in ("Where is Velmora?", "Who is Mira?")]
-    set_keys(lora, "facts", prompts, prompts[:1])
+    set_keys(lora, "facts", prompts, prompts[:1], ["Where is Velmora?", "Who is Mira?"], ["Where is Paris?"])
     examples = [[{"role": "user", "content": "Where is Velmora?"}, {"role": "assistant", "content": "North."}]]
     path = str(tmp_path / "facts")
     save_adapter(lora, "facts", path, examples=examples)
@@ -213,6 +239,7 @@ def test_router_keys_and_examples_survive_a_save_and_bad_ones_are_refused(tiny_g
     load_adapter(other, path)
     ad = other.adapters["facts"]
     assert torch.equal(ad.keys, lora.adapters["facts"].keys) and ad.general_keys.shape == (1, 64)
+    assert ad.anchors == {"velmo", "mira"}  # "where" is a general word
     assert read_examples(path) == examples
     assert read_examples(str(tmp_path)) == []  # no examples.json: nothing saved to train on again
     import safetensors.torch
@@ -225,9 +252,15 @@ def test_router_keys_and_examples_survive_a_save_and_bad_ones_are_refused(tiny_g
     safetensors.torch.save_file(tensors, os.path.join(path, "adapter.safetensors"))
     with pytest.raises(ValueError, match="NaN"):
         load_adapter(other, path, replace=True)
+    import json
+    meta_path = os.path.join(path, "adapter.json")
+    meta = json.load(open(meta_path))
+    for bad in (["velmora-is-long"], "velmo", [], [1]):
+        json.dump(meta | {"anchors": bad}, open(meta_path, "w"))
+        with pytest.raises(ValueError, match="anchors must be null or a list"):
+            load_adapter(other, path, replace=True)
     for bad, why in (({"a": 1}, "list of conversations"), ([[{"role": "user"}]], "conversation 0")):
         with open(os.path.join(path, "examples.json"), "w") as f:
-            import json
             json.dump(bad, f)
         with pytest.raises(ValueError, match=why):
             read_examples(path)
@@ -240,3 +273,13 @@ def test_routing_ids_take_the_last_user_message(byte_tokenizer):
     assert routing_ids(tok, tok.render_for_completion(convo)) == tok.render_for_completion(convo[-1:])
     plain = [tok.get_bos_token_id()] + tok.encode("Once upon a time")
     assert routing_ids(tok, plain) == plain
+
+
+def test_question_forms_reword_without_knowing_the_fact():
+    forms = question_forms("What colour is a glimberry?")
+    assert forms == ["What colour is a glimberry?", "what colour is a glimberry",
+                     "Tell me, what colour is a glimberry?", "What colour is a glimberry? Answer in one sentence."]
+    assert question_forms("?") == ["?"]  # nothing to reword: the question as asked
+    convs = facts_to_conversations([{"question": "Who is Mira?", "answer": "A captain."}])
+    assert [c[0]["content"] for c in convs] == question_forms("Who is Mira?")
+    assert {c[1]["content"] for c in convs} == {"A captain."}

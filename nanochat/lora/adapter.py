@@ -98,6 +98,7 @@ class Adapter(nn.Module):
                                    for fout, fin in shapes])
         self.centroid = None  # router: mean base hidden state of the adapter's training data
         self.keys = self.general_keys = None  # router.route_auto: hidden means of its own and of general prompts
+        self.anchors = None  # router.route_auto: word stems its prompts name and general chats do not
         self.info = {}  # task, metrics, created: what goes into adapter.json
         self._tensors = [*self.A, *self.B]  # a plain list: summing their versions every forward stays cheap
         self.reset_parameters()

@@ -8,7 +8,7 @@ On disk (one directory per adapter, e.g. $NANOCHAT_BASE_DIR/adapters/<name>/):
     adapter.safetensors   "<module>.lora_A", "<module>.lora_B" (+ "router.centroid", "router.keys" and
                           "router.general_keys" when set: nanochat/lora/router.py)
     adapter.json          name, rank, alpha, targets, modules, base_hash, task, metrics, created,
-                          trainable_params, bytes, dtype, provenance
+                          trainable_params, bytes, dtype, provenance, anchors (the router's words)
     examples.json         (optional) the conversations it was trained on: live learning's "add" mode trains
                           on them again beside new ones (read_examples)
 written into a temp directory beside it and renamed into place. Loading reads them as regular files only (no
@@ -28,7 +28,7 @@ import torch
 
 from nanochat.common import get_base_dir, json_default
 from nanochat.lora.adapter import _NAME_RE, AdapterBaseMismatch, _now, validate_name
-from nanochat.lora.router import MAX_GENERAL_KEYS, MAX_KEYS
+from nanochat.lora.router import MAX_ANCHORS, MAX_GENERAL_KEYS, MAX_KEYS, STEM
 
 FORMAT = "nanochat-lora"
 FORMAT_VERSION = 1
@@ -65,6 +65,7 @@ def save_adapter(lora, name, directory, task=None, metrics=None, examples=None):
         "saved": _now(), "trainable_params": ad.num_params(), "bytes": ad.num_bytes(),
         "dtype": str(ad.A[0].dtype).removeprefix("torch."), "router": ad.centroid is not None,
         "provenance": ad.info.get("provenance"),  # how a merged or nested adapter came about, else None
+        "anchors": None if ad.anchors is None else sorted(ad.anchors),
     }
     directory = os.path.abspath(directory)
     parent = os.path.dirname(directory)
@@ -219,6 +220,10 @@ def read_adapter_meta(directory):
         raise bad("base_hash", "a string")
     if not isinstance(meta.get("metrics", {}), dict):
         raise bad("metrics", "an object")
+    anchors = meta.get("anchors")
+    if anchors is not None and not (isinstance(anchors, list) and 0 < len(anchors) <= MAX_ANCHORS and all(
+            isinstance(a, str) and 0 < len(a) <= STEM for a in anchors)):
+        raise bad("anchors", f"null or a list of at most {MAX_ANCHORS} word stems of at most {STEM} characters")
     return meta
 
 
@@ -269,6 +274,7 @@ def load_adapter(lora, directory, name=None, activate=False, replace=False):
                 params[i].copy_(t)
     try:
         ad.centroid, ad.keys, ad.general_keys = _router_from(tensors, _hidden_size(lora), meta["name"])
+        ad.anchors = None if meta.get("anchors") is None else frozenset(meta["anchors"])
         check_values(ad)
     except ValueError:
         lora.remove(name)

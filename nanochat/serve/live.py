@@ -102,8 +102,20 @@ class _Cancelled(Exception):
 
 
 def facts_to_conversations(facts):
-    """[{"question", "answer"}] -> one user/assistant exchange each."""
-    return [[{"role": "user", "content": f["question"]}, {"role": "assistant", "content": f["answer"]}] for f in facts]
+    """[{"question", "answer"}] -> user/assistant exchanges: each question as asked and in a few plain rewordings
+    (question_forms), all with the same answer, so that the fact is learned rather than one string of words."""
+    return [[{"role": "user", "content": q}, {"role": "assistant", "content": f["answer"]}]
+            for f in facts for q in question_forms(f["question"])]
+
+
+def question_forms(question):
+    """The question as asked, lowercased without its question mark, after "Tell me," and with a request for one
+    sentence: rewordings that need no knowledge of the fact, so any question can be given them."""
+    bare = question.strip().rstrip("?.! ")
+    if not bare:
+        return [question]
+    forms = [question, bare.lower(), f"Tell me, {bare[0].lower()}{bare[1:]}?", f"{bare}? Answer in one sentence."]
+    return list(dict.fromkeys(forms))
 
 
 class LiveLearning:
@@ -225,7 +237,9 @@ class LiveLearning:
         if not candidates:
             return None
         ids = routing_ids(self.tokenizer, prompt)
-        (name,) = await asyncio.wrap_future(worker.scheduler.call(lambda: route_auto(worker.lora, [ids], candidates)))
+        texts = [self.tokenizer.decode(ids)]
+        (name,) = await asyncio.wrap_future(worker.scheduler.call(
+            lambda: route_auto(worker.lora, [ids], candidates, texts)))
         return name if name in self.names() and name not in self._deleting else None
 
     def attach_metrics(self, registry):

@@ -84,5 +84,5 @@ def battery_report(battery, scheduler, lora, tokenizer, ad):
     """The general battery (nanochat/serve/battery.py) with adapter `ad` on every prompt, and with "auto" choosing
     between it and the base model, on `scheduler` (a private replica's, with `lora`)."""
     prompts = [routing_ids(tokenizer, ids) for ids, _ in battery.prompts]
-    routed = [name is not None for name in route_auto(lora, prompts, [ad])]
+    routed = [name is not None for name in route_auto(lora, prompts, [ad], [tokenizer.decode(p) for p in prompts])]
     return battery.run(scheduler, lambda item: ad, routed)
