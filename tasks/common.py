@@ -85,25 +85,6 @@ class TaskMixture(Task):
         return self.tasks[t][i]
 
 
-class TaskSequence(Task):
-    """The tasks one after the other (a curriculum)."""
-
-    def __init__(self, tasks, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = list(tasks)
-        self.lengths = [len(t) for t in self.tasks]
-
-    def num_examples(self):
-        return sum(self.lengths)
-
-    def get_example(self, index):
-        for task, n in zip(self.tasks, self.lengths):
-            if index < n:
-                return task[index]
-            index -= n
-        raise IndexError(index)
-
-
 # ---------------------------------------------------------------------------------------------
 # multiple choice
 
