@@ -35,10 +35,7 @@ class Task:
             raise ValueError(f"bad slice start={start} stop={stop} step={step}")
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self):
-        """'categorical' (answer is one of conversation['letters']) or 'generative' (free text)."""
-        raise NotImplementedError
+    eval_type = None  # 'categorical' (the answer is one of conversation['letters']) or 'generative' (free text)
 
     def num_examples(self):
         raise NotImplementedError
@@ -124,9 +121,7 @@ def parse_letter(response, letters):
 class MultipleChoiceTask(Task):
     """Base for categorical tasks whose examples come from mc_conversation()."""
 
-    @property
-    def eval_type(self):
-        return "categorical"
+    eval_type = "categorical"
 
     def evaluate(self, conversation, assistant_response):
         answer = conversation["messages"][-1]["content"]

@@ -49,9 +49,7 @@ def turns_to_messages(turns):
 
 class _ChatTask(Task):
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self):
         return len(self.conversations)

@@ -62,9 +62,7 @@ class CustomJSON(Task):
         self.filepath = filepath
         self.conversations = load_jsonl(filepath)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self):
         return len(self.conversations)

@@ -59,9 +59,7 @@ def gsm8k_conversation(question, answer, **extra):
 
 class _GSMTask(Task):
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def evaluate(self, conversation, assistant_response):
         """1 if the response's final number equals the reference answer, else 0."""

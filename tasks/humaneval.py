@@ -97,9 +97,7 @@ class HumanEval(Task):
         super().__init__(**kwargs)
         self.rows = load_humaneval()
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self):
         return len(self.rows)

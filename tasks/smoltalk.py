@@ -38,9 +38,7 @@ class SmolTalk(Task):
             hint="Offline, use tasks.conversations.ChitChat / ChatterBot or tasks.customjson.CustomJSON instead.")
         self.messages = table.column("messages")  # kept as Arrow; rows are converted on access
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self):
         return len(self.messages)

@@ -104,9 +104,7 @@ class _WordTask(Task):
         self.size, self.split, self.seed = size, split, seed
         self.words = split_words(split)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self):
         return self.size

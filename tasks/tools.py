@@ -343,9 +343,7 @@ class ToolsEval(Task):
                 if group is None or name == group:  # all groups are drawn, so each one's problems never change
                     self.problems.append(_conversation(name, q, parts, answer))
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self):
         return len(self.problems)
