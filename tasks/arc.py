@@ -59,9 +59,6 @@ class ARC(MultipleChoiceTask):
         self.subset, self.split = subset, split
         self.rows = load_arc(subset, split)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         r = self.rows[index]
         return mc_conversation(r["question"], r["choices"], r["answer"], id=r["id"])

@@ -27,8 +27,8 @@ def read_jsonl(path):
 
 
 class Task:
-    """Subclasses implement num_examples(), get_example(index) and, for evaluation, eval_type and
-    evaluate(). start/stop/step select a slice of the underlying examples (like range())."""
+    """Subclasses implement get_example(index), and num_examples() unless they hold their examples in self.rows;
+    for evaluation, eval_type and evaluate(). start/stop/step select a slice of the examples (like range())."""
 
     def __init__(self, start=0, stop=None, step=1):
         if start < 0 or (stop is not None and stop < start) or step < 1:
@@ -38,7 +38,7 @@ class Task:
     eval_type = None  # 'categorical' (the answer is one of conversation['letters']) or 'generative' (free text)
 
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index):
         raise NotImplementedError

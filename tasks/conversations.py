@@ -51,11 +51,8 @@ class _ChatTask(Task):
 
     eval_type = "generative"
 
-    def num_examples(self):
-        return len(self.conversations)
-
     def get_example(self, index):
-        return {"messages": [dict(m) for m in self.conversations[index]]}
+        return {"messages": [dict(m) for m in self.rows[index]]}
 
 
 def parse_chitchat(path, split="all"):
@@ -78,7 +75,7 @@ class ChitChat(_ChatTask):
         super().__init__(**kwargs)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.conversations = fetch.load_with_fallback(
+        self.rows = fetch.load_with_fallback(
             "ChitChat", [(fetch.CHITCHAT.spec, lambda: parse_chitchat(
                 packages.fetch_path(fetch.CHITCHAT, "chitchat_dataset/dataset.json"), split))])
 
@@ -108,6 +105,6 @@ class ChatterBot(_ChatTask):
         super().__init__(**kwargs)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.conversations = fetch.load_with_fallback(
+        self.rows = fetch.load_with_fallback(
             "ChatterBot", [(fetch.CHATTERBOT.spec, lambda: parse_chatterbot(
                 packages.fetch_path(fetch.CHATTERBOT, "chatterbot_corpus/data/english"), split))])

@@ -60,15 +60,12 @@ class CustomJSON(Task):
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
         self.filepath = filepath
-        self.conversations = load_jsonl(filepath)
+        self.rows = load_jsonl(filepath)
 
     eval_type = "generative"
 
-    def num_examples(self):
-        return len(self.conversations)
-
     def get_example(self, index):
-        return self.conversations[index]
+        return self.rows[index]
 
 
 class JSONLTask(Task):
@@ -79,8 +76,8 @@ class JSONLTask(Task):
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
         self.filepath = filepath
-        self.conversations = load_jsonl(filepath)
-        kinds = {"letters" in c for c in self.conversations}
+        self.rows = load_jsonl(filepath)
+        kinds = {"letters" in c for c in self.rows}
         if len(kinds) > 1:
             raise ValueError(f"{filepath}: mixes multiple-choice items (with 'letters') and generative ones")
         self._categorical = kinds.pop()
@@ -89,11 +86,8 @@ class JSONLTask(Task):
     def eval_type(self):
         return "categorical" if self._categorical else "generative"
 
-    def num_examples(self):
-        return len(self.conversations)
-
     def get_example(self, index):
-        return self.conversations[index]
+        return self.rows[index]
 
     def evaluate(self, conversation, assistant_response):
         reference = conversation["messages"][-1]["content"]

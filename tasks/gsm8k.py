@@ -95,9 +95,6 @@ class GSM8K(_GSMTask):
         self.split = split
         self.rows = load_gsm8k(split)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         r = self.rows[index]
         return gsm8k_conversation(r["question"], r["answer"])

@@ -99,9 +99,6 @@ class HumanEval(Task):
 
     eval_type = "generative"
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         p = self.rows[index]
         return {

@@ -54,9 +54,6 @@ class MMLU(MultipleChoiceTask):
         self.subset, self.split = subset, split
         self.rows = load_mmlu(subset, split)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         r = self.rows[index]
         subject = r["subject"].replace("_", " ")

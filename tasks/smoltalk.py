@@ -36,18 +36,15 @@ class SmolTalk(Task):
         table = fetch.load_with_fallback(
             f"SmolTalk ({split})", [], (REPO, lambda: fetch.hub_parquet(REPO, f"data/{split}-*.parquet")),
             hint="Offline, use tasks.conversations.ChitChat / ChatterBot or tasks.customjson.CustomJSON instead.")
-        self.messages = table.column("messages")  # kept as Arrow; rows are converted on access
+        self.rows = table.column("messages")  # kept as Arrow; rows are converted on access
 
     eval_type = "generative"
 
-    def num_examples(self):
-        return len(self.messages)
-
     def get_example(self, index):
-        msgs = clean_messages(self.messages[index].as_py())
+        msgs = clean_messages(self.rows[index].as_py())
         if msgs is None:  # rare malformed row: fall back to a neighbour so indexing stays total
             for j in range(1, 100):
-                msgs = clean_messages(self.messages[(index + j) % len(self.messages)].as_py())
+                msgs = clean_messages(self.rows[(index + j) % len(self.rows)].as_py())
                 if msgs is not None:
                     break
         return {"messages": msgs}

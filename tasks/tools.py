@@ -331,7 +331,7 @@ class ToolsEval(Task):
         super().__init__(**kwargs)
         if group is not None and group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
-        self.problems = []
+        self.rows = []
         rng = random.Random(seed)
         for kind, name in zip(KINDS, GROUPS):
             seen = set()
@@ -341,15 +341,12 @@ class ToolsEval(Task):
                     continue
                 seen.add(q)
                 if group is None or name == group:  # all groups are drawn, so each one's problems never change
-                    self.problems.append(_conversation(name, q, parts, answer))
+                    self.rows.append(_conversation(name, q, parts, answer))
 
     eval_type = "generative"
 
-    def num_examples(self):
-        return len(self.problems)
-
     def get_example(self, index):
-        return self.problems[index]
+        return self.rows[index]
 
     def evaluate(self, conversation, assistant_response):
         return final_answer(assistant_response) == normalize(conversation["answer"])
