@@ -22,6 +22,7 @@ epochs. The order of conversations depends only on the step, so --resume is exac
 """
 import argparse
 import dataclasses
+import functools
 import random
 
 import torch
@@ -72,27 +73,11 @@ def parse_args(argv=None):
 # batches
 
 
+@functools.lru_cache(maxsize=3)  # deterministic, and reshuffling every step is slow: keep the last few epochs'
 def epoch_order(n, epoch, seed=1234):
     order = list(range(n))
     random.Random(seed + epoch).shuffle(order)
     return order
-
-
-class _OrderCache:
-    """epoch_order is deterministic; keep the last few epochs' orders (reshuffling every step is slow)."""
-
-    def __init__(self):
-        self.cache = {}
-
-    def __call__(self, n, epoch):
-        if (n, epoch) not in self.cache:
-            if len(self.cache) > 2:
-                self.cache.pop(next(iter(self.cache)))
-            self.cache[(n, epoch)] = epoch_order(n, epoch)
-        return self.cache[(n, epoch)]
-
-
-_orders = _OrderCache()
 
 
 def step_examples(step, examples_per_step, n, rank, world_size):
@@ -102,7 +87,7 @@ def step_examples(step, examples_per_step, n, rank, world_size):
     what makes resuming exact."""
     share = examples_per_step // world_size
     first = step * examples_per_step + rank * share
-    return [_orders(n, g // n)[g % n] for g in range(first, first + share)]
+    return [epoch_order(n, g // n)[g % n] for g in range(first, first + share)]
 
 
 def micro_batches(train_set, tokenizer, step, args, rank, world_size, grad_accum_steps, T, bucketed, device):

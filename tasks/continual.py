@@ -347,15 +347,14 @@ def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_exa
     from nanochat.offline.sources import SOURCE_KIND
     if isinstance(spec, str):
         spec = load_sequence_spec(spec)
-    base = spec.get("_dir", ".")
-    resolve = lambda p: p if os.path.isabs(p) else os.path.join(base, p)  # noqa: E731
+    base = spec.get("_dir", ".")  # the spec's paths are relative to its folder (os.path.join keeps absolute ones)
     tasks = []
     for t in spec["tasks"]:
         if t["type"] == "lm":
             if "jsonl" in t:
-                docs = _read_jsonl_texts(resolve(t["jsonl"]))
+                docs = _read_jsonl_texts(os.path.join(base, t["jsonl"]))
                 if "eval_jsonl" in t:
-                    train_docs, eval_docs = docs, _read_jsonl_texts(resolve(t["eval_jsonl"]))
+                    train_docs, eval_docs = docs, _read_jsonl_texts(os.path.join(base, t["eval_jsonl"]))
                 else:
                     train_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
                     eval_docs = [d for i, d in enumerate(docs) if i % 10 == 9]
@@ -377,9 +376,9 @@ def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_exa
                                 batch_size=batch_size, route_prefix=route_prefix))
         else:
             if "jsonl" in t:
-                full = JSONLTask(resolve(t["jsonl"]))
+                full = JSONLTask(os.path.join(base, t["jsonl"]))
                 if "eval_jsonl" in t:
-                    train_convs, eval_task = list(full)[:n_train], JSONLTask(resolve(t["eval_jsonl"]))
+                    train_convs, eval_task = list(full)[:n_train], JSONLTask(os.path.join(base, t["eval_jsonl"]))
                 else:
                     n = len(full)
                     train_convs = [full[i] for i in range(n) if i % 5 != 4][:n_train]
