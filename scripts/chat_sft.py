@@ -26,6 +26,7 @@ import functools
 import random
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import all_reduce, compute_cleanup, dtype_name, print0, script_argv
 from nanochat.training import (
@@ -43,6 +44,7 @@ from nanochat.training import (
 )
 from tasks.arc import ARC
 from tasks.customjson import CustomJSON
+from tasks.evaluate import letter_token_ids
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 from tasks.mmlu import MMLU
 
@@ -134,19 +136,10 @@ def mc_accuracy(model, tokenizer, conversations, B, T, run):
     for b in range(0, len(mine), B):
         chunk = mine[b:b + B]
         prompts = [tokenizer.render_for_completion(c)[-T:] for c in chunk]  # keep the end: it holds the question
-        L = max(len(p) for p in prompts)
-        x = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            x[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        x = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True, padding_value=pad_id)
         logits = model(x.to(run.device))
         for i, (c, p) in enumerate(zip(chunk, prompts)):
-            letter_ids = []
-            for letter in c["letters"]:
-                ids = tokenizer.encode(letter)
-                if len(ids) != 1:
-                    raise ValueError(f"answer letter {letter!r} is not a single token ({ids})")
-                letter_ids.append(ids[0])
-            scores = logits[i, len(p) - 1, letter_ids]
+            scores = logits[i, len(p) - 1, letter_token_ids(tokenizer, c["letters"])]
             pred = c["letters"][int(scores.argmax().item())]
             correct += int(pred == c["messages"][-1]["content"])
     correct, total = all_reduce([correct, len(mine)], run.device)
