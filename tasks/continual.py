@@ -101,14 +101,9 @@ def read_domain_docs(split, sources, data_dir=None, max_chars=None):
     once max_chars characters are collected. split: "train" (all shards but the last) or "val"."""
     import pyarrow.parquet as pq
 
-    from nanochat.dataset import list_parquet_files
-    paths = list_parquet_files(data_dir)
-    if len(paths) < 2:
-        raise FileNotFoundError(f"need at least 2 pretraining shards (found {len(paths)}); build them with "
-                                "`python -m nanochat.offline`")
-    paths = paths[:-1] if split == "train" else paths[-1:]
+    from nanochat.dataset import split_files
     wanted, docs, chars = set(sources), [], 0
-    for path in paths:
+    for path in split_files(split, data_dir):
         pf = pq.ParquetFile(path)
         if "source" not in pf.schema_arrow.names:
             raise ValueError(f"{path} has no 'source' column (downloaded FineWeb shards have one domain); "
