@@ -48,8 +48,16 @@ def turns_to_messages(turns):
 
 
 class _ChatTask(Task):
-
+    """The `split` of a corpus, corpus = (registry package, its path inside the package, the parser)."""
     eval_type = "generative"
+
+    def __init__(self, split="train", **kwargs):
+        super().__init__(**kwargs)
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        package, path, parse = self.corpus
+        self.rows = fetch.load_with_fallback(type(self).__name__, [(package.spec, lambda: parse(
+            packages.fetch_path(package, path), split))])
 
     def get_example(self, index):
         return {"messages": [dict(m) for m in self.rows[index]]}
@@ -70,14 +78,7 @@ def parse_chitchat(path, split="all"):
 
 
 class ChitChat(_ChatTask):
-
-    def __init__(self, split="train", **kwargs):
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.rows = fetch.load_with_fallback(
-            "ChitChat", [(fetch.CHITCHAT.spec, lambda: parse_chitchat(
-                packages.fetch_path(fetch.CHITCHAT, "chitchat_dataset/dataset.json"), split))])
+    corpus = (fetch.CHITCHAT, "chitchat_dataset/dataset.json", parse_chitchat)
 
 
 def parse_chatterbot(folder, split="all"):
@@ -100,11 +101,4 @@ def parse_chatterbot(folder, split="all"):
 
 
 class ChatterBot(_ChatTask):
-
-    def __init__(self, split="train", **kwargs):
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.rows = fetch.load_with_fallback(
-            "ChatterBot", [(fetch.CHATTERBOT.spec, lambda: parse_chatterbot(
-                packages.fetch_path(fetch.CHATTERBOT, "chatterbot_corpus/data/english"), split))])
+    corpus = (fetch.CHATTERBOT, "chatterbot_corpus/data/english", parse_chatterbot)
