@@ -170,8 +170,7 @@ def save_reward_plot(history, path_fn):
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
     ax.set_title("Chat RL: mean reward per step")
-    path = path_fn(fig, "chat_rl_reward.png")
-    return path
+    return path_fn(fig, "chat_rl_reward.png")
 
 
 # ---------------------------------------------------------------------------------------------
