@@ -8,7 +8,7 @@ import os
 
 from nanochat.offline import packages
 from tasks import fetch
-from tasks.common import MultipleChoiceTask, mc_conversation
+from tasks.common import MultipleChoiceTask, check_split, mc_conversation
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
@@ -53,11 +53,7 @@ class ARC(MultipleChoiceTask):
 
     def __init__(self, subset="ARC-Easy", split="test", **kwargs):
         super().__init__(**kwargs)
-        if subset not in SUBSETS:
-            raise ValueError(f"ARC subset must be one of {SUBSETS}, got {subset!r}")
-        if split not in SPLITS:
-            raise ValueError(f"ARC split must be one of {SPLITS}, got {split!r}")
-        self.subset, self.split = subset, split
+        self.subset, self.split = check_split(subset, SUBSETS, "ARC subset"), check_split(split, SPLITS, "ARC split")
         self.rows = load_arc(subset, split)
 
     def get_example(self, index):

@@ -26,6 +26,13 @@ def read_jsonl(path):
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
+def check_split(split, splits, what="split"):
+    """The split (or subset), or a ValueError naming the ones the task has."""
+    if split not in splits:
+        raise ValueError(f"{what} must be one of {splits}, got {split!r}")
+    return split
+
+
 class Task:
     """Subclasses implement get_example(index), and num_examples() unless they hold their examples in self.rows;
     for evaluation, eval_type and evaluate(). start/stop/step select a slice of the examples (like range())."""

@@ -17,7 +17,7 @@ import zlib
 
 from nanochat.offline import packages
 from tasks import fetch
-from tasks.common import Task
+from tasks.common import Task, check_split
 
 SPLITS = ("train", "test", "all")
 
@@ -53,8 +53,7 @@ class _ChatTask(Task):
 
     def __init__(self, split="train", **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        check_split(split, SPLITS)
         package, path, parse = self.corpus
         self.rows = fetch.load_with_fallback(type(self).__name__, [(package.spec, lambda: parse(
             packages.fetch_path(package, path), split))])

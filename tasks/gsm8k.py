@@ -16,7 +16,7 @@ from fractions import Fraction
 
 from nanochat.offline import packages
 from tasks import fetch
-from tasks.common import Task, extract_final_number
+from tasks.common import Task, check_split, extract_final_number
 
 SPLITS = ("train", "test")
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
@@ -90,9 +90,7 @@ class GSM8K(_GSMTask):
 
     def __init__(self, split="test", **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"GSM8K split must be one of {SPLITS}, got {split!r}")
-        self.split = split
+        self.split = check_split(split, SPLITS, "GSM8K split")
         self.rows = load_gsm8k(split)
 
     def get_example(self, index):

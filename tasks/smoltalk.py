@@ -4,7 +4,7 @@ Online only: no package registry carries it. Offline, use tasks.conversations (C
 ChatterBot) and tasks.customjson instead; the error says so.
 """
 from tasks import fetch
-from tasks.common import Task
+from tasks.common import Task, check_split
 
 REPO = "HuggingFaceTB/smol-smoltalk"
 SPLITS = ("train", "test")
@@ -30,9 +30,7 @@ class SmolTalk(Task):
 
     def __init__(self, split="train", **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"SmolTalk split must be one of {SPLITS}, got {split!r}")
-        self.split = split
+        self.split = check_split(split, SPLITS, "SmolTalk split")
         table = fetch.load_with_fallback(
             f"SmolTalk ({split})", [], (REPO, lambda: fetch.hub_parquet(REPO, f"data/{split}-*.parquet")),
             hint="Offline, use tasks.conversations.ChitChat / ChatterBot or tasks.customjson.CustomJSON instead.")
