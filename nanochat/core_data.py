@@ -35,10 +35,9 @@ _ARROW = "/data-00000-of-00001.arrow"
 # ----------------------------------------------------------------------------------------------
 # Converters: raw rows -> normalized items (see the module docstring for the three shapes)
 
-def _letter_gold(choices, answer_key):
-    """ARC-style {"text": [...], "label": ["A", ...]} + answerKey -> (texts, gold index)."""
-    labels = list(choices["label"])
-    return list(choices["text"]), labels.index(answer_key)
+def _lettered(query, choices, answer_key):
+    """An item from ARC-style choices {"text": [...], "label": ["A", ...]} and the answer's label."""
+    return {"query": query, "choices": list(choices["text"]), "gold": list(choices["label"]).index(answer_key)}
 
 
 def _qa(question):
@@ -51,21 +50,13 @@ def convert_arc(docs):
 
 
 def convert_commonsense_qa(rows):
-    out = []
-    for r in rows:
-        texts, gold = _letter_gold(r["choices"], r["answerKey"])
-        out.append({"query": _qa(r["question"]), "choices": texts, "gold": gold})
-    return out
+    return [_lettered(_qa(r["question"]), r["choices"], r["answerKey"]) for r in rows]
 
 
 def convert_openbookqa(rows):
     # the question stems mostly read as the start of a sentence ("... which is why they are known as"):
     # the answer simply continues them
-    out = []
-    for r in rows:
-        texts, gold = _letter_gold(r["choices"], r["answerKey"])
-        out.append({"query": r["question_stem"].strip(), "choices": texts, "gold": gold})
-    return out
+    return [_lettered(r["question_stem"].strip(), r["choices"], r["answerKey"]) for r in rows]
 
 
 def _clean_hellaswag(text):

@@ -42,6 +42,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import print0
 from nanochat.core_data import (
@@ -125,11 +126,8 @@ def model_max_len(model):
 def score_sequences(model, seqs, device, pad_id=0):
     """seqs: [(ids, start)]. One right-padded forward pass. Returns per sequence (mean log-prob, sum of
     log-probs, greedy_match) over the continuation tokens ids[start:]."""
-    T = max(len(ids) for ids, _ in seqs)
-    x = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    for i, (ids, _) in enumerate(seqs):
-        x[i, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    x = x.to(device)
+    x = pad_sequence([torch.tensor(ids, dtype=torch.long) for ids, _ in seqs], batch_first=True,
+                     padding_value=pad_id).to(device)
     logits = model(x)
     out = []
     for i, (ids, start) in enumerate(seqs):

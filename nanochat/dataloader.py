@@ -24,18 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from nanochat.common import get_dist_info, print0
-
-
-def split_files(split):
-    """Parquet paths of a split: every shard but the last is train, the last one is val."""
-    from nanochat.dataset import list_parquet_files
-    files = list_parquet_files()
-    if len(files) < 2:
-        raise FileNotFoundError(f"need at least 2 parquet shards (train + val), found {len(files)}: "
-                                "build them with `python -m nanochat.dataset` first")
-    if split not in ("train", "val"):
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    return files[:-1] if split == "train" else files[-1:]
+from nanochat.dataset import split_files
 
 
 def rank_row_groups(files, rank, world_size):

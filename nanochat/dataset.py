@@ -49,8 +49,10 @@ def list_parquet_files(data_dir=None):
     return [os.path.join(data_dir, f) for f in sorted(names)]
 
 
-def _split_files(split, data_dir=None):
-    assert split in ("train", "val"), f"split must be 'train' or 'val', got {split!r}"
+def split_files(split, data_dir=None):
+    """Parquet paths of a split: every shard but the last is train, the last one is val."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     paths = list_parquet_files(data_dir)
     if len(paths) < 2:
         where = data_dir or get_data_dir()
@@ -69,7 +71,7 @@ def parquets_iter_batched(split, start=0, step=1, data_dir=None):
     and the ranks together read every row group exactly once."""
     assert start >= 0 and step >= 1, f"need start >= 0 and step >= 1, got start={start} step={step}"
     offset = 0  # global index of the current file's first row group
-    for path in _split_files(split, data_dir):
+    for path in split_files(split, data_dir):
         pf = pq.ParquetFile(path)
         n = pf.num_row_groups
         first = start - offset if start >= offset else (start - offset) % step

@@ -324,9 +324,6 @@ class StreamDecoder:
         self._decoder.reset()
         return text
 
-    def reset(self):
-        self._decoder.reset()
-
 
 # The model's tool markers: a calculator call is <|python_start|>expr<|python_end|>, its forced result
 # <|output_start|>value<|output_end|>. Part kinds are those render_conversation takes.

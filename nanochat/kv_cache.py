@@ -54,9 +54,6 @@ class KVCache:
             self._allocate(((needed + 255) // 256) * 256, old.device, old.dtype)
             self.kv[..., : self.pos, :] = old[..., : self.pos, :]
 
-    def reset(self):
-        self.pos = 0
-
     def get_pos(self):
         return self.pos
 

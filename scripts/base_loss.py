@@ -10,6 +10,7 @@ from nanochat.common import compute_cleanup, compute_init, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
+from scripts.base_train import sample_greedy
 
 PROMPTS = [
     "The capital of France is",
@@ -48,13 +49,10 @@ def main(argv=None):
         bpb[split] = evaluate_bpb(model, loader, steps, token_bytes)
         print0(f"{split} bpb: {bpb[split]:.4f}")
 
-    samples = []
     if rank == 0:
-        for prompt in PROMPTS:
-            ids = tokenizer.encode(prompt, prepend="<|bos|>")
-            new = list(model.generate(ids, args.max_new_tokens, temperature=0))
-            samples.append(prompt + tokenizer.decode(new))
-            print0(f"  sample: {samples[-1]!r}")
+        samples = sample_greedy(model, tokenizer, PROMPTS, args.max_new_tokens)
+        for text in samples:
+            print0(f"  sample: {text!r}")
         from nanochat.report import get_report
         get_report().log(section="Base model loss", stage="BASE",
                          summary={"train bpb": bpb["train"], "val bpb": bpb["val"]}, data=[

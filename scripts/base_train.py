@@ -161,8 +161,7 @@ def save_loss_plot(history, val_history, path_fn):
         ax2.set_ylabel("val bits per byte")
     ax.legend(handles=handles, loc="upper right")
     ax.set_title("Base model training")
-    path = path_fn(fig, "base_loss_curve.png")
-    return path
+    return path_fn(fig, "base_loss_curve.png")
 
 
 def main(argv=None):

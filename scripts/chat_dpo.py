@@ -196,8 +196,7 @@ def save_margin_plot(history, path_fn):
     ax1.set_title("implicit rewards (train pairs)")
     ax2.set_xlabel("step")
     ax2.set_title("reward accuracy (chosen > rejected)")
-    path = path_fn(fig, "chat_dpo_margin.png")
-    return path
+    return path_fn(fig, "chat_dpo_margin.png")
 
 
 def pairs_pass(model, tokenizer, pairs, T, args, run, train):

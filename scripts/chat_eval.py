@@ -20,6 +20,8 @@ items with "letters" are categorical, the others generative: exact final number 
 "answer", else exact reply text). It is offline and tiny, which is what the tests use.
 """
 import argparse
+import functools
+import importlib
 import os
 import time
 
@@ -34,36 +36,23 @@ STAGES = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL", "dpo": "DPO"}
 # ---------------------------------------------------------------------------------------------
 # tasks
 
-def _task_factories():
-    """name -> a function building the evaluation split of the task (imports are lazy: building a
-    task may read or fetch its data)."""
-    def arc(subset):
-        def make():
-            from tasks.arc import ARC
-            return ARC(subset=subset, split="test")
-        return make
-
-    def mmlu():
-        from tasks.mmlu import MMLU
-        return MMLU(subset="all", split="test")
-
-    def gsm8k():
-        from tasks.gsm8k import GSM8K
-        return GSM8K(split="test")
-
-    def humaneval():
-        from tasks.humaneval import HumanEval
-        return HumanEval()
-
-    def spellingbee():
-        from tasks.spellingbee import SpellingBee
-        return SpellingBee(size=256, split="test")
-
-    return {"ARC-Easy": arc("ARC-Easy"), "ARC-Challenge": arc("ARC-Challenge"), "MMLU": mmlu,
-            "GSM8K": gsm8k, "HumanEval": humaneval, "SpellingBee": spellingbee}
+# name -> (module, class, arguments) of the evaluation split; imported when run: building a task may fetch its data
+EVAL_TASKS = {
+    "ARC-Easy": ("tasks.arc", "ARC", dict(subset="ARC-Easy", split="test")),
+    "ARC-Challenge": ("tasks.arc", "ARC", dict(subset="ARC-Challenge", split="test")),
+    "MMLU": ("tasks.mmlu", "MMLU", dict(subset="all", split="test")),
+    "GSM8K": ("tasks.gsm8k", "GSM8K", dict(split="test")),
+    "HumanEval": ("tasks.humaneval", "HumanEval", {}),
+    "SpellingBee": ("tasks.spellingbee", "SpellingBee", dict(size=256, split="test")),
+}
 
 
-ALL_TASKS = list(_task_factories())
+def make_task(name):
+    module, cls, kwargs = EVAL_TASKS[name]
+    return getattr(importlib.import_module(module), cls)(**kwargs)
+
+
+ALL_TASKS = list(EVAL_TASKS)
 TOOLS = "tools"
 TOOL_OUTPUT_ROOM = 256  # tokens of tool output a tools reply may hold beyond --max-new-tokens
 
@@ -126,12 +115,11 @@ def main(argv=None):
         paths = args.task_file.split(",")
         tasks = {os.path.splitext(os.path.basename(p))[0]: (lambda p=p: JSONLTask(p)) for p in paths}
     else:
-        factories = _task_factories()
         names = ALL_TASKS + [TOOLS] if args.task_name == "all" else args.task_name.split("|")
-        unknown = [n for n in names if n not in factories and n != TOOLS]
+        unknown = [n for n in names if n not in EVAL_TASKS and n != TOOLS]
         if unknown:
             raise SystemExit(f"unknown task(s) {unknown}; choose from {ALL_TASKS + [TOOLS]} or 'all'")
-        tasks = {n: factories[n] for n in names if n != TOOLS}
+        tasks = {n: functools.partial(make_task, n) for n in names if n != TOOLS}
         if TOOLS in names:
             tools_index = args.index or os.path.join(get_base_dir(), "search_index")
             if not os.path.exists(tools_index) and args.task_name == "all":

@@ -26,6 +26,7 @@ import argparse
 import os
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.checkpoint_manager import SOURCES, add_model_args, load_model
 from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
@@ -93,12 +94,8 @@ def build_rl_batch(prompts, completions, completion_masks, pad_id):
         inp = seq[:-1]
         tgt = [t if trained[j + 1] else -1 for j, t in enumerate(seq[1:])]
         rows.append((inp, tgt))
-    T = max(len(inp) for inp, _ in rows)
-    inputs = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    targets = torch.full((len(rows), T), -1, dtype=torch.long)
-    for b, (inp, tgt) in enumerate(rows):
-        inputs[b, :len(inp)] = torch.tensor(inp, dtype=torch.long)
-        targets[b, :len(tgt)] = torch.tensor(tgt, dtype=torch.long)
+    inputs = pad_sequence([torch.tensor(i, dtype=torch.long) for i, _ in rows], batch_first=True, padding_value=pad_id)
+    targets = pad_sequence([torch.tensor(t, dtype=torch.long) for _, t in rows], batch_first=True, padding_value=-1)
     return inputs, targets
 
 
@@ -173,8 +170,7 @@ def save_reward_plot(history, path_fn):
     ax.set_xlabel("step")
     ax.set_ylabel("mean reward")
     ax.set_title("Chat RL: mean reward per step")
-    path = path_fn(fig, "chat_rl_reward.png")
-    return path
+    return path_fn(fig, "chat_rl_reward.png")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,9 +22,11 @@ epochs. The order of conversations depends only on the step, so --resume is exac
 """
 import argparse
 import dataclasses
+import functools
 import random
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import all_reduce, compute_cleanup, dtype_name, print0, script_argv
 from nanochat.training import (
@@ -42,6 +44,7 @@ from nanochat.training import (
 )
 from tasks.arc import ARC
 from tasks.customjson import CustomJSON
+from tasks.evaluate import letter_token_ids
 from tasks.mixtures import build_tasks, describe_tasks, mixture_spec, split_mixture
 from tasks.mmlu import MMLU
 
@@ -72,27 +75,11 @@ def parse_args(argv=None):
 # batches
 
 
+@functools.lru_cache(maxsize=3)  # deterministic, and reshuffling every step is slow: keep the last few epochs'
 def epoch_order(n, epoch, seed=1234):
     order = list(range(n))
     random.Random(seed + epoch).shuffle(order)
     return order
-
-
-class _OrderCache:
-    """epoch_order is deterministic; keep the last few epochs' orders (reshuffling every step is slow)."""
-
-    def __init__(self):
-        self.cache = {}
-
-    def __call__(self, n, epoch):
-        if (n, epoch) not in self.cache:
-            if len(self.cache) > 2:
-                self.cache.pop(next(iter(self.cache)))
-            self.cache[(n, epoch)] = epoch_order(n, epoch)
-        return self.cache[(n, epoch)]
-
-
-_orders = _OrderCache()
 
 
 def step_examples(step, examples_per_step, n, rank, world_size):
@@ -102,7 +89,7 @@ def step_examples(step, examples_per_step, n, rank, world_size):
     what makes resuming exact."""
     share = examples_per_step // world_size
     first = step * examples_per_step + rank * share
-    return [_orders(n, g // n)[g % n] for g in range(first, first + share)]
+    return [epoch_order(n, g // n)[g % n] for g in range(first, first + share)]
 
 
 def micro_batches(train_set, tokenizer, step, args, rank, world_size, grad_accum_steps, T, bucketed, device):
@@ -149,19 +136,10 @@ def mc_accuracy(model, tokenizer, conversations, B, T, run):
     for b in range(0, len(mine), B):
         chunk = mine[b:b + B]
         prompts = [tokenizer.render_for_completion(c)[-T:] for c in chunk]  # keep the end: it holds the question
-        L = max(len(p) for p in prompts)
-        x = torch.full((len(prompts), L), pad_id, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            x[i, :len(p)] = torch.tensor(p, dtype=torch.long)
+        x = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True, padding_value=pad_id)
         logits = model(x.to(run.device))
         for i, (c, p) in enumerate(zip(chunk, prompts)):
-            letter_ids = []
-            for letter in c["letters"]:
-                ids = tokenizer.encode(letter)
-                if len(ids) != 1:
-                    raise ValueError(f"answer letter {letter!r} is not a single token ({ids})")
-                letter_ids.append(ids[0])
-            scores = logits[i, len(p) - 1, letter_ids]
+            scores = logits[i, len(p) - 1, letter_token_ids(tokenizer, c["letters"])]
             pred = c["letters"][int(scores.argmax().item())]
             correct += int(pred == c["messages"][-1]["content"])
     correct, total = all_reduce([correct, len(mine)], run.device)

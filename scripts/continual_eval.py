@@ -74,26 +74,16 @@ def comparison(results):
     return rows
 
 
+# the comparison table's columns and how each cell is written (the strategy's name as it is; no value: "-")
+COLUMNS = {"strategy": "{}", "ACC": "{:.4f}", "LA": "{:.4f}", "LA vs naive": "{:+.4f}", "BWT": "{:+.4f}",
+           "FWT": "{:+.4f}", "forgetting": "{:.4f}", "cut vs naive %": "{:.0f}", "added params": "{:,}",
+           "added bytes": "{:,}", "train s": "{:.0f}", "wall s": "{:.0f}"}
+
+
 def comparison_table(rows):
-    cols = ["strategy", "ACC", "LA", "LA vs naive", "BWT", "FWT", "forgetting", "cut vs naive %", "added params",
-            "added bytes", "train s", "wall s"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     for row in rows:
-        cells = []
-        for c in cols:
-            v = row[c]
-            if c == "strategy":
-                cells.append(v)
-            elif v is None:
-                cells.append("-")
-            elif c in ("added params", "added bytes"):
-                cells.append(f"{v:,}")
-            elif c in ("train s", "wall s", "cut vs naive %"):
-                cells.append(f"{v:.0f}")
-            elif c in ("LA vs naive", "BWT", "FWT"):
-                cells.append(f"{v:+.4f}")
-            else:
-                cells.append(f"{v:.4f}")
+        cells = ["-" if row[c] is None else fmt.format(row[c]) for c, fmt in COLUMNS.items()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -126,8 +116,7 @@ def heatmap(results, tasks, metric, higher_is_better, base, title, path_fn, file
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8,
                  label=f"improvement in {metric} over the starting model (blue: better, red: worse)")
     fig.suptitle(title, fontsize=10)
-    path = path_fn(fig, filename)
-    return path
+    return path_fn(fig, filename)
 
 
 def main(argv=None):

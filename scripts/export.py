@@ -17,6 +17,7 @@ import argparse
 import sys
 
 from nanochat.common import script_argv
+from nanochat.hf import hf_modules
 
 
 def parse_args(argv=None):
@@ -56,25 +57,22 @@ def parse_adapters(specs):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        from nanochat.hf.convert import ConversionError
-        from nanochat.hf.export import check_repo_id, export, push
-    except ImportError as e:
-        sys.exit(f"error: exporting needs the hf extra ({e}): pip install -e '.[hf]'")
+    convert, hf_export = hf_modules("exporting", "convert", "export")
     try:
         if args.push:
-            check_repo_id(args.push)
-        info = export(args.out_dir, source=args.source, tag=args.model_tag, step=args.step, dtype=args.dtype,
-                      adapters=parse_adapters(args.adapter), merge=args.merge, remote_code=args.remote_code,
-                      license=args.license, repo_id=args.push, report_path=args.report, force=args.force)
+            hf_export.check_repo_id(args.push)
+        info = hf_export.export(args.out_dir, source=args.source, tag=args.model_tag, step=args.step,
+                                dtype=args.dtype, adapters=parse_adapters(args.adapter), merge=args.merge,
+                                remote_code=args.remote_code, license=args.license, repo_id=args.push,
+                                report_path=args.report, force=args.force)
         layout = "our modeling file (load with trust_remote_code=True)" if info["layout"] == "remote" else \
             "transformers' NanoChatForCausalLM"
         print(f"exported {args.source}/{info['tag']} step {info['step']} to {info['out_dir']} as {layout}, "
               f"{args.dtype}; model card {'from report.md' if info['report'] else 'without a report'}")
         print("files: " + ", ".join(info["files"]))
         if args.push:
-            print(f"uploaded: {push(info['out_dir'], args.push, private=args.private)}")
-    except (ConversionError, FileNotFoundError) as e:
+            print(f"uploaded: {hf_export.push(info['out_dir'], args.push, private=args.private)}")
+    except (convert.ConversionError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
 
 

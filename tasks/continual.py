@@ -101,14 +101,9 @@ def read_domain_docs(split, sources, data_dir=None, max_chars=None):
     once max_chars characters are collected. split: "train" (all shards but the last) or "val"."""
     import pyarrow.parquet as pq
 
-    from nanochat.dataset import list_parquet_files
-    paths = list_parquet_files(data_dir)
-    if len(paths) < 2:
-        raise FileNotFoundError(f"need at least 2 pretraining shards (found {len(paths)}); build them with "
-                                "`python -m nanochat.offline`")
-    paths = paths[:-1] if split == "train" else paths[-1:]
+    from nanochat.dataset import split_files
     wanted, docs, chars = set(sources), [], 0
-    for path in paths:
+    for path in split_files(split, data_dir):
         pf = pq.ParquetFile(path)
         if "source" not in pf.schema_arrow.names:
             raise ValueError(f"{path} has no 'source' column (downloaded FineWeb shards have one domain); "
@@ -347,15 +342,14 @@ def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_exa
     from nanochat.offline.sources import SOURCE_KIND
     if isinstance(spec, str):
         spec = load_sequence_spec(spec)
-    base = spec.get("_dir", ".")
-    resolve = lambda p: p if os.path.isabs(p) else os.path.join(base, p)  # noqa: E731
+    base = spec.get("_dir", ".")  # the spec's paths are relative to its folder (os.path.join keeps absolute ones)
     tasks = []
     for t in spec["tasks"]:
         if t["type"] == "lm":
             if "jsonl" in t:
-                docs = _read_jsonl_texts(resolve(t["jsonl"]))
+                docs = _read_jsonl_texts(os.path.join(base, t["jsonl"]))
                 if "eval_jsonl" in t:
-                    train_docs, eval_docs = docs, _read_jsonl_texts(resolve(t["eval_jsonl"]))
+                    train_docs, eval_docs = docs, _read_jsonl_texts(os.path.join(base, t["eval_jsonl"]))
                 else:
                     train_docs = [d for i, d in enumerate(docs) if i % 10 != 9]
                     eval_docs = [d for i, d in enumerate(docs) if i % 10 == 9]
@@ -377,9 +371,9 @@ def build_sequence(spec, tokenizer, seq_len, n_train, n_eval_rows=32, n_eval_exa
                                 batch_size=batch_size, route_prefix=route_prefix))
         else:
             if "jsonl" in t:
-                full = JSONLTask(resolve(t["jsonl"]))
+                full = JSONLTask(os.path.join(base, t["jsonl"]))
                 if "eval_jsonl" in t:
-                    train_convs, eval_task = list(full)[:n_train], JSONLTask(resolve(t["eval_jsonl"]))
+                    train_convs, eval_task = list(full)[:n_train], JSONLTask(os.path.join(base, t["eval_jsonl"]))
                 else:
                     n = len(full)
                     train_convs = [full[i] for i in range(n) if i % 5 != 4][:n_train]

@@ -17,7 +17,7 @@ import zlib
 
 from nanochat.offline import packages
 from tasks import fetch
-from tasks.common import Task
+from tasks.common import Task, check_split
 
 SPLITS = ("train", "test", "all")
 
@@ -48,16 +48,18 @@ def turns_to_messages(turns):
 
 
 class _ChatTask(Task):
+    """The `split` of a corpus, corpus = (registry package, its path inside the package, the parser)."""
+    eval_type = "generative"
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.conversations)
+    def __init__(self, split="train", **kwargs):
+        super().__init__(**kwargs)
+        check_split(split, SPLITS)
+        package, path, parse = self.corpus
+        self.rows = fetch.load_with_fallback(type(self).__name__, [(package.spec, lambda: parse(
+            packages.fetch_path(package, path), split))])
 
     def get_example(self, index):
-        return {"messages": [dict(m) for m in self.conversations[index]]}
+        return {"messages": [dict(m) for m in self.rows[index]]}
 
 
 def parse_chitchat(path, split="all"):
@@ -75,14 +77,7 @@ def parse_chitchat(path, split="all"):
 
 
 class ChitChat(_ChatTask):
-
-    def __init__(self, split="train", **kwargs):
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.conversations = fetch.load_with_fallback(
-            "ChitChat", [(fetch.CHITCHAT.spec, lambda: parse_chitchat(
-                packages.fetch_path(fetch.CHITCHAT, "chitchat_dataset/dataset.json"), split))])
+    corpus = (fetch.CHITCHAT, "chitchat_dataset/dataset.json", parse_chitchat)
 
 
 def parse_chatterbot(folder, split="all"):
@@ -105,11 +100,4 @@ def parse_chatterbot(folder, split="all"):
 
 
 class ChatterBot(_ChatTask):
-
-    def __init__(self, split="train", **kwargs):
-        super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        self.conversations = fetch.load_with_fallback(
-            "ChatterBot", [(fetch.CHATTERBOT.spec, lambda: parse_chatterbot(
-                packages.fetch_path(fetch.CHATTERBOT, "chatterbot_corpus/data/english"), split))])
+    corpus = (fetch.CHATTERBOT, "chatterbot_corpus/data/english", parse_chatterbot)

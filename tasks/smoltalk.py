@@ -4,7 +4,7 @@ Online only: no package registry carries it. Offline, use tasks.conversations (C
 ChatterBot) and tasks.customjson instead; the error says so.
 """
 from tasks import fetch
-from tasks.common import Task
+from tasks.common import Task, check_split
 
 REPO = "HuggingFaceTB/smol-smoltalk"
 SPLITS = ("train", "test")
@@ -30,26 +30,19 @@ class SmolTalk(Task):
 
     def __init__(self, split="train", **kwargs):
         super().__init__(**kwargs)
-        if split not in SPLITS:
-            raise ValueError(f"SmolTalk split must be one of {SPLITS}, got {split!r}")
-        self.split = split
+        self.split = check_split(split, SPLITS, "SmolTalk split")
         table = fetch.load_with_fallback(
             f"SmolTalk ({split})", [], (REPO, lambda: fetch.hub_parquet(REPO, f"data/{split}-*.parquet")),
             hint="Offline, use tasks.conversations.ChitChat / ChatterBot or tasks.customjson.CustomJSON instead.")
-        self.messages = table.column("messages")  # kept as Arrow; rows are converted on access
+        self.rows = table.column("messages")  # kept as Arrow; rows are converted on access
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.messages)
+    eval_type = "generative"
 
     def get_example(self, index):
-        msgs = clean_messages(self.messages[index].as_py())
+        msgs = clean_messages(self.rows[index].as_py())
         if msgs is None:  # rare malformed row: fall back to a neighbour so indexing stays total
             for j in range(1, 100):
-                msgs = clean_messages(self.messages[(index + j) % len(self.messages)].as_py())
+                msgs = clean_messages(self.rows[(index + j) % len(self.rows)].as_py())
                 if msgs is not None:
                     break
         return {"messages": msgs}

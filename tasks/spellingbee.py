@@ -13,7 +13,7 @@ import zlib
 
 from nanochat.offline import packages
 from tasks import fetch
-from tasks.common import Task, extract_final_number, response_text
+from tasks.common import Task, check_split, extract_final_number, response_text
 
 _SYSTEM_LISTS = ("/usr/share/dict/american-english",)
 _FALLBACK_LISTS = ("/usr/share/dict/words",)
@@ -48,8 +48,7 @@ _WORDS_CACHE = {}
 
 
 def split_words(split):
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_split(split, SPLITS)
     if "all" not in _WORDS_CACHE:
         _WORDS_CACHE["all"] = load_words()
     if split not in _WORDS_CACHE:
@@ -104,9 +103,7 @@ class _WordTask(Task):
         self.size, self.split, self.seed = size, split, seed
         self.words = split_words(split)
 
-    @property
-    def eval_type(self):
-        return "generative"
+    eval_type = "generative"
 
     def num_examples(self):
         return self.size

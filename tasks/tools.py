@@ -21,6 +21,7 @@ Held out: a problem whose question hashes to 0 mod 10 (crc32) is a test problem 
 training; facts are held out by entity (test entities' documents are indexed, never trained on).
 """
 import datetime
+import functools
 import random
 import zlib
 
@@ -75,6 +76,7 @@ def _entity(rng, kind, name):
                           (f"Who first climbed Mount {name}?", climber, s2)]
 
 
+@functools.cache  # fixed, and built once: every problem and the index read it
 def _entities():
     """The fixed list of invented entities: (kind, name, doc, [(question, answer, quote)])."""
     rng = random.Random(20241201)
@@ -90,22 +92,15 @@ def _entities():
     return out
 
 
-_ENTITY_CACHE = []
-
-
 def entities(split):
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    if not _ENTITY_CACHE:
-        _ENTITY_CACHE.extend(_entities())
-    return [e for e in _ENTITY_CACHE if _held_out(e[1]) == (split == "test")]
+    return [e for e in _entities() if _held_out(e[1]) == (split == "test")]
 
 
 def fact_documents():
     """(source, text) of every invented entity, train and test: what `build_index --facts` adds."""
-    if not _ENTITY_CACHE:
-        _ENTITY_CACHE.extend(_entities())
-    return [(f"facts:{name}", doc) for _, name, doc, _ in _ENTITY_CACHE]
+    return [(f"facts:{name}", doc) for _, name, doc, _ in _entities()]
 
 
 def _held_out(text):
@@ -277,21 +272,15 @@ class CopyDrill(Task):
 
 def _fresh_name(rng):
     """An invented name that is not one of the indexed entities (so a drill never teaches a corpus fact)."""
-    if not _ENTITY_CACHE:
-        _ENTITY_CACHE.extend(_entities())
     while True:
         name = _name(rng, rng.choice((2, 3)))
         if name not in _corpus_names():
             return name
 
 
-_CORPUS_NAMES = set()
-
-
+@functools.cache
 def _corpus_names():
-    if not _CORPUS_NAMES:
-        _CORPUS_NAMES.update(e[1] for e in _ENTITY_CACHE)
-    return _CORPUS_NAMES
+    return {e[1] for e in _entities()}
 
 
 def _copy_turn(rng):
@@ -331,7 +320,7 @@ class ToolsEval(Task):
         super().__init__(**kwargs)
         if group is not None and group not in GROUPS:
             raise ValueError(f"group must be one of {GROUPS}, got {group!r}")
-        self.problems = []
+        self.rows = []
         rng = random.Random(seed)
         for kind, name in zip(KINDS, GROUPS):
             seen = set()
@@ -341,17 +330,12 @@ class ToolsEval(Task):
                     continue
                 seen.add(q)
                 if group is None or name == group:  # all groups are drawn, so each one's problems never change
-                    self.problems.append(_conversation(name, q, parts, answer))
+                    self.rows.append(_conversation(name, q, parts, answer))
 
-    @property
-    def eval_type(self):
-        return "generative"
-
-    def num_examples(self):
-        return len(self.problems)
+    eval_type = "generative"
 
     def get_example(self, index):
-        return self.problems[index]
+        return self.rows[index]
 
     def evaluate(self, conversation, assistant_response):
         return final_answer(assistant_response) == normalize(conversation["answer"])

@@ -13,11 +13,15 @@ from nanochat.lora.quant import (
     pack4,
     quantize_base,
     quantize_blocks,
-    unpack4,
     weight_bytes,
 )
 from nanochat.lora.storage import load_adapter, save_adapter
 from tests.test_lora import make_model, train_on_frozen_base
+
+
+def unpack4(packed):
+    """pack4's inverse: (..., n / 2) uint8 -> (..., n) uint8 in 0..15."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

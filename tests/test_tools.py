@@ -12,7 +12,6 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
 from nanochat.tools.registry import (
     CALCULATOR_REFUSED,
-    NO_TOOLS,
     UNAVAILABLE,
     PythonLimits,
     PythonREPL,
@@ -25,6 +24,7 @@ from tests.conftest import at_positions
 TOK = Tokenizer.byte_level()
 V = TOK.get_vocab_size()
 S = TOK.encode_special
+NO_TOOLS = ToolRegistry(calculator=False, python=False)
 BOS, A_START, A_END = TOK.get_bos_token_id(), S("<|assistant_start|>"), S("<|assistant_end|>")
 PY_START, PY_END = S("<|python_start|>"), S("<|python_end|>")
 OUT_START, OUT_END = S("<|output_start|>"), S("<|output_end|>")

@@ -12,3 +12,14 @@ template, model card and PEFT adapters), and published NanoChat models as checkp
 
 Everything here needs the `hf` extra (transformers, peft, tokenizers): pip install -e '.[hf]'.
 """
+import importlib
+import sys
+
+
+def hf_modules(what, *names):
+    """nanochat.hf.<name> for each name, or exit saying that `what` needs the hf extra and how to install it: a
+    script run without the extra should name the fix, not end in an ImportError's traceback."""
+    try:
+        return [importlib.import_module(f"nanochat.hf.{name}") for name in names]
+    except ImportError as e:
+        sys.exit(f"error: {what} needs the hf extra ({e}): pip install -e '.[hf]'")

@@ -92,11 +92,6 @@ def pack4(codes):
     return c[..., 0::2] | (c[..., 1::2] << 4)
 
 
-def unpack4(packed):
-    """pack4's inverse: (..., n / 2) uint8 -> (..., n) uint8 in 0..15."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
-
-
 def _quantize4(w, group_size, levels, scale_dtype):
     """w (rows x n) -> (packed (rows x n/2) uint8, scale (rows x n/group_size)): each weight's nearest level."""
     groups = w.float().view(w.size(0), -1, group_size)

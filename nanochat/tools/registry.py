@@ -210,9 +210,6 @@ class ToolRegistry:
         return ToolSession(tools)
 
 
-NO_TOOLS = ToolRegistry(calculator=False, python=False)
-
-
 def make_registry(index="", python=True):
     """What the CLI and the web server serve: calculator and the python REPL, plus search over `index`
     (a folder or file; default <base>/search_index) when there is one there. -> (registry, a line
