@@ -310,7 +310,9 @@ def test_auto_routing_and_teaching_more(server, tmp_path):
     root = str(tmp_path / "adapters")
     first, more = FACTS[:3], FACTS[3:]
     general = ["What is 2 plus 3?", "Hi, I am Bo.", "Say Kai twice.", "Repeat: hello world"]
-    with server(root) as url:
+    # routing and "add" are what this tests; the subspace confinement of the default recipe (chosen on the
+    # speedrun's model, dev/notes_live.md) slows this tiny model's learning past 150 steps
+    with server(root, subspace_energy=0.0) as url:
         base = {q: chat(url, q) for q in general}
         r = httpx.post(url + "/learn", json={"adapter": "facts", "steps": 150,
                                              "facts": [{"question": q, "answer": a} for q, a in first]})
