@@ -18,14 +18,16 @@ DEPTHS=${DEPTHS:-"4 8"}
 ALL="value_embeds=1,resid_scalars=1,smear=1,backout=1,qk_gain=1.44,rope_base=100000,embed_init_std=0.8,fc_init_scale=0.4,polar_express=1,normuon=1,muon_weight_decay=0.1"
 # the pieces the per-step smoke race favoured (dev/notes_recipe.md): the candidate default
 FAVOURED="value_embeds=1,qk_gain=1.44,rope_base=100000,embed_init_std=0.8,fc_init_scale=0.4"
+# ours before the recipe: base_train's RECIPE settings (scripts/base_train.py) back at GPTConfig's plain values
+PLAIN="qk_gain=1.0,rope_base=10000,embed_init_std=1.0,fc_init_scale=1.0"
 SIDES=(
+  "ours --model-options $PLAIN"
   "ours"
   "ours --model-options value_embeds=1"
   "ours --model-options resid_scalars=1"
   "ours --model-options smear=1"
   "ours --model-options backout=1"
   "ours --model-options window_pattern=SSSL"
-  "ours --model-options qk_gain=1.44,rope_base=100000,embed_init_std=0.8,fc_init_scale=0.4"
   "ours --model-options softcap=20"
   "ours --model-options polar_express=1"
   "ours --model-options normuon=1"

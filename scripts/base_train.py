@@ -78,15 +78,22 @@ def parse_args(argv=None):
     return args
 
 
+# Upstream's attention and init settings (karpathy/nanochat, 2026): they cost nothing per step, so equal steps
+# are equal time, and they lowered val bpb here at d4 (200 steps) and d8 (50 steps): dev/notes_recipe.md.
+# GPTConfig's own defaults stay the plain model, so checkpoints saved before these fields existed load as
+# they were trained.
+RECIPE = {"qk_gain": 1.44, "rope_base": 100000.0, "embed_init_std": 0.8, "fc_init_scale": 0.4}
+
+
 def model_config(depth, seq_len, vocab_size):
     """The --depth dial: width 64*depth; about n_embd/128 heads (head dim ~128; one head below 128 wide),
-    reduced until it divides the width into an even head dim (odd depths)."""
+    reduced until it divides the width into an even head dim (odd depths); RECIPE's settings."""
     n_embd = 64 * depth
     n_head = max(1, n_embd // 128)
     while n_head > 1 and (n_embd % n_head or (n_embd // n_head) % 2):
         n_head -= 1
     return GPTConfig(sequence_len=seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
-                     n_kv_head=n_head, n_embd=n_embd)
+                     n_kv_head=n_head, n_embd=n_embd, **RECIPE)
 
 
 def depth_config(args, vocab_size, depth=None):

@@ -293,6 +293,29 @@ def test_merged_stack_and_remote_code(src, tmp_path):
         assert out[i, T:].tolist() == list(ours.generate(r, 8, temperature=0))
 
 
+def test_recipe_model_exports_through_our_modeling_file(src, tmp_path):
+    """base_train's recipe (attention gain, rotary base) is ours alone: the export picks our modeling file by
+    itself, and transformers then computes our logits and greedy replies."""
+    from transformers import AutoModelForCausalLM
+    root, tok, _ = src
+    base = tmp_path / "base"
+    shutil.copytree(root / "tokenizer", base / "tokenizer")
+    config = GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                       qk_gain=1.44, rope_base=100000.0)
+    model = nonzero_gpt(config, seed=3)
+    save_checkpoint(str(base / "chatsft_checkpoints" / "d2"), 5, model.state_dict(), None,
+                    {"step": 5, "model_config": dataclasses.asdict(config)})
+    with base_env(base):
+        info = export(str(tmp_path / "out"))
+    assert info["layout"] == "remote"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True, dtype=torch.float32).eval()
+    check_logits_and_greedy(model, hf, tok)
+    with base_env(tmp_path / "back"):  # and back: the same settings, the same weights
+        import_model(str(tmp_path / "out"))
+        back, _, _ = load_model("sft", "cpu", phase="eval")
+    assert (back.config.qk_gain, back.config.rope_base) == (1.44, 100000.0)
+
+
 def test_layout_choice():
     """NanoChat's layout when it expresses the model, our modeling file when only it does, else a refusal."""
     @dataclasses.dataclass

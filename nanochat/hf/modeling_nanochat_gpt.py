@@ -4,9 +4,10 @@ AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True). Self-conta
 only), with nanochat's parameter names and rotary convention, so the weights go out exactly as trained.
 
 It computes what nanochat/gpt.py computes: token embedding, RMSNorm (no weights) after it and before every
-attention, MLP and the head; rotary embeddings, then RMSNorm on q and k; grouped-query attention; ReLU^2 MLP
-of width 4x; untied head; logits softcapped in fp32. SUPPORTED_FIELDS lists the GPTConfig fields it
-implements: a feature added to gpt.py is exported through this file once it is implemented here and listed.
+attention, MLP and the head; rotary embeddings (base rope_base), then RMSNorm on q and k; grouped-query
+attention with its logits times qk_gain; ReLU^2 MLP of width 4x; untied head; logits softcapped in fp32.
+SUPPORTED_FIELDS lists the GPTConfig fields it implements: a feature added to gpt.py is exported through
+this file once it is implemented here and listed.
 """
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,8 @@ from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-SUPPORTED_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "softcap")
+SUPPORTED_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "softcap", "qk_gain",
+                    "rope_base")
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -26,10 +28,10 @@ class NanoChatGPTConfig(PretrainedConfig):
                      "num_key_value_heads": "n_kv_head", "max_position_embeddings": "sequence_len"}
 
     def __init__(self, sequence_len=1024, vocab_size=50304, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
-                 softcap=15.0, rope_theta=10000.0, **kwargs):
+                 softcap=15.0, qk_gain=1.0, rope_base=10000.0, **kwargs):
         self.sequence_len, self.vocab_size, self.n_layer = sequence_len, vocab_size, n_layer
         self.n_head, self.n_kv_head, self.n_embd = n_head, n_kv_head, n_embd
-        self.softcap, self.rope_theta = softcap, rope_theta
+        self.softcap, self.qk_gain, self.rope_base = softcap, qk_gain, rope_base
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
@@ -51,6 +53,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer_idx, self.n_head, self.n_kv_head = layer_idx, config.n_head, config.n_kv_head
         self.head_dim = config.n_embd // config.n_head
+        # softmax(qk_gain * q.k / sqrt(head_dim)) over the normed q, k; None: SDPA's own 1 / sqrt(head_dim)
+        self.scale = None if config.qk_gain == 1.0 else config.qk_gain / self.head_dim ** 0.5
         self.c_q = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=False)
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
@@ -67,9 +71,9 @@ class Attention(nn.Module):
             rep = q.size(1) // k.size(1)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask is None:  # no padding: causal, or one new token that sees everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, scale=self.scale)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -157,7 +161,7 @@ class NanoChatGPTForCausalLM(PreTrainedModel, GenerationMixin):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=x.device)[None].expand(B, T)
         head_dim = self.config.n_embd // self.config.n_head
-        inv_freq = 1.0 / (self.config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
+        inv_freq = 1.0 / (self.config.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32,
                                                                   device=x.device) / head_dim))
         angles = position_ids[..., None].float() * inv_freq  # (B, T, D/2), as nanochat's tables
         cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
