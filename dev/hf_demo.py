@@ -57,7 +57,9 @@ def main():
         folder = os.path.join(tmp, "export")
         info = export(folder, source=args.source)
         print(f"exported {args.source} ({info['layout']} layout): {', '.join(sorted(info['files']))}")
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        # our modeling file when the model uses what NanoChat cannot express (base_train's qk_gain)
+        remote = info["layout"] == "remote"
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, trust_remote_code=remote).eval()
         chat = pipeline("text-generation", model=model, tokenizer=AutoTokenizer.from_pretrained(folder))
         same = until_tool = 0
         ours_all = chat_cli_replies(args.source, PROMPTS, args.max_tokens)
