@@ -438,10 +438,11 @@ def test_reshard_carries_every_muon_state():
         assert torch.equal(fresh["muon"].state[p]["neuron_sq"], optimizers["muon"].state[p]["neuron_sq"])
 
 
-@pytest.mark.parametrize("feature", [f for f in FEATURES if f != "all"])
+@pytest.mark.parametrize("feature", [f for f in FEATURES if f not in ("all", "init")])
 def test_hf_export_refuses_a_piece_it_cannot_express(feature):
     """Pieces that change the forward are refused by name (native NanoChat and our modeling file lack them);
-    init and optimizer settings export natively, and every piece off is plain NanoChat."""
+    base_train's qk_gain and rope_base go through our modeling file; init and optimizer settings export
+    natively, and every piece off is plain NanoChat."""
     pytest.importorskip("transformers")
     from nanochat.hf.convert import ConversionError, choose_layout
     config = GPTConfig(**FEATURES[feature])
@@ -452,3 +453,4 @@ def test_hf_export_refuses_a_piece_it_cannot_express(feature):
         choose_layout(config, remote=True)  # asking for our modeling file does not skip the check
     assert choose_layout(GPTConfig(embed_init_std=0.8, fc_init_scale=0.4, polar_express=True, normuon=True,
                                    muon_weight_decay=0.1)) == "native"
+    assert choose_layout(GPTConfig(**FEATURES["init"])) == "remote"
