@@ -62,8 +62,8 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA); must divide n_head
     n_embd: int = 768
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
-    # Pieces of nanochat's 2026 recipe, each off unless the race (dev/bench_race.py) measured it faster to a loss;
-    # a checkpoint whose meta lacks a field loads with it off. Formulas: the module docstring.
+    # Pieces of nanochat's 2026 recipe, each off here (a checkpoint whose meta lacks a field loads with it off);
+    # base_train turns on those the race measured faster to a loss (its RECIPE). Formulas: the module docstring.
     value_embeds: bool = False  # a value-embedding table on alternating layers, mixed into v by a gate
     resid_scalars: bool = False  # learned per-layer scales of the residual stream and of the embedding x0
     smear: bool = False  # each position's embedding takes in some of the previous token's, through a gate

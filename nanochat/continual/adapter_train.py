@@ -138,7 +138,7 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
         prompts = [r[0][:_prompt_end(tokenizer, r[0])] for r in rows]
         set_centroid(lora, name, prompts)
         set_keys(lora, name, prompts, [r[0][:_prompt_end(tokenizer, r[0])] for r in replay + preserve_rows],
-                 [_user_text(c) for c in conversations], [_user_text(c, "") for c in replay_conversations or []])
+                 [_text(c, "user") for c in conversations], [_text(c) for c in replay_conversations or []])
     except BaseException:
         if name in lora.adapters:
             lora.remove(name)
@@ -185,11 +185,11 @@ def confine_to_new_inputs(lora, ad, rows, general_rows, pad, energy, own, max_ro
     return subspace
 
 
-def _user_text(conversation, role="user"):
-    """The text of a conversation's messages of `role` ("" for every message): what the router's anchors read."""
+def _text(conversation, role=None):
+    """The text of a conversation's messages (only those of `role` when given): what the router's anchors read."""
     messages = conversation["messages"] if isinstance(conversation, dict) else conversation
     return "\n".join(m["content"] for m in messages
-                     if isinstance(m.get("content"), str) and role in ("", m.get("role")))
+                     if isinstance(m.get("content"), str) and role in (None, m.get("role")))
 
 
 def _prompt_end(tokenizer, ids):
