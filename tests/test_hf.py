@@ -294,14 +294,14 @@ def test_merged_stack_and_remote_code(src, tmp_path):
 
 
 def test_recipe_model_exports_through_our_modeling_file(src, tmp_path):
-    """base_train's recipe (attention gain, rotary base) is ours alone: the export picks our modeling file by
-    itself, and transformers then computes our logits and greedy replies."""
+    """base_train's recipe (attention gain, rotary base, value embeddings) is ours alone: the export picks our
+    modeling file by itself, and transformers then computes our logits and greedy replies."""
     from transformers import AutoModelForCausalLM
     root, tok, _ = src
     base = tmp_path / "base"
     shutil.copytree(root / "tokenizer", base / "tokenizer")
     config = GPTConfig(sequence_len=128, vocab_size=tok.get_vocab_size(), n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
-                       qk_gain=1.44, rope_base=100000.0)
+                       qk_gain=1.44, rope_base=100000.0, value_embeds=True)
     model = nonzero_gpt(config, seed=3)
     save_checkpoint(str(base / "chatsft_checkpoints" / "d2"), 5, model.state_dict(), None,
                     {"step": 5, "model_config": dataclasses.asdict(config)})
@@ -313,20 +313,21 @@ def test_recipe_model_exports_through_our_modeling_file(src, tmp_path):
     with base_env(tmp_path / "back"):  # and back: the same settings, the same weights
         import_model(str(tmp_path / "out"))
         back, _, _ = load_model("sft", "cpu", phase="eval")
-    assert (back.config.qk_gain, back.config.rope_base) == (1.44, 100000.0)
+    assert (back.config.qk_gain, back.config.rope_base, back.config.value_embeds) == (1.44, 100000.0, True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in back.state_dict().items())
 
 
 def test_layout_choice():
     """NanoChat's layout when it expresses the model, our modeling file when only it does, else a refusal."""
     @dataclasses.dataclass
     class Config(GPTConfig):
-        value_embeds: bool = True
+        smear: bool = True
 
     assert choose_layout(GPTConfig()) == "native"
-    assert choose_layout(Config(), neutral={"value_embeds": False},
+    assert choose_layout(Config(), neutral={"smear": False},
                          remote_fields=set(dataclasses.asdict(Config()))) == "remote"
-    assert choose_layout(Config(value_embeds=False), neutral={"value_embeds": False}) == "native"
-    with pytest.raises(ConversionError, match="value_embeds=True.*modeling_nanochat_gpt.py"):
+    assert choose_layout(Config(smear=False), neutral={"smear": False}) == "native"
+    with pytest.raises(ConversionError, match="smear=True.*modeling_nanochat_gpt.py"):
         choose_layout(Config())
 
 

@@ -438,10 +438,10 @@ def test_reshard_carries_every_muon_state():
         assert torch.equal(fresh["muon"].state[p]["neuron_sq"], optimizers["muon"].state[p]["neuron_sq"])
 
 
-@pytest.mark.parametrize("feature", [f for f in FEATURES if f not in ("all", "init")])
+@pytest.mark.parametrize("feature", [f for f in FEATURES if f not in ("all", "init", "value_embeds")])
 def test_hf_export_refuses_a_piece_it_cannot_express(feature):
     """Pieces that change the forward are refused by name (native NanoChat and our modeling file lack them);
-    base_train's qk_gain and rope_base go through our modeling file; init and optimizer settings export
+    qk_gain, rope_base and value embeddings go through our modeling file; init and optimizer settings export
     natively, and every piece off is plain NanoChat."""
     pytest.importorskip("transformers")
     from nanochat.hf.convert import ConversionError, choose_layout
@@ -454,3 +454,4 @@ def test_hf_export_refuses_a_piece_it_cannot_express(feature):
     assert choose_layout(GPTConfig(embed_init_std=0.8, fc_init_scale=0.4, polar_express=True, normuon=True,
                                    muon_weight_decay=0.1)) == "native"
     assert choose_layout(GPTConfig(**FEATURES["init"])) == "remote"
+    assert choose_layout(GPTConfig(value_embeds=True)) == "remote"

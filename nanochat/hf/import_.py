@@ -154,7 +154,8 @@ def our_state(tensors, config, layout, tied, path):
     tensors = dict(tensors)
     if tied and name("transformer.wte.weight") in tensors:  # as transformers does: the head is the embedding
         tensors[name("lm_head.weight")] = tensors[name("transformer.wte.weight")].clone()
-    wanted = {name(k): k for k in expected_names(config)}
+    # our own layout carries every weight our GPT has (a recipe piece's too); NanoChat's only the plain ones
+    wanted = {name(k): k for k in (shapes if layout == "remote" else expected_names(config))}
     missing = [k for k in wanted if k not in tensors]
     extra = sorted(set(tensors) - set(wanted))
     if missing or extra:

@@ -5,7 +5,9 @@ only), with nanochat's parameter names and rotary convention, so the weights go 
 
 It computes what nanochat/gpt.py computes: token embedding, RMSNorm (no weights) after it and before every
 attention, MLP and the head; rotary embeddings (base rope_base), then RMSNorm on q and k; grouped-query
-attention with its logits times qk_gain; ReLU^2 MLP of width 4x; untied head; logits softcapped in fp32.
+attention with its logits times qk_gain; value embeddings (value_embeds: on every other layer, the last
+included, a per-token table added to v through a gate on the block input's first 12 channels); ReLU^2 MLP of
+width 4x; untied head; logits softcapped in fp32.
 SUPPORTED_FIELDS lists the GPTConfig fields it implements: a feature added to gpt.py is exported through
 this file once it is implemented here and listed.
 """
@@ -17,7 +19,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 SUPPORTED_FIELDS = ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "softcap", "qk_gain",
-                    "rope_base")
+                    "rope_base", "value_embeds")
+VE_GATE_CHANNELS = 12  # nanochat/gpt.py's: the value-embedding gate reads this many channels of the block input
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
@@ -28,16 +31,22 @@ class NanoChatGPTConfig(PretrainedConfig):
                      "num_key_value_heads": "n_kv_head", "max_position_embeddings": "sequence_len"}
 
     def __init__(self, sequence_len=1024, vocab_size=50304, n_layer=12, n_head=6, n_kv_head=6, n_embd=768,
-                 softcap=15.0, qk_gain=1.0, rope_base=10000.0, **kwargs):
+                 softcap=15.0, qk_gain=1.0, rope_base=10000.0, value_embeds=False, **kwargs):
         self.sequence_len, self.vocab_size, self.n_layer = sequence_len, vocab_size, n_layer
         self.n_head, self.n_kv_head, self.n_embd = n_head, n_kv_head, n_embd
         self.softcap, self.qk_gain, self.rope_base = softcap, qk_gain, rope_base
+        self.value_embeds = value_embeds
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
 
 def norm(x):
     return F.rms_norm(x, (x.size(-1),))
+
+
+def has_value_embed(layer_idx, n_layer):
+    """Whether a layer owns a value-embedding table: every other layer, the last one included."""
+    return layer_idx % 2 == (n_layer - 1) % 2
 
 
 def rotate(x, cos, sin):
@@ -59,12 +68,19 @@ class Attention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.ve_gate = None
+        if config.value_embeds and has_value_embed(layer_idx, config.n_layer):
+            self.ve_gate = nn.Linear(min(VE_GATE_CHANNELS, config.n_embd), self.n_kv_head, bias=False)
 
-    def forward(self, x, cos, sin, cache, mask):
+    def forward(self, x, cos, sin, cache, mask, ve=None):
         B, T, C = x.shape
         q = norm(rotate(self.c_q(x).view(B, T, self.n_head, self.head_dim), cos, sin)).transpose(1, 2)
         k = norm(rotate(self.c_k(x).view(B, T, self.n_kv_head, self.head_dim), cos, sin)).transpose(1, 2)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        if ve is not None:  # a gate in (0, 3) per kv head and token, as in nanochat/gpt.py
+            gate = 3 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate.in_features]))
+            v = v + gate.unsqueeze(-1) * ve.view(B, T, self.n_kv_head, self.head_dim)
+        v = v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
         if k.size(1) != q.size(1):  # grouped-query attention: each kv head serves n_head / n_kv_head query heads
@@ -93,8 +109,8 @@ class Block(nn.Module):
         self.attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache, mask):
-        x = x + self.attn(norm(x), cos, sin, cache, mask)
+    def forward(self, x, cos, sin, cache, mask, ve=None):
+        x = x + self.attn(norm(x), cos, sin, cache, mask, ve)
         return x + self.mlp(norm(x))
 
 
@@ -127,6 +143,10 @@ class NanoChatGPTForCausalLM(PreTrainedModel, GenerationMixin):
             h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.value_embeds:
+            kv_dim = config.n_kv_head * (config.n_embd // config.n_head)
+            self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                               for i in range(config.n_layer) if has_value_embed(i, config.n_layer)})
         self.post_init()
 
     def _init_weights(self, module):
@@ -155,6 +175,8 @@ class NanoChatGPTForCausalLM(PreTrainedModel, GenerationMixin):
             use_cache = getattr(self.config, "use_cache", True) and not self.training
         if use_cache and cache is None:
             cache = DynamicCache()
+        if self.config.value_embeds and input_ids is None:
+            raise ValueError("this model's value embeddings look up token ids: pass input_ids, not inputs_embeds")
         x = self.transformer.wte(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = x.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
@@ -167,8 +189,9 @@ class NanoChatGPTForCausalLM(PreTrainedModel, GenerationMixin):
         cos, sin = angles.cos()[:, :, None, :], angles.sin()[:, :, None, :]
         mask = build_mask(attention_mask, past, T, x.device)
         x = norm(x)
-        for block in self.transformer.h:
-            x = block(x, cos, sin, cache, mask)
+        for i, block in enumerate(self.transformer.h):
+            ve = self.value_embeds[str(i)](input_ids) if block.attn.ve_gate is not None else None
+            x = block(x, cos, sin, cache, mask, ve)
         if logits_to_keep:
             x = x[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else x[:, logits_to_keep]
         logits = self.lm_head(norm(x)).float()
