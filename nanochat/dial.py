@@ -3,8 +3,9 @@ learning-rate scale and the weight-decay scale, each rule beside its source. The
 caller (scripts/base_train.py's model_config); this module derives numbers and touches no data or device.
 
 The rules are upstream nanochat's (its dev/LOG.md and scripts/base_train.py, 2026): tune at d12, then transfer.
-- horizon: D = ratio * N training tokens, N the model's parameters (ours counts all of them; ratio 20 is
-  Chinchilla's, our default; upstream fits 10.5 over matrices + lm_head only, a horizon not raced here yet)
+- horizon: D = ratio * N training tokens, N the model's parameters less any value-embedding tables (ratio 20 is
+  Chinchilla's, our default, set with the token embedding counted; upstream fits 10.5 over matrices + lm_head
+  only, a horizon not raced here yet)
 - batch: B = B_ref * (D / D_ref)^0.383, rounded to a power of two, B_ref = 2^19 tokens at d12 (Power Lines,
   arXiv:2505.13738: the best batch grows with the training tokens, not the parameters)
 - learning rates: eta = eta_ref * sqrt(B / B_ref) (the square-root rule for Adam; upstream assumes it for Muon too)
@@ -29,7 +30,7 @@ class Dial:
     depth: int
     n_embd: int
     n_head: int
-    params: int  # N: every parameter of the model the depth builds
+    params: int  # N: the parameters of the model the depth builds, less value-embedding tables (count_params)
     ratio: float  # tokens per parameter of the horizon the batch rule reads
     tokens: int  # D = ratio * N
     ref_tokens: int  # D_ref: the same ratio at d12, same vocabulary and options
@@ -54,10 +55,15 @@ class Dial:
 
 
 def count_params(config):
-    """The parameter count of the GPT a config builds (on the meta device: no memory, no init)."""
+    """N of the horizon: the parameters of the GPT a config builds (on the meta device: no memory, no init), less
+    its value-embedding tables. Those are capacity read by lookup, not compute, and at vocab 65,536 d20's come to
+    839M, more than the rest of the model: counted, they would more than double the training tokens of a model
+    whose step costs about the same. So turning them on keeps the horizon of the plain model."""
     from nanochat.gpt import GPT  # the model imports its optimizers; the dial is imported before any of that
     with torch.device("meta"):
-        return GPT(config).num_params()
+        model = GPT(config)
+    tables = model.value_embeds.parameters() if config.value_embeds else ()
+    return model.num_params() - sum(p.numel() for p in tables)
 
 
 def derive(depth, make_config, ratio=DEFAULT_RATIO, batch=-1):

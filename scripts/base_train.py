@@ -132,7 +132,8 @@ def start_training(args, run, dial):
 
 
 def horizon(args, num_params, flops_per_token):
-    """The number of optimizer steps: --num-iterations, else --target-flops, else --target-param-data-ratio."""
+    """The number of optimizer steps: --num-iterations, else --target-flops, else --target-param-data-ratio
+    (tokens per parameter of the dial's N, which leaves value-embedding tables out)."""
     if args.num_iterations > 0:
         steps = args.num_iterations
     elif args.target_flops > 0:
@@ -190,12 +191,13 @@ def main(argv=None):
     print0(f"parameters: {num_params:,} | FLOPs per token: {flops_per_token:e} | dtype: {dtype_name(run.dtype)} "
            f"| compile: {run.compile}")
     grad_accum_steps = accumulation_steps(args.total_batch_size, B, T, run.world_size)
-    num_iterations = horizon(args, num_params, flops_per_token)
+    num_iterations = horizon(args, dial.params, flops_per_token)
     total_tokens = args.total_batch_size * num_iterations
     print0(f"batch: {B} x {T} x {run.world_size} ranks x {grad_accum_steps} accumulation "
            f"= {args.total_batch_size:,} tokens/step")
     print0(f"steps: {num_iterations:,} | training tokens: {total_tokens:,} "
-           f"| tokens:params = {total_tokens / num_params:.2f} | total FLOPs: {flops_per_token * total_tokens:e}")
+           f"| tokens:params = {total_tokens / dial.params:.2f} (the dial's N) "
+           f"| total FLOPs: {flops_per_token * total_tokens:e}")
 
     loop = {"min_val_bpb": float("inf"), "val_bpb": None, "val_history": []}
     same = {"world_size": run.world_size, "device_batch_size": B, "max_seq_len": T,
@@ -263,7 +265,7 @@ def write_report(args, run, model, loop, log, grad_accum_steps, dial):
             "Number of FLOPs per token": f"{flops_per_token:e}",
             "Number of training steps": log.num_iterations,
             "Number of training tokens": total_tokens,
-            "Tokens : Params ratio": total_tokens / num_params,
+            "Tokens : Params ratio": total_tokens / dial.params,
             "World size": run.world_size,
             "Gradient accumulation steps": grad_accum_steps,
             "Minimum validation bpb": loop["min_val_bpb"],

@@ -35,10 +35,16 @@ def test_deeper_models_get_larger_batches_and_the_rules_numbers():
     assert batches == sorted(batches) and all(b & (b - 1) == 0 for b in batches)
 
 
-def test_the_ratio_and_the_options_move_the_horizon():
-    assert derive(20, make(), ratio=10).tokens == pytest.approx(derive(20, make()).tokens / 2, abs=1)
-    ve = derive(20, make(value_embeds=True))  # value embeddings add parameters at d12 too
-    assert ve.params > derive(20, make()).params and ve.ref_tokens > derive(20, make()).ref_tokens
+def test_the_ratio_moves_the_horizon_and_value_embedding_tables_do_not():
+    plain = derive(20, make())
+    assert derive(20, make(), ratio=10).tokens == pytest.approx(plain.tokens / 2, abs=1)
+    # the tables are 10 x V x 1280 = 839M lookups at d20: counted, they would more than double the horizon.
+    # N keeps only the gates (12 channels -> one per kv head, 10 heads, on 10 of the 20 layers)
+    ve = derive(20, make(value_embeds=True))
+    assert ve.params - plain.params == 10 * 12 * 10
+    assert ve.tokens == pytest.approx(plain.tokens, rel=1e-5) and ve.batch == plain.batch
+    # a piece with matrices of its own still counts: the smear gate's and backout's weights are in N
+    assert derive(20, make(smear=True)).params > plain.params
 
 
 def test_a_given_batch_scales_nothing():
