@@ -132,10 +132,6 @@ def decode(data):
 # -----------------------------------------------------------------------------
 # frames: 4-byte big-endian length, then that many bytes
 
-def frame(payload):
-    return _HEADER.pack(len(payload)) + payload
-
-
 def _read_exactly(fd, n, deadline):
     data = b""
     while len(data) < n:
@@ -160,7 +156,7 @@ def read_frame(fd, deadline=None):
 
 def write_frame(fd, payload, deadline=None):
     """Write one frame to fd (a non-blocking fd when there is a deadline) by `deadline`."""
-    data = memoryview(frame(payload))
+    data = memoryview(_HEADER.pack(len(payload)) + payload)
     while data:
         if deadline is not None:
             left = deadline - time.monotonic()
