@@ -14,13 +14,6 @@ from nanochat.sandbox.runner import MAX_THREADS, MAX_WRITE_BYTES
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _kill_group(pgid):
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
 class _Unsandboxed:
     """--unsafe-exec without a sandbox: the runner as a plain child process in a temp dir that is deleted
     afterwards (the Python guards and rlimits only). Same interface as nanochat.sandbox.boundary.Sandboxed."""
@@ -37,7 +30,10 @@ class _Unsandboxed:
             raise
 
     def kill(self):
-        _kill_group(self.proc.pid)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def close(self):
         if self.workdir is None:
