@@ -280,7 +280,6 @@ def _serve_main(reply_fd, timeout, max_memory_bytes, max_tasks):
             answer(value=value)
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
-    _child_main(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
-if __name__ == "__main__" and sys.argv[1:2] == ["--serve"]:
-    _serve_main(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
+if __name__ == "__main__" and sys.argv[1:2] in (["--child"], ["--serve"]):
+    main = _child_main if sys.argv[1] == "--child" else _serve_main
+    main(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5]))
