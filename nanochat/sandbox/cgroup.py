@@ -182,16 +182,13 @@ class RunCgroup:
             for d in self.dirs:
                 os.mkdir(d)
                 made.append(d)
-            if kind == "v1":
-                _write(os.path.join(self.memory_dir, "memory.limit_in_bytes"), memory_bytes)
-                swap = os.path.join(self.memory_dir, "memory.memsw.limit_in_bytes")
-                if os.path.exists(swap):  # only with swap accounting; memory + swap = memory: no swap
-                    _write(swap, memory_bytes)
-            else:
-                _write(os.path.join(self.memory_dir, "memory.max"), memory_bytes)
-                swap = os.path.join(self.memory_dir, "memory.swap.max")
-                if os.path.exists(swap):
-                    _write(swap, 0)
+            # no swap: v1 caps memory + swap at the memory limit, v2 caps swap at 0
+            limit, swap, swap_limit = (("memory.limit_in_bytes", "memory.memsw.limit_in_bytes", memory_bytes)
+                                       if kind == "v1" else ("memory.max", "memory.swap.max", 0))
+            _write(os.path.join(self.memory_dir, limit), memory_bytes)
+            swap = os.path.join(self.memory_dir, swap)
+            if os.path.exists(swap):  # only with swap accounting
+                _write(swap, swap_limit)
             _write(os.path.join(self.pids_dir, "pids.max"), max_tasks)
         except OSError:
             _remove_dirs(made)
