@@ -43,6 +43,7 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import PurePosixPath
 
 from nanochat.sandbox import cgroup
 
@@ -193,13 +194,8 @@ def bwrap_command(argv, files, max_write_bytes, seccomp_fd, info_fd, block_fd):
     for inside, host in binds.items():
         # bwrap 0.8 makes a bind's missing parents 0700, owned by whoever sets up (root, as root): make
         # them 0755 first, or the program could not reach /root/.pyenv/... or /opt/nanochat as uid 65534
-        parents = []
-        parent = os.path.dirname(inside)
-        while parent not in ("/", ""):
-            parents.insert(0, parent)
-            parent = os.path.dirname(parent)
-        for d in parents:
-            args += ["--dir", d]
+        for d in reversed(PurePosixPath(inside).parents[:-1]):  # top first, "/" left out
+            args += ["--dir", str(d)]
         args += ["--ro-bind", host, inside]
     args += ["--proc", "/proc",
              "--size", "4096", "--tmpfs", "/proc/sys", "--remount-ro", "/proc/sys",  # the host's sysctls: absent
