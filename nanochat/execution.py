@@ -94,11 +94,10 @@ def execute_code(code: str, timeout: float = 5.0, max_memory_bytes: int = 256 * 
                  max_write_bytes: int = MAX_WRITE_BYTES) -> ExecutionResult:
     """Run `code` in the sandbox; never raises for anything the code does."""
     policy, message = boundary.exec_policy()
+    if policy != "isolated":  # refused, or unisolated (--unsafe-exec): said once per message
+        _warn_once(message)
     if policy == "refuse":
-        _warn_once(message)
         return ExecutionResult(success=False, error=f"not run: {message}")
-    if policy == "unsafe":
-        _warn_once(message)
     nonce = secrets.token_hex(16)
     status_r, status_w = os.pipe()  # the child reports how the code ended here, apart from its stdout/stderr
     runner = None
