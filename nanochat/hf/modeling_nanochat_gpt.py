@@ -86,10 +86,9 @@ class Attention(nn.Module):
         if k.size(1) != q.size(1):  # grouped-query attention: each kv head serves n_head / n_kv_head query heads
             rep = q.size(1) // k.size(1)
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:  # no padding: causal, or one new token that sees everything cached
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1, scale=self.scale)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        # no mask (no padding): causal, or one new token that sees everything cached
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.size(2) > 1,
+                                           scale=self.scale)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
