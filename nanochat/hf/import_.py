@@ -23,7 +23,7 @@ import tempfile
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.utils import HFValidationError, validate_repo_id
-from safetensors import safe_open
+from safetensors.torch import load_file
 
 from nanochat.checkpoint_manager import SOURCES, save_checkpoint, start_fresh
 from nanochat.common import get_base_dir
@@ -137,9 +137,7 @@ def read_weights(folder):
         if not os.path.exists(path):
             raise ConversionError(f"{path} is missing (named by model.safetensors.index.json): download it again")
         try:
-            with safe_open(path, framework="pt") as f:
-                for k in f.keys():  # noqa: SIM118 - a safe_open handle is not a dict
-                    tensors[k] = f.get_tensor(k)
+            tensors.update(load_file(path))
         except Exception as e:  # noqa: BLE001 - safetensors raises its own error type, or OSError
             raise ConversionError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e)[:200]}): "
                                   "download it again") from None
