@@ -48,15 +48,11 @@ class ConversionError(ValueError):
     """What cannot be mapped between our GPT and a transformers model; the message names the file and the fix."""
 
 
-def config_fields(config):
-    return dataclasses.asdict(config)
-
-
 def choose_layout(config, native_fields=NATIVE_FIELDS, neutral=NEUTRAL_VALUES, remote_fields=None, remote=False):
     """"native" or "remote" for a GPTConfig (see the module docstring); ConversionError when neither can
     express it. remote_fields: what the modeling file implements (default: its SUPPORTED_FIELDS); remote: the
     caller asks for our modeling file, which must still implement every piece the model has on."""
-    fields = {k: v for k, v in config_fields(config).items() if k not in TRAINING_FIELDS}
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in TRAINING_FIELDS}
     neutral = {**NEUTRAL_VALUES, **neutral}  # a caller's values add to (or change) the known "off" values
     beyond = [k for k, v in fields.items() if k not in native_fields and neutral.get(k, object()) != v]
     if not beyond and not remote:

@@ -10,6 +10,7 @@ convert.py's, tokenizer_json.py's, model_card.py's and peft.py's business.
 The folder is written into a temp directory beside out_dir and renamed into place at the end, so a failed
 export leaves nothing (and an existing folder is only replaced with force=True).
 """
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -24,7 +25,6 @@ from nanochat.common import get_base_dir
 from nanochat.hf.convert import (
     ConversionError,
     choose_layout,
-    config_fields,
     native_config,
     to_native_state,
 )
@@ -92,7 +92,7 @@ def write_model_files(folder, model, tokenizer, layout, dtype):
         state = to_native_state(state, config)
     else:
         from nanochat.hf.modeling_nanochat_gpt import NanoChatGPTConfig  # imports transformers (the hf extra)
-        fields = config_fields(config)
+        fields = dataclasses.asdict(config)
         hf_config = NanoChatGPTConfig(
             **fields, bos_token_id=S("<|bos|>"), eos_token_id=S("<|assistant_end|>"),
             pad_token_id=S("<|assistant_end|>"), architectures=["NanoChatGPTForCausalLM"],
