@@ -60,14 +60,8 @@ def byte_to_char():
     for themselves, the other 68 are moved up to U+0100 and on so that every token is a printable string."""
     keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
             + list(range(ord("®"), ord("ÿ") + 1)))
-    table, moved = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + moved)
-            moved += 1
-    return table
+    moved = [b for b in range(256) if b not in keep]
+    return {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(moved)}
 
 
 def token_string(b):
