@@ -112,11 +112,8 @@ def to_native_state(state, config):
 def from_native_state(tensors, config):
     """transformers' NanoChat tensors (name -> tensor) -> our state_dict (names, rotary sign)."""
     head_dim = config.n_embd // config.n_head
-    out = {}
-    for ours in expected_names(config):
-        t = tensors[hf_block_name(ours)]
-        out[ours] = flip_rotary(t, head_dim) if is_rotary_projection(ours) else t
-    return out
+    state = {ours: tensors[hf_block_name(ours)] for ours in expected_names(config)}
+    return {k: flip_rotary(v, head_dim) if is_rotary_projection(k) else v for k, v in state.items()}
 
 
 def native_config(config, tokenizer):
