@@ -39,9 +39,9 @@ BLOCK_NAMES = {  # ours -> transformers' NanoChat, inside a block
 # F.rms_norm with no eps uses the dtype's machine epsilon; written into config.json so transformers' RMSNorm
 # (x * rsqrt(mean(x^2) + eps)) matches ours on fp32 weights
 NORM_EPS = torch.finfo(torch.float32).eps
-MAX_IMPORT_EPS = 1e-5
+MAX_IMPORT_EPS = 1e-5  # a larger eps changes small activations enough to matter: refused rather than approximated
 # GPT keeps rotary tables for 10x its context: past this a config would make the checkpoint unloadable
-MAX_CONTEXT = 131072  # a larger eps changes small activations enough to matter: refused rather than approximated
+MAX_CONTEXT = 131072
 
 
 class ConversionError(ValueError):
