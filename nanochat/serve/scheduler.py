@@ -94,7 +94,6 @@ class Handle:
         self.finish = None  # set when the last event has been sent
         self.tokens = 0
         self.slot = None  # the KV-cache slot once admitted
-        self.submitted = time.perf_counter()
 
     def cancel(self):
         self.cancelled = True
@@ -136,7 +135,7 @@ class Scheduler:
             model.compute_dtype = torch.float32
         c = model.config
         self.context = c.sequence_len
-        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.prefill_tokens = prefill_tokens
         self.cache = RaggedKVCache(max_batch, c.n_kv_head, c.n_embd // c.n_head, c.n_layer,
                                    seq_len=min(256, c.sequence_len))
         self._free = list(range(max_batch))  # a heap: the lowest free slot first keeps rows contiguous
@@ -145,7 +144,7 @@ class Scheduler:
         self._calls = deque()  # (fn, Future) to run between steps
         self._lock = threading.Condition()
         self._thread, self._stopping = None, False
-        self.steps = self.tokens_out = self.prefill_tokens_in = 0
+        self.steps = 0
         self.last_batch = self.peak_batch = 0  # rows in the last / the largest decode forward
         self.busy_seconds = 0.0  # time spent in steps that ran a forward
 
@@ -335,7 +334,6 @@ class Scheduler:
         logits = self._forward(batch, chunks)
         if logits is None:
             return
-        self.prefill_tokens_in += sum(len(c) for c in chunks)
         done, last = [], []
         for i, (r, c) in enumerate(zip(batch, chunks)):
             r.prefilled += len(c)
@@ -407,7 +405,6 @@ class Scheduler:
                 r.counts = torch.zeros(logits.size(-1), device=logits.device)
             r.counts[tok] += 1
         r.handle.tokens += 1
-        self.tokens_out += 1
         call = self.engine.advance(r.state, tok)
         if r.state.done:
             event.finish = "stop"
