@@ -133,7 +133,6 @@ class LiveLearning:
         self.trainer = LoRA(trainer_model)
         for w in pool.workers:
             w.lora = LoRA(w.model)
-        self.base_hash = self.trainer.base_hash
         self.jobs = {}
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="nanochat-learn")
