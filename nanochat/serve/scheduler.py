@@ -325,11 +325,7 @@ class Scheduler:
         """One forward of prompt chunks: the first row's next chunk sets the padded length T; later rows
         join while rows x T stays within prefill_tokens."""
         T = min(self.prefill_tokens, len(rows[0].req.prompt) - rows[0].prefilled)
-        batch = []
-        for r in rows:
-            if batch and (len(batch) + 1) * T > self.prefill_tokens:
-                break
-            batch.append(r)
+        batch = rows[:self.prefill_tokens // T]  # at least the first row: T <= prefill_tokens
         chunks = [r.req.prompt[r.prefilled: r.prefilled + T] for r in batch]
         logits = self._forward(batch, chunks)
         if logits is None:
