@@ -91,7 +91,6 @@ class Handle:
     def __init__(self, request, on_event):
         self.request, self.on_event = request, on_event
         self.cancelled = False
-        self.finish = None  # set when the last event has been sent
         self.tokens = 0
         self.slot = None  # the KV-cache slot once admitted
 
@@ -240,11 +239,11 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
         for row in list(self.rows):
-            self._finish(row.handle, Event(None, finish="cancelled"))
+            self._emit(row.handle, Event(None, finish="cancelled"))
         self.rows = []
         self._tools.shutdown(wait=False, cancel_futures=True)
         while self._waiting:
-            self._finish(self._waiting.popleft(), Event(None, finish="cancelled"))
+            self._emit(self._waiting.popleft(), Event(None, finish="cancelled"))
 
     @torch.no_grad()
     def step(self):
@@ -303,7 +302,7 @@ class Scheduler:
                 admitted.append((handle, None if handle.cancelled else heapq.heappop(self._free)))
         for handle, slot in admitted:
             if slot is None:
-                self._finish(handle, Event(None, finish="cancelled"))
+                self._emit(handle, Event(None, finish="cancelled"))
                 continue
             req = handle.request
             budget = self.context - len(req.prompt)
@@ -317,7 +316,7 @@ class Scheduler:
             self.cache.reset(slot)
             if budget == 0:
                 heapq.heappush(self._free, slot)
-                self._finish(handle, Event(None, finish="length"))
+                self._emit(handle, Event(None, finish="length"))
                 continue
             self.rows.append(row)
 
@@ -424,13 +423,9 @@ class Scheduler:
             logger.exception("on_event failed; cancelling its request")
             handle.cancel()
 
-    def _finish(self, handle, event):
-        handle.finish = event.finish
-        self._emit(handle, event)
-
     def _release(self, row, event):
         """The row leaves: its slot is free for the next request, its last event is sent."""
         self.rows.remove(row)
         self.cache.reset(row.slot)
         heapq.heappush(self._free, row.slot)
-        self._finish(row.handle, event)
+        self._emit(row.handle, event)
