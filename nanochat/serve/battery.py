@@ -19,7 +19,7 @@ prompt answered alone by a float rounding that flips a near tie; dev/bench_live.
 """
 from dataclasses import dataclass
 
-from nanochat.engine import ReplyParser
+from nanochat.engine import TOOL_MARKERS, ReplyParser
 from nanochat.serve.scheduler import Request
 
 
@@ -47,9 +47,8 @@ def answer_key(parts):
 def reply_text(parts):
     """Parts as one string, tool calls in the model's own markers (what chat_eval's checks read); a special token
     out of place (a "special" part) by its name."""
-    marks = {"python": ("<|python_start|>", "<|python_end|>"), "python_output": ("<|output_start|>", "<|output_end|>")}
-    return "".join(marks[p["type"]][0] + p["text"] + marks[p["type"]][1] if p["type"] in marks else p["text"]
-                   for p in parts)
+    return "".join(TOOL_MARKERS[p["type"]][0] + p["text"] + TOOL_MARKERS[p["type"]][1] if p["type"] in TOOL_MARKERS
+                   else p["text"] for p in parts)
 
 
 def greedy_replies(scheduler, prompts, adapters):

@@ -133,7 +133,6 @@ class LiveLearning:
         self.trainer = LoRA(trainer_model)
         for w in pool.workers:
             w.lora = LoRA(w.model)
-        self.base_hash = self.trainer.base_hash
         self.jobs = {}
         self._ids = itertools.count(1)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="nanochat-learn")
@@ -436,22 +435,19 @@ class LiveLearning:
                     raise _Cancelled
                 job.phase = "saving"
             save_adapter(lora, job.adapter, self.path(job.adapter), task="live", metrics=metrics, examples=examples)
-            lora.remove(job.adapter)  # the trainer only ever holds the adapter it is training
             # hand it to every worker between two requests
             asyncio.run_coroutine_threadsafe(self.pool.on_each_worker(
                 lambda w: load_adapter(w.lora, self.path(job.adapter), replace=True)), loop).result()
             job.metrics = metrics | {"seconds": round(time.time() - t0, 2)}
             job.status = "done"
         except _Cancelled:
-            if job.adapter in lora.adapters:
-                lora.remove(job.adapter)
             job.status = "cancelled"
         except Exception as e:  # noqa: BLE001 - any failure ends the job, never the server
             logger.exception("learn job %s failed", job.id)
-            if job.adapter in lora.adapters:
-                lora.remove(job.adapter)
             job.error, job.status = f"{type(e).__name__}: {e}", "failed"
         finally:
+            if job.adapter in lora.adapters:  # the trainer only ever holds the adapter it is training
+                lora.remove(job.adapter)
             job.phase, job.finished = None, time.time()
 
     def _read_general_data(self):

@@ -6,7 +6,7 @@ from typing import Literal
 
 from fastapi import APIRouter
 
-from nanochat.serve.live import AUTO, AdapterLimit, JobEnded, JobQueueFull, facts_to_conversations
+from nanochat.serve.live import AdapterLimit, JobEnded, JobQueueFull, facts_to_conversations
 from nanochat.serve.openai_api import (
     PageMessage,
     RequestError,
@@ -144,7 +144,7 @@ def live_router(live, tokenizer, context, limits):
         lv = need_live()
         t0 = time.perf_counter()
         try:
-            lv.set_default(None if name == "none" else AUTO if name == AUTO else name)
+            lv.set_default(None if name == "none" else name)
         except KeyError:
             raise RequestError(f"no adapter {name!r}; GET /adapters lists them", status=404) from None
         return {"active": lv.default, "switch_ms": round((time.perf_counter() - t0) * 1000, 3)}

@@ -30,7 +30,7 @@ class Lenient(BaseModel):
 
 class ContentPart(Lenient):
     """One part of a message's content. Only text can be read by this model: an image_url, input_audio or
-    file part is refused with a 400 naming it (openai_messages.part_text)."""
+    file part is refused with a 400 naming it (openai_messages.message_text)."""
     type: str
     text: str | None = None
     refusal: str | None = None  # an assistant's refusal part: read as its text

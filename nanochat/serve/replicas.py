@@ -420,10 +420,8 @@ class PoolMetrics:
         self.queue = Gauge("nanochat_queue_length", "Requests waiting for a row of a batch", registry=r)
         self.running = Gauge("nanochat_requests_running", "Requests being generated", registry=r)
         self.batch = Gauge("nanochat_batch_size", "Rows in the last decode step, all replicas", registry=r)
-        self.pool = None
 
     def attach(self, pool):
-        self.pool = pool
         self.queue.set_function(pool.queue_depth)
         self.running.set_function(lambda: pool.active)
         self.batch.set_function(lambda: sum(w.scheduler.last_batch for w in pool.workers))

@@ -91,10 +91,8 @@ class Handle:
     def __init__(self, request, on_event):
         self.request, self.on_event = request, on_event
         self.cancelled = False
-        self.finish = None  # set when the last event has been sent
         self.tokens = 0
         self.slot = None  # the KV-cache slot once admitted
-        self.submitted = time.perf_counter()
 
     def cancel(self):
         self.cancelled = True
@@ -136,7 +134,7 @@ class Scheduler:
             model.compute_dtype = torch.float32
         c = model.config
         self.context = c.sequence_len
-        self.max_batch, self.prefill_tokens = max_batch, prefill_tokens
+        self.prefill_tokens = prefill_tokens
         self.cache = RaggedKVCache(max_batch, c.n_kv_head, c.n_embd // c.n_head, c.n_layer,
                                    seq_len=min(256, c.sequence_len))
         self._free = list(range(max_batch))  # a heap: the lowest free slot first keeps rows contiguous
@@ -145,7 +143,7 @@ class Scheduler:
         self._calls = deque()  # (fn, Future) to run between steps
         self._lock = threading.Condition()
         self._thread, self._stopping = None, False
-        self.steps = self.tokens_out = self.prefill_tokens_in = 0
+        self.steps = 0
         self.last_batch = self.peak_batch = 0  # rows in the last / the largest decode forward
         self.busy_seconds = 0.0  # time spent in steps that ran a forward
 
@@ -241,11 +239,11 @@ class Scheduler:
         if self._thread is not None:
             self._thread.join(timeout)
         for row in list(self.rows):
-            self._finish(row.handle, Event(None, finish="cancelled"))
+            self._emit(row.handle, Event(None, finish="cancelled"))
         self.rows = []
         self._tools.shutdown(wait=False, cancel_futures=True)
         while self._waiting:
-            self._finish(self._waiting.popleft(), Event(None, finish="cancelled"))
+            self._emit(self._waiting.popleft(), Event(None, finish="cancelled"))
 
     @torch.no_grad()
     def step(self):
@@ -304,7 +302,7 @@ class Scheduler:
                 admitted.append((handle, None if handle.cancelled else heapq.heappop(self._free)))
         for handle, slot in admitted:
             if slot is None:
-                self._finish(handle, Event(None, finish="cancelled"))
+                self._emit(handle, Event(None, finish="cancelled"))
                 continue
             req = handle.request
             budget = self.context - len(req.prompt)
@@ -318,7 +316,7 @@ class Scheduler:
             self.cache.reset(slot)
             if budget == 0:
                 heapq.heappush(self._free, slot)
-                self._finish(handle, Event(None, finish="length"))
+                self._emit(handle, Event(None, finish="length"))
                 continue
             self.rows.append(row)
 
@@ -326,16 +324,11 @@ class Scheduler:
         """One forward of prompt chunks: the first row's next chunk sets the padded length T; later rows
         join while rows x T stays within prefill_tokens."""
         T = min(self.prefill_tokens, len(rows[0].req.prompt) - rows[0].prefilled)
-        batch = []
-        for r in rows:
-            if batch and (len(batch) + 1) * T > self.prefill_tokens:
-                break
-            batch.append(r)
+        batch = rows[:self.prefill_tokens // T]  # at least the first row: T <= prefill_tokens
         chunks = [r.req.prompt[r.prefilled: r.prefilled + T] for r in batch]
         logits = self._forward(batch, chunks)
         if logits is None:
             return
-        self.prefill_tokens_in += sum(len(c) for c in chunks)
         done, last = [], []
         for i, (r, c) in enumerate(zip(batch, chunks)):
             r.prefilled += len(c)
@@ -407,7 +400,6 @@ class Scheduler:
                 r.counts = torch.zeros(logits.size(-1), device=logits.device)
             r.counts[tok] += 1
         r.handle.tokens += 1
-        self.tokens_out += 1
         call = self.engine.advance(r.state, tok)
         if r.state.done:
             event.finish = "stop"
@@ -431,13 +423,9 @@ class Scheduler:
             logger.exception("on_event failed; cancelling its request")
             handle.cancel()
 
-    def _finish(self, handle, event):
-        handle.finish = event.finish
-        self._emit(handle, event)
-
     def _release(self, row, event):
         """The row leaves: its slot is free for the next request, its last event is sent."""
         self.rows.remove(row)
         self.cache.reset(row.slot)
         heapq.heappush(self._free, row.slot)
-        self._finish(row.handle, event)
+        self._emit(row.handle, event)

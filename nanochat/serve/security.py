@@ -106,9 +106,6 @@ class ApiKeyAuth:
         return await response(scope, receive, send)
 
 
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
-
 def host_name(host_header):
     """A Host header's name, without its port, lower case, without a trailing dot: "[::1]:8000" -> "::1"."""
     host = host_header.strip().lower()
@@ -131,7 +128,7 @@ class BrowserGuard:
     def __init__(self, app, allowed_hosts=()):
         self.app = app
         self.any_host = "*" in allowed_hosts
-        self.hosts = {host_name(h) for h in (*LOOPBACK_NAMES, *allowed_hosts) if h != "*"}
+        self.hosts = {host_name(h) for h in allowed_hosts if h != "*"}  # loopback names pass by is_loopback
 
     def host_allowed(self, header):
         name = host_name(header)
