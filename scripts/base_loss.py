@@ -10,17 +10,9 @@ from nanochat.common import compute_cleanup, compute_init, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.tokenizer import get_token_bytes
-from scripts.base_train import sample_greedy
+from scripts.base_train import SAMPLE_PROMPTS, sample_greedy
 
-PROMPTS = [
-    "The capital of France is",
-    "The chemical symbol of gold is",
-    "If yesterday was Friday, then tomorrow will be",
-    "The opposite of hot is",
-    "The planets of the solar system are:",
-    "My favorite color is",
-    "If 5*x + 3 = 13, then x is",
-]
+PROMPTS = SAMPLE_PROMPTS + ["My favorite color is", "If 5*x + 3 = 13, then x is"]
 
 
 def parse_args(argv=None):
