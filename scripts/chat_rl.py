@@ -44,6 +44,7 @@ from nanochat.training import (
     train_loop,
 )
 from tasks.customjson import JSONLTask
+from tasks.evaluate import fit_prompt
 from tasks.gsm8k import GSM8K
 from tasks.mixtures import rl_train_task
 
@@ -115,10 +116,8 @@ def rollout(task, indices, engine, tokenizer, num_samples, max_new_tokens, tempe
     out = {"prompts": [], "completions": [], "masks": [], "rewards": [], "advantages": []}
     for idx in indices:
         conv = task[idx]
-        prompt = tokenizer.render_for_completion(conv)
-        limit = max(context_len // 2, context_len - max_new_tokens)  # a prompt too long for the context keeps its end
-        if len(prompt) > limit:
-            prompt = prompt[-limit:]
+        # a prompt too long for the context keeps its end
+        prompt = fit_prompt(tokenizer.render_for_completion(conv), max(context_len // 2, context_len - max_new_tokens))
         budget = min(max_new_tokens, context_len - len(prompt))
         comps, masks = sample_completions(engine, prompt, num_samples, budget, temperature, top_k, seed=seed + idx)
         rewards = [float(task.reward(conv, completion_text(tokenizer, c, engine.stop_tokens))) for c in comps]
