@@ -292,10 +292,8 @@ def _copy_turn(rng):
             if not _held_out(q):
                 return q, parts
     if kind == "search":
-        docs = []
-        for _ in range(2):  # the entity's own document first, then another one's, like the index answers
-            doc, qa = _entity(rng, rng.choice(("island", "person", "mountain")), _fresh_name(rng))
-            docs.append((doc, qa))
+        # the entity's own document first, then another one's, like the index answers: [(doc, qa), (doc, qa)]
+        docs = [_entity(rng, rng.choice(("island", "person", "mountain")), _fresh_name(rng)) for _ in range(2)]
         q, answer, _ = rng.choice(docs[0][1])
         output = format_passages([docs[0][0], docs[1][0]])
         return q, _call_then_quote("Let me search for that.", f"search: {q}", output, answer)
