@@ -82,8 +82,7 @@ def oe_mc_doc(doc):
     '<stem>\\n A. <choice>\\n B. <choice>...\\nAnswer:' and whose "choices" are the letters.
     Choices are located from the end, so a stem that itself contains such lines cannot confuse it."""
     query, n = doc["query"], len(doc["choices"])
-    if query.endswith("\nAnswer:"):
-        query = query[: -len("\nAnswer:")]
+    query = query.removesuffix("\nAnswer:")
     choices, end = [], len(query)
     for k in reversed(range(n)):
         tag = f"\n {chr(65 + k)}. "
@@ -92,7 +91,5 @@ def oe_mc_doc(doc):
             raise ValueError(f"choice {chr(65 + k)} not found in query {doc['query'][:200]!r}")
         choices.append(query[pos + len(tag): end].strip())
         end = pos
-    stem = query[:end].strip()
-    if stem.startswith("Question: "):
-        stem = stem[len("Question: "):]
+    stem = query[:end].strip().removeprefix("Question: ")
     return stem, choices[::-1], int(doc["gold"])
