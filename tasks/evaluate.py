@@ -70,7 +70,7 @@ def run_categorical_eval(task, model, tokenizer, batch_size=8, max_problems=None
 
 
 def run_generative_eval(task, model, tokenizer, engine, num_samples=1, max_new_tokens=512, temperature=0.0,
-                        top_k=50, max_problems=None, rank=0, world_size=1, device=None, seed=42, verbose=False):
+                        top_k=50, max_problems=None, rank=0, world_size=1, device=None, seed=42):
     """Fraction of problems for which at least one of num_samples sampled replies passes task.evaluate.
     -> {"accuracy", "correct", "total", "chance": 0.0}, summed over ranks when distributed."""
     device = device or next(model.parameters()).device
@@ -87,10 +87,6 @@ def run_generative_eval(task, model, tokenizer, engine, num_samples=1, max_new_t
         passed = any(task.evaluate(conv, reply) for reply in replies)
         correct += int(passed)
         total += 1
-        if verbose:
-            print(f"\r[rank {rank}] {correct}/{total} ({100 * correct / total:.1f}%)", end="", flush=True)
-    if verbose and indices:
-        print()
     correct, total = all_reduce([correct, total], device)
     return {"accuracy": correct / total if total else 0.0, "correct": int(correct), "total": int(total), "chance": 0.0}
 
@@ -105,8 +101,7 @@ def run_eval(task, model, tokenizer, engine=None, **kwargs):
         from nanochat.engine import Engine
         from nanochat.tools.registry import ToolRegistry
         engine = Engine(model, tokenizer, tools=ToolRegistry())
-    gen = {k: kwargs[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_k", "seed", "verbose")
-           if k in kwargs}
+    gen = {k: kwargs[k] for k in ("num_samples", "max_new_tokens", "temperature", "top_k", "seed") if k in kwargs}
     return run_generative_eval(task, model, tokenizer, engine, **gen, **common)
 
 
