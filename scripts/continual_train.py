@@ -109,9 +109,7 @@ def main(argv=None):
         print0(f"=== {strategy} ===")
         adapter_dir = os.path.join(out_dir, "adapters") if args.save_adapters else None
         result = run_strategy(model, tokenizer, tasks, strategy, cfg, base=base, adapter_dir=adapter_dir)
-        result["settings"] = settings
-        result["sequence"] = spec["name"]
-        result["description"] = spec.get("description", "")
+        result.update(settings=settings, sequence=spec["name"], description=spec.get("description", ""))
         with atomic_write(path, "w") as f:
             json.dump(result, f, indent=1)
         for name, m in result["matrices"].items():
