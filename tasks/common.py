@@ -34,7 +34,7 @@ def check_split(split, splits, what="split"):
 
 
 class Task:
-    """Subclasses implement get_example(index), and num_examples() unless they hold their examples in self.rows;
+    """Subclasses implement get_example(index) and num_examples() unless they hold ready conversations in self.rows;
     for evaluation, eval_type and evaluate(). start/stop/step select a slice of the examples (like range())."""
 
     def __init__(self, start=0, stop=None, step=1):
@@ -48,7 +48,7 @@ class Task:
         return len(self.rows)
 
     def get_example(self, index):
-        raise NotImplementedError
+        return self.rows[index]
 
     def evaluate(self, conversation, assistant_response):
         raise NotImplementedError(f"{type(self).__name__} is a training task: it has no evaluate()")

@@ -46,9 +46,6 @@ class CustomJSON(Task):
 
     eval_type = "generative"
 
-    def get_example(self, index):
-        return self.rows[index]
-
 
 class JSONLTask(Task):
     """Conversations from a JSONL file (the format above), with an evaluate(): items carrying
@@ -67,9 +64,6 @@ class JSONLTask(Task):
     @property
     def eval_type(self):
         return "categorical" if self._categorical else "generative"
-
-    def get_example(self, index):
-        return self.rows[index]
 
     def evaluate(self, conversation, assistant_response):
         reference = conversation["messages"][-1]["content"]

@@ -332,9 +332,6 @@ class ToolsEval(Task):
 
     eval_type = "generative"
 
-    def get_example(self, index):
-        return self.rows[index]
-
     def evaluate(self, conversation, assistant_response):
         return final_answer(assistant_response) == normalize(conversation["answer"])
 
