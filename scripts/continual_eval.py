@@ -16,7 +16,7 @@ import os
 
 from nanochat.common import get_base_dir, print0, script_argv
 from nanochat.continual.loop import STRATEGIES
-from nanochat.report import subplots
+from nanochat.report import get_report, subplots
 
 ORDER = list(STRATEGIES[:3]) + ["lora", "lora-router"] + list(STRATEGIES[4:])
 REHEARSAL = ("replay", "ewc", "ssr")  # the strategies that must cut naive's forgetting
@@ -63,9 +63,7 @@ def comparison(results):
     la_naive = naive[1]["LA"] if naive else None
     rows = []
     for name, (r, m) in results.items():
-        cut = None
-        if f_naive and f_naive > 0 and name != "naive":
-            cut = 100.0 * (1.0 - m["forgetting"] / f_naive)
+        cut = 100.0 * (1.0 - m["forgetting"] / f_naive) if f_naive and f_naive > 0 and name != "naive" else None
         rows.append({"strategy": name, "ACC": m["ACC"], "LA": m["LA"],
                      "LA vs naive": None if la_naive is None else m["LA"] - la_naive,
                      "BWT": m["BWT"], "FWT": m["FWT"], "forgetting": m["forgetting"], "cut vs naive %": cut,
@@ -127,7 +125,7 @@ def main(argv=None):
     else:
         names = (sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
                  if os.path.isdir(root) else [])
-    report = None if args.no_report else __import__("nanochat.report", fromlist=["get_report"]).get_report()
+    report = None if args.no_report else get_report()
     data, images, summary = [], [], {}
     found = 0
     for seq in names:
