@@ -72,13 +72,10 @@ def chat_turn(engine, tokenizer, conversation, temperature=0.6, top_k=50, max_to
         nonlocal pending_call
         for e in events:
             kind, text = e["type"], e["text"]
-            if pending_call is not None and kind != "python_output":
-                show_call(pending_call, None)  # the tool gave nothing
+            if pending_call is not None:  # its output, or anything else: the tool gave nothing
+                show_call(pending_call, text if kind == "python_output" else None)
                 pending_call = None
-            if kind == "python_output" and pending_call is not None:
-                show_call(pending_call, text)
-                pending_call = None
-            elif kind == "python":
+            if kind == "python":
                 pending_call = text
             elif kind == "text":
                 write(text)
