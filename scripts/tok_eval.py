@@ -58,8 +58,7 @@ def main(argv=None):
     notes = []
     for name, label in (("gpt2", "GPT-2"), ("cl100k_base", "GPT-4")):
         try:
-            enc = tiktoken.get_encoding(name)
-            encoders[label] = enc.encode_ordinary
+            encoders[label] = tiktoken.get_encoding(name).encode_ordinary
         except Exception as e:  # offline: tiktoken fetches these files on first use
             notes.append(f"{label} comparison skipped: could not load tiktoken '{name}' "
                          f"({type(e).__name__}; no network?)")
