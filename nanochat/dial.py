@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from nanochat.gpt import GPT
+
 REF_DEPTH = 12  # where upstream tuned batch, LRs and weight decay; our LR defaults come from that same recipe
 REF_BATCH = 2**19  # upstream's best batch at d12, in tokens
 BATCH_EXPONENT = 0.383  # Power Lines: B_opt grows as D^0.383
@@ -59,7 +61,6 @@ def count_params(config):
     its value-embedding tables. Those are capacity read by lookup, not compute, and at vocab 65,536 d20's come to
     839M, more than the rest of the model: counted, they would more than double the training tokens of a model
     whose step costs about the same. So turning them on keeps the horizon of the plain model."""
-    from nanochat.gpt import GPT  # the model imports its optimizers; the dial is imported before any of that
     with torch.device("meta"):
         model = GPT(config)
     tables = model.value_embeds.parameters() if config.value_embeds else ()

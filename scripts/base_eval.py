@@ -19,6 +19,7 @@ from nanochat.common import atomic_write, compute_cleanup, compute_init, get_bas
 from nanochat.core_data import TASKS, prepare_bundle, prepare_core_data
 from nanochat.core_eval import evaluate_core
 from nanochat.offline.packages import file_lock
+from nanochat.report import get_report
 
 
 def parse_args(argv=None):
@@ -85,7 +86,6 @@ def main(argv=None):
         csv_path = os.path.join(checkpoints_dir, model_tag, f"core_eval_{step:06d}.csv")
         write_csv(csv_path, results)
         print0(f"base_eval: results written to {csv_path}")
-        from nanochat.report import get_report
         get_report().log(section="Base model evaluation", stage="BASE", summary={metric: results["core"]}, data=[
             {"model": model_tag, "step": step, "max_per_task": args.max_per_task,
              "tasks": len(results["tasks"]), "ranks": world_size, "eval time (s)": round(elapsed, 1),

@@ -9,6 +9,7 @@ from nanochat.checkpoint_manager import add_model_args, load_model
 from nanochat.common import compute_cleanup, compute_init, print0, script_argv
 from nanochat.dataloader import tokenizing_distributed_data_loader
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
 from scripts.base_train import SAMPLE_PROMPTS, sample_greedy
 
@@ -45,7 +46,6 @@ def main(argv=None):
         samples = sample_greedy(model, tokenizer, PROMPTS, args.max_new_tokens)
         for text in samples:
             print0(f"  sample: {text!r}")
-        from nanochat.report import get_report
         get_report().log(section="Base model loss", stage="BASE",
                          summary={"train bpb": bpb["train"], "val bpb": bpb["val"]}, data=[
                              {"model step": meta["step"], "tokens per split": steps * tokens_per_step,

@@ -25,7 +25,7 @@ from nanochat.dial import LR_FLAGS, apply_dial, derive
 from nanochat.gpt import GPT, GPTConfig, config_overrides
 from nanochat.hardware import resolve_device_batch
 from nanochat.loss_eval import evaluate_bpb
-from nanochat.report import subplots
+from nanochat.report import get_report, subplots
 from nanochat.reshard import reshard_row_group_positions
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (
@@ -250,7 +250,6 @@ def main(argv=None):
 
 
 def write_report(args, run, model, loop, log, grad_accum_steps, dial):
-    from nanochat.report import get_report
     report = get_report()
     plot = save_loss_plot(loop["history"], loop["val_history"], report.save_plot)
     num_params, flops_per_token = model.num_params(), model.estimate_flops()

@@ -16,6 +16,7 @@ import os
 import time
 
 from nanochat.common import get_base_dir, script_argv
+from nanochat.report import get_report
 from nanochat.tools.search import INDEX_FILE, build_index
 
 TEXT_EXTS = (".txt", ".md", ".rst")
@@ -91,7 +92,6 @@ def main(argv=None):
     dt = time.time() - t0
     print(f"indexed {stats['documents']:,} documents as {stats['passages']:,} passages in {dt:.1f}s "
           f"({stats['passages'] / dt:,.0f} passages/s), {stats['bytes'] / 2**20:.1f} MB -> {path}")
-    from nanochat.report import get_report
     get_report().log(section="Search index", data=[vars(args), {**stats, "seconds": round(dt, 2), "path": path}])
     return stats
 

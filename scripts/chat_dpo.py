@@ -30,7 +30,7 @@ from nanochat.checkpoint_manager import SOURCES, complete_steps, load_model
 from nanochat.common import all_reduce, compute_cleanup, dtype_name, get_base_dir, print0, script_argv
 from nanochat.dpo import LOSSES, pair_logprobs, preference_loss, reference_logprobs, render_pair
 from nanochat.engine import Engine
-from nanochat.report import subplots
+from nanochat.report import get_report, subplots
 from nanochat.tools.registry import ToolRegistry
 from nanochat.training import (
     StepLog,
@@ -300,7 +300,6 @@ def dpo_eval_task(args):
 
 
 def write_report(args, training, source, loop, sample_stats, pairs_line):
-    from nanochat.report import get_report
     report = get_report()
     plot = save_margin_plot(loop["history"], report.save_plot)
     before, after = loop["evals"][0], loop["evals"][-1]

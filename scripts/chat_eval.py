@@ -27,6 +27,7 @@ import time
 
 from nanochat.checkpoint_manager import add_model_args, load_model
 from nanochat.common import compute_cleanup, compute_init, get_base_dir, print0, script_argv
+from nanochat.report import get_report
 from tasks.customjson import JSONLTask
 from tasks.evaluate import centered, chatcore, run_eval
 
@@ -162,7 +163,6 @@ def main(argv=None):
                  "```\n" + table + "\n```"]
         results["tools"] = tools
     if rank == 0:
-        from nanochat.report import get_report
         get_report().log(section=f"Chat evaluation {args.source}", stage=STAGES[args.source],
                          summary=summary, data=data)
     compute_cleanup()

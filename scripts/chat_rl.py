@@ -31,7 +31,7 @@ from torch.nn.utils.rnn import pad_sequence
 from nanochat.checkpoint_manager import SOURCES, add_model_args, load_model
 from nanochat.common import all_reduce, compute_cleanup, get_base_dir, print0, script_argv
 from nanochat.engine import Engine
-from nanochat.report import subplots
+from nanochat.report import get_report, subplots
 from nanochat.tools.registry import ToolRegistry
 from nanochat.training import (
     StepLog,
@@ -289,7 +289,6 @@ def main(argv=None):
 
 
 def write_report(args, source, loop, k_eval, eval_problems):
-    from nanochat.report import get_report
     report = get_report()
     plot = save_reward_plot(loop["reward_history"], report.save_plot)
     (_, p1_before, pk_before), (_, p1_after, pk_after) = loop["eval_history"][0], loop["eval_history"][-1]

@@ -29,6 +29,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from nanochat.common import all_reduce, compute_cleanup, dtype_name, print0, script_argv
+from nanochat.report import get_report
 from nanochat.training import (
     StepLog,
     add_finetune_args,
@@ -270,7 +271,6 @@ def main(argv=None):
 
 
 def write_report(args, training, data, loop):
-    from nanochat.report import get_report
     num_iterations = training.num_iterations
     # the summary column comes from chat_eval, which scores these tasks on more examples
     get_report().log(section="Chat SFT", stage="SFT", data=[vars(args), {

@@ -43,6 +43,7 @@ from nanochat.common import all_reduce, compute_cleanup, dtype_name, print0, scr
 from nanochat.dataloader import packed_loader, render_stream
 from nanochat.hardware import resolve_device_batch
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
 from nanochat.reshard import reshard_stream_positions
 from nanochat.tokenizer import get_token_bytes
 from nanochat.training import (
@@ -175,7 +176,6 @@ def main(argv=None):
 
 
 def write_report(args, training, mix, loop, log):
-    from nanochat.report import get_report
     # no summary metric: val bpb on chat data is not comparable with the base row; chat_eval fills MID
     # a run under a tag later stages do not pick (a drill) gets its own section, not the one they read
     section = "Midtraining" if re.fullmatch(r"d\d+", training.tag) else f"Midtraining ({training.tag})"

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from nanochat.continual.loop import ContinualConfig, train_loop
 from nanochat.continual.strategies import Strategy
+from nanochat.lora.adapter import LoRA
 from nanochat.lora.router import set_centroid, set_keys
 from nanochat.lora.subspace import InputSubspace
 from nanochat.training import collate
@@ -93,7 +94,6 @@ def train_adapter(model, tokenizer, conversations, replay_conversations=None, st
     resume: continue adapter `name`, already in the LoRA (its rank and alpha), instead of starting a new one.
     Returns the Adapter (resident in the LoRA; persist it with nanochat.lora.storage.save_adapter), its
     router keys and centroid set from the conversations' prompts."""
-    from nanochat.lora.adapter import LoRA
     lora = lora or getattr(model, "_lora", None) or LoRA(model)
     if not conversations:
         raise ValueError("train_adapter needs at least one conversation")

@@ -32,7 +32,11 @@ import random
 
 from nanochat.common import print0
 from nanochat.continual.strategies import Strategy
+from nanochat.lora.adapter import LoRA
+from nanochat.lora.merge import merge_adapters
 from nanochat.lora.router import route, set_centroid
+from nanochat.lora.storage import save_adapter
+from nanochat.lora.subspace import InputSubspace
 from nanochat.training import collate
 
 
@@ -49,13 +53,11 @@ class LoRAStrategy(Strategy):
             if option not in values:
                 raise ValueError(f"{field} must be {' or '.join(repr(v) for v in values)}, got {option!r}")
         super().__init__(model, tokenizer, cfg, tasks)
-        from nanochat.lora.adapter import LoRA
         self.lora = LoRA(model)
         self.names = []  # adapter of task i
         self.router_accuracy = []  # per evaluation: fraction of task j's items routed to adapter j
         self.subspace = None  # merge / olora with "inputs": the earlier tasks' input bases (lora_subspace.py)
         if option == "inputs":
-            from nanochat.lora.subspace import InputSubspace
             self.subspace = InputSubspace(self.lora, cfg.subspace_energy)
         self.subspace_dims = []  # after each task: mean basis size / input size per target
 
@@ -147,7 +149,6 @@ class LoRAStrategy(Strategy):
 
     def task_done(self, i, rows):
         if self.adapter_dir:  # keep each task's adapter, with what it scored, in the standard format
-            from nanochat.lora.storage import save_adapter
             task = self.tasks[i]
             save_adapter(self.lora, self.names[i], os.path.join(self.adapter_dir, self.names[i]), task=task.name,
                          metrics={task.metric: rows[self.name][i]})
@@ -199,7 +200,6 @@ class MergeStrategy(LoRAStrategy):
         self.lora.activate(None)
 
     def evaluate(self, tasks, i):
-        from nanochat.lora.merge import merge_adapters
         c = self.cfg
         merge_adapters(self.lora, self.names[:i + 1], "merged", method=c.merge_method, density=c.merge_density,
                        weights=[self.weight(i)] * (i + 1), seed=c.seed)

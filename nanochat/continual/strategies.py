@@ -26,6 +26,8 @@ import time
 import torch
 
 from nanochat.common import print0
+from nanochat.engine import sample_next_token
+from nanochat.kv_cache import KVCache
 from nanochat.training import collate
 
 # ---------------------------------------------------------------------------------------------
@@ -65,8 +67,6 @@ def sample_continuations(model, prompts, row_len, temperature=1.0, top_k=0, seed
     included) or the model's context is full. Prompts of equal length are decoded together with one KV
     cache, which on a CPU is many times faster than one Engine call per prompt; there is no tool use
     (a pseudo-sample's tool outputs are masked out of the loss anyway). -> one token list per prompt."""
-    from nanochat.engine import sample_next_token
-    from nanochat.kv_cache import KVCache
     device = model.get_device()
     c = model.config
     gen = torch.Generator(device=device).manual_seed(seed)

@@ -28,10 +28,13 @@ the prompt and starts the REPL from them (ToolRegistry.session(history)). This n
 sandbox beyond "run this code", keeps no process alive between calls and cannot leak one conversation's
 state into another; its cost grows with the history, which the limits below bound.
 """
+import os
 from dataclasses import dataclass
 
+from nanochat.common import get_base_dir
 from nanochat.execution import execute_code
 from nanochat.tools.calculator import use_calculator
+from nanochat.tools.search import INDEX_FILE, Searcher
 
 TOOL_NAMES = ("calculator", "python", "search")
 
@@ -214,10 +217,6 @@ def make_registry(index="", python=True):
     """What the CLI and the web server serve: calculator and the python REPL, plus search over `index`
     (a folder or file; default <base>/search_index) when there is one there. -> (registry, a line
     saying which tools are on)."""
-    import os
-
-    from nanochat.common import get_base_dir
-    from nanochat.tools.search import INDEX_FILE, Searcher
     path = index or os.path.join(get_base_dir(), "search_index")
     searcher = None
     if index or os.path.exists(os.path.join(path, INDEX_FILE)):
