@@ -249,11 +249,13 @@ def test_pairs_file_round_trip_and_validation(tmp_path):
 # chat_dpo end to end
 
 def run(base, args, ok=True):
-    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    """python -m args in a folder of the test's own (report generate copies report.md into the working folder:
+    run from the checkout, it would overwrite a user's report), with this checkout's code first on the path."""
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
     cmd = [sys.executable, "-m"] + args
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    p = subprocess.run(cmd, cwd=base, env=env, capture_output=True, text=True, timeout=300)
     if ok:
         assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
@@ -324,6 +326,7 @@ def test_chat_dpo_end_to_end_reference_frozen_and_eval(dpo_base):
     # chat_eval reads the DPO model, and the report summary grows a DPO column
     run(base, ["scripts.chat_eval", "-i", "dpo", "--task-file", math_file, "-m", "4", "--device-type", "cpu"])
     run(base, ["nanochat.report", "generate"])
+    assert os.path.exists(os.path.join(base, "report.md"))  # the copy lands in the working folder, not the checkout
     report = open(os.path.join(base, "report", "report.md")).read()
     assert "| Metric | BASE | MID | SFT | RL | DPO | CL |" in report
 
