@@ -142,21 +142,15 @@ class Muon(Optimizer):
                             group["nesterov"], group["ns_steps"], **variant_options(group))
 
 
-class DistMuon(Optimizer):
+class DistMuon(Muon):
     """Muon across ranks. Parameters are grouped by shape; within a group, consecutive runs of
     world_size parameters are handled together: one reduce-scatter averages their gradients and hands
     parameter i of the run to rank i, which alone keeps its momentum and runs Newton-Schulz; one
     all-gather then gives every rank all updated parameters. The result equals single-process Muon on
-    the rank-averaged gradient. Every rank must pass the same parameters in the same order."""
+    the rank-averaged gradient. Every rank must pass the same parameters in the same order. Options: Muon's."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, ns_dtype=None, polar_express=False,
-                 normuon_beta2=0.0, weight_decay=0.0):
-        params = list(params)
-        assert all(p.ndim >= 2 for p in params), "Muon is for matrices"
-        groups = [dict(params=ps) for ps in self.group_by_shape(params)]
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, ns_dtype=ns_dtype,
-                        polar_express=polar_express, normuon_beta2=normuon_beta2, weight_decay=weight_decay)
-        super().__init__(groups, defaults)
+    def __init__(self, params, **options):
+        super().__init__([dict(params=ps) for ps in self.group_by_shape(list(params))], **options)
 
     @staticmethod
     def group_by_shape(params):
