@@ -70,19 +70,17 @@ def sample_continuations(model, prompts, row_len, temperature=1.0, top_k=0, seed
     device = model.get_device()
     c = model.config
     gen = torch.Generator(device=device).manual_seed(seed)
-    out = [None] * len(prompts)
+    out = [[] for _ in prompts]  # a prompt with no room left in the context stays []
     by_len = {}
     for n, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(n)
     stop = torch.tensor(sorted(stop_ids) or [-1], device=device)
     for L, members in sorted(by_len.items()):
         budget = min(row_len, c.sequence_len) - L
+        if budget <= 0:
+            continue
         for b in range(0, len(members), batch_size):
             idx = members[b:b + batch_size]
-            if budget <= 0:
-                for n in idx:
-                    out[n] = []
-                continue
             cache = KVCache(len(idx), c.n_kv_head, L + budget, c.n_embd // c.n_head, c.n_layer)
             batch = torch.tensor([prompts[n] for n in idx], dtype=torch.long, device=device)
             logits = model(batch, kv_cache=cache)[:, -1]
