@@ -218,10 +218,7 @@ class Engine:
             budget = min(budget, max_tokens)
         if budget == 0:
             return
-        generator = None
-        if temperature > 0:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
 
         # 1) prefill the prompt once, batch 1, in one forward
         capacity = len(tokens) + budget  # everything this call can feed
@@ -258,10 +255,7 @@ class Engine:
                     column.append(row.stop_token)
                     masks.append(0)
                     continue
-                if row.forced:
-                    tok, mask = row.forced.popleft(), 0
-                else:
-                    mask = 1
+                tok, mask = (row.forced.popleft(), 0) if row.forced else (tok, 1)
                 column.append(tok)
                 masks.append(mask)
                 call = self.advance(row, tok)
