@@ -208,10 +208,7 @@ GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("GH200"
 
 def gpu_peak_flops(device_name):
     """The bf16 peak of a GPU by its name (torch.cuda.get_device_name), or None when it is not in the table."""
-    for fragment, flops in GPU_PEAK_FLOPS:
-        if fragment in device_name:
-            return flops
-    return None
+    return next((flops for fragment, flops in GPU_PEAK_FLOPS if fragment in device_name), None)
 
 
 def json_default(obj):
