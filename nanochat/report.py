@@ -216,12 +216,9 @@ class Report:
 
     def generate(self, copy_to=None):
         """Assemble report.md from the header, every section and the summary table; returns its path."""
-        parts = []
         header = os.path.join(self.dir, "header.md")
-        if os.path.exists(header):
-            parts.append(open(header).read())
-        else:
-            parts.append("# nanochat training report\n\n(no header: run `python -m nanochat.report reset` first)\n")
+        parts = [open(header).read() if os.path.exists(header) else
+                 "# nanochat training report\n\n(no header: run `python -m nanochat.report reset` first)\n"]
         sections = self._sections()
         for slug, _ in sections:
             parts.append(open(os.path.join(self.dir, slug + ".md")).read())
