@@ -151,9 +151,7 @@ class Tokenizer:
         for msg in messages:
             content = msg["content"]
             if msg["role"] == "user":
-                add(S("<|user_start|>"), 0)
-                add(self.encode(content), 0)
-                add(S("<|user_end|>"), 0)
+                add([S("<|user_start|>"), *self.encode(content), S("<|user_end|>")], 0)
                 continue
             add(S("<|assistant_start|>"), 0)
             parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
@@ -162,13 +160,9 @@ class Tokenizer:
                 if kind == "text":
                     add(self.encode(text), 1)
                 elif kind == "python":
-                    add(S("<|python_start|>"), 1)
-                    add(self.encode(text), 1)
-                    add(S("<|python_end|>"), 1)
+                    add([S("<|python_start|>"), *self.encode(text), S("<|python_end|>")], 1)
                 else:  # python_output: produced by the tool at inference time, so never a target
-                    add(S("<|output_start|>"), 0)
-                    add(self.encode(text), 0)
-                    add(S("<|output_end|>"), 0)
+                    add([S("<|output_start|>"), *self.encode(text), S("<|output_end|>")], 0)
             add(S("<|assistant_end|>"), 1)
         return ids[:max_tokens], mask[:max_tokens]
 
