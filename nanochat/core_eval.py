@@ -219,14 +219,12 @@ def evaluate_core(model, tokenizer, device, max_per_task=-1, tasks=None, base_di
         if unknown:
             raise ValueError(f"unknown task(s) {unknown}; known: {list(TASKS)}")
         prepare = lambda: prepare_core_data(names, base_dir)  # noqa: E731
-    if rank == 0:
-        try:
+    try:
+        if rank == 0:
             prepare()
-        finally:
-            if world > 1:
-                dist.barrier()
-    elif world > 1:
-        dist.barrier()
+    finally:  # the other ranks wait for rank 0's files (and are let go should it fail)
+        if world > 1:
+            dist.barrier()
     if bundle:
         metas = bundle_tasks(base_dir)
         if tasks:
