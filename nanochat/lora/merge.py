@@ -15,9 +15,9 @@ Every method works on each target layer's weight deltas dW_k = w_k (alpha_k / r_
 ties and dare give full matrices; a truncated SVD turns each back into B A of rank `rank` (default: the
 sum of the source ranks, capped by the layer's size).
 """
-import datetime
-
 import torch
+
+from nanochat.lora.adapter import _now
 
 METHODS = ("linear", "ties", "dare")
 
@@ -109,6 +109,5 @@ def merge_adapters(lora, names, name, method="linear", weights=None, density=1.0
     ad.info.update(task="merge", provenance={
         "merged_from": [{"name": n, "weight": w, "task": lora.adapters[n].info.get("task"),
                          "rank": lora.adapters[n].rank} for n, w in stack],
-        "method": method, "density": density, "rank": new_rank, "seed": seed,
-        "merged": datetime.datetime.now().isoformat(timespec="seconds")})
+        "method": method, "density": density, "rank": new_rank, "seed": seed, "merged": _now()})
     return ad
