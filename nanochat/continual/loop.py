@@ -34,7 +34,7 @@ import torch
 
 from nanochat.common import format_eta, print0
 from nanochat.continual.adapters import LoRAStrategy, MergeStrategy, OLoRA
-from nanochat.continual.strategies import EWC, SSR, Replay, Strategy
+from nanochat.continual.strategies import EWC, SSR, Replay, Strategy, evaluate_tasks
 from nanochat.training import collate
 
 STRATEGY_CLASSES = {"naive": Strategy, "replay": Replay, "ewc": EWC, "lora": LoRAStrategy, "ssr": SSR,
@@ -183,14 +183,6 @@ def train_loop(model, rows, strategy, task_index=0, *, seed=0, label="", progres
 
 # ---------------------------------------------------------------------------------------------
 # running a sequence
-
-def evaluate_tasks(model, tasks):
-    """The model's score on every task (as it is: no adapters switched)."""
-    model.eval()
-    row = [t.evaluate(model) for t in tasks]
-    model.train()
-    return row
-
 
 def run_strategy(model, tokenizer, tasks, strategy, cfg, base=None, progress=None, adapter_dir=None):
     """Learn `tasks` in order with `strategy`; the model is modified in place (reload it before the next

@@ -99,6 +99,14 @@ def sample_continuations(model, prompts, row_len, temperature=1.0, top_k=0, seed
     return out
 
 
+def evaluate_tasks(model, tasks):
+    """The model's score on every task (as it is: no adapters switched)."""
+    model.eval()
+    row = [t.evaluate(model) for t in tasks]
+    model.train()
+    return row
+
+
 # ---------------------------------------------------------------------------------------------
 # strategies
 
@@ -142,10 +150,7 @@ class Strategy:
 
     def evaluate(self, tasks, i):
         """{matrix name: row of scores} after learning task i."""
-        self.model.eval()
-        row = [t.evaluate(self.model) for t in tasks]
-        self.model.train()
-        return {self.name: row}
+        return {self.name: evaluate_tasks(self.model, tasks)}
 
     def added(self):
         """(added parameters, added bytes) kept beyond the model."""
