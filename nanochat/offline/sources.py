@@ -214,16 +214,9 @@ def extract_brown(root):
     """The Brown corpus (1961 American English, 500 samples): POS tags removed, one sample per doc."""
     docs = []
     for p in _files(root, "package/c[a-r][0-9][0-9]"):
-        paras, cur = [], []
-        for line in _read(p).split("\n"):
-            if line.startswith("\t") and cur:  # a tab starts a new paragraph
-                paras.append(strip_pos_tags(" ".join(cur)))
-                cur = []
-            if line.strip():
-                cur.append(line.strip())
-        if cur:
-            paras.append(strip_pos_tags(" ".join(cur)))
-        docs.append(normalize_ws("\n\n".join(paras)))
+        chunks = re.split(r"\n(?=\t)", _read(p))  # a tab starts a new paragraph
+        paras = [" ".join(line.strip() for line in c.split("\n") if line.strip()) for c in chunks]
+        docs.append(normalize_ws("\n\n".join(strip_pos_tags(para) for para in paras if para)))
     return docs
 
 
@@ -235,11 +228,8 @@ def extract_nlp_corpus(root):
         sentences.extend(" ".join(html.unescape(s).split()) for s in json.loads(_read(p)) if isinstance(s, str))
     # drop NSFW sentences and ones with mojibake (U+FFFD already in the source)
     sentences = [s for s in sentences if s and "\ufffd" not in s and not is_nsfw(s)]
-    docs = []
-    for i in range(0, len(sentences), 40):
-        group = sentences[i:i + 40]
-        docs.append("\n\n".join(" ".join(group[j:j + 8]) for j in range(0, len(group), 8)))
-    return docs
+    groups = [sentences[i:i + 40] for i in range(0, len(sentences), 40)]
+    return ["\n\n".join(" ".join(g[j:j + 8]) for j in range(0, len(g), 8)) for g in groups]
 
 
 def extract_fortunes(root):
