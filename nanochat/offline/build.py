@@ -70,14 +70,9 @@ def _fetch_and_extract(specs, fetch=True, workers=1):
         else:
             for p in groups:
                 ready(p)
-        results = {}
-        for s in specs:
-            if procs:
-                _, docs, dt = futures[s["name"]].result()
-            else:
-                _, docs, dt = _extract_one(s["name"], packages.package_root(s["package"]))
-            results[s["name"]] = (docs, dt)
-        return results
+        done = [futures[s["name"]].result() if procs else _extract_one(s["name"], packages.package_root(s["package"]))
+                for s in specs]
+        return {name: (docs, dt) for name, docs, dt in done}
     finally:
         if procs:
             procs.shutdown(cancel_futures=True)
