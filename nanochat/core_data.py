@@ -179,8 +179,7 @@ def convert_task(name, raw_root, base_dir=None):
     t = TASKS[name]
     items = t["convert"](t["reader"](os.path.join(raw_root, t["source"])))
     with atomic_write(core_task_path(name, base_dir), "w") as f:
-        for item in items:
-            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
     return len(items)
 
 
