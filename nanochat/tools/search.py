@@ -141,9 +141,8 @@ class Searcher:
         if expr is None:
             return []
         with self._lock:
-            rows = self._con.execute("SELECT -bm25(passages), source, text FROM passages WHERE passages MATCH ? "
+            return self._con.execute("SELECT -bm25(passages), source, text FROM passages WHERE passages MATCH ? "
                                      "ORDER BY rank LIMIT ?", (expr, k or self.k)).fetchall()
-        return rows
 
     def __call__(self, query):
         query = query.strip()
