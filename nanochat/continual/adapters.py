@@ -62,7 +62,7 @@ class LoRAStrategy(Strategy):
         self.subspace_dims = []  # after each task: mean basis size / input size per target
 
     def params(self, i):
-        return self.lora.trainable_parameters(self.names[i])
+        return list(self.lora.adapters[self.names[i]].parameters())
 
     def lr(self):
         return self.cfg.lora_lr

@@ -484,9 +484,6 @@ class LoRA:
         self._saved_weights = None
         self._merged_stack = None
 
-    def trainable_parameters(self, name):
-        return list(self.adapters[name].parameters())
-
     def summary(self, name):
         ad = self.adapters[name]
         return {"name": name, "rank": ad.rank, "alpha": ad.alpha, "targets": list(ad.targets),
