@@ -66,11 +66,8 @@ def reshard_row_group_positions(states, world):
     saved = len(states)
     epoch = min(s["epoch"] for s in states)
     first = min(s["rg"] * saved + r for r, s in enumerate(states) if s["epoch"] == epoch)
-    out = []
-    for r in range(world):
-        rg = max(0, -(-(first - r) // world))  # ceil: this rank's first row group at or after `first`
-        out.append({"epoch": epoch, "rg": rg, "doc": 0, "tok": 0})
-    return out
+    # rg: rank r's first row group at or after `first` (a ceiling division)
+    return [{"epoch": epoch, "rg": max(0, -(-(first - r) // world)), "doc": 0, "tok": 0} for r in range(world)]
 
 
 def reshard_stream_positions(states, world):
