@@ -232,8 +232,7 @@ def quantize_blocks(model, targets=BLOCK_LINEARS, bits=8, **opts):
             if not isinstance(lin, (nn.Linear, Int8Linear, Int4Linear)):
                 raise ValueError(f"{t} is a {type(lin).__name__}, not an nn.Linear")
             _swap(parent, child, linear, opts, sizes)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     return sizes
 
 
