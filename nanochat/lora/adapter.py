@@ -124,11 +124,8 @@ class Adapter(nn.Module):
 
     def num_bytes(self):
         """Bytes of the adapter's weights (what adapter.safetensors holds, less the header)."""
-        n = sum(p.numel() * p.element_size() for p in self.parameters())
-        for t in (self.centroid, self.keys, self.general_keys):
-            if t is not None:
-                n += t.numel() * t.element_size()
-        return n
+        tensors = [*self.parameters(), self.centroid, self.keys, self.general_keys]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 class LoRA:
